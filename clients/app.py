@@ -1,0 +1,77 @@
+"""Flower ClientApp: one client per user. It keeps its user part in `context.state` across rounds
+and replies with the shared-parameter update only. The work itself is in fedunlearn.federated."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from fedunlearn.federated import init_user, local_evaluate, local_train
+from fedunlearn.federation import ClientData, cached_federation
+from fedunlearn.messages import (
+    arrays_to_record,
+    encode_evaluation,
+    encode_identity,
+    encode_update,
+    read_instruction,
+    record_to_arrays,
+)
+from fedunlearn.models import Arrays, SplitModel, build_model
+from fedunlearn.training import resolve_device
+
+app = ClientApp()
+USER_STATE = "user"
+
+
+def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
+    torch.set_num_threads(1)
+    config, round_number, shared = read_instruction(msg.content)
+    federation = cached_federation(config.data, config.run.seed)
+    data = federation.client(int(context.node_config["partition-id"]))
+    model = build_model(config.model, federation.n_items)
+    return config, round_number, shared, data, model
+
+
+def _user(context: Context, model: SplitModel, data: ClientData, seed: int) -> Arrays:
+    if USER_STATE not in context.state.array_records:
+        return init_user(model, seed, data.index)
+    return record_to_arrays(context.state.array_records[USER_STATE])
+
+
+@app.query("whoami")
+def whoami(msg: Message, context: Context) -> Message:
+    _, _, _, data, _ = _setup(msg, context)
+    return Message(encode_identity(data.client_id, data.index), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, round_number, shared, data, model = _setup(msg, context)
+    update, user = local_train(
+        model,
+        data,
+        _user(context, model, data, config.run.seed),
+        shared,
+        config.train,
+        config.model,
+        config.run.seed,
+        round_number,
+        resolve_device(config.run.device),
+    )
+    context.state[USER_STATE] = arrays_to_record(user)
+    return Message(encode_update(update), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config, _, shared, data, model = _setup(msg, context)
+    evaluation = local_evaluate(
+        model,
+        data,
+        _user(context, model, data, config.run.seed),
+        shared,
+        config.eval.full_ranking,
+        resolve_device(config.run.device),
+    )
+    return Message(encode_evaluation(evaluation), reply_to=msg)

@@ -1,0 +1,111 @@
+"""Centralized training of the same models on the same split: the reference for federated numbers."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from fedunlearn.config import Config
+from fedunlearn.federated import init_user, local_evaluate
+from fedunlearn.federation import Federation
+from fedunlearn.models import build_model
+from fedunlearn.progress import Progress
+from fedunlearn.rounds import FederationResult, evaluation_metrics
+from fedunlearn.seeding import Stream, rng_for
+from fedunlearn.training import recommendation_loss, resolve_device
+
+
+def sample_pair_negatives(
+    rng: np.random.Generator, users: np.ndarray, n_items: int, positive_keys: np.ndarray, count: int
+) -> np.ndarray:
+    """For each (user, positive) pair, `count` items that user has not trained on, by rejection.
+    `positive_keys` are the sorted codes user * n_items + item of every training positive."""
+    out = rng.integers(0, n_items, size=(len(users), count))
+    owner = np.repeat(users, count).reshape(out.shape)
+
+    def clash(items: np.ndarray, who: np.ndarray) -> np.ndarray:
+        keys = who * n_items + items
+        pos = np.searchsorted(positive_keys, keys).clip(max=len(positive_keys) - 1)
+        return positive_keys[pos] == keys
+
+    bad = clash(out, owner)
+    while bad.any():
+        out[bad] = rng.integers(0, n_items, size=int(bad.sum()))
+        bad[bad] = clash(out[bad], owner[bad])
+    return out
+
+
+def train_central(config: Config, federation: Federation, progress: Progress) -> FederationResult:
+    """Adam over every (user, positive, negatives) example; user and item parts trained jointly."""
+    device = resolve_device(config.run.device)
+    seed = config.run.seed
+    model = build_model(config.model, federation.n_items)
+    split = federation.split
+    shared0 = model.init_shared(rng_for(seed, Stream.SHARED_INIT))
+    users0 = [init_user(model, seed, u) for u in range(federation.n_clients)]
+    user_tables = {
+        key: torch.tensor(np.stack([u[key] for u in users0]), device=device, requires_grad=True)
+        for key in users0[0]
+    }
+    shared = {key: torch.tensor(value, device=device, requires_grad=True) for key, value in shared0.items()}
+    optimizer = torch.optim.Adam(
+        [*user_tables.values(), *shared.values()], lr=config.central.lr, weight_decay=config.central.weight_decay
+    )
+    pair_users = np.repeat(np.arange(split.n_users), np.diff(split.train_indptr))
+    pair_items = split.train_items
+    positive_keys = np.sort(pair_users * federation.n_items + pair_items)
+    rng = rng_for(seed, Stream.CENTRAL)
+    dense_keys = model.dense_keys(shared0)
+    result = FederationResult()
+    started = time.perf_counter()
+    epochs = config.central.epochs
+    for epoch in range(1, epochs + 1):
+        progress.start_round(epoch, len(pair_users))
+        negatives = sample_pair_negatives(rng, pair_users, federation.n_items, positive_keys, config.model.negatives)
+        order = rng.permutation(len(pair_users))
+        losses = []
+        for start in range(0, len(order), config.central.batch_size):
+            batch = order[start : start + config.central.batch_size]
+            u = torch.as_tensor(pair_users[batch], device=device)
+            i = torch.as_tensor(pair_items[batch], device=device)
+            j = torch.as_tensor(negatives[batch], device=device)
+            user = {key: table[u] for key, table in user_tables.items()}
+            user_neg = {key: value.unsqueeze(1) for key, value in user.items()}
+            dense = {key: shared[key] for key in dense_keys}
+            pos = model.score(user, {key: shared[key][i] for key in model.row_keys}, dense)
+            neg = model.score(user_neg, {key: shared[key][j] for key in model.row_keys}, dense)
+            loss = recommendation_loss(config.model.loss, pos, neg)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss))
+            progress.client_done(len(batch))
+        if epoch % config.eval.every == 0 or epoch == epochs:
+            row = _evaluate(config, federation, model, user_tables, shared)
+            row = {"round": epoch, "train_loss": float(np.mean(losses)), **row, "seconds": time.perf_counter() - started}
+            result.rounds.append(row)
+            progress.evaluated(row)
+        progress.end_round()
+    result.final = dict(result.rounds[-1])
+    result.shared = {key: value.detach().cpu().numpy() for key, value in shared.items()}
+    return result
+
+
+def _evaluate(config, federation, model, user_tables, shared) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    device = resolve_device(config.run.device)
+    shared_np = {key: value.detach().cpu().numpy() for key, value in shared.items()}
+    tables = {key: value.detach().cpu().numpy() for key, value in user_tables.items()}
+    evaluations = [
+        local_evaluate(
+            model,
+            federation.client(u),
+            {key: table[u] for key, table in tables.items()},
+            shared_np,
+            config.eval.full_ranking,
+            device,
+        )
+        for u in range(federation.n_clients)
+    ]
+    return evaluation_metrics(evaluations, config.eval.ks, config.eval.full_ranking)

@@ -1,0 +1,251 @@
+"""One typed, validated run configuration: TOML and `--set key=value` in, clear errors out."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from fedunlearn.errors import FedUnlearnError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # synthetic | ml-100k | ml-1m | csv
+    path: str = ""  # csv: the interactions file
+    users_path: str = ""  # csv: optional users file (extra columns are attributes)
+    min_rating: float = 0.0  # implicit feedback: keep ratings >= this (0 keeps every rating)
+    test_negatives: int = 99  # sampled items the test item is ranked against
+    synthetic_users: int = 600
+    synthetic_items: int = 400
+    synthetic_interactions: int = 40  # mean interactions per user
+    synthetic_strength: float = 1.0  # how strongly attributes shape taste (0 = not at all)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mf"  # mf | ncf
+    dim: int = 32
+    mlp_layers: list[int] = field(default_factory=lambda: [64, 32, 16])  # ncf only
+    loss: str = "bpr"  # bpr | bce
+    negatives: int = 4  # sampled negatives per positive in training
+    init_std: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 30
+    local_epochs: int = 2
+    lr: float = 0.1  # client SGD learning rate
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    server_lr: float = 1.0
+    fraction: float = 1.0  # share of clients sampled per round, in (0, 1]
+
+
+@dataclass
+class CentralConfig:
+    epochs: int = 30
+    lr: float = 0.01  # Adam
+    batch_size: int = 256
+    weight_decay: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5  # evaluate every N rounds (and after the last round)
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    full_ranking: bool = False  # also rank the test item against every unseen item
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    engine: str = "inprocess"  # inprocess | flower
+    device: str = "auto"  # auto | cpu | cuda
+    mode: str = "federated"  # federated | central | popularity
+    num_cpus: int = 2  # flower engine: Ray CPUs
+    client_cpus: float = 1.0  # flower engine: CPUs per simulated client
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    central: CentralConfig = field(default_factory=CentralConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": ("synthetic", "ml-100k", "ml-1m", "csv"),
+    "model.name": ("mf", "ncf"),
+    "model.loss": ("bpr", "bce"),
+    "run.engine": ("inprocess", "flower"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.mode": ("federated", "central", "popularity"),
+}
+
+POSITIVE = {
+    "data.test_negatives", "data.synthetic_users", "data.synthetic_items",
+    "data.synthetic_interactions", "model.dim", "model.negatives", "model.init_std",
+    "train.rounds", "train.local_epochs", "train.lr", "train.batch_size", "train.server_lr",
+    "central.epochs", "central.lr", "central.batch_size", "eval.every", "run.num_cpus",
+    "run.client_cpus",
+}
+NON_NEGATIVE = {
+    "data.min_rating", "data.synthetic_strength", "train.weight_decay", "central.weight_decay",
+    "run.seed",
+}
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Turn a TOML or command-line value into the field's type, or say what is wrong."""
+    origin = get_origin(kind)
+    if origin is list:
+        (inner,) = get_args(kind)
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise FedUnlearnError(f"{key} must be a list, e.g. {key}=[5,10,20]; got {value!r}")
+        return [_coerce(key, v, inner) for v in value]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise FedUnlearnError(f"{key} must be true or false; got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise FedUnlearnError(f"{key} must be a whole number; got {value!r}")
+        try:
+            return int(str(value).strip()) if not isinstance(value, float) else int(value)
+        except ValueError:
+            raise FedUnlearnError(f"{key} must be a whole number; got {value!r}") from None
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise FedUnlearnError(f"{key} must be a number; got {value!r}") from None
+    return str(value)
+
+
+def _section_types(section: Any) -> dict[str, Any]:
+    return get_type_hints(type(section))
+
+
+_SECTIONS = tuple(f.name for f in fields(Config))
+
+
+def set_value(config: Config, dotted: str, value: Any) -> None:
+    """Set `section.key` on the config, converting the value to the field's type."""
+    section_name, _, key = dotted.partition(".")
+    section = getattr(config, section_name, None) if section_name in _SECTIONS else None
+    if section is None or not key:
+        raise FedUnlearnError(
+            f"unknown config key '{dotted}': keys look like section.key with section one of "
+            f"{', '.join(_SECTIONS)}"
+        )
+    types = _section_types(section)
+    if key not in types:
+        raise FedUnlearnError(
+            f"unknown config key '{dotted}': {section_name} has {', '.join(types)}"
+        )
+    setattr(section, key, _coerce(dotted, value, types[key]))
+
+
+def validate(config: Config) -> Config:
+    """Raise a one-line FedUnlearnError for the first invalid value."""
+    for dotted, allowed in CHOICES.items():
+        value = _get(config, dotted)
+        if value not in allowed:
+            raise FedUnlearnError(f"{dotted} = {value!r} is not valid: choose one of {', '.join(allowed)}")
+    for dotted in POSITIVE:
+        if _get(config, dotted) <= 0:
+            raise FedUnlearnError(f"{dotted} must be > 0; got {_get(config, dotted)}")
+    for dotted in NON_NEGATIVE:
+        if _get(config, dotted) < 0:
+            raise FedUnlearnError(f"{dotted} must be >= 0; got {_get(config, dotted)}")
+    fraction = config.train.fraction
+    if not 0 < fraction <= 1:
+        raise FedUnlearnError(f"train.fraction must be in (0, 1]; got {fraction}")
+    if not config.eval.ks or any(k <= 0 for k in config.eval.ks):
+        raise FedUnlearnError(f"eval.ks must be positive cut-offs, e.g. [5, 10, 20]; got {config.eval.ks}")
+    if 10 not in config.eval.ks:
+        raise FedUnlearnError(f"eval.ks must include 10 (HR@10 is the headline metric); got {config.eval.ks}")
+    if max(config.eval.ks) > config.data.test_negatives + 1:
+        raise FedUnlearnError(
+            f"eval.ks has {max(config.eval.ks)} but only {config.data.test_negatives + 1} items are ranked: "
+            "lower the cut-off or raise data.test_negatives"
+        )
+    if config.model.name == "ncf" and (not config.model.mlp_layers or min(config.model.mlp_layers) <= 0):
+        raise FedUnlearnError(f"model.mlp_layers must be positive widths; got {config.model.mlp_layers}")
+    if config.data.dataset == "csv" and not config.data.path:
+        raise FedUnlearnError("data.dataset = 'csv' needs data.path: --set data.path=interactions.csv")
+    return config
+
+
+def _get(config: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then `key=value` overrides; validated."""
+    config = Config()
+    if path is not None:
+        apply_mapping(config, read_toml(path))
+    load_overrides(config, overrides or [])
+    return validate(config)
+
+
+def load_overrides(config: Config, overrides: list[str]) -> None:
+    """Apply `section.key=value` strings (values parsed as TOML when they are TOML)."""
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        if not sep:
+            raise FedUnlearnError(f"--set expects key=value, e.g. --set train.rounds=10; got {item!r}")
+        set_value(config, dotted.strip(), _parse_scalar(value.strip()))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FedUnlearnError(f"config file {path} not found: pass an existing TOML file")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise FedUnlearnError(f"{path} is not valid TOML: {err}") from None
+
+
+def apply_mapping(config: Config, mapping: dict[str, Any]) -> None:
+    """Apply a nested ({section: {key: value}}) or dotted ({"section.key": value}) mapping."""
+    for name, value in mapping.items():
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                set_value(config, f"{name}.{key}", inner)
+        else:
+            set_value(config, name, value)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse a command-line value as TOML when it is one (numbers, booleans, lists), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict()` output (used to ship the config to Flower apps)."""
+    config = Config()
+    apply_mapping(config, data)
+    return validate(config)

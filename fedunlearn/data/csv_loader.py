@@ -1,0 +1,119 @@
+"""A user's own data: an interactions CSV and, optionally, a users CSV whose extra columns are attributes."""
+
+from __future__ import annotations
+
+import _csv
+import csv
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedunlearn.data.dataset import UNKNOWN, BadNumber, Dataset, from_frame, parse_numbers
+from fedunlearn.errors import FedUnlearnError
+
+REQUIRED = ("user", "item")
+OPTIONAL = ("rating", "timestamp")
+
+
+def load_csv(interactions_path: str | Path, users_path: str | Path | None = None, name: str = "csv") -> Dataset:
+    """Interactions need `user` and `item` columns; `rating` (default 1) and `timestamp` (default: row order) are optional."""
+    path = Path(interactions_path)
+    header, rows, lines = _read(path, "interactions")
+    extra = [column for column in header if column not in REQUIRED + OPTIONAL]
+    if extra:
+        raise FedUnlearnError(
+            f"{path}: unexpected column(s) {', '.join(extra)}: allowed are {', '.join(REQUIRED + OPTIONAL)}"
+        )
+    _require(path, header, REQUIRED)
+    if not rows:
+        raise FedUnlearnError(f"{path} has a header but no interactions: add one row per interaction")
+    columns = dict(zip(header, map(list, zip(*rows))))
+    frame = pd.DataFrame(
+        {
+            "user": _ids(path, columns["user"], lines, "user"),
+            "item": _ids(path, columns["item"], lines, "item"),
+            "rating": _numbers(path, columns, lines, "rating", np.float32, np.ones(len(rows), np.float32)),
+            "timestamp": _numbers(path, columns, lines, "timestamp", np.int64, np.arange(len(rows))),
+        }
+    )
+    attributes = _attributes(Path(users_path)) if users_path else pd.DataFrame(index=pd.Index([], dtype=object))
+    return from_frame(name, frame, attributes)
+
+
+def _read(path: Path, what: str) -> tuple[list[str], list[list[str]], list[int]]:
+    """Header and rows of equal width (values stripped), with the line number each row starts on."""
+    if not path.is_file():
+        raise FedUnlearnError(f"{what} file {path} not found: check the path")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            return _rows(path, csv.reader(handle))
+    except UnicodeDecodeError as exc:
+        raise FedUnlearnError(f"{path} is not UTF-8 text ({exc.reason}): save it as UTF-8 CSV") from exc
+    except csv.Error as exc:
+        raise FedUnlearnError(f"{path}: not valid CSV ({exc}): fix the file") from exc
+
+
+def _rows(path: Path, reader: _csv.Reader) -> tuple[list[str], list[list[str]], list[int]]:
+    header = [column.strip() for column in next(reader, [])]
+    if not any(header):
+        raise FedUnlearnError(f"{path} is empty: the first line must be a header such as user,item")
+    repeated = sorted({column for column in header if header.count(column) > 1})
+    if repeated:
+        raise FedUnlearnError(f"{path}: column(s) {', '.join(repeated)} appear twice in the header: rename them")
+    rows, lines = [], []
+    line = reader.line_num + 1
+    for row in reader:
+        values = [value.strip() for value in row]
+        if any(values):
+            if len(values) != len(header):
+                raise FedUnlearnError(
+                    f"{path}:{line}: expected {len(header)} values ({','.join(header)}), got {len(values)}; fix the row"
+                )
+            rows.append(values)
+            lines.append(line)
+        line = reader.line_num + 1
+    return header, rows, lines
+
+
+def _require(path: Path, header: list[str], required: tuple[str, ...]) -> None:
+    missing = [column for column in required if column not in header]
+    if missing:
+        raise FedUnlearnError(
+            f"{path}: missing column(s) {', '.join(missing)} (header is {','.join(header)}): add them to the header"
+        )
+
+
+def _ids(path: Path, values: list[str], lines: list[int], column: str) -> np.ndarray:
+    for row, value in enumerate(values):
+        if not value:
+            raise FedUnlearnError(f"{path}:{lines[row]}: empty {column}: every row needs a {column} id")
+    return np.asarray(values, dtype=object)
+
+
+def _numbers(
+    path: Path, columns: dict[str, list[str]], lines: list[int], column: str, dtype: type, default: np.ndarray
+) -> np.ndarray:
+    if column not in columns:
+        return default
+    try:
+        return parse_numbers(np.asarray(columns[column], dtype=str), dtype)
+    except BadNumber as bad:
+        kind = "an integer (e.g. Unix seconds)" if dtype is np.int64 else "a number"
+        raise FedUnlearnError(f"{path}:{lines[bad.row]}: {column} must be {kind}, got {bad.value!r}; fix the value") from None
+
+
+def _attributes(path: Path) -> pd.DataFrame:
+    """Attribute columns as strings, indexed by user id; empty values become "unknown"."""
+    header, rows, lines = _read(path, "users")
+    _require(path, header, ("user",))
+    seen: dict[str, int] = {}
+    for row, line in zip(rows, lines):
+        user = row[header.index("user")]
+        if not user:
+            raise FedUnlearnError(f"{path}:{line}: empty user: every row needs a user id")
+        if user in seen:
+            raise FedUnlearnError(f"{path}:{line}: user {user} already appears on line {seen[user]}: keep one row per user")
+        seen[user] = line
+    table = pd.DataFrame(rows, columns=header, dtype=object).set_index("user")
+    return table.replace("", UNKNOWN)

@@ -1,0 +1,63 @@
+"""The in-process runner: the same client functions as the Flower ClientApp, called in a loop."""
+
+from __future__ import annotations
+
+import torch
+
+from fedunlearn.config import Config
+from fedunlearn.federated import ClientEvaluation, ClientUpdate, init_user, local_evaluate, local_train
+from fedunlearn.federation import Federation
+from fedunlearn.models import Arrays, build_model
+from fedunlearn.rounds import ProgressHook
+from fedunlearn.training import resolve_device
+
+
+class InProcessPool:
+    """Holds every client's private state in a dict, as each Flower client holds it in its context."""
+
+    def __init__(self, config: Config, federation: Federation) -> None:
+        self.config = config
+        self.federation = federation
+        self.model = build_model(config.model, federation.n_items)
+        self.device = resolve_device(config.run.device)
+        self.user_state: dict[int, Arrays] = {}
+        torch.set_num_threads(1)  # tiny per-client tensors: threads only add overhead and jitter
+
+    def _user(self, index: int) -> Arrays:
+        if index not in self.user_state:
+            self.user_state[index] = init_user(self.model, self.config.run.seed, index)
+        return self.user_state[index]
+
+    def train(self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientUpdate]:
+        updates = []
+        for index in clients:
+            update, self.user_state[index] = local_train(
+                self.model,
+                self.federation.client(index),
+                self._user(index),
+                shared,
+                self.config.train,
+                self.config.model,
+                self.config.run.seed,
+                round_number,
+                self.device,
+            )
+            updates.append(update)
+            done(1)
+        return updates
+
+    def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]:
+        results = []
+        for index in clients:
+            results.append(
+                local_evaluate(
+                    self.model,
+                    self.federation.client(index),
+                    self._user(index),
+                    shared,
+                    self.config.eval.full_ranking,
+                    self.device,
+                )
+            )
+            done(1)
+        return results

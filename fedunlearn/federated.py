@@ -1,0 +1,171 @@
+"""The pure client and server steps of one federated round, used by every engine.
+
+A client trains its private user part and a local copy of the shared rows it touches, then uploads
+only the change of the shared part: the touched item rows (sparse) and the dense layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedunlearn.config import ModelConfig, TrainConfig
+from fedunlearn.federation import ClientData
+from fedunlearn.metrics import rank_of_target
+from fedunlearn.models import Arrays, SplitModel
+from fedunlearn.seeding import Stream, rng_for
+from fedunlearn.training import recommendation_loss, sample_negatives
+
+
+@dataclass
+class ClientUpdate:
+    """What a client sends to the server after training; never its user part."""
+
+    client_id: str
+    num_examples: int
+    item_ids: np.ndarray  # (k,) rows touched, sorted
+    rows: Arrays  # row table name -> (k, d) change of those rows
+    dense: Arrays  # dense array name -> change
+    loss: float
+
+
+@dataclass
+class ClientEvaluation:
+    client_id: str
+    rank: int  # of the test item among the sampled negatives
+    full_rank: int  # among every item the user has not trained on (-1 when not asked for)
+
+
+def init_user(model: SplitModel, seed: int, index: int) -> Arrays:
+    return model.init_user(rng_for(seed, Stream.USER_INIT, index))
+
+
+def _tensors(arrays: Arrays, device: torch.device, grad: bool) -> dict[str, torch.Tensor]:
+    return {
+        key: torch.tensor(value, device=device).requires_grad_(grad) for key, value in arrays.items()
+    }
+
+
+def _numpy(tensors: dict[str, torch.Tensor]) -> Arrays:
+    return {key: value.detach().cpu().numpy() for key, value in tensors.items()}
+
+
+def local_train(
+    model: SplitModel,
+    data: ClientData,
+    user: Arrays,
+    shared: Arrays,
+    train: TrainConfig,
+    model_config: ModelConfig,
+    seed: int,
+    round_number: int,
+    device: torch.device,
+) -> tuple[ClientUpdate, Arrays]:
+    """E local epochs of minibatch SGD; returns the upload and the client's new user part."""
+    rng = rng_for(seed, Stream.CLIENT_TRAIN, round_number, data.index)
+    positives = data.train_items
+    n_pos = len(positives)
+    negatives = sample_negatives(
+        rng, data.n_items, positives, (train.local_epochs, n_pos, model_config.negatives)
+    )
+    touched = np.unique(np.concatenate([positives, negatives.ravel()]))
+    local_pos = torch.as_tensor(np.searchsorted(touched, positives), device=device)
+    local_neg = torch.as_tensor(np.searchsorted(touched, negatives), device=device)
+
+    user_t = _tensors(user, device, grad=True)
+    rows_t = _tensors({key: shared[key][touched] for key in model.row_keys}, device, grad=True)
+    dense_keys = model.dense_keys(shared)
+    dense_t = _tensors({key: shared[key] for key in dense_keys}, device, grad=True)
+    params = [*user_t.values(), *rows_t.values(), *dense_t.values()]
+
+    total_loss, steps = 0.0, 0
+    for epoch in range(train.local_epochs):
+        order = torch.as_tensor(rng.permutation(n_pos), device=device)
+        for start in range(0, n_pos, train.batch_size):
+            batch = order[start : start + train.batch_size]
+            pos_rows = {key: table[local_pos[batch]] for key, table in rows_t.items()}
+            neg_rows = {key: table[local_neg[epoch][batch]] for key, table in rows_t.items()}
+            loss = recommendation_loss(
+                model_config.loss,
+                model.score(user_t, pos_rows, dense_t),
+                model.score(user_t, neg_rows, dense_t),
+            )
+            if train.weight_decay:
+                embeddings = [*user_t.values(), *pos_rows.values(), *neg_rows.values()]
+                loss = loss + train.weight_decay * sum((e**2).sum() for e in embeddings) / len(batch)
+            loss.backward()
+            with torch.no_grad():
+                for param in params:
+                    if param.grad is not None:
+                        param -= train.lr * param.grad
+                        param.grad = None
+            total_loss += loss.item()
+            steps += 1
+
+    new_rows = _numpy(rows_t)
+    new_dense = _numpy(dense_t)
+    update = ClientUpdate(
+        client_id=data.client_id,
+        num_examples=n_pos,
+        item_ids=touched,
+        rows={key: new_rows[key] - shared[key][touched] for key in model.row_keys},
+        dense={key: new_dense[key] - shared[key] for key in dense_keys},
+        loss=total_loss / max(steps, 1),
+    )
+    return update, _numpy(user_t)
+
+
+@torch.no_grad()
+def local_evaluate(
+    model: SplitModel,
+    data: ClientData,
+    user: Arrays,
+    shared: Arrays,
+    full_ranking: bool,
+    device: torch.device,
+) -> ClientEvaluation:
+    """Rank the held-out test item among its sampled negatives (and, if asked, every unseen item)."""
+    user_t = _tensors(user, device, grad=False)
+    dense_t = _tensors({key: shared[key] for key in model.dense_keys(shared)}, device, grad=False)
+    candidates = np.concatenate([[data.test_item], data.test_negatives])
+    scores = _scores(model, user_t, shared, dense_t, candidates, device)
+    rank = rank_of_target(scores[0], scores[1:])
+    full_rank = -1
+    if full_ranking:
+        everything = _scores(model, user_t, shared, dense_t, np.arange(data.n_items), device)
+        full_rank = rank_of_target(everything[data.test_item], everything[data.unseen_mask()])
+    return ClientEvaluation(data.client_id, rank, full_rank)
+
+
+def _scores(model, user_t, shared, dense_t, items, device) -> np.ndarray:  # type: ignore[no-untyped-def]
+    rows = {key: torch.tensor(shared[key][items], device=device) for key in model.row_keys}
+    return model.score(user_t, rows, dense_t).cpu().numpy()
+
+
+def aggregate(
+    model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float
+) -> Arrays:
+    """Row-wise weighted mean of item rows over the clients that touched each row; FedAvg for the
+    dense layers; weights are the clients' example counts. Clients are summed in client-id order so
+    the result does not depend on the order replies arrived in."""
+    if not updates:
+        return shared
+    updates = sorted(updates, key=lambda u: u.client_id)
+    new = {key: value.copy() for key, value in shared.items()}
+    row_weight = np.zeros(model.n_items, dtype=np.float64)
+    for update in updates:
+        row_weight[update.item_ids] += update.num_examples
+    touched = row_weight > 0
+    for key in model.row_keys:
+        total = np.zeros(shared[key].shape, dtype=np.float64)
+        for update in updates:
+            total[update.item_ids] += update.num_examples * update.rows[key].astype(np.float64)
+        mean = total[touched] / row_weight[touched, None]
+        new[key][touched] = (shared[key][touched] + server_lr * mean).astype(np.float32)
+    weight = float(sum(u.num_examples for u in updates))
+    for key in model.dense_keys(shared):
+        total = sum(u.num_examples * u.dense[key].astype(np.float64) for u in updates)
+        new[key] = (shared[key] + server_lr * total / weight).astype(np.float32)
+    return new

@@ -1,0 +1,89 @@
+"""A federation: the prepared dataset cut into one partition per client (user)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from fedunlearn.config import DataConfig
+from fedunlearn.data import Dataset, load_dataset
+from fedunlearn.data.split import Split, leave_one_out
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """What one client holds on its device."""
+
+    index: int  # position in the federation (Flower's partition id)
+    client_id: str  # the dataset's user id: the stable key everywhere
+    n_items: int
+    train_items: np.ndarray
+    valid_item: int
+    test_item: int
+    test_negatives: np.ndarray
+
+    def unseen_mask(self) -> np.ndarray:
+        """Items the test item is ranked against in full ranking: all but the user's own."""
+        mask = np.ones(self.n_items, dtype=bool)
+        mask[self.train_items] = False
+        mask[[self.valid_item, self.test_item]] = False
+        return mask
+
+
+@dataclass(frozen=True)
+class Federation:
+    dataset: Dataset
+    split: Split
+
+    @property
+    def n_clients(self) -> int:
+        return self.split.n_users
+
+    @property
+    def n_items(self) -> int:
+        return self.split.n_items
+
+    @property
+    def client_ids(self) -> list[str]:
+        return [str(uid) for uid in self.dataset.user_ids]
+
+    def client(self, index: int) -> ClientData:
+        return ClientData(
+            index=index,
+            client_id=str(self.dataset.user_ids[index]),
+            n_items=self.n_items,
+            train_items=self.split.train_of(index),
+            valid_item=int(self.split.valid_item[index]),
+            test_item=int(self.split.test_item[index]),
+            test_negatives=self.split.test_negatives[index],
+        )
+
+
+def build_federation(data: DataConfig, seed: int) -> Federation:
+    dataset = load_dataset(
+        data.dataset,
+        path=data.path,
+        users_path=data.users_path,
+        min_rating=data.min_rating,
+        synthetic={
+            "n_users": data.synthetic_users,
+            "n_items": data.synthetic_items,
+            "interactions_per_user": data.synthetic_interactions,
+            "strength": data.synthetic_strength,
+        },
+        seed=seed,
+    )
+    return Federation(dataset, leave_one_out(dataset, num_negatives=data.test_negatives, seed=seed))
+
+
+@lru_cache(maxsize=4)
+def _cached(data_json: str, seed: int) -> Federation:
+    return build_federation(DataConfig(**json.loads(data_json)), seed)
+
+
+def cached_federation(data: DataConfig, seed: int) -> Federation:
+    """The federation for this data config, built once per process (Flower clients share it)."""
+    return _cached(json.dumps(data.__dict__, sort_keys=True), seed)

@@ -1,0 +1,92 @@
+"""How the plain client/server values travel in Flower messages, in one place.
+
+Every reply carries the client's stable id (the dataset's user id) in a `meta` ConfigRecord; Flower
+node ids are mapped to it once, by the whoami query, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedunlearn.config import Config, config_from_dict
+from fedunlearn.federated import ClientEvaluation, ClientUpdate
+from fedunlearn.models import Arrays
+
+WHOAMI = "query.whoami"
+
+
+def arrays_to_record(arrays: Arrays) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+
+
+def record_to_arrays(record: ArrayRecord) -> Arrays:
+    return {key: array.numpy() for key, array in record.items()}
+
+
+def instruction(config: Config, round_number: int = 0, shared: Arrays | None = None) -> RecordDict:
+    content = RecordDict({"task": ConfigRecord({"config": json.dumps(config.to_dict()), "round": round_number})})
+    if shared is not None:
+        content["shared"] = arrays_to_record(shared)
+    return content
+
+
+def read_instruction(content: RecordDict) -> tuple[Config, int, Arrays | None]:
+    task = content.config_records["task"]
+    shared = record_to_arrays(content.array_records["shared"]) if "shared" in content.array_records else None
+    return config_from_dict(json.loads(str(task["config"]))), int(task["round"]), shared
+
+
+def _meta(client_id: str, **extra: int | str) -> ConfigRecord:
+    return ConfigRecord({"client-id": client_id, **extra})
+
+
+def client_id_of(content: RecordDict) -> str:
+    return str(content.config_records["meta"]["client-id"])
+
+
+def encode_update(update: ClientUpdate) -> RecordDict:
+    arrays = {"item_ids": update.item_ids}
+    arrays |= {f"rows.{key}": value for key, value in update.rows.items()}
+    arrays |= {f"dense.{key}": value for key, value in update.dense.items()}
+    return RecordDict(
+        {
+            "update": arrays_to_record(arrays),
+            "metrics": MetricRecord({"num-examples": update.num_examples, "loss": update.loss}),
+            "meta": _meta(update.client_id),
+        }
+    )
+
+
+def decode_update(content: RecordDict) -> ClientUpdate:
+    arrays = record_to_arrays(content.array_records["update"])
+    metrics = content.metric_records["metrics"]
+    return ClientUpdate(
+        client_id=client_id_of(content),
+        num_examples=int(metrics["num-examples"]),
+        item_ids=arrays["item_ids"],
+        rows={key[5:]: value for key, value in arrays.items() if key.startswith("rows.")},
+        dense={key[6:]: value for key, value in arrays.items() if key.startswith("dense.")},
+        loss=float(metrics["loss"]),
+    )
+
+
+def encode_evaluation(evaluation: ClientEvaluation) -> RecordDict:
+    metrics = MetricRecord({"rank": evaluation.rank, "full-rank": evaluation.full_rank})
+    return RecordDict({"metrics": metrics, "meta": _meta(evaluation.client_id)})
+
+
+def decode_evaluation(content: RecordDict) -> ClientEvaluation:
+    metrics = content.metric_records["metrics"]
+    return ClientEvaluation(client_id_of(content), int(metrics["rank"]), int(metrics["full-rank"]))
+
+
+def encode_identity(client_id: str, index: int) -> RecordDict:
+    return RecordDict({"meta": _meta(client_id, index=index)})
+
+
+def decode_identity(content: RecordDict) -> tuple[str, int]:
+    meta = content.config_records["meta"]
+    return str(meta["client-id"]), int(meta["index"])

@@ -1,0 +1,45 @@
+"""The split every model follows: a private user part and a shared part (item rows + dense layers)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+
+Arrays = dict[str, np.ndarray]
+Tensors = dict[str, torch.Tensor]
+
+
+class SplitModel(ABC):
+    """A recommender whose parameters are split between the client and the server.
+
+    `user` parameters never leave the client. `shared` parameters are owned by the server: the
+    tables named in `row_keys` are indexed by item (a client only touches the rows of the items it
+    trains on and uploads those rows sparsely); every other shared array is dense.
+    """
+
+    row_keys: tuple[str, ...]
+
+    def __init__(self, n_items: int, dim: int, init_std: float) -> None:
+        self.n_items = n_items
+        self.dim = dim
+        self.init_std = init_std
+
+    @abstractmethod
+    def init_user(self, rng: np.random.Generator) -> Arrays:
+        """A fresh user part (one vector per user-side table)."""
+
+    @abstractmethod
+    def init_shared(self, rng: np.random.Generator) -> Arrays:
+        """A fresh shared part."""
+
+    @abstractmethod
+    def score(self, user: Tensors, items: Tensors, dense: Tensors) -> torch.Tensor:
+        """Scores of B (user, item) pairs: `user` and `items` hold (B, .) rows, `dense` the layers."""
+
+    def dense_keys(self, shared: Arrays) -> list[str]:
+        return [key for key in shared if key not in self.row_keys]
+
+    def _normal(self, rng: np.random.Generator, *shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * self.init_std).astype(np.float32)

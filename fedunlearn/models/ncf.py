@@ -1,0 +1,46 @@
+"""NeuMF (He et al. 2017): a GMF branch and an MLP branch joined by one output layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedunlearn.models.base import Arrays, SplitModel, Tensors
+
+
+class NCF(SplitModel):
+    row_keys = ("item_gmf", "item_mlp")
+
+    def __init__(self, n_items: int, dim: int, init_std: float, mlp_layers: list[int]) -> None:
+        super().__init__(n_items, dim, init_std)
+        self.mlp_layers = list(mlp_layers)
+
+    def init_user(self, rng: np.random.Generator) -> Arrays:
+        return {"user_gmf": self._normal(rng, self.dim), "user_mlp": self._normal(rng, self.dim)}
+
+    def init_shared(self, rng: np.random.Generator) -> Arrays:
+        shared = {
+            "item_gmf": self._normal(rng, self.n_items, self.dim),
+            "item_mlp": self._normal(rng, self.n_items, self.dim),
+        }
+        width = 2 * self.dim
+        for layer, out in enumerate(self.mlp_layers):
+            shared[f"mlp{layer}.weight"] = _glorot(rng, out, width)
+            shared[f"mlp{layer}.bias"] = np.zeros(out, dtype=np.float32)
+            width = out
+        shared["out.weight"] = _glorot(rng, 1, self.dim + width)
+        shared["out.bias"] = np.zeros(1, dtype=np.float32)
+        return shared
+
+    def score(self, user: Tensors, items: Tensors, dense: Tensors) -> torch.Tensor:
+        gmf = user["user_gmf"] * items["item_gmf"]
+        hidden = torch.cat([user["user_mlp"].expand_as(items["item_mlp"]), items["item_mlp"]], dim=-1)
+        for layer in range(len(self.mlp_layers)):
+            hidden = torch.relu(hidden @ dense[f"mlp{layer}.weight"].T + dense[f"mlp{layer}.bias"])
+        joined = torch.cat([gmf, hidden], dim=-1)
+        return (joined @ dense["out.weight"].T + dense["out.bias"]).squeeze(-1)
+
+
+def _glorot(rng: np.random.Generator, fan_out: int, fan_in: int) -> np.ndarray:
+    bound = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-bound, bound, size=(fan_out, fan_in)).astype(np.float32)

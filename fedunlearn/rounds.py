@@ -1,0 +1,95 @@
+"""The server's round loop, independent of how messages reach the clients.
+
+Every engine supplies a `ClientPool`; the loop (sampling, aggregation, evaluation schedule) is this
+one function, so the Flower path and the in-process runner cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from fedunlearn.config import Config
+from fedunlearn.federated import ClientEvaluation, ClientUpdate, aggregate
+from fedunlearn.metrics import ranking_metrics
+from fedunlearn.models import Arrays, SplitModel, build_model
+from fedunlearn.progress import Progress
+from fedunlearn.seeding import Stream, rng_for
+
+ProgressHook = Callable[[int], None]
+
+
+class ClientPool(Protocol):
+    """Runs the client steps on the chosen clients (by federation index) and returns their replies."""
+
+    def train(self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientUpdate]: ...
+
+    def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]: ...
+
+
+@dataclass
+class FederationResult:
+    rounds: list[dict[str, float]] = field(default_factory=list)  # one row per evaluated round
+    final: dict[str, float] = field(default_factory=dict)
+    shared: Arrays = field(default_factory=dict)
+    round_ends: list[float] = field(default_factory=list)  # wall-clock time.time() at the end of each round
+
+
+def _by_client(reply: ClientUpdate | ClientEvaluation) -> str:
+    return reply.client_id
+
+
+def sample_clients(seed: int, round_number: int, n_clients: int, fraction: float) -> list[int]:
+    """A seeded sample of ceil(fraction * n) clients (at least one), in index order."""
+    count = max(1, math.ceil(fraction * n_clients))
+    if count >= n_clients:
+        return list(range(n_clients))
+    chosen = rng_for(seed, Stream.SAMPLING, round_number).choice(n_clients, size=count, replace=False)
+    return sorted(int(c) for c in chosen)
+
+
+def evaluation_metrics(evaluations: list[ClientEvaluation], ks: list[int], full_ranking: bool) -> dict[str, float]:
+    ranks = np.array([e.rank for e in evaluations])
+    metrics = ranking_metrics(ranks, ks)
+    if full_ranking:
+        metrics |= ranking_metrics(np.array([e.full_rank for e in evaluations]), ks, prefix="full_")
+    return metrics
+
+
+def run_federation(
+    config: Config, n_clients: int, n_items: int, pool: ClientPool, progress: Progress
+) -> FederationResult:
+    model: SplitModel = build_model(config.model, n_items)
+    seed = config.run.seed
+    shared = model.init_shared(rng_for(seed, Stream.SHARED_INIT))
+    result = FederationResult()
+    everyone = list(range(n_clients))
+    started = time.perf_counter()
+    rounds = config.train.rounds
+    for round_number in range(1, rounds + 1):
+        clients = sample_clients(seed, round_number, n_clients, config.train.fraction)
+        progress.start_round(round_number, len(clients))
+        # replies arrive in any order: sort by client id so every sum runs in the same order
+        updates = sorted(pool.train(round_number, clients, shared, progress.client_done), key=_by_client)
+        shared = aggregate(model, shared, updates, config.train.server_lr)
+        if round_number % config.eval.every == 0 or round_number == rounds:
+            evaluations = sorted(pool.evaluate(everyone, shared, lambda _: None), key=_by_client)
+            row = {
+                "round": round_number,
+                "clients": len(clients),
+                "train_loss": float(np.mean([u.loss for u in updates])),
+                **evaluation_metrics(evaluations, config.eval.ks, config.eval.full_ranking),
+                "seconds": time.perf_counter() - started,
+            }
+            result.rounds.append(row)
+            progress.evaluated(row)
+        result.round_ends.append(time.time())
+        progress.end_round()
+    result.final = dict(result.rounds[-1])
+    result.shared = shared
+    return result

@@ -1,0 +1,40 @@
+"""Pieces shared by federated and centralized training: negative sampling and the losses."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def sample_negatives(
+    rng: np.random.Generator, n_items: int, positives: np.ndarray, shape: tuple[int, ...]
+) -> np.ndarray:
+    """Items drawn uniformly from those not in `positives` (sorted), by rejection."""
+    if len(positives) >= n_items:
+        raise ValueError("a user with every item as a positive has no negatives")
+    out = rng.integers(0, n_items, size=shape)
+    bad = np.isin(out, positives)
+    while bad.any():
+        out[bad] = rng.integers(0, n_items, size=int(bad.sum()))
+        bad = np.isin(out, positives)
+    return out
+
+
+def recommendation_loss(loss: str, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """BPR or BCE over B positives (B,) and their sampled negatives (B, n), averaged."""
+    if loss == "bpr":
+        return -F.logsigmoid(positive.unsqueeze(-1) - negative).mean()
+    pos_loss = F.softplus(-positive).sum()
+    neg_loss = F.softplus(negative).sum()
+    return (pos_loss + neg_loss) / (positive.numel() + negative.numel())
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from fedunlearn.errors import FedUnlearnError
+
+        raise FedUnlearnError("run.device = 'cuda' but no CUDA device is visible: use auto or cpu")
+    return torch.device(device)

@@ -1,0 +1,66 @@
+"""Flower ServerApp: discovery, then the shared round loop of fedunlearn.rounds over a FlowerPool.
+
+Under `flwr run .` the config comes from `[tool.flwr.app.config]` (a TOML file and `key=value`
+overrides) and the results folder from `out`; `fedunlearn run --engine flower` builds the app with
+its config and collects the result itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedunlearn.config import Config, load_config
+from fedunlearn.federation import cached_federation
+from fedunlearn.progress import Progress
+from fedunlearn.rounds import FederationResult, run_federation
+from server.pool import FlowerPool
+
+
+def serve(
+    grid: Grid, config: Config, progress: Progress, keep_replies: bool = False
+) -> tuple[FederationResult, FlowerPool]:
+    federation = cached_federation(config.data, config.run.seed)
+    pool = FlowerPool(grid, config, federation.n_clients, keep_replies)
+    return run_federation(config, federation.n_clients, federation.n_items, pool, progress), pool
+
+
+def make_server_app(
+    config: Config, on_result: Callable[[FederationResult, FlowerPool], None], keep_replies: bool = False
+) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        progress = Progress(config.train.rounds)
+        try:
+            on_result(*serve(grid, config, progress, keep_replies))
+        finally:
+            progress.close()
+
+    return app
+
+
+def _config_from_run_config(context: Context) -> tuple[Config, str]:
+    run_config = context.run_config
+    overrides = [item.strip() for item in str(run_config.get("overrides", "")).split(";") if item.strip()]
+    config_file = str(run_config.get("config-file", "")) or None
+    config = load_config(config_file, overrides + ["run.engine=flower"])
+    return config, str(run_config.get("out", "results/flwr-run"))
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from fedunlearn.results import write_run
+
+    config, out = _config_from_run_config(context)
+    progress = Progress(config.train.rounds)
+    try:
+        result, _ = serve(grid, config, progress)
+    finally:
+        progress.close()
+    write_run(out, config, result)

@@ -1,0 +1,86 @@
+"""The Flower side of the ClientPool: messages to chosen nodes through the Grid, replies decoded.
+
+Node ids are random transport details: `discover` maps them to federation indices once, by asking
+every node who it is, and everything after that speaks in stable client ids and indices."""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedunlearn.config import Config
+from fedunlearn.federated import ClientEvaluation, ClientUpdate
+from fedunlearn.messages import WHOAMI, decode_evaluation, decode_identity, decode_update, instruction
+from fedunlearn.models import Arrays
+from fedunlearn.rounds import ProgressHook
+
+PULL_SECONDS = 0.05
+
+
+class FlowerPool:
+    def __init__(
+        self, grid: Grid, config: Config, n_clients: int, keep_replies: bool = False, timeout: float = 1800.0
+    ) -> None:
+        self.grid = grid
+        self.config = config
+        self.timeout = timeout
+        self.keep_replies = keep_replies
+        self.replies_seen: list[RecordDict] = []  # every reply's content when kept, for audits and tests
+        self.node_of = self._discover(n_clients)
+
+    def _discover(self, n_clients: int) -> dict[int, int]:
+        deadline = time.monotonic() + self.timeout
+        while len(list(self.grid.get_node_ids())) < n_clients:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(list(self.grid.get_node_ids()))} of {n_clients} Flower nodes connected")
+            time.sleep(0.5)
+        nodes = sorted(self.grid.get_node_ids())
+        messages = [Message(instruction(self.config), node, WHOAMI) for node in nodes]
+        node_of: dict[int, int] = {}
+        for reply in self._exchange(messages, lambda _: None):
+            _, index = decode_identity(reply.content)
+            if index in node_of:
+                raise RuntimeError(f"two Flower nodes claim client index {index}: check each node's partition-id")
+            node_of[index] = reply.metadata.src_node_id
+        missing = sorted(set(range(n_clients)) - set(node_of))
+        if missing:
+            raise RuntimeError(f"no Flower node serves client indices {missing[:10]}: give each node a partition-id")
+        return node_of
+
+    def _exchange(self, messages: list[Message], done: ProgressHook) -> list[Message]:
+        waiting = set(self.grid.push_messages(messages))
+        replies: list[Message] = []
+        deadline = time.monotonic() + self.timeout
+        while waiting:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(waiting)} Flower clients did not reply within {self.timeout:.0f} s")
+            pulled = list(self.grid.pull_messages(waiting))
+            for reply in pulled:
+                if reply.has_error():
+                    raise RuntimeError(f"a Flower client failed: {reply.error.reason}")
+                waiting.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+                if self.keep_replies:
+                    self.replies_seen.append(reply.content)
+            if pulled:
+                done(len(pulled))
+            elif waiting:
+                time.sleep(PULL_SECONDS)
+        return replies
+
+    def _send(self, kind: str, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook) -> list[Message]:
+        content = instruction(self.config, round_number, shared)
+        messages = [Message(content, self.node_of[index], kind) for index in clients]
+        return self._exchange(messages, done)
+
+    def train(self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientUpdate]:
+        replies = self._send(MessageType.TRAIN, round_number, clients, shared, done)
+        return [decode_update(reply.content) for reply in replies]
+
+    def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]:
+        replies = self._send(MessageType.EVALUATE, 0, clients, shared, done)
+        return [decode_evaluation(reply.content) for reply in replies]
+
+

@@ -1,0 +1,74 @@
+"""`fedunlearn run --engine flower`: the Flower ServerApp and ClientApp under Flower's simulation
+engine, with Ray started lean on 127.0.0.1 (Flower skips its own ray.init when Ray is up)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from fedunlearn.config import Config
+from fedunlearn.federation import cached_federation
+from fedunlearn.rounds import FederationResult
+from server.pool import FlowerPool
+
+RAY_START_TRIES = 3
+
+
+def start_ray(num_cpus: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    for attempt in range(1, RAY_START_TRIES + 1):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                logging_level=logging.ERROR,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_python_path())}},
+            )
+            return
+        except Exception:  # Ray's start-up times out now and then on a loaded 2-core machine
+            if attempt == RAY_START_TRIES:
+                raise
+            ray.shutdown()
+            time.sleep(2)
+
+
+def _python_path() -> list[str]:
+    import sys
+
+    return [p for p in sys.path if p]
+
+
+def run_flower(config: Config, keep_replies: bool = False) -> tuple[FederationResult, FlowerPool]:
+    """Run the federation through Flower's simulation engine; returns the result and the pool
+    (whose `replies_seen` holds every client reply when `keep_replies` is asked for)."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from server.app import make_server_app
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    federation = cached_federation(config.data, config.run.seed)
+    outcome: list[tuple[FederationResult, FlowerPool]] = []
+    start_ray(config.run.num_cpus)
+    try:
+        run_simulation(
+            server_app=make_server_app(config, lambda result, pool: outcome.append((result, pool)), keep_replies),
+            client_app=client_app,
+            num_supernodes=federation.n_clients,
+            backend_config={"client_resources": {"num_cpus": config.run.client_cpus, "num_gpus": 0.0}},
+        )
+    finally:
+        ray.shutdown()
+    if not outcome:
+        raise RuntimeError("the Flower simulation ended without a result: see the log above")
+    return outcome[0]

@@ -1,0 +1,91 @@
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from fedunlearn.cli import main
+
+TINY = [
+    "--set", "data.synthetic_users=20", "--set", "data.synthetic_items=80", "--set", "data.synthetic_interactions=10",
+    "--set", "data.test_negatives=30", "--set", "model.dim=8", "--set", "train.rounds=2", "--set", "eval.every=1",
+]
+
+
+def test_run_writes_a_complete_results_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *TINY, "--out", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.toml", "final.json", "metrics.csv", "summary.md"]
+    final = json.loads((out / "final.json").read_text())
+    assert final["engine"] == "inprocess" and final["clients"] == 20
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["round"]) == [1, 2]
+    assert final["metrics"]["HR@10"] == pytest.approx(metrics["HR@10"].iloc[-1])
+    printed = capsys.readouterr().out
+    assert "HR@10" in printed and "NDCG@10" in printed
+    # the same folder twice is refused, and the first result stays intact
+    assert main(["run", *TINY, "--out", str(out), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "final.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "train.fraction=0"], "train.fraction must be in (0, 1]"),
+        (["--set", "train.fraction=1.01"], "train.fraction must be in (0, 1]"),
+        (["--set", "data.dataset=netflix"], "data.dataset = 'netflix' is not valid"),
+        (["--set", "model.dim=-3"], "model.dim must be > 0"),
+        (["no-such-config.toml"], "not found"),
+        (["--set", "data.dataset=csv", "--set", "data.path=/nonexistent/x.csv"], "/nonexistent/x.csv"),
+    ],
+)
+def test_bad_input_is_one_line_nonzero_and_leaves_no_results(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["run", *args, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("fedunlearn: error: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malformed_csv_line_names_file_and_line(tmp_path, capsys):
+    data = tmp_path / "ratings.csv"
+    data.write_text("user,item,rating\n1,10,5\n1,11,four\n")
+    assert main(["run", "--set", "data.dataset=csv", "--set", f"data.path={data}", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "ratings.csv" in err and "3" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_experiment_writes_one_row_per_setting(tmp_path):
+    spec = tmp_path / "exp.toml"
+    spec.write_text(
+        '[base]\n"data.synthetic_users" = 20\n"data.synthetic_items" = 80\n"data.synthetic_interactions" = 10\n'
+        '"data.test_negatives" = 30\n"model.dim" = 8\n"train.rounds" = 2\n"central.epochs" = 2\n\n'
+        '[[setting]]\nname = "fed-mf"\nset = { "model.name" = "mf" }\n\n'
+        '[[setting]]\nname = "central-ncf"\nset = { "model.name" = "ncf", "run.mode" = "central" }\n\n'
+        '[[setting]]\nname = "popularity"\nset = { "run.mode" = "popularity" }\n'
+    )
+    out = tmp_path / "exp"
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet"]) == 0
+    table = pd.read_csv(out / "table.csv")
+    assert list(table["setting"]) == ["fed-mf", "central-ncf", "popularity"]
+    assert {"HR@10", "NDCG@10", "HR@5", "NDCG@20", "seconds"} <= set(table.columns)
+    assert table["HR@10"].between(0, 1).all()
+    assert (out / "table.md").exists() and (out / "fed-mf" / "final.json").exists()
+
+
+def test_data_info_prints_counts(capsys):
+    assert main(["data", "info", "synthetic"]) == 0
+    text = capsys.readouterr().out
+    assert "600" in text and "gender" in text
+
+
+def test_console_script_exit_code_for_unknown_dataset(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedunlearn.cli", "data", "info", "movielens-9m"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "unknown dataset 'movielens-9m'" in proc.stderr

@@ -1,0 +1,68 @@
+"""The Flower path and the in-process runner run the same functions and must give the same numbers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedunlearn.config import load_config
+from fedunlearn.engine import InProcessPool
+from fedunlearn.federation import build_federation
+from fedunlearn.messages import record_to_arrays
+from fedunlearn.progress import Progress
+from fedunlearn.rounds import run_federation
+
+SMALL = [
+    "data.synthetic_users=10", "data.synthetic_items=200", "data.synthetic_interactions=10",
+    "data.test_negatives=19", "model.dim=8", "train.rounds=2", "eval.every=1", "train.fraction=0.5",
+]
+
+
+def run_inprocess(overrides):
+    config = load_config(None, SMALL + overrides)
+    federation = build_federation(config.data, config.run.seed)
+    pool = InProcessPool(config, federation)
+    return run_federation(config, federation.n_clients, federation.n_items, pool, Progress(1, False)), pool
+
+
+@pytest.mark.parametrize("model", ["mf", "ncf"])
+def test_same_seed_same_numbers_and_other_seed_other_numbers(model):
+    first, _ = run_inprocess([f"model.name={model}"])
+    second, _ = run_inprocess([f"model.name={model}"])
+    third, _ = run_inprocess([f"model.name={model}", "run.seed=1"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(first.rounds) == strip(second.rounds)
+    for key in first.shared:
+        np.testing.assert_array_equal(first.shared[key], second.shared[key])
+    assert any(not np.array_equal(first.shared[k], third.shared[k]) for k in first.shared)
+
+
+@pytest.mark.flower
+@pytest.mark.parametrize("model", ["mf", "ncf"])
+def test_flower_path_equals_inprocess_runner_and_never_uploads_a_user_embedding(model):
+    from server.simulation import run_flower
+
+    overrides = [f"model.name={model}", "run.engine=flower"]
+    expected, pool = run_inprocess(overrides)
+    config = load_config(None, SMALL + overrides)
+    result, flower_pool = run_flower(config, keep_replies=True)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(result.rounds) == strip(expected.rounds)
+    for key in expected.shared:
+        np.testing.assert_array_equal(result.shared[key], expected.shared[key])
+
+    # every reply any client sent, searched for any user embedding (as held at the end and as initialised)
+    user_vectors = [v for state in pool.user_state.values() for v in state.values()]
+    replies = flower_pool.replies_seen
+    assert len(replies) == 10 + 2 * 5 + 2 * 10  # whoami, 2 rounds x 5 trainers, 2 evaluations x 10
+    for content in replies:
+        assert set(content.keys()) <= {"update", "metrics", "meta"}
+        for record in content.array_records.values():
+            for array in record_to_arrays(record).values():
+                flat = np.atleast_2d(array)
+                for vector in user_vectors:
+                    if flat.shape[-1] == vector.shape[-1]:
+                        assert not np.any(np.all(np.isclose(flat, vector), axis=-1))
+        for record in content.config_records.values():
+            assert set(record.keys()) <= {"client-id", "index"}
+        assert "user" not in json.dumps({k: str(v) for k, v in content.metric_records.items()})

@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+
+from fedunlearn.config import ModelConfig, TrainConfig
+from fedunlearn.federated import ClientUpdate, aggregate, init_user, local_evaluate, local_train
+from fedunlearn.federation import ClientData
+from fedunlearn.models import MF, NCF, build_model
+
+CPU = torch.device("cpu")
+
+
+def client(index=0, n_items=30):
+    return ClientData(
+        index=index,
+        client_id=str(100 + index),
+        n_items=n_items,
+        train_items=np.array([1, 4, 7, 9]),
+        valid_item=12,
+        test_item=13,
+        test_negatives=np.array([0, 2, 3, 5, 6]),
+    )
+
+
+def test_row_wise_weighted_mean_over_the_clients_that_touched_each_row():
+    model = MF(n_items=4, dim=2, init_std=0.1)
+    shared = {"item_emb": np.zeros((4, 2), dtype=np.float32)}
+    a = ClientUpdate("a", 1, np.array([0, 1]), {"item_emb": np.array([[1, 1], [2, 2]], np.float32)}, {}, 0.0)
+    b = ClientUpdate("b", 3, np.array([1, 2]), {"item_emb": np.array([[6, 6], [4, 4]], np.float32)}, {}, 0.0)
+    new = aggregate(model, shared, [b, a], server_lr=0.5)
+    expected = np.array([[0.5, 0.5], [0.5 * (2 + 18) / 4, 0.5 * (2 + 18) / 4], [2, 2], [0, 0]])
+    np.testing.assert_allclose(new["item_emb"], expected)
+    assert new["item_emb"].dtype == np.float32
+    np.testing.assert_array_equal(shared["item_emb"], 0)  # the input is not modified
+
+
+def test_dense_layers_are_fedavg_weighted_by_examples():
+    model = NCF(n_items=3, dim=2, init_std=0.1, mlp_layers=[2])
+    shared = model.init_shared(np.random.default_rng(0))
+    deltas = [{k: np.full_like(v, fill) for k, v in shared.items() if k not in model.row_keys} for fill in (1.0, 4.0)]
+    updates = [
+        ClientUpdate(name, w, np.array([], dtype=np.int64), {k: np.zeros((0, 2), np.float32) for k in model.row_keys}, d, 0.0)
+        for name, w, d in (("a", 2, deltas[0]), ("b", 1, deltas[1]))
+    ]
+    new = aggregate(model, shared, updates, server_lr=1.0)
+    for key in deltas[0]:
+        np.testing.assert_allclose(new[key], shared[key] + (2 * 1 + 4) / 3, rtol=1e-6)
+    for key in model.row_keys:
+        np.testing.assert_array_equal(new[key], shared[key])
+
+
+@pytest.mark.parametrize("name", ["mf", "ncf"])
+def test_local_train_uploads_only_touched_shared_rows_and_is_deterministic(name):
+    model_config = ModelConfig(name=name, dim=4, negatives=2, mlp_layers=[8, 4])
+    train = TrainConfig(local_epochs=2, lr=0.1, batch_size=2)
+    model = build_model(model_config, 30)
+    shared = model.init_shared(np.random.default_rng(0))
+    user = init_user(model, seed=0, index=0)
+    run = lambda: local_train(model, client(), user, shared, train, model_config, 0, 1, CPU)  # noqa: E731
+    (update, new_user), (again, _) = run(), run()
+    assert set(update.rows) == set(model.row_keys)
+    assert set(np.array([1, 4, 7, 9])) <= set(update.item_ids)
+    assert update.num_examples == 4 and update.client_id == "100"
+    change = sum(np.abs(update.rows[key]).sum(axis=1) for key in model.row_keys)
+    assert change.min() > 0  # every uploaded row was really trained
+    for key in model.row_keys:
+        assert update.rows[key].shape == (len(update.item_ids), 4)
+        np.testing.assert_array_equal(update.rows[key], again.rows[key])
+    # the user part changed on the client, and nothing uploaded equals it
+    for key, value in new_user.items():
+        assert not np.allclose(value, user[key])
+        for array in [update.item_ids, *update.rows.values(), *update.dense.values()]:
+            assert not any(np.allclose(row, value) for row in np.atleast_2d(array) if row.shape == value.shape)
+
+
+def test_training_raises_the_score_of_positives():
+    model_config = ModelConfig(name="mf", dim=8, negatives=4)
+    model = build_model(model_config, 30)
+    shared = model.init_shared(np.random.default_rng(0))
+    user = init_user(model, 0, 0)
+    data = client()
+    before = local_evaluate(model, data, user, shared, False, CPU)
+    for round_number in range(1, 30):
+        update, user = local_train(model, data, user, shared, TrainConfig(lr=0.5), model_config, 0, round_number, CPU)
+        shared = aggregate(model, shared, [update], server_lr=1.0)
+    scores = shared["item_emb"] @ user["user_emb"]
+    assert scores[[1, 4, 7, 9]].mean() > scores[[0, 2, 3, 5, 6]].mean() + 1.0
+    assert before.client_id == "100"
+
+
+def test_full_ranking_excludes_the_users_own_items():
+    model = MF(n_items=30, dim=2, init_std=0.1)
+    shared = {"item_emb": np.zeros((30, 2), np.float32)}
+    shared["item_emb"][13] = [1, 0]  # the test item scores highest
+    shared["item_emb"][[1, 4, 7, 9, 12]] = [2, 0]  # own items score higher still but are excluded
+    evaluation = local_evaluate(model, client(), {"user_emb": np.array([1, 0], np.float32)}, shared, True, CPU)
+    assert evaluation.rank == 0
+    assert evaluation.full_rank == 0

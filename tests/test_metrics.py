@@ -1,0 +1,38 @@
+import numpy as np
+import pytest
+from sklearn.metrics import ndcg_score
+
+from fedunlearn.metrics import hit_ratio, ndcg, rank_of_target, ranking_metrics
+
+
+def test_rank_counts_ties_against_the_target():
+    assert rank_of_target(0.5, np.array([0.1, 0.9, 0.5, 0.2])) == 2
+    assert rank_of_target(1.0, np.zeros(99)) == 0
+    assert rank_of_target(0.0, np.zeros(99)) == 99  # a constant model gets no credit
+
+
+def test_hit_ratio_and_ndcg_by_hand():
+    ranks = np.array([0, 3, 9, 10, 50])
+    assert hit_ratio(ranks, 1) == pytest.approx(1 / 5)
+    assert hit_ratio(ranks, 10) == pytest.approx(3 / 5)
+    assert hit_ratio(ranks, 20) == pytest.approx(4 / 5)
+    expected = (1 / np.log2(2) + 1 / np.log2(5) + 1 / np.log2(11)) / 5
+    assert ndcg(ranks, 10) == pytest.approx(expected)
+    assert ndcg(np.array([1]), 5) == pytest.approx(1 / np.log2(3))
+
+
+def test_hr_never_falls_as_k_grows():
+    ranks = np.random.default_rng(0).integers(0, 100, 500)
+    metrics = ranking_metrics(ranks, [5, 10, 20])
+    assert metrics["HR@5"] <= metrics["HR@10"] <= metrics["HR@20"]
+    assert metrics["NDCG@5"] <= metrics["NDCG@10"] <= metrics["NDCG@20"]
+
+
+def test_ndcg_matches_scikit_learn():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(200, 100))  # column 0 is the test item
+    ranks = np.array([rank_of_target(row[0], row[1:]) for row in scores])
+    relevance = np.zeros_like(scores)
+    relevance[:, 0] = 1
+    for k in (5, 10, 20):
+        assert ndcg(ranks, k) == pytest.approx(ndcg_score(relevance, scores, k=k))
