@@ -16,7 +16,7 @@ from fedunlearn.federation import ClientData
 from fedunlearn.metrics import rank_of_target
 from fedunlearn.models import Arrays, SplitModel
 from fedunlearn.seeding import Stream, rng_for
-from fedunlearn.training import recommendation_loss, sample_negatives
+from fedunlearn.training import make_optimizer, recommendation_loss, sample_negatives
 
 
 @dataclass
@@ -78,7 +78,7 @@ def local_train(
     rows_t = _tensors({key: shared[key][touched] for key in model.row_keys}, device, grad=True)
     dense_keys = model.dense_keys(shared)
     dense_t = _tensors({key: shared[key] for key in dense_keys}, device, grad=True)
-    params = [*user_t.values(), *rows_t.values(), *dense_t.values()]
+    optimizer = make_optimizer(train, [*user_t.values(), *rows_t.values(), *dense_t.values()])
 
     total_loss, steps = 0.0, 0
     for epoch in range(train.local_epochs):
@@ -95,12 +95,9 @@ def local_train(
             if train.weight_decay:
                 embeddings = [*user_t.values(), *pos_rows.values(), *neg_rows.values()]
                 loss = loss + train.weight_decay * sum((e**2).sum() for e in embeddings) / len(batch)
+            optimizer.zero_grad()
             loss.backward()
-            with torch.no_grad():
-                for param in params:
-                    if param.grad is not None:
-                        param -= train.lr * param.grad
-                        param.grad = None
+            optimizer.step()
             total_loss += loss.item()
             steps += 1
 

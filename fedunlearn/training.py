@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedunlearn.config import TrainConfig
+
 
 def sample_negatives(
     rng: np.random.Generator, n_items: int, positives: np.ndarray, shape: tuple[int, ...]
@@ -28,6 +30,12 @@ def recommendation_loss(loss: str, positive: torch.Tensor, negative: torch.Tenso
     pos_loss = F.softplus(-positive).sum()
     neg_loss = F.softplus(negative).sum()
     return (pos_loss + neg_loss) / (positive.numel() + negative.numel())
+
+
+def make_optimizer(train: TrainConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=train.lr)
+    return torch.optim.SGD(params, lr=train.lr)
 
 
 def resolve_device(device: str) -> torch.device:

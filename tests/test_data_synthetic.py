@@ -88,9 +88,10 @@ def test_invalid_parameters(kwargs: dict, problem: str) -> None:
 
 
 def test_load_dataset_passes_parameters_and_seed() -> None:
-    ds = load_dataset("synthetic", synthetic={"n_users": 50, "n_items": 60, "interactions_per_user": 10}, seed=7)
+    params = {"n_users": 50, "n_items": 60, "interactions_per_user": 10}
+    ds = load_dataset("synthetic", synthetic=params, seed=7)
     assert ds.n_users == 50 and np.array_equal(ds.items, generate(50, 60, 10, seed=7).items)
-    rated = load_dataset("synthetic", synthetic={"n_users": 50, "n_items": 60, "interactions_per_user": 10}, min_rating=5)
+    rated = load_dataset("synthetic", synthetic=params, min_rating=5)
     assert rated.ratings.min() == 5 and np.bincount(rated.users).min() >= 3
 
 

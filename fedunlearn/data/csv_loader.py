@@ -17,7 +17,7 @@ OPTIONAL = ("rating", "timestamp")
 
 
 def load_csv(interactions_path: str | Path, users_path: str | Path | None = None, name: str = "csv") -> Dataset:
-    """Interactions need `user` and `item` columns; `rating` (default 1) and `timestamp` (default: row order) are optional."""
+    """Interactions need `user` and `item`; `rating` (default 1) and `timestamp` (default: row order) are optional."""
     path = Path(interactions_path)
     header, rows, lines = _read(path, "interactions")
     extra = [column for column in header if column not in REQUIRED + OPTIONAL]
@@ -100,7 +100,9 @@ def _numbers(
         return parse_numbers(np.asarray(columns[column], dtype=str), dtype)
     except BadNumber as bad:
         kind = "an integer (e.g. Unix seconds)" if dtype is np.int64 else "a number"
-        raise FedUnlearnError(f"{path}:{lines[bad.row]}: {column} must be {kind}, got {bad.value!r}; fix the value") from None
+        raise FedUnlearnError(
+            f"{path}:{lines[bad.row]}: {column} must be {kind}, got {bad.value!r}; fix the value"
+        ) from None
 
 
 def _attributes(path: Path) -> pd.DataFrame:
@@ -113,7 +115,9 @@ def _attributes(path: Path) -> pd.DataFrame:
         if not user:
             raise FedUnlearnError(f"{path}:{line}: empty user: every row needs a user id")
         if user in seen:
-            raise FedUnlearnError(f"{path}:{line}: user {user} already appears on line {seen[user]}: keep one row per user")
+            raise FedUnlearnError(
+                f"{path}:{line}: user {user} already appears on line {seen[user]}: keep one row per user"
+            )
         seen[user] = line
     table = pd.DataFrame(rows, columns=header, dtype=object).set_index("user")
     return table.replace("", UNKNOWN)

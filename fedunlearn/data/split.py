@@ -9,8 +9,9 @@ import numpy as np
 from fedunlearn.data.dataset import Dataset
 from fedunlearn.errors import FedUnlearnError
 
-_CHUNK_USERS = 8192  # negatives are sampled for this many users at once
+_CHUNK_CELLS = 1 << 21  # users x draws per rejection round, bounding memory
 _ROUNDS = 3  # vectorized rejection rounds before the exact per-user fallback
+_MIN_FREE = 0.25  # users with a smaller share of unseen items are sampled exactly (rejection would draw too much)
 
 
 @dataclass(frozen=True)
@@ -88,23 +89,34 @@ def _sample_negatives(
     """k distinct non-positive items per user, uniformly at random.
 
     Draw items with replacement and keep the first k distinct non-positives of each row; rows
-    that come up short are redrawn (a symmetric event, so accepted rows stay uniform) and the
-    few left after a handful of rounds are sampled exactly.
+    that come up short are redrawn (a symmetric event, so accepted rows stay uniform). Users who
+    saw most items, and the few rows still short after some rounds, are sampled exactly.
     """
     n_users = len(positives_per_user)
     out = np.empty((n_users, k), dtype=np.int64)
-    for start in range(0, n_users, _CHUNK_USERS):
-        todo = np.arange(start, min(start + _CHUNK_USERS, n_users))
+    if n_users == 0:
+        return out
+    free = (n_items - positives_per_user) / n_items
+    exact = [np.flatnonzero(free < _MIN_FREE)]
+    sparse = np.flatnonzero(free >= _MIN_FREE)
+    step = max(1, _CHUNK_CELLS // _draws(k, _MIN_FREE))
+    for start in range(0, len(sparse), step):
+        todo = sparse[start : start + step]
         for _ in range(_ROUNDS):
             if len(todo) == 0:
                 break
-            free = max(n_items - positives_per_user[todo].max(), 1) / n_items
-            todo = _draw(positive_keys, todo, n_items, k, int(np.ceil(1.5 * k / free)) + 16, rng, out)
-        for u in todo:
-            lo, hi = np.searchsorted(positive_keys, [u * n_items, (u + 1) * n_items])
-            unseen = np.setdiff1d(np.arange(n_items), positive_keys[lo:hi] % n_items)
-            out[u] = rng.choice(unseen, size=k, replace=False)
+            todo = _draw(positive_keys, todo, n_items, k, _draws(k, free[todo].min()), rng, out)
+        exact.append(todo)
+    for u in np.concatenate(exact):
+        lo, hi = np.searchsorted(positive_keys, [u * n_items, (u + 1) * n_items])
+        unseen = np.setdiff1d(np.arange(n_items), positive_keys[lo:hi] % n_items)
+        out[u] = rng.choice(unseen, size=k, replace=False)
     return out
+
+
+def _draws(k: int, free: float) -> int:
+    """Draws per row that almost always hold k distinct items when a share `free` of items qualifies."""
+    return int(np.ceil(1.5 * k / free)) + 16
 
 
 def _draw(

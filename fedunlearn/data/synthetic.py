@@ -14,7 +14,9 @@ from fedunlearn.errors import FedUnlearnError
 
 GENDERS = {"M": 0.7, "F": 0.3}
 # ML-1M age-group shares
-AGE_GROUPS = {"<18": 0.037, "18-24": 0.183, "25-34": 0.347, "35-44": 0.198, "45-49": 0.091, "50-55": 0.082, "56+": 0.063}
+AGE_GROUPS = {
+    "<18": 0.037, "18-24": 0.183, "25-34": 0.347, "35-44": 0.198, "45-49": 0.091, "50-55": 0.082, "56+": 0.063,
+}
 # ML-100K occupation counts (943 users)
 OCCUPATIONS = {
     "student": 196, "other": 105, "educator": 95, "administrator": 79, "engineer": 67, "programmer": 66,

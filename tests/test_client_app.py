@@ -1,0 +1,60 @@
+"""The Flower ClientApp called directly (no Ray): state persistence and what a reply may carry."""
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, MessageType, RecordDict
+
+from clients.app import USER_STATE, app
+from fedunlearn.config import load_config
+from fedunlearn.engine import InProcessPool
+from fedunlearn.federation import build_federation
+from fedunlearn.messages import WHOAMI, decode_evaluation, decode_identity, decode_update, instruction, record_to_arrays
+
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Flower stamps messages with the running task's identity; outside a run, set one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+
+
+SMALL = ["data.synthetic_users=10", "data.synthetic_items=200", "data.synthetic_interactions=10", "data.test_negatives=19", "model.dim=8"]
+
+
+def _context(partition: int) -> Context:
+    return Context(run_id=1, node_id=99, node_config={"partition-id": partition}, state=RecordDict(), run_config={})
+
+
+def _send(kind: str, content: RecordDict, context: Context) -> Message:
+    reply = app(Message(content, 99, kind), context)
+    assert not reply.has_error(), reply.error
+    return reply
+
+
+def test_client_keeps_its_user_part_in_state_and_matches_the_inprocess_runner():
+    config = load_config(None, SMALL)
+    federation = build_federation(config.data, config.run.seed)
+    pool = InProcessPool(config, federation)
+    shared = pool.model.init_shared(np.random.default_rng(5))
+    context = _context(3)
+
+    identity = decode_identity(_send(WHOAMI, instruction(config), context).content)
+    assert identity == (federation.client_ids[3], 3)
+    assert USER_STATE not in context.state.array_records  # whoami trains nothing
+
+    for round_number in (1, 2):
+        reply = _send(MessageType.TRAIN, instruction(config, round_number, shared), context)
+        expected = pool.train(round_number, [3], shared, lambda _: None)[0]
+        update = decode_update(reply.content)
+        assert update.client_id == federation.client_ids[3]
+        np.testing.assert_array_equal(update.item_ids, expected.item_ids)
+        np.testing.assert_array_equal(update.rows["item_emb"], expected.rows["item_emb"])
+        kept = record_to_arrays(context.state.array_records[USER_STATE])
+        np.testing.assert_array_equal(kept["user_emb"], pool.user_state[3]["user_emb"])
+        assert set(reply.content.keys()) == {"update", "metrics", "meta"}
+        assert "user_emb" not in reply.content.array_records["update"]
+
+    evaluation = decode_evaluation(_send(MessageType.EVALUATE, instruction(config, 0, shared), context).content)
+    assert evaluation == pool.evaluate([3], shared, lambda _: None)[0]
