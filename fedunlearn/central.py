@@ -12,7 +12,7 @@ from fedunlearn.federated import init_user, local_evaluate
 from fedunlearn.federation import Federation
 from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
-from fedunlearn.rounds import FederationResult, evaluation_metrics
+from fedunlearn.rounds import FederationResult, evaluation_metrics, select_final
 from fedunlearn.seeding import Stream, rng_for
 from fedunlearn.training import recommendation_loss, resolve_device
 
@@ -40,6 +40,7 @@ def sample_pair_negatives(
 def train_central(config: Config, federation: Federation, progress: Progress) -> FederationResult:
     """Adam over every (user, positive, negatives) example; user and item parts trained jointly."""
     device = resolve_device(config.run.device)
+    torch.set_num_threads(config.run.num_cpus)  # large batches: use the cores (federated runs use one)
     seed = config.run.seed
     model = build_model(config.model, federation.n_items)
     split = federation.split
@@ -88,7 +89,7 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
             result.rounds.append(row)
             progress.evaluated(row)
         progress.end_round()
-    result.final = dict(result.rounds[-1])
+    result.final = select_final(result.rounds, config.eval.select)
     result.shared = {key: value.detach().cpu().numpy() for key, value in shared.items()}
     return result
 

@@ -59,6 +59,7 @@ class EvalConfig:
     every: int = 5  # evaluate every N rounds (and after the last round)
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     full_ranking: bool = False  # also rank the test item against every unseen item
+    select: str = "last"  # last | best_valid: which evaluated round the final metrics come from
 
 
 @dataclass
@@ -92,6 +93,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.engine": ("inprocess", "flower"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.mode": ("federated", "central", "popularity"),
+    "eval.select": ("last", "best_valid"),
 }
 
 POSITIVE = {

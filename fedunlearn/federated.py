@@ -6,6 +6,7 @@ only the change of the shared part: the touched item rows (sparse) and the dense
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,8 @@ class ClientUpdate:
 class ClientEvaluation:
     client_id: str
     rank: int  # of the test item among the sampled negatives
-    full_rank: int  # among every item the user has not trained on (-1 when not asked for)
+    valid_rank: int  # of the validation item among the same negatives (for model selection)
+    full_rank: int  # of the test item among every item the user has not seen (-1 when not asked for)
 
 
 def init_user(model: SplitModel, seed: int, index: int) -> Arrays:
@@ -123,22 +125,34 @@ def local_evaluate(
     full_ranking: bool,
     device: torch.device,
 ) -> ClientEvaluation:
-    """Rank the held-out test item among its sampled negatives (and, if asked, every unseen item)."""
+    """Rank the held-out items with the client's own user part and the current shared part."""
     user_t = _tensors(user, device, grad=False)
     dense_t = _tensors({key: shared[key] for key in model.dense_keys(shared)}, device, grad=False)
-    candidates = np.concatenate([[data.test_item], data.test_negatives])
-    scores = _scores(model, user_t, shared, dense_t, candidates, device)
-    rank = rank_of_target(scores[0], scores[1:])
+
+    def score(items: np.ndarray) -> np.ndarray:
+        rows = {key: torch.tensor(shared[key][items], device=device) for key in model.row_keys}
+        return model.score(user_t, rows, dense_t).cpu().numpy()
+
+    return rank_held_out(data, score, full_ranking)
+
+
+def rank_held_out(
+    data: ClientData, score: Callable[[np.ndarray], np.ndarray], full_ranking: bool
+) -> ClientEvaluation:
+    """Ranks of the test and validation items among the sampled negatives (and, if asked, of the
+    test item among every unseen item), for any scoring function over item ids."""
+    candidates = np.concatenate([[data.test_item, data.valid_item], data.test_negatives])
+    scores = score(candidates)
     full_rank = -1
     if full_ranking:
-        everything = _scores(model, user_t, shared, dense_t, np.arange(data.n_items), device)
+        everything = score(np.arange(data.n_items))
         full_rank = rank_of_target(everything[data.test_item], everything[data.unseen_mask()])
-    return ClientEvaluation(data.client_id, rank, full_rank)
-
-
-def _scores(model, user_t, shared, dense_t, items, device) -> np.ndarray:  # type: ignore[no-untyped-def]
-    rows = {key: torch.tensor(shared[key][items], device=device) for key in model.row_keys}
-    return model.score(user_t, rows, dense_t).cpu().numpy()
+    return ClientEvaluation(
+        data.client_id,
+        rank=rank_of_target(scores[0], scores[2:]),
+        valid_rank=rank_of_target(scores[1], scores[2:]),
+        full_rank=full_rank,
+    )
 
 
 def aggregate(

@@ -74,13 +74,17 @@ def decode_update(content: RecordDict) -> ClientUpdate:
 
 
 def encode_evaluation(evaluation: ClientEvaluation) -> RecordDict:
-    metrics = MetricRecord({"rank": evaluation.rank, "full-rank": evaluation.full_rank})
+    metrics = MetricRecord(
+        {"rank": evaluation.rank, "valid-rank": evaluation.valid_rank, "full-rank": evaluation.full_rank}
+    )
     return RecordDict({"metrics": metrics, "meta": _meta(evaluation.client_id)})
 
 
 def decode_evaluation(content: RecordDict) -> ClientEvaluation:
     metrics = content.metric_records["metrics"]
-    return ClientEvaluation(client_id_of(content), int(metrics["rank"]), int(metrics["full-rank"]))
+    return ClientEvaluation(
+        client_id_of(content), int(metrics["rank"]), int(metrics["valid-rank"]), int(metrics["full-rank"])
+    )
 
 
 def encode_identity(client_id: str, index: int) -> RecordDict:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedunlearn.config import Config
-from fedunlearn.federated import ClientEvaluation
+from fedunlearn.federated import rank_held_out
 from fedunlearn.federation import Federation
-from fedunlearn.metrics import rank_of_target
 from fedunlearn.rounds import FederationResult, evaluation_metrics
 from fedunlearn.seeding import Stream, rng_for
 
@@ -17,13 +16,9 @@ def rank_by_popularity(config: Config, federation: Federation) -> FederationResu
     counts = np.bincount(split.train_items, minlength=federation.n_items).astype(np.float64)
     # a seeded jitter below 1 breaks ties between equally popular items without reordering others
     scores = counts + rng_for(config.run.seed, Stream.POPULARITY).uniform(0, 0.5, federation.n_items)
-    evaluations = []
-    for u in range(federation.n_clients):
-        data = federation.client(u)
-        rank = rank_of_target(scores[data.test_item], scores[data.test_negatives])
-        full_rank = -1
-        if config.eval.full_ranking:
-            full_rank = rank_of_target(scores[data.test_item], scores[data.unseen_mask()])
-        evaluations.append(ClientEvaluation(data.client_id, rank, full_rank))
+    evaluations = [
+        rank_held_out(federation.client(u), lambda items: scores[items], config.eval.full_ranking)
+        for u in range(federation.n_clients)
+    ]
     row = {"round": 0, **evaluation_metrics(evaluations, config.eval.ks, config.eval.full_ranking)}
     return FederationResult(rounds=[row], final=dict(row))

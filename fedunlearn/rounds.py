@@ -54,11 +54,19 @@ def sample_clients(seed: int, round_number: int, n_clients: int, fraction: float
 
 
 def evaluation_metrics(evaluations: list[ClientEvaluation], ks: list[int], full_ranking: bool) -> dict[str, float]:
-    ranks = np.array([e.rank for e in evaluations])
-    metrics = ranking_metrics(ranks, ks)
+    metrics = ranking_metrics(np.array([e.rank for e in evaluations]), ks)
+    metrics |= ranking_metrics(np.array([e.valid_rank for e in evaluations]), [10], prefix="valid_")
     if full_ranking:
         metrics |= ranking_metrics(np.array([e.full_rank for e in evaluations]), ks, prefix="full_")
     return metrics
+
+
+def select_final(rows: list[dict[str, float]], select: str) -> dict[str, float]:
+    """The reported row: the last evaluated round, or the one with the best validation HR@10
+    (earliest on ties), so the test item never chooses the model it is judged on."""
+    if select == "last":
+        return dict(rows[-1])
+    return dict(max(rows, key=lambda row: row["valid_HR@10"]))
 
 
 def run_federation(
@@ -90,6 +98,6 @@ def run_federation(
             progress.evaluated(row)
         result.round_ends.append(time.time())
         progress.end_round()
-    result.final = dict(result.rounds[-1])
+    result.final = select_final(result.rounds, config.eval.select)
     result.shared = shared
     return result

@@ -55,7 +55,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from fedunlearn.results import write_run
+    from fedunlearn.results import staged, write_run
 
     config, out = _config_from_run_config(context)
     progress = Progress(config.train.rounds)
@@ -63,4 +63,5 @@ def main(grid: Grid, context: Context) -> None:
         result, _ = serve(grid, config, progress)
     finally:
         progress.close()
-    write_run(out, config, result)
+    with staged(out) as folder:
+        write_run(folder, config, result)

@@ -96,3 +96,15 @@ def test_full_ranking_excludes_the_users_own_items():
     evaluation = local_evaluate(model, client(), {"user_emb": np.array([1, 0], np.float32)}, shared, True, CPU)
     assert evaluation.rank == 0
     assert evaluation.full_rank == 0
+
+
+def test_validation_item_is_ranked_against_the_same_negatives_without_the_test_item():
+    from fedunlearn.federated import rank_held_out
+
+    scores = np.zeros(30)
+    scores[[0, 2, 3]] = 5.0  # three negatives above everything
+    scores[13] = 4.0  # test item: rank 3
+    scores[12] = 10.0  # validation item: rank 0, and it does not push the test item down
+    evaluation = rank_held_out(client(), lambda items: scores[items], full_ranking=True)
+    assert (evaluation.rank, evaluation.valid_rank) == (3, 0)
+    assert evaluation.full_rank == 3  # items 0, 2, 3 are unseen; 1, 4, 7, 9 (trained) and 12 are not counted

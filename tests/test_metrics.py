@@ -36,3 +36,16 @@ def test_ndcg_matches_scikit_learn():
     relevance[:, 0] = 1
     for k in (5, 10, 20):
         assert ndcg(ranks, k) == pytest.approx(ndcg_score(relevance, scores, k=k))
+
+
+def test_best_valid_selection_picks_by_validation_not_test():
+    from fedunlearn.rounds import select_final
+
+    rows = [
+        {"round": 5, "valid_HR@10": 0.5, "HR@10": 0.9},
+        {"round": 10, "valid_HR@10": 0.7, "HR@10": 0.6},
+        {"round": 15, "valid_HR@10": 0.7, "HR@10": 0.8},
+        {"round": 20, "valid_HR@10": 0.6, "HR@10": 0.7},
+    ]
+    assert select_final(rows, "best_valid")["round"] == 10  # earliest of the best, whatever HR@10 says
+    assert select_final(rows, "last")["round"] == 20
