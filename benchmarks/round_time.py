@@ -33,9 +33,20 @@ def _tree_rss(process: psutil.Process) -> int:
 def measure(engine: str, dataset: str, clients_per_round: int, rounds: int, timeout: float) -> dict:
     started = time.time()
     child = subprocess.Popen(
-        [sys.executable, __file__, "--child", engine, "--dataset", dataset,
-         "--clients", str(clients_per_round), "--rounds", str(rounds)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            engine,
+            "--dataset",
+            dataset,
+            "--clients",
+            str(clients_per_round),
+            "--rounds",
+            str(rounds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     peak = 0
     stop = threading.Event()
@@ -80,10 +91,17 @@ def child(engine: str, dataset: str, clients_per_round: int, rounds: int) -> Non
 
     n_clients = build_federation(load_config(None, [f"data.dataset={dataset}"]).data, 0).n_clients
     fraction = min(1.0, clients_per_round / n_clients)
-    config = load_config(None, [
-        f"data.dataset={dataset}", f"run.engine={engine}", f"train.rounds={rounds}",
-        f"train.fraction={fraction}", f"eval.every={rounds}", "model.dim=64",
-    ])
+    config = load_config(
+        None,
+        [
+            f"data.dataset={dataset}",
+            f"run.engine={engine}",
+            f"train.rounds={rounds}",
+            f"train.fraction={fraction}",
+            f"eval.every={rounds}",
+            "model.dim=64",
+        ],
+    )
     loop_start = time.time()
     if engine == "flower":
         from server.simulation import run_flower
@@ -120,7 +138,11 @@ def main() -> None:
         plans += [("inprocess", 10**6), ("flower", 10**6)]
     rows = []
     for engine, clients in plans:
-        print(f"measuring {engine} at {clients if clients < 10**6 else 'all'} clients/round ...", file=sys.stderr, flush=True)
+        print(
+            f"measuring {engine} at {clients if clients < 10**6 else 'all'} clients/round ...",
+            file=sys.stderr,
+            flush=True,
+        )
         rows.append(measure(engine, args.dataset, clients, args.rounds, args.timeout))
     print(pd.DataFrame(rows).to_markdown(index=False))
 

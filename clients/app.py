@@ -3,10 +3,13 @@ and replies with the shared-parameter update only. The work itself is in fedunle
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedunlearn.config import Config
 from fedunlearn.federated import init_user, local_evaluate, local_train
 from fedunlearn.federation import ClientData, cached_federation
 from fedunlearn.messages import (
@@ -24,13 +27,21 @@ app = ClientApp()
 USER_STATE = "user"
 
 
-def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
+class Task(NamedTuple):
+    config: Config
+    round_number: int
+    shared: Arrays | None
+    data: ClientData
+    model: SplitModel
+
+
+def _setup(msg: Message, context: Context) -> Task:
+    """Decode the instruction and find this node's own data by its partition id."""
     torch.set_num_threads(1)
     config, round_number, shared = read_instruction(msg.content)
     federation = cached_federation(config.data, config.run.seed)
     data = federation.client(int(context.node_config["partition-id"]))
-    model = build_model(config.model, federation.n_items)
-    return config, round_number, shared, data, model
+    return Task(config, round_number, shared, data, build_model(config.model, federation.n_items))
 
 
 def _user(context: Context, model: SplitModel, data: ClientData, seed: int) -> Arrays:
@@ -41,24 +52,15 @@ def _user(context: Context, model: SplitModel, data: ClientData, seed: int) -> A
 
 @app.query("whoami")
 def whoami(msg: Message, context: Context) -> Message:
-    _, _, _, data, _ = _setup(msg, context)
+    data = _setup(msg, context).data
     return Message(encode_identity(data.client_id, data.index), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, round_number, shared, data, model = _setup(msg, context)
-    update, user = local_train(
-        model,
-        data,
-        _user(context, model, data, config.run.seed),
-        shared,
-        config.train,
-        config.model,
-        config.run.seed,
-        round_number,
-        resolve_device(config.run.device),
-    )
+    user = _user(context, model, data, config.run.seed)
+    update, user = local_train(model, data, user, shared, config, round_number, resolve_device(config.run.device))
     context.state[USER_STATE] = arrays_to_record(user)
     return Message(encode_update(update), reply_to=msg)
 
@@ -66,12 +68,6 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, _, shared, data, model = _setup(msg, context)
-    evaluation = local_evaluate(
-        model,
-        data,
-        _user(context, model, data, config.run.seed),
-        shared,
-        config.eval.full_ranking,
-        resolve_device(config.run.device),
-    )
+    user = _user(context, model, data, config.run.seed)
+    evaluation = local_evaluate(model, data, user, shared, config, resolve_device(config.run.device))
     return Message(encode_evaluation(evaluation), reply_to=msg)

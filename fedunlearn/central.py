@@ -47,8 +47,7 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
     shared0 = model.init_shared(rng_for(seed, Stream.SHARED_INIT))
     users0 = [init_user(model, seed, u) for u in range(federation.n_clients)]
     user_tables = {
-        key: torch.tensor(np.stack([u[key] for u in users0]), device=device, requires_grad=True)
-        for key in users0[0]
+        key: torch.tensor(np.stack([u[key] for u in users0]), device=device, requires_grad=True) for key in users0[0]
     }
     shared = {key: torch.tensor(value, device=device, requires_grad=True) for key, value in shared0.items()}
     optimizer = torch.optim.Adam(
@@ -85,7 +84,12 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
             progress.client_done(len(batch))
         if epoch % config.eval.every == 0 or epoch == epochs:
             row = _evaluate(config, federation, model, user_tables, shared)
-            row = {"round": epoch, "train_loss": float(np.mean(losses)), **row, "seconds": time.perf_counter() - started}
+            row = {
+                "round": epoch,
+                "train_loss": float(np.mean(losses)),
+                **row,
+                "seconds": time.perf_counter() - started,
+            }
             result.rounds.append(row)
             progress.evaluated(row)
         progress.end_round()
@@ -104,7 +108,7 @@ def _evaluate(config, federation, model, user_tables, shared) -> dict[str, float
             federation.client(u),
             {key: table[u] for key, table in tables.items()},
             shared_np,
-            config.eval.full_ranking,
+            config,
             device,
         )
         for u in range(federation.n_clients)

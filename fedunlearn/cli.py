@@ -16,17 +16,31 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="train one configuration and write a results folder")
     run.add_argument("config", nargs="?", help="TOML config file (default: the built-in demo on synthetic data)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one setting, e.g. --set train.rounds=10 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set train.rounds=10 (repeatable)",
+    )
     run.add_argument("--engine", choices=["inprocess", "flower"], help="shorthand for --set run.engine=...")
     run.add_argument("--out", help="results folder to create (default: results/run-<time>)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     experiment = commands.add_parser("experiment", help="run every setting of an experiment file into one table")
     experiment.add_argument("file", help="experiment TOML (see experiments/)")
-    experiment.add_argument("--out", required=True, help="folder to create: table.csv, table.md, one folder per setting")
-    experiment.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                            help="override one setting in every row (repeatable)")
+    experiment.add_argument(
+        "--out", required=True, help="folder to create: table.csv, table.md, one folder per setting"
+    )
+    experiment.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting in every row (repeatable)",
+    )
     experiment.add_argument("--quiet", action="store_true", help="no progress bars")
 
     data = commands.add_parser("data", help="dataset tools")
@@ -51,8 +65,10 @@ def _run(args: argparse.Namespace) -> None:
     with staged(out) as folder:
         write_run(folder, config, outcome.result, outcome.info)
     final = outcome.result.final
-    print(f"HR@10 {final['HR@10']:.4f}  NDCG@10 {final['NDCG@10']:.4f}  "
-          f"({config.model.name}, {config.run.mode}, engine {config.run.engine}, {outcome.info['seconds']:.1f} s)")
+    print(
+        f"HR@10 {final['HR@10']:.4f}  NDCG@10 {final['NDCG@10']:.4f}  "
+        f"({config.model.name}, {config.run.mode}, engine {config.run.engine}, {outcome.info['seconds']:.1f} s)"
+    )
     print(f"results: {out}")
 
 

@@ -97,14 +97,30 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 POSITIVE = {
-    "data.test_negatives", "data.synthetic_users", "data.synthetic_items",
-    "data.synthetic_interactions", "model.dim", "model.negatives", "model.init_std",
-    "train.rounds", "train.local_epochs", "train.lr", "train.batch_size", "train.server_lr",
-    "central.epochs", "central.lr", "central.batch_size", "eval.every", "run.num_cpus",
+    "data.test_negatives",
+    "data.synthetic_users",
+    "data.synthetic_items",
+    "data.synthetic_interactions",
+    "model.dim",
+    "model.negatives",
+    "model.init_std",
+    "train.rounds",
+    "train.local_epochs",
+    "train.lr",
+    "train.batch_size",
+    "train.server_lr",
+    "central.epochs",
+    "central.lr",
+    "central.batch_size",
+    "eval.every",
+    "run.num_cpus",
     "run.client_cpus",
 }
 NON_NEGATIVE = {
-    "data.min_rating", "data.synthetic_strength", "train.weight_decay", "central.weight_decay",
+    "data.min_rating",
+    "data.synthetic_strength",
+    "train.weight_decay",
+    "central.weight_decay",
     "run.seed",
 }
 
@@ -155,14 +171,11 @@ def set_value(config: Config, dotted: str, value: Any) -> None:
     section = getattr(config, section_name, None) if section_name in _SECTIONS else None
     if section is None or not key:
         raise FedUnlearnError(
-            f"unknown config key '{dotted}': keys look like section.key with section one of "
-            f"{', '.join(_SECTIONS)}"
+            f"unknown config key '{dotted}': keys look like section.key with section one of {', '.join(_SECTIONS)}"
         )
     types = _section_types(section)
     if key not in types:
-        raise FedUnlearnError(
-            f"unknown config key '{dotted}': {section_name} has {', '.join(types)}"
-        )
+        raise FedUnlearnError(f"unknown config key '{dotted}': {section_name} has {', '.join(types)}")
     setattr(section, key, _coerce(dotted, value, types[key]))
 
 

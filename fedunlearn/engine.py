@@ -36,9 +36,7 @@ class InProcessPool:
                 self.federation.client(index),
                 self._user(index),
                 shared,
-                self.config.train,
-                self.config.model,
-                self.config.run.seed,
+                self.config,
                 round_number,
                 self.device,
             )
@@ -51,12 +49,7 @@ class InProcessPool:
         for index in clients:
             results.append(
                 local_evaluate(
-                    self.model,
-                    self.federation.client(index),
-                    self._user(index),
-                    shared,
-                    self.config.eval.full_ranking,
-                    self.device,
+                    self.model, self.federation.client(index), self._user(index), shared, self.config, self.device
                 )
             )
             done(1)

@@ -46,7 +46,9 @@ def load_settings(path: str | Path, overrides: list[str] | None = None) -> list[
     return out
 
 
-def run_experiment(path: str | Path, out: str | Path, overrides: list[str] | None = None, show_progress: bool = True) -> pd.DataFrame:
+def run_experiment(
+    path: str | Path, out: str | Path, overrides: list[str] | None = None, show_progress: bool = True
+) -> pd.DataFrame:
     settings = load_settings(path, overrides)
     rows: list[dict[str, Any]] = []
     with staged(out) as folder:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedunlearn.config import ModelConfig, TrainConfig
+from fedunlearn.config import Config
 from fedunlearn.federation import ClientData
 from fedunlearn.metrics import rank_of_target
 from fedunlearn.models import Arrays, SplitModel
@@ -45,9 +45,7 @@ def init_user(model: SplitModel, seed: int, index: int) -> Arrays:
 
 
 def _tensors(arrays: Arrays, device: torch.device, grad: bool) -> dict[str, torch.Tensor]:
-    return {
-        key: torch.tensor(value, device=device).requires_grad_(grad) for key, value in arrays.items()
-    }
+    return {key: torch.tensor(value, device=device).requires_grad_(grad) for key, value in arrays.items()}
 
 
 def _numpy(tensors: dict[str, torch.Tensor]) -> Arrays:
@@ -59,19 +57,16 @@ def local_train(
     data: ClientData,
     user: Arrays,
     shared: Arrays,
-    train: TrainConfig,
-    model_config: ModelConfig,
-    seed: int,
+    config: Config,
     round_number: int,
     device: torch.device,
 ) -> tuple[ClientUpdate, Arrays]:
-    """E local epochs of minibatch SGD; returns the upload and the client's new user part."""
-    rng = rng_for(seed, Stream.CLIENT_TRAIN, round_number, data.index)
+    """E local epochs of minibatch training; returns the upload and the client's new user part."""
+    train, model_config = config.train, config.model
+    rng = rng_for(config.run.seed, Stream.CLIENT_TRAIN, round_number, data.index)
     positives = data.train_items
     n_pos = len(positives)
-    negatives = sample_negatives(
-        rng, data.n_items, positives, (train.local_epochs, n_pos, model_config.negatives)
-    )
+    negatives = sample_negatives(rng, data.n_items, positives, (train.local_epochs, n_pos, model_config.negatives))
     touched = np.unique(np.concatenate([positives, negatives.ravel()]))
     local_pos = torch.as_tensor(np.searchsorted(touched, positives), device=device)
     local_neg = torch.as_tensor(np.searchsorted(touched, negatives), device=device)
@@ -122,7 +117,7 @@ def local_evaluate(
     data: ClientData,
     user: Arrays,
     shared: Arrays,
-    full_ranking: bool,
+    config: Config,
     device: torch.device,
 ) -> ClientEvaluation:
     """Rank the held-out items with the client's own user part and the current shared part."""
@@ -133,12 +128,10 @@ def local_evaluate(
         rows = {key: torch.tensor(shared[key][items], device=device) for key in model.row_keys}
         return model.score(user_t, rows, dense_t).cpu().numpy()
 
-    return rank_held_out(data, score, full_ranking)
+    return rank_held_out(data, score, config.eval.full_ranking)
 
 
-def rank_held_out(
-    data: ClientData, score: Callable[[np.ndarray], np.ndarray], full_ranking: bool
-) -> ClientEvaluation:
+def rank_held_out(data: ClientData, score: Callable[[np.ndarray], np.ndarray], full_ranking: bool) -> ClientEvaluation:
     """Ranks of the test and validation items among the sampled negatives (and, if asked, of the
     test item among every unseen item), for any scoring function over item ids."""
     candidates = np.concatenate([[data.test_item, data.valid_item], data.test_negatives])
@@ -155,9 +148,7 @@ def rank_held_out(
     )
 
 
-def aggregate(
-    model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float
-) -> Arrays:
+def aggregate(model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float) -> Arrays:
     """Row-wise weighted mean of item rows over the clients that touched each row; FedAvg for the
     dense layers; weights are the clients' example counts. Clients are summed in client-id order so
     the result does not depend on the order replies arrived in."""

@@ -27,7 +27,9 @@ ProgressHook = Callable[[int], None]
 class ClientPool(Protocol):
     """Runs the client steps on the chosen clients (by federation index) and returns their replies."""
 
-    def train(self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientUpdate]: ...
+    def train(
+        self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook
+    ) -> list[ClientUpdate]: ...
 
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]: ...
 

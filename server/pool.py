@@ -70,7 +70,9 @@ class FlowerPool:
                 time.sleep(PULL_SECONDS)
         return replies
 
-    def _send(self, kind: str, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook) -> list[Message]:
+    def _send(
+        self, kind: str, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook
+    ) -> list[Message]:
         content = instruction(self.config, round_number, shared)
         messages = [Message(content, self.node_of[index], kind) for index in clients]
         return self._exchange(messages, done)
@@ -82,5 +84,3 @@ class FlowerPool:
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]:
         replies = self._send(MessageType.EVALUATE, 0, clients, shared, done)
         return [decode_evaluation(reply.content) for reply in replies]
-
-

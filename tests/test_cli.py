@@ -8,8 +8,20 @@ import pytest
 from fedunlearn.cli import main
 
 TINY = [
-    "--set", "data.synthetic_users=20", "--set", "data.synthetic_items=80", "--set", "data.synthetic_interactions=10",
-    "--set", "data.test_negatives=30", "--set", "model.dim=8", "--set", "train.rounds=2", "--set", "eval.every=1",
+    "--set",
+    "data.synthetic_users=20",
+    "--set",
+    "data.synthetic_items=80",
+    "--set",
+    "data.synthetic_interactions=10",
+    "--set",
+    "data.test_negatives=30",
+    "--set",
+    "model.dim=8",
+    "--set",
+    "train.rounds=2",
+    "--set",
+    "eval.every=1",
 ]
 
 

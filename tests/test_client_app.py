@@ -11,7 +11,6 @@ from fedunlearn.federation import build_federation
 from fedunlearn.messages import WHOAMI, decode_evaluation, decode_identity, decode_update, instruction, record_to_arrays
 
 
-
 @pytest.fixture(autouse=True)
 def task_identity():
     """Flower stamps messages with the running task's identity; outside a run, set one."""
@@ -20,7 +19,13 @@ def task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
-SMALL = ["data.synthetic_users=10", "data.synthetic_items=200", "data.synthetic_interactions=10", "data.test_negatives=19", "model.dim=8"]
+SMALL = [
+    "data.synthetic_users=10",
+    "data.synthetic_items=200",
+    "data.synthetic_interactions=10",
+    "data.test_negatives=19",
+    "model.dim=8",
+]
 
 
 def _context(partition: int) -> Context:

@@ -16,5 +16,11 @@ def test_every_config_key_is_documented_with_its_default():
             key = f"{section.name}.{field.name}"
             assert key in rows, f"{key} is missing from the README's config reference"
             value = getattr(getattr(config, section.name), field.name)
-            shown = f'"{value}"' if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+            shown = (
+                f'"{value}"'
+                if isinstance(value, str)
+                else str(value).lower()
+                if isinstance(value, bool)
+                else str(value)
+            )
             assert rows[key] == shown, f"README says {key} = {rows[key]}, the code says {shown}"

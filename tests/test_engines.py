@@ -13,8 +13,14 @@ from fedunlearn.progress import Progress
 from fedunlearn.rounds import run_federation
 
 SMALL = [
-    "data.synthetic_users=10", "data.synthetic_items=200", "data.synthetic_interactions=10",
-    "data.test_negatives=19", "model.dim=8", "train.rounds=2", "eval.every=1", "train.fraction=0.5",
+    "data.synthetic_users=10",
+    "data.synthetic_items=200",
+    "data.synthetic_interactions=10",
+    "data.test_negatives=19",
+    "model.dim=8",
+    "train.rounds=2",
+    "eval.every=1",
+    "train.fraction=0.5",
 ]
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedunlearn.config import ModelConfig, TrainConfig
+from fedunlearn.config import Config, ModelConfig, TrainConfig
 from fedunlearn.federated import ClientUpdate, aggregate, init_user, local_evaluate, local_train
 from fedunlearn.federation import ClientData
 from fedunlearn.models import MF, NCF, build_model
@@ -39,7 +39,9 @@ def test_dense_layers_are_fedavg_weighted_by_examples():
     shared = model.init_shared(np.random.default_rng(0))
     deltas = [{k: np.full_like(v, fill) for k, v in shared.items() if k not in model.row_keys} for fill in (1.0, 4.0)]
     updates = [
-        ClientUpdate(name, w, np.array([], dtype=np.int64), {k: np.zeros((0, 2), np.float32) for k in model.row_keys}, d, 0.0)
+        ClientUpdate(
+            name, w, np.array([], dtype=np.int64), {k: np.zeros((0, 2), np.float32) for k in model.row_keys}, d, 0.0
+        )
         for name, w, d in (("a", 2, deltas[0]), ("b", 1, deltas[1]))
     ]
     new = aggregate(model, shared, updates, server_lr=1.0)
@@ -56,7 +58,8 @@ def test_local_train_uploads_only_touched_shared_rows_and_is_deterministic(name)
     model = build_model(model_config, 30)
     shared = model.init_shared(np.random.default_rng(0))
     user = init_user(model, seed=0, index=0)
-    run = lambda: local_train(model, client(), user, shared, train, model_config, 0, 1, CPU)  # noqa: E731
+    config = Config(model=model_config, train=train)
+    run = lambda: local_train(model, client(), user, shared, config, 1, CPU)  # noqa: E731
     (update, new_user), (again, _) = run(), run()
     assert set(update.rows) == set(model.row_keys)
     assert set(np.array([1, 4, 7, 9])) <= set(update.item_ids)
@@ -79,9 +82,10 @@ def test_training_raises_the_score_of_positives():
     shared = model.init_shared(np.random.default_rng(0))
     user = init_user(model, 0, 0)
     data = client()
-    before = local_evaluate(model, data, user, shared, False, CPU)
+    config = Config(model=model_config, train=TrainConfig(lr=0.05))
+    before = local_evaluate(model, data, user, shared, config, CPU)
     for round_number in range(1, 30):
-        update, user = local_train(model, data, user, shared, TrainConfig(lr=0.5), model_config, 0, round_number, CPU)
+        update, user = local_train(model, data, user, shared, config, round_number, CPU)
         shared = aggregate(model, shared, [update], server_lr=1.0)
     scores = shared["item_emb"] @ user["user_emb"]
     assert scores[[1, 4, 7, 9]].mean() > scores[[0, 2, 3, 5, 6]].mean() + 1.0
@@ -93,7 +97,9 @@ def test_full_ranking_excludes_the_users_own_items():
     shared = {"item_emb": np.zeros((30, 2), np.float32)}
     shared["item_emb"][13] = [1, 0]  # the test item scores highest
     shared["item_emb"][[1, 4, 7, 9, 12]] = [2, 0]  # own items score higher still but are excluded
-    evaluation = local_evaluate(model, client(), {"user_emb": np.array([1, 0], np.float32)}, shared, True, CPU)
+    config = Config()
+    config.eval.full_ranking = True
+    evaluation = local_evaluate(model, client(), {"user_emb": np.array([1, 0], np.float32)}, shared, config, CPU)
     assert evaluation.rank == 0
     assert evaluation.full_rank == 0
 

@@ -20,8 +20,14 @@ def frame(rows: list[tuple[str, int, int]]) -> Dataset:
 def test_latest_by_timestamp_ties_by_row_order() -> None:
     ds = frame(
         [
-            ("a", 10, 5), ("b", 11, 2), ("a", 11, 1), ("a", 12, 5),  # a: 12 ties with 10 but comes later
-            ("a", 13, 3), ("b", 12, 9), ("b", 14, 3), ("b", 10, 1),
+            ("a", 10, 5),
+            ("b", 11, 2),
+            ("a", 11, 1),
+            ("a", 12, 5),  # a: 12 ties with 10 but comes later
+            ("a", 13, 3),
+            ("b", 12, 9),
+            ("b", 14, 3),
+            ("b", 10, 1),
         ]
     )
     split = leave_one_out(ds, num_negatives=0)

@@ -171,9 +171,7 @@ def describe(ds: Dataset) -> str:
         f"density: {density:.2f}%",
     ]
     if ds.n_users:
-        lines.append(
-            f"interactions per user: min {counts.min()}, median {np.median(counts):g}, max {counts.max()}"
-        )
+        lines.append(f"interactions per user: min {counts.min()}, median {np.median(counts):g}, max {counts.max()}")
     for column in ds.attributes.columns:
         values = ds.attributes[column].value_counts()
         ordered = sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))

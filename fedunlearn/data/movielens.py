@@ -34,10 +34,27 @@ AGE_GROUPS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 _AGE_BOUNDS = (18, 25, 35, 45, 50, 56)  # lower bounds of the groups after "<18"
 _ML1M_AGE_CODES = dict(zip((1, 18, 25, 35, 45, 50, 56), AGE_GROUPS))
 ML1M_OCCUPATIONS = (
-    "other or not specified", "academic/educator", "artist", "clerical/admin", "college/grad student",
-    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
-    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
-    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer",
+    "other or not specified",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
 )
 DATA_DIR_ENV = "FEDUNLEARN_DATA_DIR"
 
@@ -205,8 +222,12 @@ def _read_ratings(path: Path, sep: str) -> pd.DataFrame:
     text = path.read_text(encoding="latin-1").replace(sep, "\t")
     try:
         frame = pd.read_csv(
-            io.StringIO(text), sep="\t", header=None, dtype=dict(enumerate(_RATING_TYPES.values())),
-            quoting=csv.QUOTE_NONE, engine="c",
+            io.StringIO(text),
+            sep="\t",
+            header=None,
+            dtype=dict(enumerate(_RATING_TYPES.values())),
+            quoting=csv.QUOTE_NONE,
+            engine="c",
         )
         regular = frame.shape[1] == len(RATING_COLUMNS) and not frame.isna().any().any()
     except (ValueError, OverflowError, pd.errors.EmptyDataError):

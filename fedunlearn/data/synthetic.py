@@ -15,14 +15,37 @@ from fedunlearn.errors import FedUnlearnError
 GENDERS = {"M": 0.7, "F": 0.3}
 # ML-1M age-group shares
 AGE_GROUPS = {
-    "<18": 0.037, "18-24": 0.183, "25-34": 0.347, "35-44": 0.198, "45-49": 0.091, "50-55": 0.082, "56+": 0.063,
+    "<18": 0.037,
+    "18-24": 0.183,
+    "25-34": 0.347,
+    "35-44": 0.198,
+    "45-49": 0.091,
+    "50-55": 0.082,
+    "56+": 0.063,
 }
 # ML-100K occupation counts (943 users)
 OCCUPATIONS = {
-    "student": 196, "other": 105, "educator": 95, "administrator": 79, "engineer": 67, "programmer": 66,
-    "librarian": 51, "writer": 45, "executive": 32, "scientist": 31, "artist": 28, "technician": 27,
-    "marketing": 26, "entertainment": 18, "healthcare": 16, "retired": 14, "lawyer": 12, "salesman": 12,
-    "none": 9, "homemaker": 7, "doctor": 7,
+    "student": 196,
+    "other": 105,
+    "educator": 95,
+    "administrator": 79,
+    "engineer": 67,
+    "programmer": 66,
+    "librarian": 51,
+    "writer": 45,
+    "executive": 32,
+    "scientist": 31,
+    "artist": 28,
+    "technician": 27,
+    "marketing": 26,
+    "entertainment": 18,
+    "healthcare": 16,
+    "retired": 14,
+    "lawyer": 12,
+    "salesman": 12,
+    "none": 9,
+    "homemaker": 7,
+    "doctor": 7,
 }
 ATTRIBUTES = {"gender": GENDERS, "age": AGE_GROUPS, "occupation": OCCUPATIONS}
 
@@ -78,8 +101,13 @@ def generate(
         {name: np.asarray(list(values), dtype=object)[codes[name]] for name, values in ATTRIBUTES.items()}
     )
     return _dataset(
-        np.concatenate(users), np.concatenate(items), np.concatenate(ratings), np.concatenate(timestamps),
-        n_users, n_items, attributes,
+        np.concatenate(users),
+        np.concatenate(items),
+        np.concatenate(ratings),
+        np.concatenate(timestamps),
+        n_users,
+        n_items,
+        attributes,
     )
 
 
@@ -141,8 +169,13 @@ def _timestamps(counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _dataset(
-    users: np.ndarray, items: np.ndarray, ratings: np.ndarray, timestamps: np.ndarray,
-    n_users: int, n_items: int, attributes: pd.DataFrame,
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    timestamps: np.ndarray,
+    n_users: int,
+    n_items: int,
+    attributes: pd.DataFrame,
 ) -> Dataset:
     """Pairs are distinct by construction; items nobody picked are dropped and the rest re-indexed."""
     picked = np.bincount(items, minlength=n_items) > 0
