@@ -114,7 +114,7 @@ def child(engine: str, dataset: str, clients_per_round: int, rounds: int) -> Non
 
         federation = build_federation(config.data, config.run.seed)
         pool = InProcessPool(config, federation)
-        result = run_federation(config, federation.n_clients, federation.n_items, pool, Progress(rounds, False))
+        result = run_federation(config, federation.client_ids, federation.n_items, pool, Progress(rounds, False))
     actual = min(n_clients, clients_per_round)
     print(json.dumps({"round_ends": result.round_ends, "loop_start": loop_start, "clients": actual}))
 

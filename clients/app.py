@@ -46,7 +46,7 @@ def _setup(msg: Message, context: Context) -> Task:
 
 def _user(context: Context, model: SplitModel, data: ClientData, seed: int) -> Arrays:
     if USER_STATE not in context.state.array_records:
-        return init_user(model, seed, data.index)
+        return init_user(model, seed, data.client_id)
     return record_to_arrays(context.state.array_records[USER_STATE])
 
 

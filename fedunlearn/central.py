@@ -45,7 +45,7 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
     model = build_model(config.model, federation.n_items)
     split = federation.split
     shared0 = model.init_shared(rng_for(seed, Stream.SHARED_INIT))
-    users0 = [init_user(model, seed, u) for u in range(federation.n_clients)]
+    users0 = [init_user(model, seed, client_id) for client_id in federation.client_ids]
     user_tables = {
         key: torch.tensor(np.stack([u[key] for u in users0]), device=device, requires_grad=True) for key in users0[0]
     }
@@ -80,7 +80,7 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             progress.client_done(len(batch))
         if epoch % config.eval.every == 0 or epoch == epochs:
             row = _evaluate(config, federation, model, user_tables, shared)

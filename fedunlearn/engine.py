@@ -25,7 +25,7 @@ class InProcessPool:
 
     def _user(self, index: int) -> Arrays:
         if index not in self.user_state:
-            self.user_state[index] = init_user(self.model, self.config.run.seed, index)
+            self.user_state[index] = init_user(self.model, self.config.run.seed, self.federation.client_ids[index])
         return self.user_state[index]
 
     def train(self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientUpdate]:

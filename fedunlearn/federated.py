@@ -16,7 +16,7 @@ from fedunlearn.config import Config
 from fedunlearn.federation import ClientData
 from fedunlearn.metrics import rank_of_target
 from fedunlearn.models import Arrays, SplitModel
-from fedunlearn.seeding import Stream, rng_for
+from fedunlearn.seeding import Stream, client_key, rng_for
 from fedunlearn.training import make_optimizer, recommendation_loss, sample_negatives
 
 
@@ -40,8 +40,8 @@ class ClientEvaluation:
     full_rank: int  # of the test item among every item the user has not seen (-1 when not asked for)
 
 
-def init_user(model: SplitModel, seed: int, index: int) -> Arrays:
-    return model.init_user(rng_for(seed, Stream.USER_INIT, index))
+def init_user(model: SplitModel, seed: int, client_id: str) -> Arrays:
+    return model.init_user(rng_for(seed, Stream.USER_INIT, client_key(client_id)))
 
 
 def _tensors(arrays: Arrays, device: torch.device, grad: bool) -> dict[str, torch.Tensor]:
@@ -63,7 +63,7 @@ def local_train(
 ) -> tuple[ClientUpdate, Arrays]:
     """E local epochs of minibatch training; returns the upload and the client's new user part."""
     train, model_config = config.train, config.model
-    rng = rng_for(config.run.seed, Stream.CLIENT_TRAIN, round_number, data.index)
+    rng = rng_for(config.run.seed, Stream.CLIENT_TRAIN, round_number, client_key(data.client_id))
     positives = data.train_items
     n_pos = len(positives)
     negatives = sample_negatives(rng, data.n_items, positives, (train.local_epochs, n_pos, model_config.negatives))

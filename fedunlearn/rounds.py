@@ -6,7 +6,6 @@ one function, so the Flower path and the in-process runner cannot drift apart.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from fedunlearn.federated import ClientEvaluation, ClientUpdate, aggregate
 from fedunlearn.metrics import ranking_metrics
 from fedunlearn.models import Arrays, SplitModel, build_model
 from fedunlearn.progress import Progress
-from fedunlearn.seeding import Stream, rng_for
+from fedunlearn.seeding import Stream, client_uniforms, rng_for
 
 ProgressHook = Callable[[int], None]
 
@@ -46,13 +45,15 @@ def _by_client(reply: ClientUpdate | ClientEvaluation) -> str:
     return reply.client_id
 
 
-def sample_clients(seed: int, round_number: int, n_clients: int, fraction: float) -> list[int]:
-    """A seeded sample of ceil(fraction * n) clients (at least one), in index order."""
-    count = max(1, math.ceil(fraction * n_clients))
-    if count >= n_clients:
-        return list(range(n_clients))
-    chosen = rng_for(seed, Stream.SAMPLING, round_number).choice(n_clients, size=count, replace=False)
-    return sorted(int(c) for c in chosen)
+def sample_clients(seed: int, round_number: int, client_ids: list[str], fraction: float) -> list[int]:
+    """Positions of the clients taking part in a round. Each client joins with probability
+    `fraction`, decided by a draw keyed by (seed, round, its id) alone, so removing other clients
+    never changes whether it is chosen; if nobody is drawn, the client with the lowest draw joins."""
+    if fraction >= 1:
+        return list(range(len(client_ids)))
+    draws = client_uniforms(seed, Stream.SAMPLING, round_number, client_ids)
+    chosen = np.flatnonzero(draws < fraction)
+    return [int(i) for i in chosen] if len(chosen) else [int(np.argmin(draws))]
 
 
 def evaluation_metrics(evaluations: list[ClientEvaluation], ks: list[int], full_ranking: bool) -> dict[str, float]:
@@ -72,17 +73,17 @@ def select_final(rows: list[dict[str, float]], select: str) -> dict[str, float]:
 
 
 def run_federation(
-    config: Config, n_clients: int, n_items: int, pool: ClientPool, progress: Progress
+    config: Config, client_ids: list[str], n_items: int, pool: ClientPool, progress: Progress
 ) -> FederationResult:
     model: SplitModel = build_model(config.model, n_items)
     seed = config.run.seed
     shared = model.init_shared(rng_for(seed, Stream.SHARED_INIT))
     result = FederationResult()
-    everyone = list(range(n_clients))
+    everyone = list(range(len(client_ids)))
     started = time.perf_counter()
     rounds = config.train.rounds
     for round_number in range(1, rounds + 1):
-        clients = sample_clients(seed, round_number, n_clients, config.train.fraction)
+        clients = sample_clients(seed, round_number, client_ids, config.train.fraction)
         progress.start_round(round_number, len(clients))
         # replies arrive in any order: sort by client id so every sum runs in the same order
         updates = sorted(pool.train(round_number, clients, shared, progress.client_done), key=_by_client)

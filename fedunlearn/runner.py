@@ -49,7 +49,7 @@ def execute(config: Config, show_progress: bool = True) -> RunOutcome:
         progress = Progress(config.train.rounds, show_progress)
         try:
             pool = InProcessPool(config, federation)
-            result = run_federation(config, federation.n_clients, federation.n_items, pool, progress)
+            result = run_federation(config, federation.client_ids, federation.n_items, pool, progress)
         finally:
             progress.close()
     info["seconds"] = round(time.perf_counter() - started, 2)

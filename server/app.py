@@ -23,7 +23,7 @@ def serve(
 ) -> tuple[FederationResult, FlowerPool]:
     federation = cached_federation(config.data, config.run.seed)
     pool = FlowerPool(grid, config, federation.n_clients, keep_replies)
-    return run_federation(config, federation.n_clients, federation.n_items, pool, progress), pool
+    return run_federation(config, federation.client_ids, federation.n_items, pool, progress), pool
 
 
 def make_server_app(

@@ -28,7 +28,7 @@ def run_inprocess(overrides):
     config = load_config(None, SMALL + overrides)
     federation = build_federation(config.data, config.run.seed)
     pool = InProcessPool(config, federation)
-    return run_federation(config, federation.n_clients, federation.n_items, pool, Progress(1, False)), pool
+    return run_federation(config, federation.client_ids, federation.n_items, pool, Progress(1, False)), pool
 
 
 @pytest.mark.parametrize("model", ["mf", "ncf"])
@@ -72,3 +72,15 @@ def test_flower_path_equals_inprocess_runner_and_never_uploads_a_user_embedding(
         for record in content.config_records.values():
             assert set(record.keys()) <= {"client-id", "index"}
         assert "user" not in json.dumps({k: str(v) for k, v in content.metric_records.items()})
+
+
+def test_client_sampling_does_not_depend_on_who_else_is_in_the_federation():
+    from fedunlearn.rounds import sample_clients
+
+    ids = [str(i) for i in range(1, 401)]
+    full = {ids[i] for i in sample_clients(3, 7, ids, 0.25)}
+    assert 60 < len(full) < 140  # about a quarter
+    fewer = [c for c in ids if c not in {"5", "17", "200"}]
+    assert {fewer[i] for i in sample_clients(3, 7, fewer, 0.25)} == full - {"5", "17", "200"}
+    assert {ids[i] for i in sample_clients(3, 8, ids, 0.25)} != full  # a new round, a new sample
+    assert sample_clients(3, 7, ids, 1.0) == list(range(400))
