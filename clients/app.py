@@ -31,6 +31,7 @@ class Task(NamedTuple):
     config: Config
     round_number: int
     shared: Arrays | None
+    epochs: float | None
     data: ClientData
     model: SplitModel
 
@@ -38,10 +39,10 @@ class Task(NamedTuple):
 def _setup(msg: Message, context: Context) -> Task:
     """Decode the instruction and find this node's own data by its partition id."""
     torch.set_num_threads(1)
-    config, round_number, shared = read_instruction(msg.content)
+    config, round_number, shared, epochs = read_instruction(msg.content)
     federation = cached_federation(config.data, config.run.seed)
     data = federation.client(int(context.node_config["partition-id"]))
-    return Task(config, round_number, shared, data, build_model(config.model, federation.n_items))
+    return Task(config, round_number, shared, epochs, data, build_model(config.model, federation.n_items))
 
 
 def _user(context: Context, model: SplitModel, data: ClientData, seed: int) -> Arrays:
@@ -56,18 +57,28 @@ def whoami(msg: Message, context: Context) -> Message:
     return Message(encode_identity(data.client_id, data.index), reply_to=msg)
 
 
+@app.query("forget")
+def forget(msg: Message, context: Context) -> Message:
+    """The client leaves and asks to be forgotten: its private state is deleted."""
+    data = _setup(msg, context).data
+    if USER_STATE in context.state.array_records:
+        del context.state[USER_STATE]
+    return Message(encode_identity(data.client_id, data.index), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config, round_number, shared, data, model = _setup(msg, context)
+    config, round_number, shared, epochs, data, model = _setup(msg, context)
     user = _user(context, model, data, config.run.seed)
-    update, user = local_train(model, data, user, shared, config, round_number, resolve_device(config.run.device))
+    device = resolve_device(config.run.device)
+    update, user = local_train(model, data, user, shared, config, round_number, device, epochs)
     context.state[USER_STATE] = arrays_to_record(user)
     return Message(encode_update(update), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, _, shared, data, model = _setup(msg, context)
+    config, _, shared, _, data, model = _setup(msg, context)
     user = _user(context, model, data, config.run.seed)
     evaluation = local_evaluate(model, data, user, shared, config, resolve_device(config.run.device))
     return Message(encode_evaluation(evaluation), reply_to=msg)

@@ -63,6 +63,18 @@ class EvalConfig:
 
 
 @dataclass
+class UnlearnConfig:
+    method: str = "none"  # retrain | federaser | accum | none
+    drop: str = ""  # e.g. "12,57@20;3@30": clients leave before that round and ask to be forgotten
+    drop_random: str = ""  # e.g. "5%@20" or "7@20": seeded choice among the clients still present
+    dt: int = 2  # FedEraser: checkpoint every dt rounds
+    r: float = 0.5  # FedEraser: calibration epochs = r * local epochs
+    alpha: float = 0.5  # FRU: share of each update's touched rows kept
+    beta: float = 0.5  # FRU: share of the negatives drawn from the informative pool
+    lam: float = 0.1  # FRU: replay epochs = lam * local epochs
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     engine: str = "inprocess"  # inprocess | flower
@@ -79,6 +91,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     central: CentralConfig = field(default_factory=CentralConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -94,6 +107,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
     "run.mode": ("federated", "central", "popularity"),
     "eval.select": ("last", "best_valid"),
+    "unlearn.method": ("retrain", "federaser", "accum", "none"),
 }
 
 POSITIVE = {
@@ -115,6 +129,9 @@ POSITIVE = {
     "eval.every",
     "run.num_cpus",
     "run.client_cpus",
+    "unlearn.dt",
+    "unlearn.r",
+    "unlearn.lam",
 }
 NON_NEGATIVE = {
     "data.min_rating",
@@ -191,6 +208,9 @@ def validate(config: Config) -> Config:
     for dotted in NON_NEGATIVE:
         if _get(config, dotted) < 0:
             raise FedUnlearnError(f"{dotted} must be >= 0; got {_get(config, dotted)}")
+    for dotted in ("unlearn.alpha", "unlearn.beta"):
+        if not 0 < _get(config, dotted) <= 1:
+            raise FedUnlearnError(f"{dotted} must be in (0, 1]; got {_get(config, dotted)}")
     fraction = config.train.fraction
     if not 0 < fraction <= 1:
         raise FedUnlearnError(f"train.fraction must be in (0, 1]; got {fraction}")

@@ -28,21 +28,23 @@ class InProcessPool:
             self.user_state[index] = init_user(self.model, self.config.run.seed, self.federation.client_ids[index])
         return self.user_state[index]
 
-    def train(self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientUpdate]:
+    def train(
+        self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook, epochs: float | None = None
+    ) -> list[ClientUpdate]:
         updates = []
         for index in clients:
+            data = self.federation.client(index)
             update, self.user_state[index] = local_train(
-                self.model,
-                self.federation.client(index),
-                self._user(index),
-                shared,
-                self.config,
-                round_number,
-                self.device,
+                self.model, data, self._user(index), shared, self.config, round_number, self.device, epochs
             )
             updates.append(update)
             done(1)
         return updates
+
+    def forget(self, clients: list[int]) -> None:
+        """Delete these clients' private state (a later call starts them afresh)."""
+        for index in clients:
+            self.user_state.pop(index, None)
 
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]:
         results = []

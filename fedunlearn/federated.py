@@ -6,6 +6,7 @@ only the change of the shared part: the touched item rows (sparse) and the dense
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,14 +61,27 @@ def local_train(
     config: Config,
     round_number: int,
     device: torch.device,
+    epochs: float | None = None,
 ) -> tuple[ClientUpdate, Arrays]:
-    """E local epochs of minibatch training; returns the upload and the client's new user part."""
+    """Local minibatch training for `epochs` (default: train.local_epochs; a fraction runs that share
+    of an epoch's minibatches); returns the upload and the client's new user part."""
     train, model_config = config.train, config.model
+    epochs = train.local_epochs if epochs is None else epochs
     rng = rng_for(config.run.seed, Stream.CLIENT_TRAIN, round_number, client_key(data.client_id))
     positives = data.train_items
     n_pos = len(positives)
-    negatives = sample_negatives(rng, data.n_items, positives, (train.local_epochs, n_pos, model_config.negatives))
-    touched = np.unique(np.concatenate([positives, negatives.ravel()]))
+    full_epochs = math.ceil(epochs)
+    negatives = sample_negatives(rng, data.n_items, positives, (full_epochs, n_pos, model_config.negatives))
+    plan = [(epoch, rng.permutation(n_pos)) for epoch in range(full_epochs)]
+    batches = [
+        (epoch, order[start : start + train.batch_size])
+        for epoch, order in plan
+        for start in range(0, n_pos, train.batch_size)
+    ]
+    batches = batches[: max(1, round(epochs * math.ceil(n_pos / train.batch_size)))]
+    used_negatives = np.concatenate([negatives[epoch][batch].ravel() for epoch, batch in batches])
+    used_positives = np.concatenate([positives[batch] for _, batch in batches])
+    touched = np.unique(np.concatenate([used_positives, used_negatives]))
     local_pos = torch.as_tensor(np.searchsorted(touched, positives), device=device)
     local_neg = torch.as_tensor(np.searchsorted(touched, negatives), device=device)
 
@@ -77,26 +91,23 @@ def local_train(
     dense_t = _tensors({key: shared[key] for key in dense_keys}, device, grad=True)
     optimizer = make_optimizer(train, [*user_t.values(), *rows_t.values(), *dense_t.values()])
 
-    total_loss, steps = 0.0, 0
-    for epoch in range(train.local_epochs):
-        order = torch.as_tensor(rng.permutation(n_pos), device=device)
-        for start in range(0, n_pos, train.batch_size):
-            batch = order[start : start + train.batch_size]
-            pos_rows = {key: table[local_pos[batch]] for key, table in rows_t.items()}
-            neg_rows = {key: table[local_neg[epoch][batch]] for key, table in rows_t.items()}
-            loss = recommendation_loss(
-                model_config.loss,
-                model.score(user_t, pos_rows, dense_t),
-                model.score(user_t, neg_rows, dense_t),
-            )
-            if train.weight_decay:
-                embeddings = [*user_t.values(), *pos_rows.values(), *neg_rows.values()]
-                loss = loss + train.weight_decay * sum((e**2).sum() for e in embeddings) / len(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item()
-            steps += 1
+    total_loss = 0.0
+    for epoch, batch_np in batches:
+        batch = torch.as_tensor(batch_np, device=device)
+        pos_rows = {key: table[local_pos[batch]] for key, table in rows_t.items()}
+        neg_rows = {key: table[local_neg[epoch][batch]] for key, table in rows_t.items()}
+        loss = recommendation_loss(
+            model_config.loss,
+            model.score(user_t, pos_rows, dense_t),
+            model.score(user_t, neg_rows, dense_t),
+        )
+        if train.weight_decay:
+            embeddings = [*user_t.values(), *pos_rows.values(), *neg_rows.values()]
+            loss = loss + train.weight_decay * sum((e**2).sum() for e in embeddings) / len(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item()
 
     new_rows = _numpy(rows_t)
     new_dense = _numpy(dense_t)
@@ -106,7 +117,7 @@ def local_train(
         item_ids=touched,
         rows={key: new_rows[key] - shared[key][touched] for key in model.row_keys},
         dense={key: new_dense[key] - shared[key] for key in dense_keys},
-        loss=total_loss / max(steps, 1),
+        loss=total_loss / len(batches),
     )
     return update, _numpy(user_t)
 
@@ -148,26 +159,33 @@ def rank_held_out(data: ClientData, score: Callable[[np.ndarray], np.ndarray], f
     )
 
 
-def aggregate(model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float) -> Arrays:
-    """Row-wise weighted mean of item rows over the clients that touched each row; FedAvg for the
-    dense layers; weights are the clients' example counts. Clients are summed in client-id order so
-    the result does not depend on the order replies arrived in."""
-    if not updates:
-        return shared
+def aggregate_delta(model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float) -> Arrays:
+    """The server's step (float64, full shapes): for each item row the example-count-weighted mean
+    change over the clients that touched it, FedAvg for dense layers, times the server learning
+    rate. Clients are summed in client-id order so arrival order never matters."""
     updates = sorted(updates, key=lambda u: u.client_id)
-    new = {key: value.copy() for key, value in shared.items()}
+    delta = {key: np.zeros(value.shape, dtype=np.float64) for key, value in shared.items()}
+    if not updates:
+        return delta
     row_weight = np.zeros(model.n_items, dtype=np.float64)
     for update in updates:
         row_weight[update.item_ids] += update.num_examples
     touched = row_weight > 0
     for key in model.row_keys:
-        total = np.zeros(shared[key].shape, dtype=np.float64)
+        total = delta[key]
         for update in updates:
             total[update.item_ids] += update.num_examples * update.rows[key].astype(np.float64)
-        mean = total[touched] / row_weight[touched, None]
-        new[key][touched] = (shared[key][touched] + server_lr * mean).astype(np.float32)
+        total[touched] = server_lr * total[touched] / row_weight[touched, None]
     weight = float(sum(u.num_examples for u in updates))
     for key in model.dense_keys(shared):
-        total = sum(u.num_examples * u.dense[key].astype(np.float64) for u in updates)
-        new[key] = (shared[key] + server_lr * total / weight).astype(np.float32)
-    return new
+        delta[key] = server_lr * sum(u.num_examples * u.dense[key].astype(np.float64) for u in updates) / weight
+    return delta
+
+
+def apply_delta(shared: Arrays, delta: Arrays) -> Arrays:
+    return {key: (value + delta[key]).astype(np.float32) for key, value in shared.items()}
+
+
+def aggregate(model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float) -> Arrays:
+    """The new shared parameters after one round (see aggregate_delta)."""
+    return apply_delta(shared, aggregate_delta(model, shared, updates, server_lr))

@@ -16,6 +16,7 @@ from fedunlearn.federated import ClientEvaluation, ClientUpdate
 from fedunlearn.models import Arrays
 
 WHOAMI = "query.whoami"
+FORGET = "query.forget"
 
 
 def arrays_to_record(arrays: Arrays) -> ArrayRecord:
@@ -26,17 +27,23 @@ def record_to_arrays(record: ArrayRecord) -> Arrays:
     return {key: array.numpy() for key, array in record.items()}
 
 
-def instruction(config: Config, round_number: int = 0, shared: Arrays | None = None) -> RecordDict:
-    content = RecordDict({"task": ConfigRecord({"config": json.dumps(config.to_dict()), "round": round_number})})
+def instruction(
+    config: Config, round_number: int = 0, shared: Arrays | None = None, epochs: float | None = None
+) -> RecordDict:
+    task = {"config": json.dumps(config.to_dict()), "round": round_number}
+    if epochs is not None:
+        task["epochs"] = float(epochs)
+    content = RecordDict({"task": ConfigRecord(task)})
     if shared is not None:
         content["shared"] = arrays_to_record(shared)
     return content
 
 
-def read_instruction(content: RecordDict) -> tuple[Config, int, Arrays | None]:
+def read_instruction(content: RecordDict) -> tuple[Config, int, Arrays | None, float | None]:
     task = content.config_records["task"]
     shared = record_to_arrays(content.array_records["shared"]) if "shared" in content.array_records else None
-    return config_from_dict(json.loads(str(task["config"]))), int(task["round"]), shared
+    epochs = float(task["epochs"]) if "epochs" in task else None
+    return config_from_dict(json.loads(str(task["config"]))), int(task["round"]), shared, epochs
 
 
 def _meta(client_id: str, **extra: int | str) -> ConfigRecord:

@@ -1,7 +1,8 @@
 """The server's round loop, independent of how messages reach the clients.
 
-Every engine supplies a `ClientPool`; the loop (sampling, aggregation, evaluation schedule) is this
-one function, so the Flower path and the in-process runner cannot drift apart.
+Every engine supplies a `ClientPool`; the loop (sampling, aggregation, evaluation schedule, drop
+events and the unlearning methods' calibration rounds) is this one class, so the Flower path and
+the in-process runner cannot drift apart.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from fedunlearn.config import Config
 from fedunlearn.federated import ClientEvaluation, ClientUpdate, aggregate
+from fedunlearn.history import HistoryStore
 from fedunlearn.metrics import ranking_metrics
 from fedunlearn.models import Arrays, SplitModel, build_model
 from fedunlearn.progress import Progress
@@ -27,10 +29,12 @@ class ClientPool(Protocol):
     """Runs the client steps on the chosen clients (by federation index) and returns their replies."""
 
     def train(
-        self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook
+        self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook, epochs: float | None = None
     ) -> list[ClientUpdate]: ...
 
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]: ...
+
+    def forget(self, clients: list[int]) -> None: ...
 
 
 @dataclass
@@ -39,6 +43,7 @@ class FederationResult:
     final: dict[str, float] = field(default_factory=dict)
     shared: Arrays = field(default_factory=dict)
     round_ends: list[float] = field(default_factory=list)  # wall-clock time.time() at the end of each round
+    events: list[dict[str, Any]] = field(default_factory=list)  # drop events: who, when, method, cost
 
 
 def _by_client(reply: ClientUpdate | ClientEvaluation) -> str:
@@ -72,35 +77,114 @@ def select_final(rows: list[dict[str, float]], select: str) -> dict[str, float]:
     return dict(max(rows, key=lambda row: row["valid_HR@10"]))
 
 
-def run_federation(
-    config: Config, client_ids: list[str], n_items: int, pool: ClientPool, progress: Progress
-) -> FederationResult:
-    model: SplitModel = build_model(config.model, n_items)
-    seed = config.run.seed
-    shared = model.init_shared(rng_for(seed, Stream.SHARED_INIT))
-    result = FederationResult()
-    everyone = list(range(len(client_ids)))
-    started = time.perf_counter()
-    rounds = config.train.rounds
-    for round_number in range(1, rounds + 1):
-        clients = sample_clients(seed, round_number, client_ids, config.train.fraction)
-        progress.start_round(round_number, len(clients))
+class FederatedServer:
+    """The server: samples clients among those still present, aggregates, evaluates, keeps the
+    history when asked, and at each drop event runs the configured unlearning method."""
+
+    def __init__(
+        self,
+        config: Config,
+        client_ids: list[str],
+        n_items: int,
+        pool: ClientPool,
+        progress: Progress,
+        history: HistoryStore | None = None,
+        schedule: dict[int, list[str]] | None = None,
+    ) -> None:
+        self.config = config
+        self.client_ids = client_ids
+        self.position = {client_id: index for index, client_id in enumerate(client_ids)}
+        self.pool = pool
+        self.progress = progress
+        self.history = history
+        self.schedule = schedule or {}
+        self.model: SplitModel = build_model(config.model, n_items)
+        self.initial = self.model.init_shared(rng_for(config.run.seed, Stream.SHARED_INIT))
+        self.shared = self.initial
+        self.active = list(range(len(client_ids)))  # positions of the clients still in the federation
+        self.client_epochs = 0.0
+        self.events: list[dict[str, Any]] = []
+        self.calibrations: list[tuple[int, ClientUpdate]] = []  # FedEraser's calibrated updates, for audits
+
+    def sample(self, round_number: int) -> list[int]:
+        ids = [self.client_ids[i] for i in self.active]
+        return [
+            self.active[i] for i in sample_clients(self.config.run.seed, round_number, ids, self.config.train.fraction)
+        ]
+
+    def train_round(
+        self, round_number: int, clients: list[int], shared: Arrays, epochs: float | None = None, record: bool = True
+    ) -> tuple[Arrays, list[ClientUpdate]]:
+        """One round from `shared`: the sampled clients train, the history records, the server aggregates."""
         # replies arrive in any order: sort by client id so every sum runs in the same order
-        updates = sorted(pool.train(round_number, clients, shared, progress.client_done), key=_by_client)
-        shared = aggregate(model, shared, updates, config.train.server_lr)
-        if round_number % config.eval.every == 0 or round_number == rounds:
-            evaluations = sorted(pool.evaluate(everyone, shared, lambda _: None), key=_by_client)
-            row = {
+        updates = sorted(
+            self.pool.train(round_number, clients, shared, self.progress.client_done, epochs), key=_by_client
+        )
+        self.client_epochs += len(clients) * (self.config.train.local_epochs if epochs is None else epochs)
+        if record and self.history is not None:
+            self.history.record_round(round_number, shared, updates)
+        return aggregate(self.model, shared, updates, self.config.train.server_lr), updates
+
+    def evaluate(self) -> dict[str, float]:
+        evaluations = sorted(self.pool.evaluate(self.active, self.shared, lambda _: None), key=_by_client)
+        return evaluation_metrics(evaluations, self.config.eval.ks, self.config.eval.full_ranking)
+
+    def remove(self, round_number: int, leaving: list[str]) -> None:
+        """Clients leave before `round_number`: unlearn them, then delete every trace of them."""
+        from fedunlearn.unlearning import unlearn
+
+        forgotten = [self.position[c] for c in leaving]
+        self.active = [i for i in self.active if i not in set(forgotten)]
+        started, epochs_before = time.perf_counter(), self.client_epochs
+        self.shared = unlearn(self, round_number, forgotten)
+        self.pool.forget(forgotten)
+        if self.history is not None:
+            self.history.forget(leaving)
+        self.events.append(
+            {
                 "round": round_number,
-                "clients": len(clients),
-                "train_loss": float(np.mean([u.loss for u in updates])),
-                **evaluation_metrics(evaluations, config.eval.ks, config.eval.full_ranking),
+                "clients": leaving,
+                "method": self.config.unlearn.method,
                 "seconds": time.perf_counter() - started,
+                "client_epochs": self.client_epochs - epochs_before,
             }
-            result.rounds.append(row)
-            progress.evaluated(row)
-        result.round_ends.append(time.time())
-        progress.end_round()
-    result.final = select_final(result.rounds, config.eval.select)
-    result.shared = shared
-    return result
+        )
+
+    def run(self) -> FederationResult:
+        result = FederationResult()
+        started = time.perf_counter()
+        rounds = self.config.train.rounds
+        for round_number in range(1, rounds + 1):
+            if round_number in self.schedule:
+                self.remove(round_number, self.schedule[round_number])
+            clients = self.sample(round_number)
+            self.progress.start_round(round_number, len(clients))
+            self.shared, updates = self.train_round(round_number, clients, self.shared)
+            if round_number % self.config.eval.every == 0 or round_number == rounds:
+                row = {
+                    "round": round_number,
+                    "clients": len(clients),
+                    "train_loss": float(np.mean([u.loss for u in updates])),
+                    **self.evaluate(),
+                    "seconds": time.perf_counter() - started,
+                }
+                result.rounds.append(row)
+                self.progress.evaluated(row)
+            result.round_ends.append(time.time())
+            self.progress.end_round()
+        result.final = select_final(result.rounds, self.config.eval.select)
+        result.shared = self.shared
+        result.events = self.events
+        return result
+
+
+def run_federation(
+    config: Config,
+    client_ids: list[str],
+    n_items: int,
+    pool: ClientPool,
+    progress: Progress,
+    history: HistoryStore | None = None,
+    schedule: dict[int, list[str]] | None = None,
+) -> FederationResult:
+    return FederatedServer(config, client_ids, n_items, pool, progress, history, schedule).run()

@@ -21,6 +21,7 @@ class Stream(IntEnum):
     SAMPLING = 4
     CENTRAL = 5
     POPULARITY = 6
+    DROPS = 7
 
 
 def rng_for(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 
 from fedunlearn.config import Config
 from fedunlearn.federated import ClientEvaluation, ClientUpdate
-from fedunlearn.messages import WHOAMI, decode_evaluation, decode_identity, decode_update, instruction
+from fedunlearn.messages import FORGET, WHOAMI, decode_evaluation, decode_identity, decode_update, instruction
 from fedunlearn.models import Arrays
 from fedunlearn.rounds import ProgressHook
 
@@ -71,15 +71,26 @@ class FlowerPool:
         return replies
 
     def _send(
-        self, kind: str, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook
+        self,
+        kind: str,
+        round_number: int,
+        clients: list[int],
+        shared: Arrays | None,
+        done: ProgressHook,
+        epochs: float | None = None,
     ) -> list[Message]:
-        content = instruction(self.config, round_number, shared)
+        content = instruction(self.config, round_number, shared, epochs)
         messages = [Message(content, self.node_of[index], kind) for index in clients]
         return self._exchange(messages, done)
 
-    def train(self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientUpdate]:
-        replies = self._send(MessageType.TRAIN, round_number, clients, shared, done)
+    def train(
+        self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook, epochs: float | None = None
+    ) -> list[ClientUpdate]:
+        replies = self._send(MessageType.TRAIN, round_number, clients, shared, done, epochs)
         return [decode_update(reply.content) for reply in replies]
+
+    def forget(self, clients: list[int]) -> None:
+        self._send(FORGET, 0, clients, None, lambda _: None)
 
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]:
         replies = self._send(MessageType.EVALUATE, 0, clients, shared, done)

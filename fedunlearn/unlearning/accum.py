@@ -1,0 +1,23 @@
+"""FedAccum: replay the retained clients' stored checkpoint updates, without calibration."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedunlearn.federated import aggregate
+from fedunlearn.models import Arrays
+from fedunlearn.unlearning.federaser import require_history
+
+if TYPE_CHECKING:
+    from fedunlearn.rounds import FederatedServer
+
+
+def accum(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
+    history = require_history(server, "accum")
+    checkpoints = [c for c in history.checkpoint_rounds() if c < round_number]
+    retained = {server.client_ids[i] for i in server.active}
+    shared = history.checkpoint(checkpoints[0])
+    for checkpoint in checkpoints:
+        updates = [history.update(checkpoint, c) for c in history.participants(checkpoint) if c in retained]
+        shared = aggregate(server.model, shared, updates, server.config.train.server_lr)
+    return shared

@@ -1,0 +1,65 @@
+"""FedEraser (Liu et al., IWQoS 2021): calibrated replay of the stored checkpoint updates."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedunlearn.federated import ClientUpdate, aggregate
+from fedunlearn.history import HistoryStore
+from fedunlearn.models import Arrays
+
+if TYPE_CHECKING:
+    from fedunlearn.rounds import FederatedServer
+
+
+def calibrate(update: ClientUpdate, stored_norms: dict[str, float]) -> ClientUpdate:
+    """Direction from the new training, norm (per shared tensor) from the history."""
+
+    def scaled(key: str, value: np.ndarray) -> np.ndarray:
+        norm = float(np.linalg.norm(value))
+        return (value * (stored_norms[key] / norm)).astype(np.float32) if norm > 0 else value
+
+    return ClientUpdate(
+        update.client_id,
+        update.num_examples,
+        update.item_ids,
+        {key: scaled(key, value) for key, value in update.rows.items()},
+        {key: scaled(key, value) for key, value in update.dense.items()},
+        update.loss,
+    )
+
+
+def require_history(server: FederatedServer, method: str) -> HistoryStore:
+    if server.history is None:
+        raise RuntimeError(f"{method} needs the update history, but this run keeps none")
+    return server.history
+
+
+def federaser(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
+    """From the first checkpoint M(t1), apply the retained clients' stored updates of t1; at each
+    later checkpoint tj the retained participants train r * E epochs from the calibrated model and
+    their updates are rescaled to the norms stored for tj. The history's checkpoints and updates
+    are replaced by the calibrated ones, so a later removal starts from a model without these
+    clients."""
+    history = require_history(server, "federaser")
+    checkpoints = [c for c in history.checkpoint_rounds() if c < round_number]
+    retained = {server.client_ids[i] for i in server.active}
+    epochs = server.config.unlearn.r * server.config.train.local_epochs
+    shared = history.checkpoint(checkpoints[0])
+    for j, checkpoint in enumerate(checkpoints):
+        participants = [c for c in history.participants(checkpoint) if c in retained]
+        history.put_checkpoint(checkpoint, shared)
+        if j == 0:
+            updates = [history.update(checkpoint, client) for client in participants]
+        else:
+            positions = [server.position[c] for c in participants]
+            fresh = server.pool.train(checkpoint, positions, shared, server.progress.client_done, epochs)
+            server.client_epochs += len(positions) * epochs
+            updates = [calibrate(u, history.norms(checkpoint, u.client_id)) for u in fresh]
+            server.calibrations.extend((checkpoint, u) for u in updates)
+            for update in updates:
+                history.replace_update(checkpoint, "full", update)
+        shared = aggregate(server.model, shared, updates, server.config.train.server_lr)
+    return shared
