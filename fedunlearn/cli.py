@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--engine", choices=["inprocess", "flower"], help="shorthand for --set run.engine=...")
     run.add_argument("--out", help="results folder to create (default: results/run-<time>)")
+    run.add_argument("--drop", help='clients leave and ask to be forgotten, e.g. "12,57@20;3@30"')
+    run.add_argument("--drop-random", help='seeded random drops, e.g. "5%%@20" or "7@20"')
+    run.add_argument("--method", choices=["retrain", "federaser", "accum", "none"], help="unlearning method")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     experiment = commands.add_parser("experiment", help="run every setting of an experiment file into one table")
@@ -54,15 +57,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> None:
     from fedunlearn.config import load_config
-    from fedunlearn.results import check_free, staged, write_run
+    from fedunlearn.results import staged, write_run
     from fedunlearn.runner import execute
 
     overrides = list(args.overrides) + ([f"run.engine={args.engine}"] if args.engine else [])
+    overrides += [f"unlearn.method={args.method}"] if args.method else []
+    overrides += [f"unlearn.drop={_toml_string(args.drop)}"] if args.drop else []
+    overrides += [f"unlearn.drop_random={_toml_string(args.drop_random)}"] if args.drop_random else []
     config = load_config(args.config, overrides)
     out = Path(args.out or f"results/run-{time.strftime('%Y%m%d-%H%M%S')}")
-    check_free(out)
-    outcome = execute(config, show_progress=not args.quiet)
     with staged(out) as folder:
+        outcome = execute(config, folder, show_progress=not args.quiet)
         write_run(folder, config, outcome.result, outcome.info)
     final = outcome.result.final
     print(
@@ -70,6 +75,10 @@ def _run(args: argparse.Namespace) -> None:
         f"({config.model.name}, {config.run.mode}, engine {config.run.engine}, {outcome.info['seconds']:.1f} s)"
     )
     print(f"results: {out}")
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _experiment(args: argparse.Namespace) -> None:

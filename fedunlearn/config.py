@@ -22,6 +22,7 @@ class DataConfig:
     synthetic_items: int = 400
     synthetic_interactions: int = 40  # mean interactions per user
     synthetic_strength: float = 1.0  # how strongly attributes shape taste (0 = not at all)
+    exclude_clients: list[str] = field(default_factory=list)  # never take part (their items stay in the catalogue)
 
 
 @dataclass

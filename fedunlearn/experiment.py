@@ -54,7 +54,8 @@ def run_experiment(
     with staged(out) as folder:
         for index, (name, config) in enumerate(settings, start=1):
             print(f"[{index}/{len(settings)}] {name}", flush=True)
-            outcome = execute(config, show_progress)
+            (folder / name).mkdir()
+            outcome = execute(config, folder / name, show_progress)
             write_run(folder / name, config, outcome.result, outcome.info)
             metrics = {k: v for k, v in outcome.result.final.items() if "@" in k}
             rows.append(

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedunlearn.config import Config
+from fedunlearn.errors import FedUnlearnError
 from fedunlearn.federated import ClientEvaluation, ClientUpdate, aggregate
 from fedunlearn.history import HistoryStore
 from fedunlearn.metrics import ranking_metrics
@@ -101,7 +102,12 @@ class FederatedServer:
         self.model: SplitModel = build_model(config.model, n_items)
         self.initial = self.model.init_shared(rng_for(config.run.seed, Stream.SHARED_INIT))
         self.shared = self.initial
-        self.active = list(range(len(client_ids)))  # positions of the clients still in the federation
+        excluded = set(config.data.exclude_clients)
+        unknown = excluded - set(client_ids)
+        if unknown:
+            raise FedUnlearnError(f"data.exclude_clients names unknown clients {sorted(unknown)[:5]}")
+        # positions of the clients still in the federation
+        self.active = [i for i, client in enumerate(client_ids) if client not in excluded]
         self.client_epochs = 0.0
         self.events: list[dict[str, Any]] = []
         self.calibrations: list[tuple[int, ClientUpdate]] = []  # FedEraser's calibrated updates, for audits

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedunlearn.config import Config
-from fedunlearn.federation import build_federation
+from fedunlearn.federation import Federation, build_federation
+from fedunlearn.history import HistoryPolicy, HistoryStore
 from fedunlearn.progress import Progress
 from fedunlearn.rounds import FederationResult, run_federation
+from fedunlearn.schedule import build_schedule
 
 
 @dataclass
@@ -18,7 +21,8 @@ class RunOutcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def execute(config: Config, show_progress: bool = True) -> RunOutcome:
+def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutcome:
+    """Run the configured job; `folder` (the staging results folder) receives the history database."""
     started = time.perf_counter()
     federation = build_federation(config.data, config.run.seed)
     info: dict[str, Any] = {
@@ -39,18 +43,49 @@ def execute(config: Config, show_progress: bool = True) -> RunOutcome:
             result = train_central(config, federation, progress)
         finally:
             progress.close()
-    elif config.run.engine == "flower":
-        from server.simulation import run_flower
-
-        result, _ = run_flower(config)
     else:
-        from fedunlearn.engine import InProcessPool
-
-        progress = Progress(config.train.rounds, show_progress)
-        try:
-            pool = InProcessPool(config, federation)
-            result = run_federation(config, federation.client_ids, federation.n_items, pool, progress)
-        finally:
-            progress.close()
+        result = _federated(config, federation, folder, show_progress, info)
     info["seconds"] = round(time.perf_counter() - started, 2)
     return RunOutcome(result, info)
+
+
+def schedule_and_history(
+    config: Config, federation: Federation, folder: Path
+) -> tuple[dict[int, list[str]], HistoryStore | None]:
+    """The checked drop schedule, and the history database the server keeps when anyone leaves."""
+    unlearn = config.unlearn
+    schedule = build_schedule(
+        unlearn.drop, unlearn.drop_random, federation.client_ids, config.train.rounds, config.run.seed
+    )
+    if not schedule:
+        return schedule, None
+    policy = HistoryPolicy(checkpoint_every=unlearn.dt, alpha=unlearn.alpha)
+    return schedule, HistoryStore(folder / "history.sqlite", policy)
+
+
+def _federated(
+    config: Config, federation: Federation, folder: Path, show_progress: bool, info: dict[str, Any]
+) -> FederationResult:
+    schedule, history = schedule_and_history(config, federation, folder)
+    try:
+        if config.run.engine == "flower":
+            from server.simulation import run_flower
+
+            result, _ = run_flower(config, history=history, schedule=schedule)
+        else:
+            from fedunlearn.engine import InProcessPool
+
+            progress = Progress(config.train.rounds, show_progress)
+            try:
+                pool = InProcessPool(config, federation)
+                ids, n_items = federation.client_ids, federation.n_items
+                result = run_federation(config, ids, n_items, pool, progress, history, schedule)
+            finally:
+                progress.close()
+        if history is not None:
+            info["history_bytes"] = history.bytes_by_kind()
+            info["events"] = result.events
+    finally:
+        if history is not None:
+            history.close()
+    return result

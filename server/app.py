@@ -13,21 +13,32 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedunlearn.config import Config, load_config
 from fedunlearn.federation import cached_federation
+from fedunlearn.history import HistoryStore
 from fedunlearn.progress import Progress
 from fedunlearn.rounds import FederationResult, run_federation
 from server.pool import FlowerPool
 
 
 def serve(
-    grid: Grid, config: Config, progress: Progress, keep_replies: bool = False
+    grid: Grid,
+    config: Config,
+    progress: Progress,
+    keep_replies: bool = False,
+    history: HistoryStore | None = None,
+    schedule: dict[int, list[str]] | None = None,
 ) -> tuple[FederationResult, FlowerPool]:
     federation = cached_federation(config.data, config.run.seed)
     pool = FlowerPool(grid, config, federation.n_clients, keep_replies)
-    return run_federation(config, federation.client_ids, federation.n_items, pool, progress), pool
+    ids, n_items = federation.client_ids, federation.n_items
+    return run_federation(config, ids, n_items, pool, progress, history, schedule), pool
 
 
 def make_server_app(
-    config: Config, on_result: Callable[[FederationResult, FlowerPool], None], keep_replies: bool = False
+    config: Config,
+    on_result: Callable[[FederationResult, FlowerPool], None],
+    keep_replies: bool = False,
+    history: HistoryStore | None = None,
+    schedule: dict[int, list[str]] | None = None,
 ) -> ServerApp:
     app = ServerApp()
 
@@ -35,7 +46,7 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         progress = Progress(config.train.rounds)
         try:
-            on_result(*serve(grid, config, progress, keep_replies))
+            on_result(*serve(grid, config, progress, keep_replies, history, schedule))
         finally:
             progress.close()
 
@@ -56,12 +67,17 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from fedunlearn.results import staged, write_run
+    from fedunlearn.runner import schedule_and_history
 
     config, out = _config_from_run_config(context)
+    federation = cached_federation(config.data, config.run.seed)
     progress = Progress(config.train.rounds)
-    try:
-        result, _ = serve(grid, config, progress)
-    finally:
-        progress.close()
     with staged(out) as folder:
-        write_run(folder, config, result)
+        schedule, history = schedule_and_history(config, federation, folder)
+        try:
+            result, _ = serve(grid, config, progress, False, history, schedule)
+        finally:
+            progress.close()
+            if history is not None:
+                history.close()
+        write_run(folder, config, result, {"events": result.events} if schedule else None)

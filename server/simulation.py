@@ -9,6 +9,7 @@ import time
 
 from fedunlearn.config import Config
 from fedunlearn.federation import cached_federation
+from fedunlearn.history import HistoryStore
 from fedunlearn.rounds import FederationResult
 from server.pool import FlowerPool
 
@@ -47,7 +48,12 @@ def _python_path() -> list[str]:
     return [p for p in sys.path if p]
 
 
-def run_flower(config: Config, keep_replies: bool = False) -> tuple[FederationResult, FlowerPool]:
+def run_flower(
+    config: Config,
+    keep_replies: bool = False,
+    history: HistoryStore | None = None,
+    schedule: dict[int, list[str]] | None = None,
+) -> tuple[FederationResult, FlowerPool]:
     """Run the federation through Flower's simulation engine; returns the result and the pool
     (whose `replies_seen` holds every client reply when `keep_replies` is asked for)."""
     import ray
@@ -62,7 +68,9 @@ def run_flower(config: Config, keep_replies: bool = False) -> tuple[FederationRe
     start_ray(config.run.num_cpus)
     try:
         run_simulation(
-            server_app=make_server_app(config, lambda result, pool: outcome.append((result, pool)), keep_replies),
+            server_app=make_server_app(
+                config, lambda result, pool: outcome.append((result, pool)), keep_replies, history, schedule
+            ),
             client_app=client_app,
             num_supernodes=federation.n_clients,
             backend_config={"client_resources": {"num_cpus": config.run.client_cpus, "num_gpus": 0.0}},

@@ -50,6 +50,8 @@ def test_run_writes_a_complete_results_folder(tmp_path, capsys):
         (["--set", "data.dataset=netflix"], "data.dataset = 'netflix' is not valid"),
         (["--set", "model.dim=-3"], "model.dim must be > 0"),
         (["no-such-config.toml"], "not found"),
+        (["--drop", "99999@3"], "no client '99999'"),
+        (["--drop", "3@500"], "use a round from 2 to train.rounds"),
         (["--set", "data.dataset=csv", "--set", "data.path=/nonexistent/x.csv"], "/nonexistent/x.csv"),
     ],
 )

@@ -1,0 +1,147 @@
+"""Drop schedules, the update history and the unlearning methods on a small federation."""
+
+import numpy as np
+import pytest
+
+from fedunlearn.config import load_config
+from fedunlearn.engine import InProcessPool
+from fedunlearn.errors import FedUnlearnError
+from fedunlearn.federation import build_federation
+from fedunlearn.history import HistoryError, HistoryPolicy, HistoryStore
+from fedunlearn.progress import Progress
+from fedunlearn.rounds import FederatedServer
+from fedunlearn.schedule import build_schedule
+
+SMALL = [
+    "data.synthetic_users=24",
+    "data.synthetic_items=200",
+    "data.synthetic_interactions=12",
+    "data.test_negatives=19",
+    "model.dim=8",
+    "train.rounds=6",
+    "eval.every=2",
+]
+IDS = [str(i) for i in range(24)]
+
+
+def server_for(tmp_path, overrides, drop=""):
+    config = load_config(None, SMALL + overrides)
+    federation = build_federation(config.data, config.run.seed)
+    schedule = build_schedule(drop, "", federation.client_ids, config.train.rounds, config.run.seed)
+    history = HistoryStore(tmp_path / f"h{len(list(tmp_path.iterdir()))}.sqlite", HistoryPolicy(checkpoint_every=2))
+    pool = InProcessPool(config, federation)
+    server = FederatedServer(
+        config, federation.client_ids, federation.n_items, pool, Progress(1, False), history, schedule
+    )
+    return server, history, pool
+
+
+@pytest.mark.parametrize(
+    ("drop", "message"),
+    [
+        ("99@3", "no client '99'"),
+        ("3@7", "use a round from 2 to train.rounds (6)"),
+        ("3@1", "use a round from 2 to train.rounds (6)"),
+        ("3,4@3;4@5", "client '4' is dropped twice"),
+        ("3,4", "cannot read drop event '3,4'"),
+        ("3@x", "cannot read drop event '3@x'"),
+        (",@3", "empty client id"),
+        (";".join(f"{c}@3" for c in IDS), "removes all 24 clients"),
+    ],
+)
+def test_bad_schedules_give_one_line_errors(drop, message):
+    with pytest.raises(FedUnlearnError) as err:
+        build_schedule(drop, "", IDS, 6, 0)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_random_drops_are_seeded_and_avoid_clients_already_leaving():
+    first = build_schedule("3@4", "10%@4", IDS, 6, seed=1)
+    assert first == build_schedule("3@4", "10%@4", IDS, 6, seed=1)
+    assert len(first[4]) == 1 + 3 and first[4].count("3") == 1
+    assert build_schedule("", "10%@4", IDS, 6, seed=2) != build_schedule("", "10%@4", IDS, 6, seed=1)
+    with pytest.raises(FedUnlearnError, match="cannot read random drop"):
+        build_schedule("", "ten@4", IDS, 6, 0)
+
+
+def test_federaser_calibrated_updates_carry_the_stored_norms(tmp_path):
+    # SGD: an Adam first step is lr * sign(gradient), which would hide whether training really reran
+    server, history, _ = server_for(tmp_path, ["unlearn.method=federaser", "train.optimizer=sgd"], drop="3,7@6")
+    stored = {}
+    original_remove = server.remove
+
+    def remember_then_remove(round_number, leaving):
+        for checkpoint in history.checkpoint_rounds():
+            for client in history.participants(checkpoint):
+                stored[(checkpoint, client)] = (history.norms(checkpoint, client), history.update(checkpoint, client))
+        original_remove(round_number, leaving)
+
+    server.remove = remember_then_remove
+    server.run()
+    assert {c for c, _ in server.calibrations} == {3, 5}  # checkpoints after the first, before round 6
+    assert len(server.calibrations) == 2 * 22  # every retained participant, at each of them
+    for checkpoint, update in server.calibrations:
+        assert update.client_id not in {"3", "7"}
+        norms, original = stored[(checkpoint, update.client_id)]
+        for key, value in {**update.rows, **update.dense}.items():
+            assert np.linalg.norm(value) == pytest.approx(norms[key], rel=1e-5)
+        # the direction really comes from new training, not from the stored update
+        assert np.array_equal(update.item_ids, original.item_ids)  # same round, same client draws
+        change = np.abs(update.rows["item_emb"] - original.rows["item_emb"]).max()
+        assert change > 1e-3 * np.abs(original.rows["item_emb"]).max()
+
+
+def test_history_lookups_never_fall_back(tmp_path):
+    server, history, _ = server_for(tmp_path, [])
+    server.run()
+    assert history.norms(1, "5")  # keyed by the stable client id
+    with pytest.raises(HistoryError, match="client 17 at round 2"):
+        history.update(2, "17")  # round 2 is not a checkpoint round: nothing stored, and it says so
+    with pytest.raises(HistoryError, match="client nobody"):
+        history.norms(1, "nobody")
+
+
+@pytest.mark.parametrize("method", ["retrain", "federaser", "accum", "none"])
+def test_no_trace_of_removed_clients_remains(tmp_path, method):
+    server, history, pool = server_for(tmp_path, [f"unlearn.method={method}"], drop="3,7@4")
+    result = server.run()
+    assert not {"3", "7"} & history.client_ids()
+    assert 3 not in pool.user_state and 7 not in pool.user_state
+    assert {3, 7}.isdisjoint(server.active)
+    assert result.events[0]["clients"] == ["3", "7"] and result.events[0]["method"] == method
+    assert result.final["round"] == 6
+    # vacuumed: no free pages are left that could still hold their deleted rows
+    assert history.db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+
+
+def test_retrain_equals_a_fresh_run_configured_without_those_clients(tmp_path):
+    dropped, _, _ = server_for(tmp_path, ["unlearn.method=retrain"], drop="3,7@4")
+    fresh, _, _ = server_for(tmp_path, ['data.exclude_clients=["3","7"]'])
+    with_drop, without = dropped.run(), fresh.run()
+    for key in with_drop.shared:
+        np.testing.assert_array_equal(with_drop.shared[key], without.shared[key])
+    assert {k: v for k, v in with_drop.final.items() if k != "seconds"} == {
+        k: v for k, v in without.final.items() if k != "seconds"
+    }
+    assert with_drop.events[0]["client_epochs"] == 3 * 22  # rounds 1-3 again, 22 clients each
+
+
+def test_federaser_is_cheaper_than_retrain_and_none_keeps_the_model(tmp_path):
+    costs = {}
+    for method in ("retrain", "federaser", "none"):
+        server, _, _ = server_for(tmp_path, [f"unlearn.method={method}", "train.rounds=9"], drop="3@9")
+        before = {}
+        original = server.remove
+
+        def spy(round_number, leaving, server=server, original=original, before=before):
+            before.update(server.shared)
+            original(round_number, leaving)
+            before["after"] = server.shared
+
+        server.remove = spy
+        costs[method] = server.run().events[0]["client_epochs"]
+        if method == "none":
+            assert all(np.array_equal(before["after"][k], before[k]) for k in before["after"])
+    assert costs["retrain"] == 8 * 23
+    assert costs["federaser"] == 3 * 23 * 0.5  # checkpoints 3, 5, 7 at half an epoch
+    assert costs["none"] == 0
