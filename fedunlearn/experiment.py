@@ -64,6 +64,7 @@ def run_experiment(
                     "model": config.model.name,
                     "mode": config.run.mode,
                     "engine": config.run.engine if config.run.mode == "federated" else "-",
+                    "round": outcome.result.final.get("round", 0),
                     **metrics,
                     "seconds": outcome.info["seconds"],
                 }

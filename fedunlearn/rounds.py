@@ -182,15 +182,3 @@ class FederatedServer:
         result.shared = self.shared
         result.events = self.events
         return result
-
-
-def run_federation(
-    config: Config,
-    client_ids: list[str],
-    n_items: int,
-    pool: ClientPool,
-    progress: Progress,
-    history: HistoryStore | None = None,
-    schedule: dict[int, list[str]] | None = None,
-) -> FederationResult:
-    return FederatedServer(config, client_ids, n_items, pool, progress, history, schedule).run()

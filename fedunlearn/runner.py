@@ -11,7 +11,7 @@ from fedunlearn.config import Config
 from fedunlearn.federation import Federation, build_federation
 from fedunlearn.history import HistoryPolicy, HistoryStore
 from fedunlearn.progress import Progress
-from fedunlearn.rounds import FederationResult, run_federation
+from fedunlearn.rounds import FederatedServer, FederationResult
 from fedunlearn.schedule import build_schedule
 
 
@@ -79,7 +79,7 @@ def _federated(
             try:
                 pool = InProcessPool(config, federation)
                 ids, n_items = federation.client_ids, federation.n_items
-                result = run_federation(config, ids, n_items, pool, progress, history, schedule)
+                result = FederatedServer(config, ids, n_items, pool, progress, history, schedule).run()
             finally:
                 progress.close()
         if history is not None:

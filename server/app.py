@@ -15,7 +15,7 @@ from fedunlearn.config import Config, load_config
 from fedunlearn.federation import cached_federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.progress import Progress
-from fedunlearn.rounds import FederationResult, run_federation
+from fedunlearn.rounds import FederatedServer, FederationResult
 from server.pool import FlowerPool
 
 
@@ -30,7 +30,7 @@ def serve(
     federation = cached_federation(config.data, config.run.seed)
     pool = FlowerPool(grid, config, federation.n_clients, keep_replies)
     ids, n_items = federation.client_ids, federation.n_items
-    return run_federation(config, ids, n_items, pool, progress, history, schedule), pool
+    return FederatedServer(config, ids, n_items, pool, progress, history, schedule).run(), pool
 
 
 def make_server_app(

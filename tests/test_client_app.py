@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
+from helpers import TINY
 
 from clients.app import USER_STATE, app
 from fedunlearn.config import load_config
@@ -19,13 +20,7 @@ def task_identity():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 
 
-SMALL = [
-    "data.synthetic_users=10",
-    "data.synthetic_items=200",
-    "data.synthetic_interactions=10",
-    "data.test_negatives=19",
-    "model.dim=8",
-]
+SMALL = TINY
 
 
 def _context(partition: int) -> Context:

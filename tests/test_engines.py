@@ -4,20 +4,16 @@ import json
 
 import numpy as np
 import pytest
+from helpers import TINY
 
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool
 from fedunlearn.federation import build_federation
 from fedunlearn.messages import record_to_arrays
 from fedunlearn.progress import Progress
-from fedunlearn.rounds import run_federation
+from fedunlearn.rounds import FederatedServer
 
-SMALL = [
-    "data.synthetic_users=10",
-    "data.synthetic_items=200",
-    "data.synthetic_interactions=10",
-    "data.test_negatives=19",
-    "model.dim=8",
+SMALL = TINY + [
     "train.rounds=2",
     "eval.every=1",
     "train.fraction=0.5",
@@ -28,7 +24,8 @@ def run_inprocess(overrides):
     config = load_config(None, SMALL + overrides)
     federation = build_federation(config.data, config.run.seed)
     pool = InProcessPool(config, federation)
-    return run_federation(config, federation.client_ids, federation.n_items, pool, Progress(1, False)), pool
+    server = FederatedServer(config, federation.client_ids, federation.n_items, pool, Progress(1, False))
+    return server.run(), pool
 
 
 @pytest.mark.parametrize("model", ["mf", "ncf"])
