@@ -10,12 +10,13 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedunlearn.config import Config
-from fedunlearn.federated import init_user, local_evaluate, local_train
+from fedunlearn.federated import init_user, local_evaluate, local_membership, local_train
 from fedunlearn.federation import ClientData, cached_federation
 from fedunlearn.messages import (
     arrays_to_record,
     encode_evaluation,
     encode_identity,
+    encode_membership,
     encode_update,
     read_instruction,
     record_to_arrays,
@@ -64,6 +65,15 @@ def forget(msg: Message, context: Context) -> Message:
     if USER_STATE in context.state.array_records:
         del context.state[USER_STATE]
     return Message(encode_identity(data.client_id, data.index), reply_to=msg)
+
+
+@app.query("membership")
+def membership(msg: Message, context: Context) -> Message:
+    """Membership inference on this client's own interactions; only the AUC is sent."""
+    config, _, shared, _, data, model = _setup(msg, context)
+    user = _user(context, model, data, config.run.seed)
+    auc = local_membership(model, data, user, shared, resolve_device(config.run.device))
+    return Message(encode_membership(data.client_id, auc), reply_to=msg)
 
 
 @app.train()

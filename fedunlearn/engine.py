@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from fedunlearn.config import Config
-from fedunlearn.federated import ClientEvaluation, ClientUpdate, init_user, local_evaluate, local_train
+from fedunlearn.federated import (
+    ClientEvaluation,
+    ClientUpdate,
+    init_user,
+    local_evaluate,
+    local_membership,
+    local_train,
+)
 from fedunlearn.federation import Federation
 from fedunlearn.models import Arrays, build_model
 from fedunlearn.rounds import ProgressHook
@@ -40,6 +47,14 @@ class InProcessPool:
             updates.append(update)
             done(1)
         return updates
+
+    def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
+        return {
+            self.federation.client_ids[i]: local_membership(
+                self.model, self.federation.client(i), self._user(i), shared, self.device
+            )
+            for i in clients
+        }
 
     def forget(self, clients: list[int]) -> None:
         """Delete these clients' private state (a later call starts them afresh)."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 from fedunlearn.config import Config
 from fedunlearn.federation import ClientData
@@ -140,6 +141,20 @@ def local_evaluate(
         return model.score(user_t, rows, dense_t).cpu().numpy()
 
     return rank_held_out(data, score, config.eval.full_ranking)
+
+
+@torch.no_grad()
+def local_membership(model: SplitModel, data: ClientData, user: Arrays, shared: Arrays, device: torch.device) -> float:
+    """Membership inference on the client's own interactions: the AUC of the model's scores for its
+    training items (members) against its sampled never-seen items (non-members). Run by a leaving
+    client on the model after unlearning; only this number leaves the device."""
+    user_t = _tensors(user, device, grad=False)
+    dense_t = _tensors({key: shared[key] for key in model.dense_keys(shared)}, device, grad=False)
+    items = np.concatenate([data.train_items, data.test_negatives])
+    rows = {key: torch.tensor(shared[key][items], device=device) for key in model.row_keys}
+    scores = model.score(user_t, rows, dense_t).cpu().numpy()
+    labels = np.r_[np.ones(len(data.train_items)), np.zeros(len(data.test_negatives))]
+    return float(roc_auc_score(labels, scores))
 
 
 def rank_held_out(data: ClientData, score: Callable[[np.ndarray], np.ndarray], full_ranking: bool) -> ClientEvaluation:

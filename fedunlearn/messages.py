@@ -17,6 +17,7 @@ from fedunlearn.models import Arrays
 
 WHOAMI = "query.whoami"
 FORGET = "query.forget"
+MEMBERSHIP = "query.membership"
 
 
 def arrays_to_record(arrays: Arrays) -> ArrayRecord:
@@ -101,3 +102,11 @@ def encode_identity(client_id: str, index: int) -> RecordDict:
 def decode_identity(content: RecordDict) -> tuple[str, int]:
     meta = content.config_records["meta"]
     return str(meta["client-id"]), int(meta["index"])
+
+
+def encode_membership(client_id: str, auc: float) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord({"membership-auc": auc}), "meta": _meta(client_id)})
+
+
+def decode_membership(content: RecordDict) -> tuple[str, float]:
+    return client_id_of(content), float(content.metric_records["metrics"]["membership-auc"])

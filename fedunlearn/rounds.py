@@ -35,6 +35,8 @@ class ClientPool(Protocol):
 
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]: ...
 
+    def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]: ...
+
     def forget(self, clients: list[int]) -> None: ...
 
 
@@ -44,7 +46,8 @@ class FederationResult:
     final: dict[str, float] = field(default_factory=dict)
     shared: Arrays = field(default_factory=dict)
     round_ends: list[float] = field(default_factory=list)  # wall-clock time.time() at the end of each round
-    events: list[dict[str, Any]] = field(default_factory=list)  # drop events: who, when, method, cost
+    events: list[dict[str, Any]] = field(default_factory=list)  # drop events: who, when, method, cost, audit
+    unlearned: Arrays = field(default_factory=dict)  # shared parameters right after the last unlearning
 
 
 def _by_client(reply: ClientUpdate | ClientEvaluation) -> str:
@@ -111,6 +114,7 @@ class FederatedServer:
         self.client_epochs = 0.0
         self.events: list[dict[str, Any]] = []
         self.calibrations: list[tuple[int, ClientUpdate]] = []  # FedEraser's calibrated updates, for audits
+        self.unlearned: Arrays = {}  # the shared parameters right after the last unlearning event
 
     def sample(self, round_number: int) -> list[int]:
         ids = [self.client_ids[i] for i in self.active]
@@ -143,6 +147,8 @@ class FederatedServer:
         self.active = [i for i in self.active if i not in set(forgotten)]
         started, epochs_before = time.perf_counter(), self.client_epochs
         self.shared = unlearn(self, round_number, forgotten)
+        seconds, client_epochs = time.perf_counter() - started, self.client_epochs - epochs_before
+        membership = self.pool.membership(forgotten, self.shared)  # before their state is deleted
         self.pool.forget(forgotten)
         if self.history is not None:
             self.history.forget(leaving)
@@ -151,10 +157,13 @@ class FederatedServer:
                 "round": round_number,
                 "clients": leaving,
                 "method": self.config.unlearn.method,
-                "seconds": time.perf_counter() - started,
-                "client_epochs": self.client_epochs - epochs_before,
+                "seconds": seconds,
+                "client_epochs": client_epochs,
+                "after": self.evaluate(),  # retained users, on the model right after unlearning
+                "MIA_AUC": float(np.mean(list(membership.values()))),
             }
         )
+        self.unlearned = {key: value.copy() for key, value in self.shared.items()}
 
     def run(self) -> FederationResult:
         result = FederationResult()
@@ -181,4 +190,5 @@ class FederatedServer:
         result.final = select_final(result.rounds, self.config.eval.select)
         result.shared = self.shared
         result.events = self.events
+        result.unlearned = self.unlearned
         return result

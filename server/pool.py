@@ -12,7 +12,16 @@ from flwr.serverapp import Grid
 
 from fedunlearn.config import Config
 from fedunlearn.federated import ClientEvaluation, ClientUpdate
-from fedunlearn.messages import FORGET, WHOAMI, decode_evaluation, decode_identity, decode_update, instruction
+from fedunlearn.messages import (
+    FORGET,
+    MEMBERSHIP,
+    WHOAMI,
+    decode_evaluation,
+    decode_identity,
+    decode_membership,
+    decode_update,
+    instruction,
+)
 from fedunlearn.models import Arrays
 from fedunlearn.rounds import ProgressHook
 
@@ -88,6 +97,10 @@ class FlowerPool:
     ) -> list[ClientUpdate]:
         replies = self._send(MessageType.TRAIN, round_number, clients, shared, done, epochs)
         return [decode_update(reply.content) for reply in replies]
+
+    def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
+        replies = self._send(MEMBERSHIP, 0, clients, shared, lambda _: None)
+        return dict(decode_membership(reply.content) for reply in replies)
 
     def forget(self, clients: list[int]) -> None:
         self._send(FORGET, 0, clients, None, lambda _: None)
