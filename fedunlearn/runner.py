@@ -59,7 +59,7 @@ def schedule_and_history(
     )
     if not schedule:
         return schedule, None
-    policy = HistoryPolicy(checkpoint_every=unlearn.dt, alpha=unlearn.alpha)
+    policy = HistoryPolicy(checkpoint_every=unlearn.dt, compact=unlearn.method == "fru", alpha=unlearn.alpha)
     return schedule, HistoryStore(folder / "history.sqlite", policy)
 
 

@@ -28,7 +28,8 @@ def server_for(tmp_path, overrides, drop=""):
     config = load_config(None, SMALL + overrides)
     federation = build_federation(config.data, config.run.seed)
     schedule = build_schedule(drop, "", federation.client_ids, config.train.rounds, config.run.seed)
-    history = HistoryStore(tmp_path / f"h{len(list(tmp_path.iterdir()))}.sqlite", HistoryPolicy(checkpoint_every=2))
+    policy = HistoryPolicy(checkpoint_every=2, compact=config.unlearn.method == "fru")
+    history = HistoryStore(tmp_path / f"h{len(list(tmp_path.iterdir()))}.sqlite", policy)
     pool = InProcessPool(config, federation)
     server = FederatedServer(
         config, federation.client_ids, federation.n_items, pool, Progress(1, False), history, schedule
@@ -101,7 +102,7 @@ def test_history_lookups_never_fall_back(tmp_path):
         history.norms(1, "nobody")
 
 
-@pytest.mark.parametrize("method", ["retrain", "federaser", "accum", "none"])
+@pytest.mark.parametrize("method", ["retrain", "federaser", "fru", "accum", "none"])
 def test_no_trace_of_removed_clients_remains(tmp_path, method):
     server, history, pool = server_for(tmp_path, [f"unlearn.method={method}"], drop="3,7@4")
     result = server.run()
@@ -145,3 +146,22 @@ def test_federaser_is_cheaper_than_retrain_and_none_keeps_the_model(tmp_path):
     assert costs["retrain"] == 8 * 23
     assert costs["federaser"] == 3 * 23 * 0.5  # checkpoints 3, 5, 7 at half an epoch
     assert costs["none"] == 0
+
+
+def test_fru_replays_every_round_at_lam_epochs_and_matches_stored_aggregate_norms(tmp_path):
+    server, history, _ = server_for(tmp_path, ["unlearn.method=fru", "unlearn.lam=0.5"], drop="3@5")
+    result = server.run()
+    assert result.events[0]["client_epochs"] == 4 * 23 * 0.5  # rounds 1-4 replayed at half an epoch
+    assert history.update(4, "5", "compact").item_ids.size < history.update(3, "5", "full").item_ids.size
+    assert 0.0 <= result.events[0]["MIA_AUC"] <= 1.0 and "HR@10" in result.events[0]["after"]
+
+
+def test_compact_update_keeps_the_rows_that_changed_most():
+    from fedunlearn.federated import ClientUpdate
+    from fedunlearn.history import compact_update
+
+    rows = np.array([[0.1, 0], [3, 4], [0, 0.2], [1, 1]], np.float32)
+    update = ClientUpdate("u", 4, np.array([2, 5, 7, 9]), {"item_emb": rows}, {}, 0.0)
+    kept = compact_update(update, alpha=0.5)
+    np.testing.assert_array_equal(kept.item_ids, [5, 9])
+    np.testing.assert_array_equal(kept.rows["item_emb"], rows[[1, 3]])
