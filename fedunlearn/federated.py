@@ -32,6 +32,7 @@ class ClientUpdate:
     rows: Arrays  # row table name -> (k, d) change of those rows
     dense: Arrays  # dense array name -> change
     loss: float
+    epochs: float = 0.0  # epochs actually trained: minibatches run / minibatches in one epoch
 
 
 @dataclass
@@ -119,6 +120,7 @@ def local_train(
         rows={key: new_rows[key] - shared[key][touched] for key in model.row_keys},
         dense={key: new_dense[key] - shared[key] for key in dense_keys},
         loss=total_loss / len(batches),
+        epochs=len(batches) / math.ceil(n_pos / train.batch_size),
     )
     return update, _numpy(user_t)
 

@@ -62,7 +62,9 @@ def encode_update(update: ClientUpdate) -> RecordDict:
     return RecordDict(
         {
             "update": arrays_to_record(arrays),
-            "metrics": MetricRecord({"num-examples": update.num_examples, "loss": update.loss}),
+            "metrics": MetricRecord(
+                {"num-examples": update.num_examples, "loss": update.loss, "epochs": update.epochs}
+            ),
             "meta": _meta(update.client_id),
         }
     )
@@ -78,6 +80,7 @@ def decode_update(content: RecordDict) -> ClientUpdate:
         rows={key[5:]: value for key, value in arrays.items() if key.startswith("rows.")},
         dense={key[6:]: value for key, value in arrays.items() if key.startswith("dense.")},
         loss=float(metrics["loss"]),
+        epochs=float(metrics["epochs"]),
     )
 
 

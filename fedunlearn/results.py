@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import tomli_w
 
@@ -49,6 +50,8 @@ def write_run(folder: str | Path, config: Config, result: FederationResult, info
     final = {"engine": config.run.engine, "mode": config.run.mode, **(info or {}), "metrics": result.final}
     (folder / "final.json").write_text(json.dumps(final, indent=2) + "\n")
     (folder / "summary.md").write_text(summary_markdown(config, result, info or {}))
+    if result.unlearned:
+        np.savez_compressed(folder / "unlearned.npz", **result.unlearned)
 
 
 def summary_markdown(config: Config, result: FederationResult, info: dict[str, Any]) -> str:

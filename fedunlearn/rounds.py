@@ -130,7 +130,7 @@ class FederatedServer:
         updates = sorted(
             self.pool.train(round_number, clients, shared, self.progress.client_done, epochs), key=_by_client
         )
-        self.client_epochs += len(clients) * (self.config.train.local_epochs if epochs is None else epochs)
+        self.client_epochs += sum(u.epochs for u in updates)
         if record and self.history is not None:
             self.history.record_round(round_number, shared, updates)
         return aggregate(self.model, shared, updates, self.config.train.server_lr), updates

@@ -103,3 +103,28 @@ def test_console_script_exit_code_for_unknown_dataset(tmp_path):
     )
     assert proc.returncode == 2
     assert "unknown dataset 'movielens-9m'" in proc.stderr
+
+
+def test_unlearning_experiment_compares_every_method_with_retrain(tmp_path):
+    spec = tmp_path / "unlearn.toml"
+    spec.write_text(
+        "seeds = [0, 1]\n[base]\n"
+        '"data.synthetic_users" = 20\n"data.synthetic_items" = 80\n"data.synthetic_interactions" = 10\n'
+        '"data.test_negatives" = 30\n"model.dim" = 8\n"train.rounds" = 5\n"eval.every" = 5\n"unlearn.drop" = "3,4@3"\n'
+        '[[setting]]\nname = "retrain"\nset = { "unlearn.method" = "retrain" }\n'
+        '[[setting]]\nname = "federaser"\nset = { "unlearn.method" = "federaser" }\n'
+        '[[setting]]\nname = "none"\nset = { "unlearn.method" = "none" }\n'
+    )
+    out = tmp_path / "u"
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet"]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 6 and sorted(runs["seed"].unique()) == [0, 1]
+    table = pd.read_csv(out / "table.csv").set_index("setting")
+    assert list(table.index) == ["retrain", "federaser", "none"]
+    for column in ("HR@10", "NDCG@10", "MIA_AUC", "speedup", "history_bytes", "L2_to_retrain", "HR@10_std"):
+        assert column in table.columns
+    assert table.loc["retrain", "speedup"] == 1.0 and table.loc["retrain", "L2_to_retrain"] == 0.0
+    assert table.loc["federaser", "speedup"] > 1.0 and table.loc["federaser", "L2_to_retrain"] > 0.0
+    assert table.loc["none", "L2_to_retrain"] > 0.0 and table.loc["none", "speedup"] == float("inf")
+    assert (out / "federaser" / "seed1" / "history.sqlite").exists()
+    assert "±" in (out / "table.md").read_text()

@@ -130,7 +130,8 @@ def test_retrain_equals_a_fresh_run_configured_without_those_clients(tmp_path):
 def test_federaser_is_cheaper_than_retrain_and_none_keeps_the_model(tmp_path):
     costs = {}
     for method in ("retrain", "federaser", "none"):
-        server, _, _ = server_for(tmp_path, [f"unlearn.method={method}", "train.rounds=9"], drop="3@9")
+        overrides = [f"unlearn.method={method}", "train.rounds=9", "train.batch_size=1"]
+        server, _, _ = server_for(tmp_path, overrides, drop="3@9")
         before = {}
         original = server.remove
 
@@ -144,14 +145,16 @@ def test_federaser_is_cheaper_than_retrain_and_none_keeps_the_model(tmp_path):
         if method == "none":
             assert all(np.array_equal(before["after"][k], before[k]) for k in before["after"])
     assert costs["retrain"] == 8 * 23
-    assert costs["federaser"] == 3 * 23 * 0.5  # checkpoints 3, 5, 7 at half an epoch
+    # checkpoints 3, 5, 7 at half an epoch (counted as minibatches run: 0.5 of an odd count rounds)
+    assert costs["federaser"] == pytest.approx(3 * 23 * 0.5, rel=0.08)
     assert costs["none"] == 0
 
 
 def test_fru_replays_every_round_at_lam_epochs_and_matches_stored_aggregate_norms(tmp_path):
-    server, history, _ = server_for(tmp_path, ["unlearn.method=fru", "unlearn.lam=0.5"], drop="3@5")
+    overrides = ["unlearn.method=fru", "unlearn.lam=0.5", "train.batch_size=1"]
+    server, history, _ = server_for(tmp_path, overrides, drop="3@5")
     result = server.run()
-    assert result.events[0]["client_epochs"] == 4 * 23 * 0.5  # rounds 1-4 replayed at half an epoch
+    assert result.events[0]["client_epochs"] == pytest.approx(4 * 23 * 0.5, rel=0.08)  # rounds 1-4, half an epoch
     assert history.update(4, "5", "compact").item_ids.size < history.update(3, "5", "full").item_ids.size
     assert 0.0 <= result.events[0]["MIA_AUC"] <= 1.0 and "HR@10" in result.events[0]["after"]
 

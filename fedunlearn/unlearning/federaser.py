@@ -56,7 +56,7 @@ def federaser(server: FederatedServer, round_number: int, forgotten: list[int]) 
         else:
             positions = [server.position[c] for c in participants]
             fresh = server.pool.train(checkpoint, positions, shared, server.progress.client_done, epochs)
-            server.client_epochs += len(positions) * epochs
+            server.client_epochs += sum(u.epochs for u in fresh)
             updates = [calibrate(u, history.norms(checkpoint, u.client_id)) for u in fresh]
             server.calibrations.extend((checkpoint, u) for u in updates)
             for update in updates:

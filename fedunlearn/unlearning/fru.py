@@ -39,7 +39,7 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
             continue
         positions = [server.position[c] for c in participants]
         fresh = server.pool.train(replayed, positions, shared, server.progress.client_done, epochs)
-        server.client_epochs += len(positions) * epochs
+        server.client_epochs += sum(u.epochs for u in fresh)
         stored = [history.update(replayed, c, COMPACT) for c in participants]
         new_step = aggregate_delta(server.model, shared, fresh, server_lr)
         stored_step = aggregate_delta(server.model, shared, stored, server_lr)
