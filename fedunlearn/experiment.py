@@ -1,7 +1,8 @@
 """`fedunlearn experiment FILE.toml`: a table's worth of settings, one row each.
 
-File format: an optional `seeds = [0, 1, 2]` (every setting once per seed), an optional `[base]` table of `section.key = value` settings shared by every row, then
-one `[[setting]]` per row with a `name` and its own `set` table, e.g.
+File format: an optional `seeds = [0, 1, 2]` (every setting once per seed), an optional `[base]`
+table of `section.key = value` settings shared by every row, then one `[[setting]]` per row with
+a `name` and its own `set` table, e.g.
 
     [base]
     "data.dataset" = "ml-100k"
