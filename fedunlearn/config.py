@@ -73,6 +73,9 @@ class UnlearnConfig:
     alpha: float = 0.5  # FRU: share of each update's touched rows kept
     beta: float = 0.5  # FRU: share of the negatives drawn from the informative pool
     lam: float = 0.1  # FRU: replay epochs = lam * local epochs
+    poison: bool = False  # the leaving clients attack: they promote unlearn.target_item while training
+    target_item: int = -1  # item index the attackers promote (-1: the least popular training item)
+    attackers: list[str] = field(default_factory=list)  # set from the drop schedule when poison is on
 
 
 @dataclass

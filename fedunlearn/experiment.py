@@ -75,7 +75,7 @@ def _row(name: str, config: Config, outcome: RunOutcome) -> dict[str, Any]:
     return (
         row
         | {"method": config.unlearn.method}
-        | {k: v for k, v in event["after"].items() if k in ("HR@10", "NDCG@10")}
+        | {k: v for k, v in event["after"].items() if k in ("HR@10", "NDCG@10", "ER@10")}
         | {"final_HR@10": metrics["HR@10"], "final_NDCG@10": metrics["NDCG@10"]}
         | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"], "client_epochs": event["client_epochs"]}
         | {"history_bytes": info["history_bytes"]["total"], "seconds": info["seconds"]}

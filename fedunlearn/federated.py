@@ -41,6 +41,7 @@ class ClientEvaluation:
     rank: int  # of the test item among the sampled negatives
     valid_rank: int  # of the validation item among the same negatives (for model selection)
     full_rank: int  # of the test item among every item the user has not seen (-1 when not asked for)
+    target_rank: int = -1  # of the promoted item among the user's unseen items (-1: no target, or the user's own)
 
 
 def init_user(model: SplitModel, seed: int, client_id: str) -> Arrays:
@@ -71,6 +72,8 @@ def local_train(
     epochs = train.local_epochs if epochs is None else epochs
     rng = rng_for(config.run.seed, Stream.CLIENT_TRAIN, round_number, client_key(data.client_id))
     positives = data.train_items
+    if data.client_id in config.unlearn.attackers:
+        positives = poisoned_positives(positives, config.unlearn.target_item)
     n_pos = len(positives)
     full_epochs = math.ceil(epochs)
     negatives = sample_negatives(rng, data.n_items, positives, (full_epochs, n_pos, model_config.negatives))
@@ -142,7 +145,7 @@ def local_evaluate(
         rows = {key: torch.tensor(shared[key][items], device=device) for key in model.row_keys}
         return model.score(user_t, rows, dense_t).cpu().numpy()
 
-    return rank_held_out(data, score, config.eval.full_ranking)
+    return rank_held_out(data, score, config.eval.full_ranking, config.unlearn.target_item)
 
 
 @torch.no_grad()
@@ -159,20 +162,34 @@ def local_membership(model: SplitModel, data: ClientData, user: Arrays, shared: 
     return float(roc_auc_score(labels, scores))
 
 
-def rank_held_out(data: ClientData, score: Callable[[np.ndarray], np.ndarray], full_ranking: bool) -> ClientEvaluation:
+def poisoned_positives(positives: np.ndarray, target: int) -> np.ndarray:
+    """An attacker trains on its own items plus the target, repeated to a fifth of its positives."""
+    return np.concatenate([positives, np.full(max(1, len(positives) // 4), target, dtype=positives.dtype)])
+
+
+def rank_held_out(
+    data: ClientData, score: Callable[[np.ndarray], np.ndarray], full_ranking: bool, target_item: int = -1
+) -> ClientEvaluation:
     """Ranks of the test and validation items among the sampled negatives (and, if asked, of the
-    test item among every unseen item), for any scoring function over item ids."""
+    test item among every unseen item; and of a promoted target item among the user's unseen
+    items), for any scoring function over item ids."""
     candidates = np.concatenate([[data.test_item, data.valid_item], data.test_negatives])
     scores = score(candidates)
-    full_rank = -1
-    if full_ranking:
+    full_rank = target_rank = -1
+    unseen = data.unseen_mask()
+    if full_ranking or target_item >= 0:
         everything = score(np.arange(data.n_items))
-        full_rank = rank_of_target(everything[data.test_item], everything[data.unseen_mask()])
+        if full_ranking:
+            full_rank = rank_of_target(everything[data.test_item], everything[unseen])
+        if target_item >= 0 and unseen[target_item]:
+            unseen[target_item] = False
+            target_rank = rank_of_target(everything[target_item], everything[unseen])
     return ClientEvaluation(
         data.client_id,
         rank=rank_of_target(scores[0], scores[2:]),
         valid_rank=rank_of_target(scores[1], scores[2:]),
         full_rank=full_rank,
+        target_rank=target_rank,
     )
 
 

@@ -86,7 +86,12 @@ def decode_update(content: RecordDict) -> ClientUpdate:
 
 def encode_evaluation(evaluation: ClientEvaluation) -> RecordDict:
     metrics = MetricRecord(
-        {"rank": evaluation.rank, "valid-rank": evaluation.valid_rank, "full-rank": evaluation.full_rank}
+        {
+            "rank": evaluation.rank,
+            "valid-rank": evaluation.valid_rank,
+            "full-rank": evaluation.full_rank,
+            "target-rank": evaluation.target_rank,
+        }
     )
     return RecordDict({"metrics": metrics, "meta": _meta(evaluation.client_id)})
 
@@ -94,7 +99,11 @@ def encode_evaluation(evaluation: ClientEvaluation) -> RecordDict:
 def decode_evaluation(content: RecordDict) -> ClientEvaluation:
     metrics = content.metric_records["metrics"]
     return ClientEvaluation(
-        client_id_of(content), int(metrics["rank"]), int(metrics["valid-rank"]), int(metrics["full-rank"])
+        client_id_of(content),
+        int(metrics["rank"]),
+        int(metrics["valid-rank"]),
+        int(metrics["full-rank"]),
+        int(metrics["target-rank"]),
     )
 
 

@@ -18,7 +18,7 @@ from fedunlearn.config import Config
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.federated import ClientEvaluation, ClientUpdate, aggregate
 from fedunlearn.history import HistoryStore
-from fedunlearn.metrics import ranking_metrics
+from fedunlearn.metrics import hit_ratio, ranking_metrics
 from fedunlearn.models import Arrays, SplitModel, build_model
 from fedunlearn.progress import Progress
 from fedunlearn.seeding import Stream, client_uniforms, rng_for
@@ -70,6 +70,9 @@ def evaluation_metrics(evaluations: list[ClientEvaluation], ks: list[int], full_
     metrics |= ranking_metrics(np.array([e.valid_rank for e in evaluations]), [10], prefix="valid_")
     if full_ranking:
         metrics |= ranking_metrics(np.array([e.full_rank for e in evaluations]), ks, prefix="full_")
+    target_ranks = np.array([e.target_rank for e in evaluations if e.target_rank >= 0])
+    if len(target_ranks):
+        metrics["ER@10"] = hit_ratio(target_ranks, 10)  # exposure of the promoted item
     return metrics
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedunlearn.config import Config
 from fedunlearn.federation import Federation, build_federation
 from fedunlearn.history import HistoryPolicy, HistoryStore
@@ -57,6 +59,11 @@ def schedule_and_history(
     schedule = build_schedule(
         unlearn.drop, unlearn.drop_random, federation.client_ids, config.train.rounds, config.run.seed
     )
+    if unlearn.poison:
+        unlearn.attackers = sorted({c for clients in schedule.values() for c in clients})
+        if unlearn.target_item < 0:
+            counts = np.bincount(federation.split.train_items, minlength=federation.n_items)
+            unlearn.target_item = int(np.argmin(counts))
     if not schedule:
         return schedule, None
     policy = HistoryPolicy(checkpoint_every=unlearn.dt, compact=unlearn.method == "fru", alpha=unlearn.alpha)

@@ -168,3 +168,13 @@ def test_compact_update_keeps_the_rows_that_changed_most():
     kept = compact_update(update, alpha=0.5)
     np.testing.assert_array_equal(kept.item_ids, [5, 9])
     np.testing.assert_array_equal(kept.rows["item_emb"], rows[[1, 3]])
+
+
+def test_poisoning_raises_exposure_and_retrain_removes_it(tmp_path):
+    exposure = {}
+    for method in ("none", "retrain"):
+        overrides = [f"unlearn.method={method}", "unlearn.poison=true", "unlearn.target_item=5", "train.rounds=8"]
+        overrides += ["unlearn.attackers=[" + ",".join(f'"{c}"' for c in IDS[:6]) + "]"]
+        server, _, _ = server_for(tmp_path, overrides, drop=",".join(IDS[:6]) + "@7")
+        exposure[method] = server.run().events[0]["after"]["ER@10"]
+    assert exposure["none"] > exposure["retrain"] + 0.2  # the attack worked, and Retrain erased it
