@@ -94,7 +94,9 @@ class HistoryStore:
     def __init__(self, path: str | Path, policy: HistoryPolicy) -> None:
         self.path = Path(path)
         self.policy = policy
-        self.db = sqlite3.connect(self.path)
+        # the ServerApp may run in another thread than the one that opened the store (run_simulation);
+        # it is only ever used by one thread at a time
+        self.db = sqlite3.connect(self.path, check_same_thread=False)
         self.db.executescript(self.SCHEMA)
 
     def close(self) -> None:

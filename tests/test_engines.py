@@ -81,3 +81,24 @@ def test_client_sampling_does_not_depend_on_who_else_is_in_the_federation():
     assert {fewer[i] for i in sample_clients(3, 7, fewer, 0.25)} == full - {"5", "17", "200"}
     assert {ids[i] for i in sample_clients(3, 8, ids, 0.25)} != full  # a new round, a new sample
     assert sample_clients(3, 7, ids, 1.0) == list(range(400))
+
+
+@pytest.mark.flower
+def test_unlearning_runs_its_calibration_through_flower_with_the_same_numbers(tmp_path):
+    from fedunlearn.history import HistoryPolicy, HistoryStore
+    from server.simulation import run_flower
+
+    overrides = ["unlearn.method=federaser", "train.rounds=5", "eval.every=5", "train.fraction=1"]
+    config = load_config(None, SMALL + overrides)
+    federation = build_federation(config.data, config.run.seed)
+    schedule = {4: [federation.client_ids[2]]}
+    pool = InProcessPool(config, federation)
+    history = HistoryStore(tmp_path / "a.sqlite", HistoryPolicy())
+    args = (config, federation.client_ids, federation.n_items, pool, Progress(1, False), history, schedule)
+    expected = FederatedServer(*args).run()
+    result, _ = run_flower(config, history=HistoryStore(tmp_path / "b.sqlite", HistoryPolicy()), schedule=schedule)
+    for key in expected.shared:
+        np.testing.assert_array_equal(result.shared[key], expected.shared[key])
+    assert result.events[0]["after"] == expected.events[0]["after"]
+    assert result.events[0]["MIA_AUC"] == expected.events[0]["MIA_AUC"]
+    assert result.events[0]["client_epochs"] == expected.events[0]["client_epochs"]
