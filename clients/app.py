@@ -33,6 +33,7 @@ class Task(NamedTuple):
     round_number: int
     shared: Arrays | None
     epochs: float | None
+    ascent: bool
     data: ClientData
     model: SplitModel
 
@@ -40,10 +41,11 @@ class Task(NamedTuple):
 def _setup(msg: Message, context: Context) -> Task:
     """Decode the instruction and find this node's own data by its partition id."""
     torch.set_num_threads(1)
-    config, round_number, shared, epochs = read_instruction(msg.content)
+    config, round_number, shared, epochs, ascent = read_instruction(msg.content)
     federation = cached_federation(config.data, config.run.seed)
     data = federation.client(int(context.node_config["partition-id"]))
-    return Task(config, round_number, shared, epochs, data, build_model(config.model, federation.n_items))
+    model = build_model(config.model, federation.n_items)
+    return Task(config, round_number, shared, epochs, ascent, data, model)
 
 
 def _user(context: Context, model: SplitModel, data: ClientData, seed: int) -> Arrays:
@@ -70,7 +72,7 @@ def forget(msg: Message, context: Context) -> Message:
 @app.query("membership")
 def membership(msg: Message, context: Context) -> Message:
     """Membership inference on this client's own interactions; only the AUC is sent."""
-    config, _, shared, _, data, model = _setup(msg, context)
+    config, _, shared, _, _, data, model = _setup(msg, context)
     user = _user(context, model, data, config.run.seed)
     auc = local_membership(model, data, user, shared, resolve_device(config.run.device))
     return Message(encode_membership(data.client_id, auc), reply_to=msg)
@@ -78,17 +80,17 @@ def membership(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config, round_number, shared, epochs, data, model = _setup(msg, context)
+    config, round_number, shared, epochs, ascent, data, model = _setup(msg, context)
     user = _user(context, model, data, config.run.seed)
     device = resolve_device(config.run.device)
-    update, user = local_train(model, data, user, shared, config, round_number, device, epochs)
+    update, user = local_train(model, data, user, shared, config, round_number, device, epochs, ascent)
     context.state[USER_STATE] = arrays_to_record(user)
     return Message(encode_update(update), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, _, shared, _, data, model = _setup(msg, context)
+    config, _, shared, _, _, data, model = _setup(msg, context)
     user = _user(context, model, data, config.run.seed)
     evaluation = local_evaluate(model, data, user, shared, config, resolve_device(config.run.device))
     return Message(encode_evaluation(evaluation), reply_to=msg)

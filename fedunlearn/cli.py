@@ -28,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="results folder to create (default: results/run-<time>)")
     run.add_argument("--drop", help='clients leave and ask to be forgotten, e.g. "12,57@20;3@30"')
     run.add_argument("--drop-random", help='seeded random drops, e.g. "5%%@20" or "7@20"')
-    run.add_argument("--method", choices=["retrain", "federaser", "fru", "accum", "none"], help="unlearning method")
+    run.add_argument(
+        "--method", choices=["retrain", "federaser", "fru", "accum", "ascent", "none"], help="unlearning method"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     experiment = commands.add_parser("experiment", help="run every setting of an experiment file into one table")

@@ -65,7 +65,7 @@ class EvalConfig:
 
 @dataclass
 class UnlearnConfig:
-    method: str = "none"  # retrain | federaser | fru | accum | none
+    method: str = "none"  # retrain | federaser | fru | accum | ascent | none
     drop: str = ""  # e.g. "12,57@20;3@30": clients leave before that round and ask to be forgotten
     drop_random: str = ""  # e.g. "5%@20" or "7@20": seeded choice among the clients still present
     dt: int = 2  # FedEraser: checkpoint every dt rounds
@@ -111,7 +111,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
     "run.mode": ("federated", "central", "popularity"),
     "eval.select": ("last", "best_valid"),
-    "unlearn.method": ("retrain", "federaser", "fru", "accum", "none"),
+    "unlearn.method": ("retrain", "federaser", "fru", "accum", "ascent", "none"),
 }
 
 POSITIVE = {

@@ -36,13 +36,19 @@ class InProcessPool:
         return self.user_state[index]
 
     def train(
-        self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook, epochs: float | None = None
+        self,
+        round_number: int,
+        clients: list[int],
+        shared: Arrays,
+        done: ProgressHook,
+        epochs: float | None = None,
+        ascent: bool = False,
     ) -> list[ClientUpdate]:
         updates = []
         for index in clients:
             data = self.federation.client(index)
             update, self.user_state[index] = local_train(
-                self.model, data, self._user(index), shared, self.config, round_number, self.device, epochs
+                self.model, data, self._user(index), shared, self.config, round_number, self.device, epochs, ascent
             )
             updates.append(update)
             done(1)

@@ -65,6 +65,7 @@ def local_train(
     round_number: int,
     device: torch.device,
     epochs: float | None = None,
+    ascent: bool = False,
 ) -> tuple[ClientUpdate, Arrays]:
     """Local minibatch training for `epochs` (default: train.local_epochs; a fraction runs that share
     of an epoch's minibatches); returns the upload and the client's new user part."""
@@ -106,7 +107,9 @@ def local_train(
             model.score(user_t, pos_rows, dense_t),
             model.score(user_t, neg_rows, dense_t),
         )
-        if train.weight_decay:
+        if ascent:  # unlearning by gradient ascent: climb this client's own loss
+            loss = -loss
+        elif train.weight_decay:
             embeddings = [*user_t.values(), *pos_rows.values(), *neg_rows.values()]
             loss = loss + train.weight_decay * sum((e**2).sum() for e in embeddings) / len(batch)
         optimizer.zero_grad()

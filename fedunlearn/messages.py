@@ -29,9 +29,13 @@ def record_to_arrays(record: ArrayRecord) -> Arrays:
 
 
 def instruction(
-    config: Config, round_number: int = 0, shared: Arrays | None = None, epochs: float | None = None
+    config: Config,
+    round_number: int = 0,
+    shared: Arrays | None = None,
+    epochs: float | None = None,
+    ascent: bool = False,
 ) -> RecordDict:
-    task = {"config": json.dumps(config.to_dict()), "round": round_number}
+    task = {"config": json.dumps(config.to_dict()), "round": round_number, "ascent": ascent}
     if epochs is not None:
         task["epochs"] = float(epochs)
     content = RecordDict({"task": ConfigRecord(task)})
@@ -40,11 +44,12 @@ def instruction(
     return content
 
 
-def read_instruction(content: RecordDict) -> tuple[Config, int, Arrays | None, float | None]:
+def read_instruction(content: RecordDict) -> tuple[Config, int, Arrays | None, float | None, bool]:
     task = content.config_records["task"]
     shared = record_to_arrays(content.array_records["shared"]) if "shared" in content.array_records else None
     epochs = float(task["epochs"]) if "epochs" in task else None
-    return config_from_dict(json.loads(str(task["config"]))), int(task["round"]), shared, epochs
+    config = config_from_dict(json.loads(str(task["config"])))
+    return config, int(task["round"]), shared, epochs, bool(task["ascent"])
 
 
 def _meta(client_id: str, **extra: int | str) -> ConfigRecord:

@@ -30,7 +30,13 @@ class ClientPool(Protocol):
     """Runs the client steps on the chosen clients (by federation index) and returns their replies."""
 
     def train(
-        self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook, epochs: float | None = None
+        self,
+        round_number: int,
+        clients: list[int],
+        shared: Arrays,
+        done: ProgressHook,
+        epochs: float | None = None,
+        ascent: bool = False,
     ) -> list[ClientUpdate]: ...
 
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]: ...

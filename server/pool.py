@@ -87,15 +87,22 @@ class FlowerPool:
         shared: Arrays | None,
         done: ProgressHook,
         epochs: float | None = None,
+        ascent: bool = False,
     ) -> list[Message]:
-        content = instruction(self.config, round_number, shared, epochs)
+        content = instruction(self.config, round_number, shared, epochs, ascent)
         messages = [Message(content, self.node_of[index], kind) for index in clients]
         return self._exchange(messages, done)
 
     def train(
-        self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook, epochs: float | None = None
+        self,
+        round_number: int,
+        clients: list[int],
+        shared: Arrays,
+        done: ProgressHook,
+        epochs: float | None = None,
+        ascent: bool = False,
     ) -> list[ClientUpdate]:
-        replies = self._send(MessageType.TRAIN, round_number, clients, shared, done, epochs)
+        replies = self._send(MessageType.TRAIN, round_number, clients, shared, done, epochs, ascent)
         return [decode_update(reply.content) for reply in replies]
 
     def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:

@@ -102,7 +102,7 @@ def test_history_lookups_never_fall_back(tmp_path):
         history.norms(1, "nobody")
 
 
-@pytest.mark.parametrize("method", ["retrain", "federaser", "fru", "accum", "none"])
+@pytest.mark.parametrize("method", ["retrain", "federaser", "fru", "accum", "ascent", "none"])
 def test_no_trace_of_removed_clients_remains(tmp_path, method):
     server, history, pool = server_for(tmp_path, [f"unlearn.method={method}"], drop="3,7@4")
     result = server.run()
@@ -178,3 +178,17 @@ def test_poisoning_raises_exposure_and_retrain_removes_it(tmp_path):
         server, _, _ = server_for(tmp_path, overrides, drop=",".join(IDS[:6]) + "@7")
         exposure[method] = server.run().events[0]["after"]["ER@10"]
     assert exposure["none"] > exposure["retrain"] + 0.2  # the attack worked, and Retrain erased it
+
+
+def test_ascent_steps_stay_inside_the_ball_and_cost_only_the_leaving_clients(tmp_path):
+    from fedunlearn.federated import ClientUpdate
+    from fedunlearn.unlearning.ascent import project
+
+    step = ClientUpdate("u", 3, np.array([1, 2]), {"item_emb": np.full((2, 2), 3.0, np.float32)}, {}, 0.0)
+    bounded = project(step, {"item_emb": 2.0})
+    assert np.linalg.norm(bounded.rows["item_emb"]) == pytest.approx(2.0)
+    assert project(step, {"item_emb": 100.0}).rows["item_emb"][0, 0] == 3.0  # never scaled up
+
+    server, _, pool = server_for(tmp_path, ["unlearn.method=ascent"], drop="3@4")
+    server.run()
+    assert server.events[0]["client_epochs"] == pytest.approx(1.0)  # one epoch, by the leaving client only

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from fedunlearn.models import Arrays
 from fedunlearn.unlearning.accum import accum
+from fedunlearn.unlearning.ascent import ascent
 from fedunlearn.unlearning.federaser import federaser
 from fedunlearn.unlearning.fru import fru
 from fedunlearn.unlearning.retrain import retrain
@@ -26,7 +27,14 @@ def none(server: FederatedServer, round_number: int, forgotten: list[int]) -> Ar
     return server.shared
 
 
-METHODS: dict[str, Method] = {"retrain": retrain, "federaser": federaser, "fru": fru, "accum": accum, "none": none}
+METHODS: dict[str, Method] = {
+    "retrain": retrain,
+    "federaser": federaser,
+    "fru": fru,
+    "accum": accum,
+    "ascent": ascent,
+    "none": none,
+}
 
 
 def unlearn(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
