@@ -76,6 +76,7 @@ class UnlearnConfig:
     poison: bool = False  # the leaving clients attack: they promote unlearn.target_item while training
     target_item: int = -1  # item index the attackers promote (-1: the least popular training item)
     attackers: list[str] = field(default_factory=list)  # set from the drop schedule when poison is on
+    compare: bool = False  # at each event also try every method on a copy and report the table
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from fedunlearn.config import Config
@@ -61,6 +63,12 @@ class InProcessPool:
             )
             for i in clients
         }
+
+    def fork(self) -> InProcessPool:
+        """A copy whose clients' private state can change without touching this pool's."""
+        twin = copy.copy(self)
+        twin.user_state = {index: dict(state) for index, state in self.user_state.items()}
+        return twin
 
     def forget(self, clients: list[int]) -> None:
         """Delete these clients' private state (a later call starts them afresh)."""

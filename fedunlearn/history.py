@@ -102,6 +102,13 @@ class HistoryStore:
     def close(self) -> None:
         self.db.close()
 
+    def copy_to(self, path: str | Path) -> HistoryStore:
+        """An independent copy (for trying an unlearning method without touching this history)."""
+        target = sqlite3.connect(path)
+        self.db.backup(target)
+        target.close()
+        return HistoryStore(path, self.policy)
+
     def is_checkpoint(self, round_number: int) -> bool:
         return (round_number - 1) % self.policy.checkpoint_every == 0
 

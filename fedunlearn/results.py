@@ -52,6 +52,10 @@ def write_run(folder: str | Path, config: Config, result: FederationResult, info
     (folder / "summary.md").write_text(summary_markdown(config, result, info or {}))
     if result.unlearned:
         np.savez_compressed(folder / "unlearned.npz", **result.unlearned)
+    if result.comparison:
+        table = pd.DataFrame(result.comparison)
+        table.to_csv(folder / "unlearning.csv", index=False)
+        (folder / "unlearning.md").write_text(table.to_markdown(index=False, floatfmt=".4f") + "\n")
 
 
 def summary_markdown(config: Config, result: FederationResult, info: dict[str, Any]) -> str:

@@ -7,9 +7,12 @@ the in-process runner cannot drift apart.
 
 from __future__ import annotations
 
+import copy
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -54,6 +57,7 @@ class FederationResult:
     round_ends: list[float] = field(default_factory=list)  # wall-clock time.time() at the end of each round
     events: list[dict[str, Any]] = field(default_factory=list)  # drop events: who, when, method, cost, audit
     unlearned: Arrays = field(default_factory=dict)  # shared parameters right after the last unlearning
+    comparison: list[dict[str, Any]] = field(default_factory=list)  # every method at the last event
 
 
 def _by_client(reply: ClientUpdate | ClientEvaluation) -> str:
@@ -148,14 +152,15 @@ class FederatedServer:
         evaluations = sorted(self.pool.evaluate(self.active, self.shared, lambda _: None), key=_by_client)
         return evaluation_metrics(evaluations, self.config.eval.ks, self.config.eval.full_ranking)
 
-    def remove(self, round_number: int, leaving: list[str]) -> None:
+    def remove(self, round_number: int, leaving: list[str], method: str | None = None) -> None:
         """Clients leave before `round_number`: unlearn them, then delete every trace of them."""
-        from fedunlearn.unlearning import unlearn
+        from fedunlearn.unlearning import METHODS
 
+        method = method or self.config.unlearn.method
         forgotten = [self.position[c] for c in leaving]
         self.active = [i for i in self.active if i not in set(forgotten)]
         started, epochs_before = time.perf_counter(), self.client_epochs
-        self.shared = unlearn(self, round_number, forgotten)
+        self.shared = METHODS[method](self, round_number, forgotten)
         seconds, client_epochs = time.perf_counter() - started, self.client_epochs - epochs_before
         membership = self.pool.membership(forgotten, self.shared)  # before their state is deleted
         self.pool.forget(forgotten)
@@ -165,7 +170,7 @@ class FederatedServer:
             {
                 "round": round_number,
                 "clients": leaving,
-                "method": self.config.unlearn.method,
+                "method": method,
                 "seconds": seconds,
                 "client_epochs": client_epochs,
                 "after": self.evaluate(),  # retained users, on the model right after unlearning
@@ -174,12 +179,43 @@ class FederatedServer:
         )
         self.unlearned = {key: value.copy() for key, value in self.shared.items()}
 
+    def compare_methods(self, round_number: int, leaving: list[str]) -> list[dict[str, Any]]:
+        """Every unlearning method tried on a copy of this server at this event (client state and
+        history copied), with speedup and distance to Retrain: the unlearning table."""
+        from fedunlearn.audit import compare_with_retrain
+        from fedunlearn.unlearning import METHODS
+
+        if not hasattr(self.pool, "fork") or self.history is None:
+            raise FedUnlearnError("unlearn.compare needs run.engine = 'inprocess' and a drop schedule")
+        rows, unlearned = [], []
+        with tempfile.TemporaryDirectory() as scratch:
+            for method in METHODS:
+                twin = copy.copy(self)
+                twin.pool = self.pool.fork()
+                twin.history = self.history.copy_to(Path(scratch) / f"{method}.sqlite")
+                twin.active, twin.events, twin.calibrations = list(self.active), [], []
+                twin.progress = Progress(0, enabled=False)
+                twin.remove(round_number, leaving, method)
+                twin.history.close()
+                event = twin.events[-1]
+                rows.append(
+                    {"method": method, "model": self.config.model.name, "seed": self.config.run.seed}
+                    | {k: v for k, v in event["after"].items() if k in ("HR@10", "NDCG@10", "ER@10")}
+                    | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"]}
+                    | {"client_epochs": event["client_epochs"]}
+                )
+                unlearned.append(twin.unlearned)
+        compare_with_retrain(rows, unlearned)
+        return rows
+
     def run(self) -> FederationResult:
         result = FederationResult()
         started = time.perf_counter()
         rounds = self.config.train.rounds
         for round_number in range(1, rounds + 1):
             if round_number in self.schedule:
+                if self.config.unlearn.compare:
+                    result.comparison = self.compare_methods(round_number, self.schedule[round_number])
                 self.remove(round_number, self.schedule[round_number])
             clients = self.sample(round_number)
             self.progress.start_round(round_number, len(clients))

@@ -66,7 +66,8 @@ def schedule_and_history(
             unlearn.target_item = int(np.argmin(counts))
     if not schedule:
         return schedule, None
-    policy = HistoryPolicy(checkpoint_every=unlearn.dt, compact=unlearn.method == "fru", alpha=unlearn.alpha)
+    compact = unlearn.method == "fru" or unlearn.compare
+    policy = HistoryPolicy(checkpoint_every=unlearn.dt, compact=compact, alpha=unlearn.alpha)
     return schedule, HistoryStore(folder / "history.sqlite", policy)
 
 

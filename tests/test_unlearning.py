@@ -192,3 +192,20 @@ def test_ascent_steps_stay_inside_the_ball_and_cost_only_the_leaving_clients(tmp
     server, _, pool = server_for(tmp_path, ["unlearn.method=ascent"], drop="3@4")
     server.run()
     assert server.events[0]["client_epochs"] == pytest.approx(1.0)  # one epoch, by the leaving client only
+
+
+def test_compare_tries_every_method_on_copies_and_leaves_the_run_untouched(tmp_path):
+    from fedunlearn.unlearning import METHODS
+
+    plain, _, _ = server_for(tmp_path, ["unlearn.method=federaser", "unlearn.alpha=0.5"], drop="3,7@4")
+    plain.history.policy.compact = True
+    compared, _, _ = server_for(tmp_path, ["unlearn.method=federaser", "unlearn.compare=true"], drop="3,7@4")
+    compared.history.policy.compact = True
+    expected, result = plain.run(), compared.run()
+    assert [row["method"] for row in result.comparison] == list(METHODS)
+    rows = {row["method"]: row for row in result.comparison}
+    assert rows["retrain"]["speedup"] == 1.0 and rows["retrain"]["L2_to_retrain"] == 0.0
+    assert rows["federaser"]["HR@10"] == expected.events[0]["after"]["HR@10"]  # same as the real removal
+    assert rows["none"]["client_epochs"] == 0.0
+    for key in expected.shared:  # trying the others on copies changed nothing in the run itself
+        np.testing.assert_array_equal(result.shared[key], expected.shared[key])
