@@ -32,7 +32,7 @@ class ClientUpdate:
     rows: Arrays  # row table name -> (k, d) change of those rows
     dense: Arrays  # dense array name -> change
     loss: float
-    epochs: float = 0.0  # epochs actually trained: minibatches run / minibatches in one epoch
+    epochs: float = 0.0  # epochs actually trained: examples used / examples in one epoch
 
 
 @dataclass
@@ -79,12 +79,14 @@ def local_train(
     full_epochs = math.ceil(epochs)
     negatives = sample_negatives(rng, data.n_items, positives, (full_epochs, n_pos, model_config.negatives))
     plan = [(epoch, rng.permutation(n_pos)) for epoch in range(full_epochs)]
-    batches = [
-        (epoch, order[start : start + train.batch_size])
-        for epoch, order in plan
-        for start in range(0, n_pos, train.batch_size)
-    ]
-    batches = batches[: max(1, round(epochs * math.ceil(n_pos / train.batch_size)))]
+    budget = max(1, round(epochs * n_pos))  # a fraction of an epoch trains on that share of the examples
+    batches = []
+    for epoch, order in plan:
+        taken = order[: min(n_pos, budget)]
+        budget -= len(taken)
+        batches += [
+            (epoch, taken[start : start + train.batch_size]) for start in range(0, len(taken), train.batch_size)
+        ]
     used_negatives = np.concatenate([negatives[epoch][batch].ravel() for epoch, batch in batches])
     used_positives = np.concatenate([positives[batch] for _, batch in batches])
     touched = np.unique(np.concatenate([used_positives, used_negatives]))
@@ -126,7 +128,7 @@ def local_train(
         rows={key: new_rows[key] - shared[key][touched] for key in model.row_keys},
         dense={key: new_dense[key] - shared[key] for key in dense_keys},
         loss=total_loss / len(batches),
-        epochs=len(batches) / math.ceil(n_pos / train.batch_size),
+        epochs=sum(len(batch) for _, batch in batches) / n_pos,
     )
     return update, _numpy(user_t)
 

@@ -114,3 +114,15 @@ def test_validation_item_is_ranked_against_the_same_negatives_without_the_test_i
     evaluation = rank_held_out(client(), lambda items: scores[items], full_ranking=True)
     assert (evaluation.rank, evaluation.valid_rank) == (3, 0)
     assert evaluation.full_rank == 3  # items 0, 2, 3 are unseen; 1, 4, 7, 9 (trained) and 12 are not counted
+
+
+def test_a_fraction_of_an_epoch_trains_on_that_share_of_the_examples():
+    model_config = ModelConfig(name="mf", dim=4, negatives=2)
+    config = Config(model=model_config, train=TrainConfig(batch_size=1))
+    model = build_model(model_config, 30)
+    shared = model.init_shared(np.random.default_rng(0))
+    user = init_user(model, 0, "100")
+    half, _ = local_train(model, client(), user, shared, config, 1, CPU, epochs=0.5)
+    whole, _ = local_train(model, client(), user, shared, config, 1, CPU)
+    assert half.epochs == 0.5 and whole.epochs == 1.0
+    assert set(half.item_ids) < set(whole.item_ids)  # 2 of the 4 positives, and their negatives

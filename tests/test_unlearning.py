@@ -87,8 +87,10 @@ def test_federaser_calibrated_updates_carry_the_stored_norms(tmp_path):
         for key, value in {**update.rows, **update.dense}.items():
             assert np.linalg.norm(value) == pytest.approx(norms[key], rel=1e-5)
         # the direction really comes from new training, not from the stored update
-        assert np.array_equal(update.item_ids, original.item_ids)  # same round, same client draws
-        change = np.abs(update.rows["item_emb"] - original.rows["item_emb"]).max()
+        # same round, same client draws: half an epoch touches a subset of the original rows
+        assert set(update.item_ids) < set(original.item_ids)
+        mine = np.isin(original.item_ids, update.item_ids)
+        change = np.abs(update.rows["item_emb"] - original.rows["item_emb"][mine]).max()
         assert change > 1e-3 * np.abs(original.rows["item_emb"]).max()
 
 
