@@ -45,6 +45,8 @@ class TrainConfig:
     weight_decay: float = 0.001  # L2 on the embeddings a batch uses
     server_lr: float = 3.0  # row-wise means move popular items slowly: the server step makes up for it
     fraction: float = 1.0  # share of clients sampled per round, in (0, 1]
+    negative_sampler: str = "uniform"  # uniform | fru (a beta share from FRU's informative pool)
+    pool_share: float = 0.1  # fru sampler: the pool holds the top share of items by each criterion
 
 
 @dataclass
@@ -108,6 +110,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": ("mf", "ncf"),
     "model.loss": ("bpr", "bce"),
     "train.optimizer": ("sgd", "adam"),
+    "train.negative_sampler": ("uniform", "fru"),
     "run.engine": ("inprocess", "flower"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.mode": ("federated", "central", "popularity"),
@@ -213,7 +216,7 @@ def validate(config: Config) -> Config:
     for dotted in NON_NEGATIVE:
         if _get(config, dotted) < 0:
             raise FedUnlearnError(f"{dotted} must be >= 0; got {_get(config, dotted)}")
-    for dotted in ("unlearn.alpha", "unlearn.beta"):
+    for dotted in ("unlearn.alpha", "unlearn.beta", "train.pool_share"):
         if not 0 < _get(config, dotted) <= 1:
             raise FedUnlearnError(f"{dotted} must be in (0, 1]; got {_get(config, dotted)}")
     fraction = config.train.fraction

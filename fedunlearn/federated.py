@@ -19,7 +19,13 @@ from fedunlearn.federation import ClientData
 from fedunlearn.metrics import rank_of_target
 from fedunlearn.models import Arrays, SplitModel
 from fedunlearn.seeding import Stream, client_key, rng_for
-from fedunlearn.training import make_optimizer, recommendation_loss, sample_negatives
+from fedunlearn.training import (
+    informative_pool,
+    make_optimizer,
+    recommendation_loss,
+    sample_informative_negatives,
+    sample_negatives,
+)
 
 
 @dataclass
@@ -77,7 +83,13 @@ def local_train(
         positives = poisoned_positives(positives, config.unlearn.target_item)
     n_pos = len(positives)
     full_epochs = math.ceil(epochs)
-    negatives = sample_negatives(rng, data.n_items, positives, (full_epochs, n_pos, model_config.negatives))
+    shape = (full_epochs, n_pos, model_config.negatives)
+    if train.negative_sampler == "fru":
+        first_user, first_rows = next(iter(user.values())), shared[model.row_keys[0]]
+        pool = informative_pool(first_user, first_rows, data.train_items, train.pool_share)
+        negatives = sample_informative_negatives(rng, data.n_items, positives, shape, pool, config.unlearn.beta)
+    else:
+        negatives = sample_negatives(rng, data.n_items, positives, shape)
     plan = [(epoch, rng.permutation(n_pos)) for epoch in range(full_epochs)]
     budget = max(1, round(epochs * n_pos))  # a fraction of an epoch trains on that share of the examples
     batches = []

@@ -23,6 +23,27 @@ def sample_negatives(
     return out
 
 
+def informative_pool(user: np.ndarray, items: np.ndarray, positives: np.ndarray, share: float) -> np.ndarray:
+    """FRU's candidate pool: the top `share` of items by score with the user's embedding, plus the
+    top `share` nearest (dot product) to the centroid of the user's positive items; positives out."""
+    k = max(1, int(share * len(items)))
+    by_user = np.argpartition(-(items @ user), k - 1)[:k]
+    by_centroid = np.argpartition(-(items @ items[positives].mean(axis=0)), k - 1)[:k]
+    return np.setdiff1d(np.union1d(by_user, by_centroid), positives)
+
+
+def sample_informative_negatives(
+    rng: np.random.Generator, n_items: int, positives: np.ndarray, shape: tuple[int, ...], pool: np.ndarray, beta: float
+) -> np.ndarray:
+    """Uniform negatives, of which a `beta` share per positive is replaced by random (not the
+    hardest) draws from the informative pool."""
+    out = sample_negatives(rng, n_items, positives, shape)
+    informative = round(beta * shape[-1])
+    if informative and len(pool):
+        out[..., :informative] = rng.choice(pool, size=(*shape[:-1], informative))
+    return out
+
+
 def recommendation_loss(loss: str, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     """BPR or BCE over B positives (B,) and their sampled negatives (B, n), averaged."""
     if loss == "bpr":

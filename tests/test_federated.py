@@ -126,3 +126,18 @@ def test_a_fraction_of_an_epoch_trains_on_that_share_of_the_examples():
     whole, _ = local_train(model, client(), user, shared, config, 1, CPU)
     assert half.epochs == 0.5 and whole.epochs == 1.0
     assert set(half.item_ids) < set(whole.item_ids)  # 2 of the 4 positives, and their negatives
+
+
+def test_fru_sampler_draws_a_beta_share_from_the_informative_pool():
+    from fedunlearn.training import informative_pool, sample_informative_negatives
+
+    items = np.zeros((20, 2), np.float32)
+    items[[3, 4]] = [5, 0]  # close to the user
+    items[[8, 9]] = [0, 5]  # close to the positives' centroid
+    items[[10, 11]] = [0, 1]  # the positives
+    pool = informative_pool(np.array([1.0, 0.0]), items, np.array([10, 11]), share=0.1)
+    assert set(pool) == {3, 4, 8, 9}
+    negatives = sample_informative_negatives(np.random.default_rng(0), 20, np.array([10, 11]), (50, 4), pool, 0.5)
+    assert set(negatives[:, :2].ravel()) <= {3, 4, 8, 9}
+    assert not set(negatives[:, 2:].ravel()) <= {3, 4, 8, 9}
+    assert not np.isin(negatives, [10, 11]).any()
