@@ -135,16 +135,12 @@ class FederatedServer:
             self.active[i] for i in sample_clients(self.config.run.seed, round_number, ids, self.config.train.fraction)
         ]
 
-    def train_round(
-        self, round_number: int, clients: list[int], shared: Arrays, epochs: float | None = None, record: bool = True
-    ) -> tuple[Arrays, list[ClientUpdate]]:
+    def train_round(self, round_number: int, clients: list[int], shared: Arrays) -> tuple[Arrays, list[ClientUpdate]]:
         """One round from `shared`: the sampled clients train, the history records, the server aggregates."""
         # replies arrive in any order: sort by client id so every sum runs in the same order
-        updates = sorted(
-            self.pool.train(round_number, clients, shared, self.progress.client_done, epochs), key=_by_client
-        )
+        updates = sorted(self.pool.train(round_number, clients, shared, self.progress.client_done), key=_by_client)
         self.client_epochs += sum(u.epochs for u in updates)
-        if record and self.history is not None:
+        if self.history is not None:
             self.history.record_round(round_number, shared, updates)
         return aggregate(self.model, shared, updates, self.config.train.server_lr), updates
 

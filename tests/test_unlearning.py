@@ -211,3 +211,10 @@ def test_compare_tries_every_method_on_copies_and_leaves_the_run_untouched(tmp_p
     assert rows["none"]["client_epochs"] == 0.0
     for key in expected.shared:  # trying the others on copies changed nothing in the run itself
         np.testing.assert_array_equal(result.shared[key], expected.shared[key])
+
+
+def test_every_configurable_method_exists_and_every_method_is_configurable():
+    from fedunlearn.config import CHOICES
+    from fedunlearn.unlearning import METHODS
+
+    assert set(CHOICES["unlearn.method"]) == set(METHODS)

@@ -35,7 +35,3 @@ METHODS: dict[str, Method] = {
     "ascent": ascent,
     "none": none,
 }
-
-
-def unlearn(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
-    return METHODS[server.config.unlearn.method](server, round_number, forgotten)
