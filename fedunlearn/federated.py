@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -48,6 +48,23 @@ class ClientEvaluation:
     valid_rank: int  # of the validation item among the same negatives (for model selection)
     full_rank: int  # of the test item among every item the user has not seen (-1 when not asked for)
     target_rank: int = -1  # of the promoted item among the user's unseen items (-1: no target, or the user's own)
+
+
+def rescale_tensors(update: ClientUpdate, norms: dict[str, float], only_down: bool = False) -> ClientUpdate:
+    """The update with each shared tensor rescaled to the norm given for it (with `only_down`,
+    tensors already within it are left alone); a zero tensor stays zero."""
+
+    def rescaled(key: str, value: np.ndarray) -> np.ndarray:
+        norm = float(np.linalg.norm(value))
+        if norm == 0 or (only_down and norm <= norms[key]):
+            return value
+        return (value * (norms[key] / norm)).astype(np.float32)
+
+    return replace(
+        update,
+        rows={key: rescaled(key, value) for key, value in update.rows.items()},
+        dense={key: rescaled(key, value) for key, value in update.dense.items()},
+    )
 
 
 def init_user(model: SplitModel, seed: int, client_id: str) -> Arrays:

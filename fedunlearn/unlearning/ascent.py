@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from fedunlearn.federated import ClientUpdate, aggregate
+from fedunlearn.federated import ClientUpdate, aggregate, rescale_tensors
 from fedunlearn.models import Arrays
 from fedunlearn.unlearning.federaser import require_history
 
@@ -18,20 +16,7 @@ if TYPE_CHECKING:
 
 def project(update: ClientUpdate, radius: dict[str, float]) -> ClientUpdate:
     """Scale each shared tensor of the update down (never up) to the radius given for it."""
-
-    def bounded(key: str, value: np.ndarray) -> np.ndarray:
-        norm = float(np.linalg.norm(value))
-        return (value * (radius[key] / norm)).astype(np.float32) if norm > radius[key] else value
-
-    return ClientUpdate(
-        update.client_id,
-        update.num_examples,
-        update.item_ids,
-        {key: bounded(key, value) for key, value in update.rows.items()},
-        {key: bounded(key, value) for key, value in update.dense.items()},
-        update.loss,
-        update.epochs,
-    )
+    return rescale_tensors(update, radius, only_down=True)
 
 
 def ascent(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from fedunlearn.federated import ClientUpdate, aggregate
+from fedunlearn.federated import ClientUpdate, aggregate, rescale_tensors
 from fedunlearn.history import HistoryStore
 from fedunlearn.models import Arrays
 
@@ -16,19 +14,7 @@ if TYPE_CHECKING:
 
 def calibrate(update: ClientUpdate, stored_norms: dict[str, float]) -> ClientUpdate:
     """Direction from the new training, norm (per shared tensor) from the history."""
-
-    def scaled(key: str, value: np.ndarray) -> np.ndarray:
-        norm = float(np.linalg.norm(value))
-        return (value * (stored_norms[key] / norm)).astype(np.float32) if norm > 0 else value
-
-    return ClientUpdate(
-        update.client_id,
-        update.num_examples,
-        update.item_ids,
-        {key: scaled(key, value) for key, value in update.rows.items()},
-        {key: scaled(key, value) for key, value in update.dense.items()},
-        update.loss,
-    )
+    return rescale_tensors(update, stored_norms)
 
 
 def require_history(server: FederatedServer, method: str) -> HistoryStore:
