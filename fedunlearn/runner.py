@@ -79,7 +79,7 @@ def _federated(
         if config.run.engine == "flower":
             from server.simulation import run_flower
 
-            result, _ = run_flower(config, history=history, schedule=schedule)
+            result, _ = run_flower(config, history=history, schedule=schedule, show_progress=show_progress)
         else:
             from fedunlearn.engine import InProcessPool
 

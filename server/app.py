@@ -39,12 +39,13 @@ def make_server_app(
     keep_replies: bool = False,
     history: HistoryStore | None = None,
     schedule: dict[int, list[str]] | None = None,
+    show_progress: bool = True,
 ) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        progress = Progress(config.train.rounds)
+        progress = Progress(config.train.rounds, show_progress)
         try:
             on_result(*serve(grid, config, progress, keep_replies, history, schedule))
         finally:

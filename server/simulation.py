@@ -53,6 +53,7 @@ def run_flower(
     keep_replies: bool = False,
     history: HistoryStore | None = None,
     schedule: dict[int, list[str]] | None = None,
+    show_progress: bool = True,
 ) -> tuple[FederationResult, FlowerPool]:
     """Run the federation through Flower's simulation engine; returns the result and the pool
     (whose `replies_seen` holds every client reply when `keep_replies` is asked for)."""
@@ -69,7 +70,12 @@ def run_flower(
     try:
         run_simulation(
             server_app=make_server_app(
-                config, lambda result, pool: outcome.append((result, pool)), keep_replies, history, schedule
+                config,
+                lambda result, pool: outcome.append((result, pool)),
+                keep_replies,
+                history,
+                schedule,
+                show_progress,
             ),
             client_app=client_app,
             num_supernodes=federation.n_clients,
