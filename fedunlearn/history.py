@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedunlearn.config import UnlearnConfig
 from fedunlearn.federated import ClientUpdate
 from fedunlearn.models import Arrays
 
@@ -73,8 +74,23 @@ def _update_bytes(update: ClientUpdate) -> int:
 @dataclass
 class HistoryPolicy:
     checkpoint_every: int = 2  # FedEraser's dt
+    checkpoints: bool = True  # keep the global parameters at checkpoint rounds
+    full_updates: bool = True  # keep every participant's full update at checkpoint rounds
     compact: bool = False  # keep FRU's compact updates every round
     alpha: float = 0.5  # FRU: share of touched rows kept
+
+    @classmethod
+    def for_method(cls, unlearn: UnlearnConfig) -> HistoryPolicy:
+        """Only what the chosen method reads (participation and norms are always kept); `compare`
+        tries every method, so it keeps everything."""
+        method, everything = unlearn.method, unlearn.compare
+        return cls(
+            checkpoint_every=unlearn.dt,
+            checkpoints=everything or method in ("federaser", "accum", "fru"),
+            full_updates=everything or method in ("federaser", "accum"),
+            compact=everything or method == "fru",
+            alpha=unlearn.alpha,
+        )
 
 
 class HistoryStore:
@@ -124,11 +140,11 @@ class HistoryStore:
                     "INSERT OR REPLACE INTO norms VALUES (?, ?, ?, ?)",
                     [(round_number, update.client_id, key, norm) for key, norm in update_norms(update).items()],
                 )
-                if self.is_checkpoint(round_number):
+                if self.policy.full_updates and self.is_checkpoint(round_number):
                     self._put_update(round_number, FULL, update)
                 if self.policy.compact:
                     self._put_update(round_number, COMPACT, compact_update(update, self.policy.alpha))
-            if self.is_checkpoint(round_number):
+            if self.policy.checkpoints and self.is_checkpoint(round_number):
                 self.put_checkpoint(round_number, shared_before, commit=False)
             full = sum(_update_bytes(u) for u in updates)
             self.db.execute(

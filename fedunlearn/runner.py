@@ -66,9 +66,7 @@ def schedule_and_history(
             unlearn.target_item = int(np.argmin(counts))
     if not schedule:
         return schedule, None
-    compact = unlearn.method == "fru" or unlearn.compare
-    policy = HistoryPolicy(checkpoint_every=unlearn.dt, compact=compact, alpha=unlearn.alpha)
-    return schedule, HistoryStore(folder / "history.sqlite", policy)
+    return schedule, HistoryStore(folder / "history.sqlite", HistoryPolicy.for_method(unlearn))
 
 
 def _federated(

@@ -28,7 +28,7 @@ def server_for(tmp_path, overrides, drop=""):
     config = load_config(None, SMALL + overrides)
     federation = build_federation(config.data, config.run.seed)
     schedule = build_schedule(drop, "", federation.client_ids, config.train.rounds, config.run.seed)
-    policy = HistoryPolicy(checkpoint_every=2, compact=config.unlearn.method == "fru")
+    policy = HistoryPolicy.for_method(config.unlearn)
     history = HistoryStore(tmp_path / f"h{len(list(tmp_path.iterdir()))}.sqlite", policy)
     pool = InProcessPool(config, federation)
     server = FederatedServer(
@@ -157,7 +157,9 @@ def test_fru_replays_every_round_at_lam_epochs_and_matches_stored_aggregate_norm
     server, history, _ = server_for(tmp_path, overrides, drop="3@5")
     result = server.run()
     assert result.events[0]["client_epochs"] == pytest.approx(4 * 23 * 0.5, rel=0.08)  # rounds 1-4, half an epoch
-    assert history.update(4, "5", "compact").item_ids.size < history.update(3, "5", "full").item_ids.size
+    assert history.update(4, "5", "compact").item_ids.size > 0  # FRU's storage: compact updates, every round
+    with pytest.raises(HistoryError):
+        history.update(3, "5", "full")  # and no full updates: FRU never reads them
     assert 0.0 <= result.events[0]["MIA_AUC"] <= 1.0 and "HR@10" in result.events[0]["after"]
 
 
@@ -218,3 +220,15 @@ def test_every_configurable_method_exists_and_every_method_is_configurable():
     from fedunlearn.unlearning import METHODS
 
     assert set(CHOICES["unlearn.method"]) == set(METHODS)
+
+
+def test_the_history_keeps_only_what_the_method_reads(tmp_path):
+    sizes = {}
+    for method in ("retrain", "federaser", "fru"):
+        server, history, _ = server_for(tmp_path, [f"unlearn.method={method}"], drop="3@5")
+        server.run()
+        sizes[method] = history.bytes_by_kind()
+    assert sizes["retrain"]["checkpoints"] == sizes["retrain"]["full"] == sizes["retrain"]["compact"] == 0
+    assert sizes["federaser"]["full"] > 0 and sizes["federaser"]["compact"] == 0
+    assert sizes["fru"]["compact"] > 0 and sizes["fru"]["full"] == 0 and sizes["fru"]["checkpoints"] > 0
+    assert sizes["retrain"]["every_full_update"] > sizes["federaser"]["total"] > sizes["retrain"]["total"] > 0
