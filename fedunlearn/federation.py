@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -46,8 +46,9 @@ class Federation:
     def n_items(self) -> int:
         return self.split.n_items
 
-    @property
+    @cached_property
     def client_ids(self) -> list[str]:
+        """Built once: the in-process pool looks ids up per client, every round."""
         return [str(uid) for uid in self.dataset.user_ids]
 
     def client(self, index: int) -> ClientData:
