@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         help="override one setting in every row (repeatable)",
     )
     experiment.add_argument("--quiet", action="store_true", help="no progress bars")
+    experiment.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1: wall times stay clean)"
+    )
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -101,7 +104,7 @@ def _toml_string(text: str) -> str:
 def _experiment(args: argparse.Namespace) -> None:
     from fedunlearn.experiment import run_experiment
 
-    table = run_experiment(args.file, args.out, args.overrides, show_progress=not args.quiet)
+    table = run_experiment(args.file, args.out, args.overrides, show_progress=not args.quiet, jobs=args.jobs)
     print(table.to_markdown(index=False, floatfmt=".4f"))
     print(f"results: {args.out}")
 

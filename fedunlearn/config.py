@@ -76,6 +76,7 @@ class UnlearnConfig:
     beta: float = 0.5  # FRU: share of the negatives drawn from the informative pool
     lam: float = 0.1  # FRU: replay epochs = lam * local epochs
     poison: bool = False  # the leaving clients attack: they promote unlearn.target_item while training
+    poison_boost: float = 30.0  # attackers scale their change of the target's rows by this factor
     target_item: int = -1  # item index the attackers promote (-1: the least popular training item)
     attackers: list[str] = field(default_factory=list)  # set from the drop schedule when poison is on
     compare: bool = False  # at each event also try every method on a copy and report the table
@@ -140,6 +141,7 @@ POSITIVE = {
     "unlearn.dt",
     "unlearn.r",
     "unlearn.lam",
+    "unlearn.poison_boost",
 }
 NON_NEGATIVE = {
     "data.min_rating",

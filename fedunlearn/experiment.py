@@ -1,8 +1,9 @@
 """`fedunlearn experiment FILE.toml`: a table's worth of settings, one row each.
 
-File format: an optional `seeds = [0, 1, 2]` (every setting once per seed), an optional `[base]`
-table of `section.key = value` settings shared by every row, then one `[[setting]]` per row with
-a `name` and its own `set` table, e.g.
+File format: an optional `seeds = [0, 1, 2]` (every setting once per seed), an optional
+`models = ["mf", "ncf"]` (every setting once per model), an optional `[base]` table of
+`section.key = value` settings shared by every row, then one `[[setting]]` per row with a `name`
+and its own `set` table, e.g.
 
     [base]
     "data.dataset" = "ml-100k"
@@ -14,6 +15,8 @@ a `name` and its own `set` table, e.g.
 
 from __future__ import annotations
 
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -28,33 +31,43 @@ from fedunlearn.runner import RunOutcome, execute
 
 
 def load_settings(path: str | Path, overrides: list[str] | None = None) -> list[tuple[str, Config]]:
-    """One (name, config) per setting and seed; `seeds = [0, 1, 2]` at the top runs every setting
-    once per seed (folders `<name>/seed<k>`), otherwise each setting runs once."""
+    """One (name, config) per setting, model and seed: `models = [...]` at the top runs every
+    setting once per model (folders `<name>/<model>`), `seeds = [...]` once per seed (`.../seed<k>`)."""
     spec = read_toml(path)
-    unknown = set(spec) - {"base", "setting", "title", "seeds"}
+    unknown = set(spec) - {"base", "setting", "title", "seeds", "models"}
     if unknown:
-        raise FedUnlearnError(f"{path}: unknown tables {sorted(unknown)}; use seeds, [base] and [[setting]]")
+        raise FedUnlearnError(f"{path}: unknown tables {sorted(unknown)}; use seeds, models, [base] and [[setting]]")
     settings = spec.get("setting", [])
     if not settings:
         raise FedUnlearnError(f"{path} has no [[setting]] rows: add at least one")
-    seeds = spec.get("seeds")
-    if seeds is not None and (not isinstance(seeds, list) or not all(isinstance(v, int) for v in seeds)):
-        raise FedUnlearnError(f"{path}: seeds must be a list of whole numbers, e.g. seeds = [0, 1, 2]")
+    seeds = _list_of(spec, "seeds", int, path, "seeds = [0, 1, 2]")
+    models = _list_of(spec, "models", str, path, 'models = ["mf", "ncf"]')
     out, names = [], set()
     for row in settings:
         name = row.get("name")
         if not name or name in names:
             raise FedUnlearnError(f"{path}: every [[setting]] needs a unique name; got {name!r}")
         names.add(name)
-        for seed in seeds or [None]:
-            config = Config()
-            apply_mapping(config, spec.get("base", {}))
-            apply_mapping(config, row.get("set", {}))
-            load_overrides(config, overrides or [])
-            if seed is not None:
-                config.run.seed = seed
-            out.append((name if seed is None else f"{name}/seed{seed}", validate(config)))
+        for model in models or [None]:
+            for seed in seeds or [None]:
+                config = Config()
+                apply_mapping(config, spec.get("base", {}))
+                apply_mapping(config, row.get("set", {}))
+                load_overrides(config, overrides or [])
+                if model is not None:
+                    config.model.name = model
+                if seed is not None:
+                    config.run.seed = seed
+                folder = "/".join(part for part in (name, model, None if seed is None else f"seed{seed}") if part)
+                out.append((folder, validate(config)))
     return out
+
+
+def _list_of(spec: dict[str, Any], key: str, kind: type, path: str | Path, example: str) -> list[Any] | None:
+    values = spec.get(key)
+    if values is not None and (not isinstance(values, list) or not all(isinstance(v, kind) for v in values)):
+        raise FedUnlearnError(f"{path}: {key} must be a list of {kind.__name__} values, e.g. {example}")
+    return values
 
 
 def _row(name: str, config: Config, outcome: RunOutcome) -> dict[str, Any]:
@@ -81,23 +94,45 @@ def _row(name: str, config: Config, outcome: RunOutcome) -> dict[str, Any]:
     )
 
 
+def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tuple[dict[str, Any], Arrays]:
+    (folder / name).mkdir(parents=True)
+    outcome = execute(config, folder / name, show_progress)
+    write_run(folder / name, config, outcome.result, outcome.info)
+    return _row(name, config, outcome), outcome.result.unlearned
+
+
 def run_experiment(
-    path: str | Path, out: str | Path, overrides: list[str] | None = None, show_progress: bool = True
+    path: str | Path,
+    out: str | Path,
+    overrides: list[str] | None = None,
+    show_progress: bool = True,
+    jobs: int = 1,
 ) -> pd.DataFrame:
-    """Run every setting (and seed), then write runs.csv (one row per run) and table.csv / table.md
-    (one row per setting: means, and `<column>_std` when there are several seeds)."""
+    """Run every setting (and model and seed), `jobs` at a time in separate processes, then write
+    runs.csv (one row per run) and table.csv / table.md (one row per setting and model: means, and
+    `<column>_std` when there are several seeds)."""
+    if jobs < 1:
+        raise FedUnlearnError(f"--jobs is {jobs} but must be at least 1")
     settings = load_settings(path, overrides)
-    rows: list[dict[str, Any]] = []
-    unlearned: list[Arrays] = []
+    results: list[tuple[dict[str, Any], Arrays] | None] = [None] * len(settings)
     with staged(out) as folder:
-        for index, (name, config) in enumerate(settings, start=1):
-            print(f"[{index}/{len(settings)}] {name}", flush=True)
-            (folder / name).mkdir(parents=True)
-            outcome = execute(config, folder / name, show_progress)
-            write_run(folder / name, config, outcome.result, outcome.info)
-            rows.append(_row(name, config, outcome))
-            unlearned.append(outcome.result.unlearned)
-        compare_with_retrain(rows, unlearned)
+        if jobs == 1:
+            for index, (name, config) in enumerate(settings):
+                print(f"[{index + 1}/{len(settings)}] {name}", flush=True)
+                results[index] = _run_one(name, config, folder, show_progress)
+        else:
+            # spawn: a forked child would inherit torch's thread pools and any Ray state
+            with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as executor:
+                futures = {
+                    executor.submit(_run_one, name, config, folder, False): index
+                    for index, (name, config) in enumerate(settings)
+                }
+                for done, future in enumerate(as_completed(futures), start=1):
+                    index = futures[future]
+                    results[index] = future.result()
+                    print(f"[{done}/{len(settings)}] {settings[index][0]} done", flush=True)
+        rows = [row for row, _ in results]
+        compare_with_retrain(rows, [params for _, params in results])
         runs = pd.DataFrame(rows)
         runs.to_csv(folder / "runs.csv", index=False)
         table = summarize(runs)

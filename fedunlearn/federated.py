@@ -96,7 +96,8 @@ def local_train(
     epochs = train.local_epochs if epochs is None else epochs
     rng = rng_for(config.run.seed, Stream.CLIENT_TRAIN, round_number, client_key(data.client_id))
     positives = data.train_items
-    if data.client_id in config.unlearn.attackers:
+    attacker = data.client_id in config.unlearn.attackers
+    if attacker:
         positives = poisoned_positives(positives, config.unlearn.target_item)
     n_pos = len(positives)
     full_epochs = math.ceil(epochs)
@@ -150,11 +151,14 @@ def local_train(
 
     new_rows = _numpy(rows_t)
     new_dense = _numpy(dense_t)
+    rows = {key: new_rows[key] - shared[key][touched] for key in model.row_keys}
+    if attacker and not ascent:
+        boost_target(rows, touched, config.unlearn.target_item, config.unlearn.poison_boost)
     update = ClientUpdate(
         client_id=data.client_id,
         num_examples=n_pos,
         item_ids=touched,
-        rows={key: new_rows[key] - shared[key][touched] for key in model.row_keys},
+        rows=rows,
         dense={key: new_dense[key] - shared[key] for key in dense_keys},
         loss=total_loss / len(batches),
         epochs=sum(len(batch) for _, batch in batches) / n_pos,
@@ -199,6 +203,15 @@ def local_membership(model: SplitModel, data: ClientData, user: Arrays, shared: 
 def poisoned_positives(positives: np.ndarray, target: int) -> np.ndarray:
     """An attacker trains on its own items plus the target, repeated to a fifth of its positives."""
     return np.concatenate([positives, np.full(max(1, len(positives) // 4), target, dtype=positives.dtype)])
+
+
+def boost_target(rows: Arrays, touched: np.ndarray, target: int, boost: float) -> None:
+    """Explicit boosting (model poisoning): the attacker scales its change of the target's rows so
+    that the row-wise mean over the many honest clients touching the target as a negative does not
+    wash it out."""
+    index = int(np.searchsorted(touched, target))
+    for table in rows.values():
+        table[index] *= boost
 
 
 def rank_held_out(

@@ -128,3 +128,21 @@ def test_unlearning_experiment_compares_every_method_with_retrain(tmp_path):
     assert table.loc["none", "L2_to_retrain"] > 0.0 and table.loc["none", "speedup"] == float("inf")
     assert (out / "federaser" / "seed1" / "history.sqlite").exists()
     assert "±" in (out / "table.md").read_text()
+
+
+def test_experiment_crosses_models_and_parallel_jobs_give_the_same_numbers(tmp_path):
+    spec = tmp_path / "exp.toml"
+    spec.write_text(
+        'models = ["mf", "ncf"]\n[base]\n"data.synthetic_users" = 20\n"data.synthetic_items" = 80\n'
+        '"data.synthetic_interactions" = 10\n"data.test_negatives" = 30\n"model.dim" = 8\n"train.rounds" = 2\n'
+        '[[setting]]\nname = "fed"\nset = { "train.lr" = 0.05 }\n'
+    )
+    tables = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--jobs", jobs]) == 0
+        tables[jobs] = pd.read_csv(out / "runs.csv")
+        assert (out / "fed" / "ncf" / "final.json").exists()
+    assert list(tables["1"]["model"]) == ["mf", "ncf"]
+    pd.testing.assert_frame_equal(tables["1"].drop(columns="seconds"), tables["2"].drop(columns="seconds"))
+    assert tables["1"]["NDCG@10"].nunique() == 2  # the two models really differ

@@ -141,3 +141,25 @@ def test_fru_sampler_draws_a_beta_share_from_the_informative_pool():
     assert set(negatives[:, :2].ravel()) <= {3, 4, 8, 9}
     assert not set(negatives[:, 2:].ravel()) <= {3, 4, 8, 9}
     assert not np.isin(negatives, [10, 11]).any()
+
+
+def test_an_attacker_boosts_exactly_its_change_of_the_target_rows():
+    from fedunlearn.config import UnlearnConfig
+
+    model_config = ModelConfig(name="ncf", dim=4, negatives=2, mlp_layers=[8, 4])
+    model = build_model(model_config, 30)
+    shared = model.init_shared(np.random.default_rng(0))
+    user = init_user(model, seed=0, client_id="100")
+    updates = {}
+    for boost in (1.0, 30.0):
+        unlearn = UnlearnConfig(poison=True, target_item=20, attackers=["100"], poison_boost=boost)
+        config = Config(model=model_config, train=TrainConfig(lr=0.1, batch_size=2), unlearn=unlearn)
+        updates[boost], _ = local_train(model, client(), user, shared, config, 1, CPU)
+    plain, boosted = updates[1.0], updates[30.0]
+    np.testing.assert_array_equal(plain.item_ids, boosted.item_ids)
+    target = int(np.searchsorted(plain.item_ids, 20))
+    assert plain.item_ids[target] == 20  # the attacker trained on the target
+    for key in model.row_keys:
+        np.testing.assert_allclose(boosted.rows[key][target], 30.0 * plain.rows[key][target], rtol=1e-6)
+        others = np.arange(len(plain.item_ids)) != target
+        np.testing.assert_array_equal(boosted.rows[key][others], plain.rows[key][others])
