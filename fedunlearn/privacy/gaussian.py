@@ -1,0 +1,70 @@
+"""Class Gaussians from sufficient statistics, Ledoit-Wolf shrinkage, and the Gaussian KL.
+
+The federated AttrCloak never sees embeddings, only per-class sums: count n_k, sum of e, sum of
+e e^T (and, once, sum of ||e - mu_k||^4 for the shrinkage intensity). From those this module
+rebuilds exactly what scikit-learn's `ledoit_wolf` computes on the raw embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ClassSums:
+    """Sums over the users of each class of one attribute (what secure aggregation returns)."""
+
+    counts: np.ndarray  # (K,)
+    sums: np.ndarray  # (K, d)
+    outers: np.ndarray  # (K, d, d)
+
+    @classmethod
+    def of(cls, embeddings: np.ndarray, classes: np.ndarray, n_classes: int) -> ClassSums:
+        """Each user's own contribution, summed: the plain sum that secure aggregation replaces."""
+        e = embeddings.astype(np.float64)
+        one_hot = np.eye(n_classes)[classes]
+        return cls(one_hot.sum(0), one_hot.T @ e, np.einsum("nk,ni,nj->kij", one_hot, e, e))
+
+
+def moments(counts: torch.Tensor, sums: torch.Tensor, outers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means and maximum-likelihood covariances from sums (batched over the leading axis)."""
+    means = sums / counts[..., None]
+    covs = outers / counts[..., None, None] - means[..., :, None] * means[..., None, :]
+    return means, covs
+
+
+def ledoit_wolf_shrinkage(cov: np.ndarray, fourth: float, n: float) -> float:
+    """scikit-learn's Ledoit-Wolf intensity (`sklearn.covariance.ledoit_wolf_shrinkage`) from the
+    empirical covariance, the sum over users of ||x - mean||^4 and the number of users."""
+    d = cov.shape[0]
+    mu = np.trace(cov) / d
+    delta_ = float((cov**2).sum())
+    beta = (fourth / n - delta_) / (d * n)
+    delta = (delta_ - 2 * mu * np.trace(cov) + d * mu**2) / d
+    beta = min(beta, delta)
+    return 0.0 if beta == 0 else float(beta / delta)
+
+
+def shrink(cov: torch.Tensor, shrinkage: torch.Tensor | float) -> torch.Tensor:
+    """(1 - s) S + s (tr S / d) I, batched over the leading axis."""
+    d = cov.shape[-1]
+    mu = torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1) / d
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    s = torch.as_tensor(shrinkage, dtype=cov.dtype, device=cov.device)
+    return (1 - s)[..., None, None] * cov + (s * mu)[..., None, None] * eye
+
+
+def gaussian_kl(m0: torch.Tensor, s0: torch.Tensor, m1: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+    """KL(N(m0, s0) || N(m1, s1)) in closed form, batched over the leading axis of m0 / s0:
+    0.5 [tr(s1^-1 s0) + (m1 - m0)^T s1^-1 (m1 - m0) - d + ln det s1 - ln det s0]."""
+    d = m0.shape[-1]
+    chol1 = torch.linalg.cholesky(s1)
+    solved = torch.cholesky_solve(s0, chol1)
+    diff = (m1 - m0)[..., None]
+    mahalanobis = (diff.transpose(-1, -2) @ torch.cholesky_solve(diff, chol1))[..., 0, 0]
+    logdet1 = 2 * torch.log(torch.diagonal(chol1, dim1=-2, dim2=-1)).sum(-1)
+    logdet0 = torch.linalg.slogdet(s0)[1]
+    return 0.5 * (torch.diagonal(solved, dim1=-2, dim2=-1).sum(-1) + mahalanobis - d + logdet1 - logdet0)

@@ -1,0 +1,112 @@
+"""Attribute inference attacks, the Gaussian machinery of AttrCloak and the defences."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.covariance import ledoit_wolf
+
+from fedunlearn.privacy.attacks import attribute_inference, shadow_split
+from fedunlearn.privacy.attrcloak import (
+    AttributeClasses,
+    PlainSum,
+    attribute_loss,
+    class_contribution,
+    client_attribute_gradient,
+    initial_shrinkage,
+    min_norm_weight,
+    unpack_class_sums,
+)
+from fedunlearn.privacy.gaussian import ClassSums, gaussian_kl, moments, shrink
+
+
+def test_gaussian_kl_matches_a_hand_computed_case():
+    # KL(N(0, I) || N((1, 1), 2I)) = 0.5 [tr(I/2) + |m|^2 / 2 - 2 + ln det(2I) - 0] = ln 2
+    kl = gaussian_kl(torch.zeros(2), torch.eye(2), torch.ones(2), 2 * torch.eye(2))
+    assert kl.item() == pytest.approx(np.log(2), abs=1e-6)
+
+
+def test_gaussian_kl_matches_torch_distributions_on_full_covariances():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 5, 5))
+    s0, s1 = (torch.tensor(m @ m.T + np.eye(5)) for m in (a, b))
+    m0, m1 = torch.tensor(rng.normal(size=(2, 5)))
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.MultivariateNormal(m0, s0), torch.distributions.MultivariateNormal(m1, s1)
+    )
+    assert gaussian_kl(m0, s0, m1, s1).item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "g_r, g_au, dd, df",
+    [
+        ((1, 0), (0, 1), 0.5, 0.5),  # orthogonal, equal length: halfway
+        ((0, 0), (2, 0), 0.0, 0.1),  # DF at the start (e = e_original): the lower clip keeps it moving
+        ((2, 0), (1, 0), 1.0, 1.0),  # (4 - 2) / 1 = 2, clipped to 1
+        ((1, 0), (3, 0), 0.0, 0.1),  # (1 - 3) / 4 = -0.5, clipped below
+    ],
+)
+def test_min_norm_weight_formula_and_both_clip_ranges(g_r, g_au, dd, df):
+    g_r, g_au = np.array(g_r, float), np.array(g_au, float)
+    sums = (g_r @ g_r, g_au @ g_r, g_au @ g_au)
+    assert min_norm_weight(*sums, low=0.0) == pytest.approx(dd)
+    assert min_norm_weight(*sums, low=0.1) == pytest.approx(df)
+
+
+def test_class_sums_from_client_contributions_and_ledoit_wolf_equal_scikit_learn():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 8)) * np.array([1, 2, 3, 1, 1, 1, 1, 5])
+    labels = rng.integers(0, 3, 30)
+    attribute = AttributeClasses("g", labels, 3)
+    packed = unpack_class_sums(sum(class_contribution(e, c, 3) for e, c in zip(x, labels, strict=True)), 3, 8)
+    direct = ClassSums.of(x, labels, 3)
+    np.testing.assert_allclose(packed.outers, direct.outers, atol=1e-12)
+    np.testing.assert_allclose(packed.sums, direct.sums, atol=1e-12)
+    intensities = initial_shrinkage(x, attribute, direct, PlainSum())
+    for k in range(3):
+        expected_cov, expected_shrinkage = ledoit_wolf(x[labels == k])
+        _, cov = moments(*(torch.tensor(v[k]) for v in (direct.counts, direct.sums, direct.outers)))
+        assert intensities[k] == pytest.approx(expected_shrinkage, rel=1e-9)
+        np.testing.assert_allclose(shrink(cov, intensities[k]).numpy(), expected_cov, atol=1e-12)
+    assert intensities[-1] == pytest.approx(ledoit_wolf(x)[1], rel=1e-9)
+
+
+def test_each_clients_gradient_from_the_sums_equals_autograd_through_every_embedding():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 4)) + np.where(rng.random(40) < 0.5, 1.0, -1.0)[:, None]
+    labels = (x[:, 0] > 0).astype(int)
+    attribute = AttributeClasses("g", labels, 2)
+    shrinkage = initial_shrinkage(x, attribute, ClassSums.of(x, labels, 2), PlainSum())
+    _, grad_sums, grad_outers = attribute_loss(ClassSums.of(x, labels, 2), shrinkage)
+    mine = client_attribute_gradient(torch.tensor(x), labels, grad_sums, grad_outers)
+
+    e = torch.tensor(x, requires_grad=True)  # the central computation the clients never do
+    one_hot = torch.tensor(np.eye(2)[labels])
+    counts, sums, outers = one_hot.sum(0), one_hot.T @ e, torch.einsum("nk,ni,nj->kij", one_hot, e, e)
+    means, covs = moments(counts, sums, outers)
+    global_mean, global_cov = moments(counts.sum(), sums.sum(0), outers.sum(0))
+    kl = gaussian_kl(means, shrink(covs, torch.tensor(shrinkage[:-1])), global_mean, shrink(global_cov, shrinkage[-1]))
+    (counts / counts.sum() * kl).sum().backward()
+    np.testing.assert_allclose(mine.numpy(), e.grad.numpy(), rtol=1e-8, atol=1e-12)
+
+
+def test_shadow_split_is_stratified_and_keeps_every_class_on_both_sides():
+    labels = np.array(["a"] * 50 + ["b"] * 20 + ["c"] * 2)
+    shadow, test = shadow_split(labels, 0.2, seed=0)
+    assert sorted(np.r_[shadow, test]) == list(range(72))
+    assert [int((labels[shadow] == v).sum()) for v in "abc"] == [10, 4, 1]
+    assert set(labels[test]) == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize("attacker", ["xgboost", "mlp"])
+def test_attacks_are_at_chance_on_random_embeddings_and_near_one_on_separable_ones(attacker):
+    rng = np.random.default_rng(0)
+    labels = rng.choice(np.array(["a", "b", "c"]), 600, p=[0.5, 0.3, 0.2])
+    noise = rng.normal(size=(600, 16))
+    _, _, chance = attribute_inference(attacker, "attr", noise, labels, seed=0)
+    assert abs(chance["balanced_accuracy"] - 1 / 3) < 0.07 and abs(chance["auc"] - 0.5) < 0.07
+    assert chance["chance"] == pytest.approx(1 / 3)
+    centres = rng.normal(size=(3, 16)) * 3
+    separable = noise * 0.3 + centres[np.searchsorted(["a", "b", "c"], labels)]
+    _, _, exposed = attribute_inference(attacker, "attr", separable, labels, seed=0)
+    assert exposed["accuracy"] > 0.97 and exposed["balanced_accuracy"] > 0.97 and exposed["macro_f1"] > 0.97
+    assert exposed["balanced_set_accuracy"] > 0.97 and exposed["auc"] > 0.99
