@@ -1,14 +1,116 @@
-"""Verification of unlearning against Retrain: speedup and distance of each method's model."""
+"""Audits: unlearning against Retrain, and attribute privacy in the global and the local view.
+
+Global view: what a central party could infer, from every user embedding (a model release or a
+curious server with access) and every upload. Local view: each client runs the attacker shipped to
+it on its own embedding and upload; only sums of outcomes leave the clients (correct guesses per
+class, a histogram of the attacker's confidence in the true class), through the aggregator.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from fedunlearn.config import Config
+from fedunlearn.config import AuditConfig, Config
 from fedunlearn.models import Arrays, build_model
+from fedunlearn.privacy.attacks import Attacker, attack_metrics, shadow_split, train_attacker
+from fedunlearn.privacy.attrcloak import Aggregator, PlainSum
 from fedunlearn.seeding import Stream, rng_for
+
+CONFIDENCE_BINS = 10
+
+
+@dataclass
+class AuditedAttack:
+    """One attacker on one attribute and one view, with the users it was tested on."""
+
+    view: str  # embedding | upload
+    attacker: Attacker
+    test: np.ndarray  # user indices not in the shadow set
+    metrics: dict[str, float]
+
+
+def global_audit(
+    views: dict[str, np.ndarray], attributes: pd.DataFrame, audit: AuditConfig, seed: int
+) -> list[AuditedAttack]:
+    """Train every attacker on a stratified shadow set of each attribute and test it on the rest,
+    for each view (name -> (n_users, features))."""
+    out = []
+    for attribute in audit.attributes or list(attributes.columns):
+        labels = attributes[attribute].to_numpy().astype(str)
+        shadow, test = shadow_split(labels, audit.shadow_share, seed)
+        for view, features in views.items():
+            for name in audit.attackers:
+                attacker = train_attacker(name, attribute, features[shadow], labels[shadow], seed)
+                metrics = attack_metrics(labels[test], attacker.proba(features[test]), attacker.classes, seed)
+                out.append(AuditedAttack(view, attacker, test, metrics))
+    return out
+
+
+def local_outcome(attacker: Attacker, own_features: np.ndarray, own_value: str) -> np.ndarray:
+    """What one client adds to the local audit's secure sum: per class (K), was the attacker right,
+    is this my class, and a histogram of the attacker's confidence in my true class (K x bins)."""
+    k = len(attacker.classes)
+    own = int(np.searchsorted(attacker.classes, own_value))
+    proba = attacker.proba(own_features)[0]
+    one_hot = np.eye(k)[own]
+    histogram = np.zeros((k, CONFIDENCE_BINS))
+    histogram[own, min(int(proba[own] * CONFIDENCE_BINS), CONFIDENCE_BINS - 1)] = 1
+    return np.concatenate([one_hot * (proba.argmax() == own), one_hot, histogram.ravel()])
+
+
+def local_audit(
+    audited: AuditedAttack, features: np.ndarray, labels: np.ndarray, threshold: float, aggregator: Aggregator
+) -> dict[str, Any]:
+    """Every test user's client computes its own outcome; the server sees only the sum."""
+    attacker = audited.attacker
+    k = len(attacker.classes)
+    if len(audited.test):
+        outcomes = np.stack([local_outcome(attacker, features[i], labels[i]) for i in audited.test])
+    else:
+        outcomes = np.zeros((1, 2 * k + k * CONFIDENCE_BINS))
+    total = aggregator.total(outcomes)
+    correct, counts = total[:k], total[k : 2 * k]
+    histogram = total[2 * k :].reshape(k, CONFIDENCE_BINS)
+    at_risk = histogram[:, int(np.ceil(threshold * CONFIDENCE_BINS)) :].sum(1)
+    present = counts > 0
+    return {
+        "accuracy": float(correct.sum() / counts.sum()),
+        "balanced_accuracy": float((correct[present] / counts[present]).mean()),
+        "at_risk": float(at_risk.sum() / counts.sum()),
+        "per_class": {
+            str(c): {"clients": int(n), "guessed": float(g / n), "at_risk": float(r / n)}
+            for c, n, g, r in zip(attacker.classes, counts, correct, at_risk, strict=True)
+            if n > 0
+        },
+    }
+
+
+def privacy_table(
+    views: dict[str, np.ndarray],
+    attributes: pd.DataFrame,
+    config: Config,
+    aggregator: Aggregator | None = None,
+) -> tuple[pd.DataFrame, list[AuditedAttack]]:
+    """Global and local audit rows (one per view x attacker x attribute x audit)."""
+    aggregator = aggregator or PlainSum()
+    audited = global_audit(views, attributes, config.audit, config.run.seed)
+    rows = []
+    for item in audited:
+        key = {"view": item.view, "attacker": item.attacker.name, "attribute": item.attacker.attribute}
+        rows.append(key | {"audit": "global"} | item.metrics)
+        if config.audit.local:
+            labels = attributes[item.attacker.attribute].to_numpy().astype(str)
+            local = local_audit(item, views[item.view], labels, config.defence.risk_threshold, aggregator)
+            per_class = local.pop("per_class")
+            worst = max(per_class.values(), key=lambda c: c["at_risk"])["at_risk"]
+            rows.append(
+                key | {"audit": "local", "chance": item.metrics["chance"], **local, "worst_class_at_risk": worst}
+            )
+    return pd.DataFrame(rows), audited
 
 
 def compare_with_retrain(rows: list[dict[str, Any]], unlearned: list[Arrays]) -> None:

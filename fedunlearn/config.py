@@ -83,6 +83,35 @@ class UnlearnConfig:
 
 
 @dataclass
+class DefenceConfig:
+    method: str = "none"  # post-training, on user embeddings: none | attrcloak-dd | attrcloak-df | d2d-r | u2u-r
+    upload: str = "none"  # on every upload while training: none | ldp | pseudo-items | ldp+pseudo-items
+    clients: str = "all"  # who defends: all | listed (defence.client_ids) | at-risk (own local audit)
+    client_ids: list[str] = field(default_factory=list)
+    risk_threshold: float = 0.5  # at-risk: the shipped attacker's confidence in the client's true class
+    steps: int = 100  # post-training defences: Adam steps
+    lr: float = 0.01
+    cloak_weight: float = -1.0  # AttrCloak's weight on the attribute loss: -1 = closed-form min-norm per step
+    weight: float = 1.0  # D2D-R / U2U-R: fixed weight of sum |e - e_original|^2
+    batch: int = 32  # AttrCloak-DD: positives per client per step for the retention loss
+    ldp_mechanism: str = "gaussian"  # gaussian ((epsilon, delta), L2 clip) | laplace (epsilon, L1 clip)
+    ldp_clip: float = 1.0  # norm each upload is clipped to (the sensitivity)
+    ldp_epsilon: float = 8.0
+    ldp_delta: float = 1e-5
+    pseudo_items: float = 1.0  # fake rows sent per real row
+
+
+@dataclass
+class AuditConfig:
+    enabled: bool = False  # audit attribute privacy after training (always on when a defence is set)
+    attackers: list[str] = field(default_factory=lambda: ["xgboost", "mlp"])
+    attributes: list[str] = field(default_factory=list)  # empty: every attribute the dataset has
+    shadow_share: float = 0.2  # users whose attribute the attacker knows (stratified)
+    uploads: bool = True  # also attack the last round's uploads (the server's own view)
+    local: bool = True  # also run the local audit (each client, on its own device)
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     engine: str = "inprocess"  # inprocess | flower
@@ -100,6 +129,8 @@ class Config:
     central: CentralConfig = field(default_factory=CentralConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -116,6 +147,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
     "run.mode": ("federated", "central", "popularity"),
     "eval.select": ("last", "best_valid"),
+    "defence.method": ("none", "attrcloak-dd", "attrcloak-df", "d2d-r", "u2u-r"),
+    "defence.upload": ("none", "ldp", "pseudo-items", "ldp+pseudo-items"),
+    "defence.clients": ("all", "listed", "at-risk"),
+    "defence.ldp_mechanism": ("gaussian", "laplace"),
     "unlearn.method": ("retrain", "federaser", "fru", "accum", "ascent", "none"),
 }
 
@@ -142,6 +177,11 @@ POSITIVE = {
     "unlearn.r",
     "unlearn.lam",
     "unlearn.poison_boost",
+    "defence.steps",
+    "defence.lr",
+    "defence.batch",
+    "defence.ldp_clip",
+    "defence.ldp_epsilon",
 }
 NON_NEGATIVE = {
     "data.min_rating",
@@ -149,6 +189,8 @@ NON_NEGATIVE = {
     "train.weight_decay",
     "central.weight_decay",
     "run.seed",
+    "defence.weight",
+    "defence.pseudo_items",
 }
 
 
@@ -218,7 +260,14 @@ def validate(config: Config) -> Config:
     for dotted in NON_NEGATIVE:
         if _get(config, dotted) < 0:
             raise FedUnlearnError(f"{dotted} must be >= 0; got {_get(config, dotted)}")
-    for dotted in ("unlearn.alpha", "unlearn.beta", "train.pool_share"):
+    for dotted in (
+        "unlearn.alpha",
+        "unlearn.beta",
+        "train.pool_share",
+        "audit.shadow_share",
+        "defence.ldp_delta",
+        "defence.risk_threshold",
+    ):
         if not 0 < _get(config, dotted) <= 1:
             raise FedUnlearnError(f"{dotted} must be in (0, 1]; got {_get(config, dotted)}")
     fraction = config.train.fraction
@@ -235,6 +284,17 @@ def validate(config: Config) -> Config:
         )
     if config.model.name == "ncf" and (not config.model.mlp_layers or min(config.model.mlp_layers) <= 0):
         raise FedUnlearnError(f"model.mlp_layers must be positive widths; got {config.model.mlp_layers}")
+    unknown = sorted(set(config.audit.attackers) - {"xgboost", "mlp"})
+    if unknown or not config.audit.attackers:
+        raise FedUnlearnError(f"audit.attackers must name xgboost and/or mlp; got {config.audit.attackers}")
+    if config.defence.upload != "none" and config.defence.clients == "at-risk":
+        raise FedUnlearnError(
+            "defence.clients = 'at-risk' applies to post-training defences; for defence.upload use all or listed"
+        )
+    if config.defence.clients == "listed" and not config.defence.client_ids:
+        raise FedUnlearnError(
+            "defence.clients = 'listed' needs defence.client_ids, e.g. --set defence.client_ids=[1,2]"
+        )
     if config.data.dataset == "csv" and not config.data.path:
         raise FedUnlearnError("data.dataset = 'csv' needs data.path: --set data.path=interactions.csv")
     return config

@@ -32,7 +32,7 @@ class InProcessPool:
         self.user_state: dict[int, Arrays] = {}
         torch.set_num_threads(1)  # tiny per-client tensors: threads only add overhead and jitter
 
-    def _user(self, index: int) -> Arrays:
+    def user(self, index: int) -> Arrays:
         if index not in self.user_state:
             self.user_state[index] = init_user(self.model, self.config.run.seed, self.federation.client_ids[index])
         return self.user_state[index]
@@ -50,7 +50,7 @@ class InProcessPool:
         for index in clients:
             data = self.federation.client(index)
             update, self.user_state[index] = local_train(
-                self.model, data, self._user(index), shared, self.config, round_number, self.device, epochs, ascent
+                self.model, data, self.user(index), shared, self.config, round_number, self.device, epochs, ascent
             )
             updates.append(update)
             done(1)
@@ -59,7 +59,7 @@ class InProcessPool:
     def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
         return {
             self.federation.client_ids[i]: local_membership(
-                self.model, self.federation.client(i), self._user(i), shared, self.device
+                self.model, self.federation.client(i), self.user(i), shared, self.device
             )
             for i in clients
         }
@@ -80,7 +80,7 @@ class InProcessPool:
         for index in clients:
             results.append(
                 local_evaluate(
-                    self.model, self.federation.client(index), self._user(index), shared, self.config, self.device
+                    self.model, self.federation.client(index), self.user(index), shared, self.config, self.device
                 )
             )
             done(1)

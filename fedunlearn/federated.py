@@ -163,6 +163,12 @@ def local_train(
         loss=total_loss / len(batches),
         epochs=sum(len(batch) for _, batch in batches) / n_pos,
     )
+    defence = config.defence
+    if defence.upload != "none" and not ascent and (defence.clients == "all" or data.client_id in defence.client_ids):
+        from fedunlearn.privacy.uploads import protect_upload
+
+        noise = rng_for(config.run.seed, Stream.DEFENCE, round_number, client_key(data.client_id))
+        update = protect_upload(update, defence, data.n_items, noise)
     return update, _numpy(user_t)
 
 

@@ -58,6 +58,7 @@ class FederationResult:
     events: list[dict[str, Any]] = field(default_factory=list)  # drop events: who, when, method, cost, audit
     unlearned: Arrays = field(default_factory=dict)  # shared parameters right after the last unlearning
     comparison: list[dict[str, Any]] = field(default_factory=list)  # every method at the last event
+    uploads: np.ndarray | None = None  # (clients, items): the server's view of each last-round upload
 
 
 def _by_client(reply: ClientUpdate | ClientEvaluation) -> str:
@@ -144,6 +145,15 @@ class FederatedServer:
             self.history.record_round(round_number, shared, updates)
         return aggregate(self.model, shared, updates, self.config.train.server_lr), updates
 
+    def upload_view(self, updates: list[ClientUpdate]) -> np.ndarray:
+        """What a curious server keeps of each upload for attribute inference (zeros: not sampled)."""
+        from fedunlearn.privacy.uploads import upload_features
+
+        view = np.zeros((len(self.client_ids), self.model.n_items), dtype=np.float32)
+        for update in updates:
+            view[self.position[update.client_id]] = upload_features(update, self.model.n_items)
+        return view
+
     def evaluate(self) -> dict[str, float]:
         evaluations = sorted(self.pool.evaluate(self.active, self.shared, lambda _: None), key=_by_client)
         return evaluation_metrics(evaluations, self.config.eval.ks, self.config.eval.full_ranking)
@@ -216,6 +226,8 @@ class FederatedServer:
             clients = self.sample(round_number)
             self.progress.start_round(round_number, len(clients))
             self.shared, updates = self.train_round(round_number, clients, self.shared)
+            if round_number == rounds:
+                result.uploads = self.upload_view(updates)
             if round_number % self.config.eval.every == 0 or round_number == rounds:
                 row = {
                     "round": round_number,

@@ -69,6 +69,33 @@ def schedule_and_history(
     return schedule, HistoryStore(folder / "history.sqlite", HistoryPolicy.for_method(unlearn))
 
 
+def wants_privacy_stage(config: Config) -> bool:
+    return config.audit.enabled or config.defence.method != "none"
+
+
+def _privacy(
+    config: Config, federation: Federation, server: FederatedServer, pool: Any, result: FederationResult
+) -> Any:
+    """Audit and defend on the clients still in the federation after training (in-process pool)."""
+    from fedunlearn.privacy.stage import privacy_stage
+
+    clients = list(server.active)
+    users = [pool.user(i) for i in clients]
+    uploads = None if result.uploads is None else result.uploads[clients]
+
+    def evaluate(candidate: list[Any]) -> dict[str, float]:
+        for index, user in zip(clients, candidate, strict=True):
+            pool.user_state[index] = user
+        metrics = server.evaluate()
+        return {key: metrics[key] for key in ("HR@10", "NDCG@10")}
+
+    report, users_after = privacy_stage(
+        config, server.model, federation, clients, result.shared, users, uploads, evaluate
+    )
+    evaluate(users_after)
+    return report
+
+
 def _federated(
     config: Config, federation: Federation, folder: Path, show_progress: bool, info: dict[str, Any]
 ) -> FederationResult:
@@ -85,9 +112,12 @@ def _federated(
             try:
                 pool = InProcessPool(config, federation)
                 ids, n_items = federation.client_ids, federation.n_items
-                result = FederatedServer(config, ids, n_items, pool, progress, history, schedule).run()
+                server = FederatedServer(config, ids, n_items, pool, progress, history, schedule)
+                result = server.run()
             finally:
                 progress.close()
+            if wants_privacy_stage(config):
+                info["privacy"] = _privacy(config, federation, server, pool, result)
         if history is not None:
             info["history_bytes"] = history.bytes_by_kind()
             info["events"] = result.events

@@ -22,6 +22,7 @@ class Stream(IntEnum):
     CENTRAL = 5
     POPULARITY = 6
     DROPS = 7
+    DEFENCE = 8
 
 
 def rng_for(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

@@ -110,3 +110,58 @@ def test_attacks_are_at_chance_on_random_embeddings_and_near_one_on_separable_on
     _, _, exposed = attribute_inference(attacker, "attr", separable, labels, seed=0)
     assert exposed["accuracy"] > 0.97 and exposed["balanced_accuracy"] > 0.97 and exposed["macro_f1"] > 0.97
     assert exposed["balanced_set_accuracy"] > 0.97 and exposed["auc"] > 0.99
+
+
+def test_u2u_gradient_and_loss_from_class_sums_equal_the_explicit_cross_group_graph():
+    from fedunlearn.privacy.baselines import _u2u_gradient
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 3))
+    labels = rng.integers(0, 3, 12)
+    e = torch.tensor(x, requires_grad=True)
+    cross = [(u, v) for u in range(12) for v in range(u + 1, 12) if labels[u] != labels[v]]
+    explicit = sum(((e[u] - e[v]) ** 2).sum() for u, v in cross) / len(cross)
+    explicit.backward()
+    grad, loss = _u2u_gradient(torch.tensor(x), AttributeClasses("g", labels, 3), PlainSum())
+    assert loss == pytest.approx(explicit.item(), rel=1e-9)
+    np.testing.assert_allclose(grad.numpy(), e.grad.numpy(), rtol=1e-9)
+
+
+def test_d2d_client_gradients_equal_autograd_of_the_central_mmd():
+    from fedunlearn.privacy.baselines import FourierFeatures, _d2d_gradient
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(20, 4))
+    labels = rng.integers(0, 2, 20)
+    phi = FourierFeatures(4, 1.0, seed=0)
+    grad, loss = _d2d_gradient(torch.tensor(x), AttributeClasses("g", labels, 2), phi, PlainSum())
+    e = torch.tensor(x, requires_grad=True)
+    features, one_hot = phi(e), torch.tensor(np.eye(2)[labels])
+    counts = one_hot.sum(0)
+    means, overall = (one_hot.T @ features) / counts[:, None], features.mean(0)
+    central = (counts / counts.sum() * ((means - overall) ** 2).sum(1)).sum()
+    central.backward()
+    assert loss == pytest.approx(central.item(), rel=1e-9)
+    np.testing.assert_allclose(grad.numpy(), e.grad.numpy(), rtol=1e-8, atol=1e-14)
+
+
+def test_pseudo_items_hide_the_touched_set_and_ldp_clips_before_adding_noise():
+    from fedunlearn.federated import ClientUpdate
+    from fedunlearn.privacy.uploads import pad_pseudo_items, privatize, upload_features
+
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    update = ClientUpdate("u", 4, np.array([1, 5, 6, 9]), {"item_emb": rows}, {"w": np.ones(2, np.float32)}, 0.0)
+    features = upload_features(update, 12)
+    np.testing.assert_allclose(features[[1, 5, 6, 9]], np.linalg.norm(rows, axis=1), rtol=1e-6)
+    assert np.count_nonzero(features) == 4
+    padded = pad_pseudo_items(update, 12, ratio=1.0, rng=np.random.default_rng(0))
+    assert len(padded.item_ids) == 8 and list(padded.item_ids) == sorted(padded.item_ids)
+    assert set(update.item_ids) < set(padded.item_ids)
+    kept = np.searchsorted(padded.item_ids, update.item_ids)
+    np.testing.assert_array_equal(padded.rows["item_emb"][kept], rows)  # the real rows are unchanged
+    # no noise at a huge epsilon: only the clip to norm 1 shows
+    clipped = privatize(update, "gaussian", clip=1.0, epsilon=1e12, delta=1e-5, rng=np.random.default_rng(0))
+    total = np.sqrt((clipped.rows["item_emb"] ** 2).sum() + (clipped.dense["w"] ** 2).sum())
+    assert total == pytest.approx(1.0, rel=1e-4)
+    noisy = privatize(update, "laplace", clip=1.0, epsilon=0.5, delta=0.0, rng=np.random.default_rng(0))
+    assert np.abs(noisy.rows["item_emb"]).mean() > 1.0  # Laplace scale C / epsilon = 2 dominates the clipped rows

@@ -165,7 +165,8 @@ class DataRetention:
         pos_score = self.model.score(user, {k: t[pos] for k, t in self.rows.items()}, self.dense)
         neg_rows = {k: t[neg.reshape(len(pos), -1)] for k, t in self.rows.items()}
         neg_score = self.model.score(user, neg_rows, self.dense).reshape(len(pos), batch, self.negatives)
-        total = sum(recommendation_loss(self.loss, pos_score[i], neg_score[i]) for i in range(len(pos)))
+        # every client has the same batch, so the sum of per-client mean losses is n times the overall mean
+        total = len(pos) * recommendation_loss(self.loss, pos_score.reshape(-1), neg_score.reshape(-1, self.negatives))
         (grad,) = torch.autograd.grad(total, flat)
         return grad
 
@@ -179,9 +180,11 @@ def attrcloak(
     defending: np.ndarray,
     retention: DataRetention | None = None,
     aggregator: Aggregator | None = None,
+    fixed_weight: float | None = None,
 ) -> DefenceOutcome:
     """Run AttrCloak-DD (`variant="dd"`, needs `retention`) or -DF for `steps` steps; only the
-    clients with `defending[i]` move (everyone contributes to the class sums)."""
+    clients with `defending[i]` move (everyone contributes to the class sums). The weight on the
+    attribute loss is the closed-form min-norm one at every step, or `fixed_weight` if given."""
     import time
 
     started = time.perf_counter()
@@ -209,6 +212,7 @@ def attrcloak(
             torch.stack([(grad_r * grad_r).sum(1), (grad_au * grad_r).sum(1), (grad_au * grad_au).sum(1)], 1).numpy()
         )
         weight = min_norm_weight(*scalars, low=0.0 if variant == "dd" else 0.1)
+        weight = weight if fixed_weight is None else fixed_weight
         optimizer.zero_grad()
         current.grad = weight * grad_au + (1 - weight) * grad_r
         optimizer.step()

@@ -1,0 +1,76 @@
+"""What the server sees of a client (its upload), and the client-side defences on it.
+
+- `upload_features`: the curious server's view of one upload, as attack features: for every item,
+  the norm of the change the client sent for its rows (zero for rows it did not send).
+- `pad_pseudo_items`: the client also sends rows for items it never touched, with changes drawn
+  to look like its real ones, so the set of sent rows no longer spells out its interactions.
+- `privatize`: local differential privacy on the whole shared-parameter change: clip to norm C,
+  add Gaussian noise (sigma = C sqrt(2 ln(1.25 / delta)) / epsilon: (epsilon, delta)-DP per upload
+  for a client's whole contribution, add/remove sensitivity C, L2) or Laplace noise (L1 clip,
+  scale C / epsilon: epsilon-DP). It protects the values of the sent rows, not which rows are sent:
+  combine it with pseudo-items for that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from fedunlearn.config import DefenceConfig
+from fedunlearn.federated import ClientUpdate
+
+
+def upload_features(update: ClientUpdate, n_items: int) -> np.ndarray:
+    features = np.zeros(n_items, dtype=np.float32)
+    for rows in update.rows.values():
+        features[update.item_ids] += np.linalg.norm(rows, axis=1)
+    return features
+
+
+def pad_pseudo_items(update: ClientUpdate, n_items: int, ratio: float, rng: np.random.Generator) -> ClientUpdate:
+    """Add round(ratio * rows sent) untouched items, each row change drawn from a Gaussian with the
+    per-coordinate mean and spread of the client's real row changes."""
+    untouched = np.setdiff1d(np.arange(n_items), update.item_ids)
+    count = min(len(untouched), round(ratio * len(update.item_ids)))
+    if count == 0:
+        return update
+    fake = np.sort(rng.choice(untouched, count, replace=False))
+    items = np.concatenate([update.item_ids, fake])
+    order = np.argsort(items)
+    rows = {}
+    for key, real in update.rows.items():
+        drawn = rng.normal(real.mean(0), real.std(0) + 1e-12, size=(count, real.shape[1])).astype(real.dtype)
+        rows[key] = np.concatenate([real, drawn])[order]
+    return replace(update, item_ids=items[order], rows=rows)
+
+
+def privatize(
+    update: ClientUpdate, mechanism: str, clip: float, epsilon: float, delta: float, rng: np.random.Generator
+) -> ClientUpdate:
+    arrays = {**{("rows", k): v for k, v in update.rows.items()}, **{("dense", k): v for k, v in update.dense.items()}}
+    order = 2 if mechanism == "gaussian" else 1
+    norm = float(np.linalg.norm(np.concatenate([v.ravel() for v in arrays.values()]), ord=order))
+    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    if mechanism == "gaussian":
+        sigma = clip * np.sqrt(2 * np.log(1.25 / delta)) / epsilon
+        noisy = {k: (v * factor + rng.normal(0, sigma, v.shape)).astype(v.dtype) for k, v in arrays.items()}
+    else:
+        scale = clip / epsilon
+        noisy = {k: (v * factor + rng.laplace(0, scale, v.shape)).astype(v.dtype) for k, v in arrays.items()}
+    return replace(
+        update,
+        rows={k: v for (part, k), v in noisy.items() if part == "rows"},
+        dense={k: v for (part, k), v in noisy.items() if part == "dense"},
+    )
+
+
+def protect_upload(
+    update: ClientUpdate, defence: DefenceConfig, n_items: int, rng: np.random.Generator
+) -> ClientUpdate:
+    """The configured upload defence: pseudo-items first (so noise covers the fake rows too), then LDP."""
+    if "pseudo-items" in defence.upload:
+        update = pad_pseudo_items(update, n_items, defence.pseudo_items, rng)
+    if "ldp" in defence.upload:
+        update = privatize(update, defence.ldp_mechanism, defence.ldp_clip, defence.ldp_epsilon, defence.ldp_delta, rng)
+    return update
