@@ -41,7 +41,9 @@ def global_audit(
     out = []
     for attribute in audit.attributes or list(attributes.columns):
         labels = attributes[attribute].to_numpy().astype(str)
-        shadow, test = shadow_split(labels, audit.shadow_share, seed)
+        values, counts = np.unique(labels, return_counts=True)
+        attackable = np.flatnonzero(np.isin(labels, values[counts >= 2]))  # a class needs a shadow and a test user
+        shadow, test = (attackable[part] for part in shadow_split(labels[attackable], audit.shadow_share, seed))
         for view, features in views.items():
             for name in audit.attackers:
                 attacker = train_attacker(name, attribute, features[shadow], labels[shadow], seed)
@@ -53,9 +55,11 @@ def global_audit(
 def local_outcome(attacker: Attacker, own_features: np.ndarray, own_value: str) -> np.ndarray:
     """What one client adds to the local audit's secure sum: per class (K), was the attacker right,
     is this my class, and a histogram of the attacker's confidence in my true class (K x bins)."""
-    k = len(attacker.classes)
-    own = int(np.searchsorted(attacker.classes, own_value))
-    proba = attacker.proba(own_features)[0]
+    return outcome_from_proba(attacker.proba(own_features)[0], int(np.searchsorted(attacker.classes, own_value)))
+
+
+def outcome_from_proba(proba: np.ndarray, own: int) -> np.ndarray:
+    k = len(proba)
     one_hot = np.eye(k)[own]
     histogram = np.zeros((k, CONFIDENCE_BINS))
     histogram[own, min(int(proba[own] * CONFIDENCE_BINS), CONFIDENCE_BINS - 1)] = 1
@@ -69,7 +73,10 @@ def local_audit(
     attacker = audited.attacker
     k = len(attacker.classes)
     if len(audited.test):
-        outcomes = np.stack([local_outcome(attacker, features[i], labels[i]) for i in audited.test])
+        # each client's own prediction; computed for all at once here because it is the same arithmetic
+        proba = attacker.proba(features[audited.test])
+        own = np.searchsorted(attacker.classes, labels[audited.test])
+        outcomes = np.stack([outcome_from_proba(row, int(c)) for row, c in zip(proba, own, strict=True)])
     else:
         outcomes = np.zeros((1, 2 * k + k * CONFIDENCE_BINS))
     total = aggregator.total(outcomes)

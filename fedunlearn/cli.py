@@ -51,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1: wall times stay clean)"
     )
 
+    audit = commands.add_parser(
+        "audit", help="attack the user embeddings a run saved (central view) again: global and local audit"
+    )
+    audit.add_argument("run_dir", help="a results folder written with audit.enabled or a defence")
+    audit.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="change audit settings, e.g. --set audit.attackers=[mlp] --set run.seed=1 (repeatable)",
+    )  # fmt: skip
+    audit.add_argument("--out", help="also write the table to this CSV file")
+
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     info = data_commands.add_parser("info", help="users, items, interactions, density, attributes")
@@ -61,8 +71,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # `fedunlearn run` with no arguments: train on the synthetic default, drop 2% of the clients at
-# round 15, erase them with FedEraser and show every method side by side at that moment
+# round 15, erase them with FedEraser and show every method side by side at that moment; then audit
+# attribute privacy globally and locally, let every client at risk run AttrCloak-DD, audit again
 DEMO = ['unlearn.drop_random="2%@15"', "unlearn.method=federaser", "unlearn.compare=true"]
+DEMO += ["defence.method=attrcloak-dd", "defence.clients=at-risk", "defence.steps=40", "audit.attackers=[mlp]"]
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -94,6 +106,12 @@ def _run(args: argparse.Namespace) -> None:
         table = pd.DataFrame(outcome.result.comparison)
         print("unlearning at the drop event (retained users, model right after unlearning):")
         print(table[[c for c in columns if c in table.columns]].to_markdown(index=False, floatfmt=".4f"))
+    if outcome.result.privacy is not None:
+        from fedunlearn.report import privacy_summary
+
+        report = outcome.result.privacy
+        print(f"attribute privacy ({report.defending} clients defended; audit.csv has every view and attacker):")
+        print(privacy_summary(report.table).to_markdown(index=False, floatfmt=".3f"))
     print(f"results: {out}")
 
 
@@ -107,6 +125,34 @@ def _experiment(args: argparse.Namespace) -> None:
     table = run_experiment(args.file, args.out, args.overrides, show_progress=not args.quiet, jobs=args.jobs)
     print(table.to_markdown(index=False, floatfmt=".4f"))
     print(f"results: {args.out}")
+
+
+def _audit(args: argparse.Namespace) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from fedunlearn.audit import privacy_table
+    from fedunlearn.config import load_config
+    from fedunlearn.federation import build_federation
+
+    run = Path(args.run_dir)
+    saved = run / "central_view_embeddings.npz"
+    if not saved.is_file():
+        raise FedUnlearnError(f"{run} has no {saved.name}: rerun with --set audit.enabled=true (or a defence)")
+    config = load_config(run / "config.toml", args.overrides)
+    arrays = np.load(saved, allow_pickle=False)
+    federation = build_federation(config.data, config.run.seed)
+    position = {client: index for index, client in enumerate(federation.client_ids)}
+    attributes = federation.dataset.attributes.iloc[[position[c] for c in arrays["clients"]]].reset_index(drop=True)
+    tables = []
+    for stage in [name for name in ("before", "after") if name in arrays]:
+        table, _ = privacy_table({"embedding": arrays[stage]}, attributes, config)
+        tables.append(table.assign(stage=stage))
+    table = pd.concat(tables, ignore_index=True)
+    columns = ["stage", "attacker", "attribute", "audit", "accuracy", "balanced_accuracy", "chance", "at_risk"]
+    print(table[columns].to_markdown(index=False, floatfmt=".4f"))
+    if args.out:
+        table.to_csv(args.out, index=False)
 
 
 def _data_info(args: argparse.Namespace) -> None:
@@ -123,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             _run(args)
         elif args.command == "experiment":
             _experiment(args)
+        elif args.command == "audit":
+            _audit(args)
         else:
             _data_info(args)
     except FedUnlearnError as err:

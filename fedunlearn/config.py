@@ -85,6 +85,7 @@ class UnlearnConfig:
 @dataclass
 class DefenceConfig:
     method: str = "none"  # post-training, on user embeddings: none | attrcloak-dd | attrcloak-df | d2d-r | u2u-r
+    compare: bool = False  # also try every post-training defence on a copy of the trained model
     upload: str = "none"  # on every upload while training: none | ldp | pseudo-items | ldp+pseudo-items
     clients: str = "all"  # who defends: all | listed (defence.client_ids) | at-risk (own local audit)
     client_ids: list[str] = field(default_factory=list)
@@ -92,7 +93,7 @@ class DefenceConfig:
     steps: int = 100  # post-training defences: Adam steps
     lr: float = 0.01
     cloak_weight: float = -1.0  # AttrCloak's weight on the attribute loss: -1 = closed-form min-norm per step
-    weight: float = 1.0  # D2D-R / U2U-R: fixed weight of sum |e - e_original|^2
+    weight: float = 0.001  # D2D-R / U2U-R: fixed weight of sum |e - e_original|^2
     batch: int = 32  # AttrCloak-DD: positives per client per step for the retention loss
     ldp_mechanism: str = "gaussian"  # gaussian ((epsilon, delta), L2 clip) | laplace (epsilon, L1 clip)
     ldp_clip: float = 1.0  # norm each upload is clipped to (the sensitivity)

@@ -94,11 +94,20 @@ def _row(name: str, config: Config, outcome: RunOutcome) -> dict[str, Any]:
     )
 
 
-def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tuple[dict[str, Any], Arrays]:
+def _privacy_rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]]:
+    """One row per defence x view x attacker x attribute x audit of the run's attribute audit."""
+    base = {"run": name.split("/")[0], "seed": config.run.seed, "model": config.model.name}
+    base |= {"engine": config.run.engine}
+    return [base | {"setting": row.pop("defence")} | row for row in outcome.result.privacy.table.to_dict("records")]
+
+
+def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tuple[list[dict[str, Any]], Arrays]:
     (folder / name).mkdir(parents=True)
     outcome = execute(config, folder / name, show_progress)
     write_run(folder / name, config, outcome.result, outcome.info)
-    return _row(name, config, outcome), outcome.result.unlearned
+    if outcome.result.privacy is not None:
+        return _privacy_rows(name, config, outcome), outcome.result.unlearned
+    return [_row(name, config, outcome)], outcome.result.unlearned
 
 
 def run_experiment(
@@ -114,7 +123,7 @@ def run_experiment(
     if jobs < 1:
         raise FedUnlearnError(f"--jobs is {jobs} but must be at least 1")
     settings = load_settings(path, overrides)
-    results: list[tuple[dict[str, Any], Arrays] | None] = [None] * len(settings)
+    results: list[tuple[list[dict[str, Any]], Arrays] | None] = [None] * len(settings)
     with staged(out) as folder:
         if jobs == 1:
             for index, (name, config) in enumerate(settings):
@@ -131,18 +140,23 @@ def run_experiment(
                     index = futures[future]
                     results[index] = future.result()
                     print(f"[{done}/{len(settings)}] {settings[index][0]} done", flush=True)
-        rows = [row for row, _ in results]
-        compare_with_retrain(rows, [params for _, params in results])
+        rows = [row for run_rows, _ in results for row in run_rows]
+        compare_with_retrain(rows, [params for run_rows, params in results for _ in run_rows])
         runs = pd.DataFrame(rows)
         runs.to_csv(folder / "runs.csv", index=False)
         table = summarize(runs)
         table.to_csv(folder / "table.csv", index=False)
         (folder / "table.md").write_text(markdown(table) + "\n")
+        if "balanced_accuracy" in table.columns:
+            from fedunlearn.report import plot_tradeoff
+
+            plot_tradeoff(table[table["audit"].notna()], folder / "tradeoff.png", label="setting")
     return table
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    keys = [c for c in ("setting", "model", "mode", "engine", "method") if c in runs.columns]
+    grouping = ("setting", "model", "mode", "engine", "method", "audit", "view", "attacker", "attribute")
+    keys = [c for c in grouping if c in runs.columns]
     numeric = [c for c in runs.columns if c not in keys and c != "seed" and pd.api.types.is_numeric_dtype(runs[c])]
     grouped = runs.groupby(keys, sort=False, dropna=False)[numeric]
     table = grouped.mean().reset_index()

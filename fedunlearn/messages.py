@@ -2,11 +2,18 @@
 
 Every reply carries the client's stable id (the dataset's user id) in a `meta` ConfigRecord; Flower
 node ids are mapped to it once, by the whoami query, and nowhere else.
+
+Ordinary training travels as "train.fit": Flower's `secaggplus_mod` acts on messages of type exactly
+"train", which are kept for SecAgg+ rounds. Such a round ships a secure task (a flat dict that fits a
+ConfigRecord) and its replies carry nothing but masked vectors and key material.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -14,10 +21,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedunlearn.config import Config, config_from_dict
 from fedunlearn.federated import ClientEvaluation, ClientUpdate
 from fedunlearn.models import Arrays
+from fedunlearn.privacy.attacks import Attacker
 
+TRAIN = "train.fit"
 WHOAMI = "query.whoami"
 FORGET = "query.forget"
 MEMBERSHIP = "query.membership"
+
+# secure tasks: what a client adds to a SecAgg+ sum
+LOCAL_AUDIT = "local-audit"  # fedunlearn.audit.local_outcome of the shipped attacker on the client's own embedding
+CLASS_SUMS = "class-sums"  # fedunlearn.privacy.attrcloak.class_contribution of the client's own embedding
+SECURE_TASKS = (LOCAL_AUDIT, CLASS_SUMS)
+BOUND = "bound"  # set by server.secure_sum: every contributed value must lie within +-bound
 
 
 def arrays_to_record(arrays: Arrays) -> ArrayRecord:
@@ -127,3 +142,28 @@ def encode_membership(client_id: str, auc: float) -> RecordDict:
 
 def decode_membership(content: RecordDict) -> tuple[str, float]:
     return client_id_of(content), float(content.metric_records["metrics"]["membership-auc"])
+
+
+def secure_task(config: Config, task: str, **fields: Any) -> dict[str, Any]:
+    """The settings of one secure sum, as the FitIns config of a SecAgg+ round (its values: str, bytes,
+    bool, int or float; a list travels as JSON)."""
+    if task not in SECURE_TASKS:
+        raise ValueError(f"unknown secure task {task!r}: choose one of {', '.join(SECURE_TASKS)}")
+    return {"task": task, "config": json.dumps(config.to_dict()), **fields}
+
+
+def read_secure_task(fields: Mapping[str, Any]) -> tuple[Config, str, float]:
+    """(config, task name, bound); the task's own fields stay in `fields`."""
+    return config_from_dict(json.loads(str(fields["config"]))), str(fields["task"]), float(fields[BOUND])
+
+
+def encode_attacker(attacker: Attacker) -> bytes:
+    return pickle.dumps(attacker)
+
+
+def decode_attacker(blob: bytes) -> Attacker:
+    """Unpickles what the server sent: a client runs this only for a server it trusts with code."""
+    attacker = pickle.loads(blob)  # noqa: S301
+    if not isinstance(attacker, Attacker):
+        raise TypeError(f"expected a pickled Attacker, got {type(attacker).__name__}")
+    return attacker

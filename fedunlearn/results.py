@@ -52,6 +52,8 @@ def write_run(folder: str | Path, config: Config, result: FederationResult, info
     (folder / "summary.md").write_text(summary_markdown(config, result, info or {}))
     if result.unlearned:
         np.savez_compressed(folder / "unlearned.npz", **result.unlearned)
+    if result.privacy is not None:
+        write_privacy(folder, config, result.privacy)
     if result.comparison:
         table = pd.DataFrame(result.comparison)
         table.to_csv(folder / "unlearning.csv", index=False)
@@ -71,3 +73,17 @@ def summary_markdown(config: Config, result: FederationResult, info: dict[str, A
         "",
     ]
     return "\n".join(lines)
+
+
+def write_privacy(folder: Path, config: Config, report: Any) -> None:
+    """audit.csv / audit.md, the embeddings the global audit saw (the central view: a simulation
+    privilege, for `fedunlearn audit` and the plots) and the plots."""
+    from fedunlearn.report import plot_embeddings, plot_tradeoff
+
+    report.table.to_csv(folder / "audit.csv", index=False)
+    (folder / "audit.md").write_text(report.table.to_markdown(index=False, floatfmt=".4f") + "\n")
+    arrays = {"before": report.users_before} | ({} if report.users_after is None else {"after": report.users_after})
+    np.savez_compressed(folder / "central_view_embeddings.npz", clients=np.array(report.client_ids), **arrays)
+    if report.users_after is not None:
+        plot_embeddings(report, folder / "embeddings.png")
+    plot_tradeoff(report.table, folder / "tradeoff.png")

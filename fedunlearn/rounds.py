@@ -59,6 +59,7 @@ class FederationResult:
     unlearned: Arrays = field(default_factory=dict)  # shared parameters right after the last unlearning
     comparison: list[dict[str, Any]] = field(default_factory=list)  # every method at the last event
     uploads: np.ndarray | None = None  # (clients, items): the server's view of each last-round upload
+    privacy: Any = None  # fedunlearn.privacy.stage.PrivacyReport when attribute privacy was audited
 
 
 def _by_client(reply: ClientUpdate | ClientEvaluation) -> str:

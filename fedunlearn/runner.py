@@ -70,7 +70,8 @@ def schedule_and_history(
 
 
 def wants_privacy_stage(config: Config) -> bool:
-    return config.audit.enabled or config.defence.method != "none"
+    defence = config.defence
+    return config.audit.enabled or defence.method != "none" or defence.upload != "none" or defence.compare
 
 
 def _privacy(
@@ -117,7 +118,9 @@ def _federated(
             finally:
                 progress.close()
             if wants_privacy_stage(config):
-                info["privacy"] = _privacy(config, federation, server, pool, result)
+                result.privacy = _privacy(config, federation, server, pool, result)
+                info["defence_seconds"] = round(result.privacy.defence_seconds, 2)
+                info["defending_clients"] = result.privacy.defending
         if history is not None:
             info["history_bytes"] = history.bytes_by_kind()
             info["events"] = result.events

@@ -9,7 +9,15 @@ from clients.app import USER_STATE, app
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool
 from fedunlearn.federation import build_federation
-from fedunlearn.messages import WHOAMI, decode_evaluation, decode_identity, decode_update, instruction, record_to_arrays
+from fedunlearn.messages import (
+    TRAIN,
+    WHOAMI,
+    decode_evaluation,
+    decode_identity,
+    decode_update,
+    instruction,
+    record_to_arrays,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +53,7 @@ def test_client_keeps_its_user_part_in_state_and_matches_the_inprocess_runner():
     assert USER_STATE not in context.state.array_records  # whoami trains nothing
 
     for round_number in (1, 2):
-        reply = _send(MessageType.TRAIN, instruction(config, round_number, shared), context)
+        reply = _send(TRAIN, instruction(config, round_number, shared), context)
         expected = pool.train(round_number, [3], shared, lambda _: None)[0]
         update = decode_update(reply.content)
         assert update.client_id == federation.client_ids[3]

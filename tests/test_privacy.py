@@ -165,3 +165,29 @@ def test_pseudo_items_hide_the_touched_set_and_ldp_clips_before_adding_noise():
     assert total == pytest.approx(1.0, rel=1e-4)
     noisy = privatize(update, "laplace", clip=1.0, epsilon=0.5, delta=0.0, rng=np.random.default_rng(0))
     assert np.abs(noisy.rows["item_emb"]).mean() > 1.0  # Laplace scale C / epsilon = 2 dominates the clipped rows
+
+
+def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figures(tmp_path):
+    import pandas as pd
+
+    from fedunlearn.cli import main
+
+    out = tmp_path / "run"
+    overrides = ["data.synthetic_users=120", "data.synthetic_items=150", "data.synthetic_interactions=15"]
+    overrides += ["data.test_negatives=30", "model.dim=8", "train.rounds=3", "defence.method=attrcloak-dd"]
+    overrides += ["defence.steps=5", "audit.attributes=[gender,age]", "audit.attackers=[mlp]"]
+    assert main(["run", "--quiet", "--out", str(out), *[a for o in overrides for a in ("--set", o)]]) == 0
+    table = pd.read_csv(out / "audit.csv")
+    assert set(table["defence"]) == {"none", "attrcloak-dd"}
+    assert set(table["view"]) == {"embedding", "upload"} and set(table["attribute"]) == {"gender", "age"}
+    keys = ["defence", "view", "attacker", "attribute"]
+    merged = table[table.audit == "global"].merge(table[table.audit == "local"], on=keys, suffixes=("", "_local"))
+    assert len(merged) == 6  # before: 2 views x 2 attributes; after the defence: embeddings x 2 attributes
+    np.testing.assert_allclose(merged["accuracy_local"], merged["accuracy"], rtol=1e-12)
+    np.testing.assert_allclose(merged["balanced_accuracy_local"], merged["balanced_accuracy"], rtol=1e-12)
+    after = table[table.defence == "attrcloak-dd"]
+    assert after["seconds"].notna().all() and after["NDCG@10"].between(0, 1).all()
+    embeddings = np.load(out / "central_view_embeddings.npz")
+    assert embeddings["before"].shape == embeddings["after"].shape == (120, 8)
+    assert not np.allclose(embeddings["before"], embeddings["after"])  # the defence moved the users
+    assert (out / "tradeoff.png").exists() and (out / "embeddings.png").exists()

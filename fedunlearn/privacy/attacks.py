@@ -6,10 +6,12 @@ whose attributes it knows, and is tested on the others. Metrics come from scikit
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
@@ -78,7 +80,9 @@ def shadow_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarra
 def train_attacker(name: str, attribute: str, features: np.ndarray, labels: np.ndarray, seed: int) -> Attacker:
     classes, encoded = np.unique(labels, return_inverse=True)
     classifier = make_classifier(name, seed)
-    classifier.fit(features, encoded)
+    with warnings.catch_warnings():  # a fixed iteration budget is part of the attacker's definition
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        classifier.fit(features, encoded)
     return Attacker(name, attribute, classes, classifier)
 
 

@@ -91,8 +91,16 @@ def initial_shrinkage(
     fourth = aggregator.total(per_client)
     covs = sums.outers / counts[:, None, None] - means[:, :, None] * means[:, None, :]
     global_cov = sums.outers.sum(0) / counts.sum() - np.outer(global_mean, global_mean)
-    intensities = [ledoit_wolf_shrinkage(covs[k], fourth[k], counts[k]) for k in range(attribute.n_classes)]
+    intensities = [
+        ledoit_wolf_shrinkage(covs[k], fourth[k], counts[k]) if counts[k] >= MIN_CLASS_USERS else 1.0
+        for k in range(attribute.n_classes)
+    ]
     return np.array([*intensities, ledoit_wolf_shrinkage(global_cov, fourth[-1], counts.sum())])
+
+
+# Ledoit-Wolf is degenerate below 3 users (at 2 its intensity is exactly 0 and the covariance
+# singular): smaller classes stay out of L_AU (they still count in the global Gaussian)
+MIN_CLASS_USERS = 3
 
 
 def attribute_loss(sums: ClassSums, shrinkage: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,7 +113,7 @@ def attribute_loss(sums: ClassSums, shrinkage: np.ndarray) -> tuple[torch.Tensor
     global_mean, global_cov = moments(counts.sum(), class_sums.sum(0), class_outers.sum(0))
     covs = shrink(covs, torch.tensor(shrinkage[:-1], dtype=torch.float64))
     global_cov = shrink(global_cov, float(shrinkage[-1]))
-    present = counts > 0
+    present = counts >= MIN_CLASS_USERS
     kl = gaussian_kl(means[present], covs[present], global_mean, global_cov)
     loss = (counts[present] / counts.sum() * kl).sum()
     grad_sums, grad_outers = torch.autograd.grad(loss, [class_sums, class_outers])

@@ -1,7 +1,8 @@
 """D2D-R and U2U-R (Li et al., MM 2023) as federated post-training defences with a fixed weight.
 
-Both minimise `distance + weight * sum ||e - e_original||^2` over the defending clients' own
-embeddings with Adam, and need only per-class sums from the secure aggregate:
+Both minimise `distance + weight * mean ||e - e_original||^2` (mean over clients, so both terms
+are on the same per-client scale) over the defending clients' own embeddings with Adam, and need
+only per-class sums from the secure aggregate:
 - D2D-R: the distance between each group's embedding distribution and everyone's, as a
   multi-kernel RBF MMD made decomposable by random Fourier features (sum_k n_k/n |phi_k - phi|^2,
   phi_k the class mean of the features); a client's gradient is its own feature Jacobian applied to
@@ -105,7 +106,7 @@ def regularised_defence(
             grad += part / len(attributes)
             loss += value / len(attributes)
         optimizer.zero_grad()
-        current.grad = (grad + weight * 2 * (values - original)) * mask
+        current.grad = (grad + weight * 2 * (values - original) / len(values)) * mask
         optimizer.step()
         losses.append(loss)
     return DefenceOutcome(current.detach().numpy(), losses, [weight] * steps, time.perf_counter() - started)

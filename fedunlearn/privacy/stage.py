@@ -1,11 +1,13 @@
 """After training: audit attribute privacy, run the configured defence on the clients, audit again.
 
-The table has one row per stage (before / after the defence) x view (embedding, upload) x
-attacker x attribute x audit (global, local), with the recommendation quality of that stage.
+The table has one row per defence (`none`, or the upload defence the model was trained with, for
+the model as trained; then each post-training defence) x view (embedding, upload) x attacker x
+attribute x audit (global, local), with the recommendation quality (HR@10, NDCG@10) of that model.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +36,8 @@ Evaluate = Callable[[list[Arrays]], dict[str, float]]  # users -> HR@10, NDCG@10
 @dataclass
 class PrivacyReport:
     table: pd.DataFrame
+    client_ids: list[str]  # the audited clients, in row order of the arrays below
+    attributes: pd.DataFrame  # their attributes (row i: client_ids[i])
     users_before: np.ndarray  # (n, D) flattened user parts, for the plots
     users_after: np.ndarray | None
     defence_seconds: float = 0.0
@@ -111,6 +115,17 @@ def run_defence(
     )  # fmt: skip
 
 
+def upload_profiles(model: SplitModel, shared: Arrays, norms: np.ndarray) -> np.ndarray:
+    """The curious server's compact reading of each upload: the item rows it touched, averaged with
+    the size of their change as weight ((clients, items) norms -> (clients, D)); zero if none."""
+    table = np.concatenate([shared[key] for key in model.row_keys], axis=1).astype(np.float64)
+    weights = norms / np.maximum(norms.sum(1, keepdims=True), 1e-12)
+    return weights @ table
+
+
+POST_TRAINING = ("attrcloak-dd", "attrcloak-df", "d2d-r", "u2u-r")
+
+
 def privacy_stage(
     config: Config,
     model: SplitModel,
@@ -122,32 +137,44 @@ def privacy_stage(
     evaluate: Evaluate,
     aggregator: Aggregator | None = None,
 ) -> tuple[PrivacyReport, list[Arrays]]:
-    """Audit, defend (if configured), audit again, over `clients` (federation indices; `users` and
-    `uploads` rows follow them); returns the report and those clients' users afterwards."""
+    """Audit, then for the configured post-training defence (or, with `defence.compare`, for each
+    of them on a copy) defend and audit again, over `clients` (federation indices; `users` and
+    `uploads` rows follow them). Returns the report and the users after the configured defence."""
     attributes = federation.dataset.attributes.iloc[clients].reset_index(drop=True)
     names = audited_attributes(config, attributes)
     before = flatten_users(model, users)
-    uploads = None if uploads is None or not config.audit.uploads else uploads
-    views = {"embedding": before} | ({"upload": uploads} if uploads is not None else {})
+    views = {"embedding": before}
+    if uploads is not None and config.audit.uploads:
+        views["upload"] = upload_profiles(model, shared, uploads)
     table, audited = privacy_table(views, attributes, config, aggregator)
-    table.insert(0, "stage", "before")
+    table.insert(0, "defence", config.defence.upload if config.defence.upload != "none" else "none")
     for key, value in evaluate(users).items():
         table[key] = value
-    report = PrivacyReport(table, before, None)
-    if config.defence.method == "none":
-        return report, users
     client_ids = [federation.client_ids[i] for i in clients]
+    report = PrivacyReport(table, client_ids, attributes, before, None)
+    methods = POST_TRAINING if config.defence.compare else [config.defence.method]
+    methods = [method for method in methods if method != "none"]
+    if not methods:
+        return report, users
     defending = defending_clients(config, client_ids, before, attributes, audited)
     classes = attribute_classes(attributes, names)
     positives = [federation.split.train_of(i) for i in clients]
-    outcome = run_defence(config, model, positives, shared, before, classes, defending, aggregator)
-    users_after = unflatten_users(users, outcome.embeddings)
-    after, _ = privacy_table({"embedding": outcome.embeddings}, attributes, config, aggregator)
-    after.insert(0, "stage", "after")
-    for key, value in evaluate(users_after).items():
-        after[key] = value
-    after["seconds"] = outcome.seconds
-    report.table = pd.concat([table, after], ignore_index=True)
-    report.users_after = outcome.embeddings
-    report.defence_seconds, report.defending, report.weights = outcome.seconds, int(defending.sum()), outcome.weights
-    return report, users_after
+    tables, kept = [table], users
+    for method in methods:
+        trial = copy.deepcopy(config)
+        trial.defence.method = method
+        outcome = run_defence(trial, model, positives, shared, before, classes, defending, aggregator)
+        users_after = unflatten_users(users, outcome.embeddings)
+        after, _ = privacy_table({"embedding": outcome.embeddings}, attributes, config, aggregator)
+        after.insert(0, "defence", method)
+        for key, value in evaluate(users_after).items():
+            after[key] = value
+        after["seconds"] = outcome.seconds
+        tables.append(after)
+        if method == config.defence.method:
+            kept = users_after
+            report.users_after = outcome.embeddings
+            report.defence_seconds, report.weights = outcome.seconds, outcome.weights
+    report.table = pd.concat(tables, ignore_index=True)
+    report.defending = int(defending.sum())
+    return report, kept

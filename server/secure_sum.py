@@ -1,0 +1,147 @@
+"""One SecAgg+ round from our own Grid main loop: each chosen client adds a float vector, the server
+learns only the sum.
+
+Flower 1.41 ships SecAgg+ as `SecAggPlusWorkflow`, written for the legacy strategy loop and accepting
+only a `LegacyContext`: it asks `context.strategy.configure_fit` whom to ask and what to send, reads
+the round number and the parameters to broadcast from `context.state`, and hands the unmasked result
+to `context.strategy.aggregate_fit`. So one secure sum here is one call of the workflow on a private
+LegacyContext (the caller's own state is never touched) whose stand-in strategy names exactly our
+nodes, ships `task` as the FitIns config and catches the aggregate. On the clients, `secaggplus_mod`
+on the default "train" handler answers the protocol and calls the handler once, for the vector.
+
+Arithmetic: each value x (|x| <= bound, else the client refuses) is stochastically rounded to an
+integer in [0, Q] on the grid 2 bound / Q; the n masked integers are added modulo 2**32, which is
+exact while n Q < 2**32, so Q is the largest such value up to 2**28 (the client rounds through int32).
+With weight 1 per client the workflow returns the mean; times n it is the sum, off by at most
+n * resolution(n, bound) per value."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import FitIns, FitRes, Parameters, parameters_to_ndarrays
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from fedunlearn.messages import BOUND
+
+MODULUS = 2**32
+MAX_QUANTIZATION = 2**28
+NEIGHBOURS = 15  # each client's key shares go to this many (odd) others when there are more, not to all
+
+
+def quantization_range(n_clients: int) -> int:
+    """The finest grid whose n-fold sum (and the n weight factors, each Q) cannot wrap modulo 2**32."""
+    return min(MAX_QUANTIZATION, (MODULUS - 1) // n_clients)
+
+
+def resolution(n_clients: int, bound: float) -> float:
+    """The rounding grid's step; the sum is off by at most n times this per value."""
+    return 2 * bound / quantization_range(n_clients)
+
+
+def secure_sum(
+    grid: Grid,
+    node_ids: list[int],
+    task: dict[str, Any],
+    bound: float,
+    timeout: float | None = None,
+    on_reply: Callable[[Message], None] | None = None,
+) -> np.ndarray:
+    """Sum of the vectors the nodes contribute for `task` (values within +-bound), by SecAgg+.
+
+    Raises, with the clients' reasons, if any node fails or drops out: the protocol itself would go
+    on and leave it out of the sum. `on_reply` sees every good reply of every stage as the server
+    received it (for audits and tests)."""
+    nodes = sorted(set(node_ids))
+    if len(nodes) < 2 or len(nodes) != len(node_ids):
+        raise ValueError(f"a secure sum needs at least 2 clients, each once; got nodes {list(node_ids)}")
+    catcher = _SumCatcher(nodes, grid, task | {BOUND: float(bound)})
+    private = Context(grid.run.run_id, 0, {}, RecordDict(), {})
+    context = LegacyContext(private, strategy=catcher)
+    context.state.config_records["config"] = ConfigRecord({"current_round": 1})
+    context.state.array_records["parameters"] = ArrayRecord()  # nothing to broadcast: the task says it all
+    workflow = SecAggPlusWorkflow(
+        num_shares=1.0 if len(nodes) <= NEIGHBOURS else NEIGHBOURS,  # SecAgg+: key shares to a few neighbours
+        reconstruction_threshold=0.5,
+        max_weight=1.0,
+        clipping_range=float(bound),
+        quantization_range=quantization_range(len(nodes)),
+        modulus_range=MODULUS,
+        timeout=timeout,
+    )
+    tap = _Tap(grid, on_reply)
+    workflow(tap, context)
+    if catcher.mean is None or catcher.contributors != len(nodes) or tap.errors:
+        reasons = "; ".join(sorted(set(tap.errors))) or "the protocol halted (see the log)"
+        raise RuntimeError(f"secure sum over {len(nodes)} clients failed: {reasons}")
+    return catcher.mean * catcher.contributors
+
+
+class _SumCatcher(Strategy):
+    """The stand-in strategy: the workflow calls only configure_fit and aggregate_fit. Every FitRes it
+    passes to aggregate_fit holds the same unmasked (weighted) mean."""
+
+    def __init__(self, node_ids: list[int], grid: Grid, config: dict[str, Any]) -> None:
+        self.proxies = [GridClientProxy(node, grid, grid.run.run_id) for node in node_ids]
+        self.config = config
+        self.mean: np.ndarray | None = None
+        self.contributors = 0
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        return [(proxy, FitIns(parameters, dict(self.config))) for proxy in self.proxies]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Any]]:
+        self.contributors = len(results)
+        if results:
+            (self.mean,) = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple[None, dict]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None
+
+
+class _Tap:
+    """The grid, noting the reason of every failed reply of `send_and_receive` (the only grid call the
+    workflow makes) and showing every other reply to `on_reply`."""
+
+    def __init__(self, grid: Grid, on_reply: Callable[[Message], None] | None) -> None:
+        self._grid = grid
+        self._on_reply = on_reply
+        self.errors: list[str] = []
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.has_error():
+                self.errors.append(reply.error.reason.strip().splitlines()[-1])
+            elif self._on_reply:
+                self._on_reply(reply)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
