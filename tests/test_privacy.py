@@ -191,3 +191,9 @@ def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figu
     assert embeddings["before"].shape == embeddings["after"].shape == (120, 8)
     assert not np.allclose(embeddings["before"], embeddings["after"])  # the defence moved the users
     assert (out / "tradeoff.png").exists() and (out / "embeddings.png").exists()
+    rerun = tmp_path / "rerun.csv"
+    assert main(["audit", str(out), "--out", str(rerun)]) == 0  # the saved central view, attacked again
+    again = pd.read_csv(rerun)
+    first = table[(table.view == "embedding") & (table.audit == "global")].reset_index(drop=True)
+    second = again[again.audit == "global"].reset_index(drop=True)
+    np.testing.assert_allclose(second["balanced_accuracy"], first["balanced_accuracy"], rtol=1e-12)
