@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fedunlearn.config import AuditConfig, Config
+from fedunlearn.errors import FedUnlearnError
 from fedunlearn.models import Arrays, build_model
 from fedunlearn.privacy.attacks import Attacker, attack_metrics, shadow_split, train_attacker
 from fedunlearn.privacy.attrcloak import Aggregator, PlainSum
@@ -33,14 +34,30 @@ class AuditedAttack:
     metrics: dict[str, float]
 
 
+def audited_attributes(audit: AuditConfig, attributes: pd.DataFrame) -> list[str]:
+    """audit.attributes, or every attribute the dataset has; an unknown name is an error."""
+    names = audit.attributes or list(attributes.columns)
+    missing = sorted(set(names) - set(attributes.columns))
+    if missing or not names:
+        raise FedUnlearnError(
+            f"audit.attributes {missing or names} not in the dataset, which has {list(attributes.columns)}: "
+            "set audit.attributes to some of those"
+        )
+    return names
+
+
+def attribute_labels(attributes: pd.DataFrame, name: str) -> np.ndarray:
+    return attributes[name].to_numpy().astype(str)
+
+
 def global_audit(
     views: dict[str, np.ndarray], attributes: pd.DataFrame, audit: AuditConfig, seed: int
 ) -> list[AuditedAttack]:
     """Train every attacker on a stratified shadow set of each attribute and test it on the rest,
     for each view (name -> (n_users, features))."""
     out = []
-    for attribute in audit.attributes or list(attributes.columns):
-        labels = attributes[attribute].to_numpy().astype(str)
+    for attribute in audited_attributes(audit, attributes):
+        labels = attribute_labels(attributes, attribute)
         values, counts = np.unique(labels, return_counts=True)
         attackable = np.flatnonzero(np.isin(labels, values[counts >= 2]))  # a class needs a shadow and a test user
         shadow, test = (attackable[part] for part in shadow_split(labels[attackable], audit.shadow_share, seed))
@@ -110,7 +127,7 @@ def privacy_table(
         key = {"view": item.view, "attacker": item.attacker.name, "attribute": item.attacker.attribute}
         rows.append(key | {"audit": "global"} | item.metrics)
         if config.audit.local:
-            labels = attributes[item.attacker.attribute].to_numpy().astype(str)
+            labels = attribute_labels(attributes, item.attacker.attribute)
             local = local_audit(item, views[item.view], labels, config.defence.risk_threshold, aggregator)
             per_class = local.pop("per_class")
             worst = max(per_class.values(), key=lambda c: c["at_risk"])["at_risk"]

@@ -138,6 +138,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def audits_privacy(config: Config) -> bool:
+    """Whether a run ends with the attribute-privacy stage (audit, and any defence)."""
+    defence = config.defence
+    return config.audit.enabled or defence.method != "none" or defence.upload != "none" or defence.compare
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("synthetic", "ml-100k", "ml-1m", "csv"),
     "model.name": ("mf", "ncf"),

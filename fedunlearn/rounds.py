@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedunlearn.config import Config
+from fedunlearn.config import Config, audits_privacy
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.federated import ClientEvaluation, ClientUpdate, aggregate
 from fedunlearn.history import HistoryStore
@@ -227,7 +227,7 @@ class FederatedServer:
             clients = self.sample(round_number)
             self.progress.start_round(round_number, len(clients))
             self.shared, updates = self.train_round(round_number, clients, self.shared)
-            if round_number == rounds:
+            if round_number == rounds and audits_privacy(self.config):
                 result.uploads = self.upload_view(updates)
             if round_number % self.config.eval.every == 0 or round_number == rounds:
                 row = {

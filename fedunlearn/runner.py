@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from fedunlearn.config import Config
+from fedunlearn.config import Config, audits_privacy
 from fedunlearn.federation import Federation, build_federation
 from fedunlearn.history import HistoryPolicy, HistoryStore
 from fedunlearn.progress import Progress
@@ -69,11 +69,6 @@ def schedule_and_history(
     return schedule, HistoryStore(folder / "history.sqlite", HistoryPolicy.for_method(unlearn))
 
 
-def wants_privacy_stage(config: Config) -> bool:
-    defence = config.defence
-    return config.audit.enabled or defence.method != "none" or defence.upload != "none" or defence.compare
-
-
 def _privacy(
     config: Config, federation: Federation, server: FederatedServer, pool: Any, result: FederationResult
 ) -> Any:
@@ -84,16 +79,19 @@ def _privacy(
     users = [pool.user(i) for i in clients]
     uploads = None if result.uploads is None else result.uploads[clients]
 
-    def evaluate(candidate: list[Any]) -> dict[str, float]:
+    def install(candidate: list[Any]) -> None:
         for index, user in zip(clients, candidate, strict=True):
             pool.user_state[index] = user
+
+    def evaluate(candidate: list[Any]) -> dict[str, float]:
+        install(candidate)
         metrics = server.evaluate()
         return {key: metrics[key] for key in ("HR@10", "NDCG@10")}
 
     report, users_after = privacy_stage(
         config, server.model, federation, clients, result.shared, users, uploads, evaluate
     )
-    evaluate(users_after)
+    install(users_after)  # the clients keep the configured defence's embeddings
     return report
 
 
@@ -117,7 +115,7 @@ def _federated(
                 result = server.run()
             finally:
                 progress.close()
-            if wants_privacy_stage(config):
+            if audits_privacy(config):
                 result.privacy = _privacy(config, federation, server, pool, result)
                 info["defence_seconds"] = round(result.privacy.defence_seconds, 2)
                 info["defending_clients"] = result.privacy.defending

@@ -19,6 +19,7 @@ and the sums; Adam is element-wise, so one Adam over the matrix is each client's
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -193,8 +194,6 @@ def attrcloak(
     """Run AttrCloak-DD (`variant="dd"`, needs `retention`) or -DF for `steps` steps; only the
     clients with `defending[i]` move (everyone contributes to the class sums). The weight on the
     attribute loss is the closed-form min-norm one at every step, or `fixed_weight` if given."""
-    import time
-
     started = time.perf_counter()
     aggregator = aggregator or PlainSum()
     original = torch.tensor(embeddings, dtype=torch.float64)

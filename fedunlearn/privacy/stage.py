@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from fedunlearn.audit import AuditedAttack, privacy_table
+from fedunlearn.audit import AuditedAttack, attribute_labels, audited_attributes, privacy_table
 from fedunlearn.config import Config
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.federation import Federation
@@ -48,20 +48,9 @@ class PrivacyReport:
 def attribute_classes(attributes: pd.DataFrame, names: list[str]) -> list[AttributeClasses]:
     out = []
     for name in names:
-        classes, labels = np.unique(attributes[name].to_numpy().astype(str), return_inverse=True)
+        classes, labels = np.unique(attribute_labels(attributes, name), return_inverse=True)
         out.append(AttributeClasses(name, labels, len(classes)))
     return out
-
-
-def audited_attributes(config: Config, attributes: pd.DataFrame) -> list[str]:
-    names = config.audit.attributes or list(attributes.columns)
-    missing = sorted(set(names) - set(attributes.columns))
-    if missing or not names:
-        raise FedUnlearnError(
-            f"audit.attributes {missing or names} not in the dataset, which has {list(attributes.columns)}: "
-            "set audit.attributes to some of those"
-        )
-    return names
 
 
 def defending_clients(
@@ -81,7 +70,7 @@ def defending_clients(
     for item in audited:
         if item.view != "embedding":
             continue
-        labels = attributes[item.attacker.attribute].to_numpy().astype(str)
+        labels = attribute_labels(attributes, item.attacker.attribute)
         proba = item.attacker.proba(features)
         own = proba[np.arange(len(labels)), np.searchsorted(item.attacker.classes, labels)]
         risky |= own >= defence.risk_threshold
@@ -141,7 +130,7 @@ def privacy_stage(
     of them on a copy) defend and audit again, over `clients` (federation indices; `users` and
     `uploads` rows follow them). Returns the report and the users after the configured defence."""
     attributes = federation.dataset.attributes.iloc[clients].reset_index(drop=True)
-    names = audited_attributes(config, attributes)
+    names = audited_attributes(config.audit, attributes)
     before = flatten_users(model, users)
     views = {"embedding": before}
     if uploads is not None and config.audit.uploads:
