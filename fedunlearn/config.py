@@ -115,7 +115,7 @@ class AuditConfig:
 @dataclass
 class RunConfig:
     seed: int = 0
-    engine: str = "inprocess"  # inprocess | flower
+    engine: str = "auto"  # auto | batched | inprocess | flower
     device: str = "auto"  # auto | cpu | cuda
     mode: str = "federated"  # federated | central | popularity
     num_cpus: int = 2  # flower engine: Ray CPUs
@@ -150,7 +150,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.loss": ("bpr", "bce"),
     "train.optimizer": ("sgd", "adam"),
     "train.negative_sampler": ("uniform", "fru"),
-    "run.engine": ("inprocess", "flower"),
+    "run.engine": ("auto", "batched", "inprocess", "flower"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.mode": ("federated", "central", "popularity"),
     "eval.select": ("last", "best_valid"),

@@ -79,19 +79,35 @@ def _numpy(tensors: dict[str, torch.Tensor]) -> Arrays:
     return {key: value.detach().cpu().numpy() for key, value in tensors.items()}
 
 
-def local_train(
+@dataclass
+class LocalPlan:
+    """Every random choice of one client's local training, drawn before any tensor work, so every
+    engine trains that client on exactly the same examples in the same order."""
+
+    positives: np.ndarray  # (P,) item ids (an attacker's include the promoted target)
+    touched: np.ndarray  # sorted item ids whose rows the client trains (and uploads)
+    local_pos: np.ndarray  # (P,) positions of the positives in `touched`
+    local_neg: np.ndarray  # (epochs, P, negatives) positions of the sampled negatives in `touched`
+    batches: list[tuple[int, np.ndarray]]  # (epoch, positions in `positives`) per optimizer step
+    attacker: bool
+
+    @property
+    def epochs(self) -> float:
+        """Epochs actually trained: examples used / examples in one epoch."""
+        return sum(len(batch) for _, batch in self.batches) / len(self.positives)
+
+
+def plan_local_training(
     model: SplitModel,
     data: ClientData,
     user: Arrays,
     shared: Arrays,
     config: Config,
     round_number: int,
-    device: torch.device,
     epochs: float | None = None,
-    ascent: bool = False,
-) -> tuple[ClientUpdate, Arrays]:
-    """Local minibatch training for `epochs` (default: train.local_epochs; a fraction runs that share
-    of an epoch's minibatches); returns the upload and the client's new user part."""
+) -> LocalPlan:
+    """Draw the client's negatives and minibatches for `epochs` (default: train.local_epochs; a
+    fraction runs that share of an epoch's minibatches)."""
     train, model_config = config.train, config.model
     epochs = train.local_epochs if epochs is None else epochs
     rng = rng_for(config.run.seed, Stream.CLIENT_TRAIN, round_number, client_key(data.client_id))
@@ -120,48 +136,90 @@ def local_train(
     used_negatives = np.concatenate([negatives[epoch][batch].ravel() for epoch, batch in batches])
     used_positives = np.concatenate([positives[batch] for _, batch in batches])
     touched = np.unique(np.concatenate([used_positives, used_negatives]))
-    local_pos = torch.as_tensor(np.searchsorted(touched, positives), device=device)
-    local_neg = torch.as_tensor(np.searchsorted(touched, negatives), device=device)
+    return LocalPlan(
+        positives, touched, np.searchsorted(touched, positives), np.searchsorted(touched, negatives), batches, attacker
+    )
 
+
+def batch_loss(
+    config: Config, positive: torch.Tensor, negative: torch.Tensor, embeddings: list[torch.Tensor], size: int,
+    ascent: bool,
+) -> torch.Tensor:  # fmt: skip
+    """One minibatch's objective: the recommendation loss plus L2 on the embeddings it used (or,
+    for unlearning by gradient ascent, minus the loss)."""
+    loss = recommendation_loss(config.model.loss, positive, negative)
+    if ascent:
+        return -loss
+    if config.train.weight_decay:
+        loss = loss + config.train.weight_decay * sum((e**2).sum() for e in embeddings) / size
+    return loss
+
+
+def local_train(
+    model: SplitModel,
+    data: ClientData,
+    user: Arrays,
+    shared: Arrays,
+    config: Config,
+    round_number: int,
+    device: torch.device,
+    epochs: float | None = None,
+    ascent: bool = False,
+) -> tuple[ClientUpdate, Arrays]:
+    """Local minibatch training (see plan_local_training); returns the upload and the client's new
+    user part."""
+    plan = plan_local_training(model, data, user, shared, config, round_number, epochs)
+    local_pos = torch.as_tensor(plan.local_pos, device=device)
+    local_neg = torch.as_tensor(plan.local_neg, device=device)
     user_t = _tensors(user, device, grad=True)
-    rows_t = _tensors({key: shared[key][touched] for key in model.row_keys}, device, grad=True)
-    dense_keys = model.dense_keys(shared)
-    dense_t = _tensors({key: shared[key] for key in dense_keys}, device, grad=True)
-    optimizer = make_optimizer(train, [*user_t.values(), *rows_t.values(), *dense_t.values()])
+    rows_t = _tensors({key: shared[key][plan.touched] for key in model.row_keys}, device, grad=True)
+    dense_t = _tensors({key: shared[key] for key in model.dense_keys(shared)}, device, grad=True)
+    optimizer = make_optimizer(config.train, [*user_t.values(), *rows_t.values(), *dense_t.values()])
 
     total_loss = 0.0
-    for epoch, batch_np in batches:
+    for epoch, batch_np in plan.batches:
         batch = torch.as_tensor(batch_np, device=device)
         pos_rows = {key: table[local_pos[batch]] for key, table in rows_t.items()}
         neg_rows = {key: table[local_neg[epoch][batch]] for key, table in rows_t.items()}
-        loss = recommendation_loss(
-            model_config.loss,
-            model.score(user_t, pos_rows, dense_t),
-            model.score(user_t, neg_rows, dense_t),
-        )
-        if ascent:  # unlearning by gradient ascent: climb this client's own loss
-            loss = -loss
-        elif train.weight_decay:
-            embeddings = [*user_t.values(), *pos_rows.values(), *neg_rows.values()]
-            loss = loss + train.weight_decay * sum((e**2).sum() for e in embeddings) / len(batch)
+        embeddings = [*user_t.values(), *pos_rows.values(), *neg_rows.values()]
+        positive, negative = model.score(user_t, pos_rows, dense_t), model.score(user_t, neg_rows, dense_t)
+        loss = batch_loss(config, positive, negative, embeddings, len(batch), ascent)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         total_loss += loss.item()
+    update = finish_update(
+        model, data, plan, shared, _numpy(rows_t), _numpy(dense_t), total_loss / len(plan.batches), config,
+        round_number, ascent,
+    )  # fmt: skip
+    return update, _numpy(user_t)
 
-    new_rows = _numpy(rows_t)
-    new_dense = _numpy(dense_t)
-    rows = {key: new_rows[key] - shared[key][touched] for key in model.row_keys}
-    if attacker and not ascent:
-        boost_target(rows, touched, config.unlearn.target_item, config.unlearn.poison_boost)
+
+def finish_update(
+    model: SplitModel,
+    data: ClientData,
+    plan: LocalPlan,
+    shared: Arrays,
+    new_rows: Arrays,
+    new_dense: Arrays,
+    loss: float,
+    config: Config,
+    round_number: int,
+    ascent: bool,
+) -> ClientUpdate:
+    """The upload from the client's trained local copy: changes of the touched rows and the dense
+    layers (an attacker boosts its target's change; the configured upload defence applies last)."""
+    rows = {key: new_rows[key] - shared[key][plan.touched] for key in model.row_keys}
+    if plan.attacker and not ascent:
+        boost_target(rows, plan.touched, config.unlearn.target_item, config.unlearn.poison_boost)
     update = ClientUpdate(
         client_id=data.client_id,
-        num_examples=n_pos,
-        item_ids=touched,
+        num_examples=len(plan.positives),
+        item_ids=plan.touched,
         rows=rows,
-        dense={key: new_dense[key] - shared[key] for key in dense_keys},
-        loss=total_loss / len(batches),
-        epochs=sum(len(batch) for _, batch in batches) / n_pos,
+        dense={key: new_dense[key] - shared[key] for key in model.dense_keys(shared)},
+        loss=loss,
+        epochs=plan.epochs,
     )
     defence = config.defence
     if defence.upload != "none" and not ascent and (defence.clients == "all" or data.client_id in defence.client_ids):
@@ -169,7 +227,7 @@ def local_train(
 
         noise = rng_for(config.run.seed, Stream.DEFENCE, round_number, client_key(data.client_id))
         update = protect_upload(update, defence, data.n_items, noise)
-    return update, _numpy(user_t)
+    return update
 
 
 @torch.no_grad()
@@ -220,18 +278,30 @@ def boost_target(rows: Arrays, touched: np.ndarray, target: int, boost: float) -
         table[index] *= boost
 
 
+def candidates_of(data: ClientData) -> np.ndarray:
+    """The items a client's evaluation scores: test item, validation item, then the sampled negatives."""
+    return np.concatenate([[data.test_item, data.valid_item], data.test_negatives])
+
+
 def rank_held_out(
     data: ClientData, score: Callable[[np.ndarray], np.ndarray], full_ranking: bool, target_item: int = -1
 ) -> ClientEvaluation:
     """Ranks of the test and validation items among the sampled negatives (and, if asked, of the
     test item among every unseen item; and of a promoted target item among the user's unseen
     items), for any scoring function over item ids."""
-    candidates = np.concatenate([[data.test_item, data.valid_item], data.test_negatives])
-    scores = score(candidates)
+    everything = score(np.arange(data.n_items)) if full_ranking or target_item >= 0 else None
+    return ranks_from_scores(data, score(candidates_of(data)), everything, full_ranking, target_item)
+
+
+def ranks_from_scores(
+    data: ClientData, candidate_scores: np.ndarray, everything: np.ndarray | None, full_ranking: bool,
+    target_item: int = -1,
+) -> ClientEvaluation:  # fmt: skip
+    """rank_held_out from scores already computed: of `candidates_of(data)` and (for full ranking or
+    a target) of every item."""
     full_rank = target_rank = -1
-    unseen = data.unseen_mask()
-    if full_ranking or target_item >= 0:
-        everything = score(np.arange(data.n_items))
+    if everything is not None:
+        unseen = data.unseen_mask()
         if full_ranking:
             full_rank = rank_of_target(everything[data.test_item], everything[unseen])
         if target_item >= 0 and unseen[target_item]:
@@ -239,8 +309,8 @@ def rank_held_out(
             target_rank = rank_of_target(everything[target_item], everything[unseen])
     return ClientEvaluation(
         data.client_id,
-        rank=rank_of_target(scores[0], scores[2:]),
-        valid_rank=rank_of_target(scores[1], scores[2:]),
+        rank=rank_of_target(candidate_scores[0], candidate_scores[2:]),
+        valid_rank=rank_of_target(candidate_scores[1], candidate_scores[2:]),
         full_rank=full_rank,
         target_rank=target_rank,
     )

@@ -193,7 +193,7 @@ class FederatedServer:
         from fedunlearn.unlearning import METHODS
 
         if not hasattr(self.pool, "fork") or self.history is None:
-            raise FedUnlearnError("unlearn.compare needs run.engine = 'inprocess' and a drop schedule")
+            raise FedUnlearnError("unlearn.compare needs run.engine = 'inprocess' or 'batched' and a drop schedule")
         rows, unlearned = [], []
         with tempfile.TemporaryDirectory() as scratch:
             for method in METHODS:

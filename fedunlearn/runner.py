@@ -46,6 +46,9 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
         finally:
             progress.close()
     else:
+        from fedunlearn.engine import choose_engine
+
+        config.run.engine = choose_engine(config)  # recorded in the results folder as the engine that ran
         result = _federated(config, federation, folder, show_progress, info)
     info["seconds"] = round(time.perf_counter() - started, 2)
     return RunOutcome(result, info)
@@ -72,7 +75,8 @@ def schedule_and_history(
 def _privacy(
     config: Config, federation: Federation, server: FederatedServer, pool: Any, result: FederationResult
 ) -> Any:
-    """Audit and defend on the clients still in the federation after training (in-process pool)."""
+    """Audit and defend on the clients still in the federation after training (in-process or
+    batched pool: the privacy stage reads their user parts as a simulation's auditor)."""
     from fedunlearn.privacy.stage import privacy_stage
 
     clients = list(server.active)
@@ -81,7 +85,7 @@ def _privacy(
 
     def install(candidate: list[Any]) -> None:
         for index, user in zip(clients, candidate, strict=True):
-            pool.user_state[index] = user
+            pool.set_user(index, user)
 
     def evaluate(candidate: list[Any]) -> dict[str, float]:
         install(candidate)
@@ -105,11 +109,11 @@ def _federated(
 
             result, _ = run_flower(config, history=history, schedule=schedule, show_progress=show_progress)
         else:
-            from fedunlearn.engine import InProcessPool
+            from fedunlearn.engine import make_pool
 
             progress = Progress(config.train.rounds, show_progress)
             try:
-                pool = InProcessPool(config, federation)
+                pool = make_pool(config, federation)
                 ids, n_items = federation.client_ids, federation.n_items
                 server = FederatedServer(config, ids, n_items, pool, progress, history, schedule)
                 result = server.run()

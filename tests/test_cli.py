@@ -30,7 +30,7 @@ def test_run_writes_a_complete_results_folder(tmp_path, capsys):
     assert main(["run", *TINY, "--out", str(out), "--quiet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.toml", "final.json", "metrics.csv", "summary.md"]
     final = json.loads((out / "final.json").read_text())
-    assert final["engine"] == "inprocess" and final["clients"] == 20
+    assert final["engine"] == "batched" and final["clients"] == 20  # auto: the fastest exact engine for MF
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics["round"]) == [1, 2]
     assert final["metrics"]["HR@10"] == pytest.approx(metrics["HR@10"].iloc[-1])

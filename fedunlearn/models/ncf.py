@@ -33,12 +33,19 @@ class NCF(SplitModel):
         return shared
 
     def score(self, user: Tensors, items: Tensors, dense: Tensors) -> torch.Tensor:
+        """Also batched over clients: user (C, 1, d), items (C, L, d), each dense array (C, ...)."""
         gmf = user["user_gmf"] * items["item_gmf"]
         hidden = torch.cat([user["user_mlp"].expand_as(items["item_mlp"]), items["item_mlp"]], dim=-1)
         for layer in range(len(self.mlp_layers)):
-            hidden = torch.relu(hidden @ dense[f"mlp{layer}.weight"].T + dense[f"mlp{layer}.bias"])
+            hidden = torch.relu(_linear(hidden, dense[f"mlp{layer}.weight"], dense[f"mlp{layer}.bias"]))
         joined = torch.cat([gmf, hidden], dim=-1)
-        return (joined @ dense["out.weight"].T + dense["out.bias"]).squeeze(-1)
+        return _linear(joined, dense["out.weight"], dense["out.bias"]).squeeze(-1)
+
+
+def _linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """inputs @ weight^T + bias; with a leading client dimension on all three (the batched engine's
+    per-client copies of the layers), each client's rows meet its own layer."""
+    return inputs @ weight.transpose(-1, -2) + bias.unsqueeze(-2)
 
 
 def _glorot(rng: np.random.Generator, fan_out: int, fan_in: int) -> np.ndarray:

@@ -21,10 +21,14 @@ def project(update: ClientUpdate, radius: dict[str, float]) -> ClientUpdate:
 
 def ascent(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
     history = require_history(server, "ascent")
-    steps = server.pool.train(round_number, forgotten, server.shared, server.progress.client_done, None, True)
+    last_round = {}  # each leaving client's last round; one that never trained left nothing to undo
+    for past in history.rounds():
+        if past < round_number:
+            last_round |= {index: past for index in forgotten if server.client_ids[index] in history.participants(past)}
+    climbing = [index for index in forgotten if index in last_round]
+    steps = server.pool.train(round_number, climbing, server.shared, server.progress.client_done, None, True)
     server.client_epochs += sum(u.epochs for u in steps)
-    bounded = []
-    for step in steps:
-        last = max(r for r in history.rounds() if r < round_number and step.client_id in history.participants(r))
-        bounded.append(project(step, history.norms(last, step.client_id)))
+    bounded = [
+        project(step, history.norms(last_round[server.position[step.client_id]], step.client_id)) for step in steps
+    ]
     return aggregate(server.model, server.shared, bounded, server.config.train.server_lr)

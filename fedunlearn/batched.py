@@ -1,0 +1,293 @@
+"""The batched engine: every client sampled in a round trains at once, as one tensor program.
+
+Each client keeps its own plan (negatives, minibatches: `plan_local_training`), its own user part,
+its own local copy of the rows it touches and of the dense layers, its own loss and its own Adam
+state, exactly as on its device; only the arithmetic runs for all of them together. Their losses
+are summed, and since no two clients share a parameter, each parameter's gradient is its own
+client's. The result differs from the in-process runner only by the order of float sums.
+
+Layout: clients are ordered by how many optimizer steps they take (most first), so at step s the
+clients still training are a prefix; each client's copy of its touched rows is a contiguous block of
+one (rows touched by all, d) table in the same order, so their rows are a prefix too. Client state
+between rounds is one array per user table (no per-client objects).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedunlearn.config import Config
+from fedunlearn.federated import (
+    ClientEvaluation,
+    ClientUpdate,
+    LocalPlan,
+    candidates_of,
+    finish_update,
+    init_user,
+    local_membership,
+    plan_local_training,
+    ranks_from_scores,
+)
+from fedunlearn.federation import Federation
+from fedunlearn.models import Arrays, SplitModel, build_model
+from fedunlearn.rounds import ProgressHook
+from fedunlearn.training import resolve_device
+
+CHUNK_ELEMENTS = 2**25  # floats per client chunk in one tensor op: bounds memory at any federation size
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the in-process client uses
+
+
+@dataclass
+class StepIndex:
+    """Row indices of one optimizer step for the first `active` clients (padded to the batch size)."""
+
+    active: int
+    rows: int  # rows of the touched-row table owned by the active clients
+    items: torch.Tensor  # (active, B, 1 + negatives): positive then negatives, into the row table
+    mask: torch.Tensor  # (active, B) 1 for real examples
+    sizes: torch.Tensor  # (active,) examples in each client's batch
+
+
+class Adam:
+    """torch.optim.Adam's update (same operations, same order) on a prefix of a parameter table,
+    so that clients that have finished their local steps keep their state untouched."""
+
+    def __init__(self, lr: float, use_adam: bool) -> None:
+        self.lr, self.use_adam = lr, use_adam
+        self.state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per table: exp_avg, exp_avg_sq
+
+    def step(self, name: str, table: torch.Tensor, count: int, grad: torch.Tensor, step: int) -> None:
+        param = table[:count]
+        if not self.use_adam:
+            param.add_(grad, alpha=-self.lr)
+            return
+        if name not in self.state:
+            self.state[name] = (torch.zeros_like(table), torch.zeros_like(table))
+        exp_avg, exp_avg_sq = (state[:count] for state in self.state[name])
+        beta1, beta2 = ADAM_BETAS
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
+        param.addcdiv_(exp_avg, denom, value=-self.lr / bias_correction1)
+
+
+def client_losses(
+    config: Config, positive: torch.Tensor, negative: torch.Tensor, mask: torch.Tensor, sizes: torch.Tensor
+) -> torch.Tensor:
+    """Each client's `recommendation_loss` over its own batch: (C, B) positives, (C, B, n) negatives."""
+    if config.model.loss == "bpr":
+        pairs = -F.logsigmoid(positive.unsqueeze(-1) - negative) * mask.unsqueeze(-1)
+        return pairs.sum((1, 2)) / (sizes * negative.shape[-1])
+    total = (F.softplus(-positive) * mask).sum(1) + (F.softplus(negative) * mask.unsqueeze(-1)).sum((1, 2))
+    return total / (sizes * (1 + negative.shape[-1]))
+
+
+class BatchedTrainer:
+    """Trains one chunk of clients (already ordered by steps, most first) from the shared parameters."""
+
+    def __init__(self, model: SplitModel, config: Config, device: torch.device) -> None:
+        self.model, self.config, self.device = model, config, device
+
+    def step_indices(self, plans: list[LocalPlan], offsets: np.ndarray) -> list[StepIndex]:
+        width = max(len(batch) for plan in plans for _, batch in plan.batches)
+        negatives = self.config.model.negatives
+        steps = []
+        for step in range(len(plans[0].batches)):
+            active = sum(1 for plan in plans if len(plan.batches) > step)
+            items = np.empty((active, width, 1 + negatives), dtype=np.int64)
+            mask = np.zeros((active, width), dtype=np.float32)
+            for c, plan in enumerate(plans[:active]):
+                epoch, batch = plan.batches[step]
+                items[c] = offsets[c]  # padding points at a real row; the mask drops it
+                items[c, : len(batch), 0] = offsets[c] + plan.local_pos[batch]
+                items[c, : len(batch), 1:] = offsets[c] + plan.local_neg[epoch][batch]
+                mask[c, : len(batch)] = 1
+            steps.append(
+                StepIndex(
+                    active,
+                    int(offsets[active]),
+                    torch.as_tensor(items, device=self.device),
+                    torch.as_tensor(mask, device=self.device),
+                    torch.as_tensor(mask.sum(1), device=self.device),
+                )
+            )
+        return steps
+
+    def train(
+        self, plans: list[LocalPlan], users: Arrays, shared: Arrays, ascent: bool
+    ) -> tuple[Arrays, list[Arrays], list[Arrays], np.ndarray]:
+        """-> new user parts (C, .) per table, each client's new touched rows and dense layers, and
+        its mean loss per step."""
+        model, config, device = self.model, self.config, self.device
+        offsets = np.concatenate([[0], np.cumsum([len(plan.touched) for plan in plans])])
+        everything = np.concatenate([plan.touched for plan in plans])
+        user = {key: torch.tensor(value, device=device) for key, value in users.items()}
+        rows = {key: torch.tensor(shared[key][everything], device=device) for key in model.row_keys}
+        dense = {
+            key: torch.tensor(shared[key], device=device).repeat(len(plans), *([1] * shared[key].ndim))
+            for key in model.dense_keys(shared)
+        }
+        tables = {**user, **rows, **dense}
+        optimizer = Adam(config.train.lr, config.train.optimizer == "adam")
+        losses = torch.zeros(len(plans), dtype=torch.float64, device=device)
+        for number, index in enumerate(self.step_indices(plans, offsets), start=1):
+            active = index.active
+            leaves = {key: table[: index.rows if key in rows else active].detach().requires_grad_(True)
+                      for key, table in tables.items()}  # fmt: skip
+            flat = index.items.reshape(active, -1)
+            item_rows = {key: leaves[key][flat] for key in rows}
+            scores = model.score(
+                {key: leaves[key].unsqueeze(1) for key in user}, item_rows, {key: leaves[key] for key in dense}
+            ).reshape(index.items.shape)
+            loss = client_losses(config, scores[..., 0], scores[..., 1:], index.mask, index.sizes)
+            if ascent:
+                loss = -loss
+            elif config.train.weight_decay:
+                squares = sum((leaves[key] ** 2).sum(-1) for key in user)
+                used = sum((item_rows[key] ** 2).sum(-1).reshape(index.items.shape) for key in rows)
+                squares = squares + (used * index.mask.unsqueeze(-1)).sum((1, 2))
+                loss = loss + config.train.weight_decay * squares / index.sizes
+            grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+            with torch.no_grad():
+                for (key, leaf), grad in zip(leaves.items(), grads, strict=True):
+                    optimizer.step(key, tables[key], len(leaf), grad, number)
+            losses[:active] += loss.detach().double()
+        new_rows = {key: value.cpu().numpy() for key, value in rows.items()}
+        new_dense = {key: value.cpu().numpy() for key, value in dense.items()}
+        per_client_rows = [
+            {key: table[offsets[c] : offsets[c + 1]] for key, table in new_rows.items()} for c in range(len(plans))
+        ]
+        per_client_dense = [{key: table[c] for key, table in new_dense.items()} for c in range(len(plans))]
+        mean_loss = losses.cpu().numpy() / np.array([len(plan.batches) for plan in plans])
+        return {key: value.cpu().numpy() for key, value in user.items()}, per_client_rows, per_client_dense, mean_loss
+
+
+class BatchedPool:
+    """The ClientPool of the batched engine. Private state: one (clients, d) array per user table."""
+
+    def __init__(self, config: Config, federation: Federation) -> None:
+        self.config = config
+        self.federation = federation
+        self.model = build_model(config.model, federation.n_items)
+        self.device = resolve_device(config.run.device)
+        self.trainer = BatchedTrainer(self.model, config, self.device)
+        shapes = self.model.init_user(np.random.default_rng(0))
+        self.users = {key: np.zeros((federation.n_clients, len(v)), np.float32) for key, v in shapes.items()}
+        self.ready = np.zeros(federation.n_clients, dtype=bool)  # has a user part (initialised or trained)
+        torch.set_num_threads(config.run.num_cpus)
+
+    def _prepare(self, clients: list[int]) -> None:
+        for index in clients:
+            if not self.ready[index]:
+                self.set_user(index, init_user(self.model, self.config.run.seed, self.federation.client_ids[index]))
+
+    def user(self, index: int) -> Arrays:
+        self._prepare([index])
+        return {key: table[index].copy() for key, table in self.users.items()}
+
+    def set_user(self, index: int, user: Arrays) -> None:
+        for key, table in self.users.items():
+            table[index] = user[key]
+        self.ready[index] = True
+
+    def _chunks(self, clients: list[int], per_client: int) -> Iterator[list[int]]:
+        size = max(1, CHUNK_ELEMENTS // max(1, per_client))
+        for start in range(0, len(clients), size):
+            yield clients[start : start + size]
+
+    def train(
+        self,
+        round_number: int,
+        clients: list[int],
+        shared: Arrays,
+        done: ProgressHook,
+        epochs: float | None = None,
+        ascent: bool = False,
+    ) -> list[ClientUpdate]:
+        self._prepare(clients)
+        data = {index: self.federation.client(index) for index in clients}
+        plans = {
+            index: plan_local_training(self.model, data[index], self.user(index), shared, self.config, round_number,
+                                       epochs)  # fmt: skip
+            for index in clients
+        }
+        ordered = sorted(clients, key=lambda index: -len(plans[index].batches))
+        dim = sum(table.shape[1] for table in self.users.values())
+        dense_size = sum(shared[key].size for key in self.model.dense_keys(shared))
+        widest = max((len(plan.touched) for plan in plans.values()), default=1)
+        updates = []
+        for chunk in self._chunks(ordered, 4 * (widest * dim + dense_size)):
+            chunk_plans = [plans[index] for index in chunk]
+            users = {key: table[chunk] for key, table in self.users.items()}
+            new_users, new_rows, new_dense, losses = self.trainer.train(chunk_plans, users, shared, ascent)
+            for key, table in new_users.items():
+                self.users[key][chunk] = table
+            for c, index in enumerate(chunk):
+                updates.append(
+                    finish_update(
+                        self.model, data[index], plans[index], shared, new_rows[c], new_dense[c], float(losses[c]),
+                        self.config, round_number, ascent,
+                    )  # fmt: skip
+                )
+            done(len(chunk))
+        return updates
+
+    @torch.no_grad()
+    def _scores(self, clients: list[int], items: np.ndarray, shared: Arrays) -> np.ndarray:
+        """(C, L) scores of each client's own L items (`items` is (C, L) or (L,) for all)."""
+        device = self.device
+        user = {key: torch.tensor(table[clients], device=device).unsqueeze(1) for key, table in self.users.items()}
+        index = torch.as_tensor(items, device=device)
+        rows = {key: torch.tensor(shared[key], device=device)[index] for key in self.model.row_keys}
+        if index.ndim == 1:
+            rows = {key: value.expand(len(clients), *value.shape) for key, value in rows.items()}
+        dense = {key: torch.tensor(shared[key], device=device) for key in self.model.dense_keys(shared)}
+        return self.model.score(user, rows, dense).cpu().numpy()
+
+    def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]:
+        if not clients:
+            return []
+        self._prepare(clients)
+        full_ranking, target = self.config.eval.full_ranking, self.config.unlearn.target_item
+        scores_all = full_ranking or target >= 0
+        width = self.model.n_items if scores_all else len(candidates_of(self.federation.client(clients[0])))
+        results = []
+        for chunk in self._chunks(clients, 4 * width * self.model.dim):
+            data = [self.federation.client(index) for index in chunk]
+            candidate_scores = self._scores(chunk, np.stack([candidates_of(d) for d in data]), shared)
+            everything = self._scores(chunk, np.arange(self.model.n_items), shared) if scores_all else None
+            for c, client in enumerate(data):
+                row = None if everything is None else everything[c]
+                results.append(ranks_from_scores(client, candidate_scores[c], row, full_ranking, target))
+            done(len(chunk))
+        return results
+
+    def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
+        return {
+            self.federation.client_ids[i]: local_membership(
+                self.model, self.federation.client(i), self.user(i), shared, self.device
+            )
+            for i in clients
+        }
+
+    def fork(self) -> BatchedPool:
+        """A copy whose clients' private state can change without touching this pool's."""
+        twin = object.__new__(BatchedPool)
+        twin.__dict__ |= self.__dict__
+        twin.users = {key: table.copy() for key, table in self.users.items()}
+        twin.ready = self.ready.copy()
+        return twin
+
+    def forget(self, clients: list[int]) -> None:
+        """Delete these clients' private state (a later call starts them afresh)."""
+        for table in self.users.values():
+            table[clients] = 0
+        self.ready[clients] = False
