@@ -14,8 +14,7 @@ between rounds is one array per user table (no per-client objects).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +38,7 @@ from fedunlearn.models import Arrays, SplitModel, build_model
 from fedunlearn.rounds import ProgressHook
 from fedunlearn.training import resolve_device
 
-CHUNK_ELEMENTS = 2**25  # floats per client chunk in one tensor op: bounds memory at any federation size
+CHUNK_ELEMENTS = 2**25  # floats of parameters (or scores) per group of clients: memory stays bounded at any size
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the in-process client uses
 
 
@@ -55,28 +54,32 @@ class StepIndex:
 
 
 class Adam:
-    """torch.optim.Adam's update (same operations, same order) on a prefix of a parameter table,
-    so that clients that have finished their local steps keep their state untouched."""
+    """Adam (torch's fused kernel, one pass over every tensor) on a prefix of each parameter table,
+    so clients that have finished their local steps keep their state untouched. Every active client
+    is at the same step number, so one step count serves them all."""
 
     def __init__(self, lr: float, use_adam: bool) -> None:
         self.lr, self.use_adam = lr, use_adam
         self.state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per table: exp_avg, exp_avg_sq
 
-    def step(self, name: str, table: torch.Tensor, count: int, grad: torch.Tensor, step: int) -> None:
-        param = table[:count]
+    def step(self, tables: dict[str, torch.Tensor], counts: dict[str, int], grads: list[torch.Tensor],
+             step: int) -> None:  # fmt: skip
+        params = [tables[key][: counts[key]] for key in tables]
+        grads = [grad.contiguous() for grad in grads]  # the fused kernel ignores strides (autograd may transpose)
         if not self.use_adam:
-            param.add_(grad, alpha=-self.lr)
+            torch._foreach_add_(params, grads, alpha=-self.lr)
             return
-        if name not in self.state:
-            self.state[name] = (torch.zeros_like(table), torch.zeros_like(table))
-        exp_avg, exp_avg_sq = (state[:count] for state in self.state[name])
+        for key, table in tables.items():
+            if key not in self.state:
+                self.state[key] = (torch.zeros_like(table), torch.zeros_like(table))
+        exp_avgs = [self.state[key][0][: counts[key]] for key in tables]
+        exp_avg_sqs = [self.state[key][1][: counts[key]] for key in tables]
+        steps = [torch.tensor(float(step), device=table.device) for table in params]
         beta1, beta2 = ADAM_BETAS
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(ADAM_EPS)
-        param.addcdiv_(exp_avg, denom, value=-self.lr / bias_correction1)
+        torch._fused_adam_(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=self.lr, beta1=beta1, beta2=beta2,
+            weight_decay=0.0, eps=ADAM_EPS, amsgrad=False, maximize=False,
+        )  # fmt: skip
 
 
 def client_losses(
@@ -136,29 +139,39 @@ class BatchedTrainer:
             for key in model.dense_keys(shared)
         }
         tables = {**user, **rows, **dense}
+        # gradients of the row tables: one buffer each, filled at the rows a step used and cleared
+        # there afterwards (a fresh dense gradient per step would write every active row each time)
+        row_grads = {key: torch.zeros_like(table) for key, table in rows.items()}
         optimizer = Adam(config.train.lr, config.train.optimizer == "adam")
         losses = torch.zeros(len(plans), dtype=torch.float64, device=device)
         for number, index in enumerate(self.step_indices(plans, offsets), start=1):
             active = index.active
-            leaves = {key: table[: index.rows if key in rows else active].detach().requires_grad_(True)
-                      for key, table in tables.items()}  # fmt: skip
-            flat = index.items.reshape(active, -1)
-            item_rows = {key: leaves[key][flat] for key in rows}
+            small = {key: tables[key][:active].detach().requires_grad_(True) for key in (*user, *dense)}
+            flat = index.items.reshape(-1)
+            item_rows = {key: rows[key][flat].requires_grad_(True) for key in rows}
             scores = model.score(
-                {key: leaves[key].unsqueeze(1) for key in user}, item_rows, {key: leaves[key] for key in dense}
+                {key: small[key].unsqueeze(1) for key in user},
+                {key: value.reshape(active, -1, value.shape[-1]) for key, value in item_rows.items()},
+                {key: small[key] for key in dense},
             ).reshape(index.items.shape)
             loss = client_losses(config, scores[..., 0], scores[..., 1:], index.mask, index.sizes)
             if ascent:
                 loss = -loss
             elif config.train.weight_decay:
-                squares = sum((leaves[key] ** 2).sum(-1) for key in user)
+                squares = sum((small[key] ** 2).sum(-1) for key in user)
                 used = sum((item_rows[key] ** 2).sum(-1).reshape(index.items.shape) for key in rows)
                 squares = squares + (used * index.mask.unsqueeze(-1)).sum((1, 2))
                 loss = loss + config.train.weight_decay * squares / index.sizes
-            grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+            inputs = {**small, **item_rows}
+            grads = dict(zip(inputs, torch.autograd.grad(loss.sum(), list(inputs.values())), strict=True))
             with torch.no_grad():
-                for (key, leaf), grad in zip(leaves.items(), grads, strict=True):
-                    optimizer.step(key, tables[key], len(leaf), grad, number)
+                for key in rows:
+                    row_grads[key].index_add_(0, flat, grads[key])
+                counts = {key: (index.rows if key in rows else active) for key in tables}
+                step_grads = [row_grads[key][: index.rows] if key in rows else grads[key] for key in tables]
+                optimizer.step(tables, counts, step_grads, number)
+                for key in rows:
+                    row_grads[key].index_fill_(0, flat, 0.0)
             losses[:active] += loss.detach().double()
         new_rows = {key: value.cpu().numpy() for key, value in rows.items()}
         new_dense = {key: value.cpu().numpy() for key, value in dense.items()}
@@ -198,10 +211,18 @@ class BatchedPool:
             table[index] = user[key]
         self.ready[index] = True
 
-    def _chunks(self, clients: list[int], per_client: int) -> Iterator[list[int]]:
-        size = max(1, CHUNK_ELEMENTS // max(1, per_client))
-        for start in range(0, len(clients), size):
-            yield clients[start : start + size]
+    def _chunks(self, clients: list[int], sizes: Iterable[int]) -> Iterator[list[int]]:
+        """Consecutive groups of clients whose tensors (`sizes`: floats per client) fit CHUNK_ELEMENTS."""
+        chunk: list[int] = []
+        total = 0
+        for client, size in zip(clients, sizes, strict=True):
+            if chunk and total + size > CHUNK_ELEMENTS:
+                yield chunk
+                chunk, total = [], 0
+            chunk.append(client)
+            total += size
+        if chunk:
+            yield chunk
 
     def train(
         self,
@@ -215,16 +236,17 @@ class BatchedPool:
         self._prepare(clients)
         data = {index: self.federation.client(index) for index in clients}
         plans = {
-            index: plan_local_training(self.model, data[index], self.user(index), shared, self.config, round_number,
-                                       epochs)  # fmt: skip
+            index: plan_local_training(
+                self.model, data[index], self.user(index), shared, self.config, round_number, epochs
+            )  # fmt: skip
             for index in clients
         }
         ordered = sorted(clients, key=lambda index: -len(plans[index].batches))
         dim = sum(table.shape[1] for table in self.users.values())
         dense_size = sum(shared[key].size for key in self.model.dense_keys(shared))
-        widest = max((len(plan.touched) for plan in plans.values()), default=1)
+        sizes = (len(plans[index].touched) * dim + dense_size for index in ordered)
         updates = []
-        for chunk in self._chunks(ordered, 4 * (widest * dim + dense_size)):
+        for chunk in self._chunks(ordered, sizes):
             chunk_plans = [plans[index] for index in chunk]
             users = {key: table[chunk] for key, table in self.users.items()}
             new_users, new_rows, new_dense, losses = self.trainer.train(chunk_plans, users, shared, ascent)
@@ -233,8 +255,16 @@ class BatchedPool:
             for c, index in enumerate(chunk):
                 updates.append(
                     finish_update(
-                        self.model, data[index], plans[index], shared, new_rows[c], new_dense[c], float(losses[c]),
-                        self.config, round_number, ascent,
+                        self.model,
+                        data[index],
+                        plans[index],
+                        shared,
+                        new_rows[c],
+                        new_dense[c],
+                        float(losses[c]),
+                        self.config,
+                        round_number,
+                        ascent,
                     )  # fmt: skip
                 )
             done(len(chunk))
@@ -260,7 +290,7 @@ class BatchedPool:
         scores_all = full_ranking or target >= 0
         width = self.model.n_items if scores_all else len(candidates_of(self.federation.client(clients[0])))
         results = []
-        for chunk in self._chunks(clients, 4 * width * self.model.dim):
+        for chunk in self._chunks(clients, (width * self.model.dim for _ in clients)):
             data = [self.federation.client(index) for index in chunk]
             candidate_scores = self._scores(chunk, np.stack([candidates_of(d) for d in data]), shared)
             everything = self._scores(chunk, np.arange(self.model.n_items), shared) if scores_all else None

@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one setting, e.g. --set train.rounds=10 (repeatable)",
     )
-    run.add_argument("--engine", choices=["auto", "batched", "inprocess", "flower"], help="shorthand for --set run.engine=...")
+    run.add_argument(
+        "--engine", choices=["auto", "batched", "inprocess", "flower"], help="shorthand for --set run.engine=..."
+    )
     run.add_argument("--out", help="results folder to create (default: results/run-<time>)")
     run.add_argument("--drop", help='clients leave and ask to be forgotten, e.g. "12,57@20;3@30"')
     run.add_argument("--drop-random", help='seeded random drops, e.g. "5%%@20" or "7@20"')

@@ -15,11 +15,13 @@ def sample_negatives(
     """Items drawn uniformly from those not in `positives` (sorted), by rejection."""
     if len(positives) >= n_items:
         raise ValueError("a user with every item as a positive has no negatives")
+    is_positive = np.zeros(n_items, dtype=bool)
+    is_positive[positives] = True
     out = rng.integers(0, n_items, size=shape)
-    bad = np.isin(out, positives)
+    bad = is_positive[out]
     while bad.any():
         out[bad] = rng.integers(0, n_items, size=int(bad.sum()))
-        bad = np.isin(out, positives)
+        bad = is_positive[out]
     return out
 
 

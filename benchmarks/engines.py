@@ -1,0 +1,188 @@
+"""Seconds per round and peak memory of every engine on ML-100K with all 943 clients per round, then
+the batched engine on synthetic federations of growing size at 10% participation, in one run.
+
+    FEDUNLEARN_DATA_DIR=../shared/datasets python benchmarks/engines.py
+        [--model mf] [--rounds 4] [--flower-clients 943] [--sizes 1000,10000,100000] [--big-rounds 10]
+
+Every measurement runs in a child process started from a cold interpreter; the parent samples the
+resident memory of the child's whole process tree (Ray's workers included) every 0.2 s. "s per
+round" leaves out the last round, which also evaluates every client. With --flower-clients below
+943, Flower's round is timed on that many sampled clients and scaled to 943 by its cost per client
+update (the table says so). The synthetic runs report the whole job: data generation, every round
+and the final evaluation of every client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import psutil
+
+ML100K_CLIENTS = 943
+
+
+def _tree_rss(process: psutil.Process) -> int:
+    total = 0
+    for proc in [process, *process.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(child_args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one child; its last stdout line is a JSON report, to which the peak RSS is added."""
+    started = time.time()
+    child = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(child_args)], stdout=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        process = psutil.Process(child.pid)
+        while not stop.is_set():
+            try:
+                peak = max(peak, _tree_rss(process))
+            except psutil.Error:
+                return
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        out, _ = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return {"error": f"no result within {timeout:.0f} s"}
+    finally:
+        stop.set()
+    if child.returncode != 0:
+        return {"error": f"child exited with {child.returncode}"}
+    report = json.loads(out.strip().splitlines()[-1])
+    return report | {"wall": time.time() - started, "peak RSS MiB": round(peak / 2**20)}
+
+
+def child(args: dict[str, Any]) -> None:
+    from fedunlearn.config import load_config
+    from fedunlearn.engine import make_pool
+    from fedunlearn.federation import build_federation
+    from fedunlearn.progress import Progress
+    from fedunlearn.rounds import FederatedServer
+
+    config = load_config(None, args["overrides"])
+    loop_start = time.time()
+    if config.run.engine == "flower":
+        from server.simulation import run_flower
+
+        result, _ = run_flower(config, show_progress=False)
+        clients = [row["clients"] for row in result.rounds]
+    else:
+        federation = build_federation(config.data, config.run.seed)
+        server = FederatedServer(config, federation.client_ids, federation.n_items, make_pool(config, federation),
+                                 Progress(config.train.rounds, False))  # fmt: skip
+        result = server.run()
+        clients = [row["clients"] for row in result.rounds]
+    report = {"round_ends": result.round_ends, "loop_start": loop_start, "clients": clients[-1],
+              "HR@10": result.final["HR@10"]}  # fmt: skip
+    print(json.dumps(report))
+
+
+def per_round(report: dict[str, Any]) -> float:
+    ends = report["round_ends"]
+    training = [b - a for a, b in zip(ends, ends[1:], strict=False)][:-1] or [ends[0] - report["loop_start"]]
+    return sum(training) / len(training)
+
+
+def ml100k_table(model: str, rounds: int, flower_clients: int, timeout: float) -> list[dict[str, Any]]:
+    base = ["data.dataset=ml-100k", f"model.name={model}", "model.dim=64", f"train.rounds={rounds}",
+            f"eval.every={rounds}"]  # fmt: skip
+    rows = []
+    for engine in ("batched", "inprocess", "flower"):
+        clients = flower_clients if engine == "flower" else ML100K_CLIENTS
+        fraction = min(1.0, clients / ML100K_CLIENTS)
+        print(f"ML-100K: {engine} at {clients} clients per round ...", file=sys.stderr, flush=True)
+        report = measure({"overrides": [*base, f"run.engine={engine}", f"train.fraction={fraction}"]}, timeout)
+        if "error" in report:
+            rows.append({"engine": engine, "note": report["error"]})
+            continue
+        seconds = per_round(report)
+        scaled = seconds * ML100K_CLIENTS / report["clients"]
+        note = "" if report["clients"] == ML100K_CLIENTS else f"timed at {report['clients']} clients, scaled"
+        rows.append(
+            {
+                "engine": engine,
+                "clients/round": report["clients"],
+                "s per round": round(seconds, 3),
+                "s per round, 943 clients": round(scaled, 3),
+                "HR@10 after the rounds": round(report["HR@10"], 4) if not note else "-",
+                "peak RSS MiB": report["peak RSS MiB"],
+                "note": note,
+            }
+        )
+    batched = rows[0].get("s per round, 943 clients")
+    for row in rows:
+        if batched and "s per round, 943 clients" in row:
+            row["batched is x faster"] = round(row["s per round, 943 clients"] / batched, 1)
+    return rows
+
+
+def scaling_table(model: str, sizes: list[int], rounds: int, timeout: float) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        print(f"synthetic: batched, {size} clients at 10% ...", file=sys.stderr, flush=True)
+        overrides = [f"data.synthetic_users={size}", "data.synthetic_items=1000", f"model.name={model}",
+                     "model.dim=64", f"train.rounds={rounds}", f"eval.every={rounds}", "train.fraction=0.1",
+                     "run.engine=batched"]  # fmt: skip
+        report = measure({"overrides": overrides}, timeout)
+        if "error" in report:
+            rows.append({"clients": size, "note": report["error"]})
+            continue
+        seconds = per_round(report)
+        rows.append(
+            {
+                "clients": size,
+                "clients/round": report["clients"],
+                "rounds": rounds,
+                "s per round": round(seconds, 3),
+                "ms per client update": round(1000 * seconds / report["clients"], 3),
+                "whole job s": round(report["wall"], 1),
+                "peak RSS MiB": report["peak RSS MiB"],
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mf", choices=["mf", "ncf"])
+    parser.add_argument("--rounds", type=int, default=4, help="ML-100K rounds per engine")
+    parser.add_argument("--flower-clients", type=int, default=ML100K_CLIENTS, help="Flower's clients per round")
+    parser.add_argument("--sizes", default="1000,10000,100000", help="synthetic federation sizes")
+    parser.add_argument("--big-rounds", type=int, default=10, help="rounds of each synthetic federation")
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    import pandas as pd
+
+    first = ml100k_table(args.model, args.rounds, args.flower_clients, args.timeout)
+    sizes = [int(size) for size in args.sizes.split(",") if size]
+    second = scaling_table(args.model, sizes, args.big_rounds, args.timeout)
+    print(f"ML-100K, {args.model.upper()} 64-dim, one local epoch, {args.rounds} rounds per engine:")
+    print(pd.DataFrame(first).fillna("").to_markdown(index=False))
+    print(f"\nBatched engine, synthetic federations (1000 items, ~40 interactions per user), {args.model.upper()}:")
+    print(pd.DataFrame(second).to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()
