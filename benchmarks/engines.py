@@ -101,11 +101,13 @@ def per_round(report: dict[str, Any]) -> float:
     return sum(training) / len(training)
 
 
-def ml100k_table(model: str, rounds: int, flower_clients: int, timeout: float) -> list[dict[str, Any]]:
+def ml100k_table(
+    engines: list[str], model: str, rounds: int, flower_clients: int, timeout: float
+) -> list[dict[str, Any]]:
     base = ["data.dataset=ml-100k", f"model.name={model}", "model.dim=64", f"train.rounds={rounds}",
             f"eval.every={rounds}"]  # fmt: skip
     rows = []
-    for engine in ("batched", "inprocess", "flower"):
+    for engine in engines:
         clients = flower_clients if engine == "flower" else ML100K_CLIENTS
         fraction = min(1.0, clients / ML100K_CLIENTS)
         print(f"ML-100K: {engine} at {clients} clients per round ...", file=sys.stderr, flush=True)
@@ -127,7 +129,7 @@ def ml100k_table(model: str, rounds: int, flower_clients: int, timeout: float) -
                 "note": note,
             }
         )
-    batched = rows[0].get("s per round, 943 clients")
+    batched = next((row["s per round, 943 clients"] for row in rows if row["engine"] == "batched"), None)
     for row in rows:
         if batched and "s per round, 943 clients" in row:
             row["batched is x faster"] = round(row["s per round, 943 clients"] / batched, 1)
@@ -163,6 +165,7 @@ def scaling_table(model: str, sizes: list[int], rounds: int, timeout: float) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mf", choices=["mf", "ncf"])
+    parser.add_argument("--engines", default="batched,inprocess,flower", help="engines timed on ML-100K ('' for none)")
     parser.add_argument("--rounds", type=int, default=4, help="ML-100K rounds per engine")
     parser.add_argument("--flower-clients", type=int, default=ML100K_CLIENTS, help="Flower's clients per round")
     parser.add_argument("--sizes", default="1000,10000,100000", help="synthetic federation sizes")
@@ -175,7 +178,8 @@ def main() -> None:
         return
     import pandas as pd
 
-    first = ml100k_table(args.model, args.rounds, args.flower_clients, args.timeout)
+    engines = [engine for engine in args.engines.split(",") if engine]
+    first = ml100k_table(engines, args.model, args.rounds, args.flower_clients, args.timeout)
     sizes = [int(size) for size in args.sizes.split(",") if size]
     second = scaling_table(args.model, sizes, args.big_rounds, args.timeout)
     print(f"ML-100K, {args.model.upper()} 64-dim, one local epoch, {args.rounds} rounds per engine:")

@@ -159,7 +159,8 @@ class BatchedTrainer:
                 loss = -loss
             elif config.train.weight_decay:
                 squares = sum((small[key] ** 2).sum(-1) for key in user)
-                used = sum((item_rows[key] ** 2).sum(-1).reshape(index.items.shape) for key in rows)
+                used = sum(torch.einsum("nd,nd->n", item_rows[key], item_rows[key]).reshape(index.items.shape)
+                           for key in rows)  # fmt: skip
                 squares = squares + (used * index.mask.unsqueeze(-1)).sum((1, 2))
                 loss = loss + config.train.weight_decay * squares / index.sizes
             inputs = {**small, **item_rows}
