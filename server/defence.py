@@ -26,6 +26,9 @@ import time
 
 import numpy as np
 
+from fedunlearn.config import Config
+from fedunlearn.errors import FedUnlearnError
+from fedunlearn.federation import cached_federation
 from fedunlearn.models import Arrays
 from fedunlearn.privacy.attrcloak import AttributeGradient, DefenceOutcome, cloak
 from fedunlearn.privacy.gaussian import ClassSums
@@ -105,3 +108,25 @@ def flower_attrcloak(
     losses, weights = cloak(remote, len(attributes), variant, steps, fixed_weight)
     remote.finish()
     return DefenceOutcome(None, losses, weights, time.perf_counter() - started)
+
+
+def defend_on_clients(config: Config, pool: FlowerPool, clients: list[int], shared: Arrays) -> DefenceOutcome:
+    """`run.engine = "flower"` with `defence.method = attrcloak-dd | attrcloak-df`: the configured
+    AttrCloak on `clients` (those still in the federation after training), through Flower.
+    `defence.clients` all or listed; at-risk needs the local audit's attackers, which only the
+    in-process privacy stage trains."""
+    defence = config.defence
+    if not defence.method.startswith("attrcloak"):
+        raise FedUnlearnError(f"defence.method = {defence.method!r} has no Flower path yet: use attrcloak-dd or -df")
+    if defence.clients == "at-risk":
+        raise FedUnlearnError("defence.clients = 'at-risk' is not supported on the flower engine: use all or listed")
+    federation = cached_federation(config.data, config.run.seed)
+    ids = [federation.client_ids[i] for i in clients]
+    listed = set(defence.client_ids)
+    defending = [defence.clients == "all" or client in listed for client in ids]
+    attributes = config.audit.attributes or list(federation.dataset.attributes.columns)
+    fixed = None if defence.cloak_weight < 0 else defence.cloak_weight
+    variant = defence.method.removeprefix("attrcloak-")
+    return flower_attrcloak(
+        pool, clients, attributes, variant, defence.steps, defence.lr, defending, shared, fixed_weight=fixed
+    )

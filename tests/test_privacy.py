@@ -12,6 +12,7 @@ from fedunlearn.privacy.attrcloak import (
     DataRetention,
     PlainSum,
     attrcloak,
+    attribute_gradients,
     attribute_loss,
     class_contribution,
     client_attribute_gradient,
@@ -154,6 +155,21 @@ def test_attrcloak_run_client_by_client_equals_the_matrix_version(variant):
     np.testing.assert_array_equal(rows[~defending], x[~defending])  # only the defending clients move
     assert np.linalg.norm(rows - x, axis=1)[defending].min() > 1e-3  # each defending client moved
     assert any(0.1 < w < 1 for w in weights)  # the min-norm weight, not only a clip bound
+
+
+def test_a_class_nobody_is_in_gets_zero_gradients_and_leaves_the_loss_unchanged():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20, 3))
+    labels = rng.integers(0, 2, 20)
+    sums = ClassSums.of(x, labels, 2)
+    shrinkage = initial_shrinkage(x, AttributeClasses("g", labels, 2), sums, PlainSum())
+    loss, grad_sums, grad_outers = attribute_loss(sums, shrinkage)
+    widened = ClassSums.of(x, np.where(labels == 1, 2, 0), 3)  # the schema's class 1: nobody
+    loss3, grad_sums3, grad_outers3 = attribute_gradients(widened, np.array([shrinkage[0], 1.0, *shrinkage[1:]]))
+    assert loss3 == pytest.approx(float(loss), rel=1e-12)
+    np.testing.assert_allclose(grad_sums3.numpy()[[0, 2]], grad_sums.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(grad_outers3.numpy()[[0, 2]], grad_outers.numpy(), rtol=1e-12)
+    assert not grad_sums3[1].any() and not grad_outers3[1].any()
 
 
 def test_shadow_split_is_stratified_and_keeps_every_class_on_both_sides():
