@@ -3,16 +3,21 @@ and replies with the shared-parameter update only. The work itself is in fedunle
 
 Training comes as "train.fit". Bare "train" is the SecAgg+ protocol (server.secure_sum): the mod
 answers its key-exchange stages and calls `secure_contribution` once for this client's vector, which
-leaves the node only masked."""
+leaves the node only masked.
+
+AttrCloak runs here, on the client's own embedding (server.defence drives it): "query.defence_start"
+stores a `ClientCloak` in `context.state`, the secure tasks class-sums / fourth-powers /
+cloak-products read and update it, "query.defence_step" takes the Adam step and
+"query.defence_finish" installs the defended embedding as the client's user part."""
 
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
@@ -24,6 +29,8 @@ from fedunlearn.federated import init_user, local_evaluate, local_membership, lo
 from fedunlearn.federation import ClientData, cached_federation
 from fedunlearn.messages import (
     CLASS_SUMS,
+    CLOAK_PRODUCTS,
+    FOURTH_POWERS,
     LOCAL_AUDIT,
     arrays_to_record,
     decode_attacker,
@@ -31,16 +38,29 @@ from fedunlearn.messages import (
     encode_identity,
     encode_membership,
     encode_update,
+    read_array_field,
+    read_defence_start,
+    read_defence_step,
     read_instruction,
     read_secure_task,
     record_to_arrays,
 )
 from fedunlearn.models import Arrays, SplitModel, build_model
-from fedunlearn.privacy.attrcloak import class_contribution, flatten_users
+from fedunlearn.privacy.attrcloak import (
+    AdamState,
+    ClientCloak,
+    DataRetention,
+    class_contribution,
+    flatten_users,
+    fourth_power_contribution,
+    unflatten_users,
+)
 from fedunlearn.training import resolve_device
 
-app = ClientApp()
 USER_STATE = "user"
+CLOAK_STATE = "cloak"  # the ClientCloak's arrays, while a defence runs
+CLOAK_META = "cloak-meta"  # its flags and Adam step count
+CLOAK_SHARED = "cloak-shared"  # AttrCloak-DD: the frozen shared part, for the client's own training loss
 
 
 class Task(NamedTuple):
@@ -69,13 +89,11 @@ def _user(context: Context, model: SplitModel, data: ClientData, seed: int) -> A
     return record_to_arrays(context.state.array_records[USER_STATE])
 
 
-@app.query("whoami")
 def whoami(msg: Message, context: Context) -> Message:
     data = _setup(msg, context).data
     return Message(encode_identity(data.client_id, data.index), reply_to=msg)
 
 
-@app.query("forget")
 def forget(msg: Message, context: Context) -> Message:
     """The client leaves and asks to be forgotten: its private state is deleted."""
     data = _setup(msg, context).data
@@ -84,7 +102,6 @@ def forget(msg: Message, context: Context) -> Message:
     return Message(encode_identity(data.client_id, data.index), reply_to=msg)
 
 
-@app.query("membership")
 def membership(msg: Message, context: Context) -> Message:
     """Membership inference on this client's own interactions; only the AUC is sent."""
     config, _, shared, _, _, data, model = _setup(msg, context)
@@ -93,7 +110,6 @@ def membership(msg: Message, context: Context) -> Message:
     return Message(encode_membership(data.client_id, auc), reply_to=msg)
 
 
-@app.train("fit")
 def train(msg: Message, context: Context) -> Message:
     config, round_number, shared, epochs, ascent, data, model = _setup(msg, context)
     user = _user(context, model, data, config.run.seed)
@@ -103,7 +119,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(encode_update(update), reply_to=msg)
 
 
-@app.train(mods=[secaggplus_mod])
 def secure_contribution(msg: Message, context: Context) -> Message:
     """This client's vector for the secure task the server asked for, computed from what only it
     holds (its user part, its attribute value). The mod quantises and masks it before it leaves."""
@@ -112,25 +127,150 @@ def secure_contribution(msg: Message, context: Context) -> Message:
     federation = cached_federation(config.data, config.run.seed)
     data = federation.client(int(context.node_config["partition-id"]))
     model = build_model(config.model, federation.n_items)
-    own_features = flatten_users(model, [_user(context, model, data, config.run.seed)])[0]
-    attribute = str(fields["attribute"])
-    own_value = str(federation.dataset.attributes.iloc[data.index][attribute])
-    if task == LOCAL_AUDIT:
-        vector = local_outcome(decode_attacker(bytes(fields["attacker"])), own_features, own_value)
-    elif task == CLASS_SUMS:
-        classes = [str(value) for value in json.loads(str(fields["classes"]))]
-        vector = class_contribution(own_features, classes.index(own_value), len(classes))
+    if task == CLOAK_PRODUCTS:
+        vector = _cloak_products(fields, context, config, data, model)
     else:
-        raise ValueError(f"unknown secure task {task!r}")
+        attribute = str(fields["attribute"])
+        own_value = str(federation.dataset.attributes.iloc[data.index][attribute])
+        if task == LOCAL_AUDIT:
+            own_features = flatten_users(model, [_user(context, model, data, config.run.seed)])[0]
+            vector = local_outcome(decode_attacker(bytes(fields["attacker"])), own_features, own_value)
+        elif task == CLASS_SUMS:
+            classes = [str(value) for value in json.loads(str(fields["classes"]))]
+            if bool(fields.get("defence", False)):  # during AttrCloak: the embedding as defended so far
+                own_features = _load_cloak(context).current
+            else:
+                own_features = flatten_users(model, [_user(context, model, data, config.run.seed)])[0]
+            vector = class_contribution(own_features, _class_index(classes, own_value, attribute), len(classes))
+        elif task == FOURTH_POWERS:
+            classes = [str(value) for value in json.loads(str(fields["classes"]))]
+            means, global_mean = read_array_field(fields["means"]), read_array_field(fields["global-mean"])
+            label = _class_index(classes, own_value, attribute)
+            vector = fourth_power_contribution(_load_cloak(context).original, label, means, global_mean, len(classes))
+        else:
+            raise ValueError(f"unknown secure task {task!r}")
     if not np.all(np.abs(vector) <= bound):  # SecAgg+ would clip silently; the value itself is not told
         raise ValueError(f"a {task} contribution lies outside the secure sum's bound +-{bound}: ask for a larger one")
     reply = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vector]), num_examples=1, metrics={})
     return Message(fitres_to_recorddict(reply, keep_input=False), reply_to=msg)
 
 
-@app.evaluate()
+def _class_index(classes: list[str], own_value: str, attribute: str) -> int:
+    if own_value not in classes:
+        raise ValueError(f"this client's {attribute} is not among the {len(classes)} classes the server sent")
+    return classes.index(own_value)
+
+
+def _cloak_products(fields: Any, context: Context, config: Config, data: ClientData, model: SplitModel) -> np.ndarray:
+    """AttrCloak step, first half: this client's g_AU (from the broadcast gradients of the attribute
+    loss) and g_R, kept for the step; only their three dot products leave, masked."""
+    cloak = _load_cloak(context)
+    step, n_attributes = int(fields["step"]), int(fields["attributes"])
+    gradients = [
+        (torch.as_tensor(read_array_field(fields[f"grad-sums-{j}"])),
+         torch.as_tensor(read_array_field(fields[f"grad-outers-{j}"])))
+        for j in range(n_attributes)
+    ]  # fmt: skip
+    retention = None
+    if str(fields["variant"]) == "dd" and cloak.defending:
+        shared = record_to_arrays(context.state.array_records[CLOAK_SHARED])
+        own = DataRetention(model, shared, [data.train_items], [data.client_id], config.model.loss,
+                            config.model.negatives, config.run.seed, config.defence.batch)  # fmt: skip
+        retention = own.gradient(torch.as_tensor(cloak.current)[None], step)[0].numpy()
+    vector = cloak.products(gradients, retention)
+    _save_cloak(context, cloak)
+    return vector
+
+
+def _save_cloak(context: Context, cloak: ClientCloak) -> None:
+    arrays = {"original": cloak.original, "current": cloak.current, "labels": np.asarray(cloak.labels, np.int64)}
+    if cloak.adam is not None:
+        arrays |= {"exp-avg": cloak.adam.exp_avg, "exp-avg-sq": cloak.adam.exp_avg_sq}
+    if cloak.grad_au is not None and cloak.grad_r is not None:
+        arrays |= {"grad-au": cloak.grad_au, "grad-r": cloak.grad_r}
+    context.state[CLOAK_STATE] = arrays_to_record(arrays)
+    step = -1 if cloak.adam is None else cloak.adam.step
+    context.state[CLOAK_META] = ConfigRecord({"defending": cloak.defending, "adam-step": step})
+
+
+def _load_cloak(context: Context) -> ClientCloak:
+    if CLOAK_STATE not in context.state.array_records:
+        raise RuntimeError("an AttrCloak message before query.defence_start")
+    arrays = record_to_arrays(context.state.array_records[CLOAK_STATE])
+    meta = context.state.config_records[CLOAK_META]
+    step = int(meta["adam-step"])
+    adam = None if step < 0 else AdamState(step, arrays["exp-avg"], arrays["exp-avg-sq"])
+    cloak = ClientCloak(arrays["original"], arrays["current"], [int(v) for v in arrays["labels"]],
+                        bool(meta["defending"]), adam, arrays.get("grad-au"), arrays.get("grad-r"))  # fmt: skip
+    return cloak
+
+
+def _drop_cloak(context: Context) -> None:
+    for key in (CLOAK_STATE, CLOAK_META, CLOAK_SHARED):
+        if key in context.state:
+            del context.state[key]
+
+
+def defence_start(msg: Message, context: Context) -> Message:
+    """AttrCloak begins: this client notes its own embedding and its class in each attribute."""
+    torch.set_num_threads(1)
+    config, shared, attributes, classes, defending = read_defence_start(msg.content)
+    federation = cached_federation(config.data, config.run.seed)
+    data = federation.client(int(context.node_config["partition-id"]))
+    model = build_model(config.model, federation.n_items)
+    own = flatten_users(model, [_user(context, model, data, config.run.seed)])[0]
+    values = federation.dataset.attributes.iloc[data.index]
+    labels = [
+        _class_index([str(c) for c in cls], str(values[name]), name)
+        for name, cls in zip(attributes, classes, strict=True)
+    ]
+    _drop_cloak(context)
+    _save_cloak(context, ClientCloak.start(own, labels, defending))
+    if shared is not None:
+        context.state[CLOAK_SHARED] = arrays_to_record(shared)
+    return Message(encode_identity(data.client_id, data.index), reply_to=msg)
+
+
+def defence_step(msg: Message, context: Context) -> Message:
+    """AttrCloak step, second half: the Adam step with the weight the server found from the sums."""
+    torch.set_num_threads(1)
+    data = _setup(msg, context).data
+    weight, lr = read_defence_step(msg.content)
+    cloak = _load_cloak(context)
+    cloak.step(weight, lr)
+    _save_cloak(context, cloak)
+    return Message(encode_identity(data.client_id, data.index), reply_to=msg)
+
+
+def defence_finish(msg: Message, context: Context) -> Message:
+    """AttrCloak ends: the defended embedding becomes this client's user part."""
+    config, _, _, _, _, data, model = _setup(msg, context)
+    user = _user(context, model, data, config.run.seed)
+    context.state[USER_STATE] = arrays_to_record(unflatten_users([user], _load_cloak(context).current[None])[0])
+    _drop_cloak(context)
+    return Message(encode_identity(data.client_id, data.index), reply_to=msg)
+
+
 def evaluate(msg: Message, context: Context) -> Message:
     config, _, shared, _, _, data, model = _setup(msg, context)
     user = _user(context, model, data, config.run.seed)
     evaluation = local_evaluate(model, data, user, shared, config, resolve_device(config.run.device))
     return Message(encode_evaluation(evaluation), reply_to=msg)
+
+
+def make_client_app() -> ClientApp:
+    """A ClientApp with every handler above (a test may add a handler of its own to a fresh one)."""
+    client = ClientApp()
+    client.query("whoami")(whoami)
+    client.query("forget")(forget)
+    client.query("membership")(membership)
+    client.query("defence_start")(defence_start)
+    client.query("defence_step")(defence_step)
+    client.query("defence_finish")(defence_finish)
+    client.train("fit")(train)
+    client.train(mods=[secaggplus_mod])(secure_contribution)
+    client.evaluate()(evaluate)
+    return client
+
+
+app = make_client_app()

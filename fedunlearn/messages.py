@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 
 from fedunlearn.config import Config, config_from_dict
 from fedunlearn.federated import ClientEvaluation, ClientUpdate
@@ -27,11 +28,16 @@ TRAIN = "train.fit"
 WHOAMI = "query.whoami"
 FORGET = "query.forget"
 MEMBERSHIP = "query.membership"
+DEFENCE_START = "query.defence_start"
+DEFENCE_STEP = "query.defence_step"
+DEFENCE_FINISH = "query.defence_finish"
 
 # secure tasks: what a client adds to a SecAgg+ sum
 LOCAL_AUDIT = "local-audit"  # fedunlearn.audit.local_outcome of the shipped attacker on the client's own embedding
 CLASS_SUMS = "class-sums"  # fedunlearn.privacy.attrcloak.class_contribution of the client's own embedding
-SECURE_TASKS = (LOCAL_AUDIT, CLASS_SUMS)
+FOURTH_POWERS = "fourth-powers"  # fedunlearn.privacy.attrcloak.fourth_power_contribution, for the shrinkage
+CLOAK_PRODUCTS = "cloak-products"  # fedunlearn.privacy.attrcloak.client_products of the client's own gradients
+SECURE_TASKS = (LOCAL_AUDIT, CLASS_SUMS, FOURTH_POWERS, CLOAK_PRODUCTS)
 BOUND = "bound"  # set by server.secure_sum: every contributed value must lie within +-bound
 
 
@@ -155,6 +161,44 @@ def secure_task(config: Config, task: str, **fields: Any) -> dict[str, Any]:
 def read_secure_task(fields: Mapping[str, Any]) -> tuple[Config, str, float]:
     """(config, task name, bound); the task's own fields stay in `fields`."""
     return config_from_dict(json.loads(str(fields["config"]))), str(fields["task"]), float(fields[BOUND])
+
+
+def array_field(array: np.ndarray) -> bytes:
+    """An array as a secure task's field (FitIns config values are scalars, bytes among them)."""
+    return ndarray_to_bytes(np.ascontiguousarray(array))
+
+
+def read_array_field(blob: Any) -> np.ndarray:
+    return bytes_to_ndarray(bytes(blob))
+
+
+def encode_defence_start(
+    config: Config, attributes: list[str], classes: list[list[str]], defending: bool, shared: Arrays | None
+) -> RecordDict:
+    """Start AttrCloak on one client: the attributes and their classes (a client's class index is
+    the position of its own value), whether it defends, and for DD the frozen shared part."""
+    content = instruction(config, shared=shared)
+    fields = {"attributes": json.dumps(attributes), "classes": json.dumps(classes), "defending": defending}
+    content["defence"] = ConfigRecord(fields)
+    return content
+
+
+def read_defence_start(content: RecordDict) -> tuple[Config, Arrays | None, list[str], list[list[str]], bool]:
+    config, _, shared, _, _ = read_instruction(content)
+    fields = content.config_records["defence"]
+    attributes, classes = json.loads(str(fields["attributes"])), json.loads(str(fields["classes"]))
+    return config, shared, attributes, classes, bool(fields["defending"])
+
+
+def encode_defence_step(config: Config, weight: float, lr: float) -> RecordDict:
+    content = instruction(config)
+    content["defence"] = ConfigRecord({"weight": float(weight), "lr": float(lr)})
+    return content
+
+
+def read_defence_step(content: RecordDict) -> tuple[float, float]:
+    fields = content.config_records["defence"]
+    return float(fields["weight"]), float(fields["lr"])
 
 
 def encode_attacker(attacker: Attacker) -> bytes:

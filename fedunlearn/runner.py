@@ -107,7 +107,10 @@ def _federated(
         if config.run.engine == "flower":
             from server.simulation import run_flower
 
-            result, _ = run_flower(config, history=history, schedule=schedule, show_progress=show_progress)
+            result, flower_pool = run_flower(config, history=history, schedule=schedule, show_progress=show_progress)
+            if flower_pool.defence is not None:  # AttrCloak ran on the clients; no central audit on this engine
+                info["defence_seconds"] = round(flower_pool.defence.seconds, 2)
+                info["defended"] = {"weights": flower_pool.defence.weights, **flower_pool.defended}
         else:
             from fedunlearn.engine import make_pool
 

@@ -23,6 +23,7 @@ class Stream(IntEnum):
     POPULARITY = 6
     DROPS = 7
     DEFENCE = 8
+    RETENTION = 9  # AttrCloak-DD: each client's minibatches for its retention loss, per defence step
 
 
 def rng_for(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

@@ -30,7 +30,14 @@ def serve(
     federation = cached_federation(config.data, config.run.seed)
     pool = FlowerPool(grid, config, federation.n_clients, keep_replies)
     ids, n_items = federation.client_ids, federation.n_items
-    return FederatedServer(config, ids, n_items, pool, progress, history, schedule).run(), pool
+    server = FederatedServer(config, ids, n_items, pool, progress, history, schedule)
+    result = server.run()
+    if config.defence.method != "none":  # the post-training defence, on the clients (no central audit here)
+        from server.defence import defend_on_clients
+
+        pool.defence = defend_on_clients(config, pool, list(server.active), result.shared)
+        pool.defended = server.evaluate()
+    return result, pool
 
 
 def make_server_app(

@@ -19,28 +19,37 @@ from fedunlearn.federated import ClientEvaluation, ClientUpdate
 from fedunlearn.federation import cached_federation
 from fedunlearn.messages import (
     CLASS_SUMS,
+    CLOAK_PRODUCTS,
+    DEFENCE_FINISH,
+    DEFENCE_START,
+    DEFENCE_STEP,
     FORGET,
+    FOURTH_POWERS,
     LOCAL_AUDIT,
     MEMBERSHIP,
     TRAIN,
     WHOAMI,
+    array_field,
     decode_evaluation,
     decode_identity,
     decode_membership,
     decode_update,
     encode_attacker,
+    encode_defence_start,
+    encode_defence_step,
     instruction,
     secure_task,
 )
 from fedunlearn.models import Arrays
 from fedunlearn.privacy.attacks import Attacker
-from fedunlearn.privacy.attrcloak import unpack_class_sums
+from fedunlearn.privacy.attrcloak import AttributeGradient, DefenceOutcome, unpack_class_sums
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.rounds import ProgressHook
 from server.secure_sum import secure_sum
 
 PULL_SECONDS = 0.05
 CLASS_SUMS_BOUND = 128.0  # |e_i|, |e_i e_j| of every user embedding must stay below this
+PRODUCTS_BOUND = 64.0  # AttrCloak: |g_R.g_R|, |g_AU.g_R|, |g_AU.g_AU| of every client must stay below this
 
 
 class FlowerPool:
@@ -52,6 +61,8 @@ class FlowerPool:
         self.timeout = timeout
         self.keep_replies = keep_replies
         self.replies_seen: list[RecordDict] = []  # every reply's content when kept, for audits and tests
+        self.defence: DefenceOutcome | None = None  # AttrCloak run on the clients after training (server.defence)
+        self.defended: dict[str, float] = {}  # the evaluation after it
         self.node_of = self._discover(n_clients)
 
     def _discover(self, n_clients: int) -> dict[int, int]:
@@ -144,14 +155,74 @@ class FlowerPool:
         fields = {"attacker": encode_attacker(attacker), "attribute": attacker.attribute}
         return np.rint(self._secure_sum(clients, secure_task(self.config, LOCAL_AUDIT, **fields), 1.0))
 
-    def class_sums(self, attribute: str, clients: list[int], bound: float = CLASS_SUMS_BOUND) -> ClassSums:
-        """AttrCloak's per-class sums (count, sum of e, sum of e e^T) over these clients' embeddings,
-        through SecAgg+; classes are the attribute's sorted values, shipped to every client."""
+    def attribute_classes(self, attribute: str) -> list[str]:
+        """The attribute's possible values, sorted (the dataset's schema, not any client's value)."""
         federation = cached_federation(self.config.data, self.config.run.seed)
-        classes = sorted({str(value) for value in federation.dataset.attributes[attribute]})
-        task = secure_task(self.config, CLASS_SUMS, attribute=attribute, classes=json.dumps(classes))
+        return sorted({str(value) for value in federation.dataset.attributes[attribute]})
+
+    def class_sums(
+        self,
+        attribute: str,
+        clients: list[int],
+        bound: float = CLASS_SUMS_BOUND,
+        classes: list[str] | None = None,
+        defence: bool = False,
+    ) -> ClassSums:
+        """AttrCloak's per-class sums (count, sum of e, sum of e e^T) over these clients' embeddings
+        (`defence`: as defended so far), through SecAgg+; classes are `classes` or the attribute's
+        sorted values, shipped to every client."""
+        classes = classes if classes is not None else self.attribute_classes(attribute)
+        fields = {"attribute": attribute, "classes": json.dumps(classes), "defence": defence}
+        task = secure_task(self.config, CLASS_SUMS, **fields)
         total = self._secure_sum(clients, task, bound)
         k = len(classes)
         dim = round((np.sqrt(4 * len(total) / k - 3) - 1) / 2)  # len = k (1 + d + d^2)
         sums = unpack_class_sums(total, k, dim)
         return ClassSums(np.rint(sums.counts), sums.sums, sums.outers)
+
+    # AttrCloak on the clients (server.defence drives these): the queries are answered with ids only
+
+    def _query(self, kind: str, contents: dict[int, RecordDict]) -> None:
+        self._exchange(
+            [Message(content, self.node_of[index], kind) for index, content in contents.items()], lambda _: None
+        )
+
+    def defence_start(
+        self,
+        clients: list[int],
+        attributes: list[str],
+        classes: list[list[str]],
+        defending: list[bool],
+        shared: Arrays | None,
+    ) -> None:
+        """Each client notes its embedding and classes; `shared` (DD) is the frozen shared part."""
+        contents = {index: encode_defence_start(self.config, attributes, classes, flag, shared)
+                    for index, flag in zip(clients, defending, strict=True)}  # fmt: skip
+        self._query(DEFENCE_START, contents)
+
+    def fourth_powers(
+        self, attribute: str, classes: list[str], means: np.ndarray, global_mean: np.ndarray, clients: list[int],
+        bound: float,
+    ) -> np.ndarray:  # fmt: skip
+        """The sum of each client's `fourth_power_contribution` (original embedding), through SecAgg+."""
+        fields = {"attribute": attribute, "classes": json.dumps(classes)}
+        fields |= {"means": array_field(means), "global-mean": array_field(global_mean)}
+        return self._secure_sum(clients, secure_task(self.config, FOURTH_POWERS, **fields), bound)
+
+    def cloak_products(
+        self, step: int, variant: str, gradients: list[AttributeGradient], clients: list[int], bound: float
+    ) -> np.ndarray:
+        """Broadcast the attribute loss's gradients; the sum of each client's (g_R.g_R, g_AU.g_R,
+        g_AU.g_AU) comes back through SecAgg+ (zero from a client that does not defend)."""
+        fields: dict[str, Any] = {"step": step, "variant": variant, "attributes": len(gradients)}
+        for j, (grad_sums, grad_outers) in enumerate(gradients):
+            fields[f"grad-sums-{j}"] = array_field(grad_sums.numpy())
+            fields[f"grad-outers-{j}"] = array_field(grad_outers.numpy())
+        return self._secure_sum(clients, secure_task(self.config, CLOAK_PRODUCTS, **fields), bound)
+
+    def defence_step(self, clients: list[int], weight: float, lr: float) -> None:
+        content = encode_defence_step(self.config, weight, lr)
+        self._query(DEFENCE_STEP, dict.fromkeys(clients, content))
+
+    def defence_finish(self, clients: list[int]) -> None:
+        self._query(DEFENCE_FINISH, dict.fromkeys(clients, instruction(self.config)))

@@ -8,10 +8,16 @@ from sklearn.covariance import ledoit_wolf
 from fedunlearn.privacy.attacks import attribute_inference, shadow_split
 from fedunlearn.privacy.attrcloak import (
     AttributeClasses,
+    ClientCloak,
+    DataRetention,
     PlainSum,
+    attrcloak,
+    attribute_gradients,
     attribute_loss,
     class_contribution,
     client_attribute_gradient,
+    cloak,
+    fourth_power_contribution,
     initial_shrinkage,
     min_norm_weight,
     unpack_class_sums,
@@ -87,6 +93,83 @@ def test_each_clients_gradient_from_the_sums_equals_autograd_through_every_embed
     kl = gaussian_kl(means, shrink(covs, torch.tensor(shrinkage[:-1])), global_mean, shrink(global_cov, shrinkage[-1]))
     (counts / counts.sum() * kl).sum().backward()
     np.testing.assert_allclose(mine.numpy(), e.grad.numpy(), rtol=1e-8, atol=1e-12)
+
+
+class RowClients:
+    """Each client alone with its own ClientCloak, as on Flower; the sums are plain sums of what
+    each would contribute."""
+
+    def __init__(self, x, attributes, defending, lr, retention=None):
+        self.rows = [
+            ClientCloak.start(e, [a.labels[i] for a in attributes], bool(defending[i])) for i, e in enumerate(x)
+        ]
+        self.attributes, self.lr, self.retention = attributes, lr, retention
+
+    def class_sums(self, j):
+        k = self.attributes[j].n_classes
+        total = sum(class_contribution(row.current, row.labels[j], k) for row in self.rows)
+        return unpack_class_sums(total, k, len(self.rows[0].current))
+
+    def fourth_powers(self, j, means, global_mean):
+        k = self.attributes[j].n_classes
+        return sum(fourth_power_contribution(r.original, r.labels[j], means, global_mean, k) for r in self.rows)
+
+    def products(self, step, gradients):
+        total = 0
+        for i, row in enumerate(self.rows):
+            own = None
+            if self.retention is not None:  # what client i computes on its device: its own loss, its own stream
+                alone = DataRetention(*self.retention[:2], [self.retention[2][i]], [self.retention[3][i]],
+                                      *self.retention[4:])  # fmt: skip
+                own = alone.gradient(torch.tensor(row.current)[None], step)[0].numpy()
+            total = total + row.products(gradients, own)
+        return total
+
+    def step(self, weight):
+        for row in self.rows:
+            row.step(weight, self.lr)
+
+
+@pytest.mark.parametrize("variant", ["df", "dd"])
+def test_attrcloak_run_client_by_client_equals_the_matrix_version(variant):
+    from fedunlearn.models import MF
+
+    rng = np.random.default_rng(5)
+    n, d, n_items = 24, 4, 30
+    x = rng.normal(size=(n, d)) + np.where(rng.random(n) < 0.5, 0.5, -0.5)[:, None]
+    attributes = [AttributeClasses("g", (x[:, 0] > 0).astype(int), 2), AttributeClasses("a", rng.integers(0, 3, n), 3)]
+    defending = rng.random(n) < 0.75
+    retention = None
+    if variant == "dd":
+        model = MF(n_items, d, 0.1)
+        shared = {"item_emb": rng.normal(size=(n_items, d)).astype(np.float32)}
+        positives = [rng.choice(n_items, 6, replace=False) for _ in range(n)]
+        retention = (model, shared, positives, [f"u{i}" for i in range(n)], "bpr", 2, 7, 5)
+    matrix = attrcloak(x, attributes, variant, 4, 0.05, defending, DataRetention(*retention) if retention else None)
+    clients = RowClients(x, attributes, defending, 0.05, retention)
+    losses, weights = cloak(clients, len(attributes), variant, 4)
+    rows = np.stack([row.current for row in clients.rows])
+    np.testing.assert_allclose(weights, matrix.weights, rtol=1e-9)
+    np.testing.assert_allclose(losses, matrix.losses, rtol=1e-9)
+    np.testing.assert_allclose(rows, matrix.embeddings, rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(rows[~defending], x[~defending])  # only the defending clients move
+    assert np.linalg.norm(rows - x, axis=1)[defending].min() > 1e-3  # each defending client moved
+    assert any(0.1 < w < 1 for w in weights)  # the min-norm weight, not only a clip bound
+
+
+def test_a_class_nobody_is_in_gets_zero_gradients_and_leaves_the_loss_unchanged():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20, 3))
+    labels = rng.integers(0, 2, 20)
+    sums = ClassSums.of(x, labels, 2)
+    shrinkage = initial_shrinkage(x, AttributeClasses("g", labels, 2), sums, PlainSum())
+    loss, grad_sums, grad_outers = attribute_loss(sums, shrinkage)
+    widened = ClassSums.of(x, np.where(labels == 1, 2, 0), 3)  # the schema's class 1: nobody
+    loss3, grad_sums3, grad_outers3 = attribute_gradients(widened, np.array([shrinkage[0], 1.0, *shrinkage[1:]]))
+    assert loss3 == pytest.approx(float(loss), rel=1e-12)
+    np.testing.assert_allclose(grad_sums3.numpy()[[0, 2]], grad_sums.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(grad_outers3.numpy()[[0, 2]], grad_outers.numpy(), rtol=1e-12)
+    assert not grad_sums3[1].any() and not grad_outers3[1].any()
 
 
 def test_shadow_split_is_stratified_and_keeps_every_class_on_both_sides():

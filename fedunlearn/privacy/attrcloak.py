@@ -13,13 +13,17 @@ Each client fine-tunes only its own user part. Per step:
    summed the same way and give the min-norm weight a = clip((g_R - g_AU).g_R / |g_AU - g_R|^2);
 4. every client steps its embedding along a g_AU + (1 - a) g_R with its own Adam state.
 
-Clients here are rows of one matrix because every per-client quantity depends only on that row
-and the sums; Adam is element-wise, so one Adam over the matrix is each client's own Adam.
+The server's side of a step is `cloak`, over any `CloakClients`: in-process `MatrixClients` runs
+the clients as rows of one matrix (every per-client quantity depends only on that row and the sums;
+Adam is element-wise, so one Adam over the matrix is each client's own Adam); on Flower
+(server/defence.py) each client runs `client_gradients` / `client_products` / `client_step` on its
+own device, from the broadcast gradients, and only sums come back.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,7 +32,10 @@ import torch
 
 from fedunlearn.models import Arrays, SplitModel
 from fedunlearn.privacy.gaussian import ClassSums, gaussian_kl, ledoit_wolf_shrinkage, moments, shrink
+from fedunlearn.seeding import Stream, client_key, rng_for
 from fedunlearn.training import recommendation_loss, sample_negatives
+
+AttributeGradient = tuple[torch.Tensor, torch.Tensor]  # dL_j/dsums (K, d), symmetrised dL_j/douters (K, d, d)
 
 
 class Aggregator(Protocol):
@@ -78,25 +85,55 @@ def min_norm_weight(rr: float, ar: float, aa: float, low: float) -> float:
     return float(np.clip((rr - ar) / denominator, low, 1.0))
 
 
+def class_means(sums: ClassSums) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class means (zero for a class nobody is in) and the global mean, from the sums."""
+    counts = sums.counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts[:, None] > 0, sums.sums / counts[:, None], 0.0)
+    return means, sums.sums.sum(0) / counts.sum()
+
+
+def fourth_power_contribution(
+    embedding: np.ndarray, label: int, means: np.ndarray, global_mean: np.ndarray, n_classes: int
+) -> np.ndarray:
+    """What one client adds to the shrinkage sum: ||e - mean_c||^4 in its class's slot, ||e - mean||^4 last."""
+    out = np.zeros(n_classes + 1)
+    out[label] = np.linalg.norm(embedding - means[label]) ** 4
+    out[-1] = np.linalg.norm(embedding - global_mean) ** 4
+    return out
+
+
+def shrinkage_from(sums: ClassSums, fourth: np.ndarray) -> np.ndarray:
+    """Ledoit-Wolf intensities (K classes, then the global Gaussian) from the class sums and the
+    summed fourth powers; a class below MIN_CLASS_USERS gets 1 (it stays out of L_AU anyway)."""
+    counts = sums.counts
+    means, global_mean = class_means(sums)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        covs = sums.outers / counts[:, None, None] - means[:, :, None] * means[:, None, :]
+    global_cov = sums.outers.sum(0) / counts.sum() - np.outer(global_mean, global_mean)
+    intensities = [
+        ledoit_wolf_shrinkage(covs[k], fourth[k], counts[k]) if counts[k] >= MIN_CLASS_USERS else 1.0
+        for k in range(len(counts))
+    ]
+    return np.array([*intensities, ledoit_wolf_shrinkage(global_cov, fourth[-1], counts.sum())])
+
+
 def initial_shrinkage(
     embeddings: np.ndarray, attribute: AttributeClasses, sums: ClassSums, aggregator: Aggregator
 ) -> np.ndarray:
     """Ledoit-Wolf intensities (K classes, then the global Gaussian): one more secure sum, of
     ||e - mean_c||^4 and ||e - mean||^4, once the means are known from `sums`."""
-    counts, means = sums.counts, sums.sums / sums.counts[:, None]
-    global_mean = sums.sums.sum(0) / counts.sum()
+    return shrinkage_from(sums, aggregator.total(fourth_powers(embeddings, attribute, *class_means(sums))))
+
+
+def fourth_powers(
+    embeddings: np.ndarray, attribute: AttributeClasses, means: np.ndarray, global_mean: np.ndarray
+) -> np.ndarray:
+    """`fourth_power_contribution` of every row, vectorised: (n, K + 1)."""
     fourth_own = np.linalg.norm(embeddings - means[attribute.labels], axis=1) ** 4
     fourth_all = np.linalg.norm(embeddings - global_mean, axis=1) ** 4
-    per_client = np.concatenate([np.eye(attribute.n_classes)[attribute.labels] * fourth_own[:, None],
-                                 fourth_all[:, None]], axis=1)  # fmt: skip
-    fourth = aggregator.total(per_client)
-    covs = sums.outers / counts[:, None, None] - means[:, :, None] * means[:, None, :]
-    global_cov = sums.outers.sum(0) / counts.sum() - np.outer(global_mean, global_mean)
-    intensities = [
-        ledoit_wolf_shrinkage(covs[k], fourth[k], counts[k]) if counts[k] >= MIN_CLASS_USERS else 1.0
-        for k in range(attribute.n_classes)
-    ]
-    return np.array([*intensities, ledoit_wolf_shrinkage(global_cov, fourth[-1], counts.sum())])
+    return np.concatenate([np.eye(attribute.n_classes)[attribute.labels] * fourth_own[:, None],
+                           fourth_all[:, None]], axis=1)  # fmt: skip
 
 
 # Ledoit-Wolf is degenerate below 3 users (at 2 its intensity is exactly 0 and the covariance
@@ -129,9 +166,24 @@ def client_attribute_gradient(
     return grad_sums[index] + torch.einsum("nij,nj->ni", grad_outers[index], embeddings)
 
 
+def attribute_gradients(sums: ClassSums, shrinkage: np.ndarray) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """`attribute_loss` where a class may have nobody in it (a class list fixed before the clients
+    are known): the loss is taken over the non-empty classes; the empty ones get zero gradients."""
+    present = sums.counts > 0
+    if present.all():
+        loss, grad_sums, grad_outers = attribute_loss(sums, shrinkage)
+        return float(loss), grad_sums, grad_outers
+    kept = ClassSums(sums.counts[present], sums.sums[present], sums.outers[present])
+    loss, kept_sums, kept_outers = attribute_loss(kept, np.append(shrinkage[:-1][present], shrinkage[-1]))
+    index = torch.as_tensor(np.flatnonzero(present))
+    grad_sums = torch.zeros((len(present), *kept_sums.shape[1:]), dtype=torch.float64).index_copy(0, index, kept_sums)
+    grad_outers = torch.zeros((len(present), *kept_outers.shape[1:]), dtype=torch.float64)
+    return float(loss), grad_sums, grad_outers.index_copy(0, index, kept_outers)
+
+
 @dataclass
 class DefenceOutcome:
-    embeddings: np.ndarray  # (n, D) after the defence
+    embeddings: np.ndarray | None  # (n, D) after the defence (None on Flower: only the clients hold them)
     losses: list[float]  # L_AU per step
     weights: list[float]  # min-norm weight a per step
     seconds: float
@@ -151,33 +203,237 @@ def unflatten_users(users: list[Arrays], flat: np.ndarray) -> list[Arrays]:
 
 class DataRetention:
     """DD: each client's own training loss on a fresh minibatch of its interactions per step,
-    item side frozen; the loss is a sum over clients so each row's gradient is its own."""
+    item side frozen; the loss is a sum over clients so each row's gradient is its own. Client i's
+    minibatch at step t comes from its own stream (seed, RETENTION, t, client id): a client
+    defending alone on its device draws exactly what its row draws here."""
 
     def __init__(
-        self, model: SplitModel, shared: Arrays, positives: list[np.ndarray], loss: str, negatives: int, seed: int
+        self,
+        model: SplitModel,
+        shared: Arrays,
+        positives: list[np.ndarray],
+        client_ids: list[str],
+        loss: str,
+        negatives: int,
+        seed: int,
+        batch: int = 32,
     ) -> None:
-        self.model, self.loss, self.negatives = model, loss, negatives
+        self.model, self.loss, self.negatives, self.batch, self.seed = model, loss, negatives, batch, seed
         self.keys = sorted(model.init_user(np.random.default_rng(0)))
         self.rows = {key: torch.tensor(shared[key], dtype=torch.float64) for key in model.row_keys}
         self.dense = {key: torch.tensor(shared[key], dtype=torch.float64) for key in model.dense_keys(shared)}
-        self.positives, self.rng = positives, np.random.default_rng(seed)
+        self.positives, self.client_ids = positives, client_ids
 
-    def gradient(self, embeddings: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    def minibatch(self, client: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """Client `client`'s (positives (B,), negatives (B, N)) for `step`."""
+        rng = rng_for(self.seed, Stream.RETENTION, step, client_key(self.client_ids[client]))
         n_items = next(iter(self.rows.values())).shape[0]
-        pos = np.stack([self.rng.choice(p, batch) for p in self.positives])
-        neg = np.stack(
-            [sample_negatives(self.rng, n_items, np.sort(p), (batch, self.negatives)) for p in self.positives]
+        positives = self.positives[client]
+        return rng.choice(positives, self.batch), sample_negatives(
+            rng, n_items, np.sort(positives), (self.batch, self.negatives)
         )
+
+    def gradient(self, embeddings: torch.Tensor, step: int) -> torch.Tensor:
+        pos, neg = (np.stack(part) for part in zip(*(self.minibatch(i, step) for i in range(len(self.positives)))))
         flat = embeddings.detach().requires_grad_(True)
         user = dict(zip(self.keys, (part[:, None, :] for part in flat.split(flat.shape[1] // len(self.keys), 1)),
                         strict=True))  # fmt: skip
         pos_score = self.model.score(user, {k: t[pos] for k, t in self.rows.items()}, self.dense)
         neg_rows = {k: t[neg.reshape(len(pos), -1)] for k, t in self.rows.items()}
-        neg_score = self.model.score(user, neg_rows, self.dense).reshape(len(pos), batch, self.negatives)
+        neg_score = self.model.score(user, neg_rows, self.dense).reshape(len(pos), self.batch, self.negatives)
         # every client has the same batch, so the sum of per-client mean losses is n times the overall mean
         total = len(pos) * recommendation_loss(self.loss, pos_score.reshape(-1), neg_score.reshape(-1, self.negatives))
         (grad,) = torch.autograd.grad(total, flat)
         return grad
+
+
+# One client's side of a step, on its own device: from its own embedding and class and what the
+# server broadcast, never anyone else's value.
+
+
+@dataclass
+class AdamState:
+    """One client's Adam moments for its own embedding (torch.optim.Adam's, element-wise)."""
+
+    step: int
+    exp_avg: np.ndarray
+    exp_avg_sq: np.ndarray
+
+
+def client_gradients(
+    current: np.ndarray,
+    original: np.ndarray,
+    labels: Sequence[int],
+    gradients: Sequence[AttributeGradient],
+    retention: np.ndarray | None = None,
+    defending: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(g_AU, g_R) of one client: its attribute gradient from the broadcast `gradients` (one per
+    attribute) and its class `labels[j]` in each, and its retention gradient (`retention`, DD: of
+    its own training loss; None: DF's 2 (e - e_original)). Zero for a client that does not defend."""
+    values = torch.as_tensor(current, dtype=torch.float64)[None]
+    grad_au = torch.zeros_like(values)
+    for label, (grad_sums, grad_outers) in zip(labels, gradients, strict=True):
+        grad_au += client_attribute_gradient(values, np.array([label]), grad_sums, grad_outers) / len(gradients)
+    if retention is None:
+        grad_r = 2 * (values - torch.as_tensor(original, dtype=torch.float64)[None])
+    else:
+        grad_r = torch.as_tensor(retention, dtype=torch.float64)[None]
+    mask = 1.0 if defending else 0.0
+    return (grad_au * mask)[0].numpy(), (grad_r * mask)[0].numpy()
+
+
+def client_products(grad_au: np.ndarray, grad_r: np.ndarray) -> np.ndarray:
+    """What one client adds to the weight's secure sum: (g_R.g_R, g_AU.g_R, g_AU.g_AU)."""
+    au, r = torch.as_tensor(grad_au)[None], torch.as_tensor(grad_r)[None]
+    return torch.stack([(r * r).sum(1), (au * r).sum(1), (au * au).sum(1)], 1)[0].numpy()
+
+
+def client_step(
+    current: np.ndarray, grad_au: np.ndarray, grad_r: np.ndarray, weight: float, adam: AdamState | None, lr: float
+) -> tuple[np.ndarray, AdamState]:
+    """One client's Adam step along weight g_AU + (1 - weight) g_R; returns its new embedding and
+    Adam state (torch.optim.Adam on the one row, resumed from `adam`)."""
+    param = torch.tensor(current, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([param], lr=lr)
+    if adam is not None:
+        optimizer.state[param] = {
+            "step": torch.tensor(float(adam.step)),
+            "exp_avg": torch.tensor(adam.exp_avg, dtype=torch.float64),
+            "exp_avg_sq": torch.tensor(adam.exp_avg_sq, dtype=torch.float64),
+        }
+    grad_au_t, grad_r_t = torch.as_tensor(grad_au), torch.as_tensor(grad_r)
+    param.grad = weight * grad_au_t + (1 - weight) * grad_r_t
+    optimizer.step()
+    state = optimizer.state[param]
+    moments_ = AdamState(int(state["step"]), state["exp_avg"].numpy().copy(), state["exp_avg_sq"].numpy().copy())
+    return param.detach().numpy().copy(), moments_
+
+
+@dataclass
+class ClientCloak:
+    """One client's AttrCloak state between the server's messages, kept on its device: its
+    embedding before and during the defence, its class per attribute, its Adam moments and the
+    gradients of the current step (computed for the weight's sum, used by the step after it)."""
+
+    original: np.ndarray  # (D,) float64
+    current: np.ndarray
+    labels: list[int]
+    defending: bool
+    adam: AdamState | None = None
+    grad_au: np.ndarray | None = None
+    grad_r: np.ndarray | None = None
+
+    @classmethod
+    def start(cls, embedding: np.ndarray, labels: list[int], defending: bool) -> ClientCloak:
+        original = np.asarray(embedding, dtype=np.float64)
+        return cls(original, original.copy(), labels, defending)
+
+    def products(self, gradients: Sequence[AttributeGradient], retention: np.ndarray | None = None) -> np.ndarray:
+        self.grad_au, self.grad_r = client_gradients(
+            self.current, self.original, self.labels, gradients, retention, self.defending
+        )
+        return client_products(self.grad_au, self.grad_r)
+
+    def step(self, weight: float, lr: float) -> None:
+        if self.grad_au is None or self.grad_r is None:
+            raise RuntimeError("an AttrCloak step before this client computed its gradients")
+        if self.defending:
+            self.current, self.adam = client_step(self.current, self.grad_au, self.grad_r, weight, self.adam, lr)
+        self.grad_au = self.grad_r = None
+
+
+# The server's side: it sees only sums.
+
+
+class CloakClients(Protocol):
+    """The clients as AttrCloak's server sees them: every answer is a sum over clients."""
+
+    def class_sums(self, attribute: int) -> ClassSums:
+        """Class sums of attribute `attribute` over the clients' current embeddings."""
+        ...
+
+    def fourth_powers(self, attribute: int, means: np.ndarray, global_mean: np.ndarray) -> np.ndarray:
+        """The sum of `fourth_power_contribution` over the clients' original embeddings: (K + 1,)."""
+        ...
+
+    def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
+        """Each client computes (and keeps) its g_AU and g_R; the sum of `client_products`: (3,)."""
+        ...
+
+    def step(self, weight: float) -> None:
+        """Each defending client takes its Adam step with this weight."""
+        ...
+
+
+def cloak(
+    clients: CloakClients, n_attributes: int, variant: str, steps: int, fixed_weight: float | None = None
+) -> tuple[list[float], list[float]]:
+    """AttrCloak's server loop; returns L_AU and the weight a per step."""
+    shrinkages = []
+    for attribute in range(n_attributes):
+        sums = clients.class_sums(attribute)
+        shrinkages.append(shrinkage_from(sums, clients.fourth_powers(attribute, *class_means(sums))))
+    losses, weights = [], []
+    for step in range(steps):
+        gradients, loss_au = [], 0.0
+        for attribute, shrinkage in enumerate(shrinkages):
+            loss, grad_sums, grad_outers = attribute_gradients(clients.class_sums(attribute), shrinkage)
+            gradients.append((grad_sums, grad_outers))
+            loss_au += loss / n_attributes
+        weight = min_norm_weight(*clients.products(step, gradients), low=0.0 if variant == "dd" else 0.1)
+        weight = weight if fixed_weight is None else fixed_weight
+        clients.step(weight)
+        losses.append(loss_au)
+        weights.append(weight)
+    return losses, weights
+
+
+class MatrixClients:
+    """In-process: all clients as the rows of one matrix, the per-client work vectorised."""
+
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        attributes: list[AttributeClasses],
+        variant: str,
+        lr: float,
+        defending: np.ndarray,
+        retention: DataRetention | None,
+        aggregator: Aggregator,
+    ) -> None:
+        self.embeddings, self.attributes, self.variant = embeddings, attributes, variant
+        self.retention, self.aggregator = retention, aggregator
+        self.original = torch.tensor(embeddings, dtype=torch.float64)
+        self.current = self.original.clone().requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.current], lr=lr)
+        self.mask = torch.as_tensor(defending, dtype=torch.float64)[:, None]
+        self.grad_au = self.grad_r = torch.zeros_like(self.original)
+
+    def class_sums(self, attribute: int) -> ClassSums:
+        return self.aggregator.class_sums(self.current.detach().numpy(), self.attributes[attribute])
+
+    def fourth_powers(self, attribute: int, means: np.ndarray, global_mean: np.ndarray) -> np.ndarray:
+        return self.aggregator.total(fourth_powers(self.embeddings, self.attributes[attribute], means, global_mean))
+
+    def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
+        values = self.current.detach()
+        grad_au = torch.zeros_like(values)
+        for attribute, (grad_sums, grad_outers) in zip(self.attributes, gradients, strict=True):
+            grad_au += client_attribute_gradient(values, attribute.labels, grad_sums, grad_outers) / len(gradients)
+        if self.variant == "dd":
+            assert self.retention is not None
+            grad_r = self.retention.gradient(values, step)
+        else:
+            grad_r = 2 * (values - self.original)
+        self.grad_au, self.grad_r = grad_au * self.mask, grad_r * self.mask
+        au, r = self.grad_au, self.grad_r
+        return self.aggregator.total(torch.stack([(r * r).sum(1), (au * r).sum(1), (au * au).sum(1)], 1).numpy())
+
+    def step(self, weight: float) -> None:
+        self.optimizer.zero_grad()
+        self.current.grad = weight * self.grad_au + (1 - weight) * self.grad_r
+        self.optimizer.step()
 
 
 def attrcloak(
@@ -195,34 +451,8 @@ def attrcloak(
     clients with `defending[i]` move (everyone contributes to the class sums). The weight on the
     attribute loss is the closed-form min-norm one at every step, or `fixed_weight` if given."""
     started = time.perf_counter()
-    aggregator = aggregator or PlainSum()
-    original = torch.tensor(embeddings, dtype=torch.float64)
-    current = original.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([current], lr=lr)
-    shrinkages = []
-    for attribute in attributes:
-        sums = aggregator.class_sums(embeddings, attribute)
-        shrinkages.append(initial_shrinkage(embeddings, attribute, sums, aggregator))
-    mask = torch.as_tensor(defending, dtype=torch.float64)[:, None]
-    losses, weights = [], []
-    for _ in range(steps):
-        values = current.detach()
-        grad_au, loss_au = torch.zeros_like(values), 0.0
-        for attribute, shrinkage in zip(attributes, shrinkages, strict=True):
-            sums = aggregator.class_sums(values.numpy(), attribute)
-            loss, grad_sums, grad_outers = attribute_loss(sums, shrinkage)
-            grad_au += client_attribute_gradient(values, attribute.labels, grad_sums, grad_outers) / len(attributes)
-            loss_au += float(loss) / len(attributes)
-        grad_r = retention.gradient(values) if variant == "dd" else 2 * (values - original)
-        grad_au, grad_r = grad_au * mask, grad_r * mask
-        scalars = aggregator.total(
-            torch.stack([(grad_r * grad_r).sum(1), (grad_au * grad_r).sum(1), (grad_au * grad_au).sum(1)], 1).numpy()
-        )
-        weight = min_norm_weight(*scalars, low=0.0 if variant == "dd" else 0.1)
-        weight = weight if fixed_weight is None else fixed_weight
-        optimizer.zero_grad()
-        current.grad = weight * grad_au + (1 - weight) * grad_r
-        optimizer.step()
-        losses.append(loss_au)
-        weights.append(weight)
-    return DefenceOutcome(current.detach().numpy(), losses, weights, time.perf_counter() - started)
+    if variant == "dd" and retention is None:
+        raise ValueError("AttrCloak-DD needs the clients' retention loss (a DataRetention)")
+    clients = MatrixClients(embeddings, attributes, variant, lr, defending, retention, aggregator or PlainSum())
+    losses, weights = cloak(clients, len(attributes), variant, steps, fixed_weight)
+    return DefenceOutcome(clients.current.detach().numpy(), losses, weights, time.perf_counter() - started)

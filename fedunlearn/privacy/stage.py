@@ -81,19 +81,22 @@ def run_defence(
     config: Config,
     model: SplitModel,
     positives: list[np.ndarray],
+    client_ids: list[str],
     shared: Arrays,
     embeddings: np.ndarray,
     attributes: list[AttributeClasses],
     defending: np.ndarray,
     aggregator: Aggregator | None,
 ) -> DefenceOutcome:
+    """The post-training defence of `config.defence.method` over these clients (rows of `embeddings`,
+    `positives` and `client_ids` follow each other)."""
     defence = config.defence
     if defence.method.startswith("attrcloak"):
         variant = defence.method.removeprefix("attrcloak-")
         retention = None
         if variant == "dd":
-            retention = DataRetention(model, shared, positives, config.model.loss, config.model.negatives,
-                                      config.run.seed)  # fmt: skip
+            retention = DataRetention(model, shared, positives, client_ids, config.model.loss,
+                                      config.model.negatives, config.run.seed, defence.batch)  # fmt: skip
         fixed = None if defence.cloak_weight < 0 else defence.cloak_weight
         return attrcloak(
             embeddings, attributes, variant, defence.steps, defence.lr, defending, retention, aggregator, fixed
@@ -152,7 +155,7 @@ def privacy_stage(
     for method in methods:
         trial = copy.deepcopy(config)
         trial.defence.method = method
-        outcome = run_defence(trial, model, positives, shared, before, classes, defending, aggregator)
+        outcome = run_defence(trial, model, positives, client_ids, shared, before, classes, defending, aggregator)
         users_after = unflatten_users(users, outcome.embeddings)
         after, _ = privacy_table({"embedding": outcome.embeddings}, attributes, config, aggregator)
         after.insert(0, "defence", method)

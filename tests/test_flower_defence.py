@@ -1,0 +1,198 @@
+"""AttrCloak through Flower messages: each client defends its own embedding, the server sees sums.
+
+One simulation for the module: 8 clients train 2 rounds through Flower, then 7 of them run
+AttrCloak-DF and after it AttrCloak-DD (3 steps each, 5 of the 7 defending) through
+server.defence.flower_attrcloak. A test-only query reads the clients' user parts back after each
+defence; the in-process `attrcloak` on the same embeddings is the oracle.
+
+Tolerance: the server's inputs differ from the plain sums only by SecAgg+'s rounding, at most
+n * resolution(n, bound) per summed value (n = 7: 6.7e-6 for the class sums, bound 128; 3.3e-6 for
+the products, bound 64; relative 2n/Q ~ 5e-8 for the fourth powers). Three steps of Gaussian fits,
+KL gradients, the min-norm weight and Adam (whose first step is lr * sign(g)) carry that on: we ask
+for the same weights and losses to 1e-4 (relative) and the same embeddings to 1e-4 (absolute),
+against moves of order 0.1 per client."""
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Message, RecordDict
+from helpers import TINY
+
+from fedunlearn.config import load_config
+from fedunlearn.engine import InProcessPool
+from fedunlearn.federation import build_federation
+from fedunlearn.messages import instruction
+from fedunlearn.privacy.attrcloak import DataRetention, attrcloak, flatten_users
+from fedunlearn.progress import Progress
+from fedunlearn.rounds import FederatedServer
+from server.pool import CLASS_SUMS_BOUND, PRODUCTS_BOUND
+from server.secure_sum import resolution
+
+pytestmark = [pytest.mark.flower]
+
+SMALL = TINY + ["data.synthetic_users=8", "train.rounds=2", "eval.every=2", "train.fraction=1", "run.engine=flower"]
+CLIENTS = [0, 1, 2, 3, 5, 6, 7]  # a subset, so the index -> node mapping matters
+DEFENDING = [True, True, False, True, True, True, False]
+ATTRIBUTES = ["gender", "age"]
+STEPS, LR = 3, 0.05
+REVEAL = "query.test_reveal"
+
+
+def _reveal(msg, context):
+    """Test only: a client hands over its user part, so the test can compare (the product has no such query)."""
+    from clients.app import USER_STATE
+
+    return Message(RecordDict({"user": context.state.array_records[USER_STATE]}), reply_to=msg)
+
+
+def _read_users(pool, model):
+    replies = pool._exchange(
+        [Message(instruction(pool.config), pool.node_of[i], REVEAL) for i in CLIENTS], lambda _: None
+    )
+    by_node = {reply.metadata.src_node_id: reply.content.array_records["user"] for reply in replies}
+    users = [{key: array.numpy() for key, array in by_node[pool.node_of[i]].items()} for i in CLIENTS]
+    return flatten_users(model, users)
+
+
+def _simulate(config, n_clients, then):
+    """As tests/test_secagg.py, with the product ClientApp plus the test-only reveal query."""
+    import ray
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from clients.app import make_client_app
+    from server.app import serve
+    from server.simulation import start_ray
+
+    client_app = make_client_app()
+    client_app.query("test_reveal")(_reveal)
+    outcome, errors = [], []
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context):
+        try:
+            outcome.append(then(*serve(grid, config, Progress(1, False), keep_replies=True)))
+        except Exception as error:  # re-raised below: the simulation would only log it
+            errors.append(error)
+
+    start_ray(config.run.num_cpus)
+    try:
+        backend = {"client_resources": {"num_cpus": config.run.client_cpus, "num_gpus": 0.0}}
+        run_simulation(server_app=app, client_app=client_app, num_supernodes=n_clients, backend_config=backend)
+    finally:
+        ray.shutdown()
+    if errors:
+        raise errors[0]
+    assert outcome, "the simulation ended without a result: see the log"
+    return outcome[0]
+
+
+@pytest.fixture(scope="module")
+def run():
+    from server.defence import flower_attrcloak
+
+    config = load_config(None, SMALL)
+    federation = build_federation(config.data, config.run.seed)
+    attributes = federation.dataset.attributes.astype(str)
+    classes = [sorted(set(attributes[name].iloc[CLIENTS])) for name in ATTRIBUTES]
+
+    def after_training(result, pool):
+        from fedunlearn.models import build_model
+
+        model = build_model(config.model, federation.n_items)
+        seen, out = pool.replies_seen, {"result": result}
+        out["trained"] = _read_users(pool, model)
+        for variant in ("df", "dd"):
+            start, began = len(seen), time.perf_counter()
+            shared = result.shared if variant == "dd" else None
+            outcome = flower_attrcloak(pool, CLIENTS, ATTRIBUTES, variant, STEPS, LR, DEFENDING, shared, classes)
+            print(f"AttrCloak-{variant.upper()} through Flower, {STEPS} steps: {time.perf_counter() - began:.1f} s")
+            out[variant] = {"outcome": outcome, "replies": seen[start:], "users": _read_users(pool, model)}
+        return out
+
+    flower = _simulate(config, federation.n_clients, after_training)
+    pool = InProcessPool(config, federation)
+    expected = FederatedServer(config, federation.client_ids, federation.n_items, pool, Progress(1, False)).run()
+    return flower | {"config": config, "federation": federation, "classes": classes, "expected": expected,
+                     "attributes": attributes, "model": pool.model}  # fmt: skip
+
+
+def _inprocess(run, variant, embeddings):
+    from fedunlearn.privacy.stage import attribute_classes
+
+    config, federation = run["config"], run["federation"]
+    attributes = federation.dataset.attributes.iloc[CLIENTS].reset_index(drop=True)
+    classes = attribute_classes(attributes, ATTRIBUTES)
+    assert [list(np.unique(a.labels)) for a in classes] == [list(range(len(c))) for c in run["classes"]]
+    retention = None
+    if variant == "dd":
+        retention = DataRetention(run["model"], run["result"].shared, [federation.split.train_of(i) for i in CLIENTS],
+                                  [federation.client_ids[i] for i in CLIENTS], config.model.loss,
+                                  config.model.negatives, config.run.seed, config.defence.batch)  # fmt: skip
+    return attrcloak(embeddings, classes, variant, STEPS, LR, np.array(DEFENDING), retention)
+
+
+def test_flower_training_left_the_same_user_parts_as_the_inprocess_runner(run):
+    for key, value in run["expected"].shared.items():
+        np.testing.assert_array_equal(run["result"].shared[key], value)
+
+
+@pytest.mark.parametrize("variant", ["df", "dd"])
+def test_attrcloak_through_flower_equals_the_inprocess_defence(run, variant):
+    before = run["trained"] if variant == "df" else run["df"]["users"]  # DD runs on the DF-defended clients
+    expected = _inprocess(run, variant, before)
+    flower = run[variant]
+    assert flower["outcome"].embeddings is None  # the server never holds them
+    np.testing.assert_allclose(flower["outcome"].weights, expected.weights, rtol=1e-4)
+    np.testing.assert_allclose(flower["outcome"].losses, expected.losses, rtol=1e-4)
+    after = flower["users"]
+    gap = np.abs(after - expected.embeddings).max()
+    weight_gap = np.abs(np.subtract(flower["outcome"].weights, expected.weights)).max()
+    print(f"AttrCloak-{variant.upper()}: Flower vs in-process, embeddings {gap:.2e}, weights {weight_gap:.2e}")
+    np.testing.assert_allclose(after, expected.embeddings.astype(np.float32), rtol=0, atol=1e-4)
+    moved = np.linalg.norm(after - before, axis=1)
+    assert np.all(moved[np.array(DEFENDING)] > 0.03) and np.all(moved[~np.array(DEFENDING)] == 0)
+    assert any(0.1 < w < 1 for w in expected.weights)  # the min-norm weight, not only a clip bound
+    n = len(CLIENTS)
+    assert n * resolution(n, CLASS_SUMS_BOUND) < 1e-5 and n * resolution(n, PRODUCTS_BOUND) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["df", "dd"])
+def test_no_reply_during_the_defence_carries_an_embedding_or_an_attribute(run, variant):
+    replies = run[variant]["replies"]
+    vectors = [run["trained"], run["df"]["users"], run["dd"]["users"]]
+    secret_bytes = [e.astype(dtype).tobytes() for v in vectors for e in v for dtype in (np.float32, np.float64)]
+    attribute_values = set(run["attributes"].iloc[CLIENTS].to_numpy().ravel())
+    assert len(replies) > 0
+    for content in replies:
+        assert "user" not in content and "update" not in content
+        for record in content.array_records.values():
+            for array in record.values():
+                flat = array.numpy().ravel()
+                for v in vectors:
+                    for e in v:
+                        if flat.size >= e.size:
+                            windows = np.lib.stride_tricks.sliding_window_view(flat.astype(np.float64), e.size)
+                            assert not np.any(np.all(np.isclose(windows, e, atol=1e-6), axis=-1))
+        for record in content.config_records.values():
+            for value in record.values():
+                for item in value if isinstance(value, list) else [value]:
+                    assert not (isinstance(item, str) and item in attribute_values)
+                    assert not (isinstance(item, bytes) and any(secret in item for secret in secret_bytes))
+        for record in content.metric_records.values():
+            assert set(record.keys()) <= {"num_examples"}
+    # the queries answer with the client's id only; the rest are SecAgg+ stages
+    identities = [c for c in replies if "meta" in c]
+    assert all(set(c.keys()) == {"meta"} for c in identities)
+    steps = sum(DEFENDING) * STEPS
+    assert len(identities) == len(CLIENTS) * 2 + steps  # start, finish, and each defending client's steps
+    sums = len(ATTRIBUTES) * 2 + STEPS * (len(ATTRIBUTES) + 1)
+    assert len(replies) - len(identities) == 4 * len(CLIENTS) * sums  # 4 SecAgg+ stages per sum
+
+
+def test_the_reveal_query_is_test_only():
+    from clients.app import app
+
+    assert REVEAL not in app._registered_funcs and "query.defence_start" in app._registered_funcs
