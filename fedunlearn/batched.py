@@ -148,7 +148,7 @@ class BatchedTrainer:
             active = index.active
             small = {key: tables[key][:active].detach().requires_grad_(True) for key in (*user, *dense)}
             flat = index.items.reshape(-1)
-            item_rows = {key: rows[key][flat].requires_grad_(True) for key in rows}
+            item_rows = {key: rows[key].index_select(0, flat).requires_grad_(True) for key in rows}
             scores = model.score(
                 {key: small[key].unsqueeze(1) for key in user},
                 {key: value.reshape(active, -1, value.shape[-1]) for key, value in item_rows.items()},
@@ -159,8 +159,7 @@ class BatchedTrainer:
                 loss = -loss
             elif config.train.weight_decay:
                 squares = sum((small[key] ** 2).sum(-1) for key in user)
-                used = sum(torch.einsum("nd,nd->n", item_rows[key], item_rows[key]).reshape(index.items.shape)
-                           for key in rows)  # fmt: skip
+                used = sum((item_rows[key] * item_rows[key]).sum(-1).reshape(index.items.shape) for key in rows)
                 squares = squares + (used * index.mask.unsqueeze(-1)).sum((1, 2))
                 loss = loss + config.train.weight_decay * squares / index.sizes
             inputs = {**small, **item_rows}
