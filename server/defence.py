@@ -110,16 +110,27 @@ def flower_attrcloak(
     return DefenceOutcome(None, losses, weights, time.perf_counter() - started)
 
 
+def check_flower_privacy(config: Config) -> None:
+    """Refuse, before any training, the privacy settings the flower engine cannot honour."""
+    defence = config.defence
+    if config.audit.enabled or defence.compare:
+        raise FedUnlearnError(
+            "the attribute audit needs the central view of every user embedding, which the flower engine "
+            "does not gather: use run.engine = auto (batched or in-process)"
+        )
+    if defence.method != "none" and not defence.method.startswith("attrcloak"):
+        raise FedUnlearnError(f"defence.method = {defence.method!r} has no Flower path yet: use attrcloak-dd or -df")
+    if defence.method != "none" and defence.clients == "at-risk":
+        raise FedUnlearnError("defence.clients = 'at-risk' is not supported on the flower engine: use all or listed")
+
+
 def defend_on_clients(config: Config, pool: FlowerPool, clients: list[int], shared: Arrays) -> DefenceOutcome:
     """`run.engine = "flower"` with `defence.method = attrcloak-dd | attrcloak-df`: the configured
     AttrCloak on `clients` (those still in the federation after training), through Flower.
     `defence.clients` all or listed; at-risk needs the local audit's attackers, which only the
     in-process privacy stage trains."""
+    check_flower_privacy(config)
     defence = config.defence
-    if not defence.method.startswith("attrcloak"):
-        raise FedUnlearnError(f"defence.method = {defence.method!r} has no Flower path yet: use attrcloak-dd or -df")
-    if defence.clients == "at-risk":
-        raise FedUnlearnError("defence.clients = 'at-risk' is not supported on the flower engine: use all or listed")
     federation = cached_federation(config.data, config.run.seed)
     ids = [federation.client_ids[i] for i in clients]
     listed = set(defence.client_ids)

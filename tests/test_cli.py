@@ -53,6 +53,8 @@ def test_run_writes_a_complete_results_folder(tmp_path, capsys):
         (["--drop", "99999@3"], "no client '99999'"),
         (["--drop", "3@500"], "use a round from 2 to train.rounds"),
         (["--set", "data.dataset=csv", "--set", "data.path=/nonexistent/x.csv"], "/nonexistent/x.csv"),
+        (["--engine", "flower", "--set", "audit.enabled=true"], "which the flower engine does not gather"),
+        (["--engine", "flower", "--set", "defence.method=u2u-r"], "has no Flower path yet"),
     ],
 )
 def test_bad_input_is_one_line_nonzero_and_leaves_no_results(tmp_path, capsys, args, message):
