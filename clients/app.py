@@ -26,7 +26,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from fedunlearn.audit import local_outcome
 from fedunlearn.config import Config
 from fedunlearn.federated import init_user, local_evaluate, local_membership, local_train
-from fedunlearn.federation import ClientData, cached_federation
+from fedunlearn.federation import ClientData, Federation, cached_federation
 from fedunlearn.messages import (
     CLASS_SUMS,
     CLOAK_PRODUCTS,
@@ -73,13 +73,18 @@ class Task(NamedTuple):
     model: SplitModel
 
 
+def _own(config: Config, context: Context) -> tuple[Federation, ClientData, SplitModel]:
+    """The federation, this node's own data (found by its partition id) and the model."""
+    federation = cached_federation(config.data, config.run.seed)
+    data = federation.client(int(context.node_config["partition-id"]))
+    return federation, data, build_model(config.model, federation.n_items)
+
+
 def _setup(msg: Message, context: Context) -> Task:
     """Decode the instruction and find this node's own data by its partition id."""
     torch.set_num_threads(1)
     config, round_number, shared, epochs, ascent = read_instruction(msg.content)
-    federation = cached_federation(config.data, config.run.seed)
-    data = federation.client(int(context.node_config["partition-id"]))
-    model = build_model(config.model, federation.n_items)
+    _, data, model = _own(config, context)
     return Task(config, round_number, shared, epochs, ascent, data, model)
 
 
@@ -124,9 +129,7 @@ def secure_contribution(msg: Message, context: Context) -> Message:
     holds (its user part, its attribute value). The mod quantises and masks it before it leaves."""
     fields = recorddict_to_fitins(msg.content, keep_input=True).config
     config, task, bound = read_secure_task(fields)
-    federation = cached_federation(config.data, config.run.seed)
-    data = federation.client(int(context.node_config["partition-id"]))
-    model = build_model(config.model, federation.n_items)
+    federation, data, model = _own(config, context)
     if task == CLOAK_PRODUCTS:
         vector = _cloak_products(fields, context, config, data, model)
     else:
@@ -215,9 +218,7 @@ def defence_start(msg: Message, context: Context) -> Message:
     """AttrCloak begins: this client notes its own embedding and its class in each attribute."""
     torch.set_num_threads(1)
     config, shared, attributes, classes, defending = read_defence_start(msg.content)
-    federation = cached_federation(config.data, config.run.seed)
-    data = federation.client(int(context.node_config["partition-id"]))
-    model = build_model(config.model, federation.n_items)
+    federation, data, model = _own(config, context)
     own = flatten_users(model, [_user(context, model, data, config.run.seed)])[0]
     values = federation.dataset.attributes.iloc[data.index]
     labels = [

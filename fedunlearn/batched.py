@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from fedunlearn.config import Config
+from fedunlearn.engine import LocalPool
 from fedunlearn.federated import (
     ClientEvaluation,
     ClientUpdate,
@@ -29,7 +30,6 @@ from fedunlearn.federated import (
     candidates_of,
     finish_update,
     init_user,
-    local_membership,
     plan_local_training,
     ranks_from_scores,
 )
@@ -183,7 +183,7 @@ class BatchedTrainer:
         return {key: value.cpu().numpy() for key, value in user.items()}, per_client_rows, per_client_dense, mean_loss
 
 
-class BatchedPool:
+class BatchedPool(LocalPool):
     """The ClientPool of the batched engine. Private state: one (clients, d) array per user table."""
 
     def __init__(self, config: Config, federation: Federation) -> None:
@@ -299,14 +299,6 @@ class BatchedPool:
                 results.append(ranks_from_scores(client, candidate_scores[c], row, full_ranking, target))
             done(len(chunk))
         return results
-
-    def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
-        return {
-            self.federation.client_ids[i]: local_membership(
-                self.model, self.federation.client(i), self.user(i), shared, self.device
-            )
-            for i in clients
-        }
 
     def fork(self) -> BatchedPool:
         """A copy whose clients' private state can change without touching this pool's."""

@@ -18,7 +18,7 @@ from fedunlearn.federated import (
     local_train,
 )
 from fedunlearn.federation import Federation
-from fedunlearn.models import Arrays, build_model
+from fedunlearn.models import Arrays, SplitModel, build_model
 from fedunlearn.rounds import ProgressHook
 from fedunlearn.training import resolve_device
 
@@ -49,7 +49,26 @@ def make_pool(config: Config, federation: Federation) -> InProcessPool | Batched
     return BatchedPool(config, federation) if config.run.engine == "batched" else InProcessPool(config, federation)
 
 
-class InProcessPool:
+class LocalPool:
+    """What the single-machine pools share: every client's private state is at hand (`user`)."""
+
+    federation: Federation
+    model: SplitModel
+    device: torch.device
+
+    def user(self, index: int) -> Arrays:
+        raise NotImplementedError
+
+    def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
+        return {
+            self.federation.client_ids[i]: local_membership(
+                self.model, self.federation.client(i), self.user(i), shared, self.device
+            )
+            for i in clients
+        }
+
+
+class InProcessPool(LocalPool):
     """Holds every client's private state in a dict, as each Flower client holds it in its context."""
 
     def __init__(self, config: Config, federation: Federation) -> None:
@@ -86,14 +105,6 @@ class InProcessPool:
             updates.append(update)
             done(1)
         return updates
-
-    def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
-        return {
-            self.federation.client_ids[i]: local_membership(
-                self.model, self.federation.client(i), self.user(i), shared, self.device
-            )
-            for i in clients
-        }
 
     def fork(self) -> InProcessPool:
         """A copy whose clients' private state can change without touching this pool's."""

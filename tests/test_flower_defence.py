@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
-from helpers import TINY
+from helpers import TINY, simulate_then
 
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool
@@ -56,37 +56,12 @@ def _read_users(pool, model):
 
 
 def _simulate(config, n_clients, then):
-    """As tests/test_secagg.py, with the product ClientApp plus the test-only reveal query."""
-    import ray
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
+    """tests.helpers.simulate_then with the product ClientApp plus the test-only reveal query."""
     from clients.app import make_client_app
-    from server.app import serve
-    from server.simulation import start_ray
 
     client_app = make_client_app()
     client_app.query("test_reveal")(_reveal)
-    outcome, errors = [], []
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context):
-        try:
-            outcome.append(then(*serve(grid, config, Progress(1, False), keep_replies=True)))
-        except Exception as error:  # re-raised below: the simulation would only log it
-            errors.append(error)
-
-    start_ray(config.run.num_cpus)
-    try:
-        backend = {"client_resources": {"num_cpus": config.run.client_cpus, "num_gpus": 0.0}}
-        run_simulation(server_app=app, client_app=client_app, num_supernodes=n_clients, backend_config=backend)
-    finally:
-        ray.shutdown()
-    if errors:
-        raise errors[0]
-    assert outcome, "the simulation ended without a result: see the log"
-    return outcome[0]
+    return simulate_then(config, n_clients, then, client_app)
 
 
 @pytest.fixture(scope="module")

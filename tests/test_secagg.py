@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from helpers import TINY
+from helpers import TINY, simulate_then
 
 from fedunlearn.audit import local_outcome
 from fedunlearn.config import load_config
@@ -33,39 +33,6 @@ AUDITED = "gender"  # local audit: M and F
 PROTOCOL_KEYS = {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST}
 PROTOCOL_KEYS |= {Key.MASKED_PARAMETERS, Key.NODE_ID_LIST, Key.SHARE_LIST}
 FITRES = ("parameters", "metrics", "status", "num_examples")
-
-
-def _simulate(config, n_clients, then):
-    """Flower's simulation as server.simulation.run_flower starts it, with `then(result, pool)` run by
-    the ServerApp after training; returns what `then` returned."""
-    import ray
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from clients.app import app as client_app
-    from server.app import serve
-    from server.simulation import start_ray
-
-    outcome, errors = [], []
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context):
-        try:
-            outcome.append(then(*serve(grid, config, Progress(1, False), keep_replies=True)))
-        except Exception as error:  # re-raised below: the simulation would only log it
-            errors.append(error)
-
-    start_ray(config.run.num_cpus)
-    try:
-        backend = {"client_resources": {"num_cpus": config.run.client_cpus, "num_gpus": 0.0}}
-        run_simulation(server_app=app, client_app=client_app, num_supernodes=n_clients, backend_config=backend)
-    finally:
-        ray.shutdown()
-    if errors:
-        raise errors[0]
-    assert outcome, "the simulation ended without a result: see the log"
-    return outcome[0]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +58,7 @@ def run():
         replies = {"class_replies": seen[trained:middle], "audit_replies": seen[middle:]}
         return {"result": result, "sums": sums, "outcome": outcome, "too_tight": str(too_tight.value)} | replies
 
-    flower = _simulate(config, federation.n_clients, after_training)
+    flower = simulate_then(config, federation.n_clients, after_training)
     return flower | {"expected": expected, "embeddings": embeddings, "attributes": attributes, "attacker": attacker}
 
 
