@@ -14,8 +14,10 @@ between rounds is one array per user table (no per-client objects).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ from fedunlearn.federated import (
     ranks_from_scores,
 )
 from fedunlearn.federation import Federation
-from fedunlearn.models import Arrays, SplitModel, build_model
+from fedunlearn.models import Arrays, SplitModel, Tensors, build_model
 from fedunlearn.rounds import ProgressHook
 from fedunlearn.training import resolve_device
 
@@ -53,13 +55,30 @@ class StepIndex:
     sizes: torch.Tensor  # (active,) examples in each client's batch
 
 
+class Workspace:
+    """Scratch tensors kept across chunks and rounds: a freshly allocated 100 MB tensor costs more
+    in page faults on first touch than the arithmetic done on it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], zero: bool = False) -> torch.Tensor:
+        size = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[name] = torch.empty(size, device=self.device)
+        view = buffer[:size].view(shape)
+        return view.zero_() if zero else view
+
+
 class Adam:
     """Adam (torch's fused kernel, one pass over every tensor) on a prefix of each parameter table,
     so clients that have finished their local steps keep their state untouched. Every active client
     is at the same step number, so one step count serves them all."""
 
-    def __init__(self, lr: float, use_adam: bool) -> None:
-        self.lr, self.use_adam = lr, use_adam
+    def __init__(self, lr: float, use_adam: bool, workspace: Workspace) -> None:
+        self.lr, self.use_adam, self.workspace = lr, use_adam, workspace
         self.state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per table: exp_avg, exp_avg_sq
 
     def step(self, tables: dict[str, torch.Tensor], counts: dict[str, int], grads: list[torch.Tensor],
@@ -71,7 +90,8 @@ class Adam:
             return
         for key, table in tables.items():
             if key not in self.state:
-                self.state[key] = (torch.zeros_like(table), torch.zeros_like(table))
+                moments = (self.workspace.take(f"{key}.{moment}", tuple(table.shape), zero=True) for moment in "mv")
+                self.state[key] = tuple(moments)  # type: ignore[assignment]
         exp_avgs = [self.state[key][0][: counts[key]] for key in tables]
         exp_avg_sqs = [self.state[key][1][: counts[key]] for key in tables]
         steps = [torch.tensor(float(step), device=table.device) for table in params]
@@ -98,6 +118,7 @@ class BatchedTrainer:
 
     def __init__(self, model: SplitModel, config: Config, device: torch.device) -> None:
         self.model, self.config, self.device = model, config, device
+        self.workspace = Workspace(device)
 
     def step_indices(self, plans: list[LocalPlan], offsets: np.ndarray) -> list[StepIndex]:
         width = max(len(batch) for plan in plans for _, batch in plan.batches)
@@ -127,60 +148,154 @@ class BatchedTrainer:
     def train(
         self, plans: list[LocalPlan], users: Arrays, shared: Arrays, ascent: bool
     ) -> tuple[Arrays, list[Arrays], list[Arrays], np.ndarray]:
-        """-> new user parts (C, .) per table, each client's new touched rows and dense layers, and
-        its mean loss per step."""
+        """-> new user parts (C, .) per table, each client's changes of its touched rows and dense
+        layers, and its mean loss per step."""
         model, config, device = self.model, self.config, self.device
-        offsets = np.concatenate([[0], np.cumsum([len(plan.touched) for plan in plans])])
-        everything = np.concatenate([plan.touched for plan in plans])
+        lengths = np.array([len(plan.touched) for plan in plans])
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        everything = torch.as_tensor(np.concatenate([plan.touched for plan in plans]))
+
+        def initial_rows() -> Tensors:
+            return {key: torch.as_tensor(shared[key]).index_select(0, everything).to(device) for key in model.row_keys}
+
+        def initial_dense() -> Tensors:
+            return {key: torch.tensor(shared[key], device=device) for key in model.dense_keys(shared)}
+
         user = {key: torch.tensor(value, device=device) for key, value in users.items()}
-        rows = {key: torch.tensor(shared[key][everything], device=device) for key in model.row_keys}
-        dense = {
-            key: torch.tensor(shared[key], device=device).repeat(len(plans), *([1] * shared[key].ndim))
-            for key in model.dense_keys(shared)
-        }
+        rows = initial_rows()
+        dense = {key: value.repeat(len(plans), *([1] * value.ndim)) for key, value in initial_dense().items()}
         tables = {**user, **rows, **dense}
-        # gradients of the row tables: one buffer each, filled at the rows a step used and cleared
-        # there afterwards (a fresh dense gradient per step would write every active row each time)
-        row_grads = {key: torch.zeros_like(table) for key, table in rows.items()}
-        optimizer = Adam(config.train.lr, config.train.optimizer == "adam")
+        # gradients of the row tables: one buffer each, written only where a step has them
+        row_grads = {
+            key: self.workspace.take(f"{key}.grad", tuple(table.shape), zero=True) for key, table in rows.items()
+        }
+        if model.dot_product:
+            gradients: StepGradients = DotProductGradients(
+                config, user, rows, row_grads, lengths, self.workspace, ascent
+            )
+        else:
+            gradients = AutogradGradients(model, config, user, rows, dense, row_grads, ascent)
+        optimizer = Adam(config.train.lr, config.train.optimizer == "adam", self.workspace)
         losses = torch.zeros(len(plans), dtype=torch.float64, device=device)
         for number, index in enumerate(self.step_indices(plans, offsets), start=1):
-            active = index.active
-            small = {key: tables[key][:active].detach().requires_grad_(True) for key in (*user, *dense)}
+            with torch.no_grad():
+                grads, loss = gradients(index)
+                counts = {key: (index.rows if key in rows else index.active) for key in tables}
+                optimizer.step(tables, counts, [grads[key] for key in tables], number)
+                gradients.clear(index)
+            losses[: index.active] += loss.double()
+        row_changes = {key: (rows[key] - value).cpu().numpy() for key, value in initial_rows().items()}
+        dense_changes = {key: (dense[key] - value).cpu().numpy() for key, value in initial_dense().items()}
+        per_client_rows = [
+            {key: table[offsets[c] : offsets[c + 1]] for key, table in row_changes.items()} for c in range(len(plans))
+        ]
+        per_client_dense = [{key: table[c] for key, table in dense_changes.items()} for c in range(len(plans))]
+        mean_loss = losses.cpu().numpy() / np.array([len(plan.batches) for plan in plans])
+        return {key: value.cpu().numpy() for key, value in user.items()}, per_client_rows, per_client_dense, mean_loss
+
+
+class StepGradients(Protocol):
+    def __call__(self, index: StepIndex) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Gradients of every table's active prefix for this step, and each active client's loss."""
+
+    def clear(self, index: StepIndex) -> None:
+        """Reset what the step wrote into the row-gradient buffers."""
+
+
+class AutogradGradients:
+    """Any model: autograd through `model.score` on the rows each example uses, scattered into the
+    row-gradient buffers (and cleared there afterwards: a fresh dense gradient per step would write
+    every active row each time)."""
+
+    def __init__(self, model: SplitModel, config: Config, user: Tensors, rows: Tensors, dense: Tensors,
+                 row_grads: Tensors, ascent: bool) -> None:  # fmt: skip
+        self.model, self.config, self.ascent = model, config, ascent
+        self.user, self.rows, self.dense, self.row_grads = user, rows, dense, row_grads
+
+    def __call__(self, index: StepIndex) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        model, config, rows, active = self.model, self.config, self.rows, index.active
+        with torch.enable_grad():
+            small = {
+                key: table[:active].detach().requires_grad_(True) for key, table in {**self.user, **self.dense}.items()
+            }
             flat = index.items.reshape(-1)
             item_rows = {key: rows[key].index_select(0, flat).requires_grad_(True) for key in rows}
             scores = model.score(
-                {key: small[key].unsqueeze(1) for key in user},
+                {key: small[key].unsqueeze(1) for key in self.user},
                 {key: value.reshape(active, -1, value.shape[-1]) for key, value in item_rows.items()},
-                {key: small[key] for key in dense},
+                {key: small[key] for key in self.dense},
             ).reshape(index.items.shape)
             loss = client_losses(config, scores[..., 0], scores[..., 1:], index.mask, index.sizes)
-            if ascent:
+            if self.ascent:
                 loss = -loss
             elif config.train.weight_decay:
-                squares = sum((small[key] ** 2).sum(-1) for key in user)
+                squares = sum((small[key] ** 2).sum(-1) for key in self.user)
                 used = sum((item_rows[key] * item_rows[key]).sum(-1).reshape(index.items.shape) for key in rows)
                 squares = squares + (used * index.mask.unsqueeze(-1)).sum((1, 2))
                 loss = loss + config.train.weight_decay * squares / index.sizes
             inputs = {**small, **item_rows}
             grads = dict(zip(inputs, torch.autograd.grad(loss.sum(), list(inputs.values())), strict=True))
-            with torch.no_grad():
-                for key in rows:
-                    row_grads[key].index_add_(0, flat, grads[key])
-                counts = {key: (index.rows if key in rows else active) for key in tables}
-                step_grads = [row_grads[key][: index.rows] if key in rows else grads[key] for key in tables]
-                optimizer.step(tables, counts, step_grads, number)
-                for key in rows:
-                    row_grads[key].index_fill_(0, flat, 0.0)
-            losses[:active] += loss.detach().double()
-        new_rows = {key: value.cpu().numpy() for key, value in rows.items()}
-        new_dense = {key: value.cpu().numpy() for key, value in dense.items()}
-        per_client_rows = [
-            {key: table[offsets[c] : offsets[c + 1]] for key, table in new_rows.items()} for c in range(len(plans))
-        ]
-        per_client_dense = [{key: table[c] for key, table in new_dense.items()} for c in range(len(plans))]
-        mean_loss = losses.cpu().numpy() / np.array([len(plan.batches) for plan in plans])
-        return {key: value.cpu().numpy() for key, value in user.items()}, per_client_rows, per_client_dense, mean_loss
+        for key in rows:
+            self.row_grads[key].index_add_(0, flat, grads[key])
+            grads[key] = self.row_grads[key][: index.rows]
+        return grads, loss.detach()
+
+    def clear(self, index: StepIndex) -> None:
+        for buffer in self.row_grads.values():
+            buffer.index_fill_(0, index.items.reshape(-1), 0.0)
+
+
+class DotProductGradients:
+    """Models whose score is user_emb . item_emb (MF): the gradients in closed form, one dense pass
+    over the active rows instead of a 64-wide gather and scatter per example. Each row r of client
+    c gets the score s_r = u_c . v_r; an example's score is s at its row, so autograd runs on
+    scalars only, giving c_r = dL/ds_r. Then dL/dv_r = c_r u_c + 2 wd n_r v_r / size_c (n_r: the
+    row's uses in the batch) and dL/du_c = sum over c's rows of c_r v_r + 2 wd u_c / size_c."""
+
+    def __init__(self, config: Config, user: Tensors, rows: Tensors, row_grads: Tensors, lengths: np.ndarray,
+                 workspace: Workspace, ascent: bool) -> None:  # fmt: skip
+        self.config, self.ascent = config, ascent
+        (self.user,), (self.rows,), (self.row_grads,) = user.values(), rows.values(), row_grads.values()
+        self.user_key, self.row_key = next(iter(user)), next(iter(rows))
+        device, shape = self.rows.device, tuple(self.rows.shape)
+        self.lengths = torch.as_tensor(lengths, device=device)
+        self.owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), self.lengths)
+        self.spread = workspace.take("spread", shape)  # u_c on each of c's rows, then c_r v_r
+        self.product = workspace.take("product", shape)  # for row-wise dot products
+
+    def __call__(self, index: StepIndex) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        active, count = index.active, index.rows
+        decay = 0.0 if self.ascent else self.config.train.weight_decay
+        u, v, owner = self.user[:active], self.rows[:count], self.owner[:count]
+        spread = torch.index_select(u, 0, owner, out=self.spread[:count])
+        flat = index.items.reshape(-1)
+        with torch.enable_grad():
+            row_scores = self._dot(spread, v).requires_grad_(True)
+            scores = row_scores[flat].reshape(index.items.shape)
+            loss = client_losses(self.config, scores[..., 0], scores[..., 1:], index.mask, index.sizes)
+            if self.ascent:
+                loss = -loss
+            (coefficient,) = torch.autograd.grad(loss.sum(), [row_scores])
+        grad_rows = torch.mul(spread, coefficient.unsqueeze(1), out=self.row_grads[:count])
+        weighted = torch.mul(v, coefficient.unsqueeze(1), out=spread)  # u_c no longer needed
+        grad_user = torch.segment_reduce(weighted, "sum", lengths=self.lengths[:active])
+        loss = loss.detach()
+        if decay:
+            uses = torch.zeros(count, device=v.device).index_add_(
+                0, flat, index.mask.unsqueeze(-1).expand(index.items.shape).reshape(-1)
+            )
+            grad_rows.addcmul_(v, (2 * decay * uses / index.sizes[owner]).unsqueeze(1))
+            grad_user.add_(u * (2 * decay / index.sizes).unsqueeze(1))
+            row_squares = torch.zeros(active, device=v.device).index_add_(0, owner, uses * self._dot(v, v))
+            loss = loss + decay * ((u * u).sum(-1) + row_squares) / index.sizes
+        return {self.user_key: grad_user, self.row_key: grad_rows}, loss
+
+    def _dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Row-wise a . b through a kept buffer (linalg.vecdot allocates a full product each time)."""
+        return torch.mul(a, b, out=self.product[: len(a)]).sum(-1)
+
+    def clear(self, index: StepIndex) -> None:
+        """Nothing to clear: every step overwrites its whole prefix of the buffer."""
 
 
 class BatchedPool(LocalPool):
@@ -249,18 +364,16 @@ class BatchedPool(LocalPool):
         for chunk in self._chunks(ordered, sizes):
             chunk_plans = [plans[index] for index in chunk]
             users = {key: table[chunk] for key, table in self.users.items()}
-            new_users, new_rows, new_dense, losses = self.trainer.train(chunk_plans, users, shared, ascent)
+            new_users, row_changes, dense_changes, losses = self.trainer.train(chunk_plans, users, shared, ascent)
             for key, table in new_users.items():
                 self.users[key][chunk] = table
             for c, index in enumerate(chunk):
                 updates.append(
                     finish_update(
-                        self.model,
                         data[index],
                         plans[index],
-                        shared,
-                        new_rows[c],
-                        new_dense[c],
+                        row_changes[c],
+                        dense_changes[c],
                         float(losses[c]),
                         self.config,
                         round_number,

@@ -190,28 +190,29 @@ def local_train(
         loss.backward()
         optimizer.step()
         total_loss += loss.item()
+    new_rows, new_dense = _numpy(rows_t), _numpy(dense_t)
     update = finish_update(
-        model, data, plan, shared, _numpy(rows_t), _numpy(dense_t), total_loss / len(plan.batches), config,
+        data, plan, {key: new_rows[key] - shared[key][plan.touched] for key in model.row_keys},
+        {key: new_dense[key] - shared[key] for key in new_dense}, total_loss / len(plan.batches), config,
         round_number, ascent,
     )  # fmt: skip
     return update, _numpy(user_t)
 
 
 def finish_update(
-    model: SplitModel,
     data: ClientData,
     plan: LocalPlan,
-    shared: Arrays,
-    new_rows: Arrays,
-    new_dense: Arrays,
+    row_changes: Arrays,
+    dense_changes: Arrays,
     loss: float,
     config: Config,
     round_number: int,
     ascent: bool,
 ) -> ClientUpdate:
-    """The upload from the client's trained local copy: changes of the touched rows and the dense
-    layers (an attacker boosts its target's change; the configured upload defence applies last)."""
-    rows = {key: new_rows[key] - shared[key][plan.touched] for key in model.row_keys}
+    """The upload from the changes training made to the client's local copy of the touched rows
+    and the dense layers (an attacker boosts its target's change; the configured upload defence
+    applies last)."""
+    rows = dict(row_changes)
     if plan.attacker and not ascent:
         boost_target(rows, plan.touched, config.unlearn.target_item, config.unlearn.poison_boost)
     update = ClientUpdate(
@@ -219,7 +220,7 @@ def finish_update(
         num_examples=len(plan.positives),
         item_ids=plan.touched,
         rows=rows,
-        dense={key: new_dense[key] - shared[key] for key in model.dense_keys(shared)},
+        dense=dense_changes,
         loss=loss,
         epochs=plan.epochs,
     )

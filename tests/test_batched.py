@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import TINY
 
-from fedunlearn.batched import Adam, BatchedPool, client_losses
+from fedunlearn.batched import Adam, BatchedPool, BatchedTrainer, Workspace, client_losses
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool, chaotic_under_reordering, choose_engine
-from fedunlearn.federated import aggregate
+from fedunlearn.federated import aggregate, plan_local_training
 from fedunlearn.federation import build_federation
 from fedunlearn.history import HistoryPolicy, HistoryStore
 from fedunlearn.models import build_model
@@ -133,7 +133,7 @@ def test_prefix_adam_is_torch_adam_for_active_rows_and_leaves_the_rest_alone():
     table = torch.tensor(rng.normal(size=(5, 3)), dtype=torch.float32)
     reference = table[:2].clone().requires_grad_(True)
     torch_adam = torch.optim.Adam([reference], lr=0.05)
-    ours = Adam(0.05, use_adam=True)
+    ours = Adam(0.05, use_adam=True, workspace=Workspace(torch.device("cpu")))
     gradients = [torch.tensor(rng.normal(size=(3, count)), dtype=torch.float32).T for count in [5, 4, 2, 2]]
     for step, grad in enumerate(gradients, start=1):  # transposed (strided) gradients, as autograd returns some
         count = len(grad)
@@ -153,3 +153,25 @@ def test_batched_pool_keeps_client_state_in_one_array_per_user_table():
     twin = pool.fork()
     twin.set_user(0, {"user_gmf": np.ones(8, np.float32), "user_mlp": np.ones(8, np.float32)})
     assert not pool.ready[0] and twin.ready[0] and not pool.users["user_gmf"][0].any()
+
+
+@pytest.mark.parametrize("ascent", [False, True])
+def test_closed_form_mf_gradients_equal_autograd_through_the_model(ascent):
+    config = load_config(None, SMALL + ["model.name=mf", "train.weight_decay=0.01", "train.batch_size=4"])
+    federation = build_federation(config.data, config.run.seed)
+    pool = BatchedPool(config, federation)
+    clients = [0, 3, 5, 9]
+    shared = pool.model.init_shared(np.random.default_rng(1))
+    order = sorted(clients, key=lambda index: -len(federation.client(index).train_items))
+    plans = [plan_local_training(pool.model, federation.client(i), pool.user(i), shared, config, 1) for i in order]
+    users = {key: table[order] for key, table in pool.users.items()}
+    assert len({len(plan.batches) for plan in plans}) > 1  # clients drop out of the prefix at different steps
+    closed = BatchedTrainer(pool.model, config, pool.device).train(plans, users, shared, ascent)
+    generic_model = build_model(config.model, federation.n_items)
+    generic_model.dot_product = False
+    generic = BatchedTrainer(generic_model, config, pool.device).train(plans, users, shared, ascent)
+    for key in closed[0]:
+        np.testing.assert_allclose(closed[0][key], generic[0][key], rtol=0, atol=1e-6)
+    for ours, theirs in zip(closed[1], generic[1], strict=True):
+        np.testing.assert_allclose(ours["item_emb"], theirs["item_emb"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(closed[3], generic[3], rtol=1e-6)

@@ -20,6 +20,7 @@ class SplitModel(ABC):
     """
 
     row_keys: tuple[str, ...]
+    dot_product = False  # the score is user_emb . item_emb and nothing else (the batched engine's shortcut)
 
     def __init__(self, n_items: int, dim: int, init_std: float) -> None:
         self.n_items = n_items

@@ -10,6 +10,7 @@ from fedunlearn.models.base import Arrays, SplitModel, Tensors
 
 class MF(SplitModel):
     row_keys = ("item_emb",)
+    dot_product = True
 
     def init_user(self, rng: np.random.Generator) -> Arrays:
         return {"user_emb": self._normal(rng, self.dim)}
