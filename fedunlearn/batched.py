@@ -153,17 +153,16 @@ class BatchedTrainer:
         model, config, device = self.model, self.config, self.device
         lengths = np.array([len(plan.touched) for plan in plans])
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        everything = torch.as_tensor(np.concatenate([plan.touched for plan in plans]))
+        everything = torch.as_tensor(np.concatenate([plan.touched for plan in plans]), device=device)
+        initial = {key: torch.as_tensor(shared[key]).to(device) for key in shared}
 
-        def initial_rows() -> Tensors:
-            return {key: torch.as_tensor(shared[key]).index_select(0, everything).to(device) for key in model.row_keys}
-
-        def initial_dense() -> Tensors:
-            return {key: torch.tensor(shared[key], device=device) for key in model.dense_keys(shared)}
+        def gather(key: str, name: str) -> torch.Tensor:
+            out = self.workspace.take(name, (len(everything), shared[key].shape[1]))
+            return torch.index_select(initial[key], 0, everything, out=out)
 
         user = {key: torch.tensor(value, device=device) for key, value in users.items()}
-        rows = initial_rows()
-        dense = {key: value.repeat(len(plans), *([1] * value.ndim)) for key, value in initial_dense().items()}
+        rows = {key: gather(key, f"{key}.rows") for key in model.row_keys}
+        dense = {key: initial[key].repeat(len(plans), *([1] * shared[key].ndim)) for key in model.dense_keys(shared)}
         tables = {**user, **rows, **dense}
         # gradients of the row tables: one buffer each, written only where a step has them
         row_grads = {
@@ -184,8 +183,9 @@ class BatchedTrainer:
                 optimizer.step(tables, counts, [grads[key] for key in tables], number)
                 gradients.clear(index)
             losses[: index.active] += loss.double()
-        row_changes = {key: (rows[key] - value).cpu().numpy() for key, value in initial_rows().items()}
-        dense_changes = {key: (dense[key] - value).cpu().numpy() for key, value in initial_dense().items()}
+        # fresh arrays: the uploads outlive the workspace's next use
+        row_changes = {key: (rows[key] - gather(key, f"{key}.initial")).cpu().numpy() for key in rows}
+        dense_changes = {key: (dense[key] - initial[key]).cpu().numpy() for key in dense}
         per_client_rows = [
             {key: table[offsets[c] : offsets[c + 1]] for key, table in row_changes.items()} for c in range(len(plans))
         ]
