@@ -271,7 +271,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def make_client_app() -> ClientApp:
-    """A ClientApp with every handler above (a test may add a handler of its own to a fresh one)."""
+    """A ClientApp with every handler above."""
     client = ClientApp()
     client.query("whoami")(whoami)
     client.query("forget")(forget)
