@@ -130,7 +130,8 @@ def defend_on_clients(
     """`run.engine = "flower"` with `defence.method = attrcloak-dd | attrcloak-df`: the configured
     AttrCloak on `clients` (those still in the federation after training), through Flower.
     `defending[i]`: whether clients[i] moves; by default from `defence.clients` (all or listed;
-    at-risk needs the local audit's attackers, which only the in-process privacy stage trains)."""
+    at-risk is refused: each client would have to run the audit's attackers on itself, and no
+    message does that yet; choosing from the auditor's reading would make the defence rest on it)."""
     check_flower_privacy(config)
     defence = config.defence
     federation = cached_federation(config.data, config.run.seed)
