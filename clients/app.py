@@ -8,7 +8,11 @@ leaves the node only masked.
 AttrCloak runs here, on the client's own embedding (server.defence drives it): "query.defence_start"
 stores a `ClientCloak` in `context.state`, the secure tasks class-sums / fourth-powers /
 cloak-products read and update it, "query.defence_step" takes the Adam step and
-"query.defence_finish" installs the defended embedding as the client's user part."""
+"query.defence_finish" installs the defended embedding as the client's user part.
+
+"query.audit_users" is the exception to "the user part never leaves": the simulation's measurement
+oracle (the attribute audit's central view, what the in-process auditor reads directly), sent only
+when the run asks for the audit; it is not part of the protocol."""
 
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from fedunlearn.messages import (
     LOCAL_AUDIT,
     arrays_to_record,
     decode_attacker,
+    encode_audit_user,
     encode_evaluation,
     encode_identity,
     encode_membership,
@@ -122,6 +127,12 @@ def train(msg: Message, context: Context) -> Message:
     update, user = local_train(model, data, user, shared, config, round_number, device, epochs, ascent)
     context.state[USER_STATE] = arrays_to_record(user)
     return Message(encode_update(update), reply_to=msg)
+
+
+def audit_user(msg: Message, context: Context) -> Message:
+    """The simulation's auditor reads this client's user part (a measurement, not the protocol)."""
+    config, _, _, _, _, data, model = _setup(msg, context)
+    return Message(encode_audit_user(data.client_id, _user(context, model, data, config.run.seed)), reply_to=msg)
 
 
 def secure_contribution(msg: Message, context: Context) -> Message:
@@ -260,7 +271,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def make_client_app() -> ClientApp:
-    """A ClientApp with every handler above (a test may add a handler of its own to a fresh one)."""
+    """A ClientApp with every handler above."""
     client = ClientApp()
     client.query("whoami")(whoami)
     client.query("forget")(forget)
@@ -268,6 +279,7 @@ def make_client_app() -> ClientApp:
     client.query("defence_start")(defence_start)
     client.query("defence_step")(defence_step)
     client.query("defence_finish")(defence_finish)
+    client.query("audit_users")(audit_user)
     client.train("fit")(train)
     client.train(mods=[secaggplus_mod])(secure_contribution)
     client.evaluate()(evaluate)

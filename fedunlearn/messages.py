@@ -31,6 +31,9 @@ MEMBERSHIP = "query.membership"
 DEFENCE_START = "query.defence_start"
 DEFENCE_STEP = "query.defence_step"
 DEFENCE_FINISH = "query.defence_finish"
+# The simulation's measurement oracle, not part of the protocol: the only reply that carries a user
+# part. The server sends it only when the run asks for the attribute audit (server/audit.py).
+AUDIT_USERS = "query.audit_users"
 
 # secure tasks: what a client adds to a SecAgg+ sum
 LOCAL_AUDIT = "local-audit"  # fedunlearn.audit.local_outcome of the shipped attacker on the client's own embedding
@@ -148,6 +151,15 @@ def encode_membership(client_id: str, auc: float) -> RecordDict:
 
 def decode_membership(content: RecordDict) -> tuple[str, float]:
     return client_id_of(content), float(content.metric_records["metrics"]["membership-auc"])
+
+
+def encode_audit_user(client_id: str, user: Arrays) -> RecordDict:
+    """The client's user part, for the simulation's auditor only (AUDIT_USERS)."""
+    return RecordDict({"user": arrays_to_record(user), "meta": _meta(client_id)})
+
+
+def decode_audit_user(content: RecordDict) -> tuple[str, Arrays]:
+    return client_id_of(content), record_to_arrays(content.array_records["user"])
 
 
 def secure_task(config: Config, task: str, **fields: Any) -> dict[str, Any]:

@@ -111,7 +111,7 @@ def _federated(
             check_flower_privacy(config)
 
             result, flower_pool = run_flower(config, history=history, schedule=schedule, show_progress=show_progress)
-            if flower_pool.defence is not None:  # AttrCloak ran on the clients; no central audit on this engine
+            if flower_pool.defence is not None:  # AttrCloak ran on the clients without an audit (server/app.py)
                 info["defence_seconds"] = round(flower_pool.defence.seconds, 2)
                 info["defended"] = {"weights": flower_pool.defence.weights, **flower_pool.defended}
         else:
@@ -127,8 +127,9 @@ def _federated(
                 progress.close()
             if audits_privacy(config):
                 result.privacy = _privacy(config, federation, server, pool, result)
-                info["defence_seconds"] = round(result.privacy.defence_seconds, 2)
-                info["defending_clients"] = result.privacy.defending
+        if result.privacy is not None:  # the same stage on every engine (Flower: server/audit.py)
+            info["defence_seconds"] = round(result.privacy.defence_seconds, 2)
+            info["defending_clients"] = result.privacy.defending
         if history is not None:
             info["history_bytes"] = history.bytes_by_kind()
             info["events"] = result.events

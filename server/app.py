@@ -2,7 +2,8 @@
 
 Under `flwr run .` the config comes from `[tool.flwr.app.config]` (a TOML file and `key=value`
 overrides) and the results folder from `out`; `fedunlearn run --engine flower` builds the app with
-its config and collects the result itself."""
+its config and collects the result itself. With `audit.enabled` the attribute audit runs after
+training (server.audit); a defence alone runs on the clients without it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fedunlearn.federation import cached_federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.progress import Progress
 from fedunlearn.rounds import FederatedServer, FederationResult
+from server.defence import check_flower_privacy, defend_on_clients
 from server.pool import FlowerPool
 
 
@@ -27,14 +29,17 @@ def serve(
     history: HistoryStore | None = None,
     schedule: dict[int, list[str]] | None = None,
 ) -> tuple[FederationResult, FlowerPool]:
+    check_flower_privacy(config)
     federation = cached_federation(config.data, config.run.seed)
     pool = FlowerPool(grid, config, federation.n_clients, keep_replies)
     ids, n_items = federation.client_ids, federation.n_items
     server = FederatedServer(config, ids, n_items, pool, progress, history, schedule)
     result = server.run()
-    if config.defence.method != "none":  # the post-training defence, on the clients (no central audit here)
-        from server.defence import defend_on_clients
+    if config.audit.enabled:  # audit, defend on the clients, audit again (the auditor reads the embeddings)
+        from server.audit import audit_on_flower
 
+        result.privacy = audit_on_flower(config, federation, server, pool, result)
+    elif config.defence.method != "none":  # the post-training defence alone, on the clients: no audit
         pool.defence = defend_on_clients(config, pool, list(server.active), result.shared)
         pool.defended = server.evaluate()
     return result, pool

@@ -23,6 +23,7 @@ is known from the class sums and bounds every single ||e - mean_c||^2; products 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -91,7 +92,7 @@ def flower_attrcloak(
     variant: str,
     steps: int,
     lr: float,
-    defending: list[bool] | np.ndarray,
+    defending: Sequence[bool] | np.ndarray,
     shared: Arrays | None = None,
     classes: list[list[str]] | None = None,
     fixed_weight: float | None = None,
@@ -113,10 +114,9 @@ def flower_attrcloak(
 def check_flower_privacy(config: Config) -> None:
     """Refuse, before any training, the privacy settings the flower engine cannot honour."""
     defence = config.defence
-    if config.audit.enabled or defence.compare:
+    if defence.compare:
         raise FedUnlearnError(
-            "the attribute audit needs the central view of every user embedding, which the flower engine "
-            "does not gather: use run.engine = auto (batched or in-process)"
+            "defence.compare also runs D2D-R and U2U-R, which have no Flower path yet: use run.engine = auto"
         )
     if defence.method != "none" and not defence.method.startswith("attrcloak"):
         raise FedUnlearnError(f"defence.method = {defence.method!r} has no Flower path yet: use attrcloak-dd or -df")
@@ -124,17 +124,20 @@ def check_flower_privacy(config: Config) -> None:
         raise FedUnlearnError("defence.clients = 'at-risk' is not supported on the flower engine: use all or listed")
 
 
-def defend_on_clients(config: Config, pool: FlowerPool, clients: list[int], shared: Arrays) -> DefenceOutcome:
+def defend_on_clients(
+    config: Config, pool: FlowerPool, clients: list[int], shared: Arrays, defending: Sequence[bool] | None = None
+) -> DefenceOutcome:
     """`run.engine = "flower"` with `defence.method = attrcloak-dd | attrcloak-df`: the configured
     AttrCloak on `clients` (those still in the federation after training), through Flower.
-    `defence.clients` all or listed; at-risk needs the local audit's attackers, which only the
-    in-process privacy stage trains."""
+    `defending[i]`: whether clients[i] moves; by default from `defence.clients` (all or listed;
+    at-risk is refused: each client would have to run the audit's attackers on itself, and no
+    message does that yet; choosing from the auditor's reading would make the defence rest on it)."""
     check_flower_privacy(config)
     defence = config.defence
     federation = cached_federation(config.data, config.run.seed)
-    ids = [federation.client_ids[i] for i in clients]
-    listed = set(defence.client_ids)
-    defending = [defence.clients == "all" or client in listed for client in ids]
+    if defending is None:
+        listed = set(defence.client_ids)
+        defending = [defence.clients == "all" or federation.client_ids[i] in listed for i in clients]
     attributes = config.audit.attributes or list(federation.dataset.attributes.columns)
     fixed = None if defence.cloak_weight < 0 else defence.cloak_weight
     variant = defence.method.removeprefix("attrcloak-")

@@ -18,6 +18,7 @@ from fedunlearn.config import Config
 from fedunlearn.federated import ClientEvaluation, ClientUpdate
 from fedunlearn.federation import cached_federation
 from fedunlearn.messages import (
+    AUDIT_USERS,
     CLASS_SUMS,
     CLOAK_PRODUCTS,
     DEFENCE_FINISH,
@@ -30,6 +31,7 @@ from fedunlearn.messages import (
     TRAIN,
     WHOAMI,
     array_field,
+    decode_audit_user,
     decode_evaluation,
     decode_identity,
     decode_membership,
@@ -61,6 +63,7 @@ class FlowerPool:
         self.timeout = timeout
         self.keep_replies = keep_replies
         self.replies_seen: list[RecordDict] = []  # every reply's content when kept, for audits and tests
+        self.reply_types: list[str] = []  # the message type of each kept reply
         self.defence: DefenceOutcome | None = None  # AttrCloak run on the clients after training (server.defence)
         self.defended: dict[str, float] = {}  # the evaluation after it
         self.node_of = self._discover(n_clients)
@@ -107,6 +110,7 @@ class FlowerPool:
     def _keep(self, reply: Message) -> None:
         if self.keep_replies and reply.has_content():
             self.replies_seen.append(reply.content)
+            self.reply_types.append(reply.metadata.message_type)
 
     def _send(
         self,
@@ -144,6 +148,14 @@ class FlowerPool:
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]:
         replies = self._send(MessageType.EVALUATE, 0, clients, shared, done)
         return [decode_evaluation(reply.content) for reply in replies]
+
+    def audit_users(self, clients: list[int]) -> list[Arrays]:
+        """The simulation's measurement oracle, not part of the protocol: these clients' user parts,
+        in the order of `clients`, for the attribute audit's central view (server.audit)."""
+        replies = self._send(AUDIT_USERS, 0, clients, None, lambda _: None)
+        federation = cached_federation(self.config.data, self.config.run.seed)
+        by_id = dict(decode_audit_user(reply.content) for reply in replies)
+        return [by_id[federation.client_ids[index]] for index in clients]
 
     def _secure_sum(self, clients: list[int], task: dict[str, Any], bound: float) -> np.ndarray:
         nodes = [self.node_of[index] for index in clients]

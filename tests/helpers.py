@@ -9,20 +9,18 @@ TINY = [
 ]
 
 
-def simulate_then(config, n_clients, then, client_app=None):
+def simulate_then(config, n_clients, then):
     """Flower's simulation as server.simulation.run_flower starts it, with `then(result, pool)` run by
-    the ServerApp after training; returns what `then` returned. `client_app`: the product ClientApp
-    unless given."""
+    the ServerApp after training; returns what `then` returned."""
     import ray
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
+    from clients.app import app as client_app
     from fedunlearn.progress import Progress
     from server.app import serve
     from server.simulation import start_ray
 
-    if client_app is None:
-        from clients.app import app as client_app
     outcome, errors = [], []
     app = ServerApp()
 

@@ -10,8 +10,10 @@ from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool
 from fedunlearn.federation import build_federation
 from fedunlearn.messages import (
+    AUDIT_USERS,
     TRAIN,
     WHOAMI,
+    decode_audit_user,
     decode_evaluation,
     decode_identity,
     decode_update,
@@ -66,3 +68,19 @@ def test_client_keeps_its_user_part_in_state_and_matches_the_inprocess_runner():
 
     evaluation = decode_evaluation(_send(MessageType.EVALUATE, instruction(config, 0, shared), context).content)
     assert evaluation == pool.evaluate([3], shared, lambda _: None)[0]
+
+
+def test_the_audit_query_hands_the_auditor_the_user_part_the_client_holds():
+    config = load_config(None, SMALL)
+    federation = build_federation(config.data, config.run.seed)
+    pool = InProcessPool(config, federation)
+    context = _context(4)
+    client_id, fresh = decode_audit_user(_send(AUDIT_USERS, instruction(config), context).content)
+    assert client_id == federation.client_ids[4]
+    np.testing.assert_array_equal(fresh["user_emb"], pool.user(4)["user_emb"])  # not trained yet: the initial one
+    shared = pool.model.init_shared(np.random.default_rng(5))
+    _send(TRAIN, instruction(config, 1, shared), context)
+    pool.train(1, [4], shared, lambda _: None)
+    reply = _send(AUDIT_USERS, instruction(config), context)
+    assert set(reply.content.keys()) == {"user", "meta"}
+    np.testing.assert_array_equal(decode_audit_user(reply.content)[1]["user_emb"], pool.user(4)["user_emb"])

@@ -9,7 +9,7 @@ from helpers import TINY
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool
 from fedunlearn.federation import build_federation
-from fedunlearn.messages import record_to_arrays
+from fedunlearn.messages import AUDIT_USERS, record_to_arrays
 from fedunlearn.progress import Progress
 from fedunlearn.rounds import FederatedServer
 
@@ -58,6 +58,8 @@ def test_flower_path_equals_inprocess_runner_and_never_uploads_a_user_embedding(
     user_vectors = [v for state in pool.user_state.values() for v in state.values()]
     replies = flower_pool.replies_seen
     assert len(replies) == 10 + 2 * 5 + 2 * 10  # whoami, 2 rounds x 5 trainers, 2 evaluations x 10
+    # the audit's oracle (query.audit_users, tests/test_flower_audit.py) is the one exception, asked only by an audit
+    assert AUDIT_USERS not in flower_pool.reply_types
     for content in replies:
         assert set(content.keys()) <= {"update", "metrics", "meta"}
         for record in content.array_records.values():

@@ -2,8 +2,9 @@
 
 One simulation for the module: 8 clients train 2 rounds through Flower, then 7 of them run
 AttrCloak-DF and after it AttrCloak-DD (3 steps each, 5 of the 7 defending) through
-server.defence.flower_attrcloak. A test-only query reads the clients' user parts back after each
-defence; the in-process `attrcloak` on the same embeddings is the oracle.
+server.defence.flower_attrcloak. The auditor's query (query.audit_users, the simulation's oracle)
+reads the clients' user parts back after each defence; the in-process `attrcloak` on the same
+embeddings is the reference.
 
 Tolerance: the server's inputs differ from the plain sums only by SecAgg+'s rounding, at most
 n * resolution(n, bound) per summed value (n = 7: 6.7e-6 for the class sums, bound 128; 3.3e-6 for
@@ -16,13 +17,11 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Message, RecordDict
 from helpers import TINY, simulate_then
 
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool
 from fedunlearn.federation import build_federation
-from fedunlearn.messages import instruction
 from fedunlearn.privacy.attrcloak import DataRetention, attrcloak, flatten_users
 from fedunlearn.progress import Progress
 from fedunlearn.rounds import FederatedServer
@@ -36,32 +35,10 @@ CLIENTS = [0, 1, 2, 3, 5, 6, 7]  # a subset, so the index -> node mapping matter
 DEFENDING = [True, True, False, True, True, True, False]
 ATTRIBUTES = ["gender", "age"]
 STEPS, LR = 3, 0.05
-REVEAL = "query.test_reveal"
-
-
-def _reveal(msg, context):
-    """Test only: a client hands over its user part, so the test can compare (the product has no such query)."""
-    from clients.app import USER_STATE
-
-    return Message(RecordDict({"user": context.state.array_records[USER_STATE]}), reply_to=msg)
 
 
 def _read_users(pool, model):
-    replies = pool._exchange(
-        [Message(instruction(pool.config), pool.node_of[i], REVEAL) for i in CLIENTS], lambda _: None
-    )
-    by_node = {reply.metadata.src_node_id: reply.content.array_records["user"] for reply in replies}
-    users = [{key: array.numpy() for key, array in by_node[pool.node_of[i]].items()} for i in CLIENTS]
-    return flatten_users(model, users)
-
-
-def _simulate(config, n_clients, then):
-    """tests.helpers.simulate_then with the product ClientApp plus the test-only reveal query."""
-    from clients.app import make_client_app
-
-    client_app = make_client_app()
-    client_app.query("test_reveal")(_reveal)
-    return simulate_then(config, n_clients, then, client_app)
+    return flatten_users(model, pool.audit_users(CLIENTS))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +64,7 @@ def run():
             out[variant] = {"outcome": outcome, "replies": seen[start:], "users": _read_users(pool, model)}
         return out
 
-    flower = _simulate(config, federation.n_clients, after_training)
+    flower = simulate_then(config, federation.n_clients, after_training)
     pool = InProcessPool(config, federation)
     expected = FederatedServer(config, federation.client_ids, federation.n_items, pool, Progress(1, False)).run()
     return flower | {"config": config, "federation": federation, "classes": classes, "expected": expected,
@@ -165,9 +142,3 @@ def test_no_reply_during_the_defence_carries_an_embedding_or_an_attribute(run, v
     assert len(identities) == len(CLIENTS) * 2 + steps  # start, finish, and each defending client's steps
     sums = len(ATTRIBUTES) * 2 + STEPS * (len(ATTRIBUTES) + 1)
     assert len(replies) - len(identities) == 4 * len(CLIENTS) * sums  # 4 SecAgg+ stages per sum
-
-
-def test_the_reveal_query_is_test_only():
-    from clients.app import app
-
-    assert REVEAL not in app._registered_funcs and "query.defence_start" in app._registered_funcs

@@ -31,6 +31,8 @@ from fedunlearn.privacy.attrcloak import (
 from fedunlearn.privacy.baselines import regularised_defence
 
 Evaluate = Callable[[list[Arrays]], dict[str, float]]  # users -> HR@10, NDCG@10, ... on the retained clients
+# (config naming the method, defending mask) -> the outcome, with the defended embeddings (n, D)
+Defend = Callable[[Config, np.ndarray], DefenceOutcome]
 
 
 @dataclass
@@ -128,10 +130,14 @@ def privacy_stage(
     uploads: np.ndarray | None,
     evaluate: Evaluate,
     aggregator: Aggregator | None = None,
+    defend: Defend | None = None,
 ) -> tuple[PrivacyReport, list[Arrays]]:
     """Audit, then for the configured post-training defence (or, with `defence.compare`, for each
     of them on a copy) defend and audit again, over `clients` (federation indices; `users` and
-    `uploads` rows follow them). Returns the report and the users after the configured defence."""
+    `uploads` rows follow them). Returns the report and the users after the configured defence.
+
+    `defend` runs one defence; by default `run_defence` over `users` (in-process and batched
+    engines); the Flower engine passes one that runs it on the clients (server/audit.py)."""
     attributes = federation.dataset.attributes.iloc[clients].reset_index(drop=True)
     names = audited_attributes(config.audit, attributes)
     before = flatten_users(model, users)
@@ -151,11 +157,16 @@ def privacy_stage(
     defending = defending_clients(config, client_ids, before, attributes, audited)
     classes = attribute_classes(attributes, names)
     positives = [federation.split.train_of(i) for i in clients]
+
+    def central(trial: Config, mask: np.ndarray) -> DefenceOutcome:
+        return run_defence(trial, model, positives, client_ids, shared, before, classes, mask, aggregator)
+
     tables, kept = [table], users
     for method in methods:
         trial = copy.deepcopy(config)
         trial.defence.method = method
-        outcome = run_defence(trial, model, positives, client_ids, shared, before, classes, defending, aggregator)
+        outcome = (defend or central)(trial, defending)
+        assert outcome.embeddings is not None, "a Defend returns the defended embeddings"
         users_after = unflatten_users(users, outcome.embeddings)
         after, _ = privacy_table({"embedding": outcome.embeddings}, attributes, config, aggregator)
         after.insert(0, "defence", method)

@@ -1,0 +1,54 @@
+"""The attribute audit on the Flower engine: `fedunlearn.privacy.stage.privacy_stage`, the same
+function the in-process and batched engines run, with Flower's clients behind it.
+
+The audit's central view (the global attack on every embedding, and here also the local audit's
+outcomes) needs every retained client's user part. The simulation's auditor reads them with
+`query.audit_users` (`FlowerPool.audit_users`): a measurement oracle, the same reading the other
+engines' auditor does on the pool's memory, not part of the protocol; it is sent only when the run
+asks for the audit (`audit.enabled`). The defence itself runs on the clients through the AttrCloak
+Flower path (`server.defence.defend_on_clients`): the server's defence loop still sees only SecAgg+
+sums, and the oracle reads the defended embeddings back afterwards, for the table.
+
+The local audit is computed from the gathered embeddings with a plain sum, as on the other engines:
+`FlowerPool.local_audit` (SecAgg+ over the clients' own outcomes) does not fit the stage's
+`Aggregator`, which receives outcomes already computed, and has no client-side upload view.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedunlearn.config import Config
+from fedunlearn.federation import Federation
+from fedunlearn.models import Arrays
+from fedunlearn.privacy.attrcloak import DefenceOutcome, flatten_users
+from fedunlearn.privacy.stage import PrivacyReport, privacy_stage
+from fedunlearn.rounds import FederatedServer, FederationResult
+from server.defence import defend_on_clients
+from server.pool import FlowerPool
+
+
+def audit_on_flower(
+    config: Config, federation: Federation, server: FederatedServer, pool: FlowerPool, result: FederationResult
+) -> PrivacyReport:
+    """Audit the retained clients, defend on them (configured AttrCloak), audit again. Afterwards
+    each client holds the defended embedding as its user part, as on the other engines."""
+    clients = list(server.active)
+    uploads = None if result.uploads is None else result.uploads[clients]
+
+    def evaluate(_users: list[Arrays]) -> dict[str, float]:
+        # the clients already hold these users: as trained, then as `defend` left them (one defence:
+        # check_flower_privacy refuses defence.compare)
+        metrics = server.evaluate()
+        return {key: metrics[key] for key in ("HR@10", "NDCG@10")}
+
+    def defend(trial: Config, defending: np.ndarray) -> DefenceOutcome:
+        outcome = defend_on_clients(trial, pool, clients, result.shared, [bool(flag) for flag in defending])
+        outcome.embeddings = flatten_users(server.model, pool.audit_users(clients))
+        return outcome
+
+    users = pool.audit_users(clients)
+    report, _ = privacy_stage(
+        config, server.model, federation, clients, result.shared, users, uploads, evaluate, defend=defend
+    )
+    return report

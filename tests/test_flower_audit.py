@@ -1,0 +1,116 @@
+"""The attribute audit on the Flower engine gives the in-process engine's privacy table.
+
+One Flower run for the module (`fedunlearn run --engine flower`, 8 clients, 2 rounds, audit on,
+AttrCloak-DF for 3 steps on the clients) and the same command on the in-process engine. Before the
+defence the two engines hold bit-identical embeddings, so those rows must be equal. After it, the
+Flower defence's inputs are SecAgg+ sums, so the embeddings agree to 1e-4 (the tolerance of
+tests/test_flower_defence.py); the table, computed from them, must agree to that tolerance too.
+
+The auditor reads the user parts through `query.audit_users`, the simulation's measurement oracle:
+its replies are the only ones that may carry an embedding, and only this run asks for them."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import TINY
+
+from fedunlearn.cli import main
+from fedunlearn.messages import AUDIT_USERS
+
+pytestmark = [pytest.mark.flower, pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")]
+
+CLIENTS = 8
+SETTINGS = TINY + [
+    f"data.synthetic_users={CLIENTS}",
+    "train.rounds=2",
+    "eval.every=2",
+    "audit.enabled=true",
+    'audit.attributes=["gender", "age"]',
+    "defence.method=attrcloak-df",
+    "defence.steps=3",
+    "defence.lr=0.05",
+]
+TOLERANCE = 1e-4  # after the defence: SecAgg+ rounding carried through 3 AttrCloak steps
+KEYS = ["defence", "view", "attacker", "attribute", "audit"]
+
+
+def _run(engine, out):
+    args = [part for setting in SETTINGS for part in ("--set", setting)]
+    assert main(["run", *args, "--engine", engine, "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import server.simulation
+
+    pools = []
+    run_flower = server.simulation.run_flower
+
+    def keeping_replies(config, **kwargs):
+        result, pool = run_flower(config, keep_replies=True, **kwargs)
+        pools.append(pool)
+        return result, pool
+
+    folder = tmp_path_factory.mktemp("audit")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(server.simulation, "run_flower", keeping_replies)
+        flower = _run("flower", folder / "flower")
+    return {"flower": flower, "inprocess": _run("inprocess", folder / "inprocess"), "pool": pools[0]}
+
+
+def _table(folder):
+    return pd.read_csv(folder / "audit.csv").drop(columns="seconds")
+
+
+def test_the_flower_privacy_table_equals_the_inprocess_one(runs):
+    flower, inprocess = _table(runs["flower"]), _table(runs["inprocess"])
+    assert list(flower["defence"].unique()) == ["none", "attrcloak-df"]
+    assert set(flower["audit"]) == {"global", "local"} and set(flower["view"]) == {"embedding", "upload"}
+    before = flower["defence"] == "none"
+    pd.testing.assert_frame_equal(flower[before], inprocess[before])
+    pd.testing.assert_frame_equal(flower[~before], inprocess[~before], check_exact=False, rtol=0, atol=TOLERANCE)
+
+    seen = {engine: np.load(runs[engine] / "central_view_embeddings.npz") for engine in ("flower", "inprocess")}
+    np.testing.assert_array_equal(seen["flower"]["before"], seen["inprocess"]["before"])
+    gap = np.abs(seen["flower"]["after"] - seen["inprocess"]["after"]).max()
+    print(f"defended embeddings, Flower vs in-process: {gap:.2e}")
+    assert 0 < gap < TOLERANCE
+    assert np.abs(seen["flower"]["after"] - seen["flower"]["before"]).max() > 100 * TOLERANCE  # the defence moved
+
+
+def test_the_results_folder_has_the_same_files_and_privacy_info(runs):
+    files = {engine: sorted(p.name for p in runs[engine].iterdir()) for engine in ("flower", "inprocess")}
+    assert files["flower"] == files["inprocess"]
+    assert {"audit.csv", "audit.md", "central_view_embeddings.npz", "tradeoff.png"} <= set(files["flower"])
+    final = {engine: json.loads((runs[engine] / "final.json").read_text()) for engine in ("flower", "inprocess")}
+    assert final["flower"]["engine"] == "flower" and final["flower"].keys() == final["inprocess"].keys()
+    assert final["flower"]["defending_clients"] == final["inprocess"]["defending_clients"] == CLIENTS
+    assert final["flower"]["defence_seconds"] > 0
+
+
+def test_only_the_audit_query_replies_carry_a_user_part(runs):
+    pool = runs["pool"]
+    seen = np.load(runs["flower"] / "central_view_embeddings.npz")
+    vectors = [*seen["before"], *seen["after"]]
+    audit = [c for c, kind in zip(pool.replies_seen, pool.reply_types, strict=True) if kind == AUDIT_USERS]
+    others = [c for c, kind in zip(pool.replies_seen, pool.reply_types, strict=True) if kind != AUDIT_USERS]
+    assert len(audit) == 2 * CLIENTS  # before the defence and after it, once per client
+    assert all(set(content.keys()) == {"user", "meta"} for content in audit)
+    secret_bytes = [vector.astype(dtype).tobytes() for vector in vectors for dtype in (np.float32, np.float64)]
+    assert len(others) > 0
+    for content in others:
+        assert "user" not in content
+        for record in content.config_records.values():
+            for value in record.values():
+                for item in value if isinstance(value, list) else [value]:
+                    assert not (isinstance(item, bytes) and any(secret in item for secret in secret_bytes))
+        for record in content.array_records.values():
+            for array in record.values():
+                flat = array.numpy().ravel().astype(np.float64)
+                if flat.size >= len(vectors[0]):
+                    windows = np.lib.stride_tricks.sliding_window_view(flat, len(vectors[0]))
+                    for vector in vectors:
+                        assert not np.any(np.all(np.isclose(windows, vector, atol=1e-6), axis=-1))
