@@ -110,10 +110,7 @@ def _federated(
 
             check_flower_privacy(config)
 
-            result, flower_pool = run_flower(config, history=history, schedule=schedule, show_progress=show_progress)
-            if flower_pool.defence is not None:  # AttrCloak ran on the clients without an audit (server/app.py)
-                info["defence_seconds"] = round(flower_pool.defence.seconds, 2)
-                info["defended"] = {"weights": flower_pool.defence.weights, **flower_pool.defended}
+            result, _ = run_flower(config, history=history, schedule=schedule, show_progress=show_progress)
         else:
             from fedunlearn.engine import make_pool
 

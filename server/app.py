@@ -2,8 +2,8 @@
 
 Under `flwr run .` the config comes from `[tool.flwr.app.config]` (a TOML file and `key=value`
 overrides) and the results folder from `out`; `fedunlearn run --engine flower` builds the app with
-its config and collects the result itself. With `audit.enabled` the attribute audit runs after
-training (server.audit); a defence alone runs on the clients without it."""
+its config and collects the result itself. After training, the privacy stage (audit, the defence
+on the clients, audit again) runs whenever it does on the other engines (server.audit)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from collections.abc import Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedunlearn.config import Config, load_config
+from fedunlearn.config import Config, audits_privacy, load_config
 from fedunlearn.federation import cached_federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.progress import Progress
 from fedunlearn.rounds import FederatedServer, FederationResult
-from server.defence import check_flower_privacy, defend_on_clients
+from server.defence import check_flower_privacy
 from server.pool import FlowerPool
 
 
@@ -35,13 +35,10 @@ def serve(
     ids, n_items = federation.client_ids, federation.n_items
     server = FederatedServer(config, ids, n_items, pool, progress, history, schedule)
     result = server.run()
-    if config.audit.enabled:  # audit, defend on the clients, audit again (the auditor reads the embeddings)
+    if audits_privacy(config):  # as on every engine: audit, defend on the clients, audit again
         from server.audit import audit_on_flower
 
         result.privacy = audit_on_flower(config, federation, server, pool, result)
-    elif config.defence.method != "none":  # the post-training defence alone, on the clients: no audit
-        pool.defence = defend_on_clients(config, pool, list(server.active), result.shared)
-        pool.defended = server.evaluate()
     return result, pool
 
 

@@ -44,7 +44,7 @@ from fedunlearn.messages import (
 )
 from fedunlearn.models import Arrays
 from fedunlearn.privacy.attacks import Attacker
-from fedunlearn.privacy.attrcloak import AttributeGradient, DefenceOutcome, unpack_class_sums
+from fedunlearn.privacy.attrcloak import AttributeGradient, unpack_class_sums
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.rounds import ProgressHook
 from server.secure_sum import secure_sum
@@ -64,8 +64,6 @@ class FlowerPool:
         self.keep_replies = keep_replies
         self.replies_seen: list[RecordDict] = []  # every reply's content when kept, for audits and tests
         self.reply_types: list[str] = []  # the message type of each kept reply
-        self.defence: DefenceOutcome | None = None  # AttrCloak run on the clients after training (server.defence)
-        self.defended: dict[str, float] = {}  # the evaluation after it
         self.node_of = self._discover(n_clients)
 
     def _discover(self, n_clients: int) -> dict[int, int]:
