@@ -15,6 +15,7 @@ between rounds is one array per user table (no per-client objects).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -165,8 +166,9 @@ class BatchedTrainer:
         dense = {key: initial[key].repeat(len(plans), *([1] * shared[key].ndim)) for key in model.dense_keys(shared)}
         tables = {**user, **rows, **dense}
         # gradients of the row tables: one buffer each, written only where a step has them
-        row_grads = {
-            key: self.workspace.take(f"{key}.grad", tuple(table.shape), zero=True) for key, table in rows.items()
+        row_grads = {  # zeroed for autograd's scatter; the closed form writes every active row
+            key: self.workspace.take(f"{key}.grad", tuple(table.shape), zero=not model.dot_product)
+            for key, table in rows.items()
         }
         if model.dot_product:
             gradients: StepGradients = DotProductGradients(
@@ -258,9 +260,11 @@ class DotProductGradients:
         (self.user,), (self.rows,), (self.row_grads,) = user.values(), rows.values(), row_grads.values()
         self.user_key, self.row_key = next(iter(user)), next(iter(rows))
         device, shape = self.rows.device, tuple(self.rows.shape)
-        self.lengths = torch.as_tensor(lengths, device=device)
-        self.owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), self.lengths)
-        self.spread = workspace.take("spread", shape)  # u_c on each of c's rows, then c_r v_r
+        lengths_t = torch.as_tensor(lengths, device=device)
+        self.owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
+        self.offsets = torch.cat([lengths_t.new_zeros(1), lengths_t.cumsum(0)])
+        self.columns = torch.arange(len(self.owner), device=device)
+        self.spread = workspace.take("spread", shape)  # u_c on each of c's rows
         self.product = workspace.take("product", shape)  # for row-wise dot products
 
     def __call__(self, index: StepIndex) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -277,8 +281,12 @@ class DotProductGradients:
                 loss = -loss
             (coefficient,) = torch.autograd.grad(loss.sum(), [row_scores])
         grad_rows = torch.mul(spread, coefficient.unsqueeze(1), out=self.row_grads[:count])
-        weighted = torch.mul(v, coefficient.unsqueeze(1), out=spread)  # u_c no longer needed
-        grad_user = torch.segment_reduce(weighted, "sum", lengths=self.lengths[:active])
+        # sum over each client's rows of c_r v_r: a sparse (clients x rows) matrix of the c_r times v
+        with warnings.catch_warnings():  # "CSR support is in beta": used here as a plain matmul
+            warnings.simplefilter("ignore", UserWarning)
+            weights = torch.sparse_csr_tensor(self.offsets[: active + 1], self.columns[:count], coefficient,
+                                              size=(active, count), check_invariants=False)  # fmt: skip
+        grad_user = weights @ v
         loss = loss.detach()
         if decay:
             uses = torch.zeros(count, device=v.device).index_add_(
