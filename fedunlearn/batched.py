@@ -171,9 +171,7 @@ class BatchedTrainer:
             for key, table in rows.items()
         }
         if model.dot_product:
-            gradients: StepGradients = DotProductGradients(
-                config, user, rows, row_grads, lengths, self.workspace, ascent
-            )
+            gradients: StepGradients = DotProductGradients(config, user, rows, row_grads, lengths, ascent)
         else:
             gradients = AutogradGradients(model, config, user, rows, dense, row_grads, ascent)
         optimizer = Adam(config.train.lr, config.train.optimizer == "adam", self.workspace)
@@ -248,45 +246,42 @@ class AutogradGradients:
 
 
 class DotProductGradients:
-    """Models whose score is user_emb . item_emb (MF): the gradients in closed form, one dense pass
-    over the active rows instead of a 64-wide gather and scatter per example. Each row r of client
-    c gets the score s_r = u_c . v_r; an example's score is s at its row, so autograd runs on
-    scalars only, giving c_r = dL/ds_r. Then dL/dv_r = c_r u_c + 2 wd n_r v_r / size_c (n_r: the
-    row's uses in the batch) and dL/du_c = sum over c's rows of c_r v_r + 2 wd u_c / size_c."""
+    """Models whose score is user_emb . item_emb (MF): the gradients in closed form, a few dense
+    passes over the active rows instead of a 64-wide gather and scatter per example. Each row r of
+    client c gets the score s_r = u_c . v_r; an example's score is s at its row, so autograd runs
+    on scalars only, giving c_r = dL/ds_r. Then dL/dv_r = c_r u_c + 2 wd n_r v_r / size_c (n_r: the
+    row's uses in the batch) and dL/du_c = sum over c's rows of c_r v_r + 2 wd u_c / size_c. Both
+    sums over a client's rows are sparse products with the (rows x clients) ownership pattern."""
 
     def __init__(self, config: Config, user: Tensors, rows: Tensors, row_grads: Tensors, lengths: np.ndarray,
-                 workspace: Workspace, ascent: bool) -> None:  # fmt: skip
+                 ascent: bool) -> None:  # fmt: skip
         self.config, self.ascent = config, ascent
         (self.user,), (self.rows,), (self.row_grads,) = user.values(), rows.values(), row_grads.values()
         self.user_key, self.row_key = next(iter(user)), next(iter(rows))
-        device, shape = self.rows.device, tuple(self.rows.shape)
+        device = self.rows.device
         lengths_t = torch.as_tensor(lengths, device=device)
         self.owner = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
         self.offsets = torch.cat([lengths_t.new_zeros(1), lengths_t.cumsum(0)])
-        self.columns = torch.arange(len(self.owner), device=device)
-        self.spread = workspace.take("spread", shape)  # u_c on each of c's rows
-        self.product = workspace.take("product", shape)  # for row-wise dot products
+        self.positions = torch.arange(len(self.owner) + 1, device=device)
+        self.ones = torch.ones(len(self.owner), device=device)
 
     def __call__(self, index: StepIndex) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         active, count = index.active, index.rows
         decay = 0.0 if self.ascent else self.config.train.weight_decay
         u, v, owner = self.user[:active], self.rows[:count], self.owner[:count]
-        spread = torch.index_select(u, 0, owner, out=self.spread[:count])
+        owned = _csr(self.positions[: count + 1], owner, self.ones[:count], (count, active))  # row r -> its client
+        row_scores = torch.sparse.sampled_addmm(owned, v, u.T, beta=0.0).values()  # v_r . u_c at (r, c)
         flat = index.items.reshape(-1)
         with torch.enable_grad():
-            row_scores = self._dot(spread, v).requires_grad_(True)
+            row_scores = row_scores.detach().requires_grad_(True)
             scores = row_scores[flat].reshape(index.items.shape)
             loss = client_losses(self.config, scores[..., 0], scores[..., 1:], index.mask, index.sizes)
             if self.ascent:
                 loss = -loss
             (coefficient,) = torch.autograd.grad(loss.sum(), [row_scores])
-        grad_rows = torch.mul(spread, coefficient.unsqueeze(1), out=self.row_grads[:count])
-        # sum over each client's rows of c_r v_r: a sparse (clients x rows) matrix of the c_r times v
-        with warnings.catch_warnings():  # "CSR support is in beta": used here as a plain matmul
-            warnings.simplefilter("ignore", UserWarning)
-            weights = torch.sparse_csr_tensor(self.offsets[: active + 1], self.columns[:count], coefficient,
-                                              size=(active, count), check_invariants=False)  # fmt: skip
-        grad_user = weights @ v
+        grad_rows = torch.index_select(u, 0, owner, out=self.row_grads[:count]).mul_(coefficient.unsqueeze(1))
+        weights = _csr(self.offsets[: active + 1], self.positions[:count], coefficient, (active, count))
+        grad_user = weights @ v  # client c: sum over its rows of c_r v_r
         loss = loss.detach()
         if decay:
             uses = torch.zeros(count, device=v.device).index_add_(
@@ -294,16 +289,19 @@ class DotProductGradients:
             )
             grad_rows.addcmul_(v, (2 * decay * uses / index.sizes[owner]).unsqueeze(1))
             grad_user.add_(u * (2 * decay / index.sizes).unsqueeze(1))
-            row_squares = torch.zeros(active, device=v.device).index_add_(0, owner, uses * self._dot(v, v))
+            squares = torch.linalg.vector_norm(v, dim=-1).square_()
+            row_squares = torch.zeros(active, device=v.device).index_add_(0, owner, uses * squares)
             loss = loss + decay * ((u * u).sum(-1) + row_squares) / index.sizes
         return {self.user_key: grad_user, self.row_key: grad_rows}, loss
 
-    def _dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Row-wise a . b through a kept buffer (linalg.vecdot allocates a full product each time)."""
-        return torch.mul(a, b, out=self.product[: len(a)]).sum(-1)
-
     def clear(self, index: StepIndex) -> None:
         """Nothing to clear: every step overwrites its whole prefix of the buffer."""
+
+
+def _csr(crow: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # "CSR support is in beta": used here for two plain products
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, columns, values, size=size, check_invariants=False)
 
 
 class BatchedPool(LocalPool):
