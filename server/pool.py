@@ -135,8 +135,9 @@ class FlowerPool:
     def fork(self) -> FlowerPool:
         """A pool whose train, evaluate, membership, forget and audit messages work on a new branch of
         each client's private state (clients.branches): a copy the client makes of its own state when
-        the branch first reaches it, so the run's state stays untouched and no copy is broadcast.
-        `release` drops the branch on the clients it reached. Replies are kept with this pool's."""
+        the branch first reaches it (from the run's own state, also when forking a fork), so the run's
+        state stays untouched and no copy is broadcast. `release` drops the branch on the clients it
+        reached. Defence messages and secure sums carry no branch. Replies are kept with this pool's."""
         twin = copy.copy(self)
         twin.branch, twin.reached = uuid.uuid4().hex, set()
         return twin
