@@ -25,7 +25,7 @@ from fedunlearn.progress import Progress
 from fedunlearn.rounds import FederatedServer
 from fedunlearn.unlearning import METHODS
 
-COMPARE = TINY + ["train.rounds=4", "eval.every=4", "train.fraction=0.5", "unlearn.method=federaser"]
+COMPARE = TINY + ["train.rounds=5", "eval.every=5", "train.fraction=0.5", "unlearn.method=federaser"]
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_flower_compare_gives_the_inprocess_table_and_leaves_the_run_untouched(t
 
     config = load_config(None, COMPARE + ["unlearn.compare=true"])
     federation = build_federation(config.data, config.run.seed)
-    schedule = {3: [federation.client_ids[2]]}
+    schedule = {4: [federation.client_ids[2]]}  # FedEraser calibrates at checkpoint 3
     expected, pools = _inprocess(config, federation, schedule, tmp_path / "a.sqlite")
     plain_config = load_config(None, COMPARE)
     plain, _ = _inprocess(plain_config, federation, schedule, tmp_path / "b.sqlite")
@@ -102,6 +102,8 @@ def test_flower_compare_gives_the_inprocess_table_and_leaves_the_run_untouched(t
     timing = {"unlearn_seconds", "speedup_time"}
     strip = lambda rows: [{k: v for k, v in row.items() if k not in timing} for row in rows]  # noqa: E731
     assert strip(result.comparison) == strip(expected.comparison)
+    trained = {row["method"] for row in result.comparison if row["client_epochs"] > 0}
+    assert trained == {"retrain", "federaser", "fru", "ascent"}  # each trained clients on its branch
     for key in plain.shared:  # the comparison ran on branches: the run equals one without it
         np.testing.assert_array_equal(result.shared[key], plain.shared[key])
     assert result.events[0]["after"] == plain.events[0]["after"]
