@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
 
+from clients.branches import branch_mod, drop_branch
 from fedunlearn.audit import local_outcome
 from fedunlearn.config import Config
 from fedunlearn.federated import init_user, local_evaluate, local_membership, local_train
@@ -271,8 +272,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def make_client_app() -> ClientApp:
-    """A ClientApp with every handler above."""
-    client = ClientApp()
+    """A ClientApp with every handler above, each able to work on a branch of the state (clients.branches)."""
+    client = ClientApp(mods=[branch_mod])
     client.query("whoami")(whoami)
     client.query("forget")(forget)
     client.query("membership")(membership)
@@ -280,6 +281,7 @@ def make_client_app() -> ClientApp:
     client.query("defence_step")(defence_step)
     client.query("defence_finish")(defence_finish)
     client.query("audit_users")(audit_user)
+    client.query("drop_branch")(drop_branch)
     client.train("fit")(train)
     client.train(mods=[secaggplus_mod])(secure_contribution)
     client.evaluate()(evaluate)

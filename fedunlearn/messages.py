@@ -34,6 +34,7 @@ DEFENCE_FINISH = "query.defence_finish"
 # The simulation's measurement oracle, not part of the protocol: the only reply that carries a user
 # part. The server sends it only when the run asks for the attribute audit (server/audit.py).
 AUDIT_USERS = "query.audit_users"
+DROP_BRANCH = "query.drop_branch"  # a fork of the server is done: drop its branch of the client's state
 
 # secure tasks: what a client adds to a SecAgg+ sum
 LOCAL_AUDIT = "local-audit"  # fedunlearn.audit.local_outcome of the shipped attacker on the client's own embedding
@@ -58,10 +59,15 @@ def instruction(
     shared: Arrays | None = None,
     epochs: float | None = None,
     ascent: bool = False,
+    branch: str = "",
 ) -> RecordDict:
+    """A task for a client; a non-empty `branch` makes it work on that branch of its private state
+    (clients.branches), the run's own state when empty."""
     task = {"config": json.dumps(config.to_dict()), "round": round_number, "ascent": ascent}
     if epochs is not None:
         task["epochs"] = float(epochs)
+    if branch:
+        task["branch"] = branch
     content = RecordDict({"task": ConfigRecord(task)})
     if shared is not None:
         content["shared"] = arrays_to_record(shared)
@@ -74,6 +80,24 @@ def read_instruction(content: RecordDict) -> tuple[Config, int, Arrays | None, f
     epochs = float(task["epochs"]) if "epochs" in task else None
     config = config_from_dict(json.loads(str(task["config"])))
     return config, int(task["round"]), shared, epochs, bool(task["ascent"])
+
+
+def branch_of(content: RecordDict) -> str:
+    """The branch of the client's state a message works on ("" for the run's own state). Messages
+    without a task (SecAgg+ stages) always work on the run's own state."""
+    task = content.config_records.get("task")
+    return str(task.get("branch", "")) if task is not None else ""
+
+
+def encode_drop_branch(config: Config, branch: str) -> RecordDict:
+    """DROP_BRANCH names the branch outside the task, so the message itself runs on the run's state."""
+    content = instruction(config)
+    content["drop"] = ConfigRecord({"branch": branch})
+    return content
+
+
+def read_drop_branch(content: RecordDict) -> str:
+    return str(content.config_records["drop"]["branch"])
 
 
 def _meta(client_id: str, **extra: int | str) -> ConfigRecord:

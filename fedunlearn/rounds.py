@@ -96,6 +96,14 @@ def select_final(rows: list[dict[str, float]], select: str) -> dict[str, float]:
     return dict(max(rows, key=lambda row: row["valid_HR@10"]))
 
 
+def _release(fork: ClientPool) -> None:
+    """A Flower fork's state lives on the clients (a branch of each one's state): drop it there. The
+    single-machine pools' forks are plain copies, gone with the twin."""
+    release = getattr(fork, "release", None)
+    if release is not None:
+        release()
+
+
 class FederatedServer:
     """The server: samples clients among those still present, aggregates, evaluates, keeps the
     history when asked, and at each drop event runs the configured unlearning method."""
@@ -192,8 +200,8 @@ class FederatedServer:
         from fedunlearn.audit import compare_with_retrain
         from fedunlearn.unlearning import METHODS
 
-        if not hasattr(self.pool, "fork") or self.history is None:
-            raise FedUnlearnError("unlearn.compare needs run.engine = 'inprocess' or 'batched' and a drop schedule")
+        if self.history is None:
+            raise FedUnlearnError("unlearn.compare needs a drop schedule (unlearn.drop or unlearn.drop_random)")
         rows, unlearned = [], []
         with tempfile.TemporaryDirectory() as scratch:
             for method in METHODS:
@@ -204,6 +212,7 @@ class FederatedServer:
                 twin.progress = Progress(0, enabled=False)
                 twin.remove(round_number, leaving, method)
                 twin.history.close()
+                _release(twin.pool)
                 event = twin.events[-1]
                 rows.append(
                     {"method": method, "model": self.config.model.name, "seed": self.config.run.seed}

@@ -6,8 +6,10 @@ every node who it is, and everything after that speaks in stable client ids and 
 
 from __future__ import annotations
 
+import copy
 import json
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from fedunlearn.messages import (
     DEFENCE_FINISH,
     DEFENCE_START,
     DEFENCE_STEP,
+    DROP_BRANCH,
     FORGET,
     FOURTH_POWERS,
     LOCAL_AUDIT,
@@ -39,6 +42,7 @@ from fedunlearn.messages import (
     encode_attacker,
     encode_defence_start,
     encode_defence_step,
+    encode_drop_branch,
     instruction,
     secure_task,
 )
@@ -64,6 +68,8 @@ class FlowerPool:
         self.keep_replies = keep_replies
         self.replies_seen: list[RecordDict] = []  # every reply's content when kept, for audits and tests
         self.reply_types: list[str] = []  # the message type of each kept reply
+        self.branch = ""  # the branch of the clients' state this pool works on: "" is the run's own (see fork)
+        self.reached: set[int] = set()  # a fork: the clients it has sent a task to (they hold its branch)
         self.node_of = self._discover(n_clients)
 
     def _discover(self, n_clients: int) -> dict[int, int]:
@@ -120,9 +126,27 @@ class FlowerPool:
         epochs: float | None = None,
         ascent: bool = False,
     ) -> list[Message]:
-        content = instruction(self.config, round_number, shared, epochs, ascent)
+        content = instruction(self.config, round_number, shared, epochs, ascent, self.branch)
+        if self.branch:
+            self.reached.update(clients)
         messages = [Message(content, self.node_of[index], kind) for index in clients]
         return self._exchange(messages, done)
+
+    def fork(self) -> FlowerPool:
+        """A pool whose train, evaluate, membership, forget and audit messages work on a new branch of
+        each client's private state (clients.branches): a copy the client makes of its own state when
+        the branch first reaches it (from the run's own state, also when forking a fork), so the run's
+        state stays untouched and no copy is broadcast. `release` drops the branch on the clients it
+        reached. Defence messages and secure sums carry no branch. Replies are kept with this pool's."""
+        twin = copy.copy(self)
+        twin.branch, twin.reached = uuid.uuid4().hex, set()
+        return twin
+
+    def release(self) -> None:
+        """The fork is done: every client it reached deletes its branch."""
+        content = encode_drop_branch(self.config, self.branch)
+        self._query(DROP_BRANCH, dict.fromkeys(sorted(self.reached), content))
+        self.reached = set()
 
     def train(
         self,

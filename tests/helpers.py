@@ -1,5 +1,9 @@
 """Settings and drivers shared by tests that need a tiny synthetic federation (or a Flower one)."""
 
+import json
+
+import numpy as np
+
 TINY = [
     "data.synthetic_users=10",
     "data.synthetic_items=200",
@@ -41,3 +45,21 @@ def simulate_then(config, n_clients, then):
         raise errors[0]
     assert outcome, "the simulation ended without a result: see the log"
     return outcome[0]
+
+
+def assert_no_user_part(replies, user_vectors):
+    """No reply carries any of these user vectors (in any row of any array), nor anything but the
+    update, metrics and ids."""
+    from fedunlearn.messages import record_to_arrays
+
+    for content in replies:
+        assert set(content.keys()) <= {"update", "metrics", "meta"}
+        for record in content.array_records.values():
+            for array in record_to_arrays(record).values():
+                flat = np.atleast_2d(array)
+                for vector in user_vectors:
+                    if flat.shape[-1] == vector.shape[-1]:
+                        assert not np.any(np.all(np.isclose(flat, vector), axis=-1))
+        for record in content.config_records.values():
+            assert set(record.keys()) <= {"client-id", "index"}
+        assert "user" not in json.dumps({k: str(v) for k, v in content.metric_records.items()})
