@@ -189,7 +189,7 @@ class FederatedServer:
                 "seconds": seconds,
                 "client_epochs": client_epochs,
                 "after": self.evaluate(),  # retained users, on the model right after unlearning
-                "MIA_AUC": float(np.mean(list(membership.values()))),
+                "MIA_AUC": float(np.mean([membership[client] for client in sorted(membership)])),  # any arrival order
             }
         )
         self.unlearned = {key: value.copy() for key, value in self.shared.items()}
