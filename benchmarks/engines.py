@@ -3,6 +3,7 @@ the batched engine on synthetic federations of growing size at 10% participation
 
     FEDUNLEARN_DATA_DIR=../shared/datasets python benchmarks/engines.py
         [--model mf] [--rounds 4] [--flower-clients 943] [--sizes 1000,10000,100000] [--big-rounds 10]
+        [--set KEY=VALUE ...]
 
 Every measurement runs in a child process started from a cold interpreter; the parent samples the
 resident memory of the child's whole process tree (Ray's workers included) every 0.2 s. "s per
@@ -102,10 +103,10 @@ def per_round(report: dict[str, Any]) -> float:
 
 
 def ml100k_table(
-    engines: list[str], model: str, rounds: int, flower_clients: int, timeout: float
+    engines: list[str], model: str, rounds: int, flower_clients: int, timeout: float, extra: list[str]
 ) -> list[dict[str, Any]]:
     base = ["data.dataset=ml-100k", f"model.name={model}", "model.dim=64", f"train.rounds={rounds}",
-            f"eval.every={rounds}"]  # fmt: skip
+            f"eval.every={rounds}", *extra]  # fmt: skip
     rows = []
     for engine in engines:
         clients = flower_clients if engine == "flower" else ML100K_CLIENTS
@@ -136,13 +137,13 @@ def ml100k_table(
     return rows
 
 
-def scaling_table(model: str, sizes: list[int], rounds: int, timeout: float) -> list[dict[str, Any]]:
+def scaling_table(model: str, sizes: list[int], rounds: int, timeout: float, extra: list[str]) -> list[dict[str, Any]]:
     rows = []
     for size in sizes:
         print(f"synthetic: batched, {size} clients at 10% ...", file=sys.stderr, flush=True)
         overrides = [f"data.synthetic_users={size}", "data.synthetic_items=1000", f"model.name={model}",
                      "model.dim=64", f"train.rounds={rounds}", f"eval.every={rounds}", "train.fraction=0.1",
-                     "run.engine=batched"]  # fmt: skip
+                     "run.engine=batched", *extra]  # fmt: skip
         report = measure({"overrides": overrides}, timeout)
         if "error" in report:
             rows.append({"clients": size, "note": report["error"]})
@@ -171,6 +172,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,100000", help="synthetic federation sizes")
     parser.add_argument("--big-rounds", type=int, default=10, help="rounds of each synthetic federation")
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, e.g. model.loss=bce (repeatable)")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -179,10 +182,11 @@ def main() -> None:
     import pandas as pd
 
     engines = [engine for engine in args.engines.split(",") if engine]
-    first = ml100k_table(engines, args.model, args.rounds, args.flower_clients, args.timeout)
+    first = ml100k_table(engines, args.model, args.rounds, args.flower_clients, args.timeout, args.set)
     sizes = [int(size) for size in args.sizes.split(",") if size]
-    second = scaling_table(args.model, sizes, args.big_rounds, args.timeout)
-    print(f"ML-100K, {args.model.upper()} 64-dim, one local epoch, {args.rounds} rounds per engine:")
+    second = scaling_table(args.model, sizes, args.big_rounds, args.timeout, args.set)
+    settings = "".join(f", {override}" for override in args.set)
+    print(f"ML-100K, {args.model.upper()} 64-dim, one local epoch{settings}, {args.rounds} rounds per engine:")
     print(pd.DataFrame(first).fillna("").to_markdown(index=False))
     print(f"\nBatched engine, synthetic federations (1000 items, ~40 interactions per user), {args.model.upper()}:")
     print(pd.DataFrame(second).to_markdown(index=False))
