@@ -181,6 +181,13 @@ def main() -> None:
         return
     import pandas as pd
 
+    from fedunlearn.config import load_config
+    from fedunlearn.errors import FedUnlearnError
+
+    try:
+        load_config(None, args.set)  # refuse a bad override now, not in every child
+    except FedUnlearnError as error:
+        parser.error(str(error))
     engines = [engine for engine in args.engines.split(",") if engine]
     first = ml100k_table(engines, args.model, args.rounds, args.flower_clients, args.timeout, args.set)
     sizes = [int(size) for size in args.sizes.split(",") if size]
