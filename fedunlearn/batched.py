@@ -42,6 +42,7 @@ from fedunlearn.rounds import ProgressHook
 from fedunlearn.training import resolve_device
 
 CHUNK_ELEMENTS = 2**25  # floats of parameters (or scores) per group of clients: memory stays bounded at any size
+GROWTH = 1.25  # a workspace buffer that must grow takes this much more than asked
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults, as the in-process client uses
 
 
@@ -67,8 +68,8 @@ class Workspace:
     def take(self, name: str, shape: tuple[int, ...], zero: bool = False) -> torch.Tensor:
         size = math.prod(shape)
         buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < size:
-            buffer = self.buffers[name] = torch.empty(size, device=self.device)
+        if buffer is None or buffer.numel() < size:  # headroom: the rows touched vary a little from round to round
+            buffer = self.buffers[name] = torch.empty(math.ceil(size * GROWTH), device=self.device)
         view = buffer[:size].view(shape)
         return view.zero_() if zero else view
 
