@@ -23,6 +23,7 @@ def start_ray(num_cpus: int) -> None:
         return
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's future default; silences its warning
     for attempt in range(1, RAY_START_TRIES + 1):
         try:
             ray.init(
