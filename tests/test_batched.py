@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import TINY
 
+from fedunlearn import batched
 from fedunlearn.batched import Adam, BatchedPool, BatchedTrainer, Workspace, client_losses
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool, chaotic_under_reordering, choose_engine
@@ -68,6 +69,26 @@ def test_batched_training_equals_the_inprocess_runner(overrides):
         for key, value in user.items():
             np.testing.assert_allclose(pool.user(index)[key], value, atol=TOLERANCE)
     assert not chaotic_under_reordering(load_config(None, SMALL + overrides))
+
+
+@pytest.mark.parametrize(("model", "budget"), [("mf", 1_000), ("ncf", 12_000)])  # floats: 2-3 clients per group
+def test_groups_of_clients_sharing_the_scratch_buffers_give_the_same_run(monkeypatch, model, budget):
+    """A tiny float budget cuts every round into several groups of clients, which train one after
+    another in the same kept buffers: the uploads and users must not bleed between them."""
+    overrides = [f"model.name={model}", "model.loss=bce"]
+    expected, _ = run(InProcessPool, overrides)
+    groups = []
+    original = BatchedTrainer.train
+
+    def counted(self, plans, *args):
+        groups.append(len(plans))
+        return original(self, plans, *args)
+
+    monkeypatch.setattr(batched, "CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(BatchedTrainer, "train", counted)
+    got, _ = run(BatchedPool, overrides)
+    assert len(groups) > 2 * len(got.rounds) and max(groups) > 1
+    assert_same_run(expected, got)
 
 
 @pytest.mark.parametrize("method", ["federaser", "fru", "ascent"])
