@@ -18,10 +18,11 @@ def sample_negatives(
     is_positive = np.zeros(n_items, dtype=bool)
     is_positive[positives] = True
     out = rng.integers(0, n_items, size=shape)
-    bad = is_positive[out]
-    while bad.any():
-        out[bad] = rng.integers(0, n_items, size=int(bad.sum()))
-        bad = is_positive[out]
+    flat = out.reshape(-1)
+    bad = np.flatnonzero(is_positive[flat])
+    while len(bad):  # redraw only the rejected, in order (the draws of a full-array recheck, found faster)
+        flat[bad] = rng.integers(0, n_items, size=len(bad))
+        bad = bad[is_positive[flat[bad]]]
     return out
 
 
