@@ -166,8 +166,9 @@ class BatchedTrainer:
         rows = {key: gather(key, f"{key}.rows") for key in model.row_keys}
         dense = {key: initial[key].repeat(len(plans), *([1] * shared[key].ndim)) for key in model.dense_keys(shared)}
         tables = {**user, **rows, **dense}
-        # gradients of the row tables: one buffer each, written only where a step has them
-        row_grads = {  # zeroed for autograd's scatter; the closed form writes every active row
+        # gradients of the row tables, one buffer each: zeroed for autograd's scatter (and cleared
+        # after each step); the closed form writes every active row
+        row_grads = {
             key: self.workspace.take(f"{key}.grad", tuple(table.shape), zero=not model.dot_product)
             for key, table in rows.items()
         }
