@@ -55,7 +55,6 @@ def test_run_writes_a_complete_results_folder(tmp_path, capsys):
         (["--set", "data.dataset=csv", "--set", "data.path=/nonexistent/x.csv"], "/nonexistent/x.csv"),
         (["--engine", "flower", "--set", "defence.compare=true"], "D2D-R and U2U-R, which have no Flower path yet"),
         (["--engine", "flower", "--set", "defence.method=attrcloak-dd", "--set", "defence.clients=at-risk"], "at-risk"),
-        (["--engine", "flower", "--set", "defence.method=u2u-r"], "has no Flower path yet"),
     ],
 )
 def test_bad_input_is_one_line_nonzero_and_leaves_no_results(tmp_path, capsys, args, message):
