@@ -46,7 +46,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedunlearn.config import Config
-from fedunlearn.errors import FedUnlearnError
 from fedunlearn.federation import cached_federation
 from fedunlearn.messages import DefenceStart
 from fedunlearn.models import Arrays
@@ -191,17 +190,6 @@ def flower_regularised(on: OnClients, method: str, steps: int, lr: float, weight
     return DefenceOutcome(None, losses, [weight] * steps, time.perf_counter() - started)
 
 
-def check_flower_privacy(config: Config) -> None:
-    """Refuse, before any training, the privacy settings the flower engine cannot honour."""
-    defence = config.defence
-    if defence.compare:
-        raise FedUnlearnError(
-            "defence.compare also runs D2D-R and U2U-R, which have no Flower path yet: use run.engine = auto"
-        )
-    if defence.method != "none" and defence.clients == "at-risk":
-        raise FedUnlearnError("defence.clients = 'at-risk' is not supported on the flower engine: use all or listed")
-
-
 def defend_on_clients(
     config: Config,
     pool: FlowerPool,
@@ -214,7 +202,6 @@ def defend_on_clients(
     the federation after training), through Flower. `defending[i]`: whether clients[i] moves; by
     default from `defence.clients` (all or listed); with at-risk each client decides alone from
     `attackers` (the audit's, on the embedding view) and `defending` is not used."""
-    check_flower_privacy(config)
     defence = config.defence
     federation = cached_federation(config.data, config.run.seed)
     if defence.clients == "at-risk":
