@@ -158,7 +158,7 @@ def secure_contribution(msg: Message, context: Context) -> Message:
             own_features = flatten_users(model, [_user(context, model, data, config.run.seed)])[0]
             vector = local_outcome(decode_attacker(bytes(fields["attacker"])), own_features, own_value)
         elif task == CLASS_SUMS:
-            classes = [str(value) for value in json.loads(str(fields["classes"]))]
+            classes = _classes(fields)
             if bool(fields.get("defence", False)):  # during AttrCloak: the embedding as defended so far
                 own_features = _load_cloak(context).current
             else:
@@ -167,7 +167,7 @@ def secure_contribution(msg: Message, context: Context) -> Message:
         elif task == FEATURE_SUMS:
             vector = _feature_sums(fields, context, _class_index(_classes(fields), own_value, attribute))
         elif task == FOURTH_POWERS:
-            classes = [str(value) for value in json.loads(str(fields["classes"]))]
+            classes = _classes(fields)
             means, global_mean = read_array_field(fields["means"]), read_array_field(fields["global-mean"])
             label = _class_index(classes, own_value, attribute)
             vector = fourth_power_contribution(_load_cloak(context).original, label, means, global_mean, len(classes))

@@ -138,8 +138,9 @@ def privacy_stage(
     defend: Defend | None = None,
 ) -> tuple[PrivacyReport, list[Arrays]]:
     """Audit, then for the configured post-training defence (or, with `defence.compare`, for each
-    of them on a copy) defend and audit again, over `clients` (federation indices; `users` and
-    `uploads` rows follow them). Returns the report and the users after the configured defence.
+    of them, every one from the trained users, the configured one last) defend and audit again,
+    over `clients` (federation indices; `users` and `uploads` rows follow them). Returns the report
+    and the users after the configured defence.
 
     `defend` runs one defence; by default `run_defence` over `users` (in-process and batched
     engines); the Flower engine passes one that runs it on the clients (server/audit.py)."""
