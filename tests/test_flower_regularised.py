@@ -5,7 +5,9 @@ One simulation for the module: 8 clients train 2 rounds through Flower, then 7 o
 (5 of the 7 defending, chosen by the server) and after it U2U-R (each client decides from the
 attackers shipped to it), 3 steps each, through server.defence.flower_regularised. The auditor's
 query (query.audit_users, the simulation's oracle) reads the user parts back after each defence;
-the in-process `regularised_defence` on the same embeddings is the reference.
+the in-process `regularised_defence` on the same embeddings is the reference. Then, as
+`defence.compare` does, U2U-R and D2D-R once more (1 step each) with the user parts kept: each must
+start from them, and `query.defence_end` must restore them.
 
 Tolerance: as in tests/test_flower_defence.py, the server's inputs differ from the plain sums only
 by SecAgg+'s rounding (n = 7: 6.7e-6 for the class sums, bound 128; 5.2e-8 for D2D-R's features,
@@ -76,6 +78,14 @@ def run():
             users = flatten_users(model, pool.audit_users(CLIENTS))
             out[method] = {"outcome": outcome, "replies": replies, "users": users, "before": before,
                            "attackers": attackers, "threshold": threshold}  # fmt: skip
+        # as with defence.compare: two defences, each from the user parts held before them, then back
+        base, compared = out["u2u-r"]["users"], {}
+        for method in ("u2u-r", "d2d-r"):
+            on = on_clients(pool, CLIENTS, ATTRIBUTES, DEFENDING, classes, keep_trained=True)
+            flower_regularised(on, method, 1, LR, WEIGHT, config.run.seed)
+            compared[method] = flatten_users(model, pool.audit_users(CLIENTS))
+        pool.defence_end(CLIENTS, restore=True)
+        out["compared"] = {"base": base, "after": compared, "restored": flatten_users(model, pool.audit_users(CLIENTS))}
         return out
 
     flower = simulate_then(config, federation.n_clients, after_training)
@@ -122,3 +132,15 @@ def test_no_reply_during_the_regularised_defences_carries_an_embedding_or_an_att
     assert len(identities) == len(CLIENTS) * 2 + stepping * STEPS
     sums = STEPS * len(ATTRIBUTES) + (2 if method == "d2d-r" else 0)  # D2D-R's scale: two class sums
     assert len(replies) - len(identities) == 4 * len(CLIENTS) * sums  # 4 SecAgg+ stages per sum
+
+
+def test_with_keep_trained_each_defence_starts_from_the_kept_user_parts_and_the_end_restores_them(run):
+    compared = run["compared"]
+    base, classes = compared["base"], attribute_classes(run["attributes"], ATTRIBUTES)
+    for method, after in compared["after"].items():
+        expected = regularised_defence(
+            base, classes, method, 1, LR, WEIGHT, np.array(DEFENDING), run["config"].run.seed
+        )
+        np.testing.assert_allclose(after, expected.embeddings.astype(np.float32), rtol=0, atol=1e-4)
+        assert np.abs(after - base).max() > 0.01
+    np.testing.assert_array_equal(compared["restored"], base)

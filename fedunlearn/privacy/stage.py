@@ -168,7 +168,8 @@ def privacy_stage(
     def central(trial: Config, mask: np.ndarray, _attackers: list[Attacker]) -> DefenceOutcome:
         return run_defence(trial, model, positives, client_ids, shared, before, classes, mask, aggregator)
 
-    tables, kept = {}, users
+    tables: dict[str, pd.DataFrame] = {}
+    kept = users
     # the configured defence last: on Flower the clients then end up holding its embeddings
     for method in sorted(methods, key=lambda name: name == config.defence.method):
         trial = copy.deepcopy(config)
