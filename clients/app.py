@@ -5,10 +5,12 @@ Training comes as "train.fit". Bare "train" is the SecAgg+ protocol (server.secu
 answers its key-exchange stages and calls `secure_contribution` once for this client's vector, which
 leaves the node only masked.
 
-AttrCloak runs here, on the client's own embedding (server.defence drives it): "query.defence_start"
-stores a `ClientCloak` in `context.state`, the secure tasks class-sums / fourth-powers /
-cloak-products read and update it, "query.defence_step" takes the Adam step and
-"query.defence_finish" installs the defended embedding as the client's user part.
+The post-training defences run here, on the client's own embedding (server.defence drives them):
+"query.defence_start" stores a `ClientCloak` in `context.state` (and decides, for at-risk, whether
+this client defends), the secure tasks class-sums / fourth-powers / cloak-products / feature-sums
+read and update it, "query.defence_step" (AttrCloak) and "query.regularised_step" (D2D-R, U2U-R)
+take the Adam step and "query.defence_finish" installs the defended embedding as the client's user
+part; with defence.compare the trained one is kept until "query.defence_end".
 
 "query.audit_users" is the exception to "the user part never leaves": the simulation's measurement
 oracle (the attribute audit's central view, what the in-process auditor reads directly), sent only
@@ -35,6 +37,7 @@ from fedunlearn.federation import ClientData, Federation, cached_federation
 from fedunlearn.messages import (
     CLASS_SUMS,
     CLOAK_PRODUCTS,
+    FEATURE_SUMS,
     FOURTH_POWERS,
     LOCAL_AUDIT,
     arrays_to_record,
@@ -48,6 +51,7 @@ from fedunlearn.messages import (
     read_defence_start,
     read_defence_step,
     read_instruction,
+    read_regularised_step,
     read_secure_task,
     record_to_arrays,
 )
@@ -56,17 +60,21 @@ from fedunlearn.privacy.attrcloak import (
     AdamState,
     ClientCloak,
     DataRetention,
+    adam_step,
     class_contribution,
     flatten_users,
     fourth_power_contribution,
     unflatten_users,
 )
+from fedunlearn.privacy.baselines import FourierFeatures, client_gradient, feature_contribution
+from fedunlearn.privacy.stage import at_risk
 from fedunlearn.training import resolve_device
 
 USER_STATE = "user"
 CLOAK_STATE = "cloak"  # the ClientCloak's arrays, while a defence runs
 CLOAK_META = "cloak-meta"  # its flags and Adam step count
 CLOAK_SHARED = "cloak-shared"  # AttrCloak-DD: the frozen shared part, for the client's own training loss
+TRAINED_STATE = "trained-user"  # defence.compare: the user part as trained, every defence's start
 
 
 class Task(NamedTuple):
@@ -151,14 +159,16 @@ def secure_contribution(msg: Message, context: Context) -> Message:
             own_features = flatten_users(model, [_user(context, model, data, config.run.seed)])[0]
             vector = local_outcome(decode_attacker(bytes(fields["attacker"])), own_features, own_value)
         elif task == CLASS_SUMS:
-            classes = [str(value) for value in json.loads(str(fields["classes"]))]
+            classes = _classes(fields)
             if bool(fields.get("defence", False)):  # during AttrCloak: the embedding as defended so far
                 own_features = _load_cloak(context).current
             else:
                 own_features = flatten_users(model, [_user(context, model, data, config.run.seed)])[0]
             vector = class_contribution(own_features, _class_index(classes, own_value, attribute), len(classes))
+        elif task == FEATURE_SUMS:
+            vector = _feature_sums(fields, context, _class_index(_classes(fields), own_value, attribute))
         elif task == FOURTH_POWERS:
-            classes = [str(value) for value in json.loads(str(fields["classes"]))]
+            classes = _classes(fields)
             means, global_mean = read_array_field(fields["means"]), read_array_field(fields["global-mean"])
             label = _class_index(classes, own_value, attribute)
             vector = fourth_power_contribution(_load_cloak(context).original, label, means, global_mean, len(classes))
@@ -174,6 +184,19 @@ def _class_index(classes: list[str], own_value: str, attribute: str) -> int:
     if own_value not in classes:
         raise ValueError(f"this client's {attribute} is not among the {len(classes)} classes the server sent")
     return classes.index(own_value)
+
+
+def _classes(fields: Any) -> list[str]:
+    return [str(value) for value in json.loads(str(fields["classes"]))]
+
+
+def _feature_sums(fields: Any, context: Context, label: int) -> np.ndarray:
+    """D2D-R: this client's one-hot class and the Fourier features of its embedding as defended so
+    far, in its class's block."""
+    current = _load_cloak(context).current
+    phi = FourierFeatures(len(current), float(fields["scale"]), int(fields["seed"]))
+    features = phi(torch.as_tensor(current)[None]).numpy()
+    return feature_contribution(features, np.array([label]), len(_classes(fields)))[0]
 
 
 def _cloak_products(fields: Any, context: Context, config: Config, data: ClientData, model: SplitModel) -> np.ndarray:
@@ -227,20 +250,62 @@ def _drop_cloak(context: Context) -> None:
 
 
 def defence_start(msg: Message, context: Context) -> Message:
-    """AttrCloak begins: this client notes its own embedding and its class in each attribute."""
+    """A defence begins: this client notes its own embedding and its class in each attribute, and
+    whether it defends (at-risk: it decides alone, from the shipped attackers)."""
     torch.set_num_threads(1)
-    config, shared, attributes, classes, defending = read_defence_start(msg.content)
+    config, start = read_defence_start(msg.content)
     federation, data, model = _own(config, context)
+    if start.keep_trained:
+        _keep_trained(context, model, data, config.run.seed)
     own = flatten_users(model, [_user(context, model, data, config.run.seed)])[0]
     values = federation.dataset.attributes.iloc[data.index]
     labels = [
         _class_index([str(c) for c in cls], str(values[name]), name)
-        for name, cls in zip(attributes, classes, strict=True)
+        for name, cls in zip(start.attributes, start.classes, strict=True)
     ]
+    defending = start.defending
+    if defending is None:
+        own_attributes = federation.dataset.attributes.iloc[[data.index]]
+        defending = bool(at_risk(start.attackers, own[None], own_attributes, start.risk_threshold)[0])
     _drop_cloak(context)
     _save_cloak(context, ClientCloak.start(own, labels, defending))
-    if shared is not None:
-        context.state[CLOAK_SHARED] = arrays_to_record(shared)
+    if start.shared is not None:
+        context.state[CLOAK_SHARED] = arrays_to_record(start.shared)
+    return Message(encode_identity(data.client_id, data.index), reply_to=msg)
+
+
+def _keep_trained(context: Context, model: SplitModel, data: ClientData, seed: int) -> None:
+    """defence.compare: the first defence keeps the trained user part, every later one starts from it."""
+    if TRAINED_STATE in context.state.array_records:
+        context.state[USER_STATE] = arrays_to_record(record_to_arrays(context.state.array_records[TRAINED_STATE]))
+    else:
+        context.state[TRAINED_STATE] = arrays_to_record(_user(context, model, data, seed))
+
+
+def defence_end(msg: Message, context: Context) -> Message:
+    """After defence.compare: drop the trained user part, going back to it first if asked."""
+    data = _setup(msg, context).data
+    if bool(msg.content.config_records["defence"]["restore"]):
+        context.state[USER_STATE] = context.state.array_records[TRAINED_STATE]
+    del context.state[TRAINED_STATE]
+    return Message(encode_identity(data.client_id, data.index), reply_to=msg)
+
+
+def regularised_step(msg: Message, context: Context) -> Message:
+    """D2D-R / U2U-R step: from the broadcast dL/dsums, this client's own gradient and Adam step."""
+    torch.set_num_threads(1)
+    data = _setup(msg, context).data
+    method, gradients, weight, lr, n_clients, scale, seed = read_regularised_step(msg.content)
+    cloak = _load_cloak(context)
+    if cloak.defending:
+        current = torch.as_tensor(cloak.current)[None]
+        phi = FourierFeatures(current.shape[1], scale, seed) if method == "d2d-r" else None
+        labels = [np.array([label]) for label in cloak.labels]
+        parts = [tuple(torch.as_tensor(part) for part in gradient) for gradient in gradients]
+        grad = client_gradient(method, current, torch.as_tensor(cloak.original)[None], labels, parts, weight,
+                               n_clients, phi)  # fmt: skip
+        cloak.current, cloak.adam = adam_step(cloak.current, grad[0].numpy(), cloak.adam, lr)
+        _save_cloak(context, cloak)
     return Message(encode_identity(data.client_id, data.index), reply_to=msg)
 
 
@@ -280,6 +345,8 @@ def make_client_app() -> ClientApp:
     client.query("defence_start")(defence_start)
     client.query("defence_step")(defence_step)
     client.query("defence_finish")(defence_finish)
+    client.query("regularised_step")(regularised_step)
+    client.query("defence_end")(defence_end)
     client.query("audit_users")(audit_user)
     client.query("drop_branch")(drop_branch)
     client.train("fit")(train)

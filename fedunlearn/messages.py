@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,8 @@ MEMBERSHIP = "query.membership"
 DEFENCE_START = "query.defence_start"
 DEFENCE_STEP = "query.defence_step"
 DEFENCE_FINISH = "query.defence_finish"
+REGULARISED_STEP = "query.regularised_step"  # D2D-R / U2U-R: the broadcast dL/dsums, each client steps itself
+DEFENCE_END = "query.defence_end"  # after defence.compare: keep the last defence's user part or the trained one
 # The simulation's measurement oracle, not part of the protocol: the only reply that carries a user
 # part. The server sends it only when the run asks for the attribute audit (server/audit.py).
 AUDIT_USERS = "query.audit_users"
@@ -41,7 +44,8 @@ LOCAL_AUDIT = "local-audit"  # fedunlearn.audit.local_outcome of the shipped att
 CLASS_SUMS = "class-sums"  # fedunlearn.privacy.attrcloak.class_contribution of the client's own embedding
 FOURTH_POWERS = "fourth-powers"  # fedunlearn.privacy.attrcloak.fourth_power_contribution, for the shrinkage
 CLOAK_PRODUCTS = "cloak-products"  # fedunlearn.privacy.attrcloak.client_products of the client's own gradients
-SECURE_TASKS = (LOCAL_AUDIT, CLASS_SUMS, FOURTH_POWERS, CLOAK_PRODUCTS)
+FEATURE_SUMS = "feature-sums"  # fedunlearn.privacy.baselines.feature_contribution (D2D-R) of the client's own embedding
+SECURE_TASKS = (LOCAL_AUDIT, CLASS_SUMS, FOURTH_POWERS, CLOAK_PRODUCTS, FEATURE_SUMS)
 BOUND = "bound"  # set by server.secure_sum: every contributed value must lie within +-bound
 
 
@@ -208,22 +212,44 @@ def read_array_field(blob: Any) -> np.ndarray:
     return bytes_to_ndarray(bytes(blob))
 
 
-def encode_defence_start(
-    config: Config, attributes: list[str], classes: list[list[str]], defending: bool, shared: Arrays | None
-) -> RecordDict:
-    """Start AttrCloak on one client: the attributes and their classes (a client's class index is
-    the position of its own value), whether it defends, and for DD the frozen shared part."""
-    content = instruction(config, shared=shared)
-    fields = {"attributes": json.dumps(attributes), "classes": json.dumps(classes), "defending": defending}
+@dataclass
+class DefenceStart:
+    """What a client is told when a defence begins: the attributes and their classes (its class
+    index is the position of its own value), whether it defends (None: it decides alone, from the
+    shipped `attackers` and `risk_threshold`), for AttrCloak-DD the frozen shared part, and with
+    `keep_trained` (defence.compare) that every defence starts from the trained user part."""
+
+    attributes: list[str]
+    classes: list[list[str]]
+    defending: bool | None
+    shared: Arrays | None = None
+    attackers: list[Attacker] = field(default_factory=list)
+    risk_threshold: float = 0.5
+    keep_trained: bool = False
+
+
+def encode_defence_start(config: Config, start: DefenceStart) -> RecordDict:
+    content = instruction(config, shared=start.shared)
+    fields: dict[str, Any] = {"attributes": json.dumps(start.attributes), "classes": json.dumps(start.classes)}
+    fields |= {"risk-threshold": float(start.risk_threshold), "keep-trained": start.keep_trained}
+    if start.defending is not None:
+        fields["defending"] = start.defending
     content["defence"] = ConfigRecord(fields)
+    content["attackers"] = ConfigRecord({str(i): encode_attacker(a) for i, a in enumerate(start.attackers)})
     return content
 
 
-def read_defence_start(content: RecordDict) -> tuple[Config, Arrays | None, list[str], list[list[str]], bool]:
+def read_defence_start(content: RecordDict) -> tuple[Config, DefenceStart]:
     config, _, shared, _, _ = read_instruction(content)
     fields = content.config_records["defence"]
-    attributes, classes = json.loads(str(fields["attributes"])), json.loads(str(fields["classes"]))
-    return config, shared, attributes, classes, bool(fields["defending"])
+    attackers = content.config_records["attackers"]
+    defending = bool(fields["defending"]) if "defending" in fields else None
+    start = DefenceStart(
+        json.loads(str(fields["attributes"])), json.loads(str(fields["classes"])), defending, shared,
+        [decode_attacker(bytes(attackers[str(i)])) for i in range(len(attackers))],
+        float(fields["risk-threshold"]), bool(fields["keep-trained"]),
+    )  # fmt: skip
+    return config, start
 
 
 def encode_defence_step(config: Config, weight: float, lr: float) -> RecordDict:
@@ -235,6 +261,32 @@ def encode_defence_step(config: Config, weight: float, lr: float) -> RecordDict:
 def read_defence_step(content: RecordDict) -> tuple[float, float]:
     fields = content.config_records["defence"]
     return float(fields["weight"]), float(fields["lr"])
+
+
+def encode_regularised_step(
+    config: Config, method: str, gradients: list[tuple[np.ndarray, ...]], weight: float, lr: float, n_clients: int,
+    scale: float, seed: int,
+) -> RecordDict:  # fmt: skip
+    """D2D-R / U2U-R step: dL/dsums per attribute (`gradients[j][i]`), the retention weight, Adam's
+    learning rate, the number of clients, and for D2D-R the Fourier features' scale and seed."""
+    content = instruction(config)
+    content["defence"] = ConfigRecord({"method": method, "weight": float(weight), "lr": float(lr),
+                                       "clients": n_clients, "attributes": len(gradients),
+                                       "parts": len(gradients[0]), "scale": float(scale), "seed": seed})  # fmt: skip
+    content["gradients"] = arrays_to_record(
+        {f"{j}.{i}": part for j, parts in enumerate(gradients) for i, part in enumerate(parts)}
+    )
+    return content
+
+
+def read_regularised_step(content: RecordDict) -> tuple[str, list[list[np.ndarray]], float, float, int, float, int]:
+    """(method, gradients, weight, lr, number of clients, scale, seed)."""
+    fields = content.config_records["defence"]
+    arrays = record_to_arrays(content.array_records["gradients"])
+    parts = range(int(fields["parts"]))
+    gradients = [[arrays[f"{j}.{i}"] for i in parts] for j in range(int(fields["attributes"]))]
+    return (str(fields["method"]), gradients, float(fields["weight"]), float(fields["lr"]), int(fields["clients"]),
+            float(fields["scale"]), int(fields["seed"]))  # fmt: skip
 
 
 def encode_attacker(attacker: Attacker) -> bytes:

@@ -105,10 +105,7 @@ def _federated(
     schedule, history = schedule_and_history(config, federation, folder)
     try:
         if config.run.engine == "flower":
-            from server.defence import check_flower_privacy
             from server.simulation import run_flower
-
-            check_flower_privacy(config)
 
             result, _ = run_flower(config, history=history, schedule=schedule, show_progress=show_progress)
         else:

@@ -17,7 +17,6 @@ from fedunlearn.federation import cached_federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.progress import Progress
 from fedunlearn.rounds import FederatedServer, FederationResult
-from server.defence import check_flower_privacy
 from server.pool import FlowerPool
 
 
@@ -29,7 +28,6 @@ def serve(
     history: HistoryStore | None = None,
     schedule: dict[int, list[str]] | None = None,
 ) -> tuple[FederationResult, FlowerPool]:
-    check_flower_privacy(config)
     federation = cached_federation(config.data, config.run.seed)
     pool = FlowerPool(grid, config, federation.n_clients, keep_replies)
     ids, n_items = federation.client_ids, federation.n_items

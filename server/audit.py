@@ -5,9 +5,12 @@ The audit's central view (the global attack on every embedding, and here also th
 outcomes) needs every retained client's user part. The simulation's auditor reads them with
 `query.audit_users` (`FlowerPool.audit_users`): a measurement oracle, the same reading the other
 engines' auditor does on the pool's memory, not part of the protocol; it is sent only when the run
-asks for the audit (`audit.enabled`). The defence itself runs on the clients through the AttrCloak
-Flower path (`server.defence.defend_on_clients`): the server's defence loop still sees only SecAgg+
-sums, and the oracle reads the defended embeddings back afterwards, for the table.
+asks for the audit (`audit.enabled`). The defence itself runs on the clients
+(`server.defence.defend_on_clients`): the server's defence loop still sees only SecAgg+ sums, and
+the oracle reads the defended embeddings back afterwards, for the table. Recommendation quality is
+measured on the clients too: after each defence they hold its embeddings (with `defence.compare`
+every defence starts from the trained ones, the configured one runs last, and with `none`
+configured the clients go back to the trained ones at the end).
 
 The local audit is computed from the gathered embeddings with a plain sum, as on the other engines:
 `FlowerPool.local_audit` (SecAgg+ over the clients' own outcomes) does not fit the stage's
@@ -21,6 +24,7 @@ import numpy as np
 from fedunlearn.config import Config
 from fedunlearn.federation import Federation
 from fedunlearn.models import Arrays
+from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import DefenceOutcome, flatten_users
 from fedunlearn.privacy.stage import PrivacyReport, privacy_stage
 from fedunlearn.rounds import FederatedServer, FederationResult
@@ -31,19 +35,20 @@ from server.pool import FlowerPool
 def audit_on_flower(
     config: Config, federation: Federation, server: FederatedServer, pool: FlowerPool, result: FederationResult
 ) -> PrivacyReport:
-    """Audit the retained clients, defend on them (configured AttrCloak), audit again. Afterwards
-    each client holds the defended embedding as its user part, as on the other engines."""
+    """Audit the retained clients, defend on them, audit again. Afterwards each client holds the
+    configured defence's embedding as its user part, as on the other engines."""
     clients = list(server.active)
     uploads = None if result.uploads is None else result.uploads[clients]
 
     def evaluate(_users: list[Arrays]) -> dict[str, float]:
-        # the clients already hold these users: as trained, then as `defend` left them (one defence:
-        # check_flower_privacy refuses defence.compare)
+        # the stage evaluates the model as trained, then right after each defence: the clients hold
+        # these users already
         metrics = server.evaluate()
         return {key: metrics[key] for key in ("HR@10", "NDCG@10")}
 
-    def defend(trial: Config, defending: np.ndarray) -> DefenceOutcome:
-        outcome = defend_on_clients(trial, pool, clients, result.shared, [bool(flag) for flag in defending])
+    def defend(trial: Config, defending: np.ndarray, attackers: list[Attacker]) -> DefenceOutcome:
+        flags = [bool(flag) for flag in defending]
+        outcome = defend_on_clients(trial, pool, clients, result.shared, flags, attackers)
         outcome.embeddings = flatten_users(server.model, pool.audit_users(clients))
         return outcome
 
@@ -51,4 +56,6 @@ def audit_on_flower(
     report, _ = privacy_stage(
         config, server.model, federation, clients, result.shared, users, uploads, evaluate, defend=defend
     )
+    if config.defence.compare:
+        pool.defence_end(clients, restore=config.defence.method == "none")
     return report

@@ -1,9 +1,18 @@
-"""AttrCloak through Flower: every client defends its own embedding on its device; the server runs
-`fedunlearn.privacy.attrcloak.cloak` (the same loop as in-process) and learns only sums.
+"""The post-training defences through Flower: every client defends its own embedding on its device;
+the server runs the same loop as in-process (`fedunlearn.privacy.attrcloak.cloak`,
+`fedunlearn.privacy.baselines.regularise`) and learns only sums.
 
-Per defence (over `clients`, federation indices):
-- query.defence_start to each client: the attributes' class lists, whether it defends, for DD the
-  frozen shared part. The client notes its embedding and its class index per attribute.
+Every defence (over `clients`, federation indices) begins with query.defence_start to each client:
+the attributes' class lists, for AttrCloak-DD the frozen shared part, and whether it defends, or
+(`defence.clients = "at-risk"`) the audit's embedding attackers and the risk threshold, from which
+the client decides alone (`fedunlearn.privacy.stage.at_risk` on its own embedding and attributes);
+then the step messages go to every client, and one that does not defend ignores them, so the server
+learns who defends only from what the sums reveal. The client notes its embedding and its class
+index per attribute. With `defence.compare` it also keeps its trained user part and every defence
+starts from that (query.defence_end drops it at the end). Every defence ends with
+query.defence_finish: the defended embedding becomes the client's user part.
+
+AttrCloak:
 - once per attribute, two SecAgg+ sums: class sums (count, sum e, sum e e^T), then, with the means
   broadcast, the fourth powers for the Ledoit-Wolf intensities.
 Per step:
@@ -12,30 +21,69 @@ Per step:
 - one SecAgg+ sum whose task broadcasts those gradients: each client derives its own g_AU and g_R
   (DD: its own training loss on its own minibatch), keeps them, and contributes g_R.g_R, g_AU.g_R,
   g_AU.g_AU (zero if it does not defend, so the sum does not tell who defends);
-- query.defence_step with the min-norm weight to the defending clients: each takes its Adam step.
-Finally query.defence_finish: the defended embedding becomes the client's user part.
+- query.defence_step with the min-norm weight to the defending clients (at-risk: to all): each
+  defending client takes its Adam step.
+
+D2D-R and U2U-R, per step:
+- per attribute one SecAgg+ sum: U2U-R, the class sums above; D2D-R, the client's one-hot class and
+  its Fourier features in its class's block (`feature_contribution`; the features' scale comes
+  from two rounds of class sums before the first step, the second with the bound the first gives);
+- query.regularised_step broadcasts dL/d(the sums): each defending client derives its own gradient
+  and takes its Adam step.
 
 Bounds (every contribution must lie within them, else the client refuses and the sum fails):
 class sums CLASS_SUMS_BOUND; fourth powers (1.02 T)^2, where T = sum ||e - mean||^2 over all clients
-is known from the class sums and bounds every single ||e - mean_c||^2; products PRODUCTS_BOUND.
+is known from the class sums and bounds every single ||e - mean_c||^2; products PRODUCTS_BOUND;
+D2D-R's features FEATURE_SUMS_BOUND (a one-hot class, and Fourier features within sqrt(2 / F)).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from fedunlearn.config import Config
-from fedunlearn.errors import FedUnlearnError
 from fedunlearn.federation import cached_federation
+from fedunlearn.messages import DefenceStart
 from fedunlearn.models import Arrays
+from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import AttributeGradient, DefenceOutcome, cloak
+from fedunlearn.privacy.baselines import FourierFeatures, SumsGradient, regularise
 from fedunlearn.privacy.gaussian import ClassSums
-from server.pool import CLASS_SUMS_BOUND, PRODUCTS_BOUND, FlowerPool
+from server.pool import CLASS_SUMS_BOUND, FEATURE_SUMS_BOUND, PRODUCTS_BOUND, FlowerPool
 
-FOURTH_POWER_MARGIN = 1.02  # over the largest possible ||e - mean||^4, for the rounding in the sums
+FOURTH_POWER_MARGIN = 1.02  # over the largest possible ||e - mean||^4 (or ||e||^2), for the rounding in the sums
+
+
+@dataclass
+class OnClients:
+    """Where a defence runs: these clients (federation indices), told `start` when it begins;
+    `defending[i]`: whether clients[i] defends, or None when each decides alone (at-risk)."""
+
+    pool: FlowerPool
+    clients: list[int]
+    start: DefenceStart
+    defending: list[bool] | None
+
+    def begin(self) -> None:
+        self.pool.defence_start(self.clients, self.start, self.defending)
+
+    def class_sums(self, attribute: int, bound: float) -> ClassSums:
+        name, classes = self.start.attributes[attribute], self.start.classes[attribute]
+        return self.pool.class_sums(name, self.clients, bound, classes, defence=True)
+
+    @property
+    def stepping(self) -> list[int]:
+        """Whom the step messages go to: the defending clients when the server chose them, else all."""
+        if self.defending is None:
+            return self.clients
+        return [client for client, flag in zip(self.clients, self.defending, strict=True) if flag]
+
+    def finish(self) -> None:
+        self.pool.defence_finish(self.clients)
 
 
 class FlowerCloakClients:
@@ -43,104 +91,129 @@ class FlowerCloakClients:
 
     def __init__(
         self,
-        pool: FlowerPool,
-        clients: list[int],
-        attributes: list[str],
-        classes: list[list[str]],
+        on: OnClients,
         variant: str,
         lr: float,
-        defending: list[bool],
-        shared: Arrays | None,
         products_bound: float = PRODUCTS_BOUND,
         class_sums_bound: float = CLASS_SUMS_BOUND,
     ) -> None:
-        if variant == "dd" and shared is None:
+        if variant == "dd" and on.start.shared is None:
             raise ValueError("AttrCloak-DD on Flower needs the shared part for the clients' own training loss")
-        self.pool, self.clients, self.attributes, self.classes = pool, clients, attributes, classes
-        self.variant, self.lr, self.defending = variant, lr, [c for c, flag in zip(clients, defending) if flag]
+        self.on, self.variant, self.lr = on, variant, lr
         self.products_bound, self.class_sums_bound = products_bound, class_sums_bound
         self.sums: dict[int, ClassSums] = {}
-        pool.defence_start(clients, attributes, classes, defending, shared if variant == "dd" else None)
 
     def class_sums(self, attribute: int) -> ClassSums:
-        name, classes = self.attributes[attribute], self.classes[attribute]
-        sums = self.pool.class_sums(name, self.clients, self.class_sums_bound, classes, defence=True)
-        self.sums[attribute] = sums
-        return sums
+        self.sums[attribute] = self.on.class_sums(attribute, self.class_sums_bound)
+        return self.sums[attribute]
 
     def fourth_powers(self, attribute: int, means: np.ndarray, global_mean: np.ndarray) -> np.ndarray:
         sums = self.sums[attribute]  # the class sums these means came from
         scatter = float(np.trace(sums.outers.sum(0)) - sums.counts.sum() * global_mean @ global_mean)
         bound = max(FOURTH_POWER_MARGIN * scatter, 1e-12) ** 2
-        name, classes = self.attributes[attribute], self.classes[attribute]
-        return self.pool.fourth_powers(name, classes, means, global_mean, self.clients, bound)
+        name, classes = self.on.start.attributes[attribute], self.on.start.classes[attribute]
+        return self.on.pool.fourth_powers(name, classes, means, global_mean, self.on.clients, bound)
 
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
-        return self.pool.cloak_products(step, self.variant, gradients, self.clients, self.products_bound)
+        return self.on.pool.cloak_products(step, self.variant, gradients, self.on.clients, self.products_bound)
 
     def step(self, weight: float) -> None:
-        self.pool.defence_step(self.defending, weight, self.lr)
-
-    def finish(self) -> None:
-        self.pool.defence_finish(self.clients)
+        self.on.pool.defence_step(self.on.stepping, weight, self.lr)
 
 
-def flower_attrcloak(
+class FlowerRegularisedClients:
+    """`RegularisedClients` over Flower: the sums come from SecAgg+, the steps happen on the clients."""
+
+    def __init__(self, on: OnClients, method: str, lr: float, weight: float) -> None:
+        self.on, self.method, self.lr, self.weight = on, method, lr, weight
+
+    def class_sums(self, attribute: int) -> ClassSums:
+        return self.on.class_sums(attribute, CLASS_SUMS_BOUND)
+
+    def scale_sums(self) -> ClassSums:
+        """Class sums twice: the first (bound CLASS_SUMS_BOUND) bounds every client's ||e||^2, and
+        so its |e_i| and |e_i e_j|, by the total T; the second, within max(1, sqrt T, T) (with a
+        margin), is that much finer."""
+        total = float(np.trace(self.class_sums(0).outers.sum(0)))
+        return self.on.class_sums(0, FOURTH_POWER_MARGIN * max(1.0, np.sqrt(total), total))
+
+    def feature_sums(self, attribute: int, phi: FourierFeatures) -> np.ndarray:
+        name, classes = self.on.start.attributes[attribute], self.on.start.classes[attribute]
+        return self.on.pool.feature_sums(name, classes, phi.scale, phi.seed, self.on.clients, FEATURE_SUMS_BOUND)
+
+    def step(self, gradients: list[SumsGradient], phi: FourierFeatures | None) -> None:
+        arrays = [tuple(part.numpy() for part in gradient) for gradient in gradients]
+        scale, seed = (phi.scale, phi.seed) if phi is not None else (0.0, 0)
+        n = len(self.on.clients)
+        self.on.pool.regularised_step(self.on.stepping, self.method, arrays, self.weight, self.lr, n, scale, seed)
+
+
+def on_clients(
     pool: FlowerPool,
     clients: list[int],
     attributes: list[str],
-    variant: str,
-    steps: int,
-    lr: float,
-    defending: Sequence[bool] | np.ndarray,
-    shared: Arrays | None = None,
+    defending: Sequence[bool] | None,
     classes: list[list[str]] | None = None,
-    fixed_weight: float | None = None,
-    products_bound: float = PRODUCTS_BOUND,
-) -> DefenceOutcome:
-    """AttrCloak-DD/-DF (`variant`) on `clients` through Flower messages; `defending[i]` says whether
-    clients[i] moves (all contribute to the sums). Classes per attribute default to the dataset's
-    sorted values. When it returns, each client holds its defended embedding as its user part; the
-    server has only the per-step L_AU and weights (the outcome's `embeddings` is None)."""
-    started = time.perf_counter()
+    shared: Arrays | None = None,
+    attackers: Sequence[Attacker] = (),
+    risk_threshold: float = 0.5,
+    keep_trained: bool = False,
+) -> OnClients:
+    """The setting of one defence; classes per attribute default to the dataset's sorted values."""
     classes = classes if classes is not None else [pool.attribute_classes(name) for name in attributes]
-    flags = [bool(flag) for flag in defending]
-    remote = FlowerCloakClients(pool, clients, attributes, classes, variant, lr, flags, shared, products_bound)
-    losses, weights = cloak(remote, len(attributes), variant, steps, fixed_weight)
-    remote.finish()
+    start = DefenceStart(attributes, classes, None, shared, list(attackers), risk_threshold, keep_trained)
+    return OnClients(pool, clients, start, None if defending is None else [bool(flag) for flag in defending])
+
+
+def flower_attrcloak(
+    on: OnClients, variant: str, steps: int, lr: float, fixed_weight: float | None = None,
+    products_bound: float = PRODUCTS_BOUND,
+) -> DefenceOutcome:  # fmt: skip
+    """AttrCloak-DD/-DF (`variant`) on the clients through Flower messages (all contribute to the
+    sums, the defending ones move). When it returns, each client holds its defended embedding as its
+    user part; the server has only the per-step L_AU and weights (the outcome's `embeddings` is None)."""
+    started = time.perf_counter()
+    remote = FlowerCloakClients(on, variant, lr, products_bound)
+    on.begin()
+    losses, weights = cloak(remote, len(on.start.attributes), variant, steps, fixed_weight)
+    on.finish()
     return DefenceOutcome(None, losses, weights, time.perf_counter() - started)
 
 
-def check_flower_privacy(config: Config) -> None:
-    """Refuse, before any training, the privacy settings the flower engine cannot honour."""
-    defence = config.defence
-    if defence.compare:
-        raise FedUnlearnError(
-            "defence.compare also runs D2D-R and U2U-R, which have no Flower path yet: use run.engine = auto"
-        )
-    if defence.method != "none" and not defence.method.startswith("attrcloak"):
-        raise FedUnlearnError(f"defence.method = {defence.method!r} has no Flower path yet: use attrcloak-dd or -df")
-    if defence.method != "none" and defence.clients == "at-risk":
-        raise FedUnlearnError("defence.clients = 'at-risk' is not supported on the flower engine: use all or listed")
+def flower_regularised(on: OnClients, method: str, steps: int, lr: float, weight: float, seed: int) -> DefenceOutcome:
+    """D2D-R / U2U-R (`method`) on the clients through Flower messages, as `flower_attrcloak`."""
+    started = time.perf_counter()
+    remote = FlowerRegularisedClients(on, method, lr, weight)
+    on.begin()
+    losses = regularise(remote, method, [len(classes) for classes in on.start.classes], steps, seed)
+    on.finish()
+    return DefenceOutcome(None, losses, [weight] * steps, time.perf_counter() - started)
 
 
 def defend_on_clients(
-    config: Config, pool: FlowerPool, clients: list[int], shared: Arrays, defending: Sequence[bool] | None = None
+    config: Config,
+    pool: FlowerPool,
+    clients: list[int],
+    shared: Arrays,
+    defending: Sequence[bool] | None = None,
+    attackers: Sequence[Attacker] = (),
 ) -> DefenceOutcome:
-    """`run.engine = "flower"` with `defence.method = attrcloak-dd | attrcloak-df`: the configured
-    AttrCloak on `clients` (those still in the federation after training), through Flower.
-    `defending[i]`: whether clients[i] moves; by default from `defence.clients` (all or listed;
-    at-risk is refused: each client would have to run the audit's attackers on itself, and no
-    message does that yet; choosing from the auditor's reading would make the defence rest on it)."""
-    check_flower_privacy(config)
+    """`run.engine = "flower"`: the configured post-training defence on `clients` (those still in
+    the federation after training), through Flower. `defending[i]`: whether clients[i] moves; by
+    default from `defence.clients` (all or listed); with at-risk each client decides alone from
+    `attackers` (the audit's, on the embedding view) and `defending` is not used."""
     defence = config.defence
     federation = cached_federation(config.data, config.run.seed)
-    if defending is None:
+    if defence.clients == "at-risk":
+        defending = None
+    elif defending is None:
         listed = set(defence.client_ids)
         defending = [defence.clients == "all" or federation.client_ids[i] in listed for i in clients]
     attributes = config.audit.attributes or list(federation.dataset.attributes.columns)
-    fixed = None if defence.cloak_weight < 0 else defence.cloak_weight
-    variant = defence.method.removeprefix("attrcloak-")
-    return flower_attrcloak(
-        pool, clients, attributes, variant, defence.steps, defence.lr, defending, shared, fixed_weight=fixed
-    )
+    kept = shared if defence.method == "attrcloak-dd" else None
+    on = on_clients(pool, clients, attributes, defending, None, kept, attackers, defence.risk_threshold,
+                    defence.compare)  # fmt: skip
+    if defence.method.startswith("attrcloak"):
+        fixed = None if defence.cloak_weight < 0 else defence.cloak_weight
+        return flower_attrcloak(on, defence.method.removeprefix("attrcloak-"), defence.steps, defence.lr, fixed)
+    return flower_regularised(on, defence.method, defence.steps, defence.lr, defence.weight, config.run.seed)

@@ -10,10 +10,11 @@ import copy
 import json
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedunlearn.config import Config
@@ -23,16 +24,20 @@ from fedunlearn.messages import (
     AUDIT_USERS,
     CLASS_SUMS,
     CLOAK_PRODUCTS,
+    DEFENCE_END,
     DEFENCE_FINISH,
     DEFENCE_START,
     DEFENCE_STEP,
     DROP_BRANCH,
+    FEATURE_SUMS,
     FORGET,
     FOURTH_POWERS,
     LOCAL_AUDIT,
     MEMBERSHIP,
+    REGULARISED_STEP,
     TRAIN,
     WHOAMI,
+    DefenceStart,
     array_field,
     decode_audit_user,
     decode_evaluation,
@@ -43,6 +48,7 @@ from fedunlearn.messages import (
     encode_defence_start,
     encode_defence_step,
     encode_drop_branch,
+    encode_regularised_step,
     instruction,
     secure_task,
 )
@@ -56,6 +62,7 @@ from server.secure_sum import secure_sum
 PULL_SECONDS = 0.05
 CLASS_SUMS_BOUND = 128.0  # |e_i|, |e_i e_j| of every user embedding must stay below this
 PRODUCTS_BOUND = 64.0  # AttrCloak: |g_R.g_R|, |g_AU.g_R|, |g_AU.g_AU| of every client must stay below this
+FEATURE_SUMS_BOUND = 1.0  # D2D-R: a one-hot class and Fourier features, each within sqrt(2 / F) < 1
 
 
 class FlowerPool:
@@ -221,17 +228,12 @@ class FlowerPool:
             [Message(content, self.node_of[index], kind) for index, content in contents.items()], lambda _: None
         )
 
-    def defence_start(
-        self,
-        clients: list[int],
-        attributes: list[str],
-        classes: list[list[str]],
-        defending: list[bool],
-        shared: Arrays | None,
-    ) -> None:
-        """Each client notes its embedding and classes; `shared` (DD) is the frozen shared part."""
-        contents = {index: encode_defence_start(self.config, attributes, classes, flag, shared)
-                    for index, flag in zip(clients, defending, strict=True)}  # fmt: skip
+    def defence_start(self, clients: list[int], start: DefenceStart, defending: list[bool] | None) -> None:
+        """Each client notes its embedding and classes; `defending[i]`: whether clients[i] defends
+        (None: each decides alone, from `start`'s attackers)."""
+        flags = defending if defending is not None else [None] * len(clients)
+        contents = {index: encode_defence_start(self.config, replace(start, defending=flag))
+                    for index, flag in zip(clients, flags, strict=True)}  # fmt: skip
         self._query(DEFENCE_START, contents)
 
     def fourth_powers(
@@ -260,3 +262,24 @@ class FlowerPool:
 
     def defence_finish(self, clients: list[int]) -> None:
         self._query(DEFENCE_FINISH, dict.fromkeys(clients, instruction(self.config)))
+
+    # D2D-R and U2U-R on the clients, and the end of defence.compare
+
+    def feature_sums(
+        self, attribute: str, classes: list[str], scale: float, seed: int, clients: list[int], bound: float
+    ) -> np.ndarray:
+        """The sum of each client's D2D-R `feature_contribution` (embedding as defended so far),
+        through SecAgg+; the clients build the Fourier features from (scale, seed)."""
+        fields = {"attribute": attribute, "classes": json.dumps(classes), "scale": float(scale), "seed": seed}
+        return self._secure_sum(clients, secure_task(self.config, FEATURE_SUMS, **fields), bound)
+
+    def regularised_step(self, clients: list[int], method: str, gradients: list[tuple[np.ndarray, ...]],
+                         weight: float, lr: float, n_clients: int, scale: float, seed: int) -> None:  # fmt: skip
+        content = encode_regularised_step(self.config, method, gradients, weight, lr, n_clients, scale, seed)
+        self._query(REGULARISED_STEP, dict.fromkeys(clients, content))
+
+    def defence_end(self, clients: list[int], restore: bool) -> None:
+        """After defence.compare: each client drops its trained user part, back to it first if `restore`."""
+        content = instruction(self.config)
+        content["defence"] = ConfigRecord({"restore": restore})
+        self._query(DEFENCE_END, dict.fromkeys(clients, content))

@@ -63,3 +63,29 @@ def assert_no_user_part(replies, user_vectors):
         for record in content.config_records.values():
             assert set(record.keys()) <= {"client-id", "index"}
         assert "user" not in json.dumps({k: str(v) for k, v in content.metric_records.items()})
+
+
+def assert_no_secret_in(replies, vectors, attribute_values):
+    """No reply carries a user part: no record named so, no array holding one of `vectors` (rows of
+    (n, D) arrays) anywhere in it, no config value equal to an attribute value or holding a vector's
+    bytes, no metric but SecAgg+'s num_examples."""
+    import numpy as np
+
+    secret_bytes = [e.astype(dtype).tobytes() for v in vectors for e in v for dtype in (np.float32, np.float64)]
+    for content in replies:
+        assert "user" not in content and "update" not in content
+        for record in content.array_records.values():
+            for array in record.values():
+                flat = array.numpy().ravel().astype(np.float64)
+                for v in vectors:
+                    if flat.size >= v.shape[1]:
+                        windows = np.lib.stride_tricks.sliding_window_view(flat, v.shape[1])
+                        for e in v:
+                            assert not np.any(np.all(np.isclose(windows, e, atol=1e-6), axis=-1))
+        for record in content.config_records.values():
+            for value in record.values():
+                for item in value if isinstance(value, list) else [value]:
+                    assert not (isinstance(item, str) and item in attribute_values)
+                    assert not (isinstance(item, bytes) and any(secret in item for secret in secret_bytes))
+        for record in content.metric_records.values():
+            assert set(record.keys()) <= {"num_examples"}

@@ -53,9 +53,6 @@ def test_run_writes_a_complete_results_folder(tmp_path, capsys):
         (["--drop", "99999@3"], "no client '99999'"),
         (["--drop", "3@500"], "use a round from 2 to train.rounds"),
         (["--set", "data.dataset=csv", "--set", "data.path=/nonexistent/x.csv"], "/nonexistent/x.csv"),
-        (["--engine", "flower", "--set", "defence.compare=true"], "D2D-R and U2U-R, which have no Flower path yet"),
-        (["--engine", "flower", "--set", "defence.method=attrcloak-dd", "--set", "defence.clients=at-risk"], "at-risk"),
-        (["--engine", "flower", "--set", "defence.method=u2u-r"], "has no Flower path yet"),
     ],
 )
 def test_bad_input_is_one_line_nonzero_and_leaves_no_results(tmp_path, capsys, args, message):

@@ -4,7 +4,8 @@ One simulation for the module: 8 clients train 2 rounds through Flower, then 7 o
 AttrCloak-DF and after it AttrCloak-DD (3 steps each, 5 of the 7 defending) through
 server.defence.flower_attrcloak. The auditor's query (query.audit_users, the simulation's oracle)
 reads the clients' user parts back after each defence; the in-process `attrcloak` on the same
-embeddings is the reference.
+embeddings is the reference. D2D-R and U2U-R, and clients deciding alone whether they defend:
+tests/test_flower_regularised.py.
 
 Tolerance: the server's inputs differ from the plain sums only by SecAgg+'s rounding, at most
 n * resolution(n, bound) per summed value (n = 7: 6.7e-6 for the class sums, bound 128; 3.3e-6 for
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import TINY, simulate_then
+from helpers import TINY, assert_no_secret_in, simulate_then
 
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool
@@ -43,7 +44,7 @@ def _read_users(pool, model):
 
 @pytest.fixture(scope="module")
 def run():
-    from server.defence import flower_attrcloak
+    from server.defence import flower_attrcloak, on_clients
 
     config = load_config(None, SMALL)
     federation = build_federation(config.data, config.run.seed)
@@ -59,7 +60,8 @@ def run():
         for variant in ("df", "dd"):
             start, began = len(seen), time.perf_counter()
             shared = result.shared if variant == "dd" else None
-            outcome = flower_attrcloak(pool, CLIENTS, ATTRIBUTES, variant, STEPS, LR, DEFENDING, shared, classes)
+            on = on_clients(pool, CLIENTS, ATTRIBUTES, DEFENDING, classes, shared)
+            outcome = flower_attrcloak(on, variant, STEPS, LR)
             print(f"AttrCloak-{variant.upper()} through Flower, {STEPS} steps: {time.perf_counter() - began:.1f} s")
             out[variant] = {"outcome": outcome, "replies": seen[start:], "users": _read_users(pool, model)}
         return out
@@ -115,26 +117,9 @@ def test_attrcloak_through_flower_equals_the_inprocess_defence(run, variant):
 def test_no_reply_during_the_defence_carries_an_embedding_or_an_attribute(run, variant):
     replies = run[variant]["replies"]
     vectors = [run["trained"], run["df"]["users"], run["dd"]["users"]]
-    secret_bytes = [e.astype(dtype).tobytes() for v in vectors for e in v for dtype in (np.float32, np.float64)]
     attribute_values = set(run["attributes"].iloc[CLIENTS].to_numpy().ravel())
     assert len(replies) > 0
-    for content in replies:
-        assert "user" not in content and "update" not in content
-        for record in content.array_records.values():
-            for array in record.values():
-                flat = array.numpy().ravel()
-                for v in vectors:
-                    for e in v:
-                        if flat.size >= e.size:
-                            windows = np.lib.stride_tricks.sliding_window_view(flat.astype(np.float64), e.size)
-                            assert not np.any(np.all(np.isclose(windows, e, atol=1e-6), axis=-1))
-        for record in content.config_records.values():
-            for value in record.values():
-                for item in value if isinstance(value, list) else [value]:
-                    assert not (isinstance(item, str) and item in attribute_values)
-                    assert not (isinstance(item, bytes) and any(secret in item for secret in secret_bytes))
-        for record in content.metric_records.values():
-            assert set(record.keys()) <= {"num_examples"}
+    assert_no_secret_in(replies, vectors, attribute_values)
     # the queries answer with the client's id only; the rest are SecAgg+ stages
     identities = [c for c in replies if "meta" in c]
     assert all(set(c.keys()) == {"meta"} for c in identities)

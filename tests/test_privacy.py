@@ -196,7 +196,7 @@ def test_attacks_are_at_chance_on_random_embeddings_and_near_one_on_separable_on
 
 
 def test_u2u_gradient_and_loss_from_class_sums_equal_the_explicit_cross_group_graph():
-    from fedunlearn.privacy.baselines import _u2u_gradient
+    from fedunlearn.privacy.baselines import client_gradient, u2u_loss
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(12, 3))
@@ -205,19 +205,23 @@ def test_u2u_gradient_and_loss_from_class_sums_equal_the_explicit_cross_group_gr
     cross = [(u, v) for u in range(12) for v in range(u + 1, 12) if labels[u] != labels[v]]
     explicit = sum(((e[u] - e[v]) ** 2).sum() for u, v in cross) / len(cross)
     explicit.backward()
-    grad, loss = _u2u_gradient(torch.tensor(x), AttributeClasses("g", labels, 3), PlainSum())
+    loss, grad_sums, grad_outers = u2u_loss(PlainSum().class_sums(x, AttributeClasses("g", labels, 3)))
+    values = torch.tensor(x)
+    grad = client_gradient("u2u-r", values, values, [labels], [(grad_sums, grad_outers)], 0.0, 12, None)
     assert loss == pytest.approx(explicit.item(), rel=1e-9)
     np.testing.assert_allclose(grad.numpy(), e.grad.numpy(), rtol=1e-9)
 
 
 def test_d2d_client_gradients_equal_autograd_of_the_central_mmd():
-    from fedunlearn.privacy.baselines import FourierFeatures, _d2d_gradient
+    from fedunlearn.privacy.baselines import FourierFeatures, client_gradient, d2d_loss, feature_contribution
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(20, 4))
     labels = rng.integers(0, 2, 20)
     phi = FourierFeatures(4, 1.0, seed=0)
-    grad, loss = _d2d_gradient(torch.tensor(x), AttributeClasses("g", labels, 2), phi, PlainSum())
+    values = torch.tensor(x)
+    loss, grad_sums = d2d_loss(feature_contribution(phi(values).numpy(), labels, 2).sum(0), 2)
+    grad = client_gradient("d2d-r", values, values, [labels], [(grad_sums,)], 0.0, 20, phi)
     e = torch.tensor(x, requires_grad=True)
     features, one_hot = phi(e), torch.tensor(np.eye(2)[labels])
     counts = one_hot.sum(0)
@@ -280,3 +284,36 @@ def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figu
     first = table[(table.view == "embedding") & (table.audit == "global")].reset_index(drop=True)
     second = again[again.audit == "global"].reset_index(drop=True)
     np.testing.assert_allclose(second["balanced_accuracy"], first["balanced_accuracy"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["d2d-r", "u2u-r"])
+def test_regularised_clients_stepping_alone_equal_the_matrix_defence(method):
+    """What a Flower client does with the broadcast gradients (`client_gradient` on its own row, its
+    own Adam) moves it as the in-process matrix does; a client that does not defend stays."""
+    from fedunlearn.privacy.attrcloak import adam_step
+    from fedunlearn.privacy.baselines import MatrixRegularised, client_gradient, regularise, regularised_defence
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(9, 4))
+    attributes = [AttributeClasses("g", rng.integers(0, 2, 9), 2), AttributeClasses("a", rng.integers(0, 3, 9), 3)]
+    defending = np.array([True] * 6 + [False] * 3)
+    expected = regularised_defence(x, attributes, method, 4, 0.05, 0.5, defending, seed=1)
+
+    class RowByRow(MatrixRegularised):  # the sums as before; the steps one client at a time
+        adams: dict = {}
+
+        def step(self, gradients, phi):
+            values = self.current.detach().numpy().copy()
+            for row in np.flatnonzero(defending):
+                labels = [np.array([a.labels[row]]) for a in self.attributes]
+                own = torch.tensor(values[row : row + 1])
+                grad = client_gradient(method, own, self.original[row : row + 1], labels, gradients, 0.5, 9, phi)
+                values[row], self.adams[row] = adam_step(values[row], grad[0].numpy(), self.adams.get(row), 0.05)
+            self.current.data = torch.tensor(values)
+
+    clients = RowByRow(x, attributes, method, 0.05, 0.5, defending, PlainSum())
+    losses = regularise(clients, method, [2, 3], 4, seed=1)
+    np.testing.assert_allclose(losses, expected.losses, rtol=1e-12)
+    np.testing.assert_allclose(clients.current.detach().numpy(), expected.embeddings, rtol=0, atol=1e-12)
+    assert np.all(expected.embeddings[~defending] == x[~defending])
+    assert np.abs(expected.embeddings[defending] - x[defending]).min() > 0

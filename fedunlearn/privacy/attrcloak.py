@@ -294,6 +294,13 @@ def client_step(
 ) -> tuple[np.ndarray, AdamState]:
     """One client's Adam step along weight g_AU + (1 - weight) g_R; returns its new embedding and
     Adam state (torch.optim.Adam on the one row, resumed from `adam`)."""
+    grad_au_t, grad_r_t = torch.as_tensor(grad_au), torch.as_tensor(grad_r)
+    return adam_step(current, (weight * grad_au_t + (1 - weight) * grad_r_t).numpy(), adam, lr)
+
+
+def adam_step(current: np.ndarray, grad: np.ndarray, adam: AdamState | None, lr: float) -> tuple[np.ndarray, AdamState]:
+    """One client's step of torch.optim.Adam on its own row, resumed from `adam`: the new embedding
+    and Adam state."""
     param = torch.tensor(current, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.Adam([param], lr=lr)
     if adam is not None:
@@ -302,8 +309,7 @@ def client_step(
             "exp_avg": torch.tensor(adam.exp_avg, dtype=torch.float64),
             "exp_avg_sq": torch.tensor(adam.exp_avg_sq, dtype=torch.float64),
         }
-    grad_au_t, grad_r_t = torch.as_tensor(grad_au), torch.as_tensor(grad_r)
-    param.grad = weight * grad_au_t + (1 - weight) * grad_r_t
+    param.grad = torch.as_tensor(grad, dtype=torch.float64)
     optimizer.step()
     state = optimizer.state[param]
     moments_ = AdamState(int(state["step"]), state["exp_avg"].numpy().copy(), state["exp_avg_sq"].numpy().copy())

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from fedunlearn.audit import AuditedAttack, attribute_labels, audited_attributes, privacy_table
+from fedunlearn.audit import attribute_labels, audited_attributes, privacy_table
 from fedunlearn.config import Config
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.federation import Federation
 from fedunlearn.models import Arrays, SplitModel
+from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import (
     Aggregator,
     AttributeClasses,
@@ -31,8 +32,9 @@ from fedunlearn.privacy.attrcloak import (
 from fedunlearn.privacy.baselines import regularised_defence
 
 Evaluate = Callable[[list[Arrays]], dict[str, float]]  # users -> HR@10, NDCG@10, ... on the retained clients
-# (config naming the method, defending mask) -> the outcome, with the defended embeddings (n, D)
-Defend = Callable[[Config, np.ndarray], DefenceOutcome]
+# (config naming the method, defending mask, the audit's embedding attackers) -> the outcome, with
+# the defended embeddings (n, D)
+Defend = Callable[[Config, np.ndarray, list[Attacker]], DefenceOutcome]
 
 
 @dataclass
@@ -55,11 +57,22 @@ def attribute_classes(attributes: pd.DataFrame, names: list[str]) -> list[Attrib
     return out
 
 
+def at_risk(attackers: list[Attacker], features: np.ndarray, attributes: pd.DataFrame, threshold: float) -> np.ndarray:
+    """Whether each client (row) is at risk: some attacker is at least `threshold` confident in its
+    true value. A client decides this alone, on its device, from the attackers shipped to it."""
+    risky = np.zeros(len(features), dtype=bool)
+    for attacker in attackers:
+        labels = attribute_labels(attributes, attacker.attribute)
+        proba = attacker.proba(features)
+        own = proba[np.arange(len(labels)), np.searchsorted(attacker.classes, labels)]
+        risky |= own >= threshold
+    return risky
+
+
 def defending_clients(
-    config: Config, client_ids: list[str], features: np.ndarray, attributes: pd.DataFrame, audited: list[AuditedAttack]
+    config: Config, client_ids: list[str], features: np.ndarray, attributes: pd.DataFrame, attackers: list[Attacker]
 ) -> np.ndarray:
-    """all / listed / at-risk: a client defends when, for some attribute, an attacker shipped to it
-    is at least `risk_threshold` confident in its true value (it decides alone, on its device)."""
+    """all / listed / at-risk (`at_risk` with the audit's embedding `attackers`)."""
     defence = config.defence
     if defence.clients == "all":
         return np.ones(len(client_ids), dtype=bool)
@@ -68,15 +81,7 @@ def defending_clients(
         if unknown:
             raise FedUnlearnError(f"defence.client_ids names unknown clients {unknown[:5]}: use the dataset's user ids")
         return np.isin(client_ids, defence.client_ids)
-    risky = np.zeros(len(client_ids), dtype=bool)
-    for item in audited:
-        if item.view != "embedding":
-            continue
-        labels = attribute_labels(attributes, item.attacker.attribute)
-        proba = item.attacker.proba(features)
-        own = proba[np.arange(len(labels)), np.searchsorted(item.attacker.classes, labels)]
-        risky |= own >= defence.risk_threshold
-    return risky
+    return at_risk(attackers, features, attributes, defence.risk_threshold)
 
 
 def run_defence(
@@ -133,8 +138,9 @@ def privacy_stage(
     defend: Defend | None = None,
 ) -> tuple[PrivacyReport, list[Arrays]]:
     """Audit, then for the configured post-training defence (or, with `defence.compare`, for each
-    of them on a copy) defend and audit again, over `clients` (federation indices; `users` and
-    `uploads` rows follow them). Returns the report and the users after the configured defence.
+    of them, every one from the trained users, the configured one last) defend and audit again,
+    over `clients` (federation indices; `users` and `uploads` rows follow them). Returns the report
+    and the users after the configured defence.
 
     `defend` runs one defence; by default `run_defence` over `users` (in-process and batched
     engines); the Flower engine passes one that runs it on the clients (server/audit.py)."""
@@ -154,18 +160,21 @@ def privacy_stage(
     methods = [method for method in methods if method != "none"]
     if not methods:
         return report, users
-    defending = defending_clients(config, client_ids, before, attributes, audited)
+    attackers = [item.attacker for item in audited if item.view == "embedding"]
+    defending = defending_clients(config, client_ids, before, attributes, attackers)
     classes = attribute_classes(attributes, names)
     positives = [federation.split.train_of(i) for i in clients]
 
-    def central(trial: Config, mask: np.ndarray) -> DefenceOutcome:
+    def central(trial: Config, mask: np.ndarray, _attackers: list[Attacker]) -> DefenceOutcome:
         return run_defence(trial, model, positives, client_ids, shared, before, classes, mask, aggregator)
 
-    tables, kept = [table], users
-    for method in methods:
+    tables: dict[str, pd.DataFrame] = {}
+    kept = users
+    # the configured defence last: on Flower the clients then end up holding its embeddings
+    for method in sorted(methods, key=lambda name: name == config.defence.method):
         trial = copy.deepcopy(config)
         trial.defence.method = method
-        outcome = (defend or central)(trial, defending)
+        outcome = (defend or central)(trial, defending, attackers)
         assert outcome.embeddings is not None, "a Defend returns the defended embeddings"
         users_after = unflatten_users(users, outcome.embeddings)
         after, _ = privacy_table({"embedding": outcome.embeddings}, attributes, config, aggregator)
@@ -173,11 +182,11 @@ def privacy_stage(
         for key, value in evaluate(users_after).items():
             after[key] = value
         after["seconds"] = outcome.seconds
-        tables.append(after)
+        tables[method] = after
         if method == config.defence.method:
             kept = users_after
             report.users_after = outcome.embeddings
             report.defence_seconds, report.weights = outcome.seconds, outcome.weights
-    report.table = pd.concat(tables, ignore_index=True)
+    report.table = pd.concat([table, *(tables[method] for method in methods)], ignore_index=True)
     report.defending = int(defending.sum())
     return report, kept
