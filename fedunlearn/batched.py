@@ -15,6 +15,7 @@ between rounds is one array per user table (no per-client objects).
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -318,6 +319,8 @@ class BatchedPool(LocalPool):
         shapes = self.model.init_user(np.random.default_rng(0))
         self.users = {key: np.zeros((federation.n_clients, len(v)), np.float32) for key, v in shapes.items()}
         self.ready = np.zeros(federation.n_clients, dtype=bool)  # has a user part (initialised or trained)
+        # where training time goes, summed over calls (benchmarks/engines.py prints it)
+        self.seconds = {"plans": 0.0, "tensors": 0.0, "uploads": 0.0}
         torch.set_num_threads(config.run.num_cpus)
 
     def _prepare(self, clients: list[int]) -> None:
@@ -356,6 +359,7 @@ class BatchedPool(LocalPool):
         epochs: float | None = None,
         ascent: bool = False,
     ) -> list[ClientUpdate]:
+        started = time.perf_counter()
         self._prepare(clients)
         data = {index: self.federation.client(index) for index in clients}
         plans = {
@@ -369,10 +373,14 @@ class BatchedPool(LocalPool):
         dense_size = sum(shared[key].size for key in self.model.dense_keys(shared))
         sizes = (len(plans[index].touched) * dim + dense_size for index in ordered)
         updates = []
+        self.seconds["plans"] += time.perf_counter() - started
         for chunk in self._chunks(ordered, sizes):
             chunk_plans = [plans[index] for index in chunk]
             users = {key: table[chunk] for key, table in self.users.items()}
+            started = time.perf_counter()
             new_users, row_changes, dense_changes, losses = self.trainer.train(chunk_plans, users, shared, ascent)
+            self.seconds["tensors"] += time.perf_counter() - started
+            started = time.perf_counter()
             for key, table in new_users.items():
                 self.users[key][chunk] = table
             for c, index in enumerate(chunk):
@@ -388,6 +396,7 @@ class BatchedPool(LocalPool):
                         ascent,
                     )  # fmt: skip
                 )
+            self.seconds["uploads"] += time.perf_counter() - started
             done(len(chunk))
         return updates
 

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one setting in every row (repeatable)",
     )
+    experiment.add_argument(
+        "--only", action="append", default=[], metavar="NAME", help="run just this setting (repeatable)"
+    )
     experiment.add_argument("--quiet", action="store_true", help="no progress bars")
     experiment.add_argument(
         "--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1: wall times stay clean)"
@@ -124,7 +127,9 @@ def _toml_string(text: str) -> str:
 def _experiment(args: argparse.Namespace) -> None:
     from fedunlearn.experiment import run_experiment
 
-    table = run_experiment(args.file, args.out, args.overrides, show_progress=not args.quiet, jobs=args.jobs)
+    table = run_experiment(
+        args.file, args.out, args.overrides, show_progress=not args.quiet, jobs=args.jobs, only=args.only
+    )
     print(table.to_markdown(index=False, floatfmt=".4f"))
     print(f"results: {args.out}")
 

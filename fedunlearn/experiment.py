@@ -30,9 +30,12 @@ from fedunlearn.results import staged, write_run
 from fedunlearn.runner import RunOutcome, execute
 
 
-def load_settings(path: str | Path, overrides: list[str] | None = None) -> list[tuple[str, Config]]:
+def load_settings(
+    path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None
+) -> list[tuple[str, Config]]:
     """One (name, config) per setting, model and seed: `models = [...]` at the top runs every
-    setting once per model (folders `<name>/<model>`), `seeds = [...]` once per seed (`.../seed<k>`)."""
+    setting once per model (folders `<name>/<model>`), `seeds = [...]` once per seed (`.../seed<k>`).
+    `only`: just the settings of these names."""
     spec = read_toml(path)
     unknown = set(spec) - {"base", "setting", "title", "seeds", "models"}
     if unknown:
@@ -40,6 +43,11 @@ def load_settings(path: str | Path, overrides: list[str] | None = None) -> list[
     settings = spec.get("setting", [])
     if not settings:
         raise FedUnlearnError(f"{path} has no [[setting]] rows: add at least one")
+    unknown_names = sorted(set(only or []) - {row.get("name") for row in settings})
+    if unknown_names:
+        known = ", ".join(str(row.get("name")) for row in settings)
+        raise FedUnlearnError(f"{path} has no setting named {unknown_names}: choose among {known}")
+    settings = [row for row in settings if not only or row.get("name") in only]
     seeds = _list_of(spec, "seeds", int, path, "seeds = [0, 1, 2]")
     models = _list_of(spec, "models", str, path, 'models = ["mf", "ncf"]')
     out, names = [], set()
@@ -116,13 +124,14 @@ def run_experiment(
     overrides: list[str] | None = None,
     show_progress: bool = True,
     jobs: int = 1,
+    only: list[str] | None = None,
 ) -> pd.DataFrame:
     """Run every setting (and model and seed), `jobs` at a time in separate processes, then write
     runs.csv (one row per run) and table.csv / table.md (one row per setting and model: means, and
     `<column>_std` when there are several seeds)."""
     if jobs < 1:
         raise FedUnlearnError(f"--jobs is {jobs} but must be at least 1")
-    settings = load_settings(path, overrides)
+    settings = load_settings(path, overrides, only)
     results: list[tuple[list[dict[str, Any]], Arrays] | None] = [None] * len(settings)
     with staged(out) as folder:
         if jobs == 1:

@@ -89,6 +89,12 @@ def test_experiment_writes_one_row_per_setting(tmp_path):
     assert {"HR@10", "NDCG@10", "HR@5", "NDCG@20", "seconds"} <= set(table.columns)
     assert table["HR@10"].between(0, 1).all()
     assert (out / "table.md").exists() and (out / "fed-mf" / "final.json").exists()
+    again = tmp_path / "again"
+    assert main(["experiment", str(spec), "--out", str(again), "--only", "popularity", "--quiet"]) == 0
+    rerun = pd.read_csv(again / "table.csv")
+    assert list(rerun["setting"]) == ["popularity"] and rerun["HR@10"][0] == table["HR@10"][2]
+    assert main(["experiment", str(spec), "--out", str(tmp_path / "none"), "--only", "pop"]) == 2
+    assert not (tmp_path / "none").exists()
 
 
 def test_data_info_prints_counts(capsys):
