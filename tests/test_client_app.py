@@ -5,7 +5,8 @@ import pytest
 from flwr.app import Context, Message, MessageType, RecordDict
 from helpers import TINY
 
-from clients.app import USER_STATE, app
+from clients.app import app
+from clients.common import USER_STATE
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool
 from fedunlearn.federation import build_federation

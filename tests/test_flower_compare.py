@@ -6,7 +6,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from helpers import TINY, assert_no_user_part
 
-from clients.app import USER_STATE
+from clients.common import USER_STATE
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool
 from fedunlearn.federation import build_federation
