@@ -8,6 +8,7 @@ class, a histogram of the attacker's confidence in the true class), through the 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,10 @@ def global_audit(
     for attribute in audited_attributes(audit, attributes):
         labels = attribute_labels(attributes, attribute)
         values, counts = np.unique(labels, return_counts=True)
+        if (counts >= 2).sum() < 2:  # nothing to tell apart: every classifier would see one class
+            print(f"audit: {attribute} not attacked: fewer than two of its values have 2 of the {len(labels)} "
+                  "audited clients", file=sys.stderr)  # fmt: skip
+            continue
         attackable = np.flatnonzero(np.isin(labels, values[counts >= 2]))  # a class needs a shadow and a test user
         shadow, test = (attackable[part] for part in shadow_split(labels[attackable], audit.shadow_share, seed))
         for view, features in views.items():

@@ -72,6 +72,20 @@ def schedule_and_history(
     return schedule, HistoryStore(folder / "history.sqlite", HistoryPolicy.for_method(unlearn))
 
 
+def outcome_info(result: FederationResult, history: HistoryStore | None) -> dict[str, Any]:
+    """What final.json records of a federated run beyond its metrics, on every engine and under
+    `flwr run`: the defence's time and reach, the history's size and the drop events (call it
+    before the history is closed)."""
+    info: dict[str, Any] = {}
+    if result.privacy is not None:
+        info["defence_seconds"] = round(result.privacy.defence_seconds, 2)
+        info["defending_clients"] = result.privacy.defending
+    if history is not None:
+        info["history_bytes"] = history.bytes_by_kind()
+        info["events"] = result.events
+    return info
+
+
 def _privacy(
     config: Config, federation: Federation, server: FederatedServer, pool: Any, result: FederationResult
 ) -> Any:
@@ -121,12 +135,7 @@ def _federated(
                 progress.close()
             if audits_privacy(config):
                 result.privacy = _privacy(config, federation, server, pool, result)
-        if result.privacy is not None:  # the same stage on every engine (Flower: server/audit.py)
-            info["defence_seconds"] = round(result.privacy.defence_seconds, 2)
-            info["defending_clients"] = result.privacy.defending
-        if history is not None:
-            info["history_bytes"] = history.bytes_by_kind()
-            info["events"] = result.events
+        info |= outcome_info(result, history)
     finally:
         if history is not None:
             history.close()

@@ -75,7 +75,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from fedunlearn.results import staged, write_run
-    from fedunlearn.runner import schedule_and_history
+    from fedunlearn.runner import outcome_info, schedule_and_history
 
     config, out = _config_from_run_config(context)
     federation = cached_federation(config.data, config.run.seed)
@@ -84,8 +84,9 @@ def main(grid: Grid, context: Context) -> None:
         schedule, history = schedule_and_history(config, federation, folder)
         try:
             result, _ = serve(grid, config, progress, False, history, schedule)
+            info = outcome_info(result, history)
         finally:
             progress.close()
             if history is not None:
                 history.close()
-        write_run(folder, config, result, {"events": result.events} if schedule else None)
+        write_run(folder, config, result, info)

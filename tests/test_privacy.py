@@ -317,3 +317,18 @@ def test_regularised_clients_stepping_alone_equal_the_matrix_defence(method):
     np.testing.assert_allclose(clients.current.detach().numpy(), expected.embeddings, rtol=0, atol=1e-12)
     assert np.all(expected.embeddings[~defending] == x[~defending])
     assert np.abs(expected.embeddings[defending] - x[defending]).min() > 0
+
+
+def test_an_attribute_with_one_attackable_value_is_skipped_with_a_notice(capsys):
+    """After drops, few audited clients can leave an attribute with one value held by two or more
+    clients: no attacker can learn anything, and sklearn/XGBoost would disagree on the class count."""
+    import pandas as pd
+
+    from fedunlearn.audit import global_audit
+    from fedunlearn.config import AuditConfig
+
+    attributes = pd.DataFrame({"gender": list("FFFMMM"), "age": ["18", "18", "25", "35", "45", "56"]})
+    features = np.random.default_rng(0).normal(size=(6, 4))
+    audited = global_audit({"embedding": features}, attributes, AuditConfig(attackers=["mlp"]), seed=0)
+    assert [item.attacker.attribute for item in audited] == ["gender"]
+    assert "age not attacked" in capsys.readouterr().err
