@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -96,10 +94,7 @@ def test_load_dataset_passes_parameters_and_seed() -> None:
 
 
 @pytest.mark.slow
-def test_scales_to_100k_users() -> None:
-    start = time.perf_counter()
+def test_scales_to_100k_users() -> None:  # time and memory at this size: benchmarks/engines.py
     ds = generate(n_users=100_000, n_items=2000, interactions_per_user=30)
-    generated = time.perf_counter() - start
     split = leave_one_out(ds)
-    assert generated < 60 and time.perf_counter() - start < 90
     assert ds.n_users == 100_000 and split.test_negatives.shape == (100_000, 99)
