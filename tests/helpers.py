@@ -69,23 +69,48 @@ def assert_no_secret_in(replies, vectors, attribute_values):
     """No reply carries a user part: no record named so, no array holding one of `vectors` (rows of
     (n, D) arrays) anywhere in it, no config value equal to an attribute value or holding a vector's
     bytes, no metric but SecAgg+'s num_examples."""
-    import numpy as np
-
-    secret_bytes = [e.astype(dtype).tobytes() for v in vectors for e in v for dtype in (np.float32, np.float64)]
     for content in replies:
         assert "user" not in content and "update" not in content
-        for record in content.array_records.values():
-            for array in record.values():
-                flat = array.numpy().ravel().astype(np.float64)
-                for v in vectors:
-                    if flat.size >= v.shape[1]:
-                        windows = np.lib.stride_tricks.sliding_window_view(flat, v.shape[1])
-                        for e in v:
-                            assert not np.any(np.all(np.isclose(windows, e, atol=1e-6), axis=-1))
-        for record in content.config_records.values():
-            for value in record.values():
-                for item in value if isinstance(value, list) else [value]:
-                    assert not (isinstance(item, str) and item in attribute_values)
-                    assert not (isinstance(item, bytes) and any(secret in item for secret in secret_bytes))
+        for v in vectors:
+            assert_vectors_absent(content, v, attribute_values)
         for record in content.metric_records.values():
             assert set(record.keys()) <= {"num_examples"}
+
+
+def assert_vectors_absent(content, rows, attribute_values=()):
+    """No array of this reply holds a row of `rows` (n, D) anywhere in it (to 1e-6), and no config
+    value holds a row's float32/float64 bytes or equals one of `attribute_values`."""
+    secret_bytes = [row.astype(dtype).tobytes() for row in rows for dtype in (np.float32, np.float64)]
+    for record in content.array_records.values():
+        for array in record.values():
+            flat = array.numpy().ravel().astype(np.float64)
+            if flat.size >= rows.shape[1]:
+                windows = np.lib.stride_tricks.sliding_window_view(flat, rows.shape[1])
+                for row in rows:
+                    assert not np.any(np.all(np.isclose(windows, row, atol=1e-6), axis=-1))
+    for record in content.config_records.values():
+        for value in record.values():
+            for item in value if isinstance(value, list) else [value]:
+                assert not (isinstance(item, str) and item in attribute_values)
+                assert not (isinstance(item, bytes) and any(secret in item for secret in secret_bytes))
+
+
+def run_cli(settings, engine, out):
+    """`fedunlearn run --engine ENGINE` with these settings; returns the results folder."""
+    from fedunlearn.cli import main
+
+    args = [part for setting in settings for part in ("--set", setting)]
+    assert main(["run", *args, "--engine", engine, "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def assert_privacy_tables_match(flower, inprocess, tolerance):
+    """The audit.csv of two runs: rows before any defence equal, the defended rows within
+    `tolerance` (SecAgg+ rounding in the Flower defences' sums). Returns the first table."""
+    import pandas as pd
+
+    first, second = (pd.read_csv(folder / "audit.csv").drop(columns="seconds") for folder in (flower, inprocess))
+    before = first["defence"] == "none"
+    pd.testing.assert_frame_equal(first[before], second[before])
+    pd.testing.assert_frame_equal(first[~before], second[~before], check_exact=False, rtol=0, atol=tolerance)
+    return first

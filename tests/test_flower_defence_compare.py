@@ -11,11 +11,9 @@ trained embeddings and the clients end up holding the configured one's."""
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
-from helpers import TINY
+from helpers import TINY, assert_privacy_tables_match, run_cli
 
-from fedunlearn.cli import main
 from fedunlearn.privacy.stage import POST_TRAINING
 
 pytestmark = [pytest.mark.flower, pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")]
@@ -37,12 +35,6 @@ SETTINGS = TINY + [
 TOLERANCE = 1e-4
 
 
-def _run(engine, out):
-    args = [part for setting in SETTINGS for part in ("--set", setting)]
-    assert main(["run", *args, "--engine", engine, "--out", str(out), "--quiet"]) == 0
-    return out
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     import server.audit
@@ -60,18 +52,13 @@ def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(server.audit, "audit_on_flower", reading_back)
-        flower = _run("flower", folder / "flower")
-    return {"flower": flower, "inprocess": _run("inprocess", folder / "inprocess"), "held": held[0]}
+        flower = run_cli(SETTINGS, "flower", folder / "flower")
+    return {"flower": flower, "inprocess": run_cli(SETTINGS, "inprocess", folder / "inprocess"), "held": held[0]}
 
 
 def test_the_flower_compare_table_equals_the_inprocess_one(runs):
-    flower, inprocess = (
-        pd.read_csv(runs[engine] / "audit.csv").drop(columns="seconds") for engine in ("flower", "inprocess")
-    )
+    flower = assert_privacy_tables_match(runs["flower"], runs["inprocess"], TOLERANCE)
     assert list(flower["defence"].unique()) == ["none", *POST_TRAINING]
-    before = flower["defence"] == "none"
-    pd.testing.assert_frame_equal(flower[before], inprocess[before])
-    pd.testing.assert_frame_equal(flower[~before], inprocess[~before], check_exact=False, rtol=0, atol=TOLERANCE)
 
 
 def test_the_same_clients_defend_and_keep_the_configured_defence(runs):

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import TINY
-
-from fedunlearn.cli import main
+from helpers import TINY, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.flower]
 
@@ -53,9 +51,7 @@ def test_flwr_run_writes_the_results_of_fedunlearn_run(tmp_path):
     flwr_out = tmp_path / "flwr-out"
     run = _flwr_run(tmp_path, flwr_out)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    ours = tmp_path / "ours"
-    assert main(["run", "--quiet", "--engine", "flower", "--out", str(ours),
-                 *[arg for setting in SETTINGS for arg in ("--set", setting)]]) == 0  # fmt: skip
+    ours = run_cli(SETTINGS, "flower", tmp_path / "ours")
     assert sorted(p.name for p in flwr_out.iterdir()) == sorted(p.name for p in ours.iterdir())
     theirs_final, ours_final = (json.loads((folder / "final.json").read_text()) for folder in (flwr_out, ours))
     assert set(theirs_final) == set(ours_final) - {"dataset", "clients", "items", "seconds"}
