@@ -90,7 +90,7 @@ def child(args: dict[str, Any]) -> None:
     else:
         federation = build_federation(config.data, config.run.seed)
         pool = make_pool(config, federation)
-        server = FederatedServer(config, federation.client_ids, federation.n_items, pool,
+        server = FederatedServer(config, federation, pool,
                                  Progress(config.train.rounds, False))  # fmt: skip
         result = server.run()
         clients = [row["clients"] for row in result.rounds]

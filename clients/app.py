@@ -24,6 +24,7 @@ from clients import defence
 from clients.branches import branch_mod, drop_branch
 from clients.common import USER_STATE, class_index, classes_of, node_data, setup, user_part
 from fedunlearn.audit import local_outcome
+from fedunlearn.faults import inject
 from fedunlearn.federated import local_evaluate, local_membership, local_train
 from fedunlearn.messages import (
     CLASS_SUMS,
@@ -67,11 +68,15 @@ def membership(msg: Message, context: Context) -> Message:
 
 
 def train(msg: Message, context: Context) -> Message:
+    """Train, keep the new user part, send the upload ([faults] may corrupt it, or raise instead)."""
     config, round_number, shared, epochs, ascent, data, model = setup(msg, context)
     user = user_part(context, model, data, config.run.seed)
     device = resolve_device(config.run.device)
     update, user = local_train(model, data, user, shared, config, round_number, device, epochs, ascent)
     context.state[USER_STATE] = arrays_to_record(user)
+    federation = node_data(config, context)[0]
+    timeout = config.train.reply_timeout
+    update = inject(config.faults, config.run.seed, round_number, update, federation.client_ids, data.n_items, timeout)
     return Message(encode_update(update), reply_to=msg)
 
 

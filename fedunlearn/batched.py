@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from fedunlearn.config import Config
 from fedunlearn.engine import LocalPool
+from fedunlearn.faults import local_reply
 from fedunlearn.federated import (
     ClientEvaluation,
     ClientUpdate,
@@ -39,6 +40,7 @@ from fedunlearn.federated import (
 )
 from fedunlearn.federation import Federation
 from fedunlearn.models import Arrays, SplitModel, Tensors, build_model
+from fedunlearn.replies import FAILED, Reply
 from fedunlearn.rounds import ProgressHook
 from fedunlearn.training import resolve_device
 
@@ -358,7 +360,7 @@ class BatchedPool(LocalPool):
         done: ProgressHook,
         epochs: float | None = None,
         ascent: bool = False,
-    ) -> list[ClientUpdate]:
+    ) -> list[Reply[ClientUpdate]]:
         started = time.perf_counter()
         self._prepare(clients)
         data = {index: self.federation.client(index) for index in clients}
@@ -381,21 +383,16 @@ class BatchedPool(LocalPool):
             new_users, row_changes, dense_changes, losses = self.trainer.train(chunk_plans, users, shared, ascent)
             self.seconds["tensors"] += time.perf_counter() - started
             started = time.perf_counter()
-            for key, table in new_users.items():
-                self.users[key][chunk] = table
+            ids, n_items = self.federation.client_ids, self.federation.n_items
+            replies = []
             for c, index in enumerate(chunk):
-                updates.append(
-                    finish_update(
-                        data[index],
-                        plans[index],
-                        row_changes[c],
-                        dense_changes[c],
-                        float(losses[c]),
-                        self.config,
-                        round_number,
-                        ascent,
-                    )  # fmt: skip
-                )
+                update = finish_update(data[index], plans[index], row_changes[c], dense_changes[c], float(losses[c]),
+                                       self.config, round_number, ascent)  # fmt: skip
+                replies.append(local_reply(self.config, round_number, index, update, ids, n_items))
+            kept = [c for c, reply in enumerate(replies) if reply.failure != FAILED]  # a crashed client keeps nothing
+            for key, table in new_users.items():
+                self.users[key][[chunk[c] for c in kept]] = table[kept]
+            updates += replies
             self.seconds["uploads"] += time.perf_counter() - started
             done(len(chunk))
         return updates
@@ -412,7 +409,7 @@ class BatchedPool(LocalPool):
         dense = {key: torch.tensor(shared[key], device=device) for key in self.model.dense_keys(shared)}
         return self.model.score(user, rows, dense).cpu().numpy()
 
-    def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]:
+    def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[Reply[ClientEvaluation]]:
         if not clients:
             return []
         self._prepare(clients)
@@ -426,7 +423,8 @@ class BatchedPool(LocalPool):
             everything = self._scores(chunk, np.arange(self.model.n_items), shared) if scores_all else None
             for c, client in enumerate(data):
                 row = None if everything is None else everything[c]
-                results.append(ranks_from_scores(client, candidate_scores[c], row, full_ranking, target))
+                ranks = ranks_from_scores(client, candidate_scores[c], row, full_ranking, target)
+                results.append(Reply(chunk[c], ranks))
             done(len(chunk))
         return results
 

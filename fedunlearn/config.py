@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -47,6 +48,13 @@ class TrainConfig:
     fraction: float = 1.0  # share of clients sampled per round, in (0, 1]
     negative_sampler: str = "uniform"  # uniform | fru (a beta share from FRU's informative pool)
     pool_share: float = 0.1  # fru sampler: the pool holds the top share of items by each criterion
+    max_loss_growth: float = 100.0  # the run stops as diverged when a round's loss is over this x round 1's (0: off)
+    min_replies: int = 1  # a round with fewer valid replies (or fewer than it asked for, if less) stops the run
+    reject_norm_ratio: float = 100.0  # reject an upload whose norm is over this x the round's median (0: off)
+    clip_norm_ratio: float = 0.0  # robust, opt-in: clip each upload to this x the round's median norm (0: off)
+    aggregation: str = "mean"  # mean (example-weighted) | trimmed-mean | median (robust, unweighted, row-wise)
+    trim: float = 0.1  # trimmed-mean: share of the values cut at each end of every coordinate
+    reply_timeout: float = 1800.0  # flower engine: seconds to wait for replies before counting them as timeouts
 
 
 @dataclass
@@ -113,6 +121,12 @@ class AuditConfig:
 
 
 @dataclass
+class FaultsConfig:
+    share: float = 0.0  # share of the clients asked to train that misbehave (seeded per round and client)
+    kinds: list[str] = field(default_factory=lambda: ["exception"])  # see fedunlearn.faults.KINDS
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     engine: str = "auto"  # auto | batched | inprocess | flower
@@ -132,6 +146,7 @@ class Config:
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     defence: DefenceConfig = field(default_factory=DefenceConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -150,6 +165,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.loss": ("bpr", "bce"),
     "train.optimizer": ("sgd", "adam"),
     "train.negative_sampler": ("uniform", "fru"),
+    "train.aggregation": ("mean", "trimmed-mean", "median"),
     "run.engine": ("auto", "batched", "inprocess", "flower"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.mode": ("federated", "central", "popularity"),
@@ -174,6 +190,8 @@ POSITIVE = {
     "train.lr",
     "train.batch_size",
     "train.server_lr",
+    "train.min_replies",
+    "train.reply_timeout",
     "central.epochs",
     "central.lr",
     "central.batch_size",
@@ -194,6 +212,10 @@ NON_NEGATIVE = {
     "data.min_rating",
     "data.synthetic_strength",
     "train.weight_decay",
+    "train.reject_norm_ratio",
+    "train.max_loss_growth",
+    "train.clip_norm_ratio",
+    "faults.share",
     "central.weight_decay",
     "run.seed",
     "defence.weight",
@@ -228,9 +250,12 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             raise FedUnlearnError(f"{key} must be a whole number; got {value!r}") from None
     if kind is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise FedUnlearnError(f"{key} must be a number; got {value!r}") from None
+        if not math.isfinite(number):  # nan <= 0 is False: a NaN would pass every range check below
+            raise FedUnlearnError(f"{key} must be a finite number; got {value!r}")
+        return number
     return str(value)
 
 
@@ -280,6 +305,13 @@ def validate(config: Config) -> Config:
     fraction = config.train.fraction
     if not 0 < fraction <= 1:
         raise FedUnlearnError(f"train.fraction must be in (0, 1]; got {fraction}")
+    if not 0 <= config.train.trim < 0.5:
+        raise FedUnlearnError(f"train.trim must be in [0, 0.5) (the share cut at each end); got {config.train.trim}")
+    if config.faults.share > 1:
+        raise FedUnlearnError(f"faults.share must be in [0, 1]; got {config.faults.share}")
+    from fedunlearn.faults import check_kinds
+
+    check_kinds(config.faults.kinds, config.run.engine)
     if not config.eval.ks or any(k <= 0 for k in config.eval.ks):
         raise FedUnlearnError(f"eval.ks must be positive cut-offs, e.g. [5, 10, 20]; got {config.eval.ks}")
     if 10 not in config.eval.ks:

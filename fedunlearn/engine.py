@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedunlearn.config import Config
+from fedunlearn.faults import local_reply
 from fedunlearn.federated import (
     ClientEvaluation,
     ClientUpdate,
@@ -19,6 +20,7 @@ from fedunlearn.federated import (
 )
 from fedunlearn.federation import Federation
 from fedunlearn.models import Arrays, SplitModel, build_model
+from fedunlearn.replies import FAILED, Reply
 from fedunlearn.rounds import ProgressHook
 from fedunlearn.training import resolve_device
 
@@ -95,16 +97,20 @@ class InProcessPool(LocalPool):
         done: ProgressHook,
         epochs: float | None = None,
         ascent: bool = False,
-    ) -> list[ClientUpdate]:
-        updates = []
+    ) -> list[Reply[ClientUpdate]]:
+        replies = []
+        ids, n_items = self.federation.client_ids, self.federation.n_items
         for index in clients:
             data = self.federation.client(index)
-            update, self.user_state[index] = local_train(
+            update, user = local_train(
                 self.model, data, self.user(index), shared, self.config, round_number, self.device, epochs, ascent
             )
-            updates.append(update)
+            reply = local_reply(self.config, round_number, index, update, ids, n_items)
+            if reply.failure != FAILED:  # a client that crashed keeps nothing of the round, as on Flower
+                self.user_state[index] = user
+            replies.append(reply)
             done(1)
-        return updates
+        return replies
 
     def fork(self) -> InProcessPool:
         """A copy whose clients' private state can change without touching this pool's."""
@@ -117,13 +123,11 @@ class InProcessPool(LocalPool):
         for index in clients:
             self.user_state.pop(index, None)
 
-    def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]:
+    def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[Reply[ClientEvaluation]]:
         results = []
         for index in clients:
-            results.append(
-                local_evaluate(
-                    self.model, self.federation.client(index), self.user(index), shared, self.config, self.device
-                )
-            )
+            data = self.federation.client(index)
+            results.append(Reply(index, local_evaluate(self.model, data, self.user(index), shared, self.config,
+                                                       self.device)))  # fmt: skip
             done(1)
         return results

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from fedunlearn.config import Config
-from fedunlearn.federation import ClientData
+from fedunlearn.config import Config, UnlearnConfig
+from fedunlearn.federation import ClientData, Federation
 from fedunlearn.metrics import rank_of_target
 from fedunlearn.models import Arrays, SplitModel
 from fedunlearn.seeding import Stream, client_key, rng_for
@@ -269,7 +269,19 @@ def local_membership(model: SplitModel, data: ClientData, user: Arrays, shared: 
 
 def poisoned_positives(positives: np.ndarray, target: int) -> np.ndarray:
     """An attacker trains on its own items plus the target, repeated to a fifth of its positives."""
-    return np.concatenate([positives, np.full(max(1, len(positives) // 4), target, dtype=positives.dtype)])
+    return np.concatenate([positives, np.full(_poison_repeats(len(positives)), target, dtype=positives.dtype)])
+
+
+def _poison_repeats(n_positives: np.ndarray | int) -> np.ndarray | int:
+    return np.maximum(1, n_positives // 4)
+
+
+def max_examples(federation: Federation, unlearn: UnlearnConfig) -> np.ndarray:
+    """(clients,) the most examples each client can report: its training positives (an attacker's
+    with the repeated target)."""
+    counts = np.diff(federation.split.train_indptr)
+    attackers = np.isin(federation.client_ids, unlearn.attackers)
+    return counts + np.where(attackers, _poison_repeats(counts), 0)
 
 
 def boost_target(rows: Arrays, touched: np.ndarray, target: int, boost: float) -> None:
@@ -319,14 +331,22 @@ def ranks_from_scores(
     )
 
 
-def aggregate_delta(model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float) -> Arrays:
+def aggregate_delta(
+    model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float, rule: str = "mean",
+    trim: float = 0.1,
+) -> Arrays:  # fmt: skip
     """The server's step (float64, full shapes): for each item row the example-count-weighted mean
     change over the clients that touched it, FedAvg for dense layers, times the server learning
-    rate. Clients are summed in client-id order so arrival order never matters."""
+    rate (or, for a robust `rule`, see robust.py). Clients are summed in client-id order so arrival
+    order never matters."""
     updates = sorted(updates, key=lambda u: u.client_id)
     delta = {key: np.zeros(value.shape, dtype=np.float64) for key, value in shared.items()}
     if not updates:
         return delta
+    if rule != "mean":
+        from fedunlearn.robust import robust_delta
+
+        return robust_delta(model, shared, updates, server_lr, rule, trim)
     row_weight = np.zeros(model.n_items, dtype=np.float64)
     for update in updates:
         row_weight[update.item_ids] += update.num_examples
@@ -346,6 +366,9 @@ def apply_delta(shared: Arrays, delta: Arrays) -> Arrays:
     return {key: (value + delta[key]).astype(np.float32) for key, value in shared.items()}
 
 
-def aggregate(model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float) -> Arrays:
+def aggregate(
+    model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float, rule: str = "mean",
+    trim: float = 0.1,
+) -> Arrays:  # fmt: skip
     """The new shared parameters after one round (see aggregate_delta)."""
-    return apply_delta(shared, aggregate_delta(model, shared, updates, server_lr))
+    return apply_delta(shared, aggregate_delta(model, shared, updates, server_lr, rule, trim))

@@ -7,8 +7,12 @@ import numpy as np
 
 def rank_of_target(target_score: float, other_scores: np.ndarray) -> int:
     """0-based rank of the target among the others; ties count against the target (pessimistic),
-    so a model that scores everything equally gets no credit."""
-    return int(np.count_nonzero(other_scores >= target_score))
+    so a model that scores everything equally gets no credit. A non-finite score can never help
+    the target: a non-finite target is ranked last, and every other item not strictly below it (a
+    NaN included: every comparison with NaN is False) counts against it."""
+    if not np.isfinite(target_score):
+        return len(other_scores)
+    return int(np.count_nonzero(~(other_scores < target_score)))
 
 
 def hit_ratio(ranks: np.ndarray, k: int) -> float:

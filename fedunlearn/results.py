@@ -48,7 +48,7 @@ def write_run(folder: str | Path, config: Config, result: FederationResult, info
     (folder / "config.toml").write_text(tomli_w.dumps(config.to_dict()))
     pd.DataFrame(result.rounds).to_csv(folder / "metrics.csv", index=False)
     final = {"engine": config.run.engine, "mode": config.run.mode, **(info or {}), "metrics": result.final}
-    (folder / "final.json").write_text(json.dumps(final, indent=2) + "\n")
+    (folder / "final.json").write_text(json.dumps(final, indent=2, allow_nan=False) + "\n")  # NaN is no result
     (folder / "summary.md").write_text(summary_markdown(config, result, info or {}))
     if result.unlearned:
         np.savez_compressed(folder / "unlearned.npz", **result.unlearned)

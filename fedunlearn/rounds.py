@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,18 +20,21 @@ import numpy as np
 
 from fedunlearn.config import Config, audits_privacy
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.federated import ClientEvaluation, ClientUpdate, aggregate
+from fedunlearn.federated import ClientEvaluation, ClientUpdate, aggregate, max_examples, rescale_tensors
+from fedunlearn.federation import Federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.metrics import hit_ratio, ranking_metrics
 from fedunlearn.models import Arrays, SplitModel, build_model
 from fedunlearn.progress import Progress
+from fedunlearn.replies import Reply, ReplyLimits, check_replies, median_norms
 from fedunlearn.seeding import Stream, client_uniforms, rng_for
 
 ProgressHook = Callable[[int], None]
 
 
 class ClientPool(Protocol):
-    """Runs the client steps on the chosen clients (by federation index) and returns their replies."""
+    """Runs the client steps on the chosen clients (by federation index) and returns their replies,
+    each tagged with the client the transport says sent it; the server checks them (replies.py)."""
 
     def train(
         self,
@@ -40,9 +44,9 @@ class ClientPool(Protocol):
         done: ProgressHook,
         epochs: float | None = None,
         ascent: bool = False,
-    ) -> list[ClientUpdate]: ...
+    ) -> list[Reply[ClientUpdate]]: ...
 
-    def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]: ...
+    def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[Reply[ClientEvaluation]]: ...
 
     def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]: ...
 
@@ -60,10 +64,30 @@ class FederationResult:
     comparison: list[dict[str, Any]] = field(default_factory=list)  # every method at the last event
     uploads: np.ndarray | None = None  # (clients, items): the server's view of each last-round upload
     privacy: Any = None  # fedunlearn.privacy.stage.PrivacyReport when attribute privacy was audited
+    rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # "updates" / "evaluations": by reason
 
 
 def _by_client(reply: ClientUpdate | ClientEvaluation) -> str:
     return reply.client_id
+
+
+def require_finite(arrays: Arrays, where: str) -> None:
+    """Stop the run when a shared tensor holds NaN or inf: a diverged model must never be scored."""
+    for key, value in arrays.items():
+        if not np.isfinite(value).all():
+            raise FedUnlearnError(
+                f"training diverged {where}: non-finite shared parameters ({key}); "
+                "lower train.lr or train.server_lr, or use train.optimizer=adam"
+            )
+
+
+def fresh_counts() -> dict[str, Counter[str]]:
+    """Rejected replies by reason, for each kind of reply the server checks."""
+    return {"updates": Counter(), "evaluations": Counter(), "membership": Counter()}
+
+
+def _reasons(counts: Counter[str]) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
 
 
 def sample_clients(seed: int, round_number: int, client_ids: list[str], fraction: float) -> list[int]:
@@ -111,14 +135,14 @@ class FederatedServer:
     def __init__(
         self,
         config: Config,
-        client_ids: list[str],
-        n_items: int,
+        federation: Federation,
         pool: ClientPool,
         progress: Progress,
         history: HistoryStore | None = None,
         schedule: dict[int, list[str]] | None = None,
     ) -> None:
         self.config = config
+        client_ids, n_items = federation.client_ids, federation.n_items
         self.client_ids = client_ids
         self.position = {client_id: index for index, client_id in enumerate(client_ids)}
         self.pool = pool
@@ -134,10 +158,18 @@ class FederatedServer:
             raise FedUnlearnError(f"data.exclude_clients names unknown clients {sorted(unknown)[:5]}")
         # positions of the clients still in the federation
         self.active = [i for i, client in enumerate(client_ids) if client not in excluded]
+        if not self.active:
+            raise FedUnlearnError("data.exclude_clients excludes every client: keep at least one to train and evaluate")
         self.client_epochs = 0.0
         self.events: list[dict[str, Any]] = []
         self.calibrations: list[tuple[int, ClientUpdate]] = []  # FedEraser's calibrated updates, for audits
         self.unlearned: Arrays = {}  # the shared parameters right after the last unlearning event
+        self.limits = ReplyLimits.of(
+            self.model, self.initial, client_ids, max_examples(federation, config.unlearn),
+            config.data.test_negatives, config.eval.full_ranking,
+        )  # fmt: skip
+        self.rejected = fresh_counts()
+        self.losses: list[float] = []  # each round's mean training loss
 
     def sample(self, round_number: int) -> list[int]:
         ids = [self.client_ids[i] for i in self.active]
@@ -145,14 +177,61 @@ class FederatedServer:
             self.active[i] for i in sample_clients(self.config.run.seed, round_number, ids, self.config.train.fraction)
         ]
 
+    def train_clients(
+        self, round_number: int, clients: list[int], shared: Arrays, epochs: float | None = None, ascent: bool = False
+    ) -> list[ClientUpdate]:
+        """The clients train from `shared`; their replies are checked (rejected ones dropped and
+        counted), optionally clipped (train.clip_norm_ratio), and sorted by client id, so every sum
+        runs in the same order whatever order they arrived in. Every training call goes through here:
+        rounds, and the unlearning methods' calibration, replay and ascent."""
+        train = self.config.train
+        replies = self.pool.train(round_number, clients, shared, self.progress.client_done, epochs, ascent)
+        updates, rejected, details = check_replies(replies, clients, self.limits, train.reject_norm_ratio)
+        self._count("updates", rejected, len(updates), len(clients), f"round {round_number}", details)
+        if train.clip_norm_ratio > 0:
+            bound = {key: train.clip_norm_ratio * norm for key, norm in median_norms(updates).items()}
+            updates = [rescale_tensors(update, bound, only_down=True) for update in updates]
+        updates = sorted(updates, key=_by_client)
+        self.client_epochs += sum(u.epochs for u in updates)
+        return updates
+
+    def _count(self, kind: str, rejected: Counter[str], valid: int, asked: int, where: str, details: list[str]) -> None:
+        """Add a call's rejected replies to the run's counts; too few valid replies stop the run."""
+        self.rejected[kind] += rejected
+        needed = min(self.config.train.min_replies, asked)
+        if valid >= needed:
+            return
+        non_finite = rejected["nan"] + rejected["inf"]
+        cause = f"{where}: {valid} valid replies of {asked} ({_reasons(rejected)} rejected), "
+        cause += f"fewer than train.min_replies = {self.config.train.min_replies}"
+        if non_finite and non_finite >= sum(rejected.values()) / 2:
+            raise FedUnlearnError(f"training diverged at {cause}; lower train.lr or train.server_lr")
+        hint = f"; first client error: {details[0]}" if details else "; see docs/ROBUSTNESS.md for each reason"
+        raise FedUnlearnError(cause + hint)
+
+    def _check_loss(self, round_number: int, loss: float) -> None:
+        """A finite model can still have diverged: stop when the mean training loss has grown more
+        than train.max_loss_growth times over round 1's (a healthy run's loss falls)."""
+        self.losses.append(loss)
+        growth = self.config.train.max_loss_growth
+        if growth > 0 and loss > growth * self.losses[0]:
+            raise FedUnlearnError(
+                f"training diverged at round {round_number}: mean training loss {loss:.3g} is over {growth:g} x "
+                f"round 1's ({self.losses[0]:.3g}); lower train.lr or train.server_lr"
+            )
+
+    def aggregate(self, shared: Arrays, updates: list[ClientUpdate]) -> Arrays:
+        train = self.config.train
+        return aggregate(self.model, shared, updates, train.server_lr, train.aggregation, train.trim)
+
     def train_round(self, round_number: int, clients: list[int], shared: Arrays) -> tuple[Arrays, list[ClientUpdate]]:
         """One round from `shared`: the sampled clients train, the history records, the server aggregates."""
-        # replies arrive in any order: sort by client id so every sum runs in the same order
-        updates = sorted(self.pool.train(round_number, clients, shared, self.progress.client_done), key=_by_client)
-        self.client_epochs += sum(u.epochs for u in updates)
+        updates = self.train_clients(round_number, clients, shared)
         if self.history is not None:
             self.history.record_round(round_number, shared, updates)
-        return aggregate(self.model, shared, updates, self.config.train.server_lr), updates
+        new_shared = self.aggregate(shared, updates)
+        require_finite(new_shared, f"at round {round_number}")
+        return new_shared, updates
 
     def upload_view(self, updates: list[ClientUpdate]) -> np.ndarray:
         """What a curious server keeps of each upload for attribute inference (zeros: not sampled)."""
@@ -164,8 +243,14 @@ class FederatedServer:
         return view
 
     def evaluate(self) -> dict[str, float]:
-        evaluations = sorted(self.pool.evaluate(self.active, self.shared, lambda _: None), key=_by_client)
-        return evaluation_metrics(evaluations, self.config.eval.ks, self.config.eval.full_ranking)
+        replies = self.pool.evaluate(self.active, self.shared, lambda _: None)
+        evaluations, rejected, details = check_replies(replies, self.active, self.limits)
+        self._count("evaluations", rejected, len(evaluations), len(self.active), "evaluation", details)
+        evaluations = sorted(evaluations, key=_by_client)
+        metrics = evaluation_metrics(evaluations, self.config.eval.ks, self.config.eval.full_ranking)
+        if not evaluations or not all(np.isfinite(value) for value in metrics.values()):
+            raise FedUnlearnError(f"evaluation gave no finite metrics ({len(evaluations)} valid replies)")
+        return metrics
 
     def remove(self, round_number: int, leaving: list[str], method: str | None = None) -> None:
         """Clients leave before `round_number`: unlearn them, then delete every trace of them."""
@@ -176,8 +261,9 @@ class FederatedServer:
         self.active = [i for i in self.active if i not in set(forgotten)]
         started, epochs_before = time.perf_counter(), self.client_epochs
         self.shared = METHODS[method](self, round_number, forgotten)
+        require_finite(self.shared, f"in {method} unlearning before round {round_number}")
         seconds, client_epochs = time.perf_counter() - started, self.client_epochs - epochs_before
-        membership = self.pool.membership(forgotten, self.shared)  # before their state is deleted
+        membership = self._membership(forgotten)  # before their state is deleted
         self.pool.forget(forgotten)
         if self.history is not None:
             self.history.forget(leaving)
@@ -194,6 +280,17 @@ class FederatedServer:
         )
         self.unlearned = {key: value.copy() for key, value in self.shared.items()}
 
+    def _membership(self, forgotten: list[int]) -> dict[str, float]:
+        """The leaving clients' membership AUCs; a reply from another client, or an AUC outside
+        [0, 1], is dropped and counted."""
+        leaving = {self.client_ids[i] for i in forgotten}
+        replies = self.pool.membership(forgotten, self.shared)
+        valid = {c: auc for c, auc in replies.items() if c in leaving and np.isfinite(auc) and 0 <= auc <= 1}
+        self.rejected["membership"] += Counter({"auc_range": len(replies) - len(valid)})
+        if not valid:
+            raise FedUnlearnError(f"no leaving client returned a valid membership AUC ({len(replies)} replies)")
+        return valid
+
     def compare_methods(self, round_number: int, leaving: list[str]) -> list[dict[str, Any]]:
         """Every unlearning method tried on a copy of this server at this event (client state and
         history copied), with speedup and distance to Retrain: the unlearning table."""
@@ -209,6 +306,7 @@ class FederatedServer:
                 twin.pool = self.pool.fork()
                 twin.history = self.history.copy_to(Path(scratch) / f"{method}.sqlite")
                 twin.active, twin.events, twin.calibrations = list(self.active), [], []
+                twin.rejected = fresh_counts()  # a trial's rejections are not the run's
                 twin.progress = Progress(0, enabled=False)
                 twin.remove(round_number, leaving, method)
                 twin.history.close()
@@ -228,6 +326,7 @@ class FederatedServer:
         result = FederationResult()
         started = time.perf_counter()
         rounds = self.config.train.rounds
+        reported: Counter[str] = Counter()  # rejected uploads already shown in an earlier row
         for round_number in range(1, rounds + 1):
             if round_number in self.schedule:
                 if self.config.unlearn.compare:
@@ -236,21 +335,30 @@ class FederatedServer:
             clients = self.sample(round_number)
             self.progress.start_round(round_number, len(clients))
             self.shared, updates = self.train_round(round_number, clients, self.shared)
+            self._check_loss(round_number, float(np.mean([u.loss for u in updates])))
             if round_number == rounds and audits_privacy(self.config):
                 result.uploads = self.upload_view(updates)
             if round_number % self.config.eval.every == 0 or round_number == rounds:
+                since = self.rejected["updates"] - reported  # rejected in the rounds since the last row
+                reported = Counter(self.rejected["updates"])
                 row = {
                     "round": round_number,
                     "clients": len(clients),
-                    "train_loss": float(np.mean([u.loss for u in updates])),
+                    "train_loss": self.losses[-1],
                     **self.evaluate(),
+                    "rejected": sum(since.values()),
+                    **{f"rejected_{reason}": count for reason, count in sorted(since.items())},
                     "seconds": time.perf_counter() - started,
                 }
                 result.rounds.append(row)
                 self.progress.evaluated(row)
             result.round_ends.append(time.time())
             self.progress.end_round()
+        reasons = sorted({key for row in result.rounds for key in row if key.startswith("rejected_")})
+        for row in result.rounds:  # the same columns in every row
+            row |= {key: row.get(key, 0) for key in reasons}
         result.final = select_final(result.rounds, self.config.eval.select)
+        result.rejected = {kind: dict(sorted(counts.items())) for kind, counts in self.rejected.items()}
         result.shared = self.shared
         result.events = self.events
         result.unlearned = self.unlearned

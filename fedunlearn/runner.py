@@ -74,9 +74,9 @@ def schedule_and_history(
 
 def outcome_info(result: FederationResult, history: HistoryStore | None) -> dict[str, Any]:
     """What final.json records of a federated run beyond its metrics, on every engine and under
-    `flwr run`: the defence's time and reach, the history's size and the drop events (call it
-    before the history is closed)."""
-    info: dict[str, Any] = {}
+    `flwr run`: the rejected replies by reason, the defence's time and reach, the history's size and
+    the drop events (call it before the history is closed)."""
+    info: dict[str, Any] = {f"rejected_{kind}": counts for kind, counts in result.rejected.items()}
     if result.privacy is not None:
         info["defence_seconds"] = round(result.privacy.defence_seconds, 2)
         info["defending_clients"] = result.privacy.defending
@@ -128,8 +128,7 @@ def _federated(
             progress = Progress(config.train.rounds, show_progress)
             try:
                 pool = make_pool(config, federation)
-                ids, n_items = federation.client_ids, federation.n_items
-                server = FederatedServer(config, ids, n_items, pool, progress, history, schedule)
+                server = FederatedServer(config, federation, pool, progress, history, schedule)
                 result = server.run()
             finally:
                 progress.close()

@@ -24,6 +24,7 @@ class Stream(IntEnum):
     DROPS = 7
     DEFENCE = 8
     RETENTION = 9  # AttrCloak-DD: each client's minibatches for its retention loss, per defence step
+    FAULTS = 10  # which clients misbehave in a round ([faults])
 
 
 def rng_for(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

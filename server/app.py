@@ -30,8 +30,7 @@ def serve(
 ) -> tuple[FederationResult, FlowerPool]:
     federation = cached_federation(config.data, config.run.seed)
     pool = FlowerPool(grid, config, federation.n_clients, keep_replies)
-    ids, n_items = federation.client_ids, federation.n_items
-    server = FederatedServer(config, ids, n_items, pool, progress, history, schedule)
+    server = FederatedServer(config, federation, pool, progress, history, schedule)
     result = server.run()
     if audits_privacy(config):  # as on every engine: audit, defend on the clients, audit again
         from server.audit import audit_on_flower

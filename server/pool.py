@@ -56,22 +56,22 @@ from fedunlearn.models import Arrays
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import AttributeGradient, unpack_class_sums
 from fedunlearn.privacy.gaussian import ClassSums
+from fedunlearn.replies import FAILED, TIMEOUT, Reply
 from fedunlearn.rounds import ProgressHook
 from server.secure_sum import secure_sum
 
 PULL_SECONDS = 0.05
+QUERY_SECONDS = 1800.0
 CLASS_SUMS_BOUND = 128.0  # |e_i|, |e_i e_j| of every user embedding must stay below this
 PRODUCTS_BOUND = 64.0  # AttrCloak: |g_R.g_R|, |g_AU.g_R|, |g_AU.g_AU| of every client must stay below this
 FEATURE_SUMS_BOUND = 1.0  # D2D-R: a one-hot class and Fourier features, each within sqrt(2 / F) < 1
 
 
 class FlowerPool:
-    def __init__(
-        self, grid: Grid, config: Config, n_clients: int, keep_replies: bool = False, timeout: float = 1800.0
-    ) -> None:
+    def __init__(self, grid: Grid, config: Config, n_clients: int, keep_replies: bool = False) -> None:
         self.grid = grid
         self.config = config
-        self.timeout = timeout
+        self.timeout = QUERY_SECONDS  # discovery, queries and secure sums: a missing reply is an error
         self.keep_replies = keep_replies
         self.replies_seen: list[RecordDict] = []  # every reply's content when kept, for audits and tests
         self.reply_types: list[str] = []  # the message type of each kept reply
@@ -88,7 +88,7 @@ class FlowerPool:
         nodes = sorted(self.grid.get_node_ids())
         messages = [Message(instruction(self.config), node, WHOAMI) for node in nodes]
         node_of: dict[int, int] = {}
-        for reply in self._exchange(messages, lambda _: None):
+        for reply in self._exchange(messages, lambda _: None)[0]:
             _, index = decode_identity(reply.content)
             if index in node_of:
                 raise RuntimeError(f"two Flower nodes claim client index {index}: check each node's partition-id")
@@ -96,27 +96,45 @@ class FlowerPool:
         missing = sorted(set(range(n_clients)) - set(node_of))
         if missing:
             raise RuntimeError(f"no Flower node serves client indices {missing[:10]}: give each node a partition-id")
+        self.client_of = {node: index for index, node in node_of.items()}
         return node_of
 
-    def _exchange(self, messages: list[Message], done: ProgressHook) -> list[Message]:
+    def _exchange(
+        self, messages: list[Message], done: ProgressHook, tolerate: bool = False
+    ) -> tuple[list[Message], list[Reply[Any]]]:
+        """Push the messages and collect their replies. Without `tolerate`, a failed or missing reply
+        is an error; with it (rounds of training and evaluation), each becomes a failed `Reply` for
+        the server to count, tagged with the node it was sent to, and the round goes on."""
         waiting = set(self.grid.push_messages(messages))
+        destination = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
         replies: list[Message] = []
-        deadline = time.monotonic() + self.timeout
-        while waiting:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{len(waiting)} Flower clients did not reply within {self.timeout:.0f} s")
+        failed: list[Reply[Any]] = []
+        limit = self.config.train.reply_timeout if tolerate else self.timeout
+        deadline = time.monotonic() + limit
+        while waiting and time.monotonic() <= deadline:
             pulled = list(self.grid.pull_messages(waiting))
             for reply in pulled:
-                if reply.has_error():
-                    raise RuntimeError(f"a Flower client failed: {reply.error.reason}")
                 waiting.discard(reply.metadata.reply_to_message_id)
+                if reply.has_error():
+                    if not tolerate:
+                        raise RuntimeError(f"a Flower client failed: {reply.error.reason}")
+                    sender = self.client_of[destination[reply.metadata.reply_to_message_id]]
+                    failed.append(Reply(sender, failure=FAILED, detail=str(reply.error.reason)))
+                    continue
                 replies.append(reply)
                 self._keep(reply)
             if pulled:
                 done(len(pulled))
             elif waiting:
                 time.sleep(PULL_SECONDS)
-        return replies
+        if waiting and not tolerate:
+            raise RuntimeError(f"{len(waiting)} Flower clients did not reply within {limit:.0f} s")
+        failed += [Reply(self.client_of[destination[m]], failure=TIMEOUT) for m in sorted(waiting)]
+        return replies, failed
+
+    def _sender(self, reply: Message) -> int:
+        """The federation index of the node a reply came from: the transport's word, not the reply's."""
+        return self.client_of.get(reply.metadata.src_node_id, -1)
 
     def _keep(self, reply: Message) -> None:
         if self.keep_replies and reply.has_content():
@@ -132,12 +150,13 @@ class FlowerPool:
         done: ProgressHook,
         epochs: float | None = None,
         ascent: bool = False,
-    ) -> list[Message]:
+        tolerate: bool = False,
+    ) -> tuple[list[Message], list[Reply[Any]]]:
         content = instruction(self.config, round_number, shared, epochs, ascent, self.branch)
         if self.branch:
             self.reached.update(clients)
         messages = [Message(content, self.node_of[index], kind) for index in clients]
-        return self._exchange(messages, done)
+        return self._exchange(messages, done, tolerate)
 
     def fork(self) -> FlowerPool:
         """A pool whose train, evaluate, membership, forget and audit messages work on a new branch of
@@ -163,25 +182,25 @@ class FlowerPool:
         done: ProgressHook,
         epochs: float | None = None,
         ascent: bool = False,
-    ) -> list[ClientUpdate]:
-        replies = self._send(TRAIN, round_number, clients, shared, done, epochs, ascent)
-        return [decode_update(reply.content) for reply in replies]
+    ) -> list[Reply[ClientUpdate]]:
+        replies, failed = self._send(TRAIN, round_number, clients, shared, done, epochs, ascent, tolerate=True)
+        return [Reply(self._sender(reply), decode_update(reply.content)) for reply in replies] + failed
 
     def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
-        replies = self._send(MEMBERSHIP, 0, clients, shared, lambda _: None)
+        replies, _ = self._send(MEMBERSHIP, 0, clients, shared, lambda _: None)
         return dict(decode_membership(reply.content) for reply in replies)
 
     def forget(self, clients: list[int]) -> None:
         self._send(FORGET, 0, clients, None, lambda _: None)
 
-    def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[ClientEvaluation]:
-        replies = self._send(MessageType.EVALUATE, 0, clients, shared, done)
-        return [decode_evaluation(reply.content) for reply in replies]
+    def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[Reply[ClientEvaluation]]:
+        replies, failed = self._send(MessageType.EVALUATE, 0, clients, shared, done, tolerate=True)
+        return [Reply(self._sender(reply), decode_evaluation(reply.content)) for reply in replies] + failed
 
     def audit_users(self, clients: list[int]) -> list[Arrays]:
         """The simulation's measurement oracle, not part of the protocol: these clients' user parts,
         in the order of `clients`, for the attribute audit's central view (server.audit)."""
-        replies = self._send(AUDIT_USERS, 0, clients, None, lambda _: None)
+        replies, _ = self._send(AUDIT_USERS, 0, clients, None, lambda _: None)
         federation = cached_federation(self.config.data, self.config.run.seed)
         by_id = dict(decode_audit_user(reply.content) for reply in replies)
         return [by_id[federation.client_ids[index]] for index in clients]

@@ -37,7 +37,7 @@ def run(pool_class, overrides, tmp_path=None, drop=""):
         history = HistoryStore(path, HistoryPolicy.for_method(config.unlearn))
     pool = pool_class(config, federation)
     server = FederatedServer(
-        config, federation.client_ids, federation.n_items, pool, Progress(1, False), history, schedule
+        config, federation, pool, Progress(1, False), history, schedule
     )
     return server.run(), pool
 
@@ -110,9 +110,10 @@ def test_ncf_with_bpr_and_adam_differs_only_where_bpr_is_blind_and_auto_picks_th
     model = build_model(config.model, federation.n_items)
     shared = model.init_shared(rng_for(0, Stream.SHARED_INIT))
     clients = list(range(federation.n_clients))
-    expected = sorted(InProcessPool(config, federation).train(1, clients, shared, lambda _: None),
+    expected = sorted((r.value for r in InProcessPool(config, federation).train(1, clients, shared, lambda _: None)),
                       key=lambda u: u.client_id)  # fmt: skip
-    got = sorted(BatchedPool(config, federation).train(1, clients, shared, lambda _: None), key=lambda u: u.client_id)
+    got = sorted((r.value for r in BatchedPool(config, federation).train(1, clients, shared, lambda _: None)),
+                 key=lambda u: u.client_id)  # fmt: skip
     for a, b in zip(expected, got, strict=True):
         for key in a.rows:
             np.testing.assert_allclose(b.rows[key], a.rows[key], atol=TOLERANCE)

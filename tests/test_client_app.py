@@ -57,7 +57,7 @@ def test_client_keeps_its_user_part_in_state_and_matches_the_inprocess_runner():
 
     for round_number in (1, 2):
         reply = _send(TRAIN, instruction(config, round_number, shared), context)
-        expected = pool.train(round_number, [3], shared, lambda _: None)[0]
+        expected = pool.train(round_number, [3], shared, lambda _: None)[0].value
         update = decode_update(reply.content)
         assert update.client_id == federation.client_ids[3]
         np.testing.assert_array_equal(update.item_ids, expected.item_ids)
@@ -68,7 +68,7 @@ def test_client_keeps_its_user_part_in_state_and_matches_the_inprocess_runner():
         assert "user_emb" not in reply.content.array_records["update"]
 
     evaluation = decode_evaluation(_send(MessageType.EVALUATE, instruction(config, 0, shared), context).content)
-    assert evaluation == pool.evaluate([3], shared, lambda _: None)[0]
+    assert evaluation == pool.evaluate([3], shared, lambda _: None)[0].value
 
 
 def test_the_audit_query_hands_the_auditor_the_user_part_the_client_holds():

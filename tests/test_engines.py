@@ -22,7 +22,7 @@ def run_inprocess(overrides):
     config = load_config(None, SMALL + overrides)
     federation = build_federation(config.data, config.run.seed)
     pool = InProcessPool(config, federation)
-    server = FederatedServer(config, federation.client_ids, federation.n_items, pool, Progress(1, False))
+    server = FederatedServer(config, federation, pool, Progress(1, False))
     return server.run(), pool
 
 
@@ -84,7 +84,7 @@ def test_unlearning_runs_its_calibration_through_flower_with_the_same_numbers(tm
     schedule = {4: [federation.client_ids[2]]}
     pool = InProcessPool(config, federation)
     history = HistoryStore(tmp_path / "a.sqlite", HistoryPolicy())
-    args = (config, federation.client_ids, federation.n_items, pool, Progress(1, False), history, schedule)
+    args = (config, federation, pool, Progress(1, False), history, schedule)
     expected = FederatedServer(*args).run()
     result, _ = run_flower(config, history=HistoryStore(tmp_path / "b.sqlite", HistoryPolicy()), schedule=schedule)
     for key in expected.shared:

@@ -66,7 +66,7 @@ def test_a_branch_is_a_lazy_copy_of_the_clients_state_and_never_touches_it(task_
         np.testing.assert_array_equal(value, own[key])  # the branch trained, the client's own state did not move
     np.testing.assert_array_equal(on_a, _train(config, shared, context))  # it started from a copy of that state
     _send(FORGET, instruction(config, branch="b"), context)
-    fresh = InProcessPool(config, federation).train(2, [3], shared, lambda _: None)[0]
+    fresh = InProcessPool(config, federation).train(2, [3], shared, lambda _: None)[0].value
     np.testing.assert_array_equal(_train(config, shared, context, "b"), _flat(fresh))  # forgotten on b: afresh
 
     for branch in ("a", "b"):
@@ -81,7 +81,7 @@ def _inprocess(config, federation, schedule, history_path):
     fork = pool.fork
     pool.fork = lambda: forks.append(fork()) or forks[-1]
     history = HistoryStore(history_path, HistoryPolicy.for_method(config.unlearn))
-    args = (config, federation.client_ids, federation.n_items, pool, Progress(1, False), history, schedule)
+    args = (config, federation, pool, Progress(1, False), history, schedule)
     return FederatedServer(*args).run(), [pool, *forks]
 
 

@@ -68,7 +68,7 @@ def run():
 
     flower = simulate_then(config, federation.n_clients, after_training)
     pool = InProcessPool(config, federation)
-    expected = FederatedServer(config, federation.client_ids, federation.n_items, pool, Progress(1, False)).run()
+    expected = FederatedServer(config, federation, pool, Progress(1, False)).run()
     return flower | {"config": config, "federation": federation, "classes": classes, "expected": expected,
                      "attributes": attributes, "model": pool.model}  # fmt: skip
 

@@ -40,7 +40,7 @@ def run():
     config = load_config(None, SMALL)
     federation = build_federation(config.data, config.run.seed)
     pool = InProcessPool(config, federation)
-    expected = FederatedServer(config, federation.client_ids, federation.n_items, pool, Progress(1, False)).run()
+    expected = FederatedServer(config, federation, pool, Progress(1, False)).run()
     embeddings = flatten_users(pool.model, [pool.user(i) for i in range(federation.n_clients)])
     attributes = federation.dataset.attributes.astype(str)
     attacker = train_attacker("mlp", AUDITED, embeddings, attributes[AUDITED].to_numpy(), config.run.seed)

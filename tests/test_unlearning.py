@@ -32,7 +32,7 @@ def server_for(tmp_path, overrides, drop=""):
     history = HistoryStore(tmp_path / f"h{len(list(tmp_path.iterdir()))}.sqlite", policy)
     pool = InProcessPool(config, federation)
     server = FederatedServer(
-        config, federation.client_ids, federation.n_items, pool, Progress(1, False), history, schedule
+        config, federation, pool, Progress(1, False), history, schedule
     )
     return server, history, pool
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedunlearn.federated import aggregate
 from fedunlearn.models import Arrays
 from fedunlearn.unlearning.federaser import require_history
 
@@ -19,5 +18,5 @@ def accum(server: FederatedServer, round_number: int, forgotten: list[int]) -> A
     shared = history.checkpoint(checkpoints[0])
     for checkpoint in checkpoints:
         updates = [history.update(checkpoint, c) for c in history.participants(checkpoint) if c in retained]
-        shared = aggregate(server.model, shared, updates, server.config.train.server_lr)
+        shared = server.aggregate(shared, updates)
     return shared

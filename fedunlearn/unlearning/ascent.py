@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedunlearn.federated import ClientUpdate, aggregate, rescale_tensors
+from fedunlearn.federated import ClientUpdate, rescale_tensors
 from fedunlearn.models import Arrays
 from fedunlearn.unlearning.federaser import require_history
 
@@ -26,9 +26,8 @@ def ascent(server: FederatedServer, round_number: int, forgotten: list[int]) -> 
         if past < round_number:
             last_round |= {index: past for index in forgotten if server.client_ids[index] in history.participants(past)}
     climbing = [index for index in forgotten if index in last_round]
-    steps = server.pool.train(round_number, climbing, server.shared, server.progress.client_done, None, True)
-    server.client_epochs += sum(u.epochs for u in steps)
+    steps = server.train_clients(round_number, climbing, server.shared, None, ascent=True)
     bounded = [
         project(step, history.norms(last_round[server.position[step.client_id]], step.client_id)) for step in steps
     ]
-    return aggregate(server.model, server.shared, bounded, server.config.train.server_lr)
+    return server.aggregate(server.shared, bounded)

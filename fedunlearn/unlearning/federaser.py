@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedunlearn.federated import ClientUpdate, aggregate, rescale_tensors
+from fedunlearn.federated import ClientUpdate, rescale_tensors
 from fedunlearn.history import HistoryStore
 from fedunlearn.models import Arrays
 
@@ -41,11 +41,10 @@ def federaser(server: FederatedServer, round_number: int, forgotten: list[int]) 
             updates = [history.update(checkpoint, client) for client in participants]
         else:
             positions = [server.position[c] for c in participants]
-            fresh = server.pool.train(checkpoint, positions, shared, server.progress.client_done, epochs)
-            server.client_epochs += sum(u.epochs for u in fresh)
+            fresh = server.train_clients(checkpoint, positions, shared, epochs)
             updates = [calibrate(u, history.norms(checkpoint, u.client_id)) for u in fresh]
             server.calibrations.extend((checkpoint, u) for u in updates)
             for update in updates:
                 history.replace_update(checkpoint, "full", update)
-        shared = aggregate(server.model, shared, updates, server.config.train.server_lr)
+        shared = server.aggregate(shared, updates)
     return shared

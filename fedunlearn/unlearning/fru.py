@@ -32,17 +32,16 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
     start = max(c for c in history.checkpoint_rounds() if c <= joined[0])
     shared = history.checkpoint(start)
     epochs = server.config.unlearn.lam * server.config.train.local_epochs
-    server_lr = server.config.train.server_lr
+    train = server.config.train
     for replayed in (r for r in past if r >= start):
         participants = [c for c in history.participants(replayed) if c in retained]
         if not participants:
             continue
         positions = [server.position[c] for c in participants]
-        fresh = server.pool.train(replayed, positions, shared, server.progress.client_done, epochs)
-        server.client_epochs += sum(u.epochs for u in fresh)
+        fresh = server.train_clients(replayed, positions, shared, epochs)
         stored = [history.update(replayed, c, COMPACT) for c in participants]
-        new_step = aggregate_delta(server.model, shared, fresh, server_lr)
-        stored_step = aggregate_delta(server.model, shared, stored, server_lr)
+        new_step = aggregate_delta(server.model, shared, fresh, train.server_lr, train.aggregation, train.trim)
+        stored_step = aggregate_delta(server.model, shared, stored, train.server_lr, train.aggregation, train.trim)
         shared = apply_delta(shared, {key: _rescaled(new_step[key], stored_step[key]) for key in new_step})
     return shared
 

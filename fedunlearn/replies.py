@@ -1,0 +1,172 @@
+"""What the server accepts from a client: every reply is checked before it touches the model or
+the history, on every engine; a rejected reply is dropped from its round and counted by reason.
+
+A pool returns one `Reply` per answer it got, tagged with the client the *transport* says sent it
+(the federation index the pool asked; on Flower, the node-to-client map), never the id the client
+writes into its reply: a client that claims another's id is caught here.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from fedunlearn.federated import ClientEvaluation, ClientUpdate
+from fedunlearn.models import Arrays, SplitModel
+
+T = TypeVar("T", ClientUpdate, ClientEvaluation)
+
+# why a reply was rejected
+FAILED = "exception"  # the client raised instead of replying
+TIMEOUT = "timeout"  # no reply within train.reply_timeout (Flower)
+REASONS = (
+    FAILED,
+    TIMEOUT,
+    "unexpected",  # from a client the server did not ask
+    "duplicate",  # a second reply from the same client in one call
+    "spoof_id",  # the client id written in the reply is not the sender's
+    "nan",
+    "inf",
+    "shape",  # missing / extra tensors, wrong shapes or dtypes
+    "item_range",  # item ids outside the catalogue, repeated, or not integers
+    "num_examples",  # not in 1 .. what the client holds
+    "norm",  # an upload over train.reject_norm_ratio x the round's median norm
+    "rank_range",  # an evaluation rank outside what the client can rank
+    "auc_range",  # a membership AUC that is not a number in [0, 1], or from a client not leaving
+)
+
+
+@dataclass
+class Reply(Generic[T]):
+    """One answer from the client at federation index `sender`: its value, or why there is none."""
+
+    sender: int
+    value: T | None = None
+    failure: str = ""  # FAILED or TIMEOUT when no value came
+    detail: str = ""  # the client's error message, for the run's error if every reply fails
+
+
+@dataclass
+class ReplyLimits:
+    """What a well-formed reply can hold, as the server knows it."""
+
+    client_ids: list[str]
+    shapes: dict[str, tuple[int, ...]]  # shared tensor -> shape (row tables: (items, d))
+    row_keys: tuple[str, ...]
+    max_examples: np.ndarray  # (clients,) the most positives each client can train on
+    test_negatives: int
+    n_items: int
+    full_ranking: bool
+
+    @classmethod
+    def of(cls, model: SplitModel, shared: Arrays, client_ids: list[str], max_examples: np.ndarray,
+           test_negatives: int, full_ranking: bool) -> ReplyLimits:  # fmt: skip
+        shapes = {key: tuple(value.shape) for key, value in shared.items()}
+        return cls(client_ids, shapes, tuple(model.row_keys), max_examples, test_negatives, model.n_items, full_ranking)
+
+
+def _values_problem(arrays: list[np.ndarray]) -> str:
+    for array in arrays:
+        if not np.issubdtype(array.dtype, np.floating):
+            return "shape"
+    for array in arrays:
+        if np.isnan(array).any():
+            return "nan"
+    for array in arrays:
+        if np.isinf(array).any():
+            return "inf"
+    return ""
+
+
+def update_problem(update: ClientUpdate, sender: int, limits: ReplyLimits) -> str:
+    """Why this upload cannot be used ('' when it can), before any comparison with other replies."""
+    if update.client_id != limits.client_ids[sender]:
+        return "spoof_id"
+    ids = np.asarray(update.item_ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        return "item_range"
+    if len(ids) and (ids.min() < 0 or ids.max() >= limits.n_items or len(np.unique(ids)) != len(ids)):
+        return "item_range"
+    dense_keys = set(limits.shapes) - set(limits.row_keys)
+    if set(update.rows) != set(limits.row_keys) or set(update.dense) != dense_keys:
+        return "shape"
+    for key, value in update.rows.items():
+        if np.shape(value) != (len(ids), limits.shapes[key][1]):
+            return "shape"
+    for key, value in update.dense.items():
+        if np.shape(value) != limits.shapes[key]:
+            return "shape"
+    problem = _values_problem([*update.rows.values(), *update.dense.values(), np.array([update.loss, update.epochs])])
+    if problem:
+        return problem
+    if not 1 <= update.num_examples <= limits.max_examples[sender]:
+        return "num_examples"
+    return ""
+
+
+def evaluation_problem(evaluation: ClientEvaluation, sender: int, limits: ReplyLimits) -> str:
+    if evaluation.client_id != limits.client_ids[sender]:
+        return "spoof_id"
+    ranked = (evaluation.rank, evaluation.valid_rank)
+    if not all(0 <= rank <= limits.test_negatives for rank in ranked):
+        return "rank_range"
+    full_ok = 0 <= evaluation.full_rank < limits.n_items if limits.full_ranking else evaluation.full_rank == -1
+    if not full_ok or not -1 <= evaluation.target_rank < limits.n_items:
+        return "rank_range"
+    return ""
+
+
+def _norms(update: ClientUpdate) -> dict[str, float]:
+    return {key: float(np.linalg.norm(value)) for key, value in {**update.rows, **update.dense}.items()}
+
+
+def median_norms(updates: list[ClientUpdate]) -> dict[str, float]:
+    """Each shared tensor's median norm over these uploads."""
+    norms = [_norms(update) for update in updates]
+    return {key: float(np.median([n[key] for n in norms])) for key in norms[0]} if norms else {}
+
+
+def over_median_norm(updates: list[ClientUpdate], ratio: float) -> list[bool]:
+    """Whether each upload has a tensor whose norm is over `ratio` x that tensor's median norm in
+    this batch (0: never). The median ignores a minority of outliers, so one huge upload cannot
+    raise its own bar."""
+    if ratio <= 0 or not updates:
+        return [False] * len(updates)
+    norms, median = [_norms(update) for update in updates], median_norms(updates)
+    return [any(n[key] > ratio * median[key] for key in median if median[key] > 0) for n in norms]
+
+
+def check_replies(
+    replies: list[Reply[T]], asked: list[int], limits: ReplyLimits, norm_ratio: float = 0.0
+) -> tuple[list[T], Counter[str], list[str]]:
+    """The usable values (in reply order), the rejected replies counted by reason, and the details
+    of the clients' failures."""
+    rejected: Counter[str] = Counter()
+    details = [reply.detail for reply in replies if reply.failure and reply.detail]
+    expected, seen = set(asked), set()
+    kept: list[Reply[T]] = []
+    for reply in replies:
+        if reply.sender not in expected:
+            problem = "unexpected"
+        elif reply.sender in seen:
+            problem = "duplicate"
+        elif reply.failure:
+            problem = reply.failure
+        elif isinstance(reply.value, ClientUpdate):
+            problem = update_problem(reply.value, reply.sender, limits)
+        else:
+            problem = evaluation_problem(reply.value, reply.sender, limits)
+        seen.add(reply.sender)
+        if problem:
+            rejected[problem] += 1
+        else:
+            kept.append(reply)
+    values = [reply.value for reply in kept]
+    if values and isinstance(values[0], ClientUpdate):
+        outliers = over_median_norm(values, norm_ratio)  # type: ignore[arg-type]
+        rejected["norm"] += sum(outliers)
+        values = [value for value, outlier in zip(values, outliers, strict=True) if not outlier]
+    return values, +rejected, details  # type: ignore[return-value]

@@ -1,0 +1,94 @@
+"""The server checks every client reply before it touches the model: each malformed kind is
+rejected for its own reason, and a good reply passes untouched."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from fedunlearn.federated import ClientEvaluation, ClientUpdate
+from fedunlearn.models import MF
+from fedunlearn.replies import Reply, ReplyLimits, check_replies
+
+IDS = ["a", "b", "c", "d"]
+MODEL = MF(n_items=10, dim=3, init_std=0.1)
+SHARED = MODEL.init_shared(np.random.default_rng(0))
+LIMITS = ReplyLimits.of(MODEL, SHARED, IDS, np.array([5, 5, 5, 5]), test_negatives=9, full_ranking=False)
+
+
+def upload(client="a", items=(1, 4, 7), scale=0.1, examples=3):
+    rows = np.full((len(items), 3), scale, dtype=np.float32)
+    return ClientUpdate(client, examples, np.array(items), {"item_emb": rows}, {}, loss=0.6, epochs=1.0)
+
+
+def rejected_reason(update, sender=0):
+    values, rejected, _ = check_replies([Reply(sender, update)], [sender], LIMITS)
+    assert values == [] and sum(rejected.values()) == 1
+    return next(iter(rejected))
+
+
+def test_a_well_formed_upload_passes_unchanged():
+    good = upload()
+    values, rejected, _ = check_replies([Reply(0, good)], [0], LIMITS)
+    assert values == [good] and not rejected
+
+
+@pytest.mark.parametrize(
+    ("broken", "reason"),
+    [
+        (upload(client="b"), "spoof_id"),
+        (upload(items=(1, 4, 10)), "item_range"),
+        (upload(items=(-1, 4, 7)), "item_range"),
+        (upload(items=(4, 4, 7)), "item_range"),
+        (replace(upload(), item_ids=np.array([1.0, 4.0, 7.0])), "item_range"),
+        (replace(upload(), rows={"item_emb": np.zeros((3, 2), np.float32)}), "shape"),
+        (replace(upload(), rows={"item_emb": np.zeros((1, 3), np.float32)}), "shape"),  # broadcastable, still wrong
+        (replace(upload(), rows={"item_emb": np.zeros((3, 3), np.int64)}), "shape"),
+        (replace(upload(), rows={}), "shape"),
+        (replace(upload(), dense={"extra": np.zeros(2, np.float32)}), "shape"),
+        (upload(scale=np.nan), "nan"),
+        (upload(scale=np.inf), "inf"),
+        (replace(upload(), loss=float("nan")), "nan"),
+        (upload(examples=0), "num_examples"),
+        (upload(examples=6), "num_examples"),  # more than the client holds
+    ],
+)
+def test_each_malformed_upload_is_rejected_for_its_reason(broken, reason):
+    assert rejected_reason(broken) == reason
+
+
+def test_replies_from_clients_not_asked_or_twice_are_rejected():
+    replies = [Reply(0, upload()), Reply(0, upload()), Reply(2, upload(client="c"))]
+    values, rejected, _ = check_replies(replies, [0, 1], LIMITS)
+    assert len(values) == 1 and rejected == {"duplicate": 1, "unexpected": 1}
+
+
+def test_failed_replies_are_counted_with_their_detail():
+    replies = [Reply(0, failure="exception", detail="boom"), Reply(1, failure="timeout"), Reply(2, upload("c"))]
+    values, rejected, details = check_replies(replies, [0, 1, 2], LIMITS)
+    assert len(values) == 1 and rejected == {"exception": 1, "timeout": 1} and details == ["boom"]
+
+
+def test_an_upload_far_above_the_median_norm_is_rejected_and_cannot_raise_the_bar():
+    replies = [Reply(i, upload(client=c, scale=0.1 + 0.01 * i)) for i, c in enumerate("abc")]
+    replies.append(Reply(3, upload(client="d", scale=0.1 * 1e6)))
+    values, rejected, _ = check_replies(replies, [0, 1, 2, 3], LIMITS, norm_ratio=100.0)
+    assert [v.client_id for v in values] == ["a", "b", "c"] and rejected == {"norm": 1}
+    just_under = [Reply(0, upload("a", scale=0.1)), Reply(1, upload("b", scale=0.1)), Reply(2, upload("c", scale=9.9))]
+    assert len(check_replies(just_under, [0, 1, 2], LIMITS, norm_ratio=100.0)[0]) == 3
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "reason"),
+    [
+        (ClientEvaluation("a", rank=-1, valid_rank=0, full_rank=-1), "rank_range"),
+        (ClientEvaluation("a", rank=10, valid_rank=0, full_rank=-1), "rank_range"),  # only 9 negatives
+        (ClientEvaluation("a", rank=0, valid_rank=0, full_rank=3), "rank_range"),  # no full ranking was asked
+        (ClientEvaluation("a", rank=0, valid_rank=0, full_rank=-1, target_rank=10), "rank_range"),
+        (ClientEvaluation("b", rank=0, valid_rank=0, full_rank=-1), "spoof_id"),
+    ],
+)
+def test_impossible_evaluations_are_rejected(evaluation, reason):
+    assert rejected_reason(evaluation) == reason
+    good = ClientEvaluation("a", rank=9, valid_rank=0, full_rank=-1, target_rank=-1)
+    assert check_replies([Reply(0, good)], [0], LIMITS)[0] == [good]
