@@ -100,7 +100,9 @@ def test_attrcloak_through_flower_equals_the_inprocess_defence(run, variant):
     flower = run[variant]
     assert flower["outcome"].embeddings is None  # the server never holds them
     np.testing.assert_allclose(flower["outcome"].weights, expected.weights, rtol=1e-4)
-    np.testing.assert_allclose(flower["outcome"].losses, expected.losses, rtol=1e-4)
+    # a loss near zero (DD's last step: 0.0036) is off by SecAgg+'s absolute rounding (measured 4e-7,
+    # about one grid step of the class sums), which no relative tolerance covers
+    np.testing.assert_allclose(flower["outcome"].losses, expected.losses, rtol=1e-4, atol=1e-6)
     after = flower["users"]
     gap = np.abs(after - expected.embeddings).max()
     weight_gap = np.abs(np.subtract(flower["outcome"].weights, expected.weights)).max()
