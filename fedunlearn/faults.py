@@ -16,35 +16,15 @@ from dataclasses import replace
 import numpy as np
 
 from fedunlearn.config import Config, FaultsConfig
-from fedunlearn.errors import FedUnlearnError
 from fedunlearn.federated import ClientUpdate
 from fedunlearn.replies import FAILED, Reply
 from fedunlearn.seeding import Stream, client_uniforms
 
-HUGE = 1e6  # huge_norm: the rows are scaled by this
-# kind -> what the client does instead of a well-formed upload
-KINDS: dict[str, str] = {
-    "exception": "raises an error instead of replying",
-    "nan": "one uploaded value is NaN",
-    "inf": "one uploaded value is +inf",
-    "shape": "the row changes lose their last column",
-    "item_range": "one item id lies past the catalogue",
-    "huge_norm": f"the row changes are scaled by {HUGE:g}",
-    "timeout": "replies after the server's train.reply_timeout (flower engine)",
-    "spoof_id": "claims to be another client",
-}
+HUGE = 1e6  # huge_norm: the rows are scaled by this (the kinds: config.FAULT_KINDS)
 
 
 class ClientFault(RuntimeError):
     """The `exception` fault: the client fails instead of replying."""
-
-
-def check_kinds(kinds: list[str], engine: str) -> None:
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown or not kinds:
-        raise FedUnlearnError(f"faults.kinds must name some of {', '.join(KINDS)}; got {kinds}")
-    if "timeout" in kinds and engine != "flower":
-        raise FedUnlearnError("faults.kinds 'timeout' needs run.engine=flower (only Flower waits for replies)")
 
 
 def fault_of(faults: FaultsConfig, seed: int, round_number: int, client_id: str) -> str | None:

@@ -331,22 +331,14 @@ def ranks_from_scores(
     )
 
 
-def aggregate_delta(
-    model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float, rule: str = "mean",
-    trim: float = 0.1,
-) -> Arrays:  # fmt: skip
+def aggregate_delta(model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float) -> Arrays:
     """The server's step (float64, full shapes): for each item row the example-count-weighted mean
     change over the clients that touched it, FedAvg for dense layers, times the server learning
-    rate (or, for a robust `rule`, see robust.py). Clients are summed in client-id order so arrival
-    order never matters."""
+    rate. Clients are summed in client-id order so arrival order never matters."""
     updates = sorted(updates, key=lambda u: u.client_id)
     delta = {key: np.zeros(value.shape, dtype=np.float64) for key, value in shared.items()}
     if not updates:
         return delta
-    if rule != "mean":
-        from fedunlearn.robust import robust_delta
-
-        return robust_delta(model, shared, updates, server_lr, rule, trim)
     row_weight = np.zeros(model.n_items, dtype=np.float64)
     for update in updates:
         row_weight[update.item_ids] += update.num_examples
@@ -366,9 +358,6 @@ def apply_delta(shared: Arrays, delta: Arrays) -> Arrays:
     return {key: (value + delta[key]).astype(np.float32) for key, value in shared.items()}
 
 
-def aggregate(
-    model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float, rule: str = "mean",
-    trim: float = 0.1,
-) -> Arrays:  # fmt: skip
+def aggregate(model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float) -> Arrays:
     """The new shared parameters after one round (see aggregate_delta)."""
-    return apply_delta(shared, aggregate_delta(model, shared, updates, server_lr, rule, trim))
+    return apply_delta(shared, aggregate_delta(model, shared, updates, server_lr))

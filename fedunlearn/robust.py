@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedunlearn.federated import ClientUpdate
+from fedunlearn.federated import ClientUpdate, aggregate_delta
 from fedunlearn.models import Arrays, SplitModel
 
 CHUNK_VALUES = 2**24  # float64 values held at once (clients x rows x d)
@@ -30,9 +30,12 @@ def coordinatewise(values: np.ndarray, rule: str, trim: float) -> np.ndarray:
     return total / np.maximum(upper - lower, 1)
 
 
-def robust_delta(
+def server_delta(
     model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float, rule: str, trim: float
 ) -> Arrays:
+    """The server's step under `rule`: federated.aggregate_delta's weighted mean, or the robust one."""
+    if rule == "mean" or not updates:
+        return aggregate_delta(model, shared, updates, server_lr)
     delta = {key: np.zeros(value.shape, dtype=np.float64) for key, value in shared.items()}
     for key in model.row_keys:
         dim = shared[key].shape[1]

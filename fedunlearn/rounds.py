@@ -20,13 +20,14 @@ import numpy as np
 
 from fedunlearn.config import Config, audits_privacy
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.federated import ClientEvaluation, ClientUpdate, aggregate, max_examples, rescale_tensors
+from fedunlearn.federated import ClientEvaluation, ClientUpdate, apply_delta, max_examples, rescale_tensors
 from fedunlearn.federation import Federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.metrics import hit_ratio, ranking_metrics
 from fedunlearn.models import Arrays, SplitModel, build_model
 from fedunlearn.progress import Progress
 from fedunlearn.replies import Reply, ReplyLimits, check_replies, median_norms
+from fedunlearn.robust import server_delta
 from fedunlearn.seeding import Stream, client_uniforms, rng_for
 
 ProgressHook = Callable[[int], None]
@@ -220,9 +221,13 @@ class FederatedServer:
                 f"round 1's ({self.losses[0]:.3g}); lower train.lr or train.server_lr"
             )
 
-    def aggregate(self, shared: Arrays, updates: list[ClientUpdate]) -> Arrays:
+    def aggregate_delta(self, shared: Arrays, updates: list[ClientUpdate]) -> Arrays:
+        """The server's step under train.aggregation (robust.py)."""
         train = self.config.train
-        return aggregate(self.model, shared, updates, train.server_lr, train.aggregation, train.trim)
+        return server_delta(self.model, shared, updates, train.server_lr, train.aggregation, train.trim)
+
+    def aggregate(self, shared: Arrays, updates: list[ClientUpdate]) -> Arrays:
+        return apply_delta(shared, self.aggregate_delta(shared, updates))
 
     def train_round(self, round_number: int, clients: list[int], shared: Arrays) -> tuple[Arrays, list[ClientUpdate]]:
         """One round from `shared`: the sampled clients train, the history records, the server aggregates."""

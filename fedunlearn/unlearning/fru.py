@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedunlearn.federated import aggregate_delta, apply_delta
+from fedunlearn.federated import apply_delta
 from fedunlearn.history import COMPACT
 from fedunlearn.models import Arrays
 from fedunlearn.unlearning.federaser import require_history
@@ -32,7 +32,6 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
     start = max(c for c in history.checkpoint_rounds() if c <= joined[0])
     shared = history.checkpoint(start)
     epochs = server.config.unlearn.lam * server.config.train.local_epochs
-    train = server.config.train
     for replayed in (r for r in past if r >= start):
         participants = [c for c in history.participants(replayed) if c in retained]
         if not participants:
@@ -40,8 +39,7 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
         positions = [server.position[c] for c in participants]
         fresh = server.train_clients(replayed, positions, shared, epochs)
         stored = [history.update(replayed, c, COMPACT) for c in participants]
-        new_step = aggregate_delta(server.model, shared, fresh, train.server_lr, train.aggregation, train.trim)
-        stored_step = aggregate_delta(server.model, shared, stored, train.server_lr, train.aggregation, train.trim)
+        new_step, stored_step = server.aggregate_delta(shared, fresh), server.aggregate_delta(shared, stored)
         shared = apply_delta(shared, {key: _rescaled(new_step[key], stored_step[key]) for key in new_step})
     return shared
 
