@@ -428,6 +428,14 @@ class BatchedPool(LocalPool):
             done(len(chunk))
         return results
 
+    def state(self) -> Arrays:
+        """Every client's private state, for the resume checkpoint."""
+        return {f"user.{key}": table for key, table in self.users.items()} | {"ready": self.ready}
+
+    def load_state(self, state: Arrays) -> None:
+        self.users = {key[5:]: value.copy() for key, value in state.items() if key.startswith("user.")}
+        self.ready = state["ready"].copy()
+
     def fork(self) -> BatchedPool:
         """A copy whose clients' private state can change without touching this pool's."""
         twin = object.__new__(BatchedPool)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         "--method", choices=["retrain", "federaser", "fru", "accum", "ascent", "none"], help="unlearning method"
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue an interrupted run (RUN_DIR or RUN_DIR.partial) with its own config, to the numbers of an "
+        "uninterrupted one",
+    )  # fmt: skip
 
     experiment = commands.add_parser("experiment", help="run every setting of an experiment file into one table")
     experiment.add_argument("file", help="experiment TOML (see experiments/)")
@@ -52,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         "--only", action="append", default=[], metavar="NAME", help="run just this setting (repeatable)"
     )
     experiment.add_argument("--quiet", action="store_true", help="no progress bars")
+    experiment.add_argument(
+        "--resume", action="store_true", help="continue the experiment in --out: finished runs are kept, others rerun"
+    )
     experiment.add_argument(
         "--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1: wall times stay clean)"
     )
@@ -86,21 +96,30 @@ def _run(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from fedunlearn.config import load_config
-    from fedunlearn.results import staged, write_run
+    from fedunlearn.results import run_folder_of, staged, write_config, write_run
     from fedunlearn.runner import execute
 
     overrides = list(args.overrides) + ([f"run.engine={args.engine}"] if args.engine else [])
     overrides += [f"unlearn.method={args.method}"] if args.method else []
     overrides += [f"unlearn.drop={_toml_string(args.drop)}"] if args.drop else []
     overrides += [f"unlearn.drop_random={_toml_string(args.drop_random)}"] if args.drop_random else []
-    if args.config is None and not overrides:
+    if args.resume and (args.config or overrides or args.out):
+        raise FedUnlearnError("--resume continues a run with its own config.toml: drop the config, --set and --out")
+    if args.config is None and not overrides and not args.resume:
         overrides = DEMO
         print("demo: federated MF on synthetic data; 2% of the clients leave at round 15 (FedEraser)")
-    config = load_config(args.config, overrides)
-    out = Path(args.out or f"results/run-{time.strftime('%Y%m%d-%H%M%S')}")
-    with staged(out) as folder:
-        outcome = execute(config, folder, show_progress=not args.quiet)
-        write_run(folder, config, outcome.result, outcome.info)
+    default = f"results/run-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = run_folder_of(args.resume) if args.resume else Path(args.out or default)
+    config = None if args.resume else load_config(args.config, overrides)
+    args.out_folder = out  # for the interruption message
+    with staged(out, resume=bool(args.resume)) as staging:
+        if config is None:
+            config = load_config(staging.folder / "config.toml")
+            print(f"resuming {out}", file=sys.stderr)
+        else:
+            write_config(staging.folder, config)  # what --resume reads
+        outcome = execute(config, staging.folder, show_progress=not args.quiet)
+        staging.final = write_run(staging.folder, config, outcome.result, outcome.info)
     final = outcome.result.final
     print(
         f"HR@10 {final['HR@10']:.4f}  NDCG@10 {final['NDCG@10']:.4f}  "
@@ -128,8 +147,9 @@ def _experiment(args: argparse.Namespace) -> None:
     from fedunlearn.experiment import run_experiment
 
     table = run_experiment(
-        args.file, args.out, args.overrides, show_progress=not args.quiet, jobs=args.jobs, only=args.only
-    )
+        args.file, args.out, args.overrides, show_progress=not args.quiet, jobs=args.jobs, only=args.only,
+        resume=args.resume,
+    )  # fmt: skip
     print(table.to_markdown(index=False, floatfmt=".4f"))
     print(f"results: {args.out}")
 
@@ -143,6 +163,8 @@ def _audit(args: argparse.Namespace) -> None:
     from fedunlearn.federation import build_federation
 
     run = Path(args.run_dir)
+    if run.name.endswith(".partial") or not (run / "final.json").is_file():
+        raise FedUnlearnError(f"{run} is not a finished run (no final.json): audit a finished results folder")
     saved = run / "central_view_embeddings.npz"
     if not saved.is_file():
         raise FedUnlearnError(f"{run} has no {saved.name}: rerun with --set audit.enabled=true (or a defence)")
@@ -169,8 +191,14 @@ def _data_info(args: argparse.Namespace) -> None:
     print(describe(load_dataset(args.dataset, path=args.path, users_path=args.users)))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM as SIGINT: the staging folder is kept for --resume
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command == "run":
             _run(args)
@@ -184,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedunlearn: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedunlearn: interrupted; no results folder was written", file=sys.stderr)
+        out = getattr(args, "out_folder", None)
+        hint = f"; continue with: fedunlearn run --resume {out}" if out else "; no results folder was written"
+        print(f"fedunlearn: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

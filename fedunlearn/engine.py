@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from fedunlearn.config import Config
@@ -111,6 +112,20 @@ class InProcessPool(LocalPool):
             replies.append(reply)
             done(1)
         return replies
+
+    def state(self) -> Arrays:
+        """Every client's private state, for the resume checkpoint."""
+        indices = sorted(self.user_state)
+        keys = next(iter(self.user_state.values())).keys() if indices else ()
+        stacked = {f"user.{key}": np.stack([self.user_state[i][key] for i in indices]) for key in keys}
+        return {"index": np.array(indices, dtype=np.int64)} | stacked
+
+    def load_state(self, state: Arrays) -> None:
+        tables = {key[5:]: value for key, value in state.items() if key.startswith("user.")}
+        self.user_state = {
+            int(index): {key: table[row].copy() for key, table in tables.items()}
+            for row, index in enumerate(state["index"])
+        }
 
     def fork(self) -> InProcessPool:
         """A copy whose clients' private state can change without touching this pool's."""

@@ -15,19 +15,24 @@ and its own `set` table, e.g.
 
 from __future__ import annotations
 
+import json
+import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fedunlearn.audit import compare_with_retrain
 from fedunlearn.config import Config, apply_mapping, load_overrides, read_toml, validate
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.models import Arrays
-from fedunlearn.results import staged, write_run
+from fedunlearn.results import FINAL, LOCK, lock_folder, partial_of, staged, write_config, write_run
 from fedunlearn.runner import RunOutcome, execute
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def load_settings(
@@ -55,6 +60,10 @@ def load_settings(
         name = row.get("name")
         if not name or name in names:
             raise FedUnlearnError(f"{path}: every [[setting]] needs a unique name; got {name!r}")
+        if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name:
+            raise FedUnlearnError(
+                f"{path}: setting name {name!r} is used as a folder name: use letters, digits, '-', '_' and '.' only"
+            )
         names.add(name)
         for model in models or [None]:
             for seed in seeds or [None]:
@@ -109,13 +118,30 @@ def _privacy_rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[s
     return [base | {"setting": row.pop("defence")} | row for row in outcome.result.privacy.table.to_dict("records")]
 
 
+ROWS_FILE = "experiment_rows.json"  # a finished run's table rows, for `--resume`
+
+
 def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tuple[list[dict[str, Any]], Arrays]:
-    (folder / name).mkdir(parents=True)
-    outcome = execute(config, folder / name, show_progress)
-    write_run(folder / name, config, outcome.result, outcome.info)
-    if outcome.result.privacy is not None:
-        return _privacy_rows(name, config, outcome), outcome.result.unlearned
-    return [_row(name, config, outcome)], outcome.result.unlearned
+    """One run into its own staged folder (resumed if a killed one left it), or its saved rows when
+    it finished before; a bad input or divergence becomes a `failed` row."""
+    run = folder / name
+    if (run / FINAL).is_file():
+        unlearned = run / "unlearned.npz"
+        saved = dict(np.load(unlearned, allow_pickle=False)) if unlearned.is_file() else {}
+        return json.loads((run / ROWS_FILE).read_text()), saved
+    try:
+        with staged(run, resume=partial_of(run).is_dir()) as staging:
+            write_config(staging.folder, config)
+            outcome = execute(config, staging.folder, show_progress)
+            staging.final = write_run(staging.folder, config, outcome.result, outcome.info)
+            rows = _privacy_rows(name, config, outcome) if outcome.result.privacy is not None else [
+                _row(name, config, outcome)]  # fmt: skip
+            rows = [row | {"status": "ok"} for row in rows]
+            (staging.folder / ROWS_FILE).write_text(json.dumps(rows) + "\n")
+    except FedUnlearnError as error:
+        return [{"setting": name.split("/")[0], "seed": config.run.seed, "model": config.model.name,
+                 "status": "failed", "error": str(error)}], {}  # fmt: skip
+    return rows, outcome.result.unlearned
 
 
 def run_experiment(
@@ -125,42 +151,68 @@ def run_experiment(
     show_progress: bool = True,
     jobs: int = 1,
     only: list[str] | None = None,
+    resume: bool = False,
 ) -> pd.DataFrame:
     """Run every setting (and model and seed), `jobs` at a time in separate processes, then write
-    runs.csv (one row per run) and table.csv / table.md (one row per setting and model: means, and
-    `<column>_std` when there are several seeds)."""
+    runs.csv (one row per run, `status` ok or failed with the one-line error) and table.csv /
+    table.md (one row per setting and model over the runs that finished: means, and `<column>_std`
+    when there are several seeds). Each run is staged on its own; `resume` continues an
+    experiment folder: finished runs are read back, interrupted ones resumed, failed ones retried.
+    Any failed run makes the whole call an error once the tables are written."""
     if jobs < 1:
         raise FedUnlearnError(f"--jobs is {jobs} but must be at least 1")
     settings = load_settings(path, overrides, only)
-    results: list[tuple[list[dict[str, Any]], Arrays] | None] = [None] * len(settings)
-    with staged(out) as folder:
-        if jobs == 1:
-            for index, (name, config) in enumerate(settings):
-                print(f"[{index + 1}/{len(settings)}] {name}", flush=True)
-                results[index] = _run_one(name, config, folder, show_progress)
-        else:
-            # spawn: a forked child would inherit torch's thread pools and any Ray state
-            with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as executor:
-                futures = {
-                    executor.submit(_run_one, name, config, folder, False): index
-                    for index, (name, config) in enumerate(settings)
-                }
-                for done, future in enumerate(as_completed(futures), start=1):
-                    index = futures[future]
-                    results[index] = future.result()
-                    print(f"[{done}/{len(settings)}] {settings[index][0]} done", flush=True)
-        rows = [row for run_rows, _ in results for row in run_rows]
-        compare_with_retrain(rows, [params for run_rows, params in results for _ in run_rows])
-        runs = pd.DataFrame(rows)
+    folder = Path(out)
+    if resume and not folder.is_dir():
+        raise FedUnlearnError(f"{folder} is not an experiment folder to resume: run without --resume first")
+    if not resume and folder.exists():
+        raise FedUnlearnError(f"results folder {folder} exists: continue it with --resume or choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(folder)
+    try:
+        results = _run_all(settings, folder, show_progress, jobs)
+        ok = [(run_rows, params) for run_rows, params in results if run_rows[0]["status"] == "ok"]
+        rows = [row for run_rows, _ in ok for row in run_rows]
+        compare_with_retrain(rows, [params for run_rows, params in ok for _ in run_rows])
+        failed = [run_rows[0] for run_rows, _ in results if run_rows[0]["status"] == "failed"]
+        runs = pd.DataFrame(rows + failed)
         runs.to_csv(folder / "runs.csv", index=False)
-        table = summarize(runs)
+        table = summarize(pd.DataFrame(rows).drop(columns="status")) if rows else pd.DataFrame()
         table.to_csv(folder / "table.csv", index=False)
         (folder / "table.md").write_text(markdown(table) + "\n")
         if "balanced_accuracy" in table.columns:
             from fedunlearn.report import plot_tradeoff
 
             plot_tradeoff(table[table["audit"].notna()], folder / "tradeoff.png", label="setting")
+    finally:
+        (folder / LOCK).unlink(missing_ok=True)
+        lock.close()
+    if failed:
+        first = f"{failed[0]['setting']} (seed {failed[0]['seed']}): {failed[0]['error']}"
+        raise FedUnlearnError(f"{len(failed)} of {len(results)} runs failed (see {folder}/runs.csv); first: {first}")
     return table
+
+
+def _run_all(
+    settings: list[tuple[str, Config]], folder: Path, show_progress: bool, jobs: int
+) -> list[tuple[list[dict[str, Any]], Arrays]]:
+    results: list[tuple[list[dict[str, Any]], Arrays] | None] = [None] * len(settings)
+    if jobs == 1:
+        for index, (name, config) in enumerate(settings):
+            print(f"[{index + 1}/{len(settings)}] {name}", flush=True)
+            results[index] = _run_one(name, config, folder, show_progress)
+    else:
+        # spawn: a forked child would inherit torch's thread pools and any Ray state
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as executor:
+            futures = {
+                executor.submit(_run_one, name, config, folder, False): index
+                for index, (name, config) in enumerate(settings)
+            }
+            for done, future in enumerate(as_completed(futures), start=1):
+                index = futures[future]
+                results[index] = future.result()
+                print(f"[{done}/{len(settings)}] {settings[index][0]} done", flush=True)
+    return [result for result in results if result is not None]
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:

@@ -8,19 +8,20 @@ What is kept, and for whom:
 - every round, when `compact` is on: each participant's update cut to the `alpha` share of its
   touched item rows that changed most (FRU's storage rule), dense layers whole.
 
-Each round is written in one transaction, so a crash loses at most the round in flight.
+Writes run in the server's transaction (fedunlearn.database): a round, or a drop event with the round
+after it, is stored whole or not at all, together with the resume checkpoint.
 """
 
 from __future__ import annotations
 
 import io
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedunlearn.config import UnlearnConfig
+from fedunlearn.database import Database
 from fedunlearn.federated import ClientUpdate
 from fedunlearn.models import Arrays
 
@@ -93,7 +94,7 @@ class HistoryPolicy:
         )
 
 
-class HistoryStore:
+class HistoryStore(Database):
     SCHEMA = """
     CREATE TABLE IF NOT EXISTS participation (round INTEGER, client_id TEXT, num_examples INTEGER,
         PRIMARY KEY (round, client_id));
@@ -108,20 +109,18 @@ class HistoryStore:
     """
 
     def __init__(self, path: str | Path, policy: HistoryPolicy) -> None:
+        super().__init__(path)
         self.path = Path(path)
         self.policy = policy
-        # the ServerApp may run in another thread than the one that opened the store (run_simulation);
-        # it is only ever used by one thread at a time
-        self.db = sqlite3.connect(self.path, check_same_thread=False)
-        self.db.executescript(self.SCHEMA)
-
-    def close(self) -> None:
-        self.db.close()
+        with self.transaction():
+            for statement in filter(str.strip, self.SCHEMA.split(";")):
+                self.db.execute(statement)
 
     def copy_to(self, path: str | Path) -> HistoryStore:
-        """An independent copy (for trying an unlearning method without touching this history)."""
-        target = sqlite3.connect(path)
-        self.db.backup(target)
+        """An independent copy (for trying an unlearning method without touching this history),
+        as committed: call it before the open transaction writes anything."""
+        target = Database(path)
+        self.db.backup(target.db, name="main")
         target.close()
         return HistoryStore(path, self.policy)
 
@@ -130,7 +129,7 @@ class HistoryStore:
 
     def record_round(self, round_number: int, shared_before: Arrays, updates: list[ClientUpdate]) -> None:
         """Everything the policy keeps about one round, in one transaction."""
-        with self.db:
+        with self.transaction():
             for update in updates:
                 self.db.execute(
                     "INSERT OR REPLACE INTO participation VALUES (?, ?, ?)",
@@ -145,7 +144,7 @@ class HistoryStore:
                 if self.policy.compact:
                     self._put_update(round_number, COMPACT, compact_update(update, self.policy.alpha))
             if self.policy.checkpoints and self.is_checkpoint(round_number):
-                self.put_checkpoint(round_number, shared_before, commit=False)
+                self.put_checkpoint(round_number, shared_before)
             full = sum(_update_bytes(u) for u in updates)
             self.db.execute(
                 "INSERT INTO accounting VALUES ('every_full_update', ?) "
@@ -153,12 +152,9 @@ class HistoryStore:
                 (full,),
             )
 
-    def put_checkpoint(self, round_number: int, shared: Arrays, commit: bool = True) -> None:
+    def put_checkpoint(self, round_number: int, shared: Arrays) -> None:
         rows = [(round_number, key, _blob(value)) for key, value in shared.items()]
-        if commit:
-            with self.db:
-                self.db.executemany("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)", rows)
-        else:
+        with self.transaction():
             self.db.executemany("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)", rows)
 
     def _put_update(self, round_number: int, kind: str, update: ClientUpdate) -> None:
@@ -171,7 +167,7 @@ class HistoryStore:
         self.db.executemany("INSERT OR REPLACE INTO update_tensors VALUES (?, ?, ?, ?, ?)", tensors)
 
     def replace_update(self, round_number: int, kind: str, update: ClientUpdate) -> None:
-        with self.db:
+        with self.transaction():
             self._put_update(round_number, kind, update)
             self.db.executemany(
                 "INSERT OR REPLACE INTO norms VALUES (?, ?, ?, ?)",
@@ -231,15 +227,16 @@ class HistoryStore:
     # ---- forgetting and accounting ---------------------------------------------------------------
 
     def forget(self, client_ids: list[str]) -> None:
-        """Delete every row of these clients, then compact the file so their bytes are gone too."""
-        with self.db:
+        """Delete every row of these clients, then compact the file so their bytes are gone too
+        (once the open transaction commits)."""
+        with self.transaction():
             for table in ("participation", "norms", "updates", "update_tensors"):
                 self.db.executemany(f"DELETE FROM {table} WHERE client_id = ?", [(c,) for c in client_ids])
-        self.db.execute("VACUUM")
+        self.vacuum()
 
     def clear(self) -> None:
         """Drop every stored round (Retrain rewrites the history from round 1)."""
-        with self.db:
+        with self.transaction():
             for table in ("participation", "norms", "checkpoints", "updates", "update_tensors"):
                 self.db.execute(f"DELETE FROM {table}")
 

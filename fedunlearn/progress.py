@@ -26,8 +26,8 @@ class Progress:
         self.hr10 = row.get("HR@10")
         self._show()
 
-    def end_round(self) -> None:
-        self.bar.update(1)
+    def end_round(self, rounds: int = 1) -> None:
+        self.bar.update(rounds)
 
     def close(self) -> None:
         self.bar.close()

@@ -1,14 +1,17 @@
-"""Results folders: written under a `.partial` name and renamed only when complete, so a failed run
-never leaves a folder that looks finished."""
+"""Results folders: written under a `.partial` name, renamed only when complete, final.json written
+last, so a failed or killed run never leaves a folder that looks finished; an interrupted one can
+be resumed (checkpoint.py)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pandas as pd
@@ -18,37 +21,117 @@ from fedunlearn.config import Config
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.rounds import FederationResult
 
+LOCK = ".lock"  # held (flock) by the process writing the folder
+FINAL = "final.json"  # written last, into the renamed folder: its presence means finished
 
-def check_free(out: str | Path) -> Path:
-    out = Path(out)
+
+@dataclass
+class Staging:
+    """A results folder being written: `folder` (`<out>.partial`, or `out` itself when a kill came
+    between the rename and final.json) becomes `out` once `final` is set and the block ends."""
+
+    out: Path
+    folder: Path
+    lock: IO[str]
+    final: dict[str, Any] | None = None
+
+
+def partial_of(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def lock_folder(folder: Path, out: Path | None = None) -> IO[str]:
+    """Hold the folder's lock file, or refuse at once if another process holds it."""
+    out = folder if out is None else out
+    handle = open(folder / LOCK, "a")  # noqa: SIM115 (held until the run ends)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise FedUnlearnError(f"another fedunlearn process is writing {out} now: wait for it or choose another --out")
+    return handle
+
+
+def _new(out: Path) -> Staging:
+    partial = partial_of(out)
     if out.exists():
         raise FedUnlearnError(f"results folder {out} already exists: choose another --out or remove it")
-    return out
+    if partial.exists():
+        if (partial / LOCK).exists():
+            lock_folder(partial, out).close()  # refuses at once while another run holds it
+        raise FedUnlearnError(
+            f"{partial} holds an interrupted run: continue it with fedunlearn run --resume {out}, or remove it"
+        )
+    partial.mkdir(parents=True)
+    return Staging(out, partial, lock_folder(partial, out))
+
+
+def run_folder_of(path: str | Path) -> Path:
+    """The results folder a --resume argument names (`X` or `X.partial`)."""
+    path = Path(path)
+    return path.with_name(path.name[: -len(".partial")]) if path.name.endswith(".partial") else path
+
+
+def _resumed(out: Path) -> Staging:
+    partial = partial_of(out)
+    if (out / FINAL).exists():
+        raise FedUnlearnError(f"{out} is a finished run (it has {FINAL}): nothing to resume")
+    for folder in (partial, out):
+        if folder.is_dir() and (folder / "config.toml").is_file() and (folder / LOCK).exists():
+            return Staging(out, folder, lock_folder(folder, out))
+    raise FedUnlearnError(f"{out} is not an interrupted fedunlearn run: no {partial.name} with a config.toml")
 
 
 @contextmanager
-def staged(out: str | Path) -> Iterator[Path]:
-    """Yield a staging folder that becomes `out` only if the block finishes without error."""
-    out = check_free(out)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+def staged(out: str | Path, resume: bool = False) -> Iterator[Staging]:
+    """A staging folder that becomes `out` only if the block finishes and sets `final`. A bad input
+    (FedUnlearnError) removes it; an interruption or crash keeps it for `--resume`, never holding
+    final.json; a second writer is refused at once (the lock)."""
+    out = Path(out)
+    staging = _resumed(out) if resume else _new(out)
     try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        yield staging
+    except FedUnlearnError:
+        shutil.rmtree(staging.folder, ignore_errors=True)
+        staging.lock.close()
         raise
-    partial.rename(out)
+    except BaseException:
+        staging.lock.close()
+        raise
+    if staging.final is None:
+        raise RuntimeError("the staged block set no final record")
+    publish(staging)
 
 
-def write_run(folder: str | Path, config: Config, result: FederationResult, info: dict[str, Any] | None = None) -> None:
-    """Resolved config, per-round metrics CSV, final metrics JSON and a short Markdown summary."""
+def publish(staging: Staging) -> None:
+    """Rename the folder to `out`, write final.json last and atomically, drop the resume files."""
+    from fedunlearn.checkpoint import RESUME_FILE
+
+    if staging.folder != staging.out:
+        staging.folder.rename(staging.out)
+    pending = staging.out / (FINAL + ".tmp")
+    pending.write_text(json.dumps(staging.final, indent=2, allow_nan=False) + "\n")  # NaN is no result
+    pending.rename(staging.out / FINAL)
+    (staging.out / RESUME_FILE).unlink(missing_ok=True)
+    (staging.out / LOCK).unlink(missing_ok=True)
+    staging.lock.close()
+
+
+def write_config(folder: Path, config: Config) -> None:
+    (folder / "config.toml").write_text(tomli_w.dumps(config.to_dict()))
+
+
+def write_run(
+    folder: str | Path, config: Config, result: FederationResult, info: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Resolved config, per-round metrics CSV and a short Markdown summary; returns the final record
+    (final metrics, engine, sizes, seconds) that `publish` writes as final.json last."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.toml").write_text(tomli_w.dumps(config.to_dict()))
+    write_config(folder, config)
     pd.DataFrame(result.rounds).to_csv(folder / "metrics.csv", index=False)
     final = {"engine": config.run.engine, "mode": config.run.mode, **(info or {}), "metrics": result.final}
-    (folder / "final.json").write_text(json.dumps(final, indent=2, allow_nan=False) + "\n")  # NaN is no result
+    json.dumps(final, allow_nan=False)  # a NaN anywhere is an error before anything is published
     (folder / "summary.md").write_text(summary_markdown(config, result, info or {}))
     if result.unlearned:
         np.savez_compressed(folder / "unlearned.npz", **result.unlearned)
@@ -58,6 +141,7 @@ def write_run(folder: str | Path, config: Config, result: FederationResult, info
         table = pd.DataFrame(result.comparison)
         table.to_csv(folder / "unlearning.csv", index=False)
         (folder / "unlearning.md").write_text(table.to_markdown(index=False, floatfmt=".4f") + "\n")
+    return final
 
 
 def summary_markdown(config: Config, result: FederationResult, info: dict[str, Any]) -> str:

@@ -12,12 +12,14 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from fedunlearn.checkpoint import Checkpoint, prefixed, unprefixed
 from fedunlearn.config import Config, audits_privacy
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.federated import ClientEvaluation, ClientUpdate, apply_delta, max_examples, rescale_tensors
@@ -141,6 +143,7 @@ class FederatedServer:
         progress: Progress,
         history: HistoryStore | None = None,
         schedule: dict[int, list[str]] | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         self.config = config
         client_ids, n_items = federation.client_ids, federation.n_items
@@ -171,6 +174,8 @@ class FederatedServer:
         )  # fmt: skip
         self.rejected = fresh_counts()
         self.losses: list[float] = []  # each round's mean training loss
+        self.reported: Counter[str] = Counter()  # rejected uploads already shown in an earlier metrics row
+        self.checkpoint = checkpoint
 
     def sample(self, round_number: int) -> list[int]:
         ids = [self.client_ids[i] for i in self.active]
@@ -312,6 +317,7 @@ class FederatedServer:
                 twin.history = self.history.copy_to(Path(scratch) / f"{method}.sqlite")
                 twin.active, twin.events, twin.calibrations = list(self.active), [], []
                 twin.rejected = fresh_counts()  # a trial's rejections are not the run's
+                twin.checkpoint = None
                 twin.progress = Progress(0, enabled=False)
                 twin.remove(round_number, leaving, method)
                 twin.history.close()
@@ -327,37 +333,51 @@ class FederatedServer:
         compare_with_retrain(rows, unlearned)
         return rows
 
+    def _transaction(self) -> AbstractContextManager[Any]:
+        """One round (with the drop event before it) is stored whole or not at all: the history's
+        transaction, which the checkpoint shares (checkpoint.py)."""
+        store = self.history if self.history is not None else self.checkpoint
+        return store.transaction() if store is not None else nullcontext()
+
+    def _save(self, result: FederationResult, round_number: int, elapsed: float) -> None:
+        arrays = prefixed("shared", self.shared) | prefixed("unlearned", self.unlearned)
+        arrays |= prefixed("pool", self.pool.state())  # type: ignore[attr-defined]
+        if result.uploads is not None:
+            arrays["uploads"] = result.uploads
+        meta = {
+            "round": round_number, "elapsed": elapsed, "active": self.active, "client_epochs": self.client_epochs,
+            "events": self.events, "losses": self.losses, "reported": self.reported,
+            "rejected": {kind: dict(counts) for kind, counts in self.rejected.items()},
+            "rows": result.rounds, "round_ends": result.round_ends, "comparison": result.comparison,
+        }  # fmt: skip
+        self.checkpoint.save(arrays, meta)  # type: ignore[union-attr]
+
+    def _restore(self, result: FederationResult) -> tuple[int, float]:
+        """Continue from the checkpoint, if a round completed: (the next round, seconds already run)."""
+        saved = self.checkpoint.load() if self.checkpoint is not None else None
+        if saved is None:
+            return 1, 0.0
+        arrays, meta = saved
+        self.shared, self.unlearned = unprefixed("shared", arrays), unprefixed("unlearned", arrays)
+        self.pool.load_state(unprefixed("pool", arrays))  # type: ignore[attr-defined]
+        result.uploads = arrays.get("uploads")
+        self.active, self.client_epochs, self.events = meta["active"], meta["client_epochs"], meta["events"]
+        self.losses, self.reported = meta["losses"], Counter(meta["reported"])
+        self.rejected = fresh_counts() | {kind: Counter(counts) for kind, counts in meta["rejected"].items()}
+        result.rounds, result.round_ends, result.comparison = meta["rows"], meta["round_ends"], meta["comparison"]
+        self.progress.end_round(meta["round"])
+        return meta["round"] + 1, meta["elapsed"]
+
     def run(self) -> FederationResult:
         result = FederationResult()
-        started = time.perf_counter()
         rounds = self.config.train.rounds
-        reported: Counter[str] = Counter()  # rejected uploads already shown in an earlier row
-        for round_number in range(1, rounds + 1):
-            if round_number in self.schedule:
-                if self.config.unlearn.compare:
-                    result.comparison = self.compare_methods(round_number, self.schedule[round_number])
-                self.remove(round_number, self.schedule[round_number])
-            clients = self.sample(round_number)
-            self.progress.start_round(round_number, len(clients))
-            self.shared, updates = self.train_round(round_number, clients, self.shared)
-            self._check_loss(round_number, float(np.mean([u.loss for u in updates])))
-            if round_number == rounds and audits_privacy(self.config):
-                result.uploads = self.upload_view(updates)
-            if round_number % self.config.eval.every == 0 or round_number == rounds:
-                since = self.rejected["updates"] - reported  # rejected in the rounds since the last row
-                reported = Counter(self.rejected["updates"])
-                row = {
-                    "round": round_number,
-                    "clients": len(clients),
-                    "train_loss": self.losses[-1],
-                    **self.evaluate(),
-                    "rejected": sum(since.values()),
-                    **{f"rejected_{reason}": count for reason, count in sorted(since.items())},
-                    "seconds": time.perf_counter() - started,
-                }
-                result.rounds.append(row)
-                self.progress.evaluated(row)
-            result.round_ends.append(time.time())
+        first, elapsed = self._restore(result)
+        started = time.perf_counter() - elapsed
+        for round_number in range(first, rounds + 1):
+            with self._transaction():
+                self._run_round(result, round_number, started)
+                if self.checkpoint is not None:
+                    self._save(result, round_number, time.perf_counter() - started)
             self.progress.end_round()
         reasons = sorted({key for row in result.rounds for key in row if key.startswith("rejected_")})
         for row in result.rounds:  # the same columns in every row
@@ -368,3 +388,32 @@ class FederatedServer:
         result.events = self.events
         result.unlearned = self.unlearned
         return result
+
+    def _run_round(self, result: FederationResult, round_number: int, started: float) -> None:
+        """The drop event before the round (if any), the round, and its evaluation row."""
+        rounds = self.config.train.rounds
+        if round_number in self.schedule:
+            if self.config.unlearn.compare:
+                result.comparison = self.compare_methods(round_number, self.schedule[round_number])
+            self.remove(round_number, self.schedule[round_number])
+        clients = self.sample(round_number)
+        self.progress.start_round(round_number, len(clients))
+        self.shared, updates = self.train_round(round_number, clients, self.shared)
+        self._check_loss(round_number, float(np.mean([u.loss for u in updates])))
+        if round_number == rounds and audits_privacy(self.config):
+            result.uploads = self.upload_view(updates)
+        if round_number % self.config.eval.every == 0 or round_number == rounds:
+            since = self.rejected["updates"] - self.reported  # rejected in the rounds since the last row
+            self.reported = Counter(self.rejected["updates"])
+            row = {
+                "round": round_number,
+                "clients": len(clients),
+                "train_loss": self.losses[-1],
+                **self.evaluate(),
+                "rejected": sum(since.values()),
+                **{f"rejected_{reason}": count for reason, count in sorted(since.items())},
+                "seconds": time.perf_counter() - started,
+            }
+            result.rounds.append(row)
+            self.progress.evaluated(row)
+        result.round_ends.append(time.time())

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from fedunlearn.checkpoint import Checkpoint
 from fedunlearn.config import Config, audits_privacy
 from fedunlearn.federation import Federation, build_federation
 from fedunlearn.history import HistoryPolicy, HistoryStore
@@ -24,7 +25,9 @@ class RunOutcome:
 
 
 def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutcome:
-    """Run the configured job; `folder` (the staging results folder) receives the history database."""
+    """Run the configured job; `folder` (the staging results folder) receives the history database and
+    the resume checkpoint, and a federated run on a single-machine engine continues from that
+    checkpoint when the folder holds one (central, popularity and Flower runs start afresh)."""
     started = time.perf_counter()
     federation = build_federation(config.data, config.run.seed)
     info: dict[str, Any] = {
@@ -116,7 +119,10 @@ def _privacy(
 def _federated(
     config: Config, federation: Federation, folder: Path, show_progress: bool, info: dict[str, Any]
 ) -> FederationResult:
+    if config.run.engine == "flower":  # the clients' state lived in the killed simulation: start afresh
+        (folder / "history.sqlite").unlink(missing_ok=True)
     schedule, history = schedule_and_history(config, federation, folder)
+    checkpoint = None
     try:
         if config.run.engine == "flower":
             from server.simulation import run_flower
@@ -125,10 +131,11 @@ def _federated(
         else:
             from fedunlearn.engine import make_pool
 
+            checkpoint = Checkpoint(folder, history)  # resumes from the last complete round, if any
             progress = Progress(config.train.rounds, show_progress)
             try:
                 pool = make_pool(config, federation)
-                server = FederatedServer(config, federation, pool, progress, history, schedule)
+                server = FederatedServer(config, federation, pool, progress, history, schedule, checkpoint)
                 result = server.run()
             finally:
                 progress.close()
@@ -136,6 +143,8 @@ def _federated(
                 result.privacy = _privacy(config, federation, server, pool, result)
         info |= outcome_info(result, history)
     finally:
+        if checkpoint is not None:
+            checkpoint.close()
         if history is not None:
             history.close()
     return result

@@ -79,8 +79,8 @@ def main(grid: Grid, context: Context) -> None:
     config, out = _config_from_run_config(context)
     federation = cached_federation(config.data, config.run.seed)
     progress = Progress(config.train.rounds)
-    with staged(out) as folder:
-        schedule, history = schedule_and_history(config, federation, folder)
+    with staged(out) as staging:
+        schedule, history = schedule_and_history(config, federation, staging.folder)
         try:
             result, _ = serve(grid, config, progress, False, history, schedule)
             info = outcome_info(result, history)
@@ -88,4 +88,4 @@ def main(grid: Grid, context: Context) -> None:
             progress.close()
             if history is not None:
                 history.close()
-        write_run(folder, config, result, info)
+        staging.final = write_run(staging.folder, config, result, info)

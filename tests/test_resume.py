@@ -1,0 +1,196 @@
+"""A run killed at any moment continues with `fedunlearn run --resume` to exactly the numbers of a
+run that was never interrupted; results folders never look finished before they are."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import TINY
+
+import fedunlearn.results
+from fedunlearn.cli import main
+from fedunlearn.unlearning import METHODS
+
+SETTINGS = TINY + ["data.synthetic_users=30", "train.rounds=8", "eval.every=2"]
+DROP = ["unlearn.drop_random=3@5", "unlearn.method=federaser", "unlearn.dt=2"]
+
+
+def run(out, settings, *extra):
+    args = [part for setting in settings for part in ("--set", setting)]
+    return main(["run", *args, "--out", str(out), "--quiet", *extra])
+
+
+def metrics(folder):
+    final = json.loads((folder / "final.json").read_text())
+    final["metrics"].pop("seconds")
+    return final["metrics"], final.get("events", []), final.get("rejected_updates")
+
+
+def assert_same_run(folder, reference):
+    got, want = metrics(folder), metrics(reference)
+    assert got[0] == want[0]  # every metric, bit for bit
+    assert [{k: v for k, v in e.items() if k != "seconds"} for e in got[1]] == [
+        {k: v for k, v in e.items() if k != "seconds"} for e in want[1]
+    ]
+    assert got[2] == want[2]
+    assert not list(folder.parent.glob("*.partial")) and not (folder / "resume.sqlite").exists()
+
+
+def checkpointed_round(partial):
+    try:
+        db = sqlite3.connect(f"file:{partial / 'resume.sqlite'}?mode=ro", uri=True)
+        row = db.execute("SELECT data FROM state WHERE name = 'meta'").fetchone()
+        db.close()
+    except sqlite3.Error:
+        return 0
+    return json.loads(row[0])["round"] if row else 0
+
+
+@pytest.mark.parametrize("engine", ["batched", "inprocess"])
+def test_kill_9_then_resume_gives_the_uninterrupted_numbers(tmp_path, engine):
+    settings = [*SETTINGS, "train.rounds=40", "eval.every=5", *DROP, f"run.engine={engine}"]
+    assert run(tmp_path / "reference", settings) == 0
+    out = tmp_path / "killed"
+    args = [part for setting in settings for part in ("--set", setting)]
+    process = subprocess.Popen([sys.executable, "-m", "fedunlearn.cli", "run", *args, "--out", str(out), "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while checkpointed_round(out.with_name("killed.partial")) < 3 and process.poll() is None:
+        assert time.monotonic() < deadline, "the run never checkpointed round 3"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists() and [p.parent.name for p in tmp_path.rglob("final.json")] == ["reference"]
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert_same_run(out, tmp_path / "reference")
+
+
+def test_a_kill_inside_the_unlearning_event_leaves_no_half_event(tmp_path, monkeypatch):
+    settings = [*SETTINGS, *DROP]
+    assert run(tmp_path / "reference", settings) == 0
+    federaser = METHODS["federaser"]
+
+    def killed_halfway(server, round_number, forgotten):
+        history = server.history
+        history.put_checkpoint(3, {k: v * 0 for k, v in history.checkpoint(3).items()})  # a half calibration
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(METHODS, "federaser", killed_halfway)
+    out = tmp_path / "killed"
+    assert run(out, settings) == 130
+    partial = out.with_name("killed.partial")
+    assert checkpointed_round(partial) == 4  # the event before round 5 did not happen, in any part
+    history = sqlite3.connect(partial / "history.sqlite")
+    leaving = json.loads((tmp_path / "reference" / "final.json").read_text())["events"][0]["clients"]
+    stored = {c for (c,) in history.execute("SELECT DISTINCT client_id FROM participation")}
+    assert set(leaving) <= stored  # their rows are still there: they have not left yet
+    history.close()
+    monkeypatch.setitem(METHODS, "federaser", federaser)
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert_same_run(out, tmp_path / "reference")
+    history = sqlite3.connect(out / "history.sqlite")
+    assert not set(leaving) & {c for (c,) in history.execute("SELECT DISTINCT client_id FROM norms")}
+
+
+def test_a_kill_while_publishing_is_finished_by_resume(tmp_path, monkeypatch):
+    assert run(tmp_path / "reference", SETTINGS) == 0
+    publish = fedunlearn.results.publish
+
+    def killed_after_rename(staging):
+        staging.folder.rename(staging.out)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedunlearn.results, "publish", killed_after_rename)
+    out = tmp_path / "killed"
+    assert run(out, SETTINGS) == 130
+    assert out.is_dir() and not (out / "final.json").exists()  # renamed, but not finished
+    monkeypatch.setattr(fedunlearn.results, "publish", publish)
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert_same_run(out, tmp_path / "reference")
+
+
+def test_sigterm_keeps_a_resumable_folder_without_final_json(tmp_path):
+    out = tmp_path / "run"
+    args = [part for setting in [*SETTINGS, "train.rounds=400"] for part in ("--set", setting)]
+    process = subprocess.Popen([sys.executable, "-m", "fedunlearn.cli", "run", *args, "--out", str(out), "--quiet"],
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while checkpointed_round(out.with_name("run.partial")) < 2:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.strip().endswith(f"fedunlearn: interrupted; continue with: fedunlearn run --resume {out}")
+    assert (out.with_name("run.partial") / "config.toml").is_file() and not list(tmp_path.rglob("final.json"))
+
+
+def test_resume_refuses_what_is_not_an_interrupted_run(tmp_path, capsys):
+    assert run(tmp_path / "done", SETTINGS) == 0
+    (tmp_path / "junk").mkdir()
+    for folder, message in [("done", "is a finished run"), ("junk", "is not an interrupted fedunlearn run"),
+                            ("missing", "is not an interrupted fedunlearn run")]:  # fmt: skip
+        capsys.readouterr()
+        assert main(["run", "--resume", str(tmp_path / folder), "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path / "done"), "--set", "train.rounds=3"]) == 2
+
+
+def test_an_interrupted_folder_is_never_deleted_or_overwritten_and_a_live_one_is_locked(tmp_path, capsys):
+    out = tmp_path / "run"
+    partial = tmp_path / "run.partial"
+    partial.mkdir()
+    (partial / "my-notes.txt").write_text("keep me")
+    (partial / ".lock").write_text("")
+    assert run(out, SETTINGS) == 2
+    assert "holds an interrupted run: continue it with fedunlearn run --resume" in capsys.readouterr().err
+    assert (partial / "my-notes.txt").read_text() == "keep me"
+    holder = fedunlearn.results.lock_folder(partial)  # another process writing it now
+    try:
+        assert run(out, SETTINGS) == 2
+        assert "another fedunlearn process is writing" in capsys.readouterr().err
+    finally:
+        holder.close()
+
+
+def test_a_bad_input_leaves_no_staging_folder_and_audit_refuses_unfinished_folders(tmp_path, capsys):
+    assert run(tmp_path / "bad", [*SETTINGS, "unlearn.drop=nosuch@3"]) == 2
+    assert not list(tmp_path.iterdir())
+    partial = tmp_path / "x.partial"
+    partial.mkdir()
+    assert main(["audit", str(partial)]) == 2
+    assert "is not a finished run" in capsys.readouterr().err
+
+
+def test_an_experiment_keeps_its_finished_runs_and_resumes_the_rest(tmp_path, capsys):
+    spec = tmp_path / "e.toml"
+    base = "\n".join(f'"{key}" = {value}' for key, value in dict(s.split("=") for s in SETTINGS).items())
+    spec.write_text(f"[base]\n{base}\n\n[[setting]]\nname = \"a\"\nset = {{}}\n\n"
+                    "[[setting]]\nname = \"b\"\nset = { \"train.lr\" = 1e4, \"train.optimizer\" = \"sgd\" }\n\n"
+                    "[[setting]]\nname = \"c\"\nset = { \"model.dim\" = 4 }\n")  # fmt: skip
+    out = tmp_path / "exp"
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet"]) == 2
+    assert "1 of 3 runs failed" in capsys.readouterr().err  # b diverges: recorded, the others kept
+    runs = (out / "runs.csv").read_text()
+    assert "training diverged" in runs and (out / "a" / "final.json").is_file() and (out / "c" / "final.json").exists()
+    table = (out / "table.csv").read_text()
+    stamp = (out / "a" / "final.json").stat().st_mtime_ns
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet"]) == 2  # exists: --resume it
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume", "--only", "a",
+                 "--only", "c"]) == 0  # fmt: skip
+    assert (out / "a" / "final.json").stat().st_mtime_ns == stamp  # read back, not rerun
+    assert (out / "table.csv").read_text() == table
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "a/b", ".hidden", ""])
+def test_setting_names_must_be_plain_folder_names(tmp_path, capsys, name):
+    spec = tmp_path / "e.toml"
+    spec.write_text(f'[[setting]]\nname = "{name}"\nset = {{}}\n')
+    assert main(["experiment", str(spec), "--out", str(tmp_path / "exp"), "--quiet"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "exp").exists()
+    assert not os.path.exists(tmp_path.parent / "x")
