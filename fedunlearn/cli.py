@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -155,6 +156,8 @@ def _experiment(args: argparse.Namespace) -> None:
 
 
 def _audit(args: argparse.Namespace) -> None:
+    import zipfile
+
     import numpy as np
     import pandas as pd
 
@@ -169,17 +172,30 @@ def _audit(args: argparse.Namespace) -> None:
     if not saved.is_file():
         raise FedUnlearnError(f"{run} has no {saved.name}: rerun with --set audit.enabled=true (or a defence)")
     config = load_config(run / "config.toml", args.overrides)
-    arrays = np.load(saved, allow_pickle=False)
+    try:
+        with np.load(saved, allow_pickle=False) as stored:
+            arrays = {key: stored[key] for key in stored.files}
+        clients = [str(c) for c in arrays["clients"]]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise FedUnlearnError(f"{saved} is damaged ({type(err).__name__}): rerun the audited run") from None
+    if not all(np.isfinite(arrays[stage]).all() for stage in ("before", "after") if stage in arrays):
+        raise FedUnlearnError(f"{saved} holds non-finite embeddings: nothing can be audited from it")
     federation = build_federation(config.data, config.run.seed)
     position = {client: index for index, client in enumerate(federation.client_ids)}
-    attributes = federation.dataset.attributes.iloc[[position[c] for c in arrays["clients"]]].reset_index(drop=True)
+    missing = [c for c in clients if c not in position]
+    if missing:
+        raise FedUnlearnError(
+            f"{run}/config.toml does not describe the saved embeddings: clients {missing[:3]} are not in its "
+            "dataset (was config.toml edited, or --set data.* given?)"
+        )
+    attributes = federation.dataset.attributes.iloc[[position[c] for c in clients]].reset_index(drop=True)
     tables = []
     for stage in [name for name in ("before", "after") if name in arrays]:
         table, _ = privacy_table({"embedding": arrays[stage]}, attributes, config)
         tables.append(table.assign(stage=stage))
     table = pd.concat(tables, ignore_index=True)
     columns = ["stage", "attacker", "attribute", "audit", "accuracy", "balanced_accuracy", "chance", "at_risk"]
-    print(table[columns].to_markdown(index=False, floatfmt=".4f"))
+    print(table[[c for c in columns if c in table.columns]].to_markdown(index=False, floatfmt=".4f"))
     if args.out:
         table.to_csv(args.out, index=False)
 
@@ -210,6 +226,16 @@ def main(argv: list[str] | None = None) -> int:
             _data_info(args)
     except FedUnlearnError as err:
         print(f"fedunlearn: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a results or config path that cannot be created, written or read
+        where = f" {err.filename}" if err.filename else ""
+        print(f"fedunlearn: error: cannot write or read{where}: {err.strerror or err}; check the path and free space",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    except sqlite3.OperationalError as err:  # the history or checkpoint database (disk full, say)
+        out = getattr(args, "out_folder", None)
+        hint = f"; free space, then fedunlearn run --resume {out}" if out else ""
+        print(f"fedunlearn: error: the run's database failed: {err}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "out_folder", None)

@@ -349,6 +349,9 @@ def validate(config: Config) -> Config:
         raise FedUnlearnError(
             "defence.clients = 'listed' needs defence.client_ids, e.g. --set defence.client_ids=[1,2]"
         )
+    if config.run.mode != "federated" and (config.unlearn.drop.strip() or config.unlearn.drop_random.strip()):
+        mode = config.run.mode
+        raise FedUnlearnError(f"a drop schedule needs run.mode = 'federated' (clients leave one), not {mode!r}")
     if config.data.dataset == "csv" and not config.data.path:
         raise FedUnlearnError("data.dataset = 'csv' needs data.path: --set data.path=interactions.csv")
     return config
@@ -382,13 +385,17 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FedUnlearnError(f"config file {path} not found: pass an existing TOML file")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FedUnlearnError(f"{path} is not a UTF-8 text file: pass a TOML config") from None
     except tomllib.TOMLDecodeError as err:
         raise FedUnlearnError(f"{path} is not valid TOML: {err}") from None
 
 
-def apply_mapping(config: Config, mapping: dict[str, Any]) -> None:
+def apply_mapping(config: Config, mapping: dict[str, Any], where: str = "settings") -> None:
     """Apply a nested ({section: {key: value}}) or dotted ({"section.key": value}) mapping."""
+    if not isinstance(mapping, dict):
+        raise FedUnlearnError(f"{where} must be a table of section.key = value; got {mapping!r}")
     for name, value in mapping.items():
         if isinstance(value, dict):
             for key, inner in value.items():

@@ -33,7 +33,7 @@ class Database:
             yield self.db
         except BaseException:
             self.depth -= 1
-            if self.depth == 0:
+            if self.depth == 0 and self.db.in_transaction:  # SQLite may have rolled back itself (disk full)
                 self.db.execute("ROLLBACK")
                 self.vacuum_pending = False
             raise

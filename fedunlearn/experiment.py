@@ -48,6 +48,8 @@ def load_settings(
     settings = spec.get("setting", [])
     if not settings:
         raise FedUnlearnError(f"{path} has no [[setting]] rows: add at least one")
+    if not isinstance(settings, list) or not all(isinstance(row, dict) for row in settings):
+        raise FedUnlearnError(f"{path}: setting must be [[setting]] tables, each with a name and a set table")
     unknown_names = sorted(set(only or []) - {row.get("name") for row in settings})
     if unknown_names:
         known = ", ".join(str(row.get("name")) for row in settings)
@@ -68,8 +70,8 @@ def load_settings(
         for model in models or [None]:
             for seed in seeds or [None]:
                 config = Config()
-                apply_mapping(config, spec.get("base", {}))
-                apply_mapping(config, row.get("set", {}))
+                apply_mapping(config, spec.get("base", {}), f"{path}: [base]")
+                apply_mapping(config, row.get("set", {}), f"{path}: the set of setting {name!r}")
                 load_overrides(config, overrides or [])
                 if model is not None:
                     config.model.name = model
@@ -82,7 +84,8 @@ def load_settings(
 
 def _list_of(spec: dict[str, Any], key: str, kind: type, path: str | Path, example: str) -> list[Any] | None:
     values = spec.get(key)
-    if values is not None and (not isinstance(values, list) or not all(isinstance(v, kind) for v in values)):
+    well_typed = isinstance(values, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in values)
+    if values is not None and not well_typed:
         raise FedUnlearnError(f"{path}: {key} must be a list of {kind.__name__} values, e.g. {example}")
     return values
 

@@ -62,5 +62,8 @@ def privacy_summary(table: pd.DataFrame) -> pd.DataFrame:
     embedding = table[table["view"] == "embedding"]
     keys = ["defence", "attribute", "attacker"]
     global_rows = embedding[embedding["audit"] == "global"][[*keys, "balanced_accuracy", "chance", "NDCG@10"]]
-    local_rows = embedding[embedding["audit"] == "local"][[*keys, "at_risk"]]
-    return global_rows.merge(local_rows, on=keys, how="left").rename(columns={"at_risk": "local_at_risk"})
+    local = embedding[embedding["audit"] == "local"]
+    if local.empty:  # audit.local = false
+        return global_rows
+    local_rows = local[[*keys, "at_risk"]].rename(columns={"at_risk": "local_at_risk"})
+    return global_rows.merge(local_rows, on=keys, how="left")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +12,10 @@ import numpy as np
 
 from fedunlearn.checkpoint import Checkpoint
 from fedunlearn.config import Config, audits_privacy
+from fedunlearn.errors import FedUnlearnError
 from fedunlearn.federation import Federation, build_federation
 from fedunlearn.history import HistoryPolicy, HistoryStore
+from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
 from fedunlearn.rounds import FederatedServer, FederationResult
 from fedunlearn.schedule import build_schedule
@@ -30,6 +33,7 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
     checkpoint when the folder holds one (central, popularity and Flower runs start afresh)."""
     started = time.perf_counter()
     federation = build_federation(config.data, config.run.seed)
+    check_model_fits(config, federation)
     info: dict[str, Any] = {
         "dataset": config.data.dataset,
         "clients": federation.n_clients,
@@ -57,14 +61,47 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
     return RunOutcome(result, info)
 
 
+def check_model_fits(config: Config, federation: Federation) -> None:
+    """Refuse a model whose parameters alone (item tables, every user part, dense layers) would not
+    fit in this machine's memory, before anything is allocated."""
+    model = build_model(config.model, 1)  # one item: the dense layers' size, and the width of a row
+    rows, dense = len(model.row_keys), sum(v.size for k, v in model.init_shared(np.random.default_rng(0)).items()
+                                          if k not in model.row_keys)  # fmt: skip
+    floats = (rows * federation.n_items + federation.n_clients) * config.model.dim + dense
+    needed, memory = 4 * floats, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory / 4:  # training keeps several copies (gradients, Adam moments, the clients' copies)
+        raise FedUnlearnError(
+            f"model.dim = {config.model.dim} needs {needed / 2**30:.1f} GiB for the parameters alone "
+            f"(this machine has {memory / 2**30:.0f} GiB): lower model.dim"
+        )
+
+
 def schedule_and_history(
     config: Config, federation: Federation, folder: Path
 ) -> tuple[dict[int, list[str]], HistoryStore | None]:
     """The checked drop schedule, and the history database the server keeps when anyone leaves."""
     unlearn = config.unlearn
-    schedule = build_schedule(
-        unlearn.drop, unlearn.drop_random, federation.client_ids, config.train.rounds, config.run.seed
-    )
+    excluded = set(config.data.exclude_clients)
+    candidates = [c for c in federation.client_ids if c not in excluded]  # random drops draw among these
+    schedule = build_schedule(unlearn.drop, "", federation.client_ids, config.train.rounds, config.run.seed)
+    never_joined = sorted(excluded & {c for clients in schedule.values() for c in clients})
+    if never_joined:
+        raise FedUnlearnError(
+            f"unlearn.drop names clients excluded by data.exclude_clients ({', '.join(never_joined[:5])}): "
+            "they never took part, so there is nothing to forget"
+        )
+    if unlearn.drop_random.strip():
+        schedule = build_schedule(unlearn.drop, unlearn.drop_random, candidates, config.train.rounds, config.run.seed)
+    if not schedule and (unlearn.method != "none" or unlearn.compare or unlearn.poison):
+        raise FedUnlearnError(
+            "unlearn.method, unlearn.compare and unlearn.poison act at a drop event: add unlearn.drop or "
+            "unlearn.drop_random (e.g. --drop-random 5%@10), or leave them at their defaults"
+        )
+    if unlearn.target_item >= federation.n_items:
+        raise FedUnlearnError(
+            f"unlearn.target_item = {unlearn.target_item} but the catalogue has items 0..{federation.n_items - 1}: "
+            "pick one in range, or -1 for the least popular"
+        )
     if unlearn.poison:
         unlearn.attackers = sorted({c for clients in schedule.values() for c in clients})
         if unlearn.target_item < 0:

@@ -60,6 +60,10 @@ def add_random_drops(
             raise FedUnlearnError(f"cannot read random drop '{text.strip()}': write e.g. 5%@20 or 7@20")
         amount, percent, round_number = float(match.group(1)), match.group(2), int(match.group(3))
         _check_round(round_number, rounds, text.strip())
+        if amount <= 0:
+            raise FedUnlearnError(f"random drop '{text.strip()}' drops nobody: give a count or share above 0")
+        if not percent and not amount.is_integer():
+            raise FedUnlearnError(f"random drop '{text.strip()}': a count of clients is a whole number (or use %)")
         leaving = {c for cs in events.values() for c in cs}
         candidates = [c for c in client_ids if c not in leaving]
         count = max(1, math.ceil(amount / 100 * len(client_ids))) if percent else int(amount)

@@ -1,0 +1,179 @@
+"""Every bad input ends in one line `fedunlearn: error: ...`, exit 2, no traceback, and nothing on
+disk that looks finished (docs/ROBUSTNESS.md lists them)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import TINY
+
+from fedunlearn.cli import main
+from fedunlearn.history import HistoryStore
+
+SMALL = [part for setting in TINY + ["train.rounds=2"] for part in ("--set", setting)]
+TOO_LONG = "x" * 300
+
+
+def run(tmp_path, *args, out="out"):
+    return main(["run", *SMALL, "--quiet", "--out", str(tmp_path / out), *args])
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "latin1.toml").write_bytes(b"\xff\xfe[train]\nrounds = 2\n")
+    (tmp_path / "binary.toml").write_bytes(bytes(range(256)))
+    (tmp_path / "a-file").write_text("")
+    experiments = {
+        "setting-string": 'setting = "x"\n',
+        "set-number": '[[setting]]\nname = "a"\nset = 3\n',
+        "base-number": 'base = 5\n[[setting]]\nname = "a"\n',
+        "seeds-bool": 'seeds = [true]\n[[setting]]\nname = "a"\n',
+        "name-number": "[[setting]]\nname = 7\n",
+        "name-escapes": '[[setting]]\nname = "../x"\n',
+    }
+    for name, text in experiments.items():
+        (tmp_path / f"{name}.toml").write_text(text)
+    return tmp_path
+
+
+CASES = {
+    "lr nan": (["--set", "train.lr=nan"], "train.lr must be a finite number"),
+    "init_std inf": (["--set", "model.init_std=inf"], "model.init_std must be a finite number"),
+    "diverging sgd": (["--set", "train.optimizer=sgd", "--set", "train.lr=1e6"], "training diverged at round"),
+    "non-utf8 toml": (["{tmp}/latin1.toml"], "is not a UTF-8 text file"),
+    "binary toml": (["{tmp}/binary.toml"], "is not a UTF-8 text file"),
+    "out under a file": (["--out", "{tmp}/a-file/run"], "cannot write or read"),
+    "out name too long": (["--out", "{tmp}/" + TOO_LONG], "File name too long"),
+    "out where nothing can be made": (["--out", "/proc/fedunlearn-run"], "cannot write or read"),
+    "absurd model.dim": (["--set", "model.dim=1000000000"], "model.dim = 1000000000 needs"),
+    "target item past the catalogue": (
+        ["--set", "unlearn.poison=true", "--drop", "1@2", "--set", "unlearn.target_item=100000"],
+        "unlearn.target_item = 100000 but the catalogue",
+    ),
+    "0% dropped": (["--drop-random", "0%@2"], "drops nobody"),
+    "fractional count": (["--drop-random", "2.5@2"], "a count of clients is a whole number"),
+    "drop in central mode": (["--set", "run.mode=central", "--drop", "1@2"], "a drop schedule needs run.mode"),
+    "compare without a drop": (["--set", "unlearn.compare=true"], "act at a drop event"),
+    "method without a drop": (["--method", "federaser"], "act at a drop event"),
+    "excluded client dropped": (["--set", 'data.exclude_clients=["1"]', "--drop", "1@2"], "never took part"),
+    "everyone excluded": (["--set", f"data.exclude_clients={[str(i) for i in range(10)]}".replace("'", '"')],
+                          "excludes every client"),  # fmt: skip
+    "unknown fault": (["--set", "faults.kinds=[melt]"], "faults.kinds must name"),
+    "timeout fault in process": (["--set", "faults.kinds=[timeout]"], "needs run.engine=flower"),
+    "every reply faulty": (["--set", "faults.share=1", "--set", "faults.kinds=[shape]"], "0 valid replies of 10"),
+    "resume with settings": (["--resume", "{tmp}/out", "--set", "train.rounds=3"], "--resume continues a run"),
+}
+
+
+def _expand(args, tmp_path):
+    return [a.replace("{tmp}", str(tmp_path)) for a in args]
+
+
+def assert_one_line(capsys, message):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fedunlearn: error: "), err
+    assert message in err and "Traceback" not in err
+
+
+def assert_nothing_finished(tmp_path):
+    assert not list(tmp_path.rglob("final.json")) and not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_run_refuses_bad_input_in_one_line(files, capsys, case):
+    args, message = CASES[case]
+    args = _expand(args, files)
+    if args[0].endswith(".toml"):  # a config file: no tiny settings on top
+        code = main(["run", args[0], "--quiet", "--out", str(files / "out")])
+    elif "--resume" in args:
+        code = main(["run", *args, "--quiet"])
+    elif "--out" in args:
+        code = main(["run", *SMALL, "--quiet", *args])
+    else:
+        code = run(files, *args)
+    assert code == 2
+    assert_one_line(capsys, message)
+    assert_nothing_finished(files)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("setting-string", "setting must be [[setting]] tables"),
+        ("set-number", "the set of setting 'a' must be a table"),
+        ("base-number", "[base] must be a table"),
+        ("seeds-bool", "seeds must be a list of int values"),
+        ("name-number", "setting name 7 is used as a folder name"),
+        ("name-escapes", "setting name '../x' is used as a folder name"),
+    ],
+)
+def test_experiment_files_of_the_wrong_shape_are_refused(files, capsys, name, message):
+    assert main(["experiment", str(files / f"{name}.toml"), "--out", str(files / "exp"), "--quiet"]) == 2
+    assert_one_line(capsys, message)
+    assert not (files / "exp").exists() and not (files.parent / "x").exists()
+
+
+def test_a_full_disk_in_the_history_keeps_a_resumable_folder(tmp_path, capsys, monkeypatch):
+    opened = HistoryStore.__init__
+
+    def tiny_disk(self, path, policy):
+        opened(self, path, policy)
+        self.db.execute("PRAGMA max_page_count = 40")  # a few rounds' worth, then "database or disk is full"
+
+    monkeypatch.setattr(HistoryStore, "__init__", tiny_disk)
+    code = main(["run", *SMALL, "--set", "train.rounds=12", "--drop", "1@11", "--method", "federaser", "--quiet",
+                 "--out", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    assert_one_line(capsys, f"database or disk is full; free space, then fedunlearn run --resume {tmp_path / 'out'}")
+    assert (tmp_path / "out.partial" / "config.toml").is_file() and not list(tmp_path.rglob("final.json"))
+    monkeypatch.setattr(HistoryStore, "__init__", opened)
+    assert main(["run", "--resume", str(tmp_path / "out"), "--quiet"]) == 0
+
+
+@pytest.fixture
+def audited(tmp_path):
+    out = tmp_path / "audited"
+    assert run(tmp_path, "--set", "audit.enabled=true", "--set", "audit.attackers=[mlp]", out="audited") == 0
+    return out
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _garbage(path):
+    path.write_bytes(b"PK\x03\x04 this is no archive")
+
+
+def _nan(path):
+    arrays = dict(np.load(path))
+    arrays["before"][0, 0] = np.nan
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda run: _truncate(run / "central_view_embeddings.npz"), "is damaged"),
+        (lambda run: _garbage(run / "central_view_embeddings.npz"), "is damaged"),
+        (lambda run: _nan(run / "central_view_embeddings.npz"), "holds non-finite embeddings"),
+        (lambda run: (run / "config.toml").write_bytes(bytes(range(256))), "is not a UTF-8 text file"),
+        (lambda run: (run / "config.toml").write_text((run / "config.toml").read_text().replace(
+            "synthetic_users = 10", "synthetic_users = 8")), "does not describe the saved embeddings"),  # fmt: skip
+        (lambda run: (run / "final.json").unlink(), "is not a finished run"),
+    ],
+)
+def test_audit_of_a_damaged_folder_is_one_line(audited, capsys, damage, message):
+    damage(audited)
+    capsys.readouterr()
+    assert main(["audit", str(audited)]) == 2
+    assert_one_line(capsys, message)
+
+
+def test_audit_to_an_impossible_out_is_one_line_and_local_false_works(audited, capsys):
+    capsys.readouterr()
+    assert main(["audit", str(audited), "--out", str(audited / "final.json" / "x.csv")]) == 2
+    assert_one_line(capsys, "cannot write or read")
+    assert main(["audit", str(audited), "--set", "audit.local=false"]) == 0
+    out = audited.parent / "no-local"
+    assert run(audited.parent, "--set", "audit.enabled=true", "--set", "audit.local=false", out="no-local") == 0
+    assert set(pd.read_csv(out / "audit.csv")["audit"]) == {"global"}
