@@ -69,16 +69,12 @@ class ReplyLimits:
 
 
 def _values_problem(arrays: list[np.ndarray]) -> str:
-    for array in arrays:
-        if not np.issubdtype(array.dtype, np.floating):
-            return "shape"
-    for array in arrays:
-        if np.isnan(array).any():
-            return "nan"
-    for array in arrays:
-        if np.isinf(array).any():
-            return "inf"
-    return ""
+    if any(not np.issubdtype(array.dtype, np.floating) for array in arrays):
+        return "shape"
+    broken = [array for array in arrays if not np.isfinite(array).all()]  # one pass over the common case
+    if not broken:
+        return ""
+    return "nan" if any(np.isnan(array).any() for array in broken) else "inf"
 
 
 def update_problem(update: ClientUpdate, sender: int, limits: ReplyLimits) -> str:
@@ -88,7 +84,9 @@ def update_problem(update: ClientUpdate, sender: int, limits: ReplyLimits) -> st
     ids = np.asarray(update.item_ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         return "item_range"
-    if len(ids) and (ids.min() < 0 or ids.max() >= limits.n_items or len(np.unique(ids)) != len(ids)):
+    increasing = len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())  # as clients send them: then unique
+    repeated = not increasing and len(np.unique(ids)) != len(ids)
+    if len(ids) and (ids.min() < 0 or ids.max() >= limits.n_items or repeated):
         return "item_range"
     dense_keys = set(limits.shapes) - set(limits.row_keys)
     if set(update.rows) != set(limits.row_keys) or set(update.dense) != dense_keys:
@@ -123,10 +121,13 @@ def _norms(update: ClientUpdate) -> dict[str, float]:
     return {key: float(np.linalg.norm(value)) for key, value in {**update.rows, **update.dense}.items()}
 
 
+def _median(norms: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(np.median([n[key] for n in norms])) for key in norms[0]} if norms else {}
+
+
 def median_norms(updates: list[ClientUpdate]) -> dict[str, float]:
     """Each shared tensor's median norm over these uploads."""
-    norms = [_norms(update) for update in updates]
-    return {key: float(np.median([n[key] for n in norms])) for key in norms[0]} if norms else {}
+    return _median([_norms(update) for update in updates])
 
 
 def over_median_norm(updates: list[ClientUpdate], ratio: float) -> list[bool]:
@@ -135,7 +136,8 @@ def over_median_norm(updates: list[ClientUpdate], ratio: float) -> list[bool]:
     raise its own bar."""
     if ratio <= 0 or not updates:
         return [False] * len(updates)
-    norms, median = [_norms(update) for update in updates], median_norms(updates)
+    norms = [_norms(update) for update in updates]
+    median = _median(norms)
     return [any(n[key] > ratio * median[key] for key in median if median[key] > 0) for n in norms]
 
 
