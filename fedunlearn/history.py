@@ -139,10 +139,7 @@ class HistoryStore(Database):
                     "INSERT OR REPLACE INTO norms VALUES (?, ?, ?, ?)",
                     [(round_number, update.client_id, key, norm) for key, norm in update_norms(update).items()],
                 )
-                if self.policy.full_updates and self.is_checkpoint(round_number):
-                    self._put_update(round_number, FULL, update)
-                if self.policy.compact:
-                    self._put_update(round_number, COMPACT, compact_update(update, self.policy.alpha))
+                self._put_kept(round_number, update)
             if self.policy.checkpoints and self.is_checkpoint(round_number):
                 self.put_checkpoint(round_number, shared_before)
             full = sum(_update_bytes(u) for u in updates)
@@ -156,6 +153,22 @@ class HistoryStore(Database):
         rows = [(round_number, key, _blob(value)) for key, value in shared.items()]
         with self.transaction():
             self.db.executemany("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)", rows)
+
+    def _put_kept(self, round_number: int, update: ClientUpdate) -> None:
+        """The forms of one update the policy keeps: full at checkpoint rounds, compact every round."""
+        if self.policy.full_updates and self.is_checkpoint(round_number):
+            self._put_update(round_number, FULL, update)
+        if self.policy.compact:
+            self._put_update(round_number, COMPACT, compact_update(update, self.policy.alpha))
+
+    def replace_round_update(self, round_number: int, update: ClientUpdate) -> None:
+        """A replayed update takes the place of the stored one, in every form kept, norms included."""
+        with self.transaction():
+            self._put_kept(round_number, update)
+            self.db.executemany(
+                "INSERT OR REPLACE INTO norms VALUES (?, ?, ?, ?)",
+                [(round_number, update.client_id, key, norm) for key, norm in update_norms(update).items()],
+            )
 
     def _put_update(self, round_number: int, kind: str, update: ClientUpdate) -> None:
         key = (round_number, update.client_id, kind)

@@ -232,3 +232,33 @@ def test_the_history_keeps_only_what_the_method_reads(tmp_path):
     assert sizes["federaser"]["full"] > 0 and sizes["federaser"]["compact"] == 0
     assert sizes["fru"]["compact"] > 0 and sizes["fru"]["full"] == 0 and sizes["fru"]["checkpoints"] > 0
     assert sizes["retrain"]["every_full_update"] > sizes["federaser"]["total"] > sizes["retrain"]["total"] > 0
+
+
+def test_fru_rewrites_its_history_so_a_later_removal_rolls_back_to_a_model_without_them(tmp_path):
+    overrides = ["unlearn.method=fru", "train.fraction=0.5", "unlearn.dt=2", "unlearn.alpha=0.5"]
+    server, history, _ = server_for(tmp_path, overrides, drop="3@6")
+    replayed, train = {}, server.train_clients
+
+    def recording(round_number, clients, shared, epochs=None, ascent=False):
+        if epochs is not None:  # the replay: the model it trains from at each replayed round
+            replayed[round_number] = {key: value.copy() for key, value in shared.items()}
+        return train(round_number, clients, shared, epochs, ascent)
+
+    server.train_clients = recording
+    original = {}
+    remove = server.remove
+
+    def keeping_the_original(round_number, leaving, method=None):
+        original.update({c: history.checkpoint(c) for c in history.checkpoint_rounds()})
+        remove(round_number, leaving, method)
+
+    server.remove = keeping_the_original
+    server.run()
+    rewritten = [c for c in history.checkpoint_rounds() if c in replayed and c > min(replayed)]
+    assert rewritten  # checkpoints after the rollback point, before the event
+    for c in rewritten:
+        for key, value in replayed[c].items():
+            np.testing.assert_array_equal(history.checkpoint(c)[key], value)  # the replay's model, stored
+            assert not np.array_equal(value, original[c][key])  # not the one that held client 3
+    for r in replayed:  # the stored updates are the replay's, scaled as their aggregate was
+        assert history.participants(r) and "3" not in history.participants(r)
