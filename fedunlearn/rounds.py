@@ -270,7 +270,9 @@ class FederatedServer:
         forgotten = [self.position[c] for c in leaving]
         self.active = [i for i in self.active if i not in set(forgotten)]
         started, epochs_before = time.perf_counter(), self.client_epochs
-        self.shared = METHODS[method](self, round_number, forgotten)
+        took_part = self.history is None or bool(set(leaving) & self.history.client_ids())
+        if took_part:  # clients that never trained left nothing to erase: every method is a no-op
+            self.shared = METHODS[method](self, round_number, forgotten)
         require_finite(self.shared, f"in {method} unlearning before round {round_number}")
         seconds, client_epochs = time.perf_counter() - started, self.client_epochs - epochs_before
         membership = self._membership(forgotten)  # before their state is deleted

@@ -262,3 +262,29 @@ def test_fru_rewrites_its_history_so_a_later_removal_rolls_back_to_a_model_witho
             assert not np.array_equal(value, original[c][key])  # not the one that held client 3
     for r in replayed:  # the stored updates are the replay's, scaled as their aggregate was
         assert history.participants(r) and "3" not in history.participants(r)
+
+
+def test_removing_clients_that_never_trained_changes_nothing_for_every_method(tmp_path):
+    config = load_config(None, SMALL + ["train.fraction=0.3"])
+    federation = build_federation(config.data, config.run.seed)
+    from fedunlearn.rounds import sample_clients
+
+    sampled = {i for r in range(1, 5) for i in sample_clients(config.run.seed, r, federation.client_ids, 0.3)}
+    idle = [federation.client_ids[i] for i in range(federation.n_clients) if i not in sampled][:2]
+    assert idle  # clients never sampled in rounds 1-4
+    overrides = ["train.fraction=0.3", "unlearn.method=federaser", "unlearn.compare=true"]
+    server, _, _ = server_for(tmp_path, overrides, drop=f"{','.join(idle)}@5")
+    trained = {}
+    compare = server.compare_methods  # runs first at the event: the model as trained so far
+
+    def keep_trained(round_number, leaving):
+        trained.update({key: value.copy() for key, value in server.shared.items()})
+        return compare(round_number, leaving)
+
+    server.compare_methods = keep_trained
+    result = server.run()
+    assert {row["method"]: row["L2_to_retrain"] for row in result.comparison} == dict.fromkeys(
+        ("retrain", "federaser", "fru", "accum", "ascent", "none"), 0.0
+    )
+    for key, value in trained.items():
+        np.testing.assert_array_equal(result.unlearned[key], value)  # the model right after == before
