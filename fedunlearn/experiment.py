@@ -29,7 +29,7 @@ from fedunlearn.audit import compare_with_retrain
 from fedunlearn.config import Config, apply_mapping, load_overrides, read_toml, validate
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.models import Arrays
-from fedunlearn.results import FINAL, LOCK, lock_folder, partial_of, staged, write_config, write_run
+from fedunlearn.results import FINAL, lock_folder, partial_of, staged, unlock, write_config, write_run
 from fedunlearn.runner import RunOutcome, execute
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -188,8 +188,7 @@ def run_experiment(
 
             plot_tradeoff(table[table["audit"].notna()], folder / "tradeoff.png", label="setting")
     finally:
-        (folder / LOCK).unlink(missing_ok=True)
-        lock.close()
+        unlock(folder, lock)
     if failed:
         first = f"{failed[0]['setting']} (seed {failed[0]['seed']}): {failed[0]['error']}"
         raise FedUnlearnError(f"{len(failed)} of {len(results)} runs failed (see {folder}/runs.csv); first: {first}")

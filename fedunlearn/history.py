@@ -135,10 +135,7 @@ class HistoryStore(Database):
                     "INSERT OR REPLACE INTO participation VALUES (?, ?, ?)",
                     (round_number, update.client_id, update.num_examples),
                 )
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO norms VALUES (?, ?, ?, ?)",
-                    [(round_number, update.client_id, key, norm) for key, norm in update_norms(update).items()],
-                )
+                self._put_norms(round_number, update)
                 self._put_kept(round_number, update)
             if self.policy.checkpoints and self.is_checkpoint(round_number):
                 self.put_checkpoint(round_number, shared_before)
@@ -154,6 +151,10 @@ class HistoryStore(Database):
         with self.transaction():
             self.db.executemany("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)", rows)
 
+    def _put_norms(self, round_number: int, update: ClientUpdate) -> None:
+        rows = [(round_number, update.client_id, key, norm) for key, norm in update_norms(update).items()]
+        self.db.executemany("INSERT OR REPLACE INTO norms VALUES (?, ?, ?, ?)", rows)
+
     def _put_kept(self, round_number: int, update: ClientUpdate) -> None:
         """The forms of one update the policy keeps: full at checkpoint rounds, compact every round."""
         if self.policy.full_updates and self.is_checkpoint(round_number):
@@ -165,10 +166,7 @@ class HistoryStore(Database):
         """A replayed update takes the place of the stored one, in every form kept, norms included."""
         with self.transaction():
             self._put_kept(round_number, update)
-            self.db.executemany(
-                "INSERT OR REPLACE INTO norms VALUES (?, ?, ?, ?)",
-                [(round_number, update.client_id, key, norm) for key, norm in update_norms(update).items()],
-            )
+            self._put_norms(round_number, update)
 
     def _put_update(self, round_number: int, kind: str, update: ClientUpdate) -> None:
         key = (round_number, update.client_id, kind)
@@ -182,10 +180,7 @@ class HistoryStore(Database):
     def replace_update(self, round_number: int, kind: str, update: ClientUpdate) -> None:
         with self.transaction():
             self._put_update(round_number, kind, update)
-            self.db.executemany(
-                "INSERT OR REPLACE INTO norms VALUES (?, ?, ?, ?)",
-                [(round_number, update.client_id, key, norm) for key, norm in update_norms(update).items()],
-            )
+            self._put_norms(round_number, update)
 
     # ---- reading -------------------------------------------------------------------------------
 

@@ -52,6 +52,12 @@ def lock_folder(folder: Path, out: Path | None = None) -> IO[str]:
     return handle
 
 
+def unlock(folder: Path, handle: IO[str]) -> None:
+    """The writer is done: the lock file goes, then the lock."""
+    (folder / LOCK).unlink(missing_ok=True)
+    handle.close()
+
+
 def _new(out: Path) -> Staging:
     partial = partial_of(out)
     if out.exists():
@@ -113,8 +119,7 @@ def publish(staging: Staging) -> None:
     pending.write_text(json.dumps(staging.final, indent=2, allow_nan=False) + "\n")  # NaN is no result
     pending.rename(staging.out / FINAL)
     (staging.out / RESUME_FILE).unlink(missing_ok=True)
-    (staging.out / LOCK).unlink(missing_ok=True)
-    staging.lock.close()
+    unlock(staging.out, staging.lock)
 
 
 def write_config(folder: Path, config: Config) -> None:
