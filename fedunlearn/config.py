@@ -44,7 +44,8 @@ class TrainConfig:
     lr: float = 0.05  # client learning rate
     batch_size: int = 64
     weight_decay: float = 0.001  # L2 on the embeddings a batch uses
-    server_lr: float = 3.0  # row-wise means move popular items slowly: the server step makes up for it
+    server_lr: float = 3.0  # server step on item rows: row-wise means move popular items slowly, this makes up for it
+    dense_server_lr: float = 1.0  # server step on dense layers (NCF's MLP): plain FedAvg; 3 made NCF oscillate
     fraction: float = 1.0  # share of clients sampled per round, in (0, 1]
     negative_sampler: str = "uniform"  # uniform | fru (a beta share from FRU's informative pool)
     pool_share: float = 0.1  # fru sampler: the pool holds the top share of items by each criterion
@@ -88,6 +89,8 @@ class UnlearnConfig:
     target_item: int = -1  # item index the attackers promote (-1: the least popular training item)
     attackers: list[str] = field(default_factory=list)  # set from the drop schedule when poison is on
     compare: bool = False  # at each event also try every method on a copy and report the table
+    history_dtype: str = "float16"  # stored client updates: float16 (half the bytes) | float32; checkpoints float32
+    user_parts: str = "keep"  # retained clients' user parts when a method rolls the model back: keep | reset
 
 
 @dataclass
@@ -187,6 +190,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "defence.upload": ("none", "ldp", "pseudo-items", "ldp+pseudo-items"),
     "defence.clients": ("all", "listed", "at-risk"),
     "defence.ldp_mechanism": ("gaussian", "laplace"),
+    "unlearn.user_parts": ("reset", "keep"),
+    "unlearn.history_dtype": ("float16", "float32"),
     "unlearn.method": ("retrain", "federaser", "fru", "accum", "ascent", "none"),
 }
 
@@ -203,6 +208,7 @@ POSITIVE = {
     "train.lr",
     "train.batch_size",
     "train.server_lr",
+    "train.dense_server_lr",
     "train.min_replies",
     "train.reply_timeout",
     "central.epochs",

@@ -50,20 +50,39 @@ class ClientEvaluation:
     target_rank: int = -1  # of the promoted item among the user's unseen items (-1: no target, or the user's own)
 
 
-def rescale_tensors(update: ClientUpdate, norms: dict[str, float], only_down: bool = False) -> ClientUpdate:
-    """The update with each shared tensor rescaled to the norm given for it (with `only_down`,
-    tensors already within it are left alone); a zero tensor stays zero."""
+def step_size(value: np.ndarray, per_row: bool) -> float:
+    """How far an update moves one shared tensor. For an item table (`per_row`) the root mean square
+    of the changed rows' norms: under Adam every touched row moves about lr * sqrt(d) per step, so a
+    table's plain norm mostly counts the rows touched, and a shorter training touches fewer rows
+    (docs/ARCHITECTURE.md, calibration). For a dense layer its norm."""
+    norm = float(np.linalg.norm(value))
+    return norm / math.sqrt(len(value)) if per_row and len(value) else norm
 
-    def rescaled(key: str, value: np.ndarray) -> np.ndarray:
-        norm = float(np.linalg.norm(value))
-        if norm == 0 or (only_down and norm <= norms[key]):
+
+def step_sizes(update: ClientUpdate) -> dict[str, float]:
+    """step_size of each shared tensor of the update (item tables per row)."""
+    return {key: step_size(value, True) for key, value in update.rows.items()} | {
+        key: step_size(value, False) for key, value in update.dense.items()
+    }
+
+
+def rescale_tensors(
+    update: ClientUpdate, targets: dict[str, float], only_down: bool = False, per_row: bool = False
+) -> ClientUpdate:
+    """The update with each shared tensor rescaled to the size given for it: its norm, or with
+    `per_row` its step_size (item tables per row). With `only_down`, tensors already within it are
+    left alone; a zero tensor stays zero."""
+
+    def rescaled(key: str, value: np.ndarray, rows: bool) -> np.ndarray:
+        size = step_size(value, rows and per_row)
+        if size == 0 or (only_down and size <= targets[key]):
             return value
-        return (value * (norms[key] / norm)).astype(np.float32)
+        return (value * (targets[key] / size)).astype(np.float32)
 
     return replace(
         update,
-        rows={key: rescaled(key, value) for key, value in update.rows.items()},
-        dense={key: rescaled(key, value) for key, value in update.dense.items()},
+        rows={key: rescaled(key, value, True) for key, value in update.rows.items()},
+        dense={key: rescaled(key, value, False) for key, value in update.dense.items()},
     )
 
 
@@ -331,26 +350,36 @@ def ranks_from_scores(
     )
 
 
-def aggregate_delta(model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float) -> Arrays:
+def aggregate_delta(
+    model: SplitModel,
+    shared: Arrays,
+    updates: list[ClientUpdate],
+    server_lr: float,
+    dense_lr: float = 1.0,
+    touched: list[np.ndarray] | None = None,
+) -> Arrays:
     """The server's step (float64, full shapes): for each item row the example-count-weighted mean
-    change over the clients that touched it, FedAvg for dense layers, times the server learning
-    rate. Clients are summed in client-id order so arrival order never matters."""
-    updates = sorted(updates, key=lambda u: u.client_id)
+    change over the clients that touched it, times `server_lr`; the FedAvg mean for dense layers,
+    times `dense_lr`. `touched[i]` (default: the rows update i carries) are the rows whose weight
+    update i counts in: a compact update touched more rows than it kept. Clients are summed in
+    client-id order so arrival order never matters."""
+    order = sorted(range(len(updates)), key=lambda i: updates[i].client_id)
     delta = {key: np.zeros(value.shape, dtype=np.float64) for key, value in shared.items()}
     if not updates:
         return delta
     row_weight = np.zeros(model.n_items, dtype=np.float64)
-    for update in updates:
-        row_weight[update.item_ids] += update.num_examples
-    touched = row_weight > 0
+    for i in order:
+        row_weight[updates[i].item_ids if touched is None else touched[i]] += updates[i].num_examples
+    carried = row_weight > 0
     for key in model.row_keys:
         total = delta[key]
-        for update in updates:
-            total[update.item_ids] += update.num_examples * update.rows[key].astype(np.float64)
-        total[touched] = server_lr * total[touched] / row_weight[touched, None]
+        for i in order:
+            total[updates[i].item_ids] += updates[i].num_examples * updates[i].rows[key].astype(np.float64)
+        total[carried] = server_lr * total[carried] / row_weight[carried, None]
     weight = float(sum(u.num_examples for u in updates))
     for key in model.dense_keys(shared):
-        delta[key] = server_lr * sum(u.num_examples * u.dense[key].astype(np.float64) for u in updates) / weight
+        delta[key] = dense_lr * sum(updates[i].num_examples * updates[i].dense[key].astype(np.float64) for i in order)
+        delta[key] /= weight
     return delta
 
 
@@ -358,6 +387,8 @@ def apply_delta(shared: Arrays, delta: Arrays) -> Arrays:
     return {key: (value + delta[key]).astype(np.float32) for key, value in shared.items()}
 
 
-def aggregate(model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float) -> Arrays:
+def aggregate(
+    model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float, dense_lr: float = 1.0
+) -> Arrays:
     """The new shared parameters after one round (see aggregate_delta)."""
-    return apply_delta(shared, aggregate_delta(model, shared, updates, server_lr))
+    return apply_delta(shared, aggregate_delta(model, shared, updates, server_lr, dense_lr))

@@ -1,12 +1,19 @@
 """The server's history of client updates, in SQLite (one database per run), keyed by stable client id.
 
 What is kept, and for whom:
-- every round: who took part and with how many examples, and the norm of each participant's update
-  for every shared tensor (FedEraser's calibration norms);
+- every round: who took part and with how many examples, and the step size of each participant's
+  update for every shared tensor (federated.step_size: per row for item tables; FedEraser's
+  calibration targets, gradient ascent's radius);
 - at checkpoint rounds (every `checkpoint_every` rounds from round 1): the global shared parameters
   before the round, and each participant's full update (FedEraser, FedAccum);
 - every round, when `compact` is on: each participant's update cut to the `alpha` share of its
-  touched item rows that changed most (FRU's storage rule), dense layers whole.
+  touched item rows that changed most (FRU's storage rule), dense layers whole, with the ids of
+  every row it touched (what the row-wise mean divides by).
+
+Storage: one row per round and kind holds every client's update of that round (ids, example
+counts, row offsets, and one raw array per tensor: item rows concatenated, dense layers stacked),
+in `policy.dtype` (float16 by default: half the bytes; checkpoints stay float32), so a round is
+written and read with one query each and decoded with `np.frombuffer`.
 
 Writes run in the server's transaction (fedunlearn.database): a round, or a drop event with the round
 after it, is stored whole or not at all, together with the resume checkpoint.
@@ -14,7 +21,7 @@ after it, is stored whole or not at all, together with the resume checkpoint.
 
 from __future__ import annotations
 
-import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +29,7 @@ import numpy as np
 
 from fedunlearn.config import UnlearnConfig
 from fedunlearn.database import Database
-from fedunlearn.federated import ClientUpdate
+from fedunlearn.federated import ClientUpdate, step_sizes
 from fedunlearn.models import Arrays
 
 FULL, COMPACT = "full", "compact"
@@ -30,21 +37,6 @@ FULL, COMPACT = "full", "compact"
 
 class HistoryError(LookupError):
     """A lookup found nothing where the algorithm needs something: never silently fall back."""
-
-
-def _blob(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _array(blob: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(blob), allow_pickle=False)
-
-
-def update_norms(update: ClientUpdate) -> dict[str, float]:
-    """L2 norm of the update for each shared tensor (rows: over the touched rows)."""
-    return {key: float(np.linalg.norm(value)) for key, value in {**update.rows, **update.dense}.items()}
 
 
 def compact_update(update: ClientUpdate, alpha: float) -> ClientUpdate:
@@ -79,10 +71,11 @@ class HistoryPolicy:
     full_updates: bool = True  # keep every participant's full update at checkpoint rounds
     compact: bool = False  # keep FRU's compact updates every round
     alpha: float = 0.5  # FRU: share of touched rows kept
+    dtype: str = "float16"  # stored update tensors (checkpoints are always float32)
 
     @classmethod
     def for_method(cls, unlearn: UnlearnConfig) -> HistoryPolicy:
-        """Only what the chosen method reads (participation and norms are always kept); `compare`
+        """Only what the chosen method reads (participation and step sizes are always kept); `compare`
         tries every method, so it keeps everything."""
         method, everything = unlearn.method, unlearn.compare
         return cls(
@@ -91,27 +84,90 @@ class HistoryPolicy:
             full_updates=everything or method in ("federaser", "accum"),
             compact=everything or method == "fru",
             alpha=unlearn.alpha,
+            dtype=unlearn.history_dtype,
         )
+
+
+def _raw(array: np.ndarray) -> tuple[str, str, bytes]:
+    array = np.ascontiguousarray(array)
+    return array.dtype.str, json.dumps(array.shape), array.tobytes()
+
+
+def _from_raw(dtype: str, shape: str, data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape))
+
+
+@dataclass
+class RoundUpdates:
+    """Every stored update of one round and kind, decoded: client i's rows are
+    rows[key][offsets[i]:offsets[i+1]], its dense arrays dense[key][i]."""
+
+    clients: list[str]
+    num_examples: np.ndarray
+    offsets: np.ndarray
+    item_ids: np.ndarray
+    touched_offsets: np.ndarray
+    touched: np.ndarray
+    rows: Arrays
+    dense: Arrays
+
+    @classmethod
+    def pack(cls, updates: list[ClientUpdate], touched: list[np.ndarray], dtype: str) -> RoundUpdates:
+        lengths = [len(u.item_ids) for u in updates]
+        keys_rows = list(updates[0].rows) if updates else []
+        keys_dense = list(updates[0].dense) if updates else []
+        width = {key: updates[0].rows[key].shape[1] for key in keys_rows}
+        return cls(
+            [u.client_id for u in updates],
+            np.array([u.num_examples for u in updates], dtype=np.int64),
+            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            np.concatenate([u.item_ids for u in updates] or [np.zeros(0)]).astype(np.int32),
+            np.concatenate([[0], np.cumsum([len(t) for t in touched])]).astype(np.int64),
+            np.concatenate(touched or [np.zeros(0)]).astype(np.int32),
+            {
+                key: np.concatenate([u.rows[key] for u in updates] or [np.zeros((0, width[key]))]).astype(dtype)
+                for key in keys_rows
+            },
+            {key: np.stack([u.dense[key] for u in updates]).astype(dtype) for key in keys_dense},
+        )
+
+    def unpack(self, index: int) -> tuple[ClientUpdate, np.ndarray]:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        update = ClientUpdate(
+            self.clients[index],
+            int(self.num_examples[index]),
+            self.item_ids[start:end].astype(np.int64),
+            {key: value[start:end].astype(np.float32) for key, value in self.rows.items()},
+            {key: value[index].astype(np.float32) for key, value in self.dense.items()},
+            0.0,
+        )
+        return update, self.touched[self.touched_offsets[index] : self.touched_offsets[index + 1]].astype(np.int64)
+
+    def all(self) -> list[tuple[ClientUpdate, np.ndarray]]:
+        return [self.unpack(i) for i in range(len(self.clients))]
 
 
 class HistoryStore(Database):
     SCHEMA = """
     CREATE TABLE IF NOT EXISTS participation (round INTEGER, client_id TEXT, num_examples INTEGER,
         PRIMARY KEY (round, client_id));
-    CREATE TABLE IF NOT EXISTS norms (round INTEGER, client_id TEXT, tensor TEXT, norm REAL,
+    CREATE TABLE IF NOT EXISTS sizes (round INTEGER, client_id TEXT, tensor TEXT, size REAL,
         PRIMARY KEY (round, client_id, tensor));
-    CREATE TABLE IF NOT EXISTS checkpoints (round INTEGER, tensor TEXT, data BLOB, PRIMARY KEY (round, tensor));
-    CREATE TABLE IF NOT EXISTS updates (round INTEGER, client_id TEXT, kind TEXT, num_examples INTEGER,
-        item_ids BLOB, PRIMARY KEY (round, client_id, kind));
-    CREATE TABLE IF NOT EXISTS update_tensors (round INTEGER, client_id TEXT, kind TEXT, tensor TEXT, data BLOB,
-        PRIMARY KEY (round, client_id, kind, tensor));
+    CREATE TABLE IF NOT EXISTS checkpoints (round INTEGER, tensor TEXT, dtype TEXT, shape TEXT, data BLOB,
+        PRIMARY KEY (round, tensor));
+    CREATE TABLE IF NOT EXISTS round_updates (round INTEGER, kind TEXT, clients TEXT, num_examples BLOB,
+        offsets BLOB, item_ids BLOB, touched_offsets BLOB, touched BLOB, PRIMARY KEY (round, kind));
+    CREATE TABLE IF NOT EXISTS round_tensors (round INTEGER, kind TEXT, tensor TEXT, dtype TEXT, shape TEXT,
+        data BLOB, PRIMARY KEY (round, kind, tensor));
     CREATE TABLE IF NOT EXISTS accounting (name TEXT PRIMARY KEY, bytes INTEGER);
     """
+    INDEX_ARRAYS = ("num_examples", "offsets", "item_ids", "touched_offsets", "touched")
 
     def __init__(self, path: str | Path, policy: HistoryPolicy) -> None:
         super().__init__(path)
         self.path = Path(path)
         self.policy = policy
+        self._decoded: dict[tuple[int, str], RoundUpdates] = {}  # rounds read since the last write
         with self.transaction():
             for statement in filter(str.strip, self.SCHEMA.split(";")):
                 self.db.execute(statement)
@@ -130,13 +186,12 @@ class HistoryStore(Database):
     def record_round(self, round_number: int, shared_before: Arrays, updates: list[ClientUpdate]) -> None:
         """Everything the policy keeps about one round, in one transaction."""
         with self.transaction():
-            for update in updates:
-                self.db.execute(
-                    "INSERT OR REPLACE INTO participation VALUES (?, ?, ?)",
-                    (round_number, update.client_id, update.num_examples),
-                )
-                self._put_norms(round_number, update)
-                self._put_kept(round_number, update)
+            self.db.executemany(
+                "INSERT OR REPLACE INTO participation VALUES (?, ?, ?)",
+                [(round_number, u.client_id, u.num_examples) for u in updates],
+            )
+            self._put_sizes(round_number, updates)
+            self._put_kept(round_number, updates)
             if self.policy.checkpoints and self.is_checkpoint(round_number):
                 self.put_checkpoint(round_number, shared_before)
             full = sum(_update_bytes(u) for u in updates)
@@ -147,40 +202,51 @@ class HistoryStore(Database):
             )
 
     def put_checkpoint(self, round_number: int, shared: Arrays) -> None:
-        rows = [(round_number, key, _blob(value)) for key, value in shared.items()]
+        rows = [(round_number, key, *_raw(value.astype(np.float32))) for key, value in shared.items()]
         with self.transaction():
-            self.db.executemany("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)", rows)
+            self.db.executemany("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)", rows)
 
-    def _put_norms(self, round_number: int, update: ClientUpdate) -> None:
-        rows = [(round_number, update.client_id, key, norm) for key, norm in update_norms(update).items()]
-        self.db.executemany("INSERT OR REPLACE INTO norms VALUES (?, ?, ?, ?)", rows)
+    def _put_sizes(self, round_number: int, updates: list[ClientUpdate]) -> None:
+        rows = [(round_number, u.client_id, key, size) for u in updates for key, size in step_sizes(u).items()]
+        self.db.executemany("INSERT OR REPLACE INTO sizes VALUES (?, ?, ?, ?)", rows)
 
-    def _put_kept(self, round_number: int, update: ClientUpdate) -> None:
-        """The forms of one update the policy keeps: full at checkpoint rounds, compact every round."""
+    def _put_kept(self, round_number: int, updates: list[ClientUpdate], replacing: bool = False) -> None:
+        """The forms of a round's updates the policy keeps: full at checkpoint rounds, compact every
+        round (with every row each client touched). `replacing`: these take the place of the same
+        clients' stored updates, the others' stay."""
+        forms: list[tuple[str, list[ClientUpdate], list[np.ndarray]]] = []
         if self.policy.full_updates and self.is_checkpoint(round_number):
-            self._put_update(round_number, FULL, update)
+            forms.append((FULL, updates, [u.item_ids for u in updates]))
         if self.policy.compact:
-            self._put_update(round_number, COMPACT, compact_update(update, self.policy.alpha))
+            compact = [compact_update(u, self.policy.alpha) for u in updates]
+            forms.append((COMPACT, compact, [u.item_ids for u in updates]))
+        for kind, kept, touched in forms:
+            if replacing:
+                mine = {u.client_id for u in kept}
+                others = [pair for pair in self._round(round_number, kind).all() if pair[0].client_id not in mine]
+                pairs = sorted([*others, *zip(kept, touched, strict=True)], key=lambda pair: pair[0].client_id)
+                kept, touched = [u for u, _ in pairs], [t for _, t in pairs]
+            self._put_round(round_number, kind, RoundUpdates.pack(kept, touched, self.policy.dtype))
 
-    def replace_round_update(self, round_number: int, update: ClientUpdate) -> None:
-        """A replayed update takes the place of the stored one, in every form kept, norms included."""
-        with self.transaction():
-            self._put_kept(round_number, update)
-            self._put_norms(round_number, update)
-
-    def _put_update(self, round_number: int, kind: str, update: ClientUpdate) -> None:
-        key = (round_number, update.client_id, kind)
+    def _put_round(self, round_number: int, kind: str, packed: RoundUpdates) -> None:
+        self._decoded.pop((round_number, kind), None)
+        key = (round_number, kind)
+        index = [np.ascontiguousarray(getattr(packed, name)).tobytes() for name in self.INDEX_ARRAYS]
         self.db.execute(
-            "INSERT OR REPLACE INTO updates VALUES (?, ?, ?, ?, ?)", (*key, update.num_examples, _blob(update.item_ids))
+            "INSERT OR REPLACE INTO round_updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (*key, json.dumps(packed.clients), *index),
         )
-        tensors = [(*key, f"rows.{name}", _blob(v)) for name, v in update.rows.items()]
-        tensors += [(*key, f"dense.{name}", _blob(v)) for name, v in update.dense.items()]
-        self.db.executemany("INSERT OR REPLACE INTO update_tensors VALUES (?, ?, ?, ?, ?)", tensors)
+        tensors = [(*key, f"rows.{name}", *_raw(v)) for name, v in packed.rows.items()]
+        tensors += [(*key, f"dense.{name}", *_raw(v)) for name, v in packed.dense.items()]
+        self.db.execute("DELETE FROM round_tensors WHERE round = ? AND kind = ?", key)
+        self.db.executemany("INSERT INTO round_tensors VALUES (?, ?, ?, ?, ?, ?)", tensors)
 
-    def replace_update(self, round_number: int, kind: str, update: ClientUpdate) -> None:
+    def replace_updates(self, round_number: int, updates: list[ClientUpdate]) -> None:
+        """New updates of some of a round's clients (a calibration, a replay) take the place of the
+        stored ones, in every form the policy keeps, sizes included."""
         with self.transaction():
-            self._put_update(round_number, kind, update)
-            self._put_norms(round_number, update)
+            self._put_kept(round_number, updates, replacing=True)
+            self._put_sizes(round_number, updates)
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -196,69 +262,119 @@ class HistoryStore(Database):
         )
         return dict(rows.fetchall())
 
-    def norms(self, round_number: int, client_id: str) -> dict[str, float]:
+    def sizes(self, round_number: int, client_id: str) -> dict[str, float]:
+        """The step size (federated.step_size) of the client's update of that round, per shared tensor."""
         rows = self.db.execute(
-            "SELECT tensor, norm FROM norms WHERE round = ? AND client_id = ?", (round_number, client_id)
+            "SELECT tensor, size FROM sizes WHERE round = ? AND client_id = ?", (round_number, client_id)
         ).fetchall()
         if not rows:
-            raise HistoryError(f"no stored update norms for client {client_id} at round {round_number}")
+            raise HistoryError(f"no stored update sizes for client {client_id} at round {round_number}")
         return dict(rows)
 
+    def round_sizes(self, round_number: int) -> dict[str, dict[str, float]]:
+        """sizes() of every client of that round, in one query."""
+        found: dict[str, dict[str, float]] = {}
+        for client, tensor, size in self.db.execute(
+            "SELECT client_id, tensor, size FROM sizes WHERE round = ?", (round_number,)
+        ):
+            found.setdefault(client, {})[tensor] = size
+        return found
+
     def checkpoint(self, round_number: int) -> Arrays:
-        rows = self.db.execute("SELECT tensor, data FROM checkpoints WHERE round = ?", (round_number,)).fetchall()
+        rows = self.db.execute(
+            "SELECT tensor, dtype, shape, data FROM checkpoints WHERE round = ?", (round_number,)
+        ).fetchall()
         if not rows:
             raise HistoryError(f"no checkpoint stored for round {round_number}")
-        return {key: _array(blob) for key, blob in rows}
+        return {key: _from_raw(dtype, shape, data).copy() for key, dtype, shape, data in rows}
 
-    def update(self, round_number: int, client_id: str, kind: str = FULL) -> ClientUpdate:
+    def _round(self, round_number: int, kind: str) -> RoundUpdates:
+        cached = self._decoded.get((round_number, kind))
+        if cached is not None:
+            return cached
         head = self.db.execute(
-            "SELECT num_examples, item_ids FROM updates WHERE round = ? AND client_id = ? AND kind = ?",
-            (round_number, client_id, kind),
+            "SELECT clients, num_examples, offsets, item_ids, touched_offsets, touched FROM round_updates "
+            "WHERE round = ? AND kind = ?",
+            (round_number, kind),
         ).fetchone()
         if head is None:
-            raise HistoryError(f"no stored {kind} update for client {client_id} at round {round_number}")
+            return RoundUpdates([], *(np.zeros(1 if n.endswith("offsets") else 0, np.int64) for n in
+                                      self.INDEX_ARRAYS), {}, {})  # fmt: skip
+        dtypes = (np.int64, np.int64, np.int32, np.int64, np.int32)
+        index = [np.frombuffer(blob, dtype=dtype) for blob, dtype in zip(head[1:], dtypes, strict=True)]
         tensors = self.db.execute(
-            "SELECT tensor, data FROM update_tensors WHERE round = ? AND client_id = ? AND kind = ?",
-            (round_number, client_id, kind),
+            "SELECT tensor, dtype, shape, data FROM round_tensors WHERE round = ? AND kind = ?", (round_number, kind)
         ).fetchall()
-        rows = {name[5:]: _array(blob) for name, blob in tensors if name.startswith("rows.")}
-        dense = {name[6:]: _array(blob) for name, blob in tensors if name.startswith("dense.")}
-        return ClientUpdate(client_id, int(head[0]), _array(head[1]), rows, dense, 0.0)
+        arrays = {name: _from_raw(dtype, shape, data) for name, dtype, shape, data in tensors}
+        decoded = RoundUpdates(
+            json.loads(head[0]), *index,
+            {name[5:]: v for name, v in arrays.items() if name.startswith("rows.")},
+            {name[6:]: v for name, v in arrays.items() if name.startswith("dense.")},
+        )  # fmt: skip
+        self._decoded = {(round_number, kind): decoded}  # one round at a time: the methods walk rounds in order
+        return decoded
+
+    def updates(self, round_number: int, client_ids: list[str], kind: str = FULL) -> list[ClientUpdate]:
+        return [pair[0] for pair in self._pairs(round_number, client_ids, kind)]
+
+    def update(self, round_number: int, client_id: str, kind: str = FULL) -> ClientUpdate:
+        return self.updates(round_number, [client_id], kind)[0]
+
+    def compacts(self, round_number: int, client_ids: list[str]) -> list[tuple[ClientUpdate, np.ndarray]]:
+        """The compact updates of that round, each with every row its client touched then."""
+        return self._pairs(round_number, client_ids, COMPACT)
+
+    def _pairs(self, round_number: int, client_ids: list[str], kind: str) -> list[tuple[ClientUpdate, np.ndarray]]:
+        stored = self._round(round_number, kind)
+        where = {client: i for i, client in enumerate(stored.clients)}
+        missing = [c for c in client_ids if c not in where]
+        if missing:
+            raise HistoryError(f"no stored {kind} update for client {missing[0]} at round {round_number}")
+        return [stored.unpack(where[c]) for c in client_ids]
 
     def client_ids(self) -> set[str]:
         """Every client id that appears anywhere in the history."""
         found: set[str] = set()
-        for table in ("participation", "norms", "updates", "update_tensors"):
+        for table in ("participation", "sizes"):
             found |= {c for (c,) in self.db.execute(f"SELECT DISTINCT client_id FROM {table}")}
+        for (clients,) in self.db.execute("SELECT clients FROM round_updates"):
+            found |= set(json.loads(clients))
         return found
 
     # ---- forgetting and accounting ---------------------------------------------------------------
 
     def forget(self, client_ids: list[str]) -> None:
-        """Delete every row of these clients, then compact the file so their bytes are gone too
-        (once the open transaction commits)."""
+        """Delete every row of these clients, rewrite every stored round without them, then compact
+        the file so their bytes are gone too (once the open transaction commits)."""
+        leaving = set(client_ids)
         with self.transaction():
-            for table in ("participation", "norms", "updates", "update_tensors"):
+            for table in ("participation", "sizes"):
                 self.db.executemany(f"DELETE FROM {table} WHERE client_id = ?", [(c,) for c in client_ids])
+            for round_number, kind, clients in self.db.execute(
+                "SELECT round, kind, clients FROM round_updates"
+            ).fetchall():
+                if leaving & set(json.loads(clients)):
+                    pairs = [p for p in self._round(round_number, kind).all() if p[0].client_id not in leaving]
+                    packed = RoundUpdates.pack([u for u, _ in pairs], [t for _, t in pairs], self.policy.dtype)
+                    self._put_round(round_number, kind, packed)
         self.vacuum()
 
     def clear(self) -> None:
         """Drop every stored round (Retrain rewrites the history from round 1)."""
+        self._decoded = {}
         with self.transaction():
-            for table in ("participation", "norms", "checkpoints", "updates", "update_tensors"):
+            for table in ("participation", "sizes", "checkpoints", "round_updates", "round_tensors"):
                 self.db.execute(f"DELETE FROM {table}")
 
     def bytes_by_kind(self) -> dict[str, int]:
-        """Bytes of stored arrays by kind, and what keeping every full update of every round would take."""
-        one = lambda sql: int(self.db.execute(sql).fetchone()[0] or 0)  # noqa: E731
-        kinds = {
-            "checkpoints": one("SELECT SUM(LENGTH(data)) FROM checkpoints"),
-            FULL: one("SELECT SUM(LENGTH(data)) FROM update_tensors WHERE kind = 'full'")
-            + one("SELECT SUM(LENGTH(item_ids)) FROM updates WHERE kind = 'full'"),
-            COMPACT: one("SELECT SUM(LENGTH(data)) FROM update_tensors WHERE kind = 'compact'")
-            + one("SELECT SUM(LENGTH(item_ids)) FROM updates WHERE kind = 'compact'"),
-            "norms": 8 * one("SELECT COUNT(*) FROM norms"),
-        }
+        """Bytes of stored arrays by kind, and what keeping every full float32 update of every round would take."""
+        one = lambda sql, *args: int(self.db.execute(sql, args).fetchone()[0] or 0)  # noqa: E731
+        index = " + ".join(f"LENGTH({name})" for name in self.INDEX_ARRAYS)
+        kinds = {"checkpoints": one("SELECT SUM(LENGTH(data)) FROM checkpoints")}
+        for kind in (FULL, COMPACT):
+            kinds[kind] = one("SELECT SUM(LENGTH(data)) FROM round_tensors WHERE kind = ?", kind)
+            kinds[kind] += one(f"SELECT SUM({index}) FROM round_updates WHERE kind = ?", kind)
+        kinds["sizes"] = 8 * one("SELECT COUNT(*) FROM sizes")
         kinds["total"] = sum(kinds.values())
         kinds["every_full_update"] = one("SELECT bytes FROM accounting WHERE name = 'every_full_update'")
         return kinds

@@ -31,11 +31,17 @@ def coordinatewise(values: np.ndarray, rule: str, trim: float) -> np.ndarray:
 
 
 def server_delta(
-    model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float, rule: str, trim: float
+    model: SplitModel,
+    shared: Arrays,
+    updates: list[ClientUpdate],
+    server_lr: float,
+    rule: str,
+    trim: float,
+    dense_lr: float = 1.0,
 ) -> Arrays:
     """The server's step under `rule`: federated.aggregate_delta's weighted mean, or the robust one."""
     if rule == "mean" or not updates:
-        return aggregate_delta(model, shared, updates, server_lr)
+        return aggregate_delta(model, shared, updates, server_lr, dense_lr)
     delta = {key: np.zeros(value.shape, dtype=np.float64) for key, value in shared.items()}
     for key in model.row_keys:
         dim = shared[key].shape[1]
@@ -50,5 +56,5 @@ def server_delta(
             delta[key][rows] = server_lr * coordinatewise(values, rule, trim)
     for key in model.dense_keys(shared):
         stacked = np.stack([u.dense[key].astype(np.float64) for u in updates])
-        delta[key] = server_lr * coordinatewise(stacked, rule, trim)
+        delta[key] = dense_lr * coordinatewise(stacked, rule, trim)
     return delta

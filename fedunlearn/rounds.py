@@ -70,6 +70,9 @@ class FederationResult:
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # "updates" / "evaluations": by reason
 
 
+COMPARED = ("HR@10", "NDCG@10", "ER@10", "HR@10_active", "HR@10_inactive", "NDCG@10_active", "NDCG@10_inactive")
+
+
 def _by_client(reply: ClientUpdate | ClientEvaluation) -> str:
     return reply.client_id
 
@@ -112,6 +115,21 @@ def evaluation_metrics(evaluations: list[ClientEvaluation], ks: list[int], full_
     target_ranks = np.array([e.target_rank for e in evaluations if e.target_rank >= 0])
     if len(target_ranks):
         metrics["ER@10"] = hit_ratio(target_ranks, 10)  # exposure of the promoted item
+    return metrics
+
+
+def activity_metrics(evaluations: list[ClientEvaluation], activity: dict[str, int]) -> dict[str, float]:
+    """HR@10 and NDCG@10 of the most and the least active fifth of the evaluated users (by training
+    interactions; ties broken by client id), CURE4Rec's active / inactive split for the fairness of
+    unlearning."""
+    if len(evaluations) < 5:
+        return {}
+    order = sorted(evaluations, key=lambda e: (activity[e.client_id], e.client_id))
+    fifth = len(order) // 5
+    metrics: dict[str, float] = {}
+    for name, group in (("inactive", order[:fifth]), ("active", order[-fifth:])):
+        ranks = ranking_metrics(np.array([e.rank for e in group]), [10])
+        metrics |= {f"{key}_{name}": value for key, value in ranks.items()}
     return metrics
 
 
@@ -176,6 +194,7 @@ class FederatedServer:
         self.losses: list[float] = []  # each round's mean training loss
         self.reported: Counter[str] = Counter()  # rejected uploads already shown in an earlier metrics row
         self.checkpoint = checkpoint
+        self.activity = {client.client_id: len(client.train_items) for client in map(federation.client, self.active)}
 
     def sample(self, round_number: int) -> list[int]:
         ids = [self.client_ids[i] for i in self.active]
@@ -229,7 +248,9 @@ class FederatedServer:
     def aggregate_delta(self, shared: Arrays, updates: list[ClientUpdate]) -> Arrays:
         """The server's step under train.aggregation (robust.py)."""
         train = self.config.train
-        return server_delta(self.model, shared, updates, train.server_lr, train.aggregation, train.trim)
+        return server_delta(
+            self.model, shared, updates, train.server_lr, train.aggregation, train.trim, train.dense_server_lr
+        )
 
     def aggregate(self, shared: Arrays, updates: list[ClientUpdate]) -> Arrays:
         return apply_delta(shared, self.aggregate_delta(shared, updates))
@@ -242,6 +263,14 @@ class FederatedServer:
         new_shared = self.aggregate(shared, updates)
         require_finite(new_shared, f"at round {round_number}")
         return new_shared, updates
+
+    def roll_back_users(self) -> None:
+        """A method rolls the shared model back to a stored checkpoint: with `unlearn.user_parts =
+        "reset"` the retained clients' user parts restart from their initial draw, as Retrain's do
+        (their trained ones learned against a model holding the leaving clients); "keep" leaves them
+        (docs/ARCHITECTURE.md, user parts)."""
+        if self.config.unlearn.user_parts == "reset":
+            self.pool.forget(self.active)
 
     def upload_view(self, updates: list[ClientUpdate]) -> np.ndarray:
         """What a curious server keeps of each upload for attribute inference (zeros: not sampled)."""
@@ -258,6 +287,7 @@ class FederatedServer:
         self._count("evaluations", rejected, len(evaluations), len(self.active), "evaluation", details)
         evaluations = sorted(evaluations, key=_by_client)
         metrics = evaluation_metrics(evaluations, self.config.eval.ks, self.config.eval.full_ranking)
+        metrics |= activity_metrics(evaluations, self.activity)
         if not evaluations or not all(np.isfinite(value) for value in metrics.values()):
             raise FedUnlearnError(f"evaluation gave no finite metrics ({len(evaluations)} valid replies)")
         return metrics
@@ -327,7 +357,7 @@ class FederatedServer:
                 event = twin.events[-1]
                 rows.append(
                     {"method": method, "model": self.config.model.name, "seed": self.config.run.seed}
-                    | {k: v for k, v in event["after"].items() if k in ("HR@10", "NDCG@10", "ER@10")}
+                    | {k: v for k, v in event["after"].items() if k in COMPARED}
                     | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"]}
                     | {"client_epochs": event["client_epochs"]}
                 )

@@ -117,7 +117,7 @@ def test_a_full_disk_in_the_history_keeps_a_resumable_folder(tmp_path, capsys, m
 
     def tiny_disk(self, path, policy):
         opened(self, path, policy)
-        self.db.execute("PRAGMA max_page_count = 40")  # a few rounds' worth, then "database or disk is full"
+        self.db.execute("PRAGMA max_page_count = 20")  # a few rounds' worth, then "database or disk is full"
 
     monkeypatch.setattr(HistoryStore, "__init__", tiny_disk)
     code = main(["run", *SMALL, "--set", "train.rounds=12", "--drop", "1@11", "--method", "federaser", "--quiet",

@@ -96,7 +96,7 @@ def test_unlearning_on_the_batched_engine_equals_the_inprocess_runner(tmp_path, 
     overrides = ["model.name=mf", f"unlearn.method={method}", "unlearn.poison=true"]
     expected, reference = run(InProcessPool, overrides, tmp_path, drop="3,7@3")
     got, pool = run(BatchedPool, overrides, tmp_path, drop="3,7@3")
-    # FRU rescales each replayed aggregate to a stored norm: the ratio carries the float noise into
+    # FRU rescales each replayed aggregate to a stored step size: the ratio carries the float noise into
     # every element (seen here: 2.6e-4), hence 10x the training tolerance
     assert_same_run(expected, got, 10 * TOLERANCE)
     assert got.events[0]["MIA_AUC"] == pytest.approx(expected.events[0]["MIA_AUC"], abs=1e-6)

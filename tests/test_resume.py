@@ -94,7 +94,9 @@ def test_a_kill_inside_the_unlearning_event_leaves_no_half_event(tmp_path, monke
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     assert_same_run(out, tmp_path / "reference")
     history = sqlite3.connect(out / "history.sqlite")
-    assert not set(leaving) & {c for (c,) in history.execute("SELECT DISTINCT client_id FROM norms")}
+    assert not set(leaving) & {c for (c,) in history.execute("SELECT DISTINCT client_id FROM sizes")}
+    stored_rounds = history.execute("SELECT clients FROM round_updates")
+    assert not set(leaving) & {c for (ids,) in stored_rounds for c in json.loads(ids)}
 
 
 def test_a_kill_while_publishing_is_finished_by_resume(tmp_path, monkeypatch):

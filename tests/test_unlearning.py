@@ -65,7 +65,7 @@ def test_random_drops_are_seeded_and_avoid_clients_already_leaving():
         build_schedule("", "ten@4", IDS, 6, 0)
 
 
-def test_federaser_calibrated_updates_carry_the_stored_norms(tmp_path):
+def test_federaser_calibrated_updates_carry_the_stored_step_sizes(tmp_path):
     # SGD: an Adam first step is lr * sign(gradient), which would hide whether training really reran
     server, history, _ = server_for(tmp_path, ["unlearn.method=federaser", "train.optimizer=sgd"], drop="3,7@6")
     stored = {}
@@ -74,7 +74,7 @@ def test_federaser_calibrated_updates_carry_the_stored_norms(tmp_path):
     def remember_then_remove(round_number, leaving):
         for checkpoint in history.checkpoint_rounds():
             for client in history.participants(checkpoint):
-                stored[(checkpoint, client)] = (history.norms(checkpoint, client), history.update(checkpoint, client))
+                stored[(checkpoint, client)] = (history.sizes(checkpoint, client), history.update(checkpoint, client))
         original_remove(round_number, leaving)
 
     server.remove = remember_then_remove
@@ -83,9 +83,12 @@ def test_federaser_calibrated_updates_carry_the_stored_norms(tmp_path):
     assert len(server.calibrations) == 2 * 22  # every retained participant, at each of them
     for checkpoint, update in server.calibrations:
         assert update.client_id not in {"3", "7"}
-        norms, original = stored[(checkpoint, update.client_id)]
-        for key, value in {**update.rows, **update.dense}.items():
-            assert np.linalg.norm(value) == pytest.approx(norms[key], rel=1e-5)
+        sizes, original = stored[(checkpoint, update.client_id)]
+        for key, value in update.rows.items():  # per changed row: the RMS of the rows' norms
+            assert np.sqrt((value.astype(np.float64) ** 2).sum(axis=1).mean()) == pytest.approx(sizes[key], rel=1e-5)
+            stored_rows = original.rows[key].astype(np.float64)
+            # sizes are taken before storage; the stored rows are float16 (rounding ~5e-4 per value)
+            assert sizes[key] == pytest.approx(np.sqrt((stored_rows**2).sum(axis=1).mean()), rel=1e-3)
         # the direction really comes from new training, not from the stored update
         # same round, same client draws: half an epoch touches a subset of the original rows
         assert set(update.item_ids) < set(original.item_ids)
@@ -97,11 +100,11 @@ def test_federaser_calibrated_updates_carry_the_stored_norms(tmp_path):
 def test_history_lookups_never_fall_back(tmp_path):
     server, history, _ = server_for(tmp_path, [])
     server.run()
-    assert history.norms(1, "5")  # keyed by the stable client id
+    assert history.sizes(1, "5")  # keyed by the stable client id
     with pytest.raises(HistoryError, match="client 17 at round 2"):
         history.update(2, "17")  # round 2 is not a checkpoint round: nothing stored, and it says so
     with pytest.raises(HistoryError, match="client nobody"):
-        history.norms(1, "nobody")
+        history.sizes(1, "nobody")
 
 
 @pytest.mark.parametrize("method", ["retrain", "federaser", "fru", "accum", "ascent", "none"])
@@ -189,8 +192,8 @@ def test_ascent_steps_stay_inside_the_ball_and_cost_only_the_leaving_clients(tmp
     from fedunlearn.unlearning.ascent import project
 
     step = ClientUpdate("u", 3, np.array([1, 2]), {"item_emb": np.full((2, 2), 3.0, np.float32)}, {}, 0.0)
-    bounded = project(step, {"item_emb": 2.0})
-    assert np.linalg.norm(bounded.rows["item_emb"]) == pytest.approx(2.0)
+    bounded = project(step, {"item_emb": 2.0})  # per changed row: each row's norm 3 sqrt(2) -> 2
+    np.testing.assert_allclose(np.linalg.norm(bounded.rows["item_emb"], axis=1), [2.0, 2.0], rtol=1e-6)
     assert project(step, {"item_emb": 100.0}).rows["item_emb"][0, 0] == 3.0  # never scaled up
 
     server, _, pool = server_for(tmp_path, ["unlearn.method=ascent"], drop="3@4")
@@ -288,3 +291,34 @@ def test_removing_clients_that_never_trained_changes_nothing_for_every_method(tm
     )
     for key, value in trained.items():
         np.testing.assert_array_equal(result.unlearned[key], value)  # the model right after == before
+
+
+@pytest.mark.parametrize("model", ["mf", "ncf"])
+def test_fru_replay_that_reproduces_the_stored_updates_takes_exactly_the_stored_step(tmp_path, model):
+    from fedunlearn.unlearning.fru import replay_step
+
+    overrides = [f"model.name={model}", "unlearn.compare=true", "train.rounds=4", "unlearn.alpha=0.5"]
+    overrides += ["unlearn.history_dtype=float32"]  # float16 rounding could reorder near-equal rows
+    server, history, _ = server_for(tmp_path, overrides)  # compare: full and compact updates both kept
+    server.run()
+    shared, clients = history.checkpoint(3), list(history.participants(3))
+    full = [history.update(3, client) for client in clients]
+    step, scale = replay_step(server, shared, full, history.compacts(3, clients))
+    stored_step = server.aggregate_delta(shared, full)
+    assert scale == pytest.approx(dict.fromkeys(stored_step, 1.0), rel=1e-9)
+    for key, value in stored_step.items():
+        assert np.linalg.norm(step[key]) == pytest.approx(np.linalg.norm(value), rel=1e-9)
+
+
+def test_a_compact_row_is_averaged_over_every_client_that_touched_it():
+    from fedunlearn.config import ModelConfig
+    from fedunlearn.federated import ClientUpdate, aggregate_delta
+    from fedunlearn.models import build_model
+
+    model = build_model(ModelConfig(dim=2), 3)
+    shared = {"item_emb": np.zeros((3, 2), np.float32)}
+    kept = ClientUpdate("a", 1, np.array([0]), {"item_emb": np.array([[4.0, 0.0]], np.float32)}, {}, 0.0)
+    other = ClientUpdate("b", 3, np.array([1]), {"item_emb": np.array([[0.0, 2.0]], np.float32)}, {}, 0.0)
+    # "b" touched rows 0 and 1 but kept only row 1: row 0's mean is 1 * 4 / (1 + 3), not 4
+    delta = aggregate_delta(model, shared, [kept, other], 1.0, touched=[np.array([0]), np.array([0, 1])])
+    np.testing.assert_allclose(delta["item_emb"], [[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])

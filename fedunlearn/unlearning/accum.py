@@ -16,7 +16,8 @@ def accum(server: FederatedServer, round_number: int, forgotten: list[int]) -> A
     checkpoints = [c for c in history.checkpoint_rounds() if c < round_number]
     retained = {server.client_ids[i] for i in server.active}
     shared = history.checkpoint(checkpoints[0])
+    server.roll_back_users()
     for checkpoint in checkpoints:
-        updates = [history.update(checkpoint, c) for c in history.participants(checkpoint) if c in retained]
+        updates = history.updates(checkpoint, [c for c in history.participants(checkpoint) if c in retained])
         shared = server.aggregate(shared, updates)
     return shared

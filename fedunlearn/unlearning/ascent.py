@@ -1,6 +1,7 @@
 """Bounded gradient ascent (PGA, Halimi et al. 2022): before leaving, each client climbs its own
-loss from the current model; its ascent step is projected onto a ball whose radius is the norm of
-its own last stored update, so it can undo about one round of its influence and no more."""
+loss from the current model; its ascent step is projected onto a ball whose radius is the step size
+of its own last stored update (per changed row for item tables), so it can undo about one round of
+its influence and no more."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ if TYPE_CHECKING:
 
 
 def project(update: ClientUpdate, radius: dict[str, float]) -> ClientUpdate:
-    """Scale each shared tensor of the update down (never up) to the radius given for it."""
-    return rescale_tensors(update, radius, only_down=True)
+    """Scale each shared tensor of the update down (never up) to the step size given for it."""
+    return rescale_tensors(update, radius, only_down=True, per_row=True)
 
 
 def ascent(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
@@ -28,6 +29,6 @@ def ascent(server: FederatedServer, round_number: int, forgotten: list[int]) -> 
     climbing = [index for index in forgotten if index in last_round]
     steps = server.train_clients(round_number, climbing, server.shared, None, ascent=True)
     bounded = [
-        project(step, history.norms(last_round[server.position[step.client_id]], step.client_id)) for step in steps
+        project(step, history.sizes(last_round[server.position[step.client_id]], step.client_id)) for step in steps
     ]
     return server.aggregate(server.shared, bounded)

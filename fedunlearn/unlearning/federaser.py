@@ -12,9 +12,11 @@ if TYPE_CHECKING:
     from fedunlearn.rounds import FederatedServer
 
 
-def calibrate(update: ClientUpdate, stored_norms: dict[str, float]) -> ClientUpdate:
-    """Direction from the new training, norm (per shared tensor) from the history."""
-    return rescale_tensors(update, stored_norms)
+def calibrate(update: ClientUpdate, stored_sizes: dict[str, float]) -> ClientUpdate:
+    """Direction from the new training, step size from the history: per shared tensor, and for item
+    tables per changed row (federated.step_size), so a shorter calibration that touches fewer rows
+    is not scaled up for the rows it did not touch."""
+    return rescale_tensors(update, stored_sizes, per_row=True)
 
 
 def require_history(server: FederatedServer, method: str) -> HistoryStore:
@@ -26,7 +28,7 @@ def require_history(server: FederatedServer, method: str) -> HistoryStore:
 def federaser(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
     """From the first checkpoint M(t1), apply the retained clients' stored updates of t1; at each
     later checkpoint tj the retained participants train r * E epochs from the calibrated model and
-    their updates are rescaled to the norms stored for tj. The history's checkpoints and updates
+    their updates are rescaled to the step sizes stored for tj. The history's checkpoints and updates
     are replaced by the calibrated ones, so a later removal starts from a model without these
     clients."""
     history = require_history(server, "federaser")
@@ -34,17 +36,18 @@ def federaser(server: FederatedServer, round_number: int, forgotten: list[int]) 
     retained = {server.client_ids[i] for i in server.active}
     epochs = server.config.unlearn.r * server.config.train.local_epochs
     shared = history.checkpoint(checkpoints[0])
+    server.roll_back_users()
     for j, checkpoint in enumerate(checkpoints):
         participants = [c for c in history.participants(checkpoint) if c in retained]
         history.put_checkpoint(checkpoint, shared)
         if j == 0:
-            updates = [history.update(checkpoint, client) for client in participants]
+            updates = history.updates(checkpoint, participants)
         else:
             positions = [server.position[c] for c in participants]
             fresh = server.train_clients(checkpoint, positions, shared, epochs)
-            updates = [calibrate(u, history.norms(checkpoint, u.client_id)) for u in fresh]
+            stored = history.round_sizes(checkpoint)
+            updates = [calibrate(u, stored[u.client_id]) for u in fresh]
             server.calibrations.extend((checkpoint, u) for u in updates)
-            for update in updates:
-                history.replace_update(checkpoint, "full", update)
+            history.replace_updates(checkpoint, updates)
         shared = server.aggregate(shared, updates)
     return shared

@@ -1,5 +1,5 @@
 """FRU (Yuan et al., WSDM 2023): roll back, then replay the rounds without the leaving clients with
-short local training, each round's aggregate rescaled to the norm of the stored (compact) one."""
+short local training, each round's aggregate rescaled to the step size of the stored (compact) one."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedunlearn.federated import ClientUpdate, apply_delta
-from fedunlearn.history import COMPACT
+from fedunlearn.federated import ClientUpdate, aggregate_delta, apply_delta, step_size
 from fedunlearn.models import Arrays
 from fedunlearn.unlearning.federaser import require_history
 
@@ -21,11 +20,9 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
     """Roll back to the latest checkpoint at or before the first round any leaving client took part
     in (checkpoints are kept every `unlearn.dt` rounds from round 1), then replay every later round
     with its participants less the leaving clients, each training `lam * E` epochs from the replayed
-    model (their user parts take these new updates directly). Each replayed aggregate is rescaled,
-    per shared tensor, to the norm of the aggregate of the same clients' stored compact updates (a
-    row-wise mean over the clients that kept each row, which overstates the applied step; see
-    docs/ARCHITECTURE.md). The history is rewritten with the replay (checkpoints, and each client's
-    update scaled as its aggregate was), so a later removal rolls back to a model without them."""
+    model. Each replayed aggregate is rescaled to the step size of the same clients' stored one
+    (replay_step). The history is rewritten with the replay (checkpoints, and each client's update
+    scaled as its aggregate was), so a later removal rolls back to a model without them."""
     history = require_history(server, "fru")
     leaving = {server.client_ids[i] for i in forgotten}
     retained = {server.client_ids[i] for i in server.active}
@@ -35,6 +32,7 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
         return server.shared  # they never contributed: nothing to erase
     start = max(c for c in history.checkpoint_rounds() if c <= joined[0])
     shared = history.checkpoint(start)
+    server.roll_back_users()
     epochs = server.config.unlearn.lam * server.config.train.local_epochs
     for replayed in (r for r in past if r >= start):
         if replayed in history.checkpoint_rounds():
@@ -44,13 +42,48 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
             continue
         positions = [server.position[c] for c in participants]
         fresh = server.train_clients(replayed, positions, shared, epochs)
-        stored = [history.update(replayed, c, COMPACT) for c in participants]
-        new_step, reference = server.aggregate_delta(shared, fresh), server.aggregate_delta(shared, stored)
-        scale = {key: _scale(new_step[key], reference[key]) for key in new_step}
-        shared = apply_delta(shared, {key: new_step[key] * scale[key] for key in new_step})
-        for update in fresh:
-            history.replace_round_update(replayed, scaled(update, scale))
+        step, scale = replay_step(server, shared, fresh, history.compacts(replayed, [u.client_id for u in fresh]))
+        shared = apply_delta(shared, step)
+        history.replace_updates(replayed, [scaled(update, scale) for update in fresh])
     return shared
+
+
+def replay_step(
+    server: FederatedServer, shared: Arrays, fresh: list[ClientUpdate], stored: list[tuple[ClientUpdate, np.ndarray]]
+) -> tuple[Arrays, dict[str, float]]:
+    """The replayed round's step and the factor each shared tensor was given. Direction: the server's
+    aggregate of the fresh updates. Size: the stored round's, measured like for like: each fresh
+    update is cut to the rows its client's stored compact update kept, both sides are averaged
+    row-wise over the clients that touched each row (a compact update counts where it touched, not
+    only where it kept rows), and compared by step size (per changed row for item tables), so a
+    replay that reproduces the stored updates takes exactly the stored step."""
+    train = server.config.train
+    compact = [_restricted(update, kept.item_ids) for update, (kept, _) in zip(fresh, stored, strict=True)]
+
+    def mean_step(updates: list[ClientUpdate], touched: list[np.ndarray]) -> Arrays:
+        return aggregate_delta(server.model, shared, updates, train.server_lr, train.dense_server_lr, touched)
+
+    mirror = mean_step(compact, [update.item_ids for update in fresh])
+    reference = mean_step([update for update, _ in stored], [touched for _, touched in stored])
+    step = server.aggregate_delta(shared, fresh)
+    rows = set(server.model.row_keys)
+    scale = {key: _ratio(_size(reference[key], key in rows), _size(mirror[key], key in rows)) for key in step}
+    return {key: step[key] * scale[key] for key in step}, scale
+
+
+def _restricted(update: ClientUpdate, item_ids: np.ndarray) -> ClientUpdate:
+    """The update's changes of these rows only (those it touched)."""
+    mine = np.isin(update.item_ids, item_ids)
+    return replace(update, item_ids=update.item_ids[mine], rows={k: v[mine] for k, v in update.rows.items()})
+
+
+def _size(delta: np.ndarray, per_row: bool) -> float:
+    """step_size of an aggregated (full-shape) step: item tables over the rows it changes."""
+    return step_size(delta[np.any(delta != 0, axis=1)] if per_row else delta, per_row)
+
+
+def _ratio(reference: float, size: float) -> float:
+    return reference / size if size > 0 else 1.0
 
 
 def scaled(update: ClientUpdate, scale: dict[str, float]) -> ClientUpdate:
@@ -60,8 +93,3 @@ def scaled(update: ClientUpdate, scale: dict[str, float]) -> ClientUpdate:
         rows={key: (value * scale[key]).astype(np.float32) for key, value in update.rows.items()},
         dense={key: (value * scale[key]).astype(np.float32) for key, value in update.dense.items()},
     )
-
-
-def _scale(direction: np.ndarray, reference: np.ndarray) -> float:
-    norm = np.linalg.norm(direction)
-    return float(np.linalg.norm(reference) / norm) if norm > 0 else 1.0
