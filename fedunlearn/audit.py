@@ -142,18 +142,24 @@ def privacy_table(
     return pd.DataFrame(rows), audited
 
 
-def compare_with_retrain(rows: list[dict[str, Any]], unlearned: list[Arrays]) -> None:
+def compare_with_retrain(rows: list[dict[str, Any]], unlearned: list[Arrays | None]) -> None:
     """Speedup (client-epochs and wall time) and parameter distance of every unlearning run to the
-    Retrain run of the same model and seed, measured on the shared parameters right after unlearning;
-    the cosine is between the changes from the common initial parameters."""
-    retrains = {(r["model"], r["seed"]): i for i, r in enumerate(rows) if r.get("method") == "retrain"}
+    Retrain run of the same model, seed and event, measured on the shared parameters right after
+    unlearning (where they were kept: None skips the distance); the cosine is between the changes
+    from the common initial parameters."""
+    def key(row: dict[str, Any]) -> tuple[Any, ...]:
+        return row["model"], row["seed"], row.get("event")
+
+    retrains = {key(r): i for i, r in enumerate(rows) if r.get("method") == "retrain"}
     for row, params in zip(rows, unlearned, strict=True):
-        reference = retrains.get((row["model"], row["seed"])) if "method" in row else None
+        reference = retrains.get(key(row)) if "method" in row else None
         if reference is None:
             continue
         ref_row, ref_params = rows[reference], unlearned[reference]
         row["speedup"] = _ratio(ref_row["client_epochs"], row["client_epochs"])
         row["speedup_time"] = _ratio(ref_row["unlearn_seconds"], row["unlearn_seconds"])
+        if params is None or ref_params is None:
+            continue
         initial = _initial(row, params)
         flat, ref_flat, start = (
             np.concatenate([a[k].ravel() for k in sorted(a)]) for a in (params, ref_params, initial)

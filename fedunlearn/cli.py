@@ -127,9 +127,9 @@ def _run(args: argparse.Namespace) -> None:
         f"({config.model.name}, {config.run.mode}, engine {config.run.engine}, {outcome.info['seconds']:.1f} s)"
     )
     if outcome.result.comparison:
-        columns = ["method", "HR@10", "NDCG@10", "MIA_AUC", "client_epochs", "speedup", "L2_to_retrain"]
+        columns = ["event", "method", "HR@10", "NDCG@10", "MIA_AUC", "client_epochs", "speedup", "L2_to_retrain"]
         table = pd.DataFrame(outcome.result.comparison)
-        print("unlearning at the drop event (retained users, model right after unlearning):")
+        print("unlearning at each drop event (retained users, model right after unlearning):")
         print(table[[c for c in columns if c in table.columns]].to_markdown(index=False, floatfmt=".4f"))
     if outcome.result.privacy is not None:
         from fedunlearn.report import privacy_summary

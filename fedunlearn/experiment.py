@@ -30,6 +30,7 @@ from fedunlearn.config import Config, apply_mapping, load_overrides, read_toml, 
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.models import Arrays
 from fedunlearn.results import FINAL, lock_folder, partial_of, staged, unlock, write_config, write_run
+from fedunlearn.rounds import COMPARED
 from fedunlearn.runner import RunOutcome, execute
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -90,7 +91,9 @@ def _list_of(spec: dict[str, Any], key: str, kind: type, path: str | Path, examp
     return values
 
 
-def _row(name: str, config: Config, outcome: RunOutcome) -> dict[str, Any]:
+def _rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]]:
+    """The run's row: its final metrics, or with drop events one row per event (the retained users
+    right after it), each judged later against the Retrain run's row of the same event."""
     result, info = outcome.result, outcome.info
     row: dict[str, Any] = {
         "setting": name.split("/")[0],
@@ -102,16 +105,16 @@ def _row(name: str, config: Config, outcome: RunOutcome) -> dict[str, Any]:
     }
     metrics = {k: v for k, v in result.final.items() if "@" in k}
     if not result.events:
-        return row | metrics | {"seconds": info["seconds"]}
-    event = result.events[-1]
-    return (
+        return [row | metrics | {"seconds": info["seconds"]}]
+    return [
         row
-        | {"method": config.unlearn.method}
-        | {k: v for k, v in event["after"].items() if k in ("HR@10", "NDCG@10", "ER@10")}
+        | {"event": event["round"], "method": config.unlearn.method}
+        | {k: v for k, v in event["after"].items() if k in COMPARED}
         | {"final_HR@10": metrics["HR@10"], "final_NDCG@10": metrics["NDCG@10"]}
         | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"], "client_epochs": event["client_epochs"]}
         | {"history_bytes": info["history_bytes"]["total"], "seconds": info["seconds"]}
-    )
+        for event in result.events
+    ]
 
 
 def _privacy_rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]]:
@@ -137,8 +140,8 @@ def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tu
             write_config(staging.folder, config)
             outcome = execute(config, staging.folder, show_progress)
             staging.final = write_run(staging.folder, config, outcome.result, outcome.info)
-            rows = _privacy_rows(name, config, outcome) if outcome.result.privacy is not None else [
-                _row(name, config, outcome)]  # fmt: skip
+            privacy = outcome.result.privacy is not None
+            rows = _privacy_rows(name, config, outcome) if privacy else _rows(name, config, outcome)
             rows = [row | {"status": "ok"} for row in rows]
             (staging.folder / ROWS_FILE).write_text(json.dumps(rows) + "\n")
     except FedUnlearnError as error:
@@ -176,7 +179,9 @@ def run_experiment(
         results = _run_all(settings, folder, show_progress, jobs)
         ok = [(run_rows, params) for run_rows, params in results if run_rows[0]["status"] == "ok"]
         rows = [row for run_rows, _ in ok for row in run_rows]
-        compare_with_retrain(rows, [params for run_rows, params in ok for _ in run_rows])
+        # the unlearned model is kept for a run's last event: the distances to Retrain are taken there
+        last = [params if i == len(run_rows) - 1 else None for run_rows, params in ok for i in range(len(run_rows))]
+        compare_with_retrain(rows, last)
         failed = [run_rows[0] for run_rows, _ in results if run_rows[0]["status"] == "failed"]
         runs = pd.DataFrame(rows + failed)
         runs.to_csv(folder / "runs.csv", index=False)
@@ -218,7 +223,7 @@ def _run_all(
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    grouping = ("setting", "model", "mode", "engine", "method", "audit", "view", "attacker", "attribute")
+    grouping = ("setting", "model", "mode", "engine", "method", "event", "audit", "view", "attacker", "attribute")
     keys = [c for c in grouping if c in runs.columns]
     numeric = [c for c in runs.columns if c not in keys and c != "seed" and pd.api.types.is_numeric_dtype(runs[c])]
     grouped = runs.groupby(keys, sort=False, dropna=False)[numeric]

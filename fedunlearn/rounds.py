@@ -64,7 +64,7 @@ class FederationResult:
     round_ends: list[float] = field(default_factory=list)  # wall-clock time.time() at the end of each round
     events: list[dict[str, Any]] = field(default_factory=list)  # drop events: who, when, method, cost, audit
     unlearned: Arrays = field(default_factory=dict)  # shared parameters right after the last unlearning
-    comparison: list[dict[str, Any]] = field(default_factory=list)  # every method at the last event
+    comparison: list[dict[str, Any]] = field(default_factory=list)  # every method at every event, a block each
     uploads: np.ndarray | None = None  # (clients, items): the server's view of each last-round upload
     privacy: Any = None  # fedunlearn.privacy.stage.PrivacyReport when attribute privacy was audited
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # "updates" / "evaluations": by reason
@@ -335,13 +335,16 @@ class FederatedServer:
 
     def compare_methods(self, round_number: int, leaving: list[str]) -> list[dict[str, Any]]:
         """Every unlearning method tried on a copy of this server at this event (client state and
-        history copied), with speedup and distance to Retrain: the unlearning table."""
+        history copied), with speedup and distance to Retrain: one block of the unlearning table.
+        At a later event the copies start from the run's state, i.e. after the configured method
+        handled the earlier events; Retrain's row retrains without every client removed so far."""
         from fedunlearn.audit import compare_with_retrain
         from fedunlearn.unlearning import METHODS
 
         if self.history is None:
             raise FedUnlearnError("unlearn.compare needs a drop schedule (unlearn.drop or unlearn.drop_random)")
         rows, unlearned = [], []
+        removed_so_far = sum(len(event["clients"]) for event in self.events)
         with tempfile.TemporaryDirectory() as scratch:
             for method in METHODS:
                 twin = copy.copy(self)
@@ -356,7 +359,8 @@ class FederatedServer:
                 _release(twin.pool)
                 event = twin.events[-1]
                 rows.append(
-                    {"method": method, "model": self.config.model.name, "seed": self.config.run.seed}
+                    {"event": round_number, "removed": removed_so_far + len(leaving), "method": method}
+                    | {"model": self.config.model.name, "seed": self.config.run.seed}
                     | {k: v for k, v in event["after"].items() if k in COMPARED}
                     | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"]}
                     | {"client_epochs": event["client_epochs"]}
@@ -426,7 +430,7 @@ class FederatedServer:
         rounds = self.config.train.rounds
         if round_number in self.schedule:
             if self.config.unlearn.compare:
-                result.comparison = self.compare_methods(round_number, self.schedule[round_number])
+                result.comparison += self.compare_methods(round_number, self.schedule[round_number])
             self.remove(round_number, self.schedule[round_number])
         clients = self.sample(round_number)
         self.progress.start_round(round_number, len(clients))

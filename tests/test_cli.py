@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -134,6 +135,29 @@ def test_unlearning_experiment_compares_every_method_with_retrain(tmp_path):
     assert table.loc["none", "L2_to_retrain"] > 0.0 and table.loc["none", "speedup"] == float("inf")
     assert (out / "federaser" / "seed1" / "history.sqlite").exists()
     assert "±" in (out / "table.md").read_text()
+
+
+def test_repeated_events_give_a_row_each_judged_against_retrains_row_of_that_event(tmp_path):
+    spec = tmp_path / "repeated.toml"
+    spec.write_text(
+        "[base]\n"
+        '"data.synthetic_users" = 20\n"data.synthetic_items" = 80\n"data.synthetic_interactions" = 10\n'
+        '"data.test_negatives" = 30\n"model.dim" = 8\n"train.rounds" = 6\n"eval.every" = 6\n'
+        '"unlearn.drop" = "3@3;4,5@5"\n"train.fraction" = 0.5\n'
+        '[[setting]]\nname = "retrain"\nset = { "unlearn.method" = "retrain" }\n'
+        '[[setting]]\nname = "federaser"\nset = { "unlearn.method" = "federaser" }\n'
+    )
+    out = tmp_path / "r"
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet"]) == 0
+    runs = pd.read_csv(out / "runs.csv").set_index(["setting", "event"])
+    assert sorted(runs.index) == [("federaser", 3), ("federaser", 5), ("retrain", 3), ("retrain", 5)]
+    # each event's speedup is over Retrain's cost at that same event (at round 3 FedEraser only
+    # replays the stored round-1 updates: no training)
+    assert runs.loc[("retrain", 3), "client_epochs"] < runs.loc[("retrain", 5), "client_epochs"]
+    retrain, federaser = runs.loc[("retrain", 5)], runs.loc[("federaser", 5)]
+    assert federaser["speedup"] == pytest.approx(retrain["client_epochs"] / federaser["client_epochs"])
+    assert np.isnan(runs.loc[("federaser", 3), "L2_to_retrain"])  # the unlearned model is kept for the last event
+    assert runs.loc[("federaser", 5), "L2_to_retrain"] > 0
 
 
 def test_experiment_crosses_models_and_parallel_jobs_give_the_same_numbers(tmp_path):

@@ -322,3 +322,17 @@ def test_a_compact_row_is_averaged_over_every_client_that_touched_it():
     # "b" touched rows 0 and 1 but kept only row 1: row 0's mean is 1 * 4 / (1 + 3), not 4
     delta = aggregate_delta(model, shared, [kept, other], 1.0, touched=[np.array([0]), np.array([0, 1])])
     np.testing.assert_allclose(delta["item_emb"], [[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+
+
+def test_repeated_events_give_one_block_each_and_retrain_forgets_every_removal_so_far(tmp_path):
+    overrides = ["unlearn.method=federaser", "unlearn.compare=true"]
+    server, _, _ = server_for(tmp_path, overrides, drop="3@3;7@5")
+    rows = server.run().comparison
+    assert [(row["event"], row["removed"]) for row in rows if row["method"] == "retrain"] == [(3, 1), (5, 2)]
+    assert len(rows) == 2 * len({row["method"] for row in rows})
+    fresh, _, _ = server_for(tmp_path, ['data.exclude_clients=["3","7"]', "train.rounds=4"])
+    without_both = fresh.run().final  # rounds 1-4 never seeing either client, evaluated on the others
+    retrain = next(row for row in rows if row["method"] == "retrain" and row["event"] == 5)
+    assert retrain["HR@10"] == without_both["HR@10"] and retrain["NDCG@10"] == without_both["NDCG@10"]
+    later = {row["method"]: row for row in rows if row["event"] == 5}  # judged against that Retrain
+    assert later["federaser"]["client_epochs"] < later["retrain"]["client_epochs"] == 4 * 22
