@@ -97,6 +97,26 @@ def _from_raw(dtype: str, shape: str, data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape))
 
 
+def _encoded(name: str, value: np.ndarray, dtype: str) -> list[tuple[str, np.ndarray]]:
+    """A stored tensor in `dtype`; int8 keeps one float32 scale per row (per client for dense layers,
+    whose first axis is the client), max |value| / 127, stored beside it as `<name>.scale`."""
+    if dtype != "int8":
+        return [(name, value.astype(dtype))]
+    axes = tuple(range(1, value.ndim))
+    scale = np.abs(value).max(axis=axes, keepdims=True) / 127.0 if value.size else np.ones((0,) + (1,) * len(axes))
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return [(name, np.round(value / scale).astype(np.int8)), (f"{name}.scale", scale)]
+
+
+def _decoded(arrays: Arrays) -> Arrays:
+    """The stored tensors back in float32 (int8 ones times their scales)."""
+    return {
+        name: value.astype(np.float32) * arrays[f"{name}.scale"] if f"{name}.scale" in arrays else value
+        for name, value in arrays.items()
+        if not name.endswith(".scale")
+    }
+
+
 @dataclass
 class RoundUpdates:
     """Every stored update of one round and kind, decoded: client i's rows are
@@ -112,7 +132,7 @@ class RoundUpdates:
     dense: Arrays
 
     @classmethod
-    def pack(cls, updates: list[ClientUpdate], touched: list[np.ndarray], dtype: str) -> RoundUpdates:
+    def pack(cls, updates: list[ClientUpdate], touched: list[np.ndarray]) -> RoundUpdates:
         lengths = [len(u.item_ids) for u in updates]
         keys_rows = list(updates[0].rows) if updates else []
         keys_dense = list(updates[0].dense) if updates else []
@@ -125,10 +145,10 @@ class RoundUpdates:
             np.concatenate([[0], np.cumsum([len(t) for t in touched])]).astype(np.int64),
             np.concatenate(touched or [np.zeros(0)]).astype(np.int32),
             {
-                key: np.concatenate([u.rows[key] for u in updates] or [np.zeros((0, width[key]))]).astype(dtype)
+                key: np.concatenate([u.rows[key] for u in updates] or [np.zeros((0, width[key]))]).astype(np.float32)
                 for key in keys_rows
             },
-            {key: np.stack([u.dense[key] for u in updates]).astype(dtype) for key in keys_dense},
+            {key: np.stack([u.dense[key] for u in updates]).astype(np.float32) for key in keys_dense},
         )
 
     def unpack(self, index: int) -> tuple[ClientUpdate, np.ndarray]:
@@ -226,7 +246,7 @@ class HistoryStore(Database):
                 others = [pair for pair in self._round(round_number, kind).all() if pair[0].client_id not in mine]
                 pairs = sorted([*others, *zip(kept, touched, strict=True)], key=lambda pair: pair[0].client_id)
                 kept, touched = [u for u, _ in pairs], [t for _, t in pairs]
-            self._put_round(round_number, kind, RoundUpdates.pack(kept, touched, self.policy.dtype))
+            self._put_round(round_number, kind, RoundUpdates.pack(kept, touched))
 
     def _put_round(self, round_number: int, kind: str, packed: RoundUpdates) -> None:
         self._decoded.pop((round_number, kind), None)
@@ -236,8 +256,10 @@ class HistoryStore(Database):
             "INSERT OR REPLACE INTO round_updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (*key, json.dumps(packed.clients), *index),
         )
-        tensors = [(*key, f"rows.{name}", *_raw(v)) for name, v in packed.rows.items()]
-        tensors += [(*key, f"dense.{name}", *_raw(v)) for name, v in packed.dense.items()]
+        arrays = {f"rows.{name}": v for name, v in packed.rows.items()}
+        arrays |= {f"dense.{name}": v for name, v in packed.dense.items()}
+        encoded = [pair for name, value in arrays.items() for pair in _encoded(name, value, self.policy.dtype)]
+        tensors = [(*key, name, *_raw(value)) for name, value in encoded]
         self.db.execute("DELETE FROM round_tensors WHERE round = ? AND kind = ?", key)
         self.db.executemany("INSERT INTO round_tensors VALUES (?, ?, ?, ?, ?, ?)", tensors)
 
@@ -305,7 +327,7 @@ class HistoryStore(Database):
         tensors = self.db.execute(
             "SELECT tensor, dtype, shape, data FROM round_tensors WHERE round = ? AND kind = ?", (round_number, kind)
         ).fetchall()
-        arrays = {name: _from_raw(dtype, shape, data) for name, dtype, shape, data in tensors}
+        arrays = _decoded({name: _from_raw(dtype, shape, data) for name, dtype, shape, data in tensors})
         decoded = RoundUpdates(
             json.loads(head[0]), *index,
             {name[5:]: v for name, v in arrays.items() if name.startswith("rows.")},
@@ -355,7 +377,7 @@ class HistoryStore(Database):
             ).fetchall():
                 if leaving & set(json.loads(clients)):
                     pairs = [p for p in self._round(round_number, kind).all() if p[0].client_id not in leaving]
-                    packed = RoundUpdates.pack([u for u, _ in pairs], [t for _, t in pairs], self.policy.dtype)
+                    packed = RoundUpdates.pack([u for u, _ in pairs], [t for _, t in pairs])
                     self._put_round(round_number, kind, packed)
         self.vacuum()
 

@@ -336,3 +336,28 @@ def test_repeated_events_give_one_block_each_and_retrain_forgets_every_removal_s
     assert retrain["HR@10"] == without_both["HR@10"] and retrain["NDCG@10"] == without_both["NDCG@10"]
     later = {row["method"]: row for row in rows if row["event"] == 5}  # judged against that Retrain
     assert later["federaser"]["client_epochs"] < later["retrain"]["client_epochs"] == 4 * 22
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 0.0), ("float16", 1e-3), ("int8", 1 / 127)])
+def test_stored_updates_come_back_within_their_dtypes_rounding(tmp_path, dtype, tolerance):
+    overrides = ["model.name=ncf", "unlearn.method=federaser", f"unlearn.history_dtype={dtype}", "train.rounds=1"]
+    server, history, _ = server_for(tmp_path, overrides)
+    sent = {}
+    record = history.record_round
+
+    def keeping(round_number, shared, updates):
+        sent.update({u.client_id: u for u in updates})
+        record(round_number, shared, updates)
+
+    history.record_round = keeping
+    server.run()
+    for client, update in sent.items():
+        stored = history.update(1, client)
+        np.testing.assert_array_equal(stored.item_ids, update.item_ids)
+        for key, value in {**update.rows, **update.dense}.items():
+            back = stored.rows[key] if key in stored.rows else stored.dense[key]
+            # int8: within half a step of max |row| / 127 per row (per client for dense layers)
+            axes = tuple(range(1, value.ndim)) if key in update.rows else None
+            bound = tolerance * np.abs(value).max(axis=axes, keepdims=axes is not None) + 1e-12
+            assert (np.abs(back - value) <= bound).all()
+    assert history.bytes_by_kind()["full"] > 0

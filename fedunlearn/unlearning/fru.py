@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedunlearn.federated import ClientUpdate, aggregate_delta, apply_delta, step_size
+from fedunlearn.history import compact_update
 from fedunlearn.models import Arrays
 from fedunlearn.unlearning.federaser import require_history
 
@@ -52,13 +53,14 @@ def replay_step(
     server: FederatedServer, shared: Arrays, fresh: list[ClientUpdate], stored: list[tuple[ClientUpdate, np.ndarray]]
 ) -> tuple[Arrays, dict[str, float]]:
     """The replayed round's step and the factor each shared tensor was given. Direction: the server's
-    aggregate of the fresh updates. Size: the stored round's, measured like for like: each fresh
-    update is cut to the rows its client's stored compact update kept, both sides are averaged
-    row-wise over the clients that touched each row (a compact update counts where it touched, not
-    only where it kept rows), and compared by step size (per changed row for item tables), so a
-    replay that reproduces the stored updates takes exactly the stored step."""
-    train = server.config.train
-    compact = [_restricted(update, kept.item_ids) for update, (kept, _) in zip(fresh, stored, strict=True)]
+    aggregate of the fresh updates. Size: the stored round's, measured like for like: the fresh
+    updates are cut by the same storage rule (each client's `alpha` share of rows that changed
+    most), both sides are averaged row-wise over the clients that touched each row (a compact update
+    counts where it touched, not only where it kept rows), and compared by step size (per changed
+    row for item tables), so a replay that reproduces the stored updates takes exactly the stored
+    step."""
+    alpha, train = server.config.unlearn.alpha, server.config.train
+    compact = [compact_update(update, alpha) for update in fresh]
 
     def mean_step(updates: list[ClientUpdate], touched: list[np.ndarray]) -> Arrays:
         return aggregate_delta(server.model, shared, updates, train.server_lr, train.dense_server_lr, touched)
@@ -69,12 +71,6 @@ def replay_step(
     rows = set(server.model.row_keys)
     scale = {key: _ratio(_size(reference[key], key in rows), _size(mirror[key], key in rows)) for key in step}
     return {key: step[key] * scale[key] for key in step}, scale
-
-
-def _restricted(update: ClientUpdate, item_ids: np.ndarray) -> ClientUpdate:
-    """The update's changes of these rows only (those it touched)."""
-    mine = np.isin(update.item_ids, item_ids)
-    return replace(update, item_ids=update.item_ids[mine], rows={k: v[mine] for k, v in update.rows.items()})
 
 
 def _size(delta: np.ndarray, per_row: bool) -> float:
