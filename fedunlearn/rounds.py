@@ -194,6 +194,9 @@ class FederatedServer:
         self.losses: list[float] = []  # each round's mean training loss
         self.reported: Counter[str] = Counter()  # rejected uploads already shown in an earlier metrics row
         self.checkpoint = checkpoint
+        # no method reads a round at or after the last drop event: the history stops there (without a
+        # schedule the caller keeps a history of every round)
+        self.history_until = max(self.schedule) if self.schedule else config.train.rounds + 1
         self.activity = {client.client_id: len(client.train_items) for client in map(federation.client, self.active)}
 
     def sample(self, round_number: int) -> list[int]:
@@ -258,7 +261,7 @@ class FederatedServer:
     def train_round(self, round_number: int, clients: list[int], shared: Arrays) -> tuple[Arrays, list[ClientUpdate]]:
         """One round from `shared`: the sampled clients train, the history records, the server aggregates."""
         updates = self.train_clients(round_number, clients, shared)
-        if self.history is not None:
+        if self.history is not None and round_number < self.history_until:
             self.history.record_round(round_number, shared, updates)
         new_shared = self.aggregate(shared, updates)
         require_finite(new_shared, f"at round {round_number}")

@@ -74,11 +74,16 @@ def test_malformed_csv_line_names_file_and_line(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+TINY_DATA = (
+    '"data.synthetic_users" = 20\n"data.synthetic_items" = 80\n"data.synthetic_interactions" = 10\n'
+    '"data.test_negatives" = 30\n"model.dim" = 8\n'
+)  # an experiment file's [base] lines for a federation that trains in a second
+
+
 def test_experiment_writes_one_row_per_setting(tmp_path):
     spec = tmp_path / "exp.toml"
     spec.write_text(
-        '[base]\n"data.synthetic_users" = 20\n"data.synthetic_items" = 80\n"data.synthetic_interactions" = 10\n'
-        '"data.test_negatives" = 30\n"model.dim" = 8\n"train.rounds" = 2\n"central.epochs" = 2\n\n'
+        "[base]\n" + TINY_DATA + '"train.rounds" = 2\n"central.epochs" = 2\n\n'
         '[[setting]]\nname = "fed-mf"\nset = { "model.name" = "mf" }\n\n'
         '[[setting]]\nname = "central-ncf"\nset = { "model.name" = "ncf", "run.mode" = "central" }\n\n'
         '[[setting]]\nname = "popularity"\nset = { "run.mode" = "popularity" }\n'
@@ -115,9 +120,7 @@ def test_console_script_exit_code_for_unknown_dataset(tmp_path):
 def test_unlearning_experiment_compares_every_method_with_retrain(tmp_path):
     spec = tmp_path / "unlearn.toml"
     spec.write_text(
-        "seeds = [0, 1]\n[base]\n"
-        '"data.synthetic_users" = 20\n"data.synthetic_items" = 80\n"data.synthetic_interactions" = 10\n'
-        '"data.test_negatives" = 30\n"model.dim" = 8\n"train.rounds" = 5\n"eval.every" = 5\n"unlearn.drop" = "3,4@3"\n'
+        "seeds = [0, 1]\n[base]\n" + TINY_DATA + '"train.rounds" = 5\n"eval.every" = 5\n"unlearn.drop" = "3,4@3"\n'
         '[[setting]]\nname = "retrain"\nset = { "unlearn.method" = "retrain" }\n'
         '[[setting]]\nname = "federaser"\nset = { "unlearn.method" = "federaser" }\n'
         '[[setting]]\nname = "none"\nset = { "unlearn.method" = "none" }\n'
@@ -140,9 +143,7 @@ def test_unlearning_experiment_compares_every_method_with_retrain(tmp_path):
 def test_repeated_events_give_a_row_each_judged_against_retrains_row_of_that_event(tmp_path):
     spec = tmp_path / "repeated.toml"
     spec.write_text(
-        "[base]\n"
-        '"data.synthetic_users" = 20\n"data.synthetic_items" = 80\n"data.synthetic_interactions" = 10\n'
-        '"data.test_negatives" = 30\n"model.dim" = 8\n"train.rounds" = 6\n"eval.every" = 6\n'
+        "[base]\n" + TINY_DATA + '"train.rounds" = 6\n"eval.every" = 6\n'
         '"unlearn.drop" = "3@3;4,5@5"\n"train.fraction" = 0.5\n'
         '[[setting]]\nname = "retrain"\nset = { "unlearn.method" = "retrain" }\n'
         '[[setting]]\nname = "federaser"\nset = { "unlearn.method" = "federaser" }\n'

@@ -361,3 +361,9 @@ def test_stored_updates_come_back_within_their_dtypes_rounding(tmp_path, dtype, 
             bound = tolerance * np.abs(value).max(axis=axes, keepdims=axes is not None) + 1e-12
             assert (np.abs(back - value) <= bound).all()
     assert history.bytes_by_kind()["full"] > 0
+
+
+def test_the_history_stops_at_the_last_drop_event(tmp_path):
+    server, history, _ = server_for(tmp_path, ["unlearn.method=federaser"], drop="3@3;7@5")
+    server.run()  # rounds 5 and 6 train after the last event: no method will read them
+    assert history.rounds() == [1, 2, 3, 4] and history.checkpoint_rounds() == [1, 3]
