@@ -89,7 +89,7 @@ class UnlearnConfig:
     target_item: int = -1  # item index the attackers promote (-1: the least popular training item)
     attackers: list[str] = field(default_factory=list)  # set from the drop schedule when poison is on
     compare: bool = False  # at each event also try every method on a copy and report the table
-    history_dtype: str = "float16"  # stored client updates: float16 | int8 (per-row scale) | float32
+    history_dtype: str = "int8"  # stored client updates: int8 (one scale per row) | float16 | float32
     user_parts: str = "keep"  # retained clients' user parts when a method rolls the model back: keep | reset
 
 
@@ -191,7 +191,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "defence.clients": ("all", "listed", "at-risk"),
     "defence.ldp_mechanism": ("gaussian", "laplace"),
     "unlearn.user_parts": ("reset", "keep"),
-    "unlearn.history_dtype": ("float16", "int8", "float32"),
+    "unlearn.history_dtype": ("int8", "float16", "float32"),
     "unlearn.method": ("retrain", "federaser", "fru", "accum", "ascent", "none"),
 }
 

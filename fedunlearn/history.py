@@ -12,7 +12,8 @@ What is kept, and for whom:
 
 Storage: one row per round and kind holds every client's update of that round (ids, example
 counts, row offsets, and one raw array per tensor: item rows concatenated, dense layers stacked),
-in `policy.dtype` (float16 by default: half the bytes; checkpoints stay float32), so a round is
+in `policy.dtype` (int8 with one float32 scale per row by default: a quarter of the bytes;
+checkpoints stay float32), so a round is
 written and read with one query each and decoded with `np.frombuffer`.
 
 Writes run in the server's transaction (fedunlearn.database): a round, or a drop event with the round
@@ -71,7 +72,7 @@ class HistoryPolicy:
     full_updates: bool = True  # keep every participant's full update at checkpoint rounds
     compact: bool = False  # keep FRU's compact updates every round
     alpha: float = 0.5  # FRU: share of touched rows kept
-    dtype: str = "float16"  # stored update tensors (checkpoints are always float32)
+    dtype: str = "int8"  # stored update tensors (checkpoints are always float32)
 
     @classmethod
     def for_method(cls, unlearn: UnlearnConfig) -> HistoryPolicy:

@@ -87,8 +87,8 @@ def test_federaser_calibrated_updates_carry_the_stored_step_sizes(tmp_path):
         for key, value in update.rows.items():  # per changed row: the RMS of the rows' norms
             assert np.sqrt((value.astype(np.float64) ** 2).sum(axis=1).mean()) == pytest.approx(sizes[key], rel=1e-5)
             stored_rows = original.rows[key].astype(np.float64)
-            # sizes are taken before storage; the stored rows are float16 (rounding ~5e-4 per value)
-            assert sizes[key] == pytest.approx(np.sqrt((stored_rows**2).sum(axis=1).mean()), rel=1e-3)
+            # sizes are taken before storage; the stored rows are int8 (within max |row| / 254 per value)
+            assert sizes[key] == pytest.approx(np.sqrt((stored_rows**2).sum(axis=1).mean()), rel=5e-3)
         # the direction really comes from new training, not from the stored update
         # same round, same client draws: half an epoch touches a subset of the original rows
         assert set(update.item_ids) < set(original.item_ids)
