@@ -306,8 +306,10 @@ def max_examples(federation: Federation, unlearn: UnlearnConfig) -> np.ndarray:
 def boost_target(rows: Arrays, touched: np.ndarray, target: int, boost: float) -> None:
     """Explicit boosting (model poisoning): the attacker scales its change of the target's rows so
     that the row-wise mean over the many honest clients touching the target as a negative does not
-    wash it out."""
+    wash it out. A short training (an unlearning replay) may not reach the target: nothing to boost."""
     index = int(np.searchsorted(touched, target))
+    if index == len(touched) or touched[index] != target:
+        return
     for table in rows.values():
         table[index] *= boost
 

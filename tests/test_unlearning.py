@@ -367,3 +367,14 @@ def test_the_history_stops_at_the_last_drop_event(tmp_path):
     server, history, _ = server_for(tmp_path, ["unlearn.method=federaser"], drop="3@3;7@5")
     server.run()  # rounds 5 and 6 train after the last event: no method will read them
     assert history.rounds() == [1, 2, 3, 4] and history.checkpoint_rounds() == [1, 3]
+
+
+def test_an_attacker_whose_training_missed_the_target_boosts_nothing():
+    from fedunlearn.federated import boost_target
+
+    rows = {"item_emb": np.ones((2, 2), np.float32)}
+    boost_target(rows, np.array([3, 5]), target=9, boost=30.0)  # past every touched row
+    boost_target(rows, np.array([3, 5]), target=4, boost=30.0)  # between two: row 5 is not the target
+    np.testing.assert_array_equal(rows["item_emb"], np.ones((2, 2)))
+    boost_target(rows, np.array([3, 5]), target=5, boost=30.0)
+    np.testing.assert_array_equal(rows["item_emb"], [[1, 1], [30, 30]])
