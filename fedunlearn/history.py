@@ -30,6 +30,7 @@ import numpy as np
 
 from fedunlearn.config import UnlearnConfig
 from fedunlearn.database import Database
+from fedunlearn.errors import FedUnlearnError
 from fedunlearn.federated import ClientUpdate, step_sizes
 from fedunlearn.models import Arrays
 
@@ -189,6 +190,12 @@ class HistoryStore(Database):
         self.path = Path(path)
         self.policy = policy
         self._decoded: dict[tuple[int, str], RoundUpdates] = {}  # rounds read since the last write
+        tables = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables & {"norms", "update_tensors"}:  # the layout before one row per round
+            raise FedUnlearnError(
+                f"{self.path} was written by an older fedunlearn (one row per client update): "
+                "it cannot be continued; run again without --resume"
+            )
         with self.transaction():
             for statement in filter(str.strip, self.SCHEMA.split(";")):
                 self.db.execute(statement)

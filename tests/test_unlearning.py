@@ -378,3 +378,13 @@ def test_an_attacker_whose_training_missed_the_target_boosts_nothing():
     np.testing.assert_array_equal(rows["item_emb"], np.ones((2, 2)))
     boost_target(rows, np.array([3, 5]), target=5, boost=30.0)
     np.testing.assert_array_equal(rows["item_emb"], [[1, 1], [30, 30]])
+
+
+def test_a_history_in_the_old_layout_is_refused_not_half_read(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "old.sqlite")
+    old.execute("CREATE TABLE update_tensors (round INTEGER, client_id TEXT, kind TEXT, tensor TEXT, data BLOB)")
+    old.close()
+    with pytest.raises(FedUnlearnError, match="older fedunlearn.*without --resume"):
+        HistoryStore(tmp_path / "old.sqlite", HistoryPolicy())
