@@ -328,8 +328,7 @@ class HistoryStore(Database):
             (round_number, kind),
         ).fetchone()
         if head is None:
-            return RoundUpdates([], *(np.zeros(1 if n.endswith("offsets") else 0, np.int64) for n in
-                                      self.INDEX_ARRAYS), {}, {})  # fmt: skip
+            return RoundUpdates.pack([], [])
         dtypes = (np.int64, np.int64, np.int32, np.int64, np.int32)
         index = [np.frombuffer(blob, dtype=dtype) for blob, dtype in zip(head[1:], dtypes, strict=True)]
         tensors = self.db.execute(

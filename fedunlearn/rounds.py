@@ -197,7 +197,8 @@ class FederatedServer:
         # no method reads a round at or after the last drop event: the history stops there (without a
         # schedule the caller keeps a history of every round)
         self.history_until = max(self.schedule) if self.schedule else config.train.rounds + 1
-        self.activity = {client.client_id: len(client.train_items) for client in map(federation.client, self.active)}
+        # training interactions per client (the active / inactive split), without building each client's data
+        self.activity = dict(zip(client_ids, np.diff(federation.split.train_indptr).tolist(), strict=True))
 
     def sample(self, round_number: int) -> list[int]:
         ids = [self.client_ids[i] for i in self.active]
