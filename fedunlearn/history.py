@@ -189,7 +189,7 @@ class HistoryStore(Database):
         super().__init__(path)
         self.path = Path(path)
         self.policy = policy
-        self._decoded: dict[tuple[int, str], RoundUpdates] = {}  # rounds read since the last write
+        self._cache: dict[tuple[int, str], RoundUpdates] = {}  # rounds read since the last write
         tables = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if tables & {"norms", "update_tensors"}:  # the layout before one row per round
             raise FedUnlearnError(
@@ -257,7 +257,7 @@ class HistoryStore(Database):
             self._put_round(round_number, kind, RoundUpdates.pack(kept, touched))
 
     def _put_round(self, round_number: int, kind: str, packed: RoundUpdates) -> None:
-        self._decoded.pop((round_number, kind), None)
+        self._cache.pop((round_number, kind), None)
         key = (round_number, kind)
         index = [np.ascontiguousarray(getattr(packed, name)).tobytes() for name in self.INDEX_ARRAYS]
         self.db.execute(
@@ -319,7 +319,7 @@ class HistoryStore(Database):
         return {key: _from_raw(dtype, shape, data).copy() for key, dtype, shape, data in rows}
 
     def _round(self, round_number: int, kind: str) -> RoundUpdates:
-        cached = self._decoded.get((round_number, kind))
+        cached = self._cache.get((round_number, kind))
         if cached is not None:
             return cached
         head = self.db.execute(
@@ -340,7 +340,7 @@ class HistoryStore(Database):
             {name[5:]: v for name, v in arrays.items() if name.startswith("rows.")},
             {name[6:]: v for name, v in arrays.items() if name.startswith("dense.")},
         )  # fmt: skip
-        self._decoded = {(round_number, kind): decoded}  # one round at a time: the methods walk rounds in order
+        self._cache = {(round_number, kind): decoded}  # one round at a time: the methods walk rounds in order
         return decoded
 
     def updates(self, round_number: int, client_ids: list[str], kind: str = FULL) -> list[ClientUpdate]:
@@ -390,7 +390,7 @@ class HistoryStore(Database):
 
     def clear(self) -> None:
         """Drop every stored round (Retrain rewrites the history from round 1)."""
-        self._decoded = {}
+        self._cache = {}
         with self.transaction():
             for table in ("participation", "sizes", "checkpoints", "round_updates", "round_tensors"):
                 self.db.execute(f"DELETE FROM {table}")
