@@ -112,7 +112,8 @@ def _rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]
         | {k: v for k, v in event["after"].items() if k in COMPARED}
         | {"final_HR@10": metrics["HR@10"], "final_NDCG@10": metrics["NDCG@10"]}
         | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"], "client_epochs": event["client_epochs"]}
-        | {"history_bytes": info["history_bytes"]["total"], "seconds": info["seconds"]}
+        | {"optimizer_steps": event["optimizer_steps"]}
+        | {"history_bytes": event["history_bytes"]["total"], "seconds": info["seconds"]}
         for event in result.events
     ]
 

@@ -39,6 +39,7 @@ class ClientUpdate:
     dense: Arrays  # dense array name -> change
     loss: float
     epochs: float = 0.0  # epochs actually trained: examples used / examples in one epoch
+    steps: int = 0  # optimizer steps (minibatches) taken
 
 
 @dataclass
@@ -242,6 +243,7 @@ def finish_update(
         dense=dense_changes,
         loss=loss,
         epochs=plan.epochs,
+        steps=len(plan.batches),
     )
     defence = config.defence
     if defence.upload != "none" and not ascent and (defence.clients == "all" or data.client_id in defence.client_ids):

@@ -120,7 +120,10 @@ def encode_update(update: ClientUpdate) -> RecordDict:
         {
             "update": arrays_to_record(arrays),
             "metrics": MetricRecord(
-                {"num-examples": update.num_examples, "loss": update.loss, "epochs": update.epochs}
+                {
+                    "num-examples": update.num_examples, "loss": update.loss,
+                    "epochs": update.epochs, "steps": update.steps,
+                }  # fmt: skip
             ),
             "meta": _meta(update.client_id),
         }
@@ -138,6 +141,7 @@ def decode_update(content: RecordDict) -> ClientUpdate:
         dense={key[6:]: value for key, value in arrays.items() if key.startswith("dense.")},
         loss=float(metrics["loss"]),
         epochs=float(metrics["epochs"]),
+        steps=int(metrics["steps"]),
     )
 
 

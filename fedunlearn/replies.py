@@ -8,6 +8,7 @@ writes into its reply: a client that claims another's id is caught here.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -33,6 +34,7 @@ REASONS = (
     "shape",  # missing / extra tensors, wrong shapes or dtypes
     "item_range",  # item ids outside the catalogue, repeated, or not integers
     "num_examples",  # not in 1 .. what the client holds
+    "steps",  # optimizer steps not in 1 .. examples x epochs (a minibatch holds at least one example)
     "norm",  # an upload over train.reject_norm_ratio x the round's median norm
     "rank_range",  # an evaluation rank outside what the client can rank
     "auc_range",  # a membership AUC that is not a number in [0, 1], or from a client not leaving
@@ -102,6 +104,8 @@ def update_problem(update: ClientUpdate, sender: int, limits: ReplyLimits) -> st
         return problem
     if not 1 <= update.num_examples <= limits.max_examples[sender]:
         return "num_examples"
+    if not 1 <= update.steps <= update.num_examples * math.ceil(update.epochs):  # a minibatch holds >= 1 example
+        return "steps"
     return ""
 
 

@@ -183,6 +183,7 @@ class FederatedServer:
         if not self.active:
             raise FedUnlearnError("data.exclude_clients excludes every client: keep at least one to train and evaluate")
         self.client_epochs = 0.0
+        self.optimizer_steps = 0  # every client's minibatch steps, summed
         self.events: list[dict[str, Any]] = []
         self.calibrations: list[tuple[int, ClientUpdate]] = []  # FedEraser's calibrated updates, for audits
         self.unlearned: Arrays = {}  # the shared parameters right after the last unlearning event
@@ -194,9 +195,7 @@ class FederatedServer:
         self.losses: list[float] = []  # each round's mean training loss
         self.reported: Counter[str] = Counter()  # rejected uploads already shown in an earlier metrics row
         self.checkpoint = checkpoint
-        # no method reads a round at or after the last drop event: the history stops there (without a
-        # schedule the caller keeps a history of every round)
-        self.history_until = max(self.schedule) if self.schedule else config.train.rounds + 1
+        self.handled = 0  # the round of the last drop event handled (0: none yet)
         # training interactions per client (the active / inactive split), without building each client's data
         self.activity = dict(zip(client_ids, np.diff(federation.split.train_indptr).tolist(), strict=True))
 
@@ -222,6 +221,7 @@ class FederatedServer:
             updates = [rescale_tensors(update, bound, only_down=True) for update in updates]
         updates = sorted(updates, key=_by_client)
         self.client_epochs += sum(u.epochs for u in updates)
+        self.optimizer_steps += sum(u.steps for u in updates)
         return updates
 
     def _count(self, kind: str, rejected: Counter[str], valid: int, asked: int, where: str, details: list[str]) -> None:
@@ -262,11 +262,19 @@ class FederatedServer:
     def train_round(self, round_number: int, clients: list[int], shared: Arrays) -> tuple[Arrays, list[ClientUpdate]]:
         """One round from `shared`: the sampled clients train, the history records, the server aggregates."""
         updates = self.train_clients(round_number, clients, shared)
-        if self.history is not None and round_number < self.history_until:
+        if self.records_history():
             self.history.record_round(round_number, shared, updates)
         new_shared = self.aggregate(shared, updates)
         require_finite(new_shared, f"at round {round_number}")
         return new_shared, updates
+
+    def records_history(self) -> bool:
+        """Whether rounds trained now (or replayed by a method now) are stored: only while a drop event
+        not yet handled can read them. No method reads a round at or after the last event, and a method
+        handling the last event rewrites nothing (without a schedule the caller keeps every round)."""
+        if self.history is None:
+            return False
+        return not self.schedule or any(event > self.handled for event in self.schedule)
 
     def roll_back_users(self) -> None:
         """A method rolls the shared model back to a stored checkpoint: with `unlearn.user_parts =
@@ -296,14 +304,28 @@ class FederatedServer:
             raise FedUnlearnError(f"evaluation gave no finite metrics ({len(evaluations)} valid replies)")
         return metrics
 
-    def remove(self, round_number: int, leaving: list[str], method: str | None = None) -> None:
-        """Clients leave before `round_number`: unlearn them, then delete every trace of them."""
+    def remove(self, round_number: int, leaving: list[str]) -> None:
+        """Clients leave before `round_number`: unlearn them, then delete every trace of them, in the
+        history too: their rows, or the whole history once no later event will read it."""
+        self.unlearn(round_number, leaving)
+        if self.history is not None:
+            if self.records_history():
+                self.history.forget(leaving)
+            else:
+                self.history.clear()
+                self.history.vacuum()
+
+    def unlearn(self, round_number: int, leaving: list[str], method: str | None = None) -> None:
+        """Unlearn the leaving clients with `method` (default: the configured one) and record the
+        event; their state on the clients' side is deleted, the history is left to the caller."""
         from fedunlearn.unlearning import METHODS
 
         method = method or self.config.unlearn.method
         forgotten = [self.position[c] for c in leaving]
         self.active = [i for i in self.active if i not in set(forgotten)]
-        started, epochs_before = time.perf_counter(), self.client_epochs
+        self.handled = round_number
+        history_bytes = self.history.bytes_by_kind() if self.history is not None else None
+        started, epochs_before, steps_before = time.perf_counter(), self.client_epochs, self.optimizer_steps
         took_part = self.history is None or bool(set(leaving) & self.history.client_ids())
         if took_part:  # clients that never trained left nothing to erase: every method is a no-op
             self.shared = METHODS[method](self, round_number, forgotten)
@@ -311,8 +333,6 @@ class FederatedServer:
         seconds, client_epochs = time.perf_counter() - started, self.client_epochs - epochs_before
         membership = self._membership(forgotten)  # before their state is deleted
         self.pool.forget(forgotten)
-        if self.history is not None:
-            self.history.forget(leaving)
         self.events.append(
             {
                 "round": round_number,
@@ -320,6 +340,8 @@ class FederatedServer:
                 "method": method,
                 "seconds": seconds,
                 "client_epochs": client_epochs,
+                "optimizer_steps": self.optimizer_steps - steps_before,
+                "history_bytes": history_bytes,  # what the server kept to serve this request
                 "after": self.evaluate(),  # retained users, on the model right after unlearning
                 "MIA_AUC": float(np.mean([membership[client] for client in sorted(membership)])),  # any arrival order
             }
@@ -349,17 +371,21 @@ class FederatedServer:
             raise FedUnlearnError("unlearn.compare needs a drop schedule (unlearn.drop or unlearn.drop_random)")
         rows, unlearned = [], []
         removed_so_far = sum(len(event["clients"]) for event in self.events)
+        # a method writes the history only if a later event reads it: at the last event every trial reads this one
+        shared_history = not any(event > round_number for event in self.schedule)
         with tempfile.TemporaryDirectory() as scratch:
             for method in METHODS:
                 twin = copy.copy(self)
                 twin.pool = self.pool.fork()
-                twin.history = self.history.copy_to(Path(scratch) / f"{method}.sqlite")
+                if not shared_history:
+                    twin.history = self.history.copy_to(Path(scratch) / f"{method}.sqlite")
                 twin.active, twin.events, twin.calibrations = list(self.active), [], []
                 twin.rejected = fresh_counts()  # a trial's rejections are not the run's
                 twin.checkpoint = None
                 twin.progress = Progress(0, enabled=False)
-                twin.remove(round_number, leaving, method)
-                twin.history.close()
+                twin.unlearn(round_number, leaving, method)
+                if not shared_history:
+                    twin.history.close()
                 _release(twin.pool)
                 event = twin.events[-1]
                 rows.append(
@@ -367,7 +393,7 @@ class FederatedServer:
                     | {"model": self.config.model.name, "seed": self.config.run.seed}
                     | {k: v for k, v in event["after"].items() if k in COMPARED}
                     | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"]}
-                    | {"client_epochs": event["client_epochs"]}
+                    | {"client_epochs": event["client_epochs"], "optimizer_steps": event["optimizer_steps"]}
                 )
                 unlearned.append(twin.unlearned)
         compare_with_retrain(rows, unlearned)
@@ -386,6 +412,7 @@ class FederatedServer:
             arrays["uploads"] = result.uploads
         meta = {
             "round": round_number, "elapsed": elapsed, "active": self.active, "client_epochs": self.client_epochs,
+            "optimizer_steps": self.optimizer_steps,
             "events": self.events, "losses": self.losses, "reported": self.reported,
             "rejected": {kind: dict(counts) for kind, counts in self.rejected.items()},
             "rows": result.rounds, "round_ends": result.round_ends, "comparison": result.comparison,
@@ -402,6 +429,8 @@ class FederatedServer:
         self.pool.load_state(unprefixed("pool", arrays))  # type: ignore[attr-defined]
         result.uploads = arrays.get("uploads")
         self.active, self.client_epochs, self.events = meta["active"], meta["client_epochs"], meta["events"]
+        self.optimizer_steps = meta["optimizer_steps"]
+        self.handled = max((event["round"] for event in self.events), default=0)
         self.losses, self.reported = meta["losses"], Counter(meta["reported"])
         self.rejected = fresh_counts() | {kind: Counter(counts) for kind, counts in meta["rejected"].items()}
         result.rounds, result.round_ends, result.comparison = meta["rows"], meta["round_ends"], meta["comparison"]

@@ -120,7 +120,7 @@ def test_console_script_exit_code_for_unknown_dataset(tmp_path):
 def test_unlearning_experiment_compares_every_method_with_retrain(tmp_path):
     spec = tmp_path / "unlearn.toml"
     spec.write_text(
-        "seeds = [0, 1]\n[base]\n" + TINY_DATA + '"train.rounds" = 5\n"eval.every" = 5\n"unlearn.drop" = "3,4@3"\n'
+        "seeds = [0, 1]\n[base]\n" + TINY_DATA + '"train.rounds" = 5\n"eval.every" = 5\n"unlearn.drop" = "3,4@4"\n'
         '[[setting]]\nname = "retrain"\nset = { "unlearn.method" = "retrain" }\n'
         '[[setting]]\nname = "federaser"\nset = { "unlearn.method" = "federaser" }\n'
         '[[setting]]\nname = "none"\nset = { "unlearn.method" = "none" }\n'
@@ -135,7 +135,8 @@ def test_unlearning_experiment_compares_every_method_with_retrain(tmp_path):
         assert column in table.columns
     assert table.loc["retrain", "speedup"] == 1.0 and table.loc["retrain", "L2_to_retrain"] == 0.0
     assert table.loc["federaser", "speedup"] > 1.0 and table.loc["federaser", "L2_to_retrain"] > 0.0
-    assert table.loc["none", "L2_to_retrain"] > 0.0 and table.loc["none", "speedup"] == float("inf")
+    assert table.loc["federaser", "speedup_steps"] > 1.0  # it calibrated checkpoint 3 for half an epoch
+    assert table.loc["none", "L2_to_retrain"] > 0.0 and pd.isna(table.loc["none", "speedup"])  # trained nothing
     assert (out / "federaser" / "seed1" / "history.sqlite").exists()
     assert "±" in (out / "table.md").read_text()
 

@@ -18,7 +18,7 @@ LIMITS = ReplyLimits.of(MODEL, SHARED, IDS, np.array([5, 5, 5, 5]), test_negativ
 
 def upload(client="a", items=(1, 4, 7), scale=0.1, examples=3):
     rows = np.full((len(items), 3), scale, dtype=np.float32)
-    return ClientUpdate(client, examples, np.array(items), {"item_emb": rows}, {}, loss=0.6, epochs=1.0)
+    return ClientUpdate(client, examples, np.array(items), {"item_emb": rows}, {}, loss=0.6, epochs=1.0, steps=2)
 
 
 def rejected_reason(update, sender=0):
@@ -51,6 +51,9 @@ def test_a_well_formed_upload_passes_unchanged():
         (replace(upload(), loss=float("nan")), "nan"),
         (upload(examples=0), "num_examples"),
         (upload(examples=6), "num_examples"),  # more than the client holds
+        (replace(upload(), steps=0), "steps"),
+        (replace(upload(), steps=4), "steps"),  # 3 examples in one epoch make at most 3 minibatches
+        (replace(upload(), epochs=2.0, steps=7), "steps"),
     ],
 )
 def test_each_malformed_upload_is_rejected_for_its_reason(broken, reason):

@@ -158,11 +158,23 @@ def test_federaser_is_cheaper_than_retrain_and_none_keeps_the_model(tmp_path):
 def test_fru_replays_every_round_at_lam_epochs_and_matches_stored_aggregate_norms(tmp_path):
     overrides = ["unlearn.method=fru", "unlearn.lam=0.5", "train.batch_size=1"]
     server, history, _ = server_for(tmp_path, overrides, drop="3@5")
+    unlearn, stored = server.unlearn, {}
+
+    def looking_first(round_number, leaving, method=None):  # what the history holds when FRU reads it
+        stored["compact"] = history.update(4, "5", "compact").item_ids.size
+        with pytest.raises(HistoryError):
+            history.update(3, "5", "full")  # no full updates: FRU never reads them
+        unlearn(round_number, leaving, method)
+
+    server.unlearn = looking_first
     result = server.run()
     assert result.events[0]["client_epochs"] == pytest.approx(4 * 23 * 0.5, rel=0.08)  # rounds 1-4, half an epoch
-    assert history.update(4, "5", "compact").item_ids.size > 0  # FRU's storage: compact updates, every round
-    with pytest.raises(HistoryError):
-        history.update(3, "5", "full")  # and no full updates: FRU never reads them
+    # batch size 1: one optimizer step per example used, half of each retained client's positives
+    retained = [i for i in range(24) if server.client_ids[i] != "3"]
+    half = sum(max(1, round(0.5 * len(server.pool.federation.client(i).train_items))) for i in retained)
+    assert result.events[0]["optimizer_steps"] == 4 * half
+    assert stored["compact"] > 0  # FRU's storage: compact updates, every round
+    assert history.rounds() == []  # after the last event nothing reads the history: it is deleted
     assert 0.0 <= result.events[0]["MIA_AUC"] <= 1.0 and "HR@10" in result.events[0]["after"]
 
 
@@ -229,8 +241,7 @@ def test_the_history_keeps_only_what_the_method_reads(tmp_path):
     sizes = {}
     for method in ("retrain", "federaser", "fru"):
         server, history, _ = server_for(tmp_path, [f"unlearn.method={method}"], drop="3@5")
-        server.run()
-        sizes[method] = history.bytes_by_kind()
+        sizes[method] = server.run().events[0]["history_bytes"]  # what the event had to read
     assert sizes["retrain"]["checkpoints"] == sizes["retrain"]["full"] == sizes["retrain"]["compact"] == 0
     assert sizes["federaser"]["full"] > 0 and sizes["federaser"]["compact"] == 0
     assert sizes["fru"]["compact"] > 0 and sizes["fru"]["full"] == 0 and sizes["fru"]["checkpoints"] > 0
@@ -238,33 +249,38 @@ def test_the_history_keeps_only_what_the_method_reads(tmp_path):
 
 
 def test_fru_rewrites_its_history_so_a_later_removal_rolls_back_to_a_model_without_them(tmp_path):
-    overrides = ["unlearn.method=fru", "train.fraction=0.5", "unlearn.dt=2", "unlearn.alpha=0.5"]
-    server, history, _ = server_for(tmp_path, overrides, drop="3@6")
+    overrides = ["unlearn.method=fru", "train.fraction=0.5", "unlearn.dt=2", "unlearn.alpha=0.5", "train.rounds=8"]
+    server, history, _ = server_for(tmp_path, overrides, drop="3@6;7@8")
     replayed, train = {}, server.train_clients
 
     def recording(round_number, clients, shared, epochs=None, ascent=False):
-        if epochs is not None:  # the replay: the model it trains from at each replayed round
+        if epochs is not None and server.handled == 6:  # the first event's replay: the model it trains from
             replayed[round_number] = {key: value.copy() for key, value in shared.items()}
         return train(round_number, clients, shared, epochs, ascent)
 
     server.train_clients = recording
-    original = {}
+    original, left, took_part = {}, {}, {}
     remove = server.remove
 
-    def keeping_the_original(round_number, leaving, method=None):
-        original.update({c: history.checkpoint(c) for c in history.checkpoint_rounds()})
-        remove(round_number, leaving, method)
+    def looking_around(round_number, leaving):
+        if round_number == 6:  # before the first removal
+            original.update({c: history.checkpoint(c) for c in history.checkpoint_rounds()})
+        else:  # what the first removal left for the second to read
+            left.update({c: history.checkpoint(c) for c in history.checkpoint_rounds()})
+            took_part.update({r: history.participants(r) for r in replayed})
+        remove(round_number, leaving)
 
-    server.remove = keeping_the_original
+    server.remove = looking_around
     server.run()
-    rewritten = [c for c in history.checkpoint_rounds() if c in replayed and c > min(replayed)]
-    assert rewritten  # checkpoints after the rollback point, before the event
+    rewritten = [c for c in left if c in replayed and c > min(replayed)]
+    assert rewritten  # checkpoints after the rollback point, before the first event
     for c in rewritten:
         for key, value in replayed[c].items():
-            np.testing.assert_array_equal(history.checkpoint(c)[key], value)  # the replay's model, stored
+            np.testing.assert_array_equal(left[c][key], value)  # the replay's model, stored
             assert not np.array_equal(value, original[c][key])  # not the one that held client 3
-    for r in replayed:  # the stored updates are the replay's, scaled as their aggregate was
-        assert history.participants(r) and "3" not in history.participants(r)
+    for r in replayed:  # the stored updates are the replay's, without client 3
+        assert took_part[r] and "3" not in took_part[r]
+    assert history.rounds() == [] and history.checkpoint_rounds() == []  # nothing is read after the last event
 
 
 def test_removing_clients_that_never_trained_changes_nothing_for_every_method(tmp_path):
@@ -363,10 +379,21 @@ def test_stored_updates_come_back_within_their_dtypes_rounding(tmp_path, dtype, 
     assert history.bytes_by_kind()["full"] > 0
 
 
-def test_the_history_stops_at_the_last_drop_event(tmp_path):
+def test_the_history_stops_at_the_last_drop_event_and_the_last_event_writes_none(tmp_path):
     server, history, _ = server_for(tmp_path, ["unlearn.method=federaser"], drop="3@3;7@5")
+    held, writes, unlearn = {}, [], server.unlearn
+
+    def looking_first(round_number, leaving, method=None):
+        held[round_number] = (history.rounds(), history.checkpoint_rounds())
+        unlearn(round_number, leaving, method)
+
+    server.unlearn = looking_first
+    replace = history.replace_updates
+    history.replace_updates = lambda number, updates: writes.append(number) or replace(number, updates)
     server.run()  # rounds 5 and 6 train after the last event: no method will read them
-    assert history.rounds() == [1, 2, 3, 4] and history.checkpoint_rounds() == [1, 3]
+    assert held == {3: ([1, 2], [1]), 5: ([1, 2, 3, 4], [1, 3])}
+    assert writes == []  # event 3 reuses checkpoint 1's stored updates; event 5 calibrates checkpoint 3 unstored
+    assert history.rounds() == [] and history.checkpoint_rounds() == []  # after the last event, deleted
 
 
 def test_an_attacker_whose_training_missed_the_target_boosts_nothing():

@@ -28,9 +28,9 @@ def require_history(server: FederatedServer, method: str) -> HistoryStore:
 def federaser(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
     """From the first checkpoint M(t1), apply the retained clients' stored updates of t1; at each
     later checkpoint tj the retained participants train r * E epochs from the calibrated model and
-    their updates are rescaled to the step sizes stored for tj. The history's checkpoints and updates
-    are replaced by the calibrated ones, so a later removal starts from a model without these
-    clients."""
+    their updates are rescaled to the step sizes stored for tj. If a later event will read the
+    history, its checkpoints and updates are replaced by the calibrated ones, so that removal starts
+    from a model without these clients."""
     history = require_history(server, "federaser")
     checkpoints = [c for c in history.checkpoint_rounds() if c < round_number]
     retained = {server.client_ids[i] for i in server.active}
@@ -39,7 +39,9 @@ def federaser(server: FederatedServer, round_number: int, forgotten: list[int]) 
     server.roll_back_users()
     for j, checkpoint in enumerate(checkpoints):
         participants = [c for c in history.participants(checkpoint) if c in retained]
-        history.put_checkpoint(checkpoint, shared)
+        rewrite = server.records_history()  # only a later event reads the calibrated history
+        if rewrite:
+            history.put_checkpoint(checkpoint, shared)
         if j == 0:
             updates = history.updates(checkpoint, participants)
         else:
@@ -48,6 +50,7 @@ def federaser(server: FederatedServer, round_number: int, forgotten: list[int]) 
             stored = history.round_sizes(checkpoint)
             updates = [calibrate(u, stored[u.client_id]) for u in fresh]
             server.calibrations.extend((checkpoint, u) for u in updates)
-            history.replace_updates(checkpoint, updates)
+            if rewrite:
+                history.replace_updates(checkpoint, updates)
         shared = server.aggregate(shared, updates)
     return shared

@@ -22,8 +22,9 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
     in (checkpoints are kept every `unlearn.dt` rounds from round 1), then replay every later round
     with its participants less the leaving clients, each training `lam * E` epochs from the replayed
     model. Each replayed aggregate is rescaled to the step size of the same clients' stored one
-    (replay_step). The history is rewritten with the replay (checkpoints, and each client's update
-    scaled as its aggregate was), so a later removal rolls back to a model without them."""
+    (replay_step). If a later event will read the history, it is rewritten with the replay
+    (checkpoints, and each client's update scaled as its aggregate was), so that removal rolls back
+    to a model without them."""
     history = require_history(server, "fru")
     leaving = {server.client_ids[i] for i in forgotten}
     retained = {server.client_ids[i] for i in server.active}
@@ -35,8 +36,9 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
     shared = history.checkpoint(start)
     server.roll_back_users()
     epochs = server.config.unlearn.lam * server.config.train.local_epochs
+    rewrite = server.records_history()  # only a later event reads the replayed history
     for replayed in (r for r in past if r >= start):
-        if replayed in history.checkpoint_rounds():
+        if rewrite and replayed in history.checkpoint_rounds():
             history.put_checkpoint(replayed, shared)
         participants = [c for c in history.participants(replayed) if c in retained]
         if not participants:
@@ -45,7 +47,8 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
         fresh = server.train_clients(replayed, positions, shared, epochs)
         step, scale = replay_step(server, shared, fresh, history.compacts(replayed, [u.client_id for u in fresh]))
         shared = apply_delta(shared, step)
-        history.replace_updates(replayed, [scaled(update, scale) for update in fresh])
+        if rewrite:
+            history.replace_updates(replayed, [scaled(update, scale) for update in fresh])
     return shared
 
 

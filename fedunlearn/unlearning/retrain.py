@@ -13,9 +13,10 @@ if TYPE_CHECKING:
 def retrain(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
     """Rounds 1 .. round_number-1 again from the initial parameters, every remaining client starting
     from a fresh user part; client draws are keyed by client id, so each round samples exactly the
-    clients the original round sampled, less the forgotten ones. The history is rewritten."""
+    clients the original round sampled, less the forgotten ones. The history is rewritten if a later
+    event will read it."""
     server.pool.forget(server.active)
-    if server.history is not None:
+    if server.history is not None and server.records_history():
         server.history.clear()
     shared = server.initial
     for past in range(1, round_number):
