@@ -371,20 +371,20 @@ class FederatedServer:
             raise FedUnlearnError("unlearn.compare needs a drop schedule (unlearn.drop or unlearn.drop_random)")
         rows, unlearned = [], []
         removed_so_far = sum(len(event["clients"]) for event in self.events)
-        # a method writes the history only if a later event reads it: at the last event every trial reads this one
-        shared_history = not any(event > round_number for event in self.schedule)
         with tempfile.TemporaryDirectory() as scratch:
             for method in METHODS:
                 twin = copy.copy(self)
                 twin.pool = self.pool.fork()
-                if not shared_history:
+                twin.handled = round_number
+                copied = twin.records_history()  # only a later event's reader makes a method write the history
+                if copied:
                     twin.history = self.history.copy_to(Path(scratch) / f"{method}.sqlite")
                 twin.active, twin.events, twin.calibrations = list(self.active), [], []
                 twin.rejected = fresh_counts()  # a trial's rejections are not the run's
                 twin.checkpoint = None
                 twin.progress = Progress(0, enabled=False)
                 twin.unlearn(round_number, leaving, method)
-                if not shared_history:
+                if copied:
                     twin.history.close()
                 _release(twin.pool)
                 event = twin.events[-1]
