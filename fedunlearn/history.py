@@ -5,7 +5,9 @@ What is kept, and for whom:
   update for every shared tensor (federated.step_size: per row for item tables; FedEraser's
   calibration targets, gradient ascent's radius);
 - at checkpoint rounds (every `checkpoint_every` rounds from round 1): the global shared parameters
-  before the round, and each participant's full update (FedEraser, FedAccum);
+  before the round, and each participant's full update: at every checkpoint for FedAccum (it applies
+  them all), at the first only for FedEraser (it applies the first checkpoint's updates and reads
+  only the step sizes of the later ones);
 - every round, when `compact` is on: each participant's update cut to the `alpha` share of its
   touched item rows that changed most (FRU's storage rule), dense layers whole, with the ids of
   every row it touched (what the row-wise mean divides by).
@@ -70,7 +72,7 @@ def _update_bytes(update: ClientUpdate) -> int:
 class HistoryPolicy:
     checkpoint_every: int = 2  # FedEraser's dt
     checkpoints: bool = True  # keep the global parameters at checkpoint rounds
-    full_updates: bool = True  # keep every participant's full update at checkpoint rounds
+    full_updates: str = "every"  # participants' full updates: at "every" checkpoint, the "first" only, or "none"
     compact: bool = False  # keep FRU's compact updates every round
     alpha: float = 0.5  # FRU: share of touched rows kept
     dtype: str = "int8"  # stored update tensors (checkpoints are always float32)
@@ -83,7 +85,7 @@ class HistoryPolicy:
         return cls(
             checkpoint_every=unlearn.dt,
             checkpoints=everything or method in ("federaser", "accum", "fru"),
-            full_updates=everything or method in ("federaser", "accum"),
+            full_updates="every" if everything or method == "accum" else "first" if method == "federaser" else "none",
             compact=everything or method == "fru",
             alpha=unlearn.alpha,
             dtype=unlearn.history_dtype,
@@ -108,6 +110,11 @@ def _encoded(name: str, value: np.ndarray, dtype: str) -> list[tuple[str, np.nda
     scale = np.abs(value).max(axis=axes, keepdims=True) / 127.0 if value.size else np.ones((0,) + (1,) * len(axes))
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     return [(name, np.round(value / scale).astype(np.int8)), (f"{name}.scale", scale)]
+
+
+def _narrowest(ids: np.ndarray) -> np.ndarray:
+    """Item ids in the smallest unsigned type that holds them (uint16 for catalogues up to 65,536)."""
+    return ids.astype(np.min_scalar_type(int(ids.max()) if len(ids) else 0))
 
 
 def _decoded(arrays: Arrays) -> Arrays:
@@ -178,12 +185,13 @@ class HistoryStore(Database):
     CREATE TABLE IF NOT EXISTS checkpoints (round INTEGER, tensor TEXT, dtype TEXT, shape TEXT, data BLOB,
         PRIMARY KEY (round, tensor));
     CREATE TABLE IF NOT EXISTS round_updates (round INTEGER, kind TEXT, clients TEXT, num_examples BLOB,
-        offsets BLOB, item_ids BLOB, touched_offsets BLOB, touched BLOB, PRIMARY KEY (round, kind));
+        offsets BLOB, touched_offsets BLOB, PRIMARY KEY (round, kind));
     CREATE TABLE IF NOT EXISTS round_tensors (round INTEGER, kind TEXT, tensor TEXT, dtype TEXT, shape TEXT,
         data BLOB, PRIMARY KEY (round, kind, tensor));
     CREATE TABLE IF NOT EXISTS accounting (name TEXT PRIMARY KEY, bytes INTEGER);
     """
-    INDEX_ARRAYS = ("num_examples", "offsets", "item_ids", "touched_offsets", "touched")
+    INDEX_ARRAYS = ("num_examples", "offsets", "touched_offsets")  # int64, one entry per client
+    ID_ARRAYS = ("item_ids", "touched")  # stored in round_tensors in the narrowest unsigned type
 
     def __init__(self, path: str | Path, policy: HistoryPolicy) -> None:
         super().__init__(path)
@@ -191,9 +199,10 @@ class HistoryStore(Database):
         self.policy = policy
         self._cache: dict[tuple[int, str], RoundUpdates] = {}  # rounds read since the last write
         tables = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if tables & {"norms", "update_tensors"}:  # the layout before one row per round
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(round_updates)")}
+        if tables & {"norms", "update_tensors"} or "item_ids" in columns:  # an earlier layout
             raise FedUnlearnError(
-                f"{self.path} was written by an older fedunlearn (one row per client update): "
+                f"{self.path} was written by an older fedunlearn (another history layout): "
                 "it cannot be continued; run again without --resume"
             )
         with self.transaction():
@@ -210,6 +219,10 @@ class HistoryStore(Database):
 
     def is_checkpoint(self, round_number: int) -> bool:
         return (round_number - 1) % self.policy.checkpoint_every == 0
+
+    def keeps_full_updates(self, round_number: int) -> bool:
+        wanted = {"every": self.is_checkpoint(round_number), "first": round_number == 1, "none": False}
+        return wanted[self.policy.full_updates]
 
     def record_round(self, round_number: int, shared_before: Arrays, updates: list[ClientUpdate]) -> None:
         """Everything the policy keeps about one round, in one transaction."""
@@ -243,7 +256,7 @@ class HistoryStore(Database):
         round (with every row each client touched). `replacing`: these take the place of the same
         clients' stored updates, the others' stay."""
         forms: list[tuple[str, list[ClientUpdate], list[np.ndarray]]] = []
-        if self.policy.full_updates and self.is_checkpoint(round_number):
+        if self.keeps_full_updates(round_number):
             forms.append((FULL, updates, [u.item_ids for u in updates]))
         if self.policy.compact:
             compact = [compact_update(u, self.policy.alpha) for u in updates]
@@ -261,12 +274,13 @@ class HistoryStore(Database):
         key = (round_number, kind)
         index = [np.ascontiguousarray(getattr(packed, name)).tobytes() for name in self.INDEX_ARRAYS]
         self.db.execute(
-            "INSERT OR REPLACE INTO round_updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO round_updates VALUES (?, ?, ?, ?, ?, ?)",
             (*key, json.dumps(packed.clients), *index),
         )
         arrays = {f"rows.{name}": v for name, v in packed.rows.items()}
         arrays |= {f"dense.{name}": v for name, v in packed.dense.items()}
         encoded = [pair for name, value in arrays.items() for pair in _encoded(name, value, self.policy.dtype)]
+        encoded += [(f"ids.{name}", _narrowest(getattr(packed, name))) for name in self.ID_ARRAYS]
         tensors = [(*key, name, *_raw(value)) for name, value in encoded]
         self.db.execute("DELETE FROM round_tensors WHERE round = ? AND kind = ?", key)
         self.db.executemany("INSERT INTO round_tensors VALUES (?, ?, ?, ?, ?, ?)", tensors)
@@ -323,20 +337,19 @@ class HistoryStore(Database):
         if cached is not None:
             return cached
         head = self.db.execute(
-            "SELECT clients, num_examples, offsets, item_ids, touched_offsets, touched FROM round_updates "
+            "SELECT clients, num_examples, offsets, touched_offsets FROM round_updates "
             "WHERE round = ? AND kind = ?",
             (round_number, kind),
         ).fetchone()
         if head is None:
             return RoundUpdates.pack([], [])
-        dtypes = (np.int64, np.int64, np.int32, np.int64, np.int32)
-        index = [np.frombuffer(blob, dtype=dtype) for blob, dtype in zip(head[1:], dtypes, strict=True)]
+        num_examples, offsets, touched_offsets = (np.frombuffer(blob, dtype=np.int64) for blob in head[1:])
         tensors = self.db.execute(
             "SELECT tensor, dtype, shape, data FROM round_tensors WHERE round = ? AND kind = ?", (round_number, kind)
         ).fetchall()
         arrays = _decoded({name: _from_raw(dtype, shape, data) for name, dtype, shape, data in tensors})
         decoded = RoundUpdates(
-            json.loads(head[0]), *index,
+            json.loads(head[0]), num_examples, offsets, arrays["ids.item_ids"], touched_offsets, arrays["ids.touched"],
             {name[5:]: v for name, v in arrays.items() if name.startswith("rows.")},
             {name[6:]: v for name, v in arrays.items() if name.startswith("dense.")},
         )  # fmt: skip

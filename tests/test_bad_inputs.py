@@ -120,7 +120,7 @@ def test_a_full_disk_in_the_history_keeps_a_resumable_folder(tmp_path, capsys, m
         self.db.execute("PRAGMA max_page_count = 20")  # a few rounds' worth, then "database or disk is full"
 
     monkeypatch.setattr(HistoryStore, "__init__", tiny_disk)
-    code = main(["run", *SMALL, "--set", "train.rounds=12", "--drop", "1@11", "--method", "federaser", "--quiet",
+    code = main(["run", *SMALL, "--set", "train.rounds=12", "--drop", "1@11", "--method", "fru", "--quiet",
                  "--out", str(tmp_path / "out")])  # fmt: skip
     assert code == 2
     assert_one_line(capsys, f"database or disk is full; free space, then fedunlearn run --resume {tmp_path / 'out'}")

@@ -68,6 +68,7 @@ def test_random_drops_are_seeded_and_avoid_clients_already_leaving():
 def test_federaser_calibrated_updates_carry_the_stored_step_sizes(tmp_path):
     # SGD: an Adam first step is lr * sign(gradient), which would hide whether training really reran
     server, history, _ = server_for(tmp_path, ["unlearn.method=federaser", "train.optimizer=sgd"], drop="3,7@6")
+    history.policy.full_updates = "every"  # FedEraser reads the later ones' sizes only: kept here to compare
     stored = {}
     original_remove = server.remove
 
@@ -248,6 +249,20 @@ def test_the_history_keeps_only_what_the_method_reads(tmp_path):
     assert sizes["retrain"]["every_full_update"] > sizes["federaser"]["total"] > sizes["retrain"]["total"] > 0
 
 
+def test_federaser_keeps_full_updates_of_the_first_checkpoint_only_and_unlearns_the_same(tmp_path):
+    # two events: the first rewrites the history (calibrated sizes), the second reads it
+    runs = {}
+    for kept in ("first", "every"):
+        server, history, _ = server_for(tmp_path, ["unlearn.method=federaser"], drop="3@4;7@6")
+        history.policy.full_updates = kept
+        runs[kept] = server.run()
+    for key in runs["first"].shared:
+        np.testing.assert_array_equal(runs["first"].shared[key], runs["every"].shared[key])
+    # at the second event: round 1's updates against those of rounds 1, 3 and 5
+    first, every = (run.events[1]["history_bytes"]["full"] for run in runs.values())
+    assert 2.5 * first < every < 3.5 * first
+
+
 def test_fru_rewrites_its_history_so_a_later_removal_rolls_back_to_a_model_without_them(tmp_path):
     overrides = ["unlearn.method=fru", "train.fraction=0.5", "unlearn.dt=2", "unlearn.alpha=0.5", "train.rounds=8"]
     server, history, _ = server_for(tmp_path, overrides, drop="3@6;7@8")
@@ -415,3 +430,8 @@ def test_a_history_in_the_old_layout_is_refused_not_half_read(tmp_path):
     old.close()
     with pytest.raises(FedUnlearnError, match="older fedunlearn.*without --resume"):
         HistoryStore(tmp_path / "old.sqlite", HistoryPolicy())
+    old = sqlite3.connect(tmp_path / "ids.sqlite")  # ids as int32 columns (before they moved to round_tensors)
+    old.execute("CREATE TABLE round_updates (round INTEGER, kind TEXT, clients TEXT, item_ids BLOB)")
+    old.close()
+    with pytest.raises(FedUnlearnError, match="older fedunlearn.*without --resume"):
+        HistoryStore(tmp_path / "ids.sqlite", HistoryPolicy())
