@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedunlearn.aggregation import PackedUpdates
 from fedunlearn.config import UnlearnConfig
 from fedunlearn.database import Database
 from fedunlearn.errors import FedUnlearnError
@@ -41,23 +42,6 @@ FULL, COMPACT = "full", "compact"
 
 class HistoryError(LookupError):
     """A lookup found nothing where the algorithm needs something: never silently fall back."""
-
-
-def compact_update(update: ClientUpdate, alpha: float) -> ClientUpdate:
-    """FRU's storage rule: keep the `alpha` share of touched rows whose change is largest."""
-    if not update.rows or len(update.item_ids) == 0:
-        return update
-    row_norms = np.sqrt(sum((value.astype(np.float64) ** 2).sum(axis=1) for value in update.rows.values()))
-    keep = max(1, int(np.ceil(alpha * len(update.item_ids))))
-    chosen = np.sort(np.argsort(-row_norms, kind="stable")[:keep])
-    return ClientUpdate(
-        update.client_id,
-        update.num_examples,
-        update.item_ids[chosen],
-        {key: value[chosen] for key, value in update.rows.items()},
-        update.dense,
-        update.loss,
-    )
 
 
 def _update_bytes(update: ClientUpdate) -> int:
@@ -126,56 +110,6 @@ def _decoded(arrays: Arrays) -> Arrays:
     }
 
 
-@dataclass
-class RoundUpdates:
-    """Every stored update of one round and kind, decoded: client i's rows are
-    rows[key][offsets[i]:offsets[i+1]], its dense arrays dense[key][i]."""
-
-    clients: list[str]
-    num_examples: np.ndarray
-    offsets: np.ndarray
-    item_ids: np.ndarray
-    touched_offsets: np.ndarray
-    touched: np.ndarray
-    rows: Arrays
-    dense: Arrays
-
-    @classmethod
-    def pack(cls, updates: list[ClientUpdate], touched: list[np.ndarray]) -> RoundUpdates:
-        lengths = [len(u.item_ids) for u in updates]
-        keys_rows = list(updates[0].rows) if updates else []
-        keys_dense = list(updates[0].dense) if updates else []
-        width = {key: updates[0].rows[key].shape[1] for key in keys_rows}
-        return cls(
-            [u.client_id for u in updates],
-            np.array([u.num_examples for u in updates], dtype=np.int64),
-            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            np.concatenate([u.item_ids for u in updates] or [np.zeros(0)]).astype(np.int32),
-            np.concatenate([[0], np.cumsum([len(t) for t in touched])]).astype(np.int64),
-            np.concatenate(touched or [np.zeros(0)]).astype(np.int32),
-            {
-                key: np.concatenate([u.rows[key] for u in updates] or [np.zeros((0, width[key]))]).astype(np.float32)
-                for key in keys_rows
-            },
-            {key: np.stack([u.dense[key] for u in updates]).astype(np.float32) for key in keys_dense},
-        )
-
-    def unpack(self, index: int) -> tuple[ClientUpdate, np.ndarray]:
-        start, end = self.offsets[index], self.offsets[index + 1]
-        update = ClientUpdate(
-            self.clients[index],
-            int(self.num_examples[index]),
-            self.item_ids[start:end].astype(np.int64),
-            {key: value[start:end].astype(np.float32) for key, value in self.rows.items()},
-            {key: value[index].astype(np.float32) for key, value in self.dense.items()},
-            0.0,
-        )
-        return update, self.touched[self.touched_offsets[index] : self.touched_offsets[index + 1]].astype(np.int64)
-
-    def all(self) -> list[tuple[ClientUpdate, np.ndarray]]:
-        return [self.unpack(i) for i in range(len(self.clients))]
-
-
 class HistoryStore(Database):
     SCHEMA = """
     CREATE TABLE IF NOT EXISTS participation (round INTEGER, client_id TEXT, num_examples INTEGER,
@@ -197,7 +131,7 @@ class HistoryStore(Database):
         super().__init__(path)
         self.path = Path(path)
         self.policy = policy
-        self._cache: dict[tuple[int, str], RoundUpdates] = {}  # rounds read since the last write
+        self._cache: dict[tuple[int, str], PackedUpdates] = {}  # rounds read since the last write
         tables = {name for (name,) in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(round_updates)")}
         if tables & {"norms", "update_tensors"} or "item_ids" in columns:  # an earlier layout
@@ -255,21 +189,21 @@ class HistoryStore(Database):
         """The forms of a round's updates the policy keeps: full at checkpoint rounds, compact every
         round (with every row each client touched). `replacing`: these take the place of the same
         clients' stored updates, the others' stay."""
-        forms: list[tuple[str, list[ClientUpdate], list[np.ndarray]]] = []
+        packed = PackedUpdates.pack(updates)
+        forms: list[tuple[str, PackedUpdates]] = []
         if self.keeps_full_updates(round_number):
-            forms.append((FULL, updates, [u.item_ids for u in updates]))
+            forms.append((FULL, packed))
         if self.policy.compact:
-            compact = [compact_update(u, self.policy.alpha) for u in updates]
-            forms.append((COMPACT, compact, [u.item_ids for u in updates]))
-        for kind, kept, touched in forms:
+            forms.append((COMPACT, packed.compacted(self.policy.alpha)))
+        for kind, kept in forms:
             if replacing:
-                mine = {u.client_id for u in kept}
+                mine = set(kept.clients)
                 others = [pair for pair in self._round(round_number, kind).all() if pair[0].client_id not in mine]
-                pairs = sorted([*others, *zip(kept, touched, strict=True)], key=lambda pair: pair[0].client_id)
-                kept, touched = [u for u, _ in pairs], [t for _, t in pairs]
-            self._put_round(round_number, kind, RoundUpdates.pack(kept, touched))
+                pairs = [*kept.all(), *others]
+                kept = PackedUpdates.pack([u for u, _ in pairs], [t for _, t in pairs])
+            self._put_round(round_number, kind, kept)
 
-    def _put_round(self, round_number: int, kind: str, packed: RoundUpdates) -> None:
+    def _put_round(self, round_number: int, kind: str, packed: PackedUpdates) -> None:
         self._cache.pop((round_number, kind), None)
         key = (round_number, kind)
         index = [np.ascontiguousarray(getattr(packed, name)).tobytes() for name in self.INDEX_ARRAYS]
@@ -332,7 +266,7 @@ class HistoryStore(Database):
             raise HistoryError(f"no checkpoint stored for round {round_number}")
         return {key: _from_raw(dtype, shape, data).copy() for key, dtype, shape, data in rows}
 
-    def _round(self, round_number: int, kind: str) -> RoundUpdates:
+    def _round(self, round_number: int, kind: str) -> PackedUpdates:
         cached = self._cache.get((round_number, kind))
         if cached is not None:
             return cached
@@ -342,13 +276,13 @@ class HistoryStore(Database):
             (round_number, kind),
         ).fetchone()
         if head is None:
-            return RoundUpdates.pack([], [])
+            return PackedUpdates.pack([], [])
         num_examples, offsets, touched_offsets = (np.frombuffer(blob, dtype=np.int64) for blob in head[1:])
         tensors = self.db.execute(
             "SELECT tensor, dtype, shape, data FROM round_tensors WHERE round = ? AND kind = ?", (round_number, kind)
         ).fetchall()
         arrays = _decoded({name: _from_raw(dtype, shape, data) for name, dtype, shape, data in tensors})
-        decoded = RoundUpdates(
+        decoded = PackedUpdates(
             json.loads(head[0]), num_examples, offsets, arrays["ids.item_ids"], touched_offsets, arrays["ids.touched"],
             {name[5:]: v for name, v in arrays.items() if name.startswith("rows.")},
             {name[6:]: v for name, v in arrays.items() if name.startswith("dense.")},
@@ -362,9 +296,14 @@ class HistoryStore(Database):
     def update(self, round_number: int, client_id: str, kind: str = FULL) -> ClientUpdate:
         return self.updates(round_number, [client_id], kind)[0]
 
-    def compacts(self, round_number: int, client_ids: list[str]) -> list[tuple[ClientUpdate, np.ndarray]]:
-        """The compact updates of that round, each with every row its client touched then."""
-        return self._pairs(round_number, client_ids, COMPACT)
+    def compacts(self, round_number: int, client_ids: list[str]) -> PackedUpdates:
+        """The compact updates of these clients at that round, packed, each with every row it touched then."""
+        stored = self._round(round_number, COMPACT)
+        try:
+            return stored.select(client_ids)
+        except KeyError as missing:
+            client = missing.args[0]
+            raise HistoryError(f"no stored {COMPACT} update for client {client} at round {round_number}") from None
 
     def _pairs(self, round_number: int, client_ids: list[str], kind: str) -> list[tuple[ClientUpdate, np.ndarray]]:
         stored = self._round(round_number, kind)
@@ -397,7 +336,7 @@ class HistoryStore(Database):
             ).fetchall():
                 if leaving & set(json.loads(clients)):
                     pairs = [p for p in self._round(round_number, kind).all() if p[0].client_id not in leaving]
-                    packed = RoundUpdates.pack([u for u, _ in pairs], [t for _, t in pairs])
+                    packed = PackedUpdates.pack([u for u, _ in pairs], [t for _, t in pairs])
                     self._put_round(round_number, kind, packed)
         self.vacuum()
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedunlearn.federated import ClientUpdate, aggregate_delta
+from fedunlearn.aggregation import aggregate_delta
+from fedunlearn.federated import ClientUpdate
 from fedunlearn.models import Arrays, SplitModel
 
 CHUNK_VALUES = 2**24  # float64 values held at once (clients x rows x d)
@@ -39,7 +40,7 @@ def server_delta(
     trim: float,
     dense_lr: float = 1.0,
 ) -> Arrays:
-    """The server's step under `rule`: federated.aggregate_delta's weighted mean, or the robust one."""
+    """The server's step under `rule`: aggregation.aggregate_delta's weighted mean, or the robust one."""
     if rule == "mean" or not updates:
         return aggregate_delta(model, shared, updates, server_lr, dense_lr)
     delta = {key: np.zeros(value.shape, dtype=np.float64) for key, value in shared.items()}

@@ -19,10 +19,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedunlearn.aggregation import apply_delta
 from fedunlearn.checkpoint import Checkpoint, prefixed, unprefixed
 from fedunlearn.config import Config, audits_privacy
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.federated import ClientEvaluation, ClientUpdate, apply_delta, max_examples, rescale_tensors
+from fedunlearn.federated import ClientEvaluation, ClientUpdate, max_examples, rescale_tensors
 from fedunlearn.federation import Federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.metrics import hit_ratio, ranking_metrics

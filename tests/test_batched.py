@@ -10,10 +10,11 @@ import torch
 from helpers import TINY
 
 from fedunlearn import batched
+from fedunlearn.aggregation import aggregate
 from fedunlearn.batched import Adam, BatchedPool, BatchedTrainer, Workspace, client_losses
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool, chaotic_under_reordering, choose_engine
-from fedunlearn.federated import aggregate, plan_local_training
+from fedunlearn.federated import plan_local_training
 from fedunlearn.federation import build_federation
 from fedunlearn.history import HistoryPolicy, HistoryStore
 from fedunlearn.models import build_model

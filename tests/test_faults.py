@@ -9,12 +9,13 @@ import pytest
 from helpers import TINY
 from scipy.stats import trim_mean
 
+from fedunlearn.aggregation import aggregate
 from fedunlearn.cli import main
 from fedunlearn.config import FAULT_KINDS, load_config
 from fedunlearn.engine import InProcessPool
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.faults import fault_of
-from fedunlearn.federated import ClientUpdate, aggregate, local_evaluate
+from fedunlearn.federated import ClientUpdate, local_evaluate
 from fedunlearn.federation import build_federation
 from fedunlearn.metrics import rank_of_target
 from fedunlearn.models import MF, build_model

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedunlearn.aggregation import aggregate
 from fedunlearn.config import Config, ModelConfig, TrainConfig
-from fedunlearn.federated import ClientUpdate, aggregate, init_user, local_evaluate, local_train
+from fedunlearn.federated import ClientUpdate, init_user, local_evaluate, local_train
 from fedunlearn.federation import ClientData
 from fedunlearn.models import MF, NCF, build_model
 
@@ -32,6 +33,38 @@ def test_row_wise_weighted_mean_over_the_clients_that_touched_each_row():
     np.testing.assert_allclose(new["item_emb"], expected)
     assert new["item_emb"].dtype == np.float32
     np.testing.assert_array_equal(shared["item_emb"], 0)  # the input is not modified
+
+
+def test_the_packed_aggregate_equals_the_per_client_loop_to_the_bit_whatever_the_arrival_order():
+    from fedunlearn.aggregation import aggregate_delta
+
+    rng = np.random.default_rng(3)
+    model = build_model(ModelConfig(name="ncf", dim=4, mlp_layers=[8]), n_items=30)
+    shared = model.init_shared(rng)
+    updates = []
+    for c in range(12):
+        ids = np.sort(rng.choice(25, size=int(rng.integers(1, 20)), replace=False))  # rows 25-29 untouched
+        rows = {key: rng.standard_normal((len(ids), shared[key].shape[1])).astype(np.float32) for key in model.row_keys}
+        dense = {key: rng.standard_normal(shared[key].shape).astype(np.float32) for key in model.dense_keys(shared)}
+        updates.append(ClientUpdate(f"c{c}", int(rng.integers(1, 50)), ids, rows, dense, 0.0))
+    expected = {key: np.zeros(value.shape) for key, value in shared.items()}  # the definition, client by client
+    weight = np.zeros(30)
+    for update in sorted(updates, key=lambda u: u.client_id):
+        weight[update.item_ids] += update.num_examples
+        for key in model.row_keys:
+            expected[key][update.item_ids] += update.num_examples * update.rows[key].astype(np.float64)
+    for key in model.row_keys:
+        expected[key][weight > 0] = 2.0 * expected[key][weight > 0] / weight[weight > 0, None]
+    total = float(sum(u.num_examples for u in updates))
+    for key in model.dense_keys(shared):
+        ordered = sorted(updates, key=lambda u: u.client_id)
+        expected[key] = 0.5 * sum(u.num_examples * u.dense[key].astype(np.float64) for u in ordered) / total
+    shuffled = [updates[i] for i in rng.permutation(len(updates))]
+    delta = aggregate_delta(model, shared, shuffled, server_lr=2.0, dense_lr=0.5)
+    for key in shared:
+        np.testing.assert_array_equal(delta[key], expected[key])
+    assert np.count_nonzero(weight == 0) == 5  # untouched rows stay zero
+    np.testing.assert_array_equal(delta[model.row_keys[0]][weight == 0], 0)
 
 
 def test_dense_layers_are_fedavg_weighted_by_examples():

@@ -179,15 +179,24 @@ def test_fru_replays_every_round_at_lam_epochs_and_matches_stored_aggregate_norm
     assert 0.0 <= result.events[0]["MIA_AUC"] <= 1.0 and "HR@10" in result.events[0]["after"]
 
 
-def test_compact_update_keeps_the_rows_that_changed_most():
+def test_compacting_keeps_each_clients_rows_that_changed_most():
+    from fedunlearn.aggregation import PackedUpdates
     from fedunlearn.federated import ClientUpdate
-    from fedunlearn.history import compact_update
 
     rows = np.array([[0.1, 0], [3, 4], [0, 0.2], [1, 1]], np.float32)
-    update = ClientUpdate("u", 4, np.array([2, 5, 7, 9]), {"item_emb": rows}, {}, 0.0)
-    kept = compact_update(update, alpha=0.5)
-    np.testing.assert_array_equal(kept.item_ids, [5, 9])
-    np.testing.assert_array_equal(kept.rows["item_emb"], rows[[1, 3]])
+    ties = np.array([[1, 0], [0, 1], [0, -1]], np.float32)  # equal norms: the earlier rows stay
+    updates = [
+        ClientUpdate("b", 3, np.array([1, 4, 6]), {"item_emb": ties}, {}, 0.0),
+        ClientUpdate("a", 4, np.array([2, 5, 7, 9]), {"item_emb": rows}, {}, 0.0),
+        ClientUpdate("c", 1, np.array([], dtype=np.int64), {"item_emb": np.zeros((0, 2), np.float32)}, {}, 0.0),
+        ClientUpdate("d", 1, np.array([8]), {"item_emb": np.array([[0, 0]], np.float32)}, {}, 0.0),
+    ]
+    kept = PackedUpdates.pack(updates).compacted(alpha=0.5)
+    assert kept.clients == ["a", "b", "c", "d"]  # client-id order
+    np.testing.assert_array_equal(kept.offsets, [0, 2, 4, 4, 5])  # ceil(alpha x rows), at least one
+    np.testing.assert_array_equal(kept.item_ids, [5, 9, 1, 4, 8])
+    np.testing.assert_array_equal(kept.rows["item_emb"], np.concatenate([rows[[1, 3]], ties[:2], [[0, 0]]]))
+    np.testing.assert_array_equal(kept.touched, [2, 5, 7, 9, 1, 4, 6, 8])  # every touched row stays counted
 
 
 def test_poisoning_raises_exposure_and_retrain_removes_it(tmp_path):
@@ -342,8 +351,9 @@ def test_fru_replay_that_reproduces_the_stored_updates_takes_exactly_the_stored_
 
 
 def test_a_compact_row_is_averaged_over_every_client_that_touched_it():
+    from fedunlearn.aggregation import aggregate_delta
     from fedunlearn.config import ModelConfig
-    from fedunlearn.federated import ClientUpdate, aggregate_delta
+    from fedunlearn.federated import ClientUpdate
     from fedunlearn.models import build_model
 
     model = build_model(ModelConfig(dim=2), 3)

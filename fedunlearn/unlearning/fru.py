@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedunlearn.federated import ClientUpdate, aggregate_delta, apply_delta, step_size
-from fedunlearn.history import compact_update
+from fedunlearn.aggregation import PackedUpdates, apply_delta, packed_delta
+from fedunlearn.federated import ClientUpdate, step_size
 from fedunlearn.models import Arrays
 from fedunlearn.unlearning.federaser import require_history
 
@@ -53,26 +53,25 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
 
 
 def replay_step(
-    server: FederatedServer, shared: Arrays, fresh: list[ClientUpdate], stored: list[tuple[ClientUpdate, np.ndarray]]
+    server: FederatedServer, shared: Arrays, fresh: list[ClientUpdate], stored: PackedUpdates
 ) -> tuple[Arrays, dict[str, float]]:
     """The replayed round's step and the factor each shared tensor was given. Direction: the server's
-    aggregate of the fresh updates. Size: the stored round's, measured like for like: the fresh
-    updates are cut by the same storage rule (each client's `alpha` share of rows that changed
-    most), both sides are averaged row-wise over the clients that touched each row (a compact update
-    counts where it touched, not only where it kept rows), and compared by step size (per changed
-    row for item tables), so a replay that reproduces the stored updates takes exactly the stored
-    step."""
-    alpha, train = server.config.unlearn.alpha, server.config.train
-    compact = [compact_update(update, alpha) for update in fresh]
+    aggregate of the fresh updates. Size: the stored round's (`stored`: the same clients' compact
+    updates), measured like for like: the fresh updates are cut by the same storage rule (each
+    client's `alpha` share of rows that changed most), both sides are averaged row-wise over the
+    clients that touched each row (a compact update counts where it touched, not only where it kept
+    rows), and compared by step size (per changed row for item tables), so a replay that reproduces
+    the stored updates takes exactly the stored step."""
+    train = server.config.train
 
-    def mean_step(updates: list[ClientUpdate], touched: list[np.ndarray]) -> Arrays:
-        return aggregate_delta(server.model, shared, updates, train.server_lr, train.dense_server_lr, touched)
+    def mean_step(packed: PackedUpdates) -> Arrays:
+        return packed_delta(server.model, shared, packed, train.server_lr, train.dense_server_lr)
 
-    mirror = mean_step(compact, [update.item_ids for update in fresh])
-    reference = mean_step([update for update, _ in stored], [touched for _, touched in stored])
+    reference = mean_step(stored)
+    mirrored = mean_step(PackedUpdates.pack(fresh).compacted(server.config.unlearn.alpha))
     step = server.aggregate_delta(shared, fresh)
     rows = set(server.model.row_keys)
-    scale = {key: _ratio(_size(reference[key], key in rows), _size(mirror[key], key in rows)) for key in step}
+    scale = {key: _ratio(_size(reference[key], key in rows), _size(mirrored[key], key in rows)) for key in step}
     return {key: step[key] * scale[key] for key in step}, scale
 
 
