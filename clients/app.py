@@ -9,9 +9,13 @@ The post-training defences run on the client's own embedding (clients.defence).
 
 "query.audit_users" is the exception to "the user part never leaves": the simulation's measurement
 oracle (the attribute audit's central view, what the in-process auditor reads directly), sent only
-when the run asks for the audit; it is not part of the protocol."""
+when the run asks for the audit (`audit.enabled`); it is not part of the protocol, and a client
+answers it only inside a simulation started by fedunlearn (SIMULATION_ORACLE_ENV), never on a
+deployment."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 from flwr.app import Context, Message
@@ -22,11 +26,12 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 
 from clients import defence
 from clients.branches import branch_mod, drop_branch
-from clients.common import USER_STATE, class_index, classes_of, node_data, setup, user_part
+from clients.common import SIMULATION_ORACLE_ENV, USER_STATE, class_index, classes_of, node_data, setup, user_part
 from fedunlearn.audit import local_outcome
 from fedunlearn.faults import inject
 from fedunlearn.federated import local_evaluate, local_membership, local_train
 from fedunlearn.messages import (
+    AUDIT_USERS,
     CLASS_SUMS,
     CLOAK_PRODUCTS,
     FEATURE_SUMS,
@@ -81,7 +86,14 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def audit_user(msg: Message, context: Context) -> Message:
-    """The simulation's auditor reads this client's user part (a measurement, not the protocol)."""
+    """The simulation's auditor reads this client's user part (a measurement, not the protocol).
+    Anywhere but in a simulation fedunlearn started, the client refuses: on a deployment this query
+    would hand the server the embedding the protocol keeps on the device."""
+    if os.environ.get(SIMULATION_ORACLE_ENV) != "1":
+        raise PermissionError(
+            f"{AUDIT_USERS} is the simulation's measurement oracle: this client is not in a simulation "
+            "started by fedunlearn, so it does not send its user part"
+        )
     config, _, _, _, _, data, model = setup(msg, context)
     return Message(encode_audit_user(data.client_id, user_part(context, model, data, config.run.seed)), reply_to=msg)
 

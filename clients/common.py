@@ -15,6 +15,9 @@ from fedunlearn.messages import read_instruction, record_to_arrays
 from fedunlearn.models import Arrays, SplitModel, build_model
 
 USER_STATE = "user"
+# Set only by fedunlearn's own simulation runner (server.simulation), in its process and its Ray workers'
+# environment: a client that runs anywhere else (a SuperNode on a deployment) refuses the audit oracle.
+SIMULATION_ORACLE_ENV = "FEDUNLEARN_SIMULATION_ORACLE"
 
 
 class Task(NamedTuple):

@@ -351,6 +351,13 @@ def validate(config: Config) -> Config:
         raise FedUnlearnError(
             "defence.clients = 'at-risk' applies to post-training defences; for defence.upload use all or listed"
         )
+    at_risk = config.defence.method != "none" and config.defence.clients == "at-risk"
+    if config.run.engine == "flower" and not config.audit.enabled and (config.defence.compare or at_risk):
+        needs = "defence.compare" if config.defence.compare else "defence.clients = 'at-risk'"
+        raise FedUnlearnError(
+            f"{needs} needs the audit's central view on the Flower engine: set audit.enabled = true "
+            "(simulation only: the clients hand their embeddings to the auditor)"
+        )
     if config.defence.clients == "listed" and not config.defence.client_ids:
         raise FedUnlearnError(
             "defence.clients = 'listed' needs defence.client_ids, e.g. --set defence.client_ids=[1,2]"

@@ -68,6 +68,7 @@ class FederationResult:
     comparison: list[dict[str, Any]] = field(default_factory=list)  # every method at every event, a block each
     uploads: np.ndarray | None = None  # (clients, items): the server's view of each last-round upload
     privacy: Any = None  # fedunlearn.privacy.stage.PrivacyReport when attribute privacy was audited
+    defence: dict[str, Any] = field(default_factory=dict)  # Flower, a defence without the audit: what it cost
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # "updates" / "evaluations": by reason
 
 

@@ -120,6 +120,8 @@ def outcome_info(result: FederationResult, history: HistoryStore | None) -> dict
     if result.privacy is not None:
         info["defence_seconds"] = round(result.privacy.defence_seconds, 2)
         info["defending_clients"] = result.privacy.defending
+    if result.defence:
+        info["defence"] = result.defence
     if history is not None:
         info["history_bytes"] = history.bytes_by_kind()
         info["events"] = result.events

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedunlearn.config import Config, audits_privacy, load_config
+from fedunlearn.config import Config, load_config
 from fedunlearn.federation import cached_federation
 from fedunlearn.history import HistoryStore
 from fedunlearn.progress import Progress
@@ -32,10 +32,14 @@ def serve(
     pool = FlowerPool(grid, config, federation.n_clients, keep_replies)
     server = FederatedServer(config, federation, pool, progress, history, schedule)
     result = server.run()
-    if audits_privacy(config):  # as on every engine: audit, defend on the clients, audit again
+    if config.audit.enabled:  # as on every engine: audit, defend on the clients, audit again
         from server.audit import audit_on_flower
 
         result.privacy = audit_on_flower(config, federation, server, pool, result)
+    elif config.defence.method != "none":  # no audit asked: defend, and read no user part back
+        from server.audit import defend_without_audit
+
+        result.defence = defend_without_audit(config, server, pool, result)
     return result, pool
 
 

@@ -5,7 +5,9 @@ The audit's central view (the global attack on every embedding, and here also th
 outcomes) needs every retained client's user part. The simulation's auditor reads them with
 `query.audit_users` (`FlowerPool.audit_users`): a measurement oracle, the same reading the other
 engines' auditor does on the pool's memory, not part of the protocol; it is sent only when the run
-asks for the audit (`audit.enabled`). The defence itself runs on the clients
+asks for the audit (`audit.enabled`), and a client answers it only inside fedunlearn's simulation.
+A defence configured without the audit runs on the clients and reads nothing back
+(`defend_without_audit`). The defence itself runs on the clients
 (`server.defence.defend_on_clients`): the server's defence loop still sees only SecAgg+ sums, and
 the oracle reads the defended embeddings back afterwards, for the table. Recommendation quality is
 measured on the clients too: after each defence they hold its embeddings (with `defence.compare`
@@ -59,3 +61,24 @@ def audit_on_flower(
     if config.defence.compare:
         pool.defence_end(clients, restore=config.defence.method == "none")
     return report
+
+
+def defend_without_audit(
+    config: Config, server: FederatedServer, pool: FlowerPool, result: FederationResult
+) -> dict[str, float | int | str]:
+    """The configured post-training defence on the retained clients when no audit is asked for:
+    the server sees only SecAgg+ sums and the evaluation replies, so the user parts stay on the
+    clients (no `query.audit_users`). Reports recommendation quality before and after."""
+    clients = list(server.active)
+    before = server.evaluate()
+    outcome = defend_on_clients(config, pool, clients, result.shared)
+    after = server.evaluate()
+    listed = set(config.defence.client_ids)
+    defending = sum(config.defence.clients == "all" or server.client_ids[i] in listed for i in clients)
+    return {
+        "method": config.defence.method,
+        "defending_clients": defending,
+        "seconds": round(outcome.seconds, 2),
+        **{f"{key}_before": before[key] for key in ("HR@10", "NDCG@10")},
+        **{key: after[key] for key in ("HR@10", "NDCG@10")},
+    }

@@ -7,6 +7,7 @@ import logging
 import os
 import time
 
+from clients.common import SIMULATION_ORACLE_ENV
 from fedunlearn.config import Config
 from fedunlearn.federation import cached_federation
 from fedunlearn.history import HistoryStore
@@ -33,7 +34,8 @@ def start_ray(num_cpus: int) -> None:
                 _node_ip_address="127.0.0.1",
                 logging_level=logging.ERROR,
                 log_to_driver=False,
-                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_python_path())}},
+                # the oracle marker reaches the clients only through fedunlearn's own simulation
+                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_python_path()), SIMULATION_ORACLE_ENV: "1"}},
             )
             return
         except Exception:  # Ray's start-up times out now and then on a loaded 2-core machine

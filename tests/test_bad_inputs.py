@@ -58,6 +58,13 @@ CASES = {
     "everyone excluded": (["--set", f"data.exclude_clients={[str(i) for i in range(10)]}".replace("'", '"')],
                           "excludes every client"),  # fmt: skip
     "unknown fault": (["--set", "faults.kinds=[melt]"], "faults.kinds must name"),
+    "flower at-risk defence without the audit": (
+        ["--engine", "flower", "--set", "defence.method=attrcloak-df", "--set", "defence.clients=at-risk"],
+        "defence.clients = 'at-risk' needs the audit's central view on the Flower engine",
+    ),
+    "flower defence comparison without the audit": (
+        ["--engine", "flower", "--set", "defence.compare=true"], "defence.compare needs the audit's central view",
+    ),
     "timeout fault in process": (["--set", "faults.kinds=[timeout]"], "needs run.engine=flower"),
     "every reply faulty": (["--set", "faults.share=1", "--set", "faults.kinds=[shape]"], "0 valid replies of 10"),
     "resume with settings": (["--resume", "{tmp}/out", "--set", "train.rounds=3"], "--resume continues a run"),

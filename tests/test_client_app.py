@@ -6,7 +6,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from helpers import TINY
 
 from clients.app import app
-from clients.common import USER_STATE
+from clients.common import SIMULATION_ORACLE_ENV, USER_STATE
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool
 from fedunlearn.federation import build_federation
@@ -71,7 +71,24 @@ def test_client_keeps_its_user_part_in_state_and_matches_the_inprocess_runner():
     assert evaluation == pool.evaluate([3], shared, lambda _: None)[0].value
 
 
-def test_the_audit_query_hands_the_auditor_the_user_part_the_client_holds():
+def test_outside_fedunlearns_simulation_a_client_refuses_the_audit_oracle(monkeypatch):
+    # a SuperNode on a deployment: the process was not started by fedunlearn's simulation runner
+    monkeypatch.delenv(SIMULATION_ORACLE_ENV, raising=False)
+    config = load_config(None, SMALL)
+    context = _context(4)
+    _send(TRAIN, instruction(config, 1, InProcessPool(config, build_federation(config.data, 0)).model.init_shared(
+        np.random.default_rng(5))), context)  # fmt: skip
+    with pytest.raises(PermissionError, match="simulation's measurement oracle"):  # Flower replies with the error
+        app(Message(instruction(config), 99, AUDIT_USERS), context)
+    monkeypatch.setenv(SIMULATION_ORACLE_ENV, "yes")  # only the runner's exact marker opens it
+    with pytest.raises(PermissionError):
+        app(Message(instruction(config), 99, AUDIT_USERS), context)
+    monkeypatch.setenv(SIMULATION_ORACLE_ENV, "1")
+    assert set(app(Message(instruction(config), 99, AUDIT_USERS), context).content.keys()) == {"user", "meta"}
+
+
+def test_the_audit_query_hands_the_auditor_the_user_part_the_client_holds(monkeypatch):
+    monkeypatch.setenv(SIMULATION_ORACLE_ENV, "1")  # as server.simulation sets it for its clients
     config = load_config(None, SMALL)
     federation = build_federation(config.data, config.run.seed)
     pool = InProcessPool(config, federation)

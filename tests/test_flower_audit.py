@@ -12,6 +12,7 @@ its replies are the only ones that may carry an embedding, and only this run ask
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from helpers import TINY, assert_privacy_tables_match, assert_vectors_absent, run_cli
 
@@ -47,10 +48,15 @@ def runs(tmp_path_factory):
         return result, pool
 
     folder = tmp_path_factory.mktemp("audit")
+    unaudited = [setting for setting in SETTINGS if not setting.startswith("audit.enabled")]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(server.simulation, "run_flower", keeping_replies)
         flower = run_cli(SETTINGS, "flower", folder / "flower")
-    return {"flower": flower, "inprocess": run_cli(SETTINGS, "inprocess", folder / "inprocess"), "pool": pools[0]}
+        defended = run_cli(unaudited, "flower", folder / "defended")  # a defence, no audit
+    return {
+        "flower": flower, "inprocess": run_cli(SETTINGS, "inprocess", folder / "inprocess"), "pool": pools[0],
+        "defended": defended, "defended_pool": pools[1],
+    }  # fmt: skip
 
 
 def test_the_flower_privacy_table_equals_the_inprocess_one(runs):
@@ -88,3 +94,20 @@ def test_only_the_audit_query_replies_carry_a_user_part(runs):
     for content in others:
         assert "user" not in content
         assert_vectors_absent(content, np.stack(vectors))
+
+
+def test_a_defence_without_the_audit_sends_no_audit_query_and_reads_no_user_part_back(runs):
+    pool, folder = runs["defended_pool"], runs["defended"]
+    assert AUDIT_USERS not in pool.reply_types and len(pool.reply_types) > 0
+    seen = np.load(runs["flower"] / "central_view_embeddings.npz")  # the audited twin's embeddings (same seed)
+    for content in pool.replies_seen:
+        assert "user" not in content
+        assert_vectors_absent(content, np.stack([*seen["before"], *seen["after"]]))
+    assert not (folder / "audit.csv").exists() and not (folder / "central_view_embeddings.npz").exists()
+    defence = json.loads((folder / "final.json").read_text())["defence"]
+    assert defence["method"] == "attrcloak-df" and defence["defending_clients"] == CLIENTS
+    audited = pd.read_csv(runs["flower"] / "audit.csv")  # the same defence, audited: the same quality after it
+    row = audited[audited["defence"] == "attrcloak-df"].iloc[0]
+    assert defence["HR@10"] == pytest.approx(row["HR@10"], abs=1e-9)
+    assert defence["NDCG@10"] == pytest.approx(row["NDCG@10"], abs=1e-9)
+    assert defence["HR@10_before"] == pytest.approx(audited[audited["defence"] == "none"].iloc[0]["HR@10"], abs=1e-9)

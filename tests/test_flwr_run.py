@@ -3,7 +3,9 @@ in the background) and writes the results folder `fedunlearn run` writes, with t
 
 Slow (about a minute): it copies the project to a temporary folder (flwr run rewrites
 pyproject.toml and uploads the app), runs 8 SuperNodes with a drop, an audit and an on-client
-defence, and stops the SuperLink it started."""
+defence, and stops the SuperLink it started. Its clients run in Flower's simulation runtime, not
+fedunlearn's, so they answer the audit oracle only because the test sets FEDUNLEARN_SIMULATION_ORACLE
+for them, as a user of a local `flwr run` simulation would."""
 
 import json
 import os
@@ -16,11 +18,13 @@ import pandas as pd
 import pytest
 from helpers import TINY, run_cli
 
+from clients.common import SIMULATION_ORACLE_ENV
+
 pytestmark = [pytest.mark.slow, pytest.mark.flower]
 
 SETTINGS = TINY + ["data.synthetic_users=8", "train.rounds=3", "eval.every=3", "unlearn.drop=3@2",
                    "defence.method=d2d-r", "defence.steps=3", "defence.clients=at-risk",
-                   'audit.attributes=["gender","age"]']  # fmt: skip
+                   "audit.enabled=true", 'audit.attributes=["gender","age"]']  # fmt: skip
 PROJECT = Path(__file__).resolve().parents[1]
 
 
@@ -28,7 +32,8 @@ def _flwr_run(tmp_path: Path, out: Path) -> subprocess.CompletedProcess:
     app = tmp_path / "app"
     shutil.copytree(PROJECT, app, ignore=shutil.ignore_patterns(".*", "results", "__pycache__", "*.egg-info"))
     env = {"FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}  # fmt: skip
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           SIMULATION_ORACLE_ENV: "1"}  # fmt: skip  # flwr's local simulation: the operator lets the audit read
     flwr = str(Path(sys.executable).parent / "flwr")
     overrides = ";".join(SETTINGS)
     command = [flwr, "run", ".", "--federation-config", "num-supernodes=8",
