@@ -77,17 +77,39 @@ def assert_no_secret_in(replies, vectors, attribute_values):
             assert set(record.keys()) <= {"num_examples"}
 
 
+def copy_threshold(dim):
+    """The |cosine| above which a window of `dim` values counts as a copy of a secret vector: 0.9
+    (a scaled, sign-flipped or noisy copy), or higher where a random direction would reach 0.9 by
+    chance more often than once in 1e9 (dim < 20; at dim 8 it is 0.998)."""
+    from scipy.stats import beta
+
+    return max(0.9, float(np.sqrt(beta.isf(1e-9, 0.5, (dim - 1) / 2))))
+
+
+def _windows(array, dim):
+    """Every run of `dim` consecutive values of the array, flattened in row- and (2-D) column-major order."""
+    array = np.asarray(array, dtype=np.float64)
+    orders = [array.ravel()] + ([array.T.ravel()] if array.ndim == 2 else [])
+    return [np.lib.stride_tricks.sliding_window_view(flat, dim) for flat in orders if flat.size >= dim]
+
+
 def assert_vectors_absent(content, rows, attribute_values=()):
-    """No array of this reply holds a row of `rows` (n, D) anywhere in it (to 1e-6), and no config
-    value holds a row's float32/float64 bytes or equals one of `attribute_values`."""
+    """No array of this reply holds a row of `rows` (n, D), nor a scaled, sign-flipped or noisy copy
+    of one: no run of D consecutive values (along either axis) with |cosine| > copy_threshold(D) to
+    a row; and no config value holds a row's float32/float64 bytes or equals one of `attribute_values`."""
+    rows = np.asarray(rows, dtype=np.float64)
+    dim = rows.shape[1]
+    units = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    threshold = copy_threshold(dim)
     secret_bytes = [row.astype(dtype).tobytes() for row in rows for dtype in (np.float32, np.float64)]
     for record in content.array_records.values():
         for array in record.values():
-            flat = array.numpy().ravel().astype(np.float64)
-            if flat.size >= rows.shape[1]:
-                windows = np.lib.stride_tricks.sliding_window_view(flat, rows.shape[1])
-                for row in rows:
-                    assert not np.any(np.all(np.isclose(windows, row, atol=1e-6), axis=-1))
+            for windows in _windows(array.numpy(), dim):
+                norms = np.linalg.norm(windows, axis=1)
+                moving = windows[norms > 0]
+                cosines = np.abs(moving @ units.T) / norms[norms > 0, None]
+                found = cosines.max(initial=0.0)
+                assert found <= threshold, f"a reply holds a copy of a secret vector (|cos| {found:.3f})"
     for record in content.config_records.values():
         for value in record.values():
             for item in value if isinstance(value, list) else [value]:

@@ -79,13 +79,18 @@ def run():
             out[method] = {"outcome": outcome, "replies": replies, "users": users, "before": before,
                            "attackers": attackers, "threshold": threshold}  # fmt: skip
         # as with defence.compare: two defences, each from the user parts held before them, then back
-        base, compared = out["u2u-r"]["users"], {}
+        base, compared, compare_replies = out["u2u-r"]["users"], {}, []
         for method in ("u2u-r", "d2d-r"):
             on = on_clients(pool, CLIENTS, ATTRIBUTES, DEFENDING, classes, keep_trained=True)
+            start = len(seen)
             flower_regularised(on, method, 1, LR, WEIGHT, config.run.seed)
+            compare_replies += seen[start:]
             compared[method] = flatten_users(model, pool.audit_users(CLIENTS))
+        start = len(seen)
         pool.defence_end(CLIENTS, restore=True)
-        out["compared"] = {"base": base, "after": compared, "restored": flatten_users(model, pool.audit_users(CLIENTS))}
+        end_replies = seen[start:]
+        out["compared"] = {"base": base, "after": compared, "restored": flatten_users(model, pool.audit_users(CLIENTS)),
+                           "replies": compare_replies, "end_replies": end_replies}  # fmt: skip
         return out
 
     flower = simulate_then(config, federation.n_clients, after_training)
@@ -144,3 +149,12 @@ def test_with_keep_trained_each_defence_starts_from_the_kept_user_parts_and_the_
         np.testing.assert_allclose(after, expected.embeddings.astype(np.float32), rtol=0, atol=1e-4)
         assert np.abs(after - base).max() > 0.01
     np.testing.assert_array_equal(compared["restored"], base)
+
+
+def test_no_reply_of_a_defence_comparison_or_of_its_end_carries_an_embedding(run):
+    compared = run["compared"]
+    vectors = [run["trained"], compared["base"], compared["restored"], *compared["after"].values()]
+    assert len(compared["end_replies"]) == len(CLIENTS)  # query.defence_end: one answer per client
+    assert all(set(content.keys()) == {"meta"} for content in compared["end_replies"])
+    attribute_values = set(run["attributes"][ATTRIBUTES].astype(str).to_numpy().ravel())
+    assert_no_secret_in(compared["replies"] + compared["end_replies"], vectors, attribute_values)
