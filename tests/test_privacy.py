@@ -195,6 +195,29 @@ def test_attacks_are_at_chance_on_random_embeddings_and_near_one_on_separable_on
     assert exposed["balanced_set_accuracy"] > 0.97 and exposed["auc"] > 0.99
 
 
+def test_a_below_chance_attacker_reads_as_information_left_and_a_blind_one_stays_at_chance():
+    from fedunlearn.privacy.attacks import attack_metrics
+
+    rng = np.random.default_rng(4)
+    classes = np.array(["a", "b", "c"])
+    labels = rng.choice(classes, 900)
+    encoded = np.searchsorted(classes, labels)
+    # anti-predictive, as a shadow-trained attacker against an over-corrected defence: it answers
+    # the next class 80% of the time, the right one never
+    shifted = np.where(rng.random(900) < 0.8, (encoded + 1) % 3, (encoded + 2) % 3)
+    anti = attack_metrics(labels, np.eye(3)[shifted] * 0.9 + 0.1 / 3, classes, seed=0)
+    assert anti["balanced_accuracy"] == 0.0 and anti["auc"] < 0.4
+    assert anti["balanced_accuracy_relabelled"] == pytest.approx(0.8, abs=0.04)  # relabelled, it predicts
+    assert anti["auc_relabelled"] > 0.8
+    blind = attack_metrics(labels, rng.dirichlet(np.ones(3), 900), classes, seed=0)  # knows nothing
+    assert abs(blind["balanced_accuracy_relabelled"] - 1 / 3) < 0.05 and abs(blind["auc_relabelled"] - 0.5) < 0.04
+    # binary: a perfectly wrong attacker is a perfect one, flipped
+    is_a = labels[:200] == "a"
+    flipped = attack_metrics(is_a, np.eye(2)[(~is_a).astype(int)], np.array([False, True]), seed=0)
+    assert flipped["balanced_accuracy"] == 0.0 and flipped["balanced_accuracy_relabelled"] == 1.0
+    assert flipped["auc"] == 0.0 and flipped["auc_relabelled"] == 1.0
+
+
 def test_u2u_gradient_and_loss_from_class_sums_equal_the_explicit_cross_group_graph():
     from fedunlearn.privacy.baselines import client_gradient, u2u_loss
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 from sklearn.neural_network import MLPClassifier
@@ -92,25 +93,57 @@ def attack_metrics(labels: np.ndarray, proba: np.ndarray, classes: np.ndarray, s
     subsample of the test users (each class cut to the smallest class's size, as AttrCloak reports)."""
     encoded = np.searchsorted(classes, labels)
     predicted = proba.argmax(axis=1)
-    if len(classes) == 2:
-        auc = roc_auc_score(encoded, proba[:, 1])
-    else:
-        auc = roc_auc_score(encoded, proba, multi_class="ovr", labels=np.arange(len(classes)))
+    auc = _auc(encoded, proba)
     counts = np.bincount(encoded, minlength=len(classes))
     rng = np.random.default_rng(seed)
     smallest = counts[counts > 0].min()
     balanced = np.concatenate(
         [rng.choice(np.flatnonzero(encoded == k), smallest, replace=False) for k in np.flatnonzero(counts)]
     )
+    relabelled, relabelled_proba = relabelled_answers(encoded, predicted, proba, seed)
     return {
         "accuracy": float(accuracy_score(encoded, predicted)),
         "balanced_accuracy": float(balanced_accuracy_score(encoded, predicted)),
+        "balanced_accuracy_relabelled": float(balanced_accuracy_score(encoded, relabelled)),
+        "auc_relabelled": float(_auc(encoded, relabelled_proba)),
         "macro_f1": float(f1_score(encoded, predicted, average="macro", labels=np.arange(len(classes)))),
         "auc": float(auc),
         "chance": 1.0 / len(classes),
         "majority": float(counts.max() / counts.sum()),
         "balanced_set_accuracy": float(accuracy_score(encoded[balanced], predicted[balanced])),
     }
+
+
+def _auc(encoded: np.ndarray, proba: np.ndarray) -> float:
+    """AUC for two classes, one-vs-rest macro AUC for more."""
+    if proba.shape[1] == 2:
+        return float(roc_auc_score(encoded, proba[:, 1]))
+    return float(roc_auc_score(encoded, proba, multi_class="ovr", labels=np.arange(proba.shape[1])))
+
+
+def relabelled_answers(
+    encoded: np.ndarray, predicted: np.ndarray, proba: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The attacker's answers under the relabelling of its classes that an adversary holding a few
+    labelled users would pick: a below-chance attacker is information left, not removed (flipped,
+    it predicts). Cross-fitted, so no user's own label decides how its answer is read: the test
+    users are split in two halves, and each half's answers are relabelled by the permutation of
+    classes that maximises balanced accuracy on the other half (an assignment problem on the
+    row-normalised confusion matrix; for two classes: flip or not). Returns the relabelled
+    predictions and probabilities (columns permuted alike)."""
+    classes = proba.shape[1]
+    halves = np.array_split(np.random.default_rng(seed).permutation(len(encoded)), 2)
+    out_predicted, out_proba = predicted.copy(), proba.copy()
+    for fit, apply in ((halves[0], halves[1]), (halves[1], halves[0])):
+        confusion = np.zeros((classes, classes))
+        np.add.at(confusion, (encoded[fit], predicted[fit]), 1)
+        recall = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+        true_class, answer = linear_sum_assignment(recall, maximize=True)
+        mapping = np.empty(classes, dtype=np.int64)
+        mapping[answer] = true_class
+        out_predicted[apply] = mapping[predicted[apply]]
+        out_proba[np.ix_(apply, true_class)] = proba[np.ix_(apply, answer)]
+    return out_predicted, out_proba
 
 
 def attribute_inference(
