@@ -66,7 +66,7 @@ class FederationResult:
     events: list[dict[str, Any]] = field(default_factory=list)  # drop events: who, when, method, cost, audit
     unlearned: Arrays = field(default_factory=dict)  # shared parameters right after the last unlearning
     comparison: list[dict[str, Any]] = field(default_factory=list)  # every method at every event, a block each
-    uploads: np.ndarray | None = None  # (clients, items): the server's view of each last-round upload
+    uploads: Arrays | None = None  # the server's view of each last-round upload (privacy.upload_attack.upload_view)
     privacy: Any = None  # fedunlearn.privacy.stage.PrivacyReport when attribute privacy was audited
     defence: dict[str, Any] = field(default_factory=dict)  # Flower, a defence without the audit: what it cost
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # "updates" / "evaluations": by reason
@@ -286,14 +286,11 @@ class FederatedServer:
         if self.config.unlearn.user_parts == "reset":
             self.pool.forget(self.active)
 
-    def upload_view(self, updates: list[ClientUpdate]) -> np.ndarray:
-        """What a curious server keeps of each upload for attribute inference (zeros: not sampled)."""
-        from fedunlearn.privacy.uploads import upload_features
+    def upload_view(self, updates: list[ClientUpdate]) -> Arrays:
+        """What a curious server keeps of each upload for the audit (privacy.upload_attack.upload_view)."""
+        from fedunlearn.privacy.upload_attack import upload_view
 
-        view = np.zeros((len(self.client_ids), self.model.n_items), dtype=np.float32)
-        for update in updates:
-            view[self.position[update.client_id]] = upload_features(update, self.model.n_items)
-        return view
+        return upload_view(updates, self.position, len(self.client_ids), self.model.n_items, self.model.row_keys)
 
     def evaluate(self) -> dict[str, float]:
         replies = self.pool.evaluate(self.active, self.shared, lambda _: None)
@@ -411,7 +408,7 @@ class FederatedServer:
         arrays = prefixed("shared", self.shared) | prefixed("unlearned", self.unlearned)
         arrays |= prefixed("pool", self.pool.state())  # type: ignore[attr-defined]
         if result.uploads is not None:
-            arrays["uploads"] = result.uploads
+            arrays |= prefixed("uploads", result.uploads)
         meta = {
             "round": round_number, "elapsed": elapsed, "active": self.active, "client_epochs": self.client_epochs,
             "optimizer_steps": self.optimizer_steps,
@@ -429,7 +426,7 @@ class FederatedServer:
         arrays, meta = saved
         self.shared, self.unlearned = unprefixed("shared", arrays), unprefixed("unlearned", arrays)
         self.pool.load_state(unprefixed("pool", arrays))  # type: ignore[attr-defined]
-        result.uploads = arrays.get("uploads")
+        result.uploads = unprefixed("uploads", arrays) or None
         self.active, self.client_epochs, self.events = meta["active"], meta["client_epochs"], meta["events"]
         self.optimizer_steps = meta["optimizer_steps"]
         self.handled = max((event["round"] for event in self.events), default=0)

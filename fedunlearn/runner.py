@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -120,6 +121,8 @@ def outcome_info(result: FederationResult, history: HistoryStore | None) -> dict
     if result.privacy is not None:
         info["defence_seconds"] = round(result.privacy.defence_seconds, 2)
         info["defending_clients"] = result.privacy.defending
+        if result.privacy.upload_recovery is not None:
+            info["upload_attack"] = dataclasses.asdict(result.privacy.upload_recovery)
     if result.defence:
         info["defence"] = result.defence
     if history is not None:
@@ -137,7 +140,7 @@ def _privacy(
 
     clients = list(server.active)
     users = [pool.user(i) for i in clients]
-    uploads = None if result.uploads is None else result.uploads[clients]
+    uploads = None if result.uploads is None else {k: v[clients] for k, v in result.uploads.items()}
 
     def install(candidate: list[Any]) -> None:
         for index, user in zip(clients, candidate, strict=True):

@@ -40,7 +40,7 @@ def audit_on_flower(
     """Audit the retained clients, defend on them, audit again. Afterwards each client holds the
     configured defence's embedding as its user part, as on the other engines."""
     clients = list(server.active)
-    uploads = None if result.uploads is None else result.uploads[clients]
+    uploads = None if result.uploads is None else {k: v[clients] for k, v in result.uploads.items()}
 
     def evaluate(_users: list[Arrays]) -> dict[str, float]:
         # the stage evaluates the model as trained, then right after each defence: the clients hold

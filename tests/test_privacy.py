@@ -257,11 +257,12 @@ def test_d2d_client_gradients_equal_autograd_of_the_central_mmd():
 
 def test_pseudo_items_hide_the_touched_set_and_ldp_clips_before_adding_noise():
     from fedunlearn.federated import ClientUpdate
-    from fedunlearn.privacy.uploads import pad_pseudo_items, privatize, upload_features
+    from fedunlearn.privacy.upload_attack import upload_view
+    from fedunlearn.privacy.uploads import pad_pseudo_items, privatize
 
     rows = np.arange(12, dtype=np.float32).reshape(4, 3)
     update = ClientUpdate("u", 4, np.array([1, 5, 6, 9]), {"item_emb": rows}, {"w": np.ones(2, np.float32)}, 0.0)
-    features = upload_features(update, 12)
+    features = upload_view([update], {"u": 1}, 3, 12, ("item_emb",))["norms"][1]
     np.testing.assert_allclose(features[[1, 5, 6, 9]], np.linalg.norm(rows, axis=1), rtol=1e-6)
     assert np.count_nonzero(features) == 4
     padded = pad_pseudo_items(update, 12, ratio=1.0, rng=np.random.default_rng(0))
@@ -277,6 +278,33 @@ def test_pseudo_items_hide_the_touched_set_and_ldp_clips_before_adding_noise():
     assert np.abs(noisy.rows["item_emb"]).mean() > 1.0  # Laplace scale C / epsilon = 2 dominates the clipped rows
 
 
+@pytest.mark.parametrize("model", ["mf", "ncf"])
+def test_one_upload_gives_away_the_clients_positives_and_for_mf_its_embeddings_direction(model):
+    from fedunlearn.config import load_config
+    from fedunlearn.engine import InProcessPool
+    from fedunlearn.federation import build_federation
+    from fedunlearn.privacy.attrcloak import flatten_users
+    from fedunlearn.privacy.upload_attack import recovery_score, upload_view
+
+    overrides = ["data.synthetic_users=60", "data.synthetic_items=300", "data.synthetic_interactions=20"]
+    config = load_config(None, [*overrides, "model.dim=32", f"model.name={model}"])
+    federation = build_federation(config.data, 0)
+    pool = InProcessPool(config, federation)
+    shared, clients = pool.model.init_shared(np.random.default_rng(1)), list(range(federation.n_clients))
+    updates = [reply.value for reply in pool.train(1, clients, shared, lambda _: None)]
+    positions = {federation.client_ids[i]: i for i in clients}
+    view = upload_view(updates, positions, federation.n_clients, federation.n_items, pool.model.row_keys)
+    users = flatten_users(pool.model, [pool.user(i) for i in clients])
+    positives = [federation.split.train_of(i) for i in clients]
+    score = recovery_score(view["recovered"], view["directions"], positives, users)
+    assert score.clients == 60 and score.precision > 0.95 and score.recall > 0.95  # measured 1.0 / 1.0
+    if model == "mf":  # the row changes are +-u: their top singular vector is u's direction (measured 0.80)
+        assert score.cosine > 0.6
+    # a client that touched nothing gives nothing away, and is left out of the score
+    empty = recovery_score(np.zeros((1, 300), bool), np.zeros((1, users.shape[1])), [np.array([3])], users[:1])
+    assert empty.clients == 0
+
+
 def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figures(tmp_path):
     import pandas as pd
 
@@ -289,10 +317,11 @@ def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figu
     assert main(["run", "--quiet", "--out", str(out), *[a for o in overrides for a in ("--set", o)]]) == 0
     table = pd.read_csv(out / "audit.csv")
     assert set(table["defence"]) == {"none", "attrcloak-dd"}
-    assert set(table["view"]) == {"embedding", "upload"} and set(table["attribute"]) == {"gender", "age"}
+    assert set(table["view"]) == {"embedding", "upload", "upload-direction"}
+    assert set(table["attribute"]) == {"gender", "age"}
     keys = ["defence", "view", "attacker", "attribute"]
     merged = table[table.audit == "global"].merge(table[table.audit == "local"], on=keys, suffixes=("", "_local"))
-    assert len(merged) == 6  # before: 2 views x 2 attributes; after the defence: embeddings x 2 attributes
+    assert len(merged) == 8  # before: 3 views x 2 attributes; after the defence: embeddings x 2 attributes
     np.testing.assert_allclose(merged["accuracy_local"], merged["accuracy"], rtol=1e-12)
     np.testing.assert_allclose(merged["balanced_accuracy_local"], merged["balanced_accuracy"], rtol=1e-12)
     after = table[table.defence == "attrcloak-dd"]

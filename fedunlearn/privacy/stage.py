@@ -30,6 +30,7 @@ from fedunlearn.privacy.attrcloak import (
     unflatten_users,
 )
 from fedunlearn.privacy.baselines import regularised_defence
+from fedunlearn.privacy.upload_attack import RecoveryScore, recovery_score
 
 Evaluate = Callable[[list[Arrays]], dict[str, float]]  # users -> HR@10, NDCG@10, ... on the retained clients
 # (config naming the method, defending mask, the audit's embedding attackers) -> the outcome, with
@@ -47,6 +48,7 @@ class PrivacyReport:
     defence_seconds: float = 0.0
     defending: int = 0  # clients that ran the defence
     weights: list[float] = field(default_factory=list)  # AttrCloak's min-norm weight per step
+    upload_recovery: RecoveryScore | None = None  # the upload-structure attack's reading of the interactions
 
 
 def attribute_classes(attributes: pd.DataFrame, names: list[str]) -> list[AttributeClasses]:
@@ -132,7 +134,7 @@ def privacy_stage(
     clients: list[int],
     shared: Arrays,
     users: list[Arrays],
-    uploads: np.ndarray | None,
+    uploads: Arrays | None,
     evaluate: Evaluate,
     aggregator: Aggregator | None = None,
     defend: Defend | None = None,
@@ -148,14 +150,18 @@ def privacy_stage(
     names = audited_attributes(config.audit, attributes)
     before = flatten_users(model, users)
     views = {"embedding": before}
+    recovery = None
     if uploads is not None and config.audit.uploads:
-        views["upload"] = upload_profiles(model, shared, uploads)
+        views["upload"] = upload_profiles(model, shared, uploads["norms"])
+        views["upload-direction"] = uploads["directions"]
+        positives = [federation.split.train_of(i) for i in clients]
+        recovery = recovery_score(uploads["recovered"], uploads["directions"], positives, before)
     table, audited = privacy_table(views, attributes, config, aggregator)
     table.insert(0, "defence", config.defence.upload if config.defence.upload != "none" else "none")
     for key, value in evaluate(users).items():
         table[key] = value
     client_ids = [federation.client_ids[i] for i in clients]
-    report = PrivacyReport(table, client_ids, attributes, before, None)
+    report = PrivacyReport(table, client_ids, attributes, before, None, upload_recovery=recovery)
     methods = POST_TRAINING if config.defence.compare else [config.defence.method]
     methods = [method for method in methods if method != "none"]
     if not methods:

@@ -21,13 +21,6 @@ from fedunlearn.config import DefenceConfig
 from fedunlearn.federated import ClientUpdate
 
 
-def upload_features(update: ClientUpdate, n_items: int) -> np.ndarray:
-    features = np.zeros(n_items, dtype=np.float32)
-    for rows in update.rows.values():
-        features[update.item_ids] += np.linalg.norm(rows, axis=1)
-    return features
-
-
 def pad_pseudo_items(update: ClientUpdate, n_items: int, ratio: float, rng: np.random.Generator) -> ClientUpdate:
     """Add round(ratio * rows sent) untouched items, each row change drawn from a Gaussian with the
     per-coordinate mean and spread of the client's real row changes."""

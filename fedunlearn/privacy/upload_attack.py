@@ -1,0 +1,80 @@
+"""The upload-structure attack: what a curious server reads from one client's upload alone.
+
+A client's change of an item row follows the gradient of its loss, and for a dot-product model
+that gradient is the user embedding: the rows of positives move along +u, those of sampled
+negatives along -u (BPR and BCE alike). So the row changes of one upload are close to rank one:
+their top right singular vector is +-u's direction, and the sign of each row's projection on it
+splits positives from negatives. Each positive comes with `model.negatives` sampled negatives, so
+the positives are the smaller side; the direction is oriented so that they project positively.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedunlearn.federated import ClientUpdate
+from fedunlearn.models import Arrays
+
+
+def recover_from_upload(update: ClientUpdate, row_keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(the recovered direction of the user embedding (D,), unit length or zero; the item ids read
+    as the client's positives). Row tables side by side, in `row_keys` order, as flatten_users
+    puts the user parts (NCF: GMF then MLP)."""
+    changes = np.concatenate([update.rows[key] for key in row_keys], axis=1).astype(np.float64)
+    if len(changes) < 2 or not np.any(changes):
+        return np.zeros(changes.shape[1]), np.zeros(0, dtype=np.int64)
+    direction = np.linalg.svd(changes, full_matrices=False)[2][0]
+    projection = changes @ direction
+    if (projection > 0).sum() > (projection < 0).sum():  # the positives are the smaller side
+        direction, projection = -direction, -projection
+    return direction, np.asarray(update.item_ids)[projection > 0].astype(np.int64)
+
+
+def upload_view(updates: list[ClientUpdate], positions: dict[str, int], n_clients: int, n_items: int,
+                row_keys: tuple[str, ...]) -> Arrays:  # fmt: skip
+    """What a curious server keeps of each client's last upload (rows of clients not sampled stay
+    zero): `norms` (clients, items), the size of its change of each item row; `directions`
+    (clients, D), the recovered embedding direction; `recovered` (clients, items), the items read
+    as its positives."""
+    dim = sum(updates[0].rows[key].shape[1] for key in row_keys) if updates else 0
+    view = {
+        "norms": np.zeros((n_clients, n_items), dtype=np.float32),
+        "directions": np.zeros((n_clients, dim)),
+        "recovered": np.zeros((n_clients, n_items), dtype=bool),
+    }
+    for update in updates:
+        at = positions[update.client_id]
+        for rows in update.rows.values():
+            view["norms"][at, update.item_ids] += np.linalg.norm(rows, axis=1)
+        view["directions"][at], recovered = recover_from_upload(update, row_keys)
+        view["recovered"][at, recovered] = True
+    return view
+
+
+@dataclass
+class RecoveryScore:
+    precision: float  # of the items read as positives, the share that are (mean over clients)
+    recall: float  # of the client's training positives, the share read (mean over clients)
+    cosine: float  # between the recovered direction and the true user embedding (median over clients)
+    clients: int  # clients with an upload in the view
+
+
+def recovery_score(recovered: np.ndarray, directions: np.ndarray, positives: list[np.ndarray],
+                   users: np.ndarray) -> RecoveryScore:  # fmt: skip
+    """How well the attack read each client (the simulation knows the truth): `recovered` and
+    `directions` rows as in upload_view, `positives` each client's training items, `users` the
+    flattened user parts (same rows). Clients without an upload are left out."""
+    sampled = np.flatnonzero(np.any(directions != 0, axis=1))
+    precision, recall, cosine = [], [], []
+    for i in sampled:
+        truth = np.zeros(recovered.shape[1], dtype=bool)
+        truth[positives[i]] = True
+        hits = np.count_nonzero(recovered[i] & truth)
+        precision.append(hits / max(np.count_nonzero(recovered[i]), 1))
+        recall.append(hits / max(np.count_nonzero(truth), 1))
+        cosine.append(directions[i] @ users[i] / max(np.linalg.norm(users[i]), 1e-12))
+    if not len(sampled):
+        return RecoveryScore(0.0, 0.0, 0.0, 0)
+    return RecoveryScore(float(np.mean(precision)), float(np.mean(recall)), float(np.median(cosine)), len(sampled))
