@@ -1,0 +1,36 @@
+"""benchmarks/unlearning_deltas.py: each method against Retrain of the same model, seed and event."""
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "unlearning_deltas.py"
+
+
+def _deltas():
+    spec = importlib.util.spec_from_file_location("unlearning_deltas", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.deltas
+
+
+def test_deltas_pair_each_seed_with_its_own_retrain_and_check_every_target():
+    def row(method, seed, hr, er, mia, **extra):
+        speedups = {"speedup_time": 3.0, "speedup": 4.0, "speedup_steps": 2.0}
+        return {"method": method, "model": "mf", "event": 10, "seed": seed, "status": "ok", "HR@10": hr,
+                "ER@10": er, "MIA_AUC": mia, **speedups} | extra  # fmt: skip
+
+    runs = pd.DataFrame([
+        row("retrain", 0, 0.50, 0.00, 0.50), row("retrain", 1, 0.60, 0.00, 0.52),
+        row("fru", 1, 0.59, 0.01, 0.55), row("fru", 0, 0.52, 0.00, 0.50),  # seeds out of order
+        row("none", 0, 0.50, 0.30, 0.50, speedup_time=float("nan")), row("none", 1, 0.60, 0.30, 0.52),
+        row("federaser", 0, 0.40, 0.0, 0.5, status="failed"),  # a failed run is not compared
+    ])  # fmt: skip
+    table = _deltas()(runs).set_index("method")
+    assert table.loc["fru", "ΔHR@10 per seed"] == "+0.020 / -0.010"
+    assert table.loc["fru", "ΔMIA_AUC per seed"] == "+0.000 / +0.030"
+    assert table.loc["fru", "targets met"] == "yes"  # every delta within its bound, bounds included
+    assert table.loc["fru", "wall x / epochs x / steps x"] == "3.00 / 4.00 / 2.00"
+    assert table.loc["none", "targets met"] == "no" and table.loc["none", "wall x / epochs x / steps x"] == "-"
+    assert "federaser" not in table.index and table.loc["fru", "retrain HR@10"] == "0.5500"
