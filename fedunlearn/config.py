@@ -111,6 +111,7 @@ class DefenceConfig:
     ldp_epsilon: float = 8.0
     ldp_delta: float = 1e-5
     pseudo_items: float = 1.0  # fake rows sent per real row
+    pseudo_rows: str = "gaussian"  # fake rows: gaussian (fitted to the real rows) | mimic (jittered real rows)
 
 
 @dataclass
@@ -188,6 +189,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.select": ("last", "best_valid"),
     "defence.method": ("none", "attrcloak-dd", "attrcloak-df", "d2d-r", "u2u-r"),
     "defence.upload": ("none", "ldp", "pseudo-items", "ldp+pseudo-items"),
+    "defence.pseudo_rows": ("gaussian", "mimic"),
     "defence.clients": ("all", "listed", "at-risk"),
     "defence.ldp_mechanism": ("gaussian", "laplace"),
     "unlearn.user_parts": ("reset", "keep"),

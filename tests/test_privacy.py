@@ -300,6 +300,16 @@ def test_one_upload_gives_away_the_clients_positives_and_for_mf_its_embeddings_d
     assert score.clients == 60 and score.precision > 0.95 and score.recall > 0.95  # measured 1.0 / 1.0
     if model == "mf":  # the row changes are +-u: their top singular vector is u's direction (measured 0.80)
         assert score.cosine > 0.6
+    if model == "mf":  # pseudo-items against the attack: a Gaussian fit barely moves it, mimicked rows do
+        from fedunlearn.privacy.uploads import pad_pseudo_items
+
+        for rows_like, low, high in (("gaussian", 0.85, 1.0), ("mimic", 0.4, 0.6)):
+            rng = np.random.default_rng(7)
+            padded = [pad_pseudo_items(u, federation.n_items, 1.0, rng, rows_like) for u in updates]
+            view = upload_view(padded, positions, federation.n_clients, federation.n_items, pool.model.row_keys)
+            defended = recovery_score(view["recovered"], view["directions"], positives, users)
+            print(f"pseudo-items ({rows_like}): precision {defended.precision:.3f}, cosine {defended.cosine:.3f}")
+            assert low < defended.precision < high and defended.recall > 0.95  # mimic: about 1 / (1 + ratio)
     # a client that touched nothing gives nothing away, and is left out of the score
     empty = recovery_score(np.zeros((1, 300), bool), np.zeros((1, users.shape[1])), [np.array([3])], users[:1])
     assert empty.clients == 0
