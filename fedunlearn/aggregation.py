@@ -91,8 +91,7 @@ class PackedUpdates:
 
     def compacted(self, alpha: float) -> PackedUpdates:
         """FRU's storage rule for every client at once: each keeps the `alpha` share (at least one)
-        of its rows whose change is largest (ties: the earlier row), in row order; `touched` stays.
-        Equal to history.compact_update of each update."""
+        of its rows whose change is largest (ties: the earlier row), in row order; `touched` stays."""
         lengths = np.diff(self.offsets)
         if not self.rows or not len(self.item_ids):
             return self
@@ -167,10 +166,9 @@ def aggregate_delta(
     whose weight update i counts in: a compact update touched more rows than it kept. Summed in
     client-id order, so arrival order never matters."""
     order = sorted(range(len(updates)), key=lambda i: updates[i].client_id)
-    parts = [
-        (u.num_examples, u.item_ids, u.item_ids if touched is None else touched[i], u.rows, u.dense)
-        for i, u in ((i, updates[i]) for i in order)
-    ]
+    rows_counted = [u.item_ids for u in updates] if touched is None else touched
+    parts = [(updates[i].num_examples, updates[i].item_ids, rows_counted[i], updates[i].rows, updates[i].dense)
+             for i in order]  # fmt: skip
     return _mean_step(model, shared, parts, server_lr, dense_lr)
 
 
@@ -181,5 +179,5 @@ def apply_delta(shared: Arrays, delta: Arrays) -> Arrays:
 def aggregate(
     model: SplitModel, shared: Arrays, updates: list[ClientUpdate], server_lr: float, dense_lr: float = 1.0
 ) -> Arrays:
-    """The new shared parameters after one round (see packed_delta)."""
+    """The new shared parameters after one round (see _mean_step)."""
     return apply_delta(shared, aggregate_delta(model, shared, updates, server_lr, dense_lr))
