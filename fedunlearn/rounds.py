@@ -468,7 +468,7 @@ class FederatedServer:
         self.progress.start_round(round_number, len(clients))
         self.shared, updates = self.train_round(round_number, clients, self.shared)
         self._check_loss(round_number, float(np.mean([u.loss for u in updates])))
-        if round_number == rounds and audits_privacy(self.config):
+        if round_number == rounds and audits_privacy(self.config) and self.config.audit.uploads:  # the audit's view
             result.uploads = self.upload_view(updates)
         if round_number % self.config.eval.every == 0 or round_number == rounds:
             since = self.rejected["updates"] - self.reported  # rejected in the rounds since the last row

@@ -68,9 +68,10 @@ def defend_without_audit(
 ) -> dict[str, float | int | str]:
     """The configured post-training defence on the retained clients when no audit is asked for:
     the server sees only SecAgg+ sums and the evaluation replies, so the user parts stay on the
-    clients (no `query.audit_users`). Reports recommendation quality before and after."""
+    clients (no `query.audit_users`). Reports recommendation quality before (the last round's
+    evaluation: the model and user parts it measured are the ones defended) and after."""
     clients = list(server.active)
-    before = server.evaluate()
+    before = result.rounds[-1]
     outcome = defend_on_clients(config, pool, clients, result.shared)
     after = server.evaluate()
     listed = set(config.defence.client_ids)
