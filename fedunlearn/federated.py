@@ -144,22 +144,19 @@ def plan_local_training(
         negatives = sample_informative_negatives(rng, data.n_items, positives, shape, pool, config.unlearn.beta)
     else:
         negatives = sample_negatives(rng, data.n_items, positives, shape)
-    plan = [(epoch, rng.permutation(n_pos)) for epoch in range(full_epochs)]
     budget = max(1, round(epochs * n_pos))  # a fraction of an epoch trains on that share of the examples
     batches = []
-    for epoch, order in plan:
-        taken = order[: min(n_pos, budget)]
-        budget -= len(taken)
-        batches += [
-            (epoch, taken[start : start + train.batch_size]) for start in range(0, len(taken), train.batch_size)
-        ]
-    used_negatives = np.concatenate([negatives[epoch][batch].ravel() for epoch, batch in batches])
-    used_positives = np.concatenate([positives[batch] for _, batch in batches])
     used = np.zeros(data.n_items, dtype=bool)  # a bitmap over the catalogue: cheaper than unique + searchsorted
-    used[used_positives] = True
-    used[used_negatives] = True
+    for epoch in range(full_epochs):
+        taken = rng.permutation(n_pos)[: min(n_pos, budget)]
+        budget -= len(taken)
+        size = train.batch_size
+        batches += [(epoch, taken[start : start + size]) for start in range(0, len(taken), size)]
+        used[positives[taken]] = True
+        used[negatives[epoch][taken]] = True
     touched = np.flatnonzero(used)
-    local = np.cumsum(used) - 1  # item id -> its position in `touched` (meaningless for untouched items)
+    local = np.zeros(data.n_items, dtype=np.int64)  # item id -> its position in `touched` (0 for untouched
+    local[touched] = np.arange(len(touched))  # items: only the used examples' negatives are ever read)
     return LocalPlan(positives, touched, local[positives], local[negatives], batches, attacker)
 
 
