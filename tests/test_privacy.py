@@ -157,6 +157,25 @@ def test_attrcloak_run_client_by_client_equals_the_matrix_version(variant):
     assert any(0.1 < w < 1 for w in weights)  # the min-norm weight, not only a clip bound
 
 
+def test_dd_retention_gradient_through_all_item_scores_equals_the_gathered_rows(monkeypatch):
+    """MF's shortcut (every item's score in one product, then the minibatch's picked out) gives the
+    gradient the generic path (gathering each minibatch's item rows) gives."""
+    from fedunlearn.models import MF
+
+    rng = np.random.default_rng(3)
+    n, d, n_items = 12, 5, 40
+    model = MF(n_items, d, 0.1)
+    shared = {"item_emb": rng.normal(size=(n_items, d)).astype(np.float32)}
+    positives = [rng.choice(n_items, int(rng.integers(3, 9)), replace=False) for _ in range(n)]
+    retention = DataRetention(model, shared, positives, [f"u{i}" for i in range(n)], "bpr", 3, 7, 4)
+    embeddings = torch.tensor(rng.normal(size=(n, d)))
+    shortcut = retention.gradient(embeddings, step=2)
+    monkeypatch.setattr(MF, "dot_product", False)
+    gathered = retention.gradient(embeddings, step=2)
+    assert shortcut.abs().min() > 0  # every client's gradient is non-zero in every coordinate
+    np.testing.assert_allclose(shortcut.numpy(), gathered.numpy(), rtol=1e-10, atol=1e-14)
+
+
 def test_a_class_nobody_is_in_gets_zero_gradients_and_leaves_the_loss_unchanged():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(20, 3))

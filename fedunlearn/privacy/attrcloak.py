@@ -163,7 +163,11 @@ def client_attribute_gradient(
 ) -> torch.Tensor:
     """Each client's own dL/de = dL/dsum_c + (G_c + G_c^T) e: needs only its class and the aggregate."""
     index = torch.as_tensor(labels)
-    return grad_sums[index] + torch.einsum("nij,nj->ni", grad_outers[index], embeddings)
+    out = grad_sums[index].clone()
+    for k in torch.unique(index).tolist():  # one product per class, not an (n, d, d) gather
+        members = index == k
+        out[members] += embeddings[members] @ grad_outers[k].T
+    return out
 
 
 def attribute_gradients(sums: ClassSums, shrinkage: np.ndarray) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -236,11 +240,18 @@ class DataRetention:
     def gradient(self, embeddings: torch.Tensor, step: int) -> torch.Tensor:
         pos, neg = (np.stack(part) for part in zip(*(self.minibatch(i, step) for i in range(len(self.positives)))))
         flat = embeddings.detach().requires_grad_(True)
-        user = dict(zip(self.keys, (part[:, None, :] for part in flat.split(flat.shape[1] // len(self.keys), 1)),
-                        strict=True))  # fmt: skip
-        pos_score = self.model.score(user, {k: t[pos] for k, t in self.rows.items()}, self.dense)
-        neg_rows = {k: t[neg.reshape(len(pos), -1)] for k, t in self.rows.items()}
-        neg_score = self.model.score(user, neg_rows, self.dense).reshape(len(pos), self.batch, self.negatives)
+        if self.model.dot_product:  # every item's score in one product: cheaper than gathering (n, B * N, d) rows
+            (items,) = self.rows.values()
+            scores = flat @ items.T
+            pos_score = scores.gather(1, torch.as_tensor(pos))
+            neg_score = scores.gather(1, torch.as_tensor(neg.reshape(len(pos), -1)))
+        else:
+            parts = flat.split(flat.shape[1] // len(self.keys), 1)
+            user = dict(zip(self.keys, (part[:, None, :] for part in parts), strict=True))
+            pos_score = self.model.score(user, {k: t[pos] for k, t in self.rows.items()}, self.dense)
+            neg_rows = {k: t[neg.reshape(len(pos), -1)] for k, t in self.rows.items()}
+            neg_score = self.model.score(user, neg_rows, self.dense)
+        neg_score = neg_score.reshape(len(pos), self.batch, self.negatives)
         # every client has the same batch, so the sum of per-client mean losses is n times the overall mean
         total = len(pos) * recommendation_loss(self.loss, pos_score.reshape(-1), neg_score.reshape(-1, self.negatives))
         (grad,) = torch.autograd.grad(total, flat)

@@ -25,8 +25,12 @@ class ClassSums:
     def of(cls, embeddings: np.ndarray, classes: np.ndarray, n_classes: int) -> ClassSums:
         """Each user's own contribution, summed: the plain sum that secure aggregation replaces."""
         e = embeddings.astype(np.float64)
-        one_hot = np.eye(n_classes)[classes]
-        return cls(one_hot.sum(0), one_hot.T @ e, np.einsum("nk,ni,nj->kij", one_hot, e, e))
+        counts = np.bincount(classes, minlength=n_classes).astype(np.float64)
+        sums, outers = np.zeros((n_classes, e.shape[1])), np.zeros((n_classes, e.shape[1], e.shape[1]))
+        for k in np.flatnonzero(counts):  # one matrix product per class (a three-way einsum ran ~40x slower)
+            members = e[classes == k]
+            sums[k], outers[k] = members.sum(0), members.T @ members
+        return cls(counts, sums, outers)
 
 
 def moments(counts: torch.Tensor, sums: torch.Tensor, outers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
