@@ -157,23 +157,33 @@ def test_attrcloak_run_client_by_client_equals_the_matrix_version(variant):
     assert any(0.1 < w < 1 for w in weights)  # the min-norm weight, not only a clip bound
 
 
-def test_dd_retention_gradient_through_all_item_scores_equals_the_gathered_rows(monkeypatch):
-    """MF's shortcut (every item's score in one product, then the minibatch's picked out) gives the
-    gradient the generic path (gathering each minibatch's item rows) gives."""
-    from fedunlearn.models import MF
+@pytest.mark.parametrize("name", ["mf", "ncf"])
+def test_a_models_frozen_item_scorer_and_its_gradient_equal_scoring_gathered_rows(name):
+    """MF scores every item in one product, NCF precomputes its item side (first MLP layer, GMF
+    output weights): the same scores and user gradients as gathering each user's item rows."""
+    from fedunlearn.config import ModelConfig
+    from fedunlearn.models import SplitModel, build_model
 
     rng = np.random.default_rng(3)
-    n, d, n_items = 12, 5, 40
-    model = MF(n_items, d, 0.1)
-    shared = {"item_emb": rng.normal(size=(n_items, d)).astype(np.float32)}
-    positives = [rng.choice(n_items, int(rng.integers(3, 9)), replace=False) for _ in range(n)]
-    retention = DataRetention(model, shared, positives, [f"u{i}" for i in range(n)], "bpr", 3, 7, 4)
-    embeddings = torch.tensor(rng.normal(size=(n, d)))
-    shortcut = retention.gradient(embeddings, step=2)
-    monkeypatch.setattr(MF, "dot_product", False)
-    gathered = retention.gradient(embeddings, step=2)
-    assert shortcut.abs().min() > 0  # every client's gradient is non-zero in every coordinate
-    np.testing.assert_allclose(shortcut.numpy(), gathered.numpy(), rtol=1e-10, atol=1e-14)
+    n, n_items = 12, 40
+    model = build_model(ModelConfig(name=name, dim=6, mlp_layers=[8, 4]), n_items)
+    shared = {k: torch.tensor(v, dtype=torch.float64) for k, v in model.init_shared(np.random.default_rng(1)).items()}
+    shared = {k: v + torch.tensor(rng.normal(size=v.shape) * 0.3) for k, v in shared.items()}  # biases not zero
+    rows = {key: shared[key] for key in model.row_keys}
+    dense = {key: value for key, value in shared.items() if key not in model.row_keys}
+    items = torch.as_tensor(rng.integers(0, n_items, (n, 7)))
+    vectors = {key: rng.normal(size=(n, 1, 6)) for key in sorted(model.init_user(rng))}
+    results = []
+    for scorer in (model.frozen_item_scorer(rows, dense), SplitModel.frozen_item_scorer(model, rows, dense)):
+        user = {key: torch.tensor(value, requires_grad=True) for key, value in vectors.items()}
+        scores = scorer(user, items)
+        grads = torch.autograd.grad((scores**2).sum(), list(user.values()))
+        results.append((scores.detach().numpy(), [g.numpy() for g in grads]))
+    (mine, my_grads), (gathered, their_grads) = results
+    assert mine.shape == (n, 7) and np.abs(mine).min() > 0
+    np.testing.assert_allclose(mine, gathered, rtol=1e-10, atol=1e-14)
+    for a, b in zip(my_grads, their_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
 def test_a_class_nobody_is_in_gets_zero_gradients_and_leaves_the_loss_unchanged():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -38,6 +39,11 @@ class SplitModel(ABC):
     @abstractmethod
     def score(self, user: Tensors, items: Tensors, dense: Tensors) -> torch.Tensor:
         """Scores of B (user, item) pairs: `user` and `items` hold (B, .) rows, `dense` the layers."""
+
+    def frozen_item_scorer(self, rows: Tensors, dense: Tensors) -> Callable[[Tensors, torch.Tensor], torch.Tensor]:
+        """score(user, items) for many users at once with the item side fixed (AttrCloak-DD's retention
+        loss): user (n, 1, d) per table, items (n, L) ids -> (n, L). A model may precompute its item side."""
+        return lambda user, items: self.score(user, {key: table[items] for key, table in rows.items()}, dense)
 
     def dense_keys(self, shared: Arrays) -> list[str]:
         return [key for key in shared if key not in self.row_keys]

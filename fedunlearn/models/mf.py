@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -20,3 +22,8 @@ class MF(SplitModel):
 
     def score(self, user: Tensors, items: Tensors, dense: Tensors) -> torch.Tensor:
         return (user["user_emb"] * items["item_emb"]).sum(dim=-1)
+
+    def frozen_item_scorer(self, rows: Tensors, dense: Tensors) -> Callable[[Tensors, torch.Tensor], torch.Tensor]:
+        """Every item's score in one product, then each user's items picked out (no (n, L, d) gather)."""
+        table = rows["item_emb"]
+        return lambda user, items: (user["user_emb"][:, 0, :] @ table.T).gather(1, items)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -40,6 +42,23 @@ class NCF(SplitModel):
             hidden = torch.relu(_linear(hidden, dense[f"mlp{layer}.weight"], dense[f"mlp{layer}.bias"]))
         joined = torch.cat([gmf, hidden], dim=-1)
         return _linear(joined, dense["out.weight"], dense["out.bias"]).squeeze(-1)
+
+    def frozen_item_scorer(self, rows: Tensors, dense: Tensors) -> Callable[[Tensors, torch.Tensor], torch.Tensor]:
+        """The item side of the first MLP layer and of the GMF branch's output weights computed once:
+        W1 [u; v] = W1_u u + W1_v v, and w_gmf . (u * v) = u . (w_gmf * v) for every item at once."""
+        first, out = dense["mlp0.weight"], dense["out.weight"][0]
+        user_first, item_first = first[:, : self.dim], first[:, self.dim :]
+        items_mlp = rows["item_mlp"] @ item_first.T + dense["mlp0.bias"]  # (items, h1)
+        items_gmf = rows["item_gmf"] * out[: self.dim]  # (items, d)
+
+        def score(user: Tensors, items: torch.Tensor) -> torch.Tensor:
+            gmf = (user["user_gmf"][:, 0, :] @ items_gmf.T).gather(1, items)
+            hidden = torch.relu(user["user_mlp"] @ user_first.T + items_mlp[items])
+            for layer in range(1, len(self.mlp_layers)):
+                hidden = torch.relu(_linear(hidden, dense[f"mlp{layer}.weight"], dense[f"mlp{layer}.bias"]))
+            return gmf + hidden @ out[self.dim :] + dense["out.bias"]
+
+        return score
 
 
 def _linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -227,6 +227,7 @@ class DataRetention:
         self.rows = {key: torch.tensor(shared[key], dtype=torch.float64) for key in model.row_keys}
         self.dense = {key: torch.tensor(shared[key], dtype=torch.float64) for key in model.dense_keys(shared)}
         self.positives, self.client_ids = positives, client_ids
+        self.score = model.frozen_item_scorer(self.rows, self.dense)
 
     def minibatch(self, client: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Client `client`'s (positives (B,), negatives (B, N)) for `step`."""
@@ -240,17 +241,10 @@ class DataRetention:
     def gradient(self, embeddings: torch.Tensor, step: int) -> torch.Tensor:
         pos, neg = (np.stack(part) for part in zip(*(self.minibatch(i, step) for i in range(len(self.positives)))))
         flat = embeddings.detach().requires_grad_(True)
-        if self.model.dot_product:  # every item's score in one product: cheaper than gathering (n, B * N, d) rows
-            (items,) = self.rows.values()
-            scores = flat @ items.T
-            pos_score = scores.gather(1, torch.as_tensor(pos))
-            neg_score = scores.gather(1, torch.as_tensor(neg.reshape(len(pos), -1)))
-        else:
-            parts = flat.split(flat.shape[1] // len(self.keys), 1)
-            user = dict(zip(self.keys, (part[:, None, :] for part in parts), strict=True))
-            pos_score = self.model.score(user, {k: t[pos] for k, t in self.rows.items()}, self.dense)
-            neg_rows = {k: t[neg.reshape(len(pos), -1)] for k, t in self.rows.items()}
-            neg_score = self.model.score(user, neg_rows, self.dense)
+        parts = flat.split(flat.shape[1] // len(self.keys), 1)
+        user = dict(zip(self.keys, (part[:, None, :] for part in parts), strict=True))
+        pos_score = self.score(user, torch.as_tensor(pos))
+        neg_score = self.score(user, torch.as_tensor(neg.reshape(len(pos), -1)))
         neg_score = neg_score.reshape(len(pos), self.batch, self.negatives)
         # every client has the same batch, so the sum of per-client mean losses is n times the overall mean
         total = len(pos) * recommendation_loss(self.loss, pos_score.reshape(-1), neg_score.reshape(-1, self.negatives))
