@@ -27,7 +27,7 @@ class ClassSums:
         e = embeddings.astype(np.float64)
         counts = np.bincount(classes, minlength=n_classes).astype(np.float64)
         sums, outers = np.zeros((n_classes, e.shape[1])), np.zeros((n_classes, e.shape[1], e.shape[1]))
-        for k in np.flatnonzero(counts):  # one matrix product per class (a three-way einsum ran ~40x slower)
+        for k in np.flatnonzero(counts):  # one product per class: the three-way einsum was half of DF's time
             members = e[classes == k]
             sums[k], outers[k] = members.sum(0), members.T @ members
         return cls(counts, sums, outers)
