@@ -10,6 +10,7 @@ import torch
 
 Arrays = dict[str, np.ndarray]
 Tensors = dict[str, torch.Tensor]
+ItemScorer = Callable[[Tensors, torch.Tensor], torch.Tensor]  # (users' tables, (n, L) item ids) -> (n, L) scores
 
 
 class SplitModel(ABC):
@@ -40,7 +41,7 @@ class SplitModel(ABC):
     def score(self, user: Tensors, items: Tensors, dense: Tensors) -> torch.Tensor:
         """Scores of B (user, item) pairs: `user` and `items` hold (B, .) rows, `dense` the layers."""
 
-    def frozen_item_scorer(self, rows: Tensors, dense: Tensors) -> Callable[[Tensors, torch.Tensor], torch.Tensor]:
+    def frozen_item_scorer(self, rows: Tensors, dense: Tensors) -> ItemScorer:
         """score(user, items) for many users at once with the item side fixed (AttrCloak-DD's retention
         loss): user (n, 1, d) per table, items (n, L) ids -> (n, L). A model may precompute its item side."""
         return lambda user, items: self.score(user, {key: table[items] for key, table in rows.items()}, dense)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
-from fedunlearn.models.base import Arrays, SplitModel, Tensors
+from fedunlearn.models.base import Arrays, ItemScorer, SplitModel, Tensors
 
 
 class MF(SplitModel):
@@ -23,7 +21,7 @@ class MF(SplitModel):
     def score(self, user: Tensors, items: Tensors, dense: Tensors) -> torch.Tensor:
         return (user["user_emb"] * items["item_emb"]).sum(dim=-1)
 
-    def frozen_item_scorer(self, rows: Tensors, dense: Tensors) -> Callable[[Tensors, torch.Tensor], torch.Tensor]:
+    def frozen_item_scorer(self, rows: Tensors, dense: Tensors) -> ItemScorer:
         """Every item's score in one product, then each user's items picked out (no (n, L, d) gather)."""
         table = rows["item_emb"]
         return lambda user, items: (user["user_emb"][:, 0, :] @ table.T).gather(1, items)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
-from fedunlearn.models.base import Arrays, SplitModel, Tensors
+from fedunlearn.models.base import Arrays, ItemScorer, SplitModel, Tensors
 
 
 class NCF(SplitModel):
@@ -43,7 +41,7 @@ class NCF(SplitModel):
         joined = torch.cat([gmf, hidden], dim=-1)
         return _linear(joined, dense["out.weight"], dense["out.bias"]).squeeze(-1)
 
-    def frozen_item_scorer(self, rows: Tensors, dense: Tensors) -> Callable[[Tensors, torch.Tensor], torch.Tensor]:
+    def frozen_item_scorer(self, rows: Tensors, dense: Tensors) -> ItemScorer:
         """The item side of the first MLP layer and of the GMF branch's output weights computed once:
         W1 [u; v] = W1_u u + W1_v v, and w_gmf . (u * v) = u . (w_gmf * v) for every item at once."""
         first, out = dense["mlp0.weight"], dense["out.weight"][0]

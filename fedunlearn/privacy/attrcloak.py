@@ -222,20 +222,19 @@ class DataRetention:
         seed: int,
         batch: int = 32,
     ) -> None:
-        self.model, self.loss, self.negatives, self.batch, self.seed = model, loss, negatives, batch, seed
+        self.loss, self.negatives, self.batch, self.seed, self.n_items = loss, negatives, batch, seed, model.n_items
         self.keys = sorted(model.init_user(np.random.default_rng(0)))
-        self.rows = {key: torch.tensor(shared[key], dtype=torch.float64) for key in model.row_keys}
-        self.dense = {key: torch.tensor(shared[key], dtype=torch.float64) for key in model.dense_keys(shared)}
+        rows = {key: torch.tensor(shared[key], dtype=torch.float64) for key in model.row_keys}
+        dense = {key: torch.tensor(shared[key], dtype=torch.float64) for key in model.dense_keys(shared)}
         self.positives, self.client_ids = positives, client_ids
-        self.score = model.frozen_item_scorer(self.rows, self.dense)
+        self.score = model.frozen_item_scorer(rows, dense)
 
     def minibatch(self, client: int, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Client `client`'s (positives (B,), negatives (B, N)) for `step`."""
         rng = rng_for(self.seed, Stream.RETENTION, step, client_key(self.client_ids[client]))
-        n_items = next(iter(self.rows.values())).shape[0]
         positives = self.positives[client]
         return rng.choice(positives, self.batch), sample_negatives(
-            rng, n_items, np.sort(positives), (self.batch, self.negatives)
+            rng, self.n_items, np.sort(positives), (self.batch, self.negatives)
         )
 
     def gradient(self, embeddings: torch.Tensor, step: int) -> torch.Tensor:
