@@ -345,9 +345,54 @@ def test_fru_replay_that_reproduces_the_stored_updates_takes_exactly_the_stored_
     full = [history.update(3, client) for client in clients]
     step, scale = replay_step(server, shared, full, history.compacts(3, clients))
     stored_step = server.aggregate_delta(shared, full)
-    assert scale == pytest.approx(dict.fromkeys(stored_step, 1.0), rel=1e-9)
+    assert scale == pytest.approx(dict.fromkeys(server.model.row_keys, 1.0), rel=1e-9)
     for key, value in stored_step.items():
         assert np.linalg.norm(step[key]) == pytest.approx(np.linalg.norm(value), rel=1e-9)
+
+
+def test_fru_dense_layers_take_the_stored_aggregate_not_the_replays_rescaled_direction(tmp_path):
+    from dataclasses import replace
+
+    from fedunlearn.unlearning.fru import replay_step
+
+    overrides = ["model.name=ncf", "unlearn.compare=true", "train.rounds=4", "unlearn.history_dtype=float32"]
+    server, history, _ = server_for(tmp_path, overrides)
+    server.run()
+    shared, clients = history.checkpoint(3), list(history.participants(3))
+    full = [history.update(3, client) for client in clients]
+    rng = np.random.default_rng(0)
+    noisy = [  # the stored item rows, dense updates that point anywhere (a short replay's minibatch noise)
+        replace(u, dense={key: rng.standard_normal(value.shape).astype(np.float32) for key, value in u.dense.items()})
+        for u in full
+    ]
+    step, _ = replay_step(server, shared, noisy, history.compacts(3, clients))
+    stored_step = server.aggregate_delta(shared, full)
+    assert server.model.dense_keys(shared)
+    for key, value in stored_step.items():  # dense: the stored aggregate; rows: their own, unscaled
+        np.testing.assert_allclose(step[key], value, rtol=1e-9, atol=1e-12)
+
+
+def test_fru_keeps_each_replayed_clients_stored_dense_update_in_the_rewritten_history(tmp_path):
+    overrides = ["model.name=ncf", "unlearn.method=fru", "train.rounds=6", "unlearn.dt=2"]
+    overrides += ["unlearn.history_dtype=float32"]
+    server, history, _ = server_for(tmp_path, overrides, drop="3@4;7@6")
+    before, after = {}, {}
+    remove = server.remove
+
+    def looking_around(round_number, leaving):
+        seen = before if round_number == 4 else after
+        seen.update({r: history.compacts(r, [c for c in history.participants(r) if c not in ("3", "7")])
+                     for r in history.rounds() if r < 4})  # fmt: skip
+        remove(round_number, leaving)
+
+    server.remove = looking_around
+    server.run()
+    for r, stored in before.items():
+        rewritten = after[r]
+        assert rewritten.clients == stored.clients
+        for key, value in stored.dense.items():
+            np.testing.assert_array_equal(rewritten.dense[key], value)
+        assert any(not np.array_equal(rewritten.rows[key], value) for key, value in stored.rows.items())
 
 
 def test_a_compact_row_is_averaged_over_every_client_that_touched_it():

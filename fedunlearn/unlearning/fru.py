@@ -1,5 +1,6 @@
 """FRU (Yuan et al., WSDM 2023): roll back, then replay the rounds without the leaving clients with
-short local training, each round's aggregate rescaled to the step size of the stored (compact) one."""
+short local training, each round's item-table aggregate rescaled to the step size of the stored
+(compact) one; dense layers (NCF) take the stored aggregate of the same clients (replay_step)."""
 
 from __future__ import annotations
 
@@ -45,23 +46,33 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
             continue
         positions = [server.position[c] for c in participants]
         fresh = server.train_clients(replayed, positions, shared, epochs)
-        step, scale = replay_step(server, shared, fresh, history.compacts(replayed, [u.client_id for u in fresh]))
+        stored = history.compacts(replayed, [u.client_id for u in fresh])
+        step, scale = replay_step(server, shared, fresh, stored)
         shared = apply_delta(shared, step)
         if rewrite:
-            history.replace_updates(replayed, [scaled(update, scale) for update in fresh])
+            history.replace_updates(replayed, replayed_updates(fresh, scale, stored))
     return shared
 
 
 def replay_step(
     server: FederatedServer, shared: Arrays, fresh: list[ClientUpdate], stored: PackedUpdates
 ) -> tuple[Arrays, dict[str, float]]:
-    """The replayed round's step and the factor each shared tensor was given. Direction: the server's
-    aggregate of the fresh updates. Size: the stored round's (`stored`: the same clients' compact
-    updates), measured like for like: the fresh updates are cut by the same storage rule (each
-    client's `alpha` share of rows that changed most), both sides are averaged row-wise over the
-    clients that touched each row (a compact update counts where it touched, not only where it kept
-    rows), and compared by step size (per changed row for item tables), so a replay that reproduces
-    the stored updates takes exactly the stored step."""
+    """The replayed round's step and the factor each item table was given.
+
+    Item tables (the paper's rule): direction from the server's aggregate of the fresh updates,
+    size from the stored round's (`stored`: the same clients' compact updates), measured like for
+    like: the fresh updates are cut by the same storage rule (each client's `alpha` share of rows
+    that changed most), both sides are averaged row-wise over the clients that touched each row (a
+    compact update counts where it touched, not only where it kept rows), and compared by step size
+    per changed row, so a replay that reproduces the stored updates takes exactly the stored step.
+
+    Dense layers (NCF's MLP and output): the stored aggregate of the same clients' dense updates,
+    direction and size. A `lam`-epoch replay is one Adam step on a tenth of a client's examples;
+    every example reaches a dense layer, so its direction there is mostly minibatch noise that
+    cancels across clients, and rescaling that small aggregate to the stored size blew the noise
+    up 2-15x and cost NCF up to 0.065 HR@10 against Retrain (docs/RESULTS.md). An item row's
+    update comes from the few examples that touch it, which the replay samples like training does.
+    """
     train = server.config.train
 
     def mean_step(packed: PackedUpdates) -> Arrays:
@@ -70,24 +81,29 @@ def replay_step(
     reference = mean_step(stored)
     mirrored = mean_step(PackedUpdates.pack(fresh).compacted(server.config.unlearn.alpha))
     step = server.aggregate_delta(shared, fresh)
-    rows = set(server.model.row_keys)
-    scale = {key: _ratio(_size(reference[key], key in rows), _size(mirrored[key], key in rows)) for key in step}
-    return {key: step[key] * scale[key] for key in step}, scale
+    scale = {key: _ratio(_row_size(reference[key]), _row_size(mirrored[key])) for key in server.model.row_keys}
+    return {key: step[key] * scale[key] if key in scale else reference[key] for key in step}, scale
 
 
-def _size(delta: np.ndarray, per_row: bool) -> float:
-    """step_size of an aggregated (full-shape) step: item tables over the rows it changes."""
-    return step_size(delta[np.any(delta != 0, axis=1)] if per_row else delta, per_row)
+def _row_size(delta: np.ndarray) -> float:
+    """step_size of an aggregated item-table step, over the rows it changes."""
+    return step_size(delta[np.any(delta != 0, axis=1)], per_row=True)
 
 
 def _ratio(reference: float, size: float) -> float:
     return reference / size if size > 0 else 1.0
 
 
-def scaled(update: ClientUpdate, scale: dict[str, float]) -> ClientUpdate:
-    """The update with each shared tensor multiplied by the factor its aggregate was given."""
-    return replace(
-        update,
-        rows={key: (value * scale[key]).astype(np.float32) for key, value in update.rows.items()},
-        dense={key: (value * scale[key]).astype(np.float32) for key, value in update.dense.items()},
-    )
+def replayed_updates(fresh: list[ClientUpdate], scale: dict[str, float], stored: PackedUpdates) -> list[ClientUpdate]:
+    """What the history keeps of each replayed client, so that its stored round adds up to the step
+    taken: its fresh item rows times the factor their aggregate got, and its stored dense update
+    (the one replay_step applied)."""
+    position = {client: i for i, client in enumerate(stored.clients)}
+    return [
+        replace(
+            update,
+            rows={key: (value * scale[key]).astype(np.float32) for key, value in update.rows.items()},
+            dense={key: value[position[update.client_id]].copy() for key, value in stored.dense.items()},
+        )
+        for update in fresh
+    ]
