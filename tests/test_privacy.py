@@ -22,24 +22,62 @@ from fedunlearn.privacy.attrcloak import (
     min_norm_weight,
     unpack_class_sums,
 )
-from fedunlearn.privacy.gaussian import ClassSums, gaussian_kl, moments, shrink
+from fedunlearn.privacy.gaussian import ClassSums, moments, shrink, weighted_kl
 
 
-def test_gaussian_kl_matches_a_hand_computed_case():
-    # KL(N(0, I) || N((1, 1), 2I)) = 0.5 [tr(I/2) + |m|^2 / 2 - 2 + ln det(2I) - 0] = ln 2
-    kl = gaussian_kl(torch.zeros(2), torch.eye(2), torch.ones(2), 2 * torch.eye(2))
-    assert kl.item() == pytest.approx(np.log(2), abs=1e-6)
+def gaussian_kl(m0, s0, m1, s1):
+    """The reference: torch.distributions' KL, differentiable by autograd."""
+    normal = torch.distributions.MultivariateNormal
+    return torch.distributions.kl_divergence(normal(m0, s0), normal(m1, s1))
 
 
-def test_gaussian_kl_matches_torch_distributions_on_full_covariances():
+def test_weighted_kl_matches_a_hand_computed_case():
+    # KL(N(0, I) || N((1, 1), 2I)) = 0.5 [tr(I/2) + |m|^2 / 2 - 2 + ln det(2I) - 0] = ln 2, weighted 3x
+    kl = weighted_kl(torch.tensor([3.0]), torch.zeros(1, 2), torch.eye(2)[None], torch.ones(2), 2 * torch.eye(2))
+    assert kl.value.item() == pytest.approx(3 * np.log(2), abs=1e-6)
+
+
+def test_weighted_kl_and_its_gradients_match_torch_distributions_and_autograd():
     rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(2, 5, 5))
-    s0, s1 = (torch.tensor(m @ m.T + np.eye(5)) for m in (a, b))
-    m0, m1 = torch.tensor(rng.normal(size=(2, 5)))
-    expected = torch.distributions.kl_divergence(
-        torch.distributions.MultivariateNormal(m0, s0), torch.distributions.MultivariateNormal(m1, s1)
-    )
-    assert gaussian_kl(m0, s0, m1, s1).item() == pytest.approx(expected.item(), rel=1e-9)
+    a = rng.normal(size=(4, 5, 5))
+    s0 = torch.tensor(a[:3] @ a[:3].transpose(0, 2, 1) + np.eye(5), requires_grad=True)
+    s1 = torch.tensor(a[3] @ a[3].T + np.eye(5), requires_grad=True)
+    m0 = torch.tensor(rng.normal(size=(3, 5)), requires_grad=True)
+    m1 = torch.tensor(rng.normal(size=5), requires_grad=True)
+    weight = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    expected = (weight * gaussian_kl(m0, s0, m1, s1)).sum()
+    expected.backward()
+    mine = weighted_kl(weight, m0.detach(), s0.detach(), m1.detach(), s1.detach())
+    assert mine.value.item() == pytest.approx(expected.item(), rel=1e-10)
+    for value, tensor in ((mine.grad_m0, m0), (mine.grad_m1, m1)):
+        np.testing.assert_allclose(value.numpy(), tensor.grad.numpy(), rtol=1e-9, atol=1e-12)
+    for value, tensor in ((mine.grad_s0, s0), (mine.grad_s1, s1)):  # as symmetric matrices
+        symmetric = (tensor.grad + tensor.grad.transpose(-1, -2)) / 2
+        np.testing.assert_allclose(value.numpy(), symmetric.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_the_attribute_loss_gradients_equal_autograd():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, 6)) + rng.normal(size=(4, 6))[np.arange(60) % 4]
+    labels = np.r_[np.arange(58) % 3, 3, 3]  # class 3 has 2 users: in the global Gaussian, not in the loss
+    attribute = AttributeClasses("a", labels, 4)
+    sums = ClassSums.of(x, labels, 4)
+    shrinkage = initial_shrinkage(x, attribute, sums, PlainSum())
+    loss, grad_sums, grad_outers = attribute_loss(sums, shrinkage)
+    counts = torch.tensor(sums.counts)
+    class_sums = torch.tensor(sums.sums, requires_grad=True)
+    class_outers = torch.tensor(sums.outers, requires_grad=True)
+    means, covs = moments(counts, class_sums, class_outers)
+    global_mean, global_cov = moments(counts.sum(), class_sums.sum(0), class_outers.sum(0))
+    covs = shrink(covs, torch.tensor(shrinkage[:-1]))
+    present = counts >= 3
+    kl = gaussian_kl(means[present], covs[present], global_mean, shrink(global_cov, shrinkage[-1]))
+    expected = (counts[present] / counts.sum() * kl).sum()
+    expected.backward()
+    assert float(loss) == pytest.approx(expected.item(), rel=1e-10)
+    np.testing.assert_allclose(grad_sums.numpy(), class_sums.grad.numpy(), rtol=1e-8, atol=1e-12)
+    symmetrised = class_outers.grad + class_outers.grad.transpose(-1, -2)
+    np.testing.assert_allclose(grad_outers.numpy(), symmetrised.numpy(), rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fedunlearn.models import Arrays, SplitModel
-from fedunlearn.privacy.gaussian import ClassSums, gaussian_kl, ledoit_wolf_shrinkage, moments, shrink
+from fedunlearn.privacy.gaussian import ClassSums, ledoit_wolf_shrinkage, moments, shrink, weighted_kl
 from fedunlearn.seeding import Stream, client_key, rng_for
 from fedunlearn.training import recommendation_loss, sample_negatives
 
@@ -143,19 +143,42 @@ MIN_CLASS_USERS = 3
 
 def attribute_loss(sums: ClassSums, shrinkage: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """L_j = sum_k (n_k/n) KL(N_k || N) and its gradients with respect to the class sums and
-    outer-product sums (symmetrised), which every client can compute from the aggregate."""
+    outer-product sums (symmetrised), which every client can compute from the aggregate: the KL's
+    closed-form gradients (gaussian.weighted_kl) carried back by hand through the Ledoit-Wolf
+    shrinkage and the moments (equal to autograd: test_the_attribute_loss_gradients_equal_autograd)."""
     counts = torch.tensor(sums.counts, dtype=torch.float64)
-    class_sums = torch.tensor(sums.sums, dtype=torch.float64, requires_grad=True)
-    class_outers = torch.tensor(sums.outers, dtype=torch.float64, requires_grad=True)
+    class_sums = torch.tensor(sums.sums, dtype=torch.float64)
+    class_outers = torch.tensor(sums.outers, dtype=torch.float64)
+    total = counts.sum()
     means, covs = moments(counts, class_sums, class_outers)
-    global_mean, global_cov = moments(counts.sum(), class_sums.sum(0), class_outers.sum(0))
-    covs = shrink(covs, torch.tensor(shrinkage[:-1], dtype=torch.float64))
-    global_cov = shrink(global_cov, float(shrinkage[-1]))
+    global_mean, global_cov = moments(total, class_sums.sum(0), class_outers.sum(0))
+    class_shrinkage, global_shrinkage = torch.tensor(shrinkage[:-1], dtype=torch.float64), float(shrinkage[-1])
     present = counts >= MIN_CLASS_USERS
-    kl = gaussian_kl(means[present], covs[present], global_mean, global_cov)
-    loss = (counts[present] / counts.sum() * kl).sum()
-    grad_sums, grad_outers = torch.autograd.grad(loss, [class_sums, class_outers])
-    return loss.detach(), grad_sums, grad_outers + grad_outers.transpose(-1, -2)
+    kl = weighted_kl(
+        counts[present] / total,
+        means[present],
+        shrink(covs[present], class_shrinkage[present]),
+        global_mean,
+        shrink(global_cov, global_shrinkage),
+    )
+    grad_covs = torch.zeros_like(class_outers)  # through the shrinkage (1 - a) C + a tr(C)/d I
+    grad_covs[present] = _through_shrinkage(kl.grad_s0, class_shrinkage[present])
+    grad_global_cov = _through_shrinkage(kl.grad_s1, torch.tensor(global_shrinkage, dtype=torch.float64))
+    grad_means = torch.zeros_like(class_sums)  # through the moments C = O/n - m m^T, m = s/n
+    grad_means[present] = kl.grad_m0
+    grad_means -= 2 * (grad_covs @ means[..., None])[..., 0]
+    grad_global_mean = kl.grad_m1 - 2 * grad_global_cov @ global_mean
+    grad_sums = grad_means / counts[:, None] + grad_global_mean / total
+    grad_outers = grad_covs / counts[:, None, None] + grad_global_cov / total
+    return kl.value, grad_sums, 2 * grad_outers  # symmetric, so the symmetrised gradient is twice it
+
+
+def _through_shrinkage(grad: torch.Tensor, shrinkage: torch.Tensor) -> torch.Tensor:
+    """dL/dC from dL/dS for S = (1 - a) C + a (tr C / d) I, batched over the leading axis."""
+    d = grad.shape[-1]
+    trace = torch.diagonal(grad, dim1=-2, dim2=-1).sum(-1)
+    eye = torch.eye(d, dtype=grad.dtype)
+    return (1 - shrinkage)[..., None, None] * grad + (shrinkage * trace / d)[..., None, None] * eye
 
 
 def client_attribute_gradient(

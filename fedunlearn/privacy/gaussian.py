@@ -61,14 +61,38 @@ def shrink(cov: torch.Tensor, shrinkage: torch.Tensor | float) -> torch.Tensor:
     return (1 - s)[..., None, None] * cov + (s * mu)[..., None, None] * eye
 
 
-def gaussian_kl(m0: torch.Tensor, s0: torch.Tensor, m1: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
-    """KL(N(m0, s0) || N(m1, s1)) in closed form, batched over the leading axis of m0 / s0:
-    0.5 [tr(s1^-1 s0) + (m1 - m0)^T s1^-1 (m1 - m0) - d + ln det s1 - ln det s0]."""
-    d = m0.shape[-1]
-    chol1 = torch.linalg.cholesky(s1)
-    solved = torch.cholesky_solve(s0, chol1)
-    diff = (m1 - m0)[..., None]
-    mahalanobis = (diff.transpose(-1, -2) @ torch.cholesky_solve(diff, chol1))[..., 0, 0]
-    logdet1 = 2 * torch.log(torch.diagonal(chol1, dim1=-2, dim2=-1)).sum(-1)
-    logdet0 = torch.linalg.slogdet(s0)[1]
-    return 0.5 * (torch.diagonal(solved, dim1=-2, dim2=-1).sum(-1) + mahalanobis - d + logdet1 - logdet0)
+@dataclass
+class WeightedKL:
+    """sum_k w_k KL(N(m0_k, s0_k) || N(m1, s1)) and its gradients (symmetric for the covariances)."""
+
+    value: torch.Tensor
+    grad_m0: torch.Tensor  # (K, d)
+    grad_s0: torch.Tensor  # (K, d, d)
+    grad_m1: torch.Tensor  # (d,)
+    grad_s1: torch.Tensor  # (d, d)
+
+
+def weighted_kl(
+    weight: torch.Tensor, m0: torch.Tensor, s0: torch.Tensor, m1: torch.Tensor, s1: torch.Tensor
+) -> WeightedKL:
+    """KL(N(m0, s0) || N(m1, s1)) = 0.5 [tr(P s0) + delta^T P delta - d + ln det s1 - ln det s0], with
+    P = s1^-1 and delta = m1 - m0, weighted over the leading axis of m0 / s0, and its gradients in
+    closed form: d/ds0 = (P - s0^-1) / 2, d/dm0 = -P delta, d/ds1 = (P - P s0 P - P delta delta^T P) / 2,
+    d/dm1 = P delta. (Autograd through the Cholesky factors and log determinants of NCF's 128-dim
+    class covariances was most of AttrCloak-DF's time.)"""
+    d = m1.shape[-1]
+    chol0, chol1 = torch.linalg.cholesky(s0), torch.linalg.cholesky(s1)
+    inv0, inv1 = torch.cholesky_inverse(chol0), torch.cholesky_inverse(chol1)
+    delta = m1 - m0
+    solved = delta @ inv1  # P delta for each k (P is symmetric)
+    logdet0 = 2 * torch.log(torch.diagonal(chol0, dim1=-2, dim2=-1)).sum(-1)
+    logdet1 = 2 * torch.log(torch.diagonal(chol1)).sum()
+    kl = 0.5 * ((inv1 * s0).sum((-2, -1)) + (solved * delta).sum(-1) - d + logdet1 - logdet0)
+    w = weight[:, None, None]
+    return WeightedKL(
+        (weight * kl).sum(),
+        -weight[:, None] * solved,
+        0.5 * w * (inv1 - inv0),
+        (weight[:, None] * solved).sum(0),
+        0.5 * (weight.sum() * inv1 - inv1 @ (w * s0).sum(0) @ inv1 - (solved.T * weight) @ solved),
+    )
