@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fedunlearn.models import Arrays, SplitModel
-from fedunlearn.privacy.gaussian import ClassSums, ledoit_wolf_shrinkage, moments, shrink, weighted_kl
+from fedunlearn.privacy.gaussian import ClassSums, ledoit_wolf_shrinkage, moments, shrink, shrink_gradient, weighted_kl
 from fedunlearn.seeding import Stream, client_key, rng_for
 from fedunlearn.training import recommendation_loss, sample_negatives
 
@@ -162,8 +162,8 @@ def attribute_loss(sums: ClassSums, shrinkage: np.ndarray) -> tuple[torch.Tensor
         shrink(global_cov, global_shrinkage),
     )
     grad_covs = torch.zeros_like(class_outers)  # through the shrinkage (1 - a) C + a tr(C)/d I
-    grad_covs[present] = _through_shrinkage(kl.grad_s0, class_shrinkage[present])
-    grad_global_cov = _through_shrinkage(kl.grad_s1, torch.tensor(global_shrinkage, dtype=torch.float64))
+    grad_covs[present] = shrink_gradient(kl.grad_s0, class_shrinkage[present])
+    grad_global_cov = shrink_gradient(kl.grad_s1, global_shrinkage)
     grad_means = torch.zeros_like(class_sums)  # through the moments C = O/n - m m^T, m = s/n
     grad_means[present] = kl.grad_m0
     grad_means -= 2 * (grad_covs @ means[..., None])[..., 0]
@@ -171,14 +171,6 @@ def attribute_loss(sums: ClassSums, shrinkage: np.ndarray) -> tuple[torch.Tensor
     grad_sums = grad_means / counts[:, None] + grad_global_mean / total
     grad_outers = grad_covs / counts[:, None, None] + grad_global_cov / total
     return kl.value, grad_sums, 2 * grad_outers  # symmetric, so the symmetrised gradient is twice it
-
-
-def _through_shrinkage(grad: torch.Tensor, shrinkage: torch.Tensor) -> torch.Tensor:
-    """dL/dC from dL/dS for S = (1 - a) C + a (tr C / d) I, batched over the leading axis."""
-    d = grad.shape[-1]
-    trace = torch.diagonal(grad, dim1=-2, dim2=-1).sum(-1)
-    eye = torch.eye(d, dtype=grad.dtype)
-    return (1 - shrinkage)[..., None, None] * grad + (shrinkage * trace / d)[..., None, None] * eye
 
 
 def client_attribute_gradient(

@@ -61,6 +61,15 @@ def shrink(cov: torch.Tensor, shrinkage: torch.Tensor | float) -> torch.Tensor:
     return (1 - s)[..., None, None] * cov + (s * mu)[..., None, None] * eye
 
 
+def shrink_gradient(grad: torch.Tensor, shrinkage: torch.Tensor | float) -> torch.Tensor:
+    """dL/dS carried back through `shrink` to dL/dS_empirical: (1 - s) G + s (tr G / d) I."""
+    d = grad.shape[-1]
+    trace = torch.diagonal(grad, dim1=-2, dim2=-1).sum(-1)
+    eye = torch.eye(d, dtype=grad.dtype, device=grad.device)
+    s = torch.as_tensor(shrinkage, dtype=grad.dtype, device=grad.device)
+    return (1 - s)[..., None, None] * grad + (s * trace / d)[..., None, None] * eye
+
+
 @dataclass
 class WeightedKL:
     """sum_k w_k KL(N(m0_k, s0_k) || N(m1, s1)) and its gradients (symmetric for the covariances)."""
