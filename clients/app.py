@@ -47,7 +47,7 @@ from fedunlearn.messages import (
     read_array_field,
     read_secure_task,
 )
-from fedunlearn.privacy.attrcloak import class_contribution, flatten_users, fourth_power_contribution
+from fedunlearn.privacy.attrcloak import class_contribution, flatten_users, fourth_power_contribution, null_labels
 from fedunlearn.training import resolve_device
 
 
@@ -118,7 +118,11 @@ def secure_contribution(msg: Message, context: Context) -> Message:
                 own_features = defence.load_cloak(context).current
             else:
                 own_features = flatten_users(model, [user_part(context, model, data, config.run.seed)])[0]
-            vector = class_contribution(own_features, class_index(classes, own_value, attribute), len(classes))
+            label = class_index(classes, own_value, attribute)
+            if "null-key" in fields:  # AttrCloak's null level: the public pseudo-class, not its own
+                shares = read_array_field(fields["null-shares"])
+                label = int(null_labels(config.run.seed, int(fields["null-key"]), [data.client_id], shares)[0])
+            vector = class_contribution(own_features, label, len(classes))
         elif task == FEATURE_SUMS:
             vector = defence.feature_sums(fields, context, class_index(classes_of(fields), own_value, attribute))
         elif task == FOURTH_POWERS:

@@ -53,6 +53,7 @@ from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import AttributeGradient, DefenceOutcome, cloak
 from fedunlearn.privacy.baselines import FourierFeatures, SumsGradient, regularise
 from fedunlearn.privacy.gaussian import ClassSums
+from fedunlearn.privacy.stage import cloak_settings
 from server.pool import CLASS_SUMS_BOUND, FEATURE_SUMS_BOUND, PRODUCTS_BOUND, FlowerPool
 
 FOURTH_POWER_MARGIN = 1.02  # over the largest possible ||e - mean||^4 (or ||e||^2), for the rounding in the sums
@@ -71,9 +72,9 @@ class OnClients:
     def begin(self) -> None:
         self.pool.defence_start(self.clients, self.start, self.defending)
 
-    def class_sums(self, attribute: int, bound: float) -> ClassSums:
+    def class_sums(self, attribute: int, bound: float, null: tuple[int, np.ndarray] | None = None) -> ClassSums:
         name, classes = self.start.attributes[attribute], self.start.classes[attribute]
-        return self.pool.class_sums(name, self.clients, bound, classes, defence=True)
+        return self.pool.class_sums(name, self.clients, bound, classes, defence=True, null=null)
 
     @property
     def stepping(self) -> list[int]:
@@ -106,6 +107,9 @@ class FlowerCloakClients:
     def class_sums(self, attribute: int) -> ClassSums:
         self.sums[attribute] = self.on.class_sums(attribute, self.class_sums_bound)
         return self.sums[attribute]
+
+    def null_class_sums(self, attribute: int, key: int, shares: np.ndarray) -> ClassSums:
+        return self.on.class_sums(attribute, self.class_sums_bound, null=(key, shares))
 
     def fourth_powers(self, attribute: int, means: np.ndarray, global_mean: np.ndarray) -> np.ndarray:
         sums = self.sums[attribute]  # the class sums these means came from
@@ -167,15 +171,17 @@ def on_clients(
 
 def flower_attrcloak(
     on: OnClients, variant: str, steps: int, lr: float, fixed_weight: float | None = None,
-    products_bound: float = PRODUCTS_BOUND,
+    products_bound: float = PRODUCTS_BOUND, stop_at_null: bool = False,
 ) -> DefenceOutcome:  # fmt: skip
     """AttrCloak-DD/-DF (`variant`) on the clients through Flower messages (all contribute to the
-    sums, the defending ones move). When it returns, each client holds its defended embedding as its
-    user part; the server has only the per-step L_AU and weights (the outcome's `embeddings` is None)."""
+    sums, the defending ones move), for `steps` steps or until every attribute is at its null level
+    (`stop_at_null`, `attrcloak.cloak`). When it returns, each client holds its defended embedding
+    as its user part; the server has only the per-step L_AU and weights (the outcome's `embeddings`
+    is None)."""
     started = time.perf_counter()
     remote = FlowerCloakClients(on, variant, lr, products_bound)
     on.begin()
-    losses, weights = cloak(remote, len(on.start.attributes), variant, steps, fixed_weight)
+    losses, weights = cloak(remote, len(on.start.attributes), variant, steps, fixed_weight, stop_at_null)
     on.finish()
     return DefenceOutcome(None, losses, weights, time.perf_counter() - started)
 
@@ -214,6 +220,6 @@ def defend_on_clients(
     on = on_clients(pool, clients, attributes, defending, None, kept, attackers, defence.risk_threshold,
                     defence.compare)  # fmt: skip
     if defence.method.startswith("attrcloak"):
-        fixed = None if defence.cloak_weight < 0 else defence.cloak_weight
-        return flower_attrcloak(on, defence.method.removeprefix("attrcloak-"), defence.steps, defence.lr, fixed)
+        variant, fixed, stop_at_null = cloak_settings(defence)
+        return flower_attrcloak(on, variant, defence.steps, defence.lr, fixed, stop_at_null=stop_at_null)
     return flower_regularised(on, defence.method, defence.steps, defence.lr, defence.weight, config.run.seed)

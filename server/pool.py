@@ -227,12 +227,16 @@ class FlowerPool:
         bound: float = CLASS_SUMS_BOUND,
         classes: list[str] | None = None,
         defence: bool = False,
+        null: tuple[int, np.ndarray] | None = None,
     ) -> ClassSums:
         """AttrCloak's per-class sums (count, sum of e, sum of e e^T) over these clients' embeddings
         (`defence`: as defended so far), through SecAgg+; classes are `classes` or the attribute's
-        sorted values, shipped to every client."""
+        sorted values, shipped to every client. With `null` = (key, class shares) each client
+        counts under its public pseudo-class (`attrcloak.null_labels`) instead of its own."""
         classes = classes if classes is not None else self.attribute_classes(attribute)
-        fields = {"attribute": attribute, "classes": json.dumps(classes), "defence": defence}
+        fields: dict[str, Any] = {"attribute": attribute, "classes": json.dumps(classes), "defence": defence}
+        if null is not None:
+            fields |= {"null-key": null[0], "null-shares": array_field(null[1])}
         task = secure_task(self.config, CLASS_SUMS, **fields)
         total = self._secure_sum(clients, task, bound)
         k = len(classes)

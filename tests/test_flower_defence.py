@@ -23,7 +23,8 @@ from helpers import TINY, assert_no_secret_in, simulate_then
 from fedunlearn.config import load_config
 from fedunlearn.engine import InProcessPool
 from fedunlearn.federation import build_federation
-from fedunlearn.privacy.attrcloak import DataRetention, attrcloak, flatten_users
+from fedunlearn.privacy.attrcloak import DataRetention, attrcloak, flatten_users, null_labels
+from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.progress import Progress
 from fedunlearn.rounds import FederatedServer
 from server.pool import CLASS_SUMS_BOUND, PRODUCTS_BOUND
@@ -36,6 +37,7 @@ CLIENTS = [0, 1, 2, 3, 5, 6, 7]  # a subset, so the index -> node mapping matter
 DEFENDING = [True, True, False, True, True, True, False]
 ATTRIBUTES = ["gender", "age"]
 STEPS, LR = 3, 0.05
+NULL_KEY, NULL_SHARES = 5, np.array([0.1, 0.1, 0.2, 0.2, 0.2, 0.2])  # age has six classes among CLIENTS
 
 
 def _read_users(pool, model):
@@ -44,7 +46,7 @@ def _read_users(pool, model):
 
 @pytest.fixture(scope="module")
 def run():
-    from server.defence import flower_attrcloak, on_clients
+    from server.defence import FlowerCloakClients, flower_attrcloak, on_clients
 
     config = load_config(None, SMALL)
     federation = build_federation(config.data, config.run.seed)
@@ -64,6 +66,10 @@ def run():
             outcome = flower_attrcloak(on, variant, STEPS, LR)
             print(f"AttrCloak-{variant.upper()} through Flower, {STEPS} steps: {time.perf_counter() - began:.1f} s")
             out[variant] = {"outcome": outcome, "replies": seen[start:], "users": _read_users(pool, model)}
+        on = on_clients(pool, CLIENTS, ATTRIBUTES, DEFENDING, classes)
+        on.begin()  # the null level's class sums: each client counts under its public pseudo-class
+        out["null"] = FlowerCloakClients(on, "df", LR).null_class_sums(1, NULL_KEY, NULL_SHARES)
+        on.finish()
         return out
 
     flower = simulate_then(config, federation.n_clients, after_training)
@@ -113,6 +119,24 @@ def test_attrcloak_through_flower_equals_the_inprocess_defence(run, variant):
     assert any(0.1 < w < 1 for w in expected.weights)  # the min-norm weight, not only a clip bound
     n = len(CLIENTS)
     assert n * resolution(n, CLASS_SUMS_BOUND) < 1e-5 and n * resolution(n, PRODUCTS_BOUND) < 1e-5
+
+
+def test_the_null_levels_class_sums_through_flower_are_the_pseudo_classes_sums(run):
+    ids = [run["federation"].client_ids[i] for i in CLIENTS]
+    assert len(run["classes"][1]) == len(NULL_SHARES)
+    labels = null_labels(run["config"].run.seed, NULL_KEY, ids, NULL_SHARES)
+    expected = ClassSums.of(run["dd"]["users"], labels, len(NULL_SHARES))  # the clients hold DD's embeddings
+    flower = run["null"]
+    np.testing.assert_array_equal(flower.counts, expected.counts)
+    np.testing.assert_allclose(flower.sums, expected.sums, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(flower.outers, expected.outers, rtol=0, atol=1e-4)
+    own = ClassSums.of(run["dd"]["users"], _own_labels(run, 1), len(NULL_SHARES))
+    assert not np.allclose(own.sums, expected.sums, atol=1e-2)  # not the clients' own classes
+
+
+def _own_labels(run, attribute):
+    values = run["attributes"][ATTRIBUTES[attribute]].iloc[CLIENTS].to_numpy()
+    return np.array([run["classes"][attribute].index(value) for value in values])
 
 
 @pytest.mark.parametrize("variant", ["df", "dd"])

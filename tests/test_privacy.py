@@ -11,6 +11,7 @@ from fedunlearn.privacy.attrcloak import (
     ClientCloak,
     DataRetention,
     PlainSum,
+    PseudoClasses,
     attrcloak,
     attribute_gradients,
     attribute_loss,
@@ -20,6 +21,7 @@ from fedunlearn.privacy.attrcloak import (
     fourth_power_contribution,
     initial_shrinkage,
     min_norm_weight,
+    null_labels,
     unpack_class_sums,
 )
 from fedunlearn.privacy.gaussian import ClassSums, moments, shrink, weighted_kl
@@ -35,6 +37,7 @@ def test_weighted_kl_matches_a_hand_computed_case():
     # KL(N(0, I) || N((1, 1), 2I)) = 0.5 [tr(I/2) + |m|^2 / 2 - 2 + ln det(2I) - 0] = ln 2, weighted 3x
     kl = weighted_kl(torch.tensor([3.0]), torch.zeros(1, 2), torch.eye(2)[None], torch.ones(2), 2 * torch.eye(2))
     assert kl.value.item() == pytest.approx(3 * np.log(2), abs=1e-6)
+    assert kl.separation.item() == pytest.approx(3 * 0.5 * 2 / 2, abs=1e-6)  # 3 x |m|^2 / 2 / 2
 
 
 def test_weighted_kl_and_its_gradients_match_torch_distributions_and_autograd():
@@ -63,7 +66,8 @@ def test_the_attribute_loss_gradients_equal_autograd():
     attribute = AttributeClasses("a", labels, 4)
     sums = ClassSums.of(x, labels, 4)
     shrinkage = initial_shrinkage(x, attribute, sums, PlainSum())
-    loss, grad_sums, grad_outers = attribute_loss(sums, shrinkage)
+    result = attribute_loss(sums, shrinkage)
+    loss, grad_sums, grad_outers = result.value, result.grad_sums, result.grad_outers
     counts = torch.tensor(sums.counts)
     class_sums = torch.tensor(sums.sums, requires_grad=True)
     class_outers = torch.tensor(sums.outers, requires_grad=True)
@@ -120,8 +124,8 @@ def test_each_clients_gradient_from_the_sums_equals_autograd_through_every_embed
     labels = (x[:, 0] > 0).astype(int)
     attribute = AttributeClasses("g", labels, 2)
     shrinkage = initial_shrinkage(x, attribute, ClassSums.of(x, labels, 2), PlainSum())
-    _, grad_sums, grad_outers = attribute_loss(ClassSums.of(x, labels, 2), shrinkage)
-    mine = client_attribute_gradient(torch.tensor(x), labels, grad_sums, grad_outers)
+    loss = attribute_loss(ClassSums.of(x, labels, 2), shrinkage)
+    mine = client_attribute_gradient(torch.tensor(x), labels, loss.grad_sums, loss.grad_outers)
 
     e = torch.tensor(x, requires_grad=True)  # the central computation the clients never do
     one_hot = torch.tensor(np.eye(2)[labels])
@@ -230,13 +234,62 @@ def test_a_class_nobody_is_in_gets_zero_gradients_and_leaves_the_loss_unchanged(
     labels = rng.integers(0, 2, 20)
     sums = ClassSums.of(x, labels, 2)
     shrinkage = initial_shrinkage(x, AttributeClasses("g", labels, 2), sums, PlainSum())
-    loss, grad_sums, grad_outers = attribute_loss(sums, shrinkage)
+    two = attribute_loss(sums, shrinkage)
     widened = ClassSums.of(x, np.where(labels == 1, 2, 0), 3)  # the schema's class 1: nobody
-    loss3, grad_sums3, grad_outers3 = attribute_gradients(widened, np.array([shrinkage[0], 1.0, *shrinkage[1:]]))
-    assert loss3 == pytest.approx(float(loss), rel=1e-12)
-    np.testing.assert_allclose(grad_sums3.numpy()[[0, 2]], grad_sums.numpy(), rtol=1e-12)
-    np.testing.assert_allclose(grad_outers3.numpy()[[0, 2]], grad_outers.numpy(), rtol=1e-12)
-    assert not grad_sums3[1].any() and not grad_outers3[1].any()
+    three = attribute_gradients(widened, np.array([shrinkage[0], 1.0, *shrinkage[1:]]))
+    assert three.value == pytest.approx(two.value, rel=1e-12)
+    assert three.separation == pytest.approx(two.separation, rel=1e-12)
+    np.testing.assert_allclose(three.grad_sums.numpy()[[0, 2]], two.grad_sums.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(three.grad_outers.numpy()[[0, 2]], two.grad_outers.numpy(), rtol=1e-12)
+    assert not three.grad_sums[1].any() and not three.grad_outers[1].any()
+
+
+def test_a_clients_pseudo_class_is_its_own_whoever_else_is_asked_and_follows_the_shares():
+    ids = [f"user-{i}" for i in range(3000)]
+    shares = np.array([0.1, 0.6, 0.3])
+    labels = null_labels(4, 7, ids, shares)
+    alone = [null_labels(4, 7, [client], shares)[0] for client in ids[:50]]  # a client on its own device
+    np.testing.assert_array_equal(alone, labels[:50])
+    np.testing.assert_allclose(np.bincount(labels, minlength=3) / len(ids), shares, atol=0.03)
+    assert (null_labels(4, 8, ids, shares) != labels).mean() > 0.3  # another draw, other classes
+
+
+def _shadow_and_test_gaps(embeddings: np.ndarray, labels: np.ndarray, splits: int = 100) -> float:
+    """Mean cosine between the class-mean gap of a stratified 20% shadow set and the rest's: what
+    a linear attacker fitted on the shadow set reads on the others (> 0 predicts, < 0 backwards)."""
+    rng = np.random.default_rng(7)
+    cosines = []
+    for _ in range(splits):
+        shadow = np.zeros(len(labels), dtype=bool)
+        for k in (0, 1):
+            members = np.flatnonzero(labels == k)
+            shadow[rng.choice(members, round(0.2 * len(members)), replace=False)] = True
+        one, zero = labels == 1, labels == 0
+        s, t = (embeddings[m & one].mean(0) - embeddings[m & zero].mean(0) for m in (shadow, ~shadow))
+        cosines.append(s @ t / np.linalg.norm(s) / np.linalg.norm(t))
+    return float(np.mean(cosines))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_stopping_at_the_null_level_leaves_no_attacker_reading_backwards(seed):
+    # a planted attribute: class 1's mean is shifted along one axis. Removing the class-mean gap over
+    # all users (the paper's fixed steps, run long) makes every shadow set's gap exactly opposite the
+    # rest's (0.2 s + 0.8 t = 0): an attacker reads backwards. Stopping at the gap random classes have
+    # leaves the two uncorrelated.
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(200) < 0.4).astype(int)
+    x = rng.normal(size=(200, 4))
+    x[:, 0] += labels
+    attribute = [AttributeClasses("a", labels, 2)]
+    everyone = np.ones(200, dtype=bool)
+    assert _shadow_and_test_gaps(x, labels) > 0.5
+    ids = [f"u{i}" for i in range(200)]
+    stopped = attrcloak(x, attribute, "df", 200, 0.05, everyone, fixed_weight=1.0, null=PseudoClasses(0, ids))
+    assert 0 < len(stopped.losses) < 50
+    assert abs(_shadow_and_test_gaps(stopped.embeddings, labels)) < 0.25
+    paper = attrcloak(x, attribute, "df", 200, 0.05, everyone, fixed_weight=1.0)
+    assert len(paper.losses) == 200
+    assert _shadow_and_test_gaps(paper.embeddings, labels) < -0.9
 
 
 def test_shadow_split_is_stratified_and_keeps_every_class_on_both_sides():
@@ -461,3 +514,19 @@ def test_an_attribute_with_one_attackable_value_is_skipped_with_a_notice(capsys)
     audited = global_audit({"embedding": features}, attributes, AuditConfig(attackers=["mlp"]), seed=0)
     assert [item.attacker.attribute for item in audited] == ["gender"]
     assert "age not attacked" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "method, stop, weight, expected",
+    [
+        ("attrcloak-dd", "null", -1.0, ("dd", None, True)),  # min-norm weight, stops at the null level
+        ("attrcloak-df", "null", -1.0, ("df", 1.0, True)),  # DF's min-norm weight stalls: the null level brakes it
+        ("attrcloak-df", "steps", -1.0, ("df", None, False)),  # the paper
+        ("attrcloak-dd", "steps", 0.3, ("dd", 0.3, False)),  # a weight set by hand wins
+    ],
+)
+def test_cloak_settings_follow_the_stop_and_the_weight(method, stop, weight, expected):
+    from fedunlearn.config import DefenceConfig
+    from fedunlearn.privacy.stage import cloak_settings
+
+    assert cloak_settings(DefenceConfig(method=method, cloak_stop=stop, cloak_weight=weight)) == expected

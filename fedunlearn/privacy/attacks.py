@@ -93,7 +93,7 @@ def attack_metrics(labels: np.ndarray, proba: np.ndarray, classes: np.ndarray, s
     subsample of the test users (each class cut to the smallest class's size, as AttrCloak reports)."""
     encoded = np.searchsorted(classes, labels)
     predicted = proba.argmax(axis=1)
-    auc = _auc(encoded, proba)
+    auc = attack_auc(encoded, proba)
     counts = np.bincount(encoded, minlength=len(classes))
     rng = np.random.default_rng(seed)
     smallest = counts[counts > 0].min()
@@ -108,7 +108,7 @@ def attack_metrics(labels: np.ndarray, proba: np.ndarray, classes: np.ndarray, s
         # the better of two held-out readings: as answered, or relabelled (cross-fitting a
         # permutation over many classes from few users each costs a good attacker a little)
         "balanced_accuracy_relabelled": max(balanced_accuracy, float(balanced_accuracy_score(encoded, relabelled))),
-        "auc_relabelled": max(auc, _auc(encoded, relabelled_proba)),
+        "auc_relabelled": max(auc, attack_auc(encoded, relabelled_proba)),
         "macro_f1": float(f1_score(encoded, predicted, average="macro", labels=np.arange(len(classes)))),
         "auc": float(auc),
         "chance": 1.0 / len(classes),
@@ -117,7 +117,7 @@ def attack_metrics(labels: np.ndarray, proba: np.ndarray, classes: np.ndarray, s
     }
 
 
-def _auc(encoded: np.ndarray, proba: np.ndarray) -> float:
+def attack_auc(encoded: np.ndarray, proba: np.ndarray) -> float:
     """AUC for two classes, one-vs-rest macro AUC for more."""
     if proba.shape[1] == 2:
         return float(roc_auc_score(encoded, proba[:, 1]))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -32,7 +32,7 @@ import torch
 
 from fedunlearn.models import Arrays, SplitModel
 from fedunlearn.privacy.gaussian import ClassSums, ledoit_wolf_shrinkage, moments, shrink, shrink_gradient, weighted_kl
-from fedunlearn.seeding import Stream, client_key, rng_for
+from fedunlearn.seeding import Stream, client_key, client_uniforms, rng_for
 from fedunlearn.training import recommendation_loss, sample_negatives
 
 AttributeGradient = tuple[torch.Tensor, torch.Tensor]  # dL_j/dsums (K, d), symmetrised dL_j/douters (K, d, d)
@@ -141,9 +141,20 @@ def fourth_powers(
 MIN_CLASS_USERS = 3
 
 
-def attribute_loss(sums: ClassSums, shrinkage: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclass
+class AttributeLoss:
+    """L_j, its separation term (the class means' part: what a linear reading of the classes sees)
+    and its gradients with respect to the class sums and outer-product sums (symmetrised)."""
+
+    value: float
+    separation: float
+    grad_sums: torch.Tensor  # (K, d)
+    grad_outers: torch.Tensor  # (K, d, d)
+
+
+def attribute_loss(sums: ClassSums, shrinkage: np.ndarray) -> AttributeLoss:
     """L_j = sum_k (n_k/n) KL(N_k || N) and its gradients with respect to the class sums and
-    outer-product sums (symmetrised), which every client can compute from the aggregate: the KL's
+    outer-product sums, which every client can compute from the aggregate: the KL's
     closed-form gradients (gaussian.weighted_kl) carried back by hand through the Ledoit-Wolf
     shrinkage and the moments (equal to autograd: test_the_attribute_loss_gradients_equal_autograd)."""
     counts = torch.tensor(sums.counts, dtype=torch.float64)
@@ -170,7 +181,8 @@ def attribute_loss(sums: ClassSums, shrinkage: np.ndarray) -> tuple[torch.Tensor
     grad_global_mean = kl.grad_m1 - 2 * grad_global_cov @ global_mean
     grad_sums = grad_means / counts[:, None] + grad_global_mean / total
     grad_outers = grad_covs / counts[:, None, None] + grad_global_cov / total
-    return kl.value, grad_sums, 2 * grad_outers  # symmetric, so the symmetrised gradient is twice it
+    # symmetric, so the symmetrised gradient is twice it
+    return AttributeLoss(float(kl.value), float(kl.separation), grad_sums, 2 * grad_outers)
 
 
 def client_attribute_gradient(
@@ -185,19 +197,21 @@ def client_attribute_gradient(
     return out
 
 
-def attribute_gradients(sums: ClassSums, shrinkage: np.ndarray) -> tuple[float, torch.Tensor, torch.Tensor]:
+def attribute_gradients(sums: ClassSums, shrinkage: np.ndarray) -> AttributeLoss:
     """`attribute_loss` where a class may have nobody in it (a class list fixed before the clients
     are known): the loss is taken over the non-empty classes; the empty ones get zero gradients."""
     present = sums.counts > 0
     if present.all():
-        loss, grad_sums, grad_outers = attribute_loss(sums, shrinkage)
-        return float(loss), grad_sums, grad_outers
+        return attribute_loss(sums, shrinkage)
     kept = ClassSums(sums.counts[present], sums.sums[present], sums.outers[present])
-    loss, kept_sums, kept_outers = attribute_loss(kept, np.append(shrinkage[:-1][present], shrinkage[-1]))
+    loss = attribute_loss(kept, np.append(shrinkage[:-1][present], shrinkage[-1]))
     index = torch.as_tensor(np.flatnonzero(present))
-    grad_sums = torch.zeros((len(present), *kept_sums.shape[1:]), dtype=torch.float64).index_copy(0, index, kept_sums)
-    grad_outers = torch.zeros((len(present), *kept_outers.shape[1:]), dtype=torch.float64)
-    return float(loss), grad_sums, grad_outers.index_copy(0, index, kept_outers)
+    grad_sums = torch.zeros((len(present), *loss.grad_sums.shape[1:]), dtype=torch.float64)
+    grad_outers = torch.zeros((len(present), *loss.grad_outers.shape[1:]), dtype=torch.float64)
+    return replace(
+        loss, grad_sums=grad_sums.index_copy(0, index, loss.grad_sums),
+        grad_outers=grad_outers.index_copy(0, index, loss.grad_outers),
+    )  # fmt: skip
 
 
 @dataclass
@@ -382,6 +396,11 @@ class CloakClients(Protocol):
         """The sum of `fourth_power_contribution` over the clients' original embeddings: (K + 1,)."""
         ...
 
+    def null_class_sums(self, attribute: int, key: int, shares: np.ndarray) -> ClassSums:
+        """Class sums of the clients' current embeddings under the public pseudo-classes
+        `null_labels(seed, key, ids, shares)` instead of their own classes of `attribute`."""
+        ...
+
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
         """Each client computes (and keeps) its g_AU and g_R; the sum of `client_products`: (3,)."""
         ...
@@ -391,27 +410,75 @@ class CloakClients(Protocol):
         ...
 
 
+# The null level (defence.cloak_stop = "null"): the separation term of L_j (how far apart the class
+# means are) when the classes carry no information, i.e. under public random pseudo-classes with
+# the attribute's class shares (mean of NULL_DRAWS draws). Pushing it below that makes the classes
+# *more* alike than random subsets are, and an attacker fitted on some users then reads the others
+# backwards (docs/PRIVACY.md has the argument and the numbers).
+NULL_DRAWS = 8
+
+
+def null_labels(seed: int, key: int, client_ids: Sequence[str], shares: np.ndarray) -> np.ndarray:
+    """Each client's pseudo-class for null draw `key`: a pure function of (seed, key, its id) and
+    the public class shares, so a client on its own device draws what its row draws in-process."""
+    uniforms = client_uniforms(seed, Stream.NULL_LABELS, key, list(client_ids))
+    return np.minimum(np.searchsorted(np.cumsum(shares), uniforms, side="right"), len(shares) - 1)
+
+
+def null_separation(clients: CloakClients, attribute: int, counts: np.ndarray, shrinkage: np.ndarray) -> float:
+    """The separation term of L_j under random pseudo-classes with the class shares of `counts`,
+    averaged over NULL_DRAWS draws."""
+    shares = counts / counts.sum()
+    draws = (clients.null_class_sums(attribute, attribute * NULL_DRAWS + d, shares) for d in range(NULL_DRAWS))
+    return float(np.mean([attribute_gradients(sums, shrinkage).separation for sums in draws]))
+
+
 def cloak(
-    clients: CloakClients, n_attributes: int, variant: str, steps: int, fixed_weight: float | None = None
+    clients: CloakClients,
+    n_attributes: int,
+    variant: str,
+    steps: int,
+    fixed_weight: float | None = None,
+    stop_at_null: bool = False,
 ) -> tuple[list[float], list[float]]:
-    """AttrCloak's server loop; returns L_AU and the weight a per step."""
-    shrinkages = []
+    """AttrCloak's server loop; returns L_AU and the weight a per step taken. With `stop_at_null`
+    an attribute whose separation term is at or below its null level (measured once, before the
+    first step) gives no gradient, and the loop ends once every attribute is there; else it runs
+    `steps` steps (the paper). `steps` caps both."""
+    shrinkages, nulls = [], []
     for attribute in range(n_attributes):
         sums = clients.class_sums(attribute)
         shrinkages.append(shrinkage_from(sums, clients.fourth_powers(attribute, *class_means(sums))))
+        if stop_at_null:
+            nulls.append(null_separation(clients, attribute, sums.counts, shrinkages[-1]))
     losses, weights = [], []
     for step in range(steps):
-        gradients, loss_au = [], 0.0
+        gradients, loss_au, settled = [], 0.0, 0
         for attribute, shrinkage in enumerate(shrinkages):
-            loss, grad_sums, grad_outers = attribute_gradients(clients.class_sums(attribute), shrinkage)
-            gradients.append((grad_sums, grad_outers))
-            loss_au += loss / n_attributes
+            loss = attribute_gradients(clients.class_sums(attribute), shrinkage)
+            if nulls and loss.separation <= nulls[attribute]:  # the means no further apart than random classes'
+                settled += 1
+                gradients.append((torch.zeros_like(loss.grad_sums), torch.zeros_like(loss.grad_outers)))
+            else:
+                gradients.append((loss.grad_sums, loss.grad_outers))
+            loss_au += loss.value / n_attributes
+        if settled == n_attributes:
+            break
         weight = min_norm_weight(*clients.products(step, gradients), low=0.0 if variant == "dd" else 0.1)
         weight = weight if fixed_weight is None else fixed_weight
         clients.step(weight)
         losses.append(loss_au)
         weights.append(weight)
     return losses, weights
+
+
+@dataclass
+class PseudoClasses:
+    """Who the clients are, for their public pseudo-classes (`null_labels`): the run's seed and
+    each row's client id."""
+
+    seed: int
+    client_ids: list[str]
 
 
 class MatrixClients:
@@ -426,9 +493,10 @@ class MatrixClients:
         defending: np.ndarray,
         retention: DataRetention | None,
         aggregator: Aggregator,
+        pseudo: PseudoClasses | None = None,
     ) -> None:
         self.embeddings, self.attributes, self.variant = embeddings, attributes, variant
-        self.retention, self.aggregator = retention, aggregator
+        self.retention, self.aggregator, self.pseudo = retention, aggregator, pseudo
         self.original = torch.tensor(embeddings, dtype=torch.float64)
         self.current = self.original.clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.current], lr=lr)
@@ -440,6 +508,13 @@ class MatrixClients:
 
     def fourth_powers(self, attribute: int, means: np.ndarray, global_mean: np.ndarray) -> np.ndarray:
         return self.aggregator.total(fourth_powers(self.embeddings, self.attributes[attribute], means, global_mean))
+
+    def null_class_sums(self, attribute: int, key: int, shares: np.ndarray) -> ClassSums:
+        if self.pseudo is None:
+            raise ValueError("the null level needs the clients' ids and the seed of their pseudo-classes")
+        labels = null_labels(self.pseudo.seed, key, self.pseudo.client_ids, shares)
+        pseudo = AttributeClasses(f"null-{key}", labels, len(shares))
+        return self.aggregator.class_sums(self.current.detach().numpy(), pseudo)
 
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
         values = self.current.detach()
@@ -471,13 +546,16 @@ def attrcloak(
     retention: DataRetention | None = None,
     aggregator: Aggregator | None = None,
     fixed_weight: float | None = None,
+    null: PseudoClasses | None = None,
 ) -> DefenceOutcome:
-    """Run AttrCloak-DD (`variant="dd"`, needs `retention`) or -DF for `steps` steps; only the
-    clients with `defending[i]` move (everyone contributes to the class sums). The weight on the
-    attribute loss is the closed-form min-norm one at every step, or `fixed_weight` if given."""
+    """Run AttrCloak-DD (`variant="dd"`, needs `retention`) or -DF for `steps` steps, or with `null`
+    until every attribute's loss is at its null level (`cloak`, at most `steps`); only the clients
+    with `defending[i]` move (everyone contributes to the class sums). The weight on the attribute
+    loss is the closed-form min-norm one at every step, or `fixed_weight` if given."""
     started = time.perf_counter()
     if variant == "dd" and retention is None:
         raise ValueError("AttrCloak-DD needs the clients' retention loss (a DataRetention)")
-    clients = MatrixClients(embeddings, attributes, variant, lr, defending, retention, aggregator or PlainSum())
-    losses, weights = cloak(clients, len(attributes), variant, steps, fixed_weight)
+    aggregator = aggregator or PlainSum()
+    clients = MatrixClients(embeddings, attributes, variant, lr, defending, retention, aggregator, null)
+    losses, weights = cloak(clients, len(attributes), variant, steps, fixed_weight, stop_at_null=null is not None)
     return DefenceOutcome(clients.current.detach().numpy(), losses, weights, time.perf_counter() - started)

@@ -72,9 +72,12 @@ def shrink_gradient(grad: torch.Tensor, shrinkage: torch.Tensor | float) -> torc
 
 @dataclass
 class WeightedKL:
-    """sum_k w_k KL(N(m0_k, s0_k) || N(m1, s1)) and its gradients (symmetric for the covariances)."""
+    """sum_k w_k KL(N(m0_k, s0_k) || N(m1, s1)), its separation term (sum_k w_k delta_k^T P delta_k / 2:
+    how far the class means lie from m1, in its metric) and its gradients (symmetric for the
+    covariances)."""
 
     value: torch.Tensor
+    separation: torch.Tensor
     grad_m0: torch.Tensor  # (K, d)
     grad_s0: torch.Tensor  # (K, d, d)
     grad_m1: torch.Tensor  # (d,)
@@ -96,10 +99,12 @@ def weighted_kl(
     solved = delta @ inv1  # P delta for each k (P is symmetric)
     logdet0 = 2 * torch.log(torch.diagonal(chol0, dim1=-2, dim2=-1)).sum(-1)
     logdet1 = 2 * torch.log(torch.diagonal(chol1)).sum()
-    kl = 0.5 * ((inv1 * s0).sum((-2, -1)) + (solved * delta).sum(-1) - d + logdet1 - logdet0)
+    separation = 0.5 * (solved * delta).sum(-1)
+    kl = 0.5 * ((inv1 * s0).sum((-2, -1)) - d + logdet1 - logdet0) + separation
     w = weight[:, None, None]
     return WeightedKL(
         (weight * kl).sum(),
+        (weight * separation).sum(),
         -weight[:, None] * solved,
         0.5 * w * (inv1 - inv0),
         (weight[:, None] * solved).sum(0),

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fedunlearn.audit import attribute_labels, audited_attributes, privacy_table
-from fedunlearn.config import Config
+from fedunlearn.config import Config, DefenceConfig
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.federation import Federation
 from fedunlearn.models import Arrays, SplitModel
@@ -25,6 +25,7 @@ from fedunlearn.privacy.attrcloak import (
     AttributeClasses,
     DataRetention,
     DefenceOutcome,
+    PseudoClasses,
     attrcloak,
     flatten_users,
     unflatten_users,
@@ -86,6 +87,18 @@ def defending_clients(
     return at_risk(attackers, features, attributes, defence.risk_threshold)
 
 
+def cloak_settings(defence: DefenceConfig) -> tuple[str, float | None, bool]:
+    """AttrCloak's variant (dd / df), fixed weight on the attribute loss (None: the min-norm weight
+    at every step) and whether it stops at the null level. `defence.cloak_weight` >= 0 fixes the
+    weight; the default (-1) is the min-norm weight, except for DF stopping at the null level, which
+    takes 1: DF's min-norm weight lets e - e_original cancel the attribute gradient within a few
+    steps, so it stalls near its start (docs/PRIVACY.md), and the null level is then its brake."""
+    variant, stop_at_null = defence.method.removeprefix("attrcloak-"), defence.cloak_stop == "null"
+    if defence.cloak_weight >= 0:
+        return variant, defence.cloak_weight, stop_at_null
+    return variant, 1.0 if variant == "df" and stop_at_null else None, stop_at_null
+
+
 def run_defence(
     config: Config,
     model: SplitModel,
@@ -101,14 +114,14 @@ def run_defence(
     `positives` and `client_ids` follow each other)."""
     defence = config.defence
     if defence.method.startswith("attrcloak"):
-        variant = defence.method.removeprefix("attrcloak-")
+        variant, fixed, stop_at_null = cloak_settings(defence)
         retention = None
         if variant == "dd":
             retention = DataRetention(model, shared, positives, client_ids, config.model.loss,
                                       config.model.negatives, config.run.seed, defence.batch)  # fmt: skip
-        fixed = None if defence.cloak_weight < 0 else defence.cloak_weight
+        null = PseudoClasses(config.run.seed, client_ids) if stop_at_null else None
         return attrcloak(
-            embeddings, attributes, variant, defence.steps, defence.lr, defending, retention, aggregator, fixed
+            embeddings, attributes, variant, defence.steps, defence.lr, defending, retention, aggregator, fixed, null
         )
     return regularised_defence(
         embeddings, attributes, defence.method, defence.steps, defence.lr, defence.weight, defending,
@@ -188,6 +201,7 @@ def privacy_stage(
         for key, value in evaluate(users_after).items():
             after[key] = value
         after["seconds"] = outcome.seconds
+        after["steps"] = len(outcome.losses)
         tables[method] = after
         if method == config.defence.method:
             kept = users_after

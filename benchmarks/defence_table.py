@@ -1,0 +1,58 @@
+"""The post-training defences of an attribute experiment (e.g. experiments/attribute_ml100k.toml
+--only trained), one row per setting / model and defence: each attack's balanced accuracy from the
+embeddings (global audit) as given / relabelled and its AUC, mean over seeds; the NDCG@10 change
+against the undefended model of the same seed (mean and per seed); the defence's steps (mean).
+
+    python benchmarks/defence_table.py results/attribute_ml100k
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+
+def run_rows(folder: Path, run: str) -> pd.DataFrame:
+    """The embedding view's global audit rows of one run, with its NDCG@10 change per defence."""
+    audit = pd.read_csv(folder / "audit.csv")
+    audit = audit[(audit["audit"] == "global") & (audit["view"] == "embedding")].copy()
+    trained = audit.loc[audit["defence"] == "none", "NDCG@10"].iloc[0]
+    audit["ndcg_change"] = 100 * (audit["NDCG@10"] / trained - 1)
+    audit["run"] = run
+    audit["seed"] = folder.name
+    return audit
+
+
+def table(experiment: Path) -> pd.DataFrame:
+    folders = sorted(path.parent for path in experiment.glob("**/audit.csv"))
+    if not folders:
+        raise SystemExit(f"{experiment}: no run folders with an audit.csv found")
+    runs = {folder: "/".join(folder.relative_to(experiment).parts[:-1]) for folder in folders}  # SETTING[/MODEL]
+    rows = pd.concat([run_rows(folder, runs[folder]) for folder in folders], ignore_index=True)
+    out = []
+    for (run, defence), block in rows.groupby(["run", "defence"], sort=False):
+        row = {"run": run, "defence": defence, "seeds": block["seed"].nunique()}
+        for (attribute, attacker), cell in block.groupby(["attribute", "attacker"], sort=False):
+            row[f"{attribute} {attacker} (chance {cell['chance'].iloc[0]:.3f})"] = (
+                f"{cell['balanced_accuracy'].mean():.3f} / {cell['balanced_accuracy_relabelled'].mean():.3f}"
+                f" (AUC {cell['auc'].mean():.2f})"
+            )
+        per_seed = block.groupby("seed")["ndcg_change"].first()
+        row["NDCG@10 change"] = f"{per_seed.mean():+.1f}% ({' / '.join(f'{v:+.1f}' for v in per_seed)})"
+        steps = block.groupby("seed")["steps"].first() if "steps" in block else pd.Series(dtype=float)
+        row["steps"] = f"{steps.mean():.0f}" if steps.notna().any() else "-"
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiment", type=Path, help="the experiment's results folder")
+    args = parser.parse_args()
+    print(table(args.experiment).to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()
