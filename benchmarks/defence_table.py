@@ -40,7 +40,8 @@ def table(experiment: Path) -> pd.DataFrame:
                 f" (AUC {cell['auc'].mean():.2f})"
             )
         per_seed = block.groupby("seed")["ndcg_change"].first()
-        row["NDCG@10 change"] = f"{per_seed.mean():+.1f}% ({' / '.join(f'{v:+.1f}' for v in per_seed)})"
+        signed = lambda value: f"{round(value, 1) + 0.0:+.1f}"  # noqa: E731  (+ 0.0: never print -0.0)
+        row["NDCG@10 change"] = f"{signed(per_seed.mean())}% ({' / '.join(signed(v) for v in per_seed)})"
         steps = block.groupby("seed")["steps"].first() if "steps" in block else pd.Series(dtype=float)
         row["steps"] = f"{steps.mean():.0f}" if steps.notna().any() else "-"
         out.append(row)

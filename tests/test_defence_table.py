@@ -1,0 +1,33 @@
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from defence_table import table  # noqa: E402
+
+
+def write_run(folder: Path, ndcg: dict[str, float], accuracy: dict[str, float], steps: float) -> None:
+    """One run's audit.csv: the trained model (`none`) and AttrCloak-DD, gender by the MLP."""
+    folder.mkdir(parents=True)
+    rows = []
+    for defence, value in accuracy.items():
+        for view, audit in (("embedding", "global"), ("embedding", "local"), ("upload", "global")):
+            read = value if (view, audit) == ("embedding", "global") else 0.9  # other views: not in the table
+            row = {"defence": defence, "view": view, "attacker": "mlp", "attribute": "gender", "audit": audit}
+            row |= {"balanced_accuracy": read, "balanced_accuracy_relabelled": read + 0.02, "auc": read + 0.1}
+            rows.append(row | {"chance": 0.5, "NDCG@10": ndcg[defence], "steps": steps if defence != "none" else None})
+    pd.DataFrame(rows).to_csv(folder / "audit.csv", index=False)
+
+
+def test_each_defence_is_averaged_over_seeds_with_its_ndcg_change_against_the_same_seeds_model(tmp_path):
+    folder = tmp_path / "trained" / "mf"
+    write_run(folder / "seed0", {"none": 0.40, "attrcloak-dd": 0.38}, {"none": 0.60, "attrcloak-dd": 0.50}, 50)
+    write_run(folder / "seed1", {"none": 0.20, "attrcloak-dd": 0.21}, {"none": 0.70, "attrcloak-dd": 0.54}, 70)
+    out = table(tmp_path).set_index(["run", "defence"])
+    dd = out.loc[("trained/mf", "attrcloak-dd")]
+    assert dd["seeds"] == 2
+    assert dd["gender mlp (chance 0.500)"] == "0.520 / 0.540 (AUC 0.62)"  # only the embedding view's global rows
+    assert dd["NDCG@10 change"] == "+0.0% (-5.0 / +5.0)"  # each seed against its own trained model
+    assert dd["steps"] == "60"
+    assert out.loc[("trained/mf", "none"), "steps"] == "-"
