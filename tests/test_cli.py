@@ -70,7 +70,8 @@ def test_malformed_csv_line_names_file_and_line(tmp_path, capsys):
     data.write_text("user,item,rating\n1,10,5\n1,11,four\n")
     assert main(["run", "--set", "data.dataset=csv", "--set", f"data.path={data}", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "ratings.csv" in err and "3" in err
+    assert f"{data}:3: rating must be a number, got 'four'" in err  # the file, the line, the value
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "r").exists()
 
 

@@ -65,7 +65,9 @@ def test_client_keeps_its_user_part_in_state_and_matches_the_inprocess_runner():
         kept = record_to_arrays(context.state.array_records[USER_STATE])
         np.testing.assert_array_equal(kept["user_emb"], pool.user_state[3]["user_emb"])
         assert set(reply.content.keys()) == {"update", "metrics", "meta"}
-        assert "user_emb" not in reply.content.array_records["update"]
+        # exactly the shared part's arrays: a user part under any name would add a key
+        shared_keys = {"item_ids", *(f"rows.{key}" for key in expected.rows)} | {f"dense.{k}" for k in expected.dense}
+        assert set(reply.content.array_records["update"].keys()) == shared_keys
 
     evaluation = decode_evaluation(_send(MessageType.EVALUATE, instruction(config, 0, shared), context).content)
     assert evaluation == pool.evaluate([3], shared, lambda _: None)[0].value

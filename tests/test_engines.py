@@ -53,7 +53,11 @@ def test_flower_path_equals_inprocess_runner_and_never_uploads_a_user_embedding(
         np.testing.assert_array_equal(result.shared[key], expected.shared[key])
 
     # every reply any client sent, searched for any user embedding (as held at the end and as initialised)
+    from fedunlearn.federated import init_user
+
     user_vectors = [v for state in pool.user_state.values() for v in state.values()]
+    initial = (init_user(pool.model, config.run.seed, client) for client in pool.federation.client_ids)
+    user_vectors += [v for state in initial for v in state.values()]
     replies = flower_pool.replies_seen
     assert len(replies) == 10 + 2 * 5 + 2 * 10  # whoami, 2 rounds x 5 trainers, 2 evaluations x 10
     # the audit's oracle (query.audit_users, tests/test_flower_audit.py) is the one exception, asked only by an audit

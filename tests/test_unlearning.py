@@ -176,7 +176,7 @@ def test_fru_replays_every_round_at_lam_epochs_and_matches_stored_aggregate_norm
     assert result.events[0]["optimizer_steps"] == 4 * half
     assert stored["compact"] > 0  # FRU's storage: compact updates, every round
     assert history.rounds() == []  # after the last event nothing reads the history: it is deleted
-    assert 0.0 <= result.events[0]["MIA_AUC"] <= 1.0 and "HR@10" in result.events[0]["after"]
+    assert np.isfinite(result.events[0]["MIA_AUC"]) and "HR@10" in result.events[0]["after"]  # measured, not NaN
 
 
 def test_compacting_keeps_each_clients_rows_that_changed_most():
