@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
 from fedunlearn.config import Config
-from fedunlearn.federation import cached_federation
+from fedunlearn.fl.federation import cached_federation
 from fedunlearn.privacy.attacks import attack_auc, relabelled_answers, shadow_split
 
 

@@ -74,10 +74,11 @@ def measure(child_args: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def child(args: dict[str, Any]) -> None:
     from fedunlearn.config import load_config
-    from fedunlearn.engine import make_pool
-    from fedunlearn.federation import build_federation
+    from fedunlearn.engines.choice import make_pool
+    from fedunlearn.fl.federation import build_federation
+    from fedunlearn.fl.rounds import FederatedServer
     from fedunlearn.progress import Progress
-    from fedunlearn.rounds import FederatedServer
+    from fedunlearn.runs.assembly import server_plugins
 
     config = load_config(None, args["overrides"])
     loop_start = time.time()
@@ -90,8 +91,8 @@ def child(args: dict[str, Any]) -> None:
     else:
         federation = build_federation(config.data, config.run.seed)
         pool = make_pool(config, federation)
-        server = FederatedServer(config, federation, pool,
-                                 Progress(config.train.rounds, False))  # fmt: skip
+        progress = Progress(config.train.rounds, False)
+        server = FederatedServer(config, federation, pool, progress, plugins=server_plugins())
         result = server.run()
         clients = [row["clients"] for row in result.rounds]
         phases = {key: value / config.train.rounds for key, value in getattr(pool, "seconds", {}).items()}

@@ -1,5 +1,5 @@
 """Flower ClientApp: one client per user. It keeps its user part in `context.state` across rounds
-and replies with the shared-parameter update only. The work itself is in fedunlearn.federated.
+and replies with the shared-parameter update only. The work itself is in fedunlearn.fl.client.
 
 Training comes as "train.fit". Bare "train" is the SecAgg+ protocol (server.secure_sum): the mod
 answers its key-exchange stages and calls `secure_contribution` once for this client's vector, which
@@ -27,10 +27,7 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 from clients import defence
 from clients.branches import branch_mod, drop_branch
 from clients.common import SIMULATION_ORACLE_ENV, USER_STATE, class_index, classes_of, node_data, setup, user_part
-from fedunlearn.audit import local_outcome
-from fedunlearn.faults import inject
-from fedunlearn.federated import local_evaluate, local_membership, local_train
-from fedunlearn.messages import (
+from clients.messages import (
     AUDIT_USERS,
     CLASS_SUMS,
     CLOAK_PRODUCTS,
@@ -47,8 +44,11 @@ from fedunlearn.messages import (
     read_array_field,
     read_secure_task,
 )
+from fedunlearn.fl.client import local_evaluate, local_membership, local_train
+from fedunlearn.fl.faults import inject
+from fedunlearn.fl.training import resolve_device
 from fedunlearn.privacy.attrcloak import class_contribution, flatten_users, fourth_power_contribution, null_labels
-from fedunlearn.training import resolve_device
+from fedunlearn.privacy.audit import local_outcome
 
 
 def whoami(msg: Message, context: Context) -> Message:

@@ -18,7 +18,7 @@ import copy
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedunlearn.messages import branch_of, read_drop_branch
+from clients.messages import branch_of, read_drop_branch
 
 PREFIX = "branch:"
 

@@ -8,10 +8,10 @@ from typing import Any, NamedTuple
 import torch
 from flwr.app import Context, Message
 
+from clients.messages import read_instruction, record_to_arrays
 from fedunlearn.config import Config
-from fedunlearn.federated import init_user
-from fedunlearn.federation import ClientData, Federation, cached_federation
-from fedunlearn.messages import read_instruction, record_to_arrays
+from fedunlearn.fl.client import init_user
+from fedunlearn.fl.federation import ClientData, Federation, cached_federation
 from fedunlearn.models import Arrays, SplitModel, build_model
 
 USER_STATE = "user"

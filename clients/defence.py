@@ -14,9 +14,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 
 from clients.common import USER_STATE, class_index, classes_of, node_data, setup, user_part
-from fedunlearn.config import Config
-from fedunlearn.federation import ClientData
-from fedunlearn.messages import (
+from clients.messages import (
     arrays_to_record,
     encode_identity,
     read_array_field,
@@ -25,6 +23,8 @@ from fedunlearn.messages import (
     read_regularised_step,
     record_to_arrays,
 )
+from fedunlearn.config import Config
+from fedunlearn.fl.federation import ClientData
 from fedunlearn.models import SplitModel
 from fedunlearn.privacy.attrcloak import (
     AdamState,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from fedunlearn.errors import FedUnlearnError
+from fedunlearn.unlearning.registry import METHODS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--drop", help='clients leave and ask to be forgotten, e.g. "12,57@20;3@30"')
     run.add_argument("--drop-random", help='seeded random drops, e.g. "5%%@20" or "7@20"')
     run.add_argument(
-        "--method", choices=["retrain", "federaser", "fru", "accum", "ascent", "none"], help="unlearning method"
+        "--method", choices=list(METHODS), help="unlearning method"
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
@@ -97,8 +98,8 @@ def _run(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from fedunlearn.config import load_config
-    from fedunlearn.results import run_folder_of, staged, write_config, write_run
-    from fedunlearn.runner import execute
+    from fedunlearn.runs.results import run_folder_of, staged, write_config, write_run
+    from fedunlearn.runs.runner import execute
 
     overrides = list(args.overrides) + ([f"run.engine={args.engine}"] if args.engine else [])
     overrides += [f"unlearn.method={args.method}"] if args.method else []
@@ -132,7 +133,7 @@ def _run(args: argparse.Namespace) -> None:
         print("unlearning at each drop event (retained users, model right after unlearning):")
         print(table[[c for c in columns if c in table.columns]].to_markdown(index=False, floatfmt=".4f"))
     if outcome.result.privacy is not None:
-        from fedunlearn.report import privacy_summary
+        from fedunlearn.runs.report import privacy_summary
 
         report = outcome.result.privacy
         print(f"attribute privacy ({report.defending} clients defended; audit.csv has every view and attacker):")
@@ -145,7 +146,7 @@ def _toml_string(text: str) -> str:
 
 
 def _experiment(args: argparse.Namespace) -> None:
-    from fedunlearn.experiment import run_experiment
+    from fedunlearn.runs.experiment import run_experiment
 
     table = run_experiment(
         args.file, args.out, args.overrides, show_progress=not args.quiet, jobs=args.jobs, only=args.only,
@@ -161,9 +162,9 @@ def _audit(args: argparse.Namespace) -> None:
     import numpy as np
     import pandas as pd
 
-    from fedunlearn.audit import privacy_table
     from fedunlearn.config import load_config
-    from fedunlearn.federation import build_federation
+    from fedunlearn.fl.federation import build_federation
+    from fedunlearn.privacy.audit import privacy_table
 
     run = Path(args.run_dir)
     if run.name.endswith(".partial") or not (run / "final.json").is_file():

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from fedunlearn.errors import FedUnlearnError
+from fedunlearn.unlearning.registry import METHODS
 
 
 @dataclass
@@ -76,7 +77,7 @@ class EvalConfig:
 
 @dataclass
 class UnlearnConfig:
-    method: str = "none"  # retrain | federaser | fru | accum | ascent | none
+    method: str = "none"  # a name in unlearning.registry.METHODS
     drop: str = ""  # e.g. "12,57@20;3@30": clients leave before that round and ask to be forgotten
     drop_random: str = ""  # e.g. "5%@20" or "7@20": seeded choice among the clients still present
     dt: int = 2  # FedEraser: checkpoint every dt rounds
@@ -125,7 +126,7 @@ class AuditConfig:
     local: bool = True  # also run the local audit (each client, on its own device)
 
 
-# [faults]: kind -> what a faulty client does instead of a well-formed upload (fedunlearn.faults)
+# [faults]: kind -> what a faulty client does instead of a well-formed upload (fedunlearn.fl.faults)
 FAULT_KINDS: dict[str, str] = {
     "exception": "raises an error instead of replying (and keeps nothing of the round)",
     "nan": "one uploaded value is NaN",
@@ -196,7 +197,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "defence.ldp_mechanism": ("gaussian", "laplace"),
     "unlearn.user_parts": ("reset", "keep"),
     "unlearn.history_dtype": ("int8", "float16", "float32"),
-    "unlearn.method": ("retrain", "federaser", "fru", "accum", "ascent", "none"),
+    "unlearn.method": tuple(METHODS),
 }
 
 POSITIVE = {

@@ -1,4 +1,4 @@
-"""Flower ServerApp: discovery, then the shared round loop of fedunlearn.rounds over a FlowerPool.
+"""Flower ServerApp: discovery, then the shared round loop of fedunlearn.fl.rounds over a FlowerPool.
 
 Under `flwr run .` the config comes from `[tool.flwr.app.config]` (a TOML file and `key=value`
 overrides) and the results folder from `out`; `fedunlearn run --engine flower` builds the app with
@@ -13,10 +13,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedunlearn.config import Config, load_config
-from fedunlearn.federation import cached_federation
-from fedunlearn.history import HistoryStore
+from fedunlearn.fl.federation import cached_federation
+from fedunlearn.fl.history import HistoryStore
+from fedunlearn.fl.rounds import FederatedServer, FederationResult
 from fedunlearn.progress import Progress
-from fedunlearn.rounds import FederatedServer, FederationResult
+from fedunlearn.runs.assembly import server_plugins
 from server.pool import FlowerPool
 
 
@@ -30,7 +31,7 @@ def serve(
 ) -> tuple[FederationResult, FlowerPool]:
     federation = cached_federation(config.data, config.run.seed)
     pool = FlowerPool(grid, config, federation.n_clients, keep_replies)
-    server = FederatedServer(config, federation, pool, progress, history, schedule)
+    server = FederatedServer(config, federation, pool, progress, history, schedule, plugins=server_plugins())
     result = server.run()
     if config.audit.enabled:  # as on every engine: audit, defend on the clients, audit again
         from server.audit import audit_on_flower
@@ -77,8 +78,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from fedunlearn.results import staged, write_run
-    from fedunlearn.runner import outcome_info, schedule_and_history
+    from fedunlearn.runs.results import staged, write_run
+    from fedunlearn.runs.runner import outcome_info, schedule_and_history
 
     config, out = _config_from_run_config(context)
     federation = cached_federation(config.data, config.run.seed)

@@ -24,12 +24,12 @@ from __future__ import annotations
 import numpy as np
 
 from fedunlearn.config import Config
-from fedunlearn.federation import Federation
+from fedunlearn.fl.federation import Federation
+from fedunlearn.fl.rounds import FederatedServer, FederationResult
 from fedunlearn.models import Arrays
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import DefenceOutcome, flatten_users
 from fedunlearn.privacy.stage import PrivacyReport, privacy_stage
-from fedunlearn.rounds import FederatedServer, FederationResult
 from server.defence import defend_on_clients
 from server.pool import FlowerPool
 

@@ -45,9 +45,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clients.messages import DefenceStart
 from fedunlearn.config import Config
-from fedunlearn.federation import cached_federation
-from fedunlearn.messages import DefenceStart
+from fedunlearn.fl.federation import cached_federation
 from fedunlearn.models import Arrays
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import AttributeGradient, DefenceOutcome, cloak

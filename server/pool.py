@@ -17,10 +17,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedunlearn.config import Config
-from fedunlearn.federated import ClientEvaluation, ClientUpdate
-from fedunlearn.federation import cached_federation
-from fedunlearn.messages import (
+from clients.messages import (
     AUDIT_USERS,
     CLASS_SUMS,
     CLOAK_PRODUCTS,
@@ -52,12 +49,15 @@ from fedunlearn.messages import (
     instruction,
     secure_task,
 )
+from fedunlearn.config import Config
+from fedunlearn.fl.federation import cached_federation
+from fedunlearn.fl.replies import FAILED, TIMEOUT, Reply
+from fedunlearn.fl.rounds import ProgressHook
+from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models import Arrays
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import AttributeGradient, unpack_class_sums
 from fedunlearn.privacy.gaussian import ClassSums
-from fedunlearn.replies import FAILED, TIMEOUT, Reply
-from fedunlearn.rounds import ProgressHook
 from server.secure_sum import secure_sum
 
 PULL_SECONDS = 0.05
@@ -210,7 +210,7 @@ class FlowerPool:
         return secure_sum(self.grid, nodes, task, bound, self.timeout, self._keep if self.keep_replies else None)
 
     def local_audit(self, attacker: Attacker, clients: list[int]) -> np.ndarray:
-        """The sum over these clients of `fedunlearn.audit.local_outcome`, each run by the client on
+        """The sum over these clients of `fedunlearn.privacy.audit.local_outcome`, each run by the client on
         its own embedding and attribute, through SecAgg+. Counts, so rounded to whole numbers."""
         fields = {"attacker": encode_attacker(attacker), "attribute": attacker.attribute}
         return np.rint(self._secure_sum(clients, secure_task(self.config, LOCAL_AUDIT, **fields), 1.0))

@@ -31,7 +31,7 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from fedunlearn.messages import BOUND
+from clients.messages import BOUND
 
 MODULUS = 2**32
 MAX_QUANTIZATION = 2**28

@@ -9,9 +9,9 @@ import time
 
 from clients.common import SIMULATION_ORACLE_ENV
 from fedunlearn.config import Config
-from fedunlearn.federation import cached_federation
-from fedunlearn.history import HistoryStore
-from fedunlearn.rounds import FederationResult
+from fedunlearn.fl.federation import cached_federation
+from fedunlearn.fl.history import HistoryStore
+from fedunlearn.fl.rounds import FederationResult
 from server.pool import FlowerPool
 
 RAY_START_TRIES = 3

@@ -50,7 +50,7 @@ def simulate_then(config, n_clients, then):
 def assert_no_user_part(replies, user_vectors):
     """No reply carries any of these user vectors (in any row of any array), nor anything but the
     update, metrics and ids."""
-    from fedunlearn.messages import record_to_arrays
+    from clients.messages import record_to_arrays
 
     for content in replies:
         assert set(content.keys()) <= {"update", "metrics", "meta"}

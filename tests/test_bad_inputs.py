@@ -7,7 +7,7 @@ import pytest
 from helpers import TINY
 
 from fedunlearn.cli import main
-from fedunlearn.history import HistoryStore
+from fedunlearn.fl.history import HistoryStore
 
 SMALL = [part for setting in TINY + ["train.rounds=2"] for part in ("--set", setting)]
 TOO_LONG = "x" * 300

@@ -9,20 +9,23 @@ import pytest
 import torch
 from helpers import TINY
 
-from fedunlearn import batched
-from fedunlearn.aggregation import aggregate
-from fedunlearn.batched import Adam, BatchedPool, BatchedTrainer, Workspace, client_losses
 from fedunlearn.config import load_config
-from fedunlearn.engine import InProcessPool, chaotic_under_reordering, choose_engine
-from fedunlearn.federated import plan_local_training
-from fedunlearn.federation import build_federation
-from fedunlearn.history import HistoryPolicy, HistoryStore
+from fedunlearn.engines import batched
+from fedunlearn.engines.batched import Adam, BatchedPool, BatchedTrainer, Workspace, client_losses
+from fedunlearn.engines.choice import chaotic_under_reordering, choose_engine
+from fedunlearn.engines.inprocess import InProcessPool
+from fedunlearn.fl.aggregation import aggregate
+from fedunlearn.fl.client import plan_local_training
+from fedunlearn.fl.federation import build_federation
+from fedunlearn.fl.history import HistoryStore
+from fedunlearn.fl.rounds import FederatedServer
+from fedunlearn.fl.schedule import build_schedule
+from fedunlearn.fl.training import recommendation_loss
 from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
-from fedunlearn.rounds import FederatedServer
-from fedunlearn.schedule import build_schedule
+from fedunlearn.runs.assembly import server_plugins
 from fedunlearn.seeding import Stream, rng_for
-from fedunlearn.training import recommendation_loss
+from fedunlearn.unlearning.methods import history_policy
 
 SMALL = TINY + ["data.synthetic_users=16", "train.rounds=4", "eval.every=1", "train.fraction=0.6"]
 TOLERANCE = 1e-4  # absolute, on parameters of size ~0.1-1: float-order noise that Adam amplifies a little per round
@@ -35,10 +38,10 @@ def run(pool_class, overrides, tmp_path=None, drop=""):
     history = None
     if drop:
         path = tmp_path / f"{pool_class.__name__}.sqlite"
-        history = HistoryStore(path, HistoryPolicy.for_method(config.unlearn))
+        history = HistoryStore(path, history_policy(config.unlearn))
     pool = pool_class(config, federation)
     server = FederatedServer(
-        config, federation, pool, Progress(1, False), history, schedule
+        config, federation, pool, Progress(1, False), history, schedule, plugins=server_plugins()
     )
     return server.run(), pool
 

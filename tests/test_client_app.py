@@ -7,10 +7,7 @@ from helpers import TINY
 
 from clients.app import app
 from clients.common import SIMULATION_ORACLE_ENV, USER_STATE
-from fedunlearn.config import load_config
-from fedunlearn.engine import InProcessPool
-from fedunlearn.federation import build_federation
-from fedunlearn.messages import (
+from clients.messages import (
     AUDIT_USERS,
     TRAIN,
     WHOAMI,
@@ -21,6 +18,9 @@ from fedunlearn.messages import (
     instruction,
     record_to_arrays,
 )
+from fedunlearn.config import load_config
+from fedunlearn.engines.inprocess import InProcessPool
+from fedunlearn.fl.federation import build_federation
 
 
 @pytest.fixture(autouse=True)

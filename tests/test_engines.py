@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 from helpers import TINY, assert_no_user_part
 
+from clients.messages import AUDIT_USERS
 from fedunlearn.config import load_config
-from fedunlearn.engine import InProcessPool
-from fedunlearn.federation import build_federation
-from fedunlearn.messages import AUDIT_USERS
+from fedunlearn.engines.inprocess import InProcessPool
+from fedunlearn.fl.federation import build_federation
+from fedunlearn.fl.rounds import FederatedServer
 from fedunlearn.progress import Progress
-from fedunlearn.rounds import FederatedServer
+from fedunlearn.runs.assembly import server_plugins
 
 SMALL = TINY + [
     "train.rounds=2",
@@ -22,7 +23,7 @@ def run_inprocess(overrides):
     config = load_config(None, SMALL + overrides)
     federation = build_federation(config.data, config.run.seed)
     pool = InProcessPool(config, federation)
-    server = FederatedServer(config, federation, pool, Progress(1, False))
+    server = FederatedServer(config, federation, pool, Progress(1, False), plugins=server_plugins())
     return server.run(), pool
 
 
@@ -53,7 +54,7 @@ def test_flower_path_equals_inprocess_runner_and_never_uploads_a_user_embedding(
         np.testing.assert_array_equal(result.shared[key], expected.shared[key])
 
     # every reply any client sent, searched for any user embedding (as held at the end and as initialised)
-    from fedunlearn.federated import init_user
+    from fedunlearn.fl.client import init_user
 
     user_vectors = [v for state in pool.user_state.values() for v in state.values()]
     initial = (init_user(pool.model, config.run.seed, client) for client in pool.federation.client_ids)
@@ -66,7 +67,7 @@ def test_flower_path_equals_inprocess_runner_and_never_uploads_a_user_embedding(
 
 
 def test_client_sampling_does_not_depend_on_who_else_is_in_the_federation():
-    from fedunlearn.rounds import sample_clients
+    from fedunlearn.fl.rounds import sample_clients
 
     ids = [str(i) for i in range(1, 401)]
     full = {ids[i] for i in sample_clients(3, 7, ids, 0.25)}
@@ -79,7 +80,7 @@ def test_client_sampling_does_not_depend_on_who_else_is_in_the_federation():
 
 @pytest.mark.flower
 def test_unlearning_runs_its_calibration_through_flower_with_the_same_numbers(tmp_path):
-    from fedunlearn.history import HistoryPolicy, HistoryStore
+    from fedunlearn.fl.history import HistoryPolicy, HistoryStore
     from server.simulation import run_flower
 
     overrides = ["unlearn.method=federaser", "train.rounds=5", "eval.every=5", "train.fraction=1"]
@@ -89,7 +90,7 @@ def test_unlearning_runs_its_calibration_through_flower_with_the_same_numbers(tm
     pool = InProcessPool(config, federation)
     history = HistoryStore(tmp_path / "a.sqlite", HistoryPolicy())
     args = (config, federation, pool, Progress(1, False), history, schedule)
-    expected = FederatedServer(*args).run()
+    expected = FederatedServer(*args, plugins=server_plugins()).run()
     result, _ = run_flower(config, history=HistoryStore(tmp_path / "b.sqlite", HistoryPolicy()), schedule=schedule)
     for key in expected.shared:
         np.testing.assert_array_equal(result.shared[key], expected.shared[key])

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedunlearn.experiment import load_settings, run_experiment
+from fedunlearn.runs.experiment import load_settings, run_experiment
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 

@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedunlearn.aggregation import aggregate
 from fedunlearn.config import Config, ModelConfig, TrainConfig
-from fedunlearn.federated import ClientUpdate, init_user, local_evaluate, local_train
-from fedunlearn.federation import ClientData
+from fedunlearn.fl.aggregation import aggregate
+from fedunlearn.fl.client import init_user, local_evaluate, local_train
+from fedunlearn.fl.federation import ClientData
+from fedunlearn.fl.updates import ClientUpdate
 from fedunlearn.models import MF, NCF, build_model
 
 CPU = torch.device("cpu")
@@ -36,7 +37,7 @@ def test_row_wise_weighted_mean_over_the_clients_that_touched_each_row():
 
 
 def test_the_packed_aggregate_equals_the_per_client_loop_to_the_bit_whatever_the_arrival_order():
-    from fedunlearn.aggregation import aggregate_delta
+    from fedunlearn.fl.aggregation import aggregate_delta
 
     rng = np.random.default_rng(3)
     model = build_model(ModelConfig(name="ncf", dim=4, mlp_layers=[8]), n_items=30)
@@ -138,7 +139,7 @@ def test_full_ranking_excludes_the_users_own_items():
 
 
 def test_validation_item_is_ranked_against_the_same_negatives_without_the_test_item():
-    from fedunlearn.federated import rank_held_out
+    from fedunlearn.fl.client import rank_held_out
 
     scores = np.zeros(30)
     scores[[0, 2, 3]] = 5.0  # three negatives above everything
@@ -162,7 +163,7 @@ def test_a_fraction_of_an_epoch_trains_on_that_share_of_the_examples():
 
 
 def test_fru_sampler_draws_a_beta_share_from_the_informative_pool():
-    from fedunlearn.training import informative_pool, sample_informative_negatives
+    from fedunlearn.fl.training import informative_pool, sample_informative_negatives
 
     items = np.zeros((20, 2), np.float32)
     items[[3, 4]] = [5, 0]  # close to the user

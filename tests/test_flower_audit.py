@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from helpers import TINY, assert_privacy_tables_match, assert_vectors_absent, run_cli
 
-from fedunlearn.messages import AUDIT_USERS
+from clients.messages import AUDIT_USERS
 
 pytestmark = [pytest.mark.flower, pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")]
 

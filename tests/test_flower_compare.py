@@ -8,11 +8,7 @@ from flwr.app import Context, Message, RecordDict
 from helpers import TINY, assert_no_user_part
 
 from clients.common import USER_STATE
-from fedunlearn.config import load_config
-from fedunlearn.engine import InProcessPool
-from fedunlearn.federation import build_federation
-from fedunlearn.history import HistoryPolicy, HistoryStore
-from fedunlearn.messages import (
+from clients.messages import (
     AUDIT_USERS,
     DROP_BRANCH,
     FORGET,
@@ -22,9 +18,15 @@ from fedunlearn.messages import (
     instruction,
     record_to_arrays,
 )
+from fedunlearn.config import load_config
+from fedunlearn.engines.inprocess import InProcessPool
+from fedunlearn.fl.federation import build_federation
+from fedunlearn.fl.history import HistoryStore
+from fedunlearn.fl.rounds import FederatedServer
 from fedunlearn.progress import Progress
-from fedunlearn.rounds import FederatedServer
-from fedunlearn.unlearning import METHODS
+from fedunlearn.runs.assembly import server_plugins
+from fedunlearn.unlearning.methods import history_policy
+from fedunlearn.unlearning.registry import METHODS
 
 COMPARE = TINY + ["train.rounds=5", "eval.every=5", "train.fraction=0.5", "unlearn.method=federaser"]
 
@@ -81,9 +83,9 @@ def _inprocess(config, federation, schedule, history_path):
     forks = []
     fork = pool.fork
     pool.fork = lambda: forks.append(fork()) or forks[-1]
-    history = HistoryStore(history_path, HistoryPolicy.for_method(config.unlearn))
+    history = HistoryStore(history_path, history_policy(config.unlearn))
     args = (config, federation, pool, Progress(1, False), history, schedule)
-    return FederatedServer(*args).run(), [pool, *forks]
+    return FederatedServer(*args, plugins=server_plugins()).run(), [pool, *forks]
 
 
 @pytest.mark.flower
@@ -96,7 +98,7 @@ def test_flower_compare_gives_the_inprocess_table_and_leaves_the_run_untouched(t
     expected, pools = _inprocess(config, federation, schedule, tmp_path / "a.sqlite")
     plain_config = load_config(None, COMPARE)
     plain, _ = _inprocess(plain_config, federation, schedule, tmp_path / "b.sqlite")
-    history = HistoryStore(tmp_path / "c.sqlite", HistoryPolicy.for_method(config.unlearn))
+    history = HistoryStore(tmp_path / "c.sqlite", history_policy(config.unlearn))
     result, flower_pool = run_flower(config, keep_replies=True, history=history, schedule=schedule)
 
     assert [row["method"] for row in result.comparison] == list(METHODS)

@@ -21,12 +21,13 @@ import pytest
 from helpers import TINY, assert_no_secret_in, simulate_then
 
 from fedunlearn.config import load_config
-from fedunlearn.engine import InProcessPool
-from fedunlearn.federation import build_federation
+from fedunlearn.engines.inprocess import InProcessPool
+from fedunlearn.fl.federation import build_federation
+from fedunlearn.fl.rounds import FederatedServer
 from fedunlearn.privacy.attrcloak import DataRetention, attrcloak, flatten_users, null_labels
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.progress import Progress
-from fedunlearn.rounds import FederatedServer
+from fedunlearn.runs.assembly import server_plugins
 from server.pool import CLASS_SUMS_BOUND, PRODUCTS_BOUND
 from server.secure_sum import resolution
 
@@ -74,7 +75,7 @@ def run():
 
     flower = simulate_then(config, federation.n_clients, after_training)
     pool = InProcessPool(config, federation)
-    expected = FederatedServer(config, federation, pool, Progress(1, False)).run()
+    expected = FederatedServer(config, federation, pool, Progress(1, False), plugins=server_plugins()).run()
     return flower | {"config": config, "federation": federation, "classes": classes, "expected": expected,
                      "attributes": attributes, "model": pool.model}  # fmt: skip
 

@@ -23,7 +23,7 @@ from helpers import TINY, assert_no_secret_in, simulate_then
 from sklearn.linear_model import LogisticRegression
 
 from fedunlearn.config import load_config
-from fedunlearn.federation import build_federation
+from fedunlearn.fl.federation import build_federation
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import flatten_users
 from fedunlearn.privacy.baselines import regularised_defence

@@ -39,7 +39,7 @@ def test_ndcg_matches_scikit_learn():
 
 
 def test_best_valid_selection_picks_by_validation_not_test():
-    from fedunlearn.rounds import select_final
+    from fedunlearn.fl.rounds import select_final
 
     rows = [
         {"round": 5, "valid_HR@10": 0.5, "HR@10": 0.9},

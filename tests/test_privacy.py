@@ -376,9 +376,9 @@ def test_d2d_client_gradients_equal_autograd_of_the_central_mmd():
 
 
 def test_pseudo_items_hide_the_touched_set_and_ldp_clips_before_adding_noise():
-    from fedunlearn.federated import ClientUpdate
+    from fedunlearn.fl.updates import ClientUpdate
+    from fedunlearn.fl.uploads import pad_pseudo_items, privatize
     from fedunlearn.privacy.upload_attack import upload_view
-    from fedunlearn.privacy.uploads import pad_pseudo_items, privatize
 
     rows = np.arange(12, dtype=np.float32).reshape(4, 3)
     update = ClientUpdate("u", 4, np.array([1, 5, 6, 9]), {"item_emb": rows}, {"w": np.ones(2, np.float32)}, 0.0)
@@ -401,8 +401,8 @@ def test_pseudo_items_hide_the_touched_set_and_ldp_clips_before_adding_noise():
 @pytest.mark.parametrize("model", ["mf", "ncf"])
 def test_one_upload_gives_away_the_clients_positives_and_for_mf_its_embeddings_direction(model):
     from fedunlearn.config import load_config
-    from fedunlearn.engine import InProcessPool
-    from fedunlearn.federation import build_federation
+    from fedunlearn.engines.inprocess import InProcessPool
+    from fedunlearn.fl.federation import build_federation
     from fedunlearn.privacy.attrcloak import flatten_users
     from fedunlearn.privacy.upload_attack import recovery_score, upload_view
 
@@ -421,7 +421,7 @@ def test_one_upload_gives_away_the_clients_positives_and_for_mf_its_embeddings_d
     if model == "mf":  # the row changes are +-u: their top singular vector is u's direction (measured 0.80)
         assert score.cosine > 0.6
     if model == "mf":  # pseudo-items against the attack: a Gaussian fit barely moves it, mimicked rows do
-        from fedunlearn.privacy.uploads import pad_pseudo_items
+        from fedunlearn.fl.uploads import pad_pseudo_items
 
         for rows_like, low, high in (("gaussian", 0.85, 1.0), ("mimic", 0.4, 0.6)):
             rng = np.random.default_rng(7)
@@ -506,8 +506,8 @@ def test_an_attribute_with_one_attackable_value_is_skipped_with_a_notice(capsys)
     clients: no attacker can learn anything, and sklearn/XGBoost would disagree on the class count."""
     import pandas as pd
 
-    from fedunlearn.audit import global_audit
     from fedunlearn.config import AuditConfig
+    from fedunlearn.privacy.audit import global_audit
 
     attributes = pd.DataFrame({"gender": list("FFFMMM"), "age": ["18", "18", "25", "35", "45", "56"]})
     features = np.random.default_rng(0).normal(size=(6, 4))

@@ -6,9 +6,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fedunlearn.federated import ClientEvaluation, ClientUpdate
+from fedunlearn.fl.replies import Reply, ReplyLimits, check_replies
+from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models import MF
-from fedunlearn.replies import Reply, ReplyLimits, check_replies
 
 IDS = ["a", "b", "c", "d"]
 MODEL = MF(n_items=10, dim=3, init_std=0.1)

@@ -12,9 +12,9 @@ import time
 import pytest
 from helpers import TINY
 
-import fedunlearn.results
+import fedunlearn.runs.results
+import fedunlearn.unlearning.federaser as federaser_module
 from fedunlearn.cli import main
-from fedunlearn.unlearning import METHODS
 
 SETTINGS = TINY + ["data.synthetic_users=30", "train.rounds=8", "eval.every=2"]
 DROP = ["unlearn.drop_random=3@5", "unlearn.method=federaser", "unlearn.dt=2"]
@@ -73,14 +73,14 @@ def test_kill_9_then_resume_gives_the_uninterrupted_numbers(tmp_path, engine):
 def test_a_kill_inside_the_unlearning_event_leaves_no_half_event(tmp_path, monkeypatch):
     settings = [*SETTINGS, *DROP]
     assert run(tmp_path / "reference", settings) == 0
-    federaser = METHODS["federaser"]
+    federaser = federaser_module.federaser
 
     def killed_halfway(server, round_number, forgotten):
         history = server.history
         history.put_checkpoint(3, {k: v * 0 for k, v in history.checkpoint(3).items()})  # a half calibration
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(METHODS, "federaser", killed_halfway)
+    monkeypatch.setattr(federaser_module, "federaser", killed_halfway)  # what load_methods finds
     out = tmp_path / "killed"
     assert run(out, settings) == 130
     partial = out.with_name("killed.partial")
@@ -90,7 +90,7 @@ def test_a_kill_inside_the_unlearning_event_leaves_no_half_event(tmp_path, monke
     stored = {c for (c,) in history.execute("SELECT DISTINCT client_id FROM participation")}
     assert set(leaving) <= stored  # their rows are still there: they have not left yet
     history.close()
-    monkeypatch.setitem(METHODS, "federaser", federaser)
+    monkeypatch.setattr(federaser_module, "federaser", federaser)
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     assert_same_run(out, tmp_path / "reference")
     history = sqlite3.connect(out / "history.sqlite")
@@ -101,17 +101,17 @@ def test_a_kill_inside_the_unlearning_event_leaves_no_half_event(tmp_path, monke
 
 def test_a_kill_while_publishing_is_finished_by_resume(tmp_path, monkeypatch):
     assert run(tmp_path / "reference", SETTINGS) == 0
-    publish = fedunlearn.results.publish
+    publish = fedunlearn.runs.results.publish
 
     def killed_after_rename(staging):
         staging.folder.rename(staging.out)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fedunlearn.results, "publish", killed_after_rename)
+    monkeypatch.setattr(fedunlearn.runs.results, "publish", killed_after_rename)
     out = tmp_path / "killed"
     assert run(out, SETTINGS) == 130
     assert out.is_dir() and not (out / "final.json").exists()  # renamed, but not finished
-    monkeypatch.setattr(fedunlearn.results, "publish", publish)
+    monkeypatch.setattr(fedunlearn.runs.results, "publish", publish)
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     assert_same_run(out, tmp_path / "reference")
 
@@ -152,7 +152,7 @@ def test_an_interrupted_folder_is_never_deleted_or_overwritten_and_a_live_one_is
     assert run(out, SETTINGS) == 2
     assert "holds an interrupted run: continue it with fedunlearn run --resume" in capsys.readouterr().err
     assert (partial / "my-notes.txt").read_text() == "keep me"
-    holder = fedunlearn.results.lock_folder(partial)  # another process writing it now
+    holder = fedunlearn.runs.results.lock_folder(partial)  # another process writing it now
     try:
         assert run(out, SETTINGS) == 2
         assert "another fedunlearn process is writing" in capsys.readouterr().err

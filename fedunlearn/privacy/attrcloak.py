@@ -30,10 +30,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fedunlearn.fl.training import recommendation_loss, sample_negatives
 from fedunlearn.models import Arrays, SplitModel
 from fedunlearn.privacy.gaussian import ClassSums, ledoit_wolf_shrinkage, moments, shrink, shrink_gradient, weighted_kl
 from fedunlearn.seeding import Stream, client_key, client_uniforms, rng_for
-from fedunlearn.training import recommendation_loss, sample_negatives
 
 AttributeGradient = tuple[torch.Tensor, torch.Tensor]  # dL_j/dsums (K, d), symmetrised dL_j/douters (K, d, d)
 

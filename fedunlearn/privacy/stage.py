@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from fedunlearn.audit import attribute_labels, audited_attributes, privacy_table
 from fedunlearn.config import Config, DefenceConfig
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.federation import Federation
+from fedunlearn.fl.federation import Federation
 from fedunlearn.models import Arrays, SplitModel
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import (
@@ -30,6 +29,7 @@ from fedunlearn.privacy.attrcloak import (
     flatten_users,
     unflatten_users,
 )
+from fedunlearn.privacy.audit import attribute_labels, audited_attributes, privacy_table
 from fedunlearn.privacy.baselines import regularised_defence
 from fedunlearn.privacy.upload_attack import RecoveryScore, recovery_score
 

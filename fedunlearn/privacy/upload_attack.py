@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedunlearn.federated import ClientUpdate
+from fedunlearn.fl.updates import ClientUpdate
 from fedunlearn.models import Arrays
 
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from fedunlearn.models import Arrays
-from fedunlearn.unlearning.federaser import require_history
-
-if TYPE_CHECKING:
-    from fedunlearn.rounds import FederatedServer
+from fedunlearn.unlearning.context import UnlearningServer, require_history
 
 
-def accum(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
+def accum(server: UnlearningServer, round_number: int, forgotten: list[int]) -> Arrays:
     history = require_history(server, "accum")
     checkpoints = [c for c in history.checkpoint_rounds() if c < round_number]
     retained = {server.client_ids[i] for i in server.active}

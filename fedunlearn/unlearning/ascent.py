@@ -5,14 +5,9 @@ its influence and no more."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from fedunlearn.federated import ClientUpdate, rescale_tensors
+from fedunlearn.fl.updates import ClientUpdate, rescale_tensors
 from fedunlearn.models import Arrays
-from fedunlearn.unlearning.federaser import require_history
-
-if TYPE_CHECKING:
-    from fedunlearn.rounds import FederatedServer
+from fedunlearn.unlearning.context import UnlearningServer, require_history
 
 
 def project(update: ClientUpdate, radius: dict[str, float]) -> ClientUpdate:
@@ -20,7 +15,7 @@ def project(update: ClientUpdate, radius: dict[str, float]) -> ClientUpdate:
     return rescale_tensors(update, radius, only_down=True, per_row=True)
 
 
-def ascent(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
+def ascent(server: UnlearningServer, round_number: int, forgotten: list[int]) -> Arrays:
     history = require_history(server, "ascent")
     last_round = {}  # each leaving client's last round; one that never trained left nothing to undo
     for past in history.rounds():

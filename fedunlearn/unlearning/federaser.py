@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from fedunlearn.federated import ClientUpdate, rescale_tensors
-from fedunlearn.history import HistoryStore
+from fedunlearn.fl.updates import ClientUpdate, rescale_tensors
 from fedunlearn.models import Arrays
-
-if TYPE_CHECKING:
-    from fedunlearn.rounds import FederatedServer
+from fedunlearn.unlearning.context import UnlearningServer, require_history
 
 
 def calibrate(update: ClientUpdate, stored_sizes: dict[str, float]) -> ClientUpdate:
@@ -19,13 +14,7 @@ def calibrate(update: ClientUpdate, stored_sizes: dict[str, float]) -> ClientUpd
     return rescale_tensors(update, stored_sizes, per_row=True)
 
 
-def require_history(server: FederatedServer, method: str) -> HistoryStore:
-    if server.history is None:
-        raise RuntimeError(f"{method} needs the update history, but this run keeps none")
-    return server.history
-
-
-def federaser(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
+def federaser(server: UnlearningServer, round_number: int, forgotten: list[int]) -> Arrays:
     """From the first checkpoint M(t1), apply the retained clients' stored updates of t1; at each
     later checkpoint tj the retained participants train r * E epochs from the calibrated model and
     their updates are rescaled to the step sizes stored for tj. If a later event will read the

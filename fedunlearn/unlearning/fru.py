@@ -5,20 +5,16 @@ short local training, each round's item-table aggregate rescaled to the step siz
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedunlearn.aggregation import PackedUpdates, apply_delta, packed_delta
-from fedunlearn.federated import ClientUpdate, step_size
+from fedunlearn.fl.aggregation import PackedUpdates, apply_delta, packed_delta
+from fedunlearn.fl.updates import ClientUpdate, step_size
 from fedunlearn.models import Arrays
-from fedunlearn.unlearning.federaser import require_history
-
-if TYPE_CHECKING:
-    from fedunlearn.rounds import FederatedServer
+from fedunlearn.unlearning.context import UnlearningServer, require_history
 
 
-def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
+def fru(server: UnlearningServer, round_number: int, forgotten: list[int]) -> Arrays:
     """Roll back to the latest checkpoint at or before the first round any leaving client took part
     in (checkpoints are kept every `unlearn.dt` rounds from round 1), then replay every later round
     with its participants less the leaving clients, each training `lam * E` epochs from the replayed
@@ -55,7 +51,7 @@ def fru(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arr
 
 
 def replay_step(
-    server: FederatedServer, shared: Arrays, fresh: list[ClientUpdate], stored: PackedUpdates
+    server: UnlearningServer, shared: Arrays, fresh: list[ClientUpdate], stored: PackedUpdates
 ) -> tuple[Arrays, dict[str, float]]:
     """The replayed round's step and the factor each item table was given.
 

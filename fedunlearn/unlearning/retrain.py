@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from fedunlearn.models import Arrays
-
-if TYPE_CHECKING:
-    from fedunlearn.rounds import FederatedServer
+from fedunlearn.unlearning.context import UnlearningServer
 
 
-def retrain(server: FederatedServer, round_number: int, forgotten: list[int]) -> Arrays:
+def retrain(server: UnlearningServer, round_number: int, forgotten: list[int]) -> Arrays:
     """Rounds 1 .. round_number-1 again from the initial parameters, every remaining client starting
     from a fresh user part; client draws are keyed by client id, so each round samples exactly the
     clients the original round sampled, less the forgotten ones. The history is rewritten if a later

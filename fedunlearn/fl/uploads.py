@@ -19,7 +19,7 @@ from dataclasses import replace
 import numpy as np
 
 from fedunlearn.config import DefenceConfig
-from fedunlearn.federated import ClientUpdate
+from fedunlearn.fl.updates import ClientUpdate
 
 
 def pad_pseudo_items(

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedunlearn.aggregation import aggregate_delta
-from fedunlearn.federated import ClientUpdate
+from fedunlearn.fl.aggregation import aggregate_delta
+from fedunlearn.fl.updates import ClientUpdate
 from fedunlearn.models import Arrays, SplitModel
 
 CHUNK_VALUES = 2**24  # float64 values held at once (clients x rows x d)

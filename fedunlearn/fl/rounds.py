@@ -11,7 +11,7 @@ import copy
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,21 +19,35 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedunlearn.aggregation import apply_delta
-from fedunlearn.checkpoint import Checkpoint, prefixed, unprefixed
 from fedunlearn.config import Config, audits_privacy
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.federated import ClientEvaluation, ClientUpdate, max_examples, rescale_tensors
-from fedunlearn.federation import Federation
-from fedunlearn.history import HistoryStore
+from fedunlearn.fl.aggregation import apply_delta
+from fedunlearn.fl.checkpoint import Checkpoint, prefixed, unprefixed
+from fedunlearn.fl.client import max_examples
+from fedunlearn.fl.comparison import compare_with_retrain
+from fedunlearn.fl.federation import Federation
+from fedunlearn.fl.history import HistoryStore
+from fedunlearn.fl.replies import Reply, ReplyLimits, check_replies, median_norms
+from fedunlearn.fl.robust import server_delta
+from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate, rescale_tensors
 from fedunlearn.metrics import hit_ratio, ranking_metrics
 from fedunlearn.models import Arrays, SplitModel, build_model
 from fedunlearn.progress import Progress
-from fedunlearn.replies import Reply, ReplyLimits, check_replies, median_norms
-from fedunlearn.robust import server_delta
 from fedunlearn.seeding import Stream, client_uniforms, rng_for
 
 ProgressHook = Callable[[int], None]
+Unlearner = Callable[["FederatedServer", int, list[int]], Arrays]  # (server, round, forgotten) -> shared
+UploadReader = Callable[[list[ClientUpdate], dict[str, int], int, int, tuple[str, ...]], Arrays]
+
+
+@dataclass(frozen=True)
+class ServerPlugins:
+    """What the layers above lend the round loop, which knows none of them: the unlearning methods by
+    name (`unlearning.methods.load_methods`), and the audit's reading of the last round's uploads
+    (`privacy.upload_attack.upload_view`: uploads, client positions, clients, items, row tables)."""
+
+    methods: Mapping[str, Unlearner] = field(default_factory=dict)
+    read_uploads: UploadReader | None = None
 
 
 class ClientPool(Protocol):
@@ -164,8 +178,10 @@ class FederatedServer:
         history: HistoryStore | None = None,
         schedule: dict[int, list[str]] | None = None,
         checkpoint: Checkpoint | None = None,
+        plugins: ServerPlugins | None = None,
     ) -> None:
         self.config = config
+        self.plugins = plugins or ServerPlugins()
         client_ids, n_items = federation.client_ids, federation.n_items
         self.client_ids = client_ids
         self.position = {client_id: index for index, client_id in enumerate(client_ids)}
@@ -287,10 +303,11 @@ class FederatedServer:
             self.pool.forget(self.active)
 
     def upload_view(self, updates: list[ClientUpdate]) -> Arrays:
-        """What a curious server keeps of each upload for the audit (privacy.upload_attack.upload_view)."""
-        from fedunlearn.privacy.upload_attack import upload_view
-
-        return upload_view(updates, self.position, len(self.client_ids), self.model.n_items, self.model.row_keys)
+        """What a curious server keeps of each upload for the audit (plugins.read_uploads)."""
+        if self.plugins.read_uploads is None:
+            raise FedUnlearnError("audit.uploads needs the server built with the audit's upload reader")
+        read = self.plugins.read_uploads
+        return read(updates, self.position, len(self.client_ids), self.model.n_items, self.model.row_keys)
 
     def evaluate(self) -> dict[str, float]:
         replies = self.pool.evaluate(self.active, self.shared, lambda _: None)
@@ -317,9 +334,9 @@ class FederatedServer:
     def unlearn(self, round_number: int, leaving: list[str], method: str | None = None) -> None:
         """Unlearn the leaving clients with `method` (default: the configured one) and record the
         event; their state on the clients' side is deleted, the history is left to the caller."""
-        from fedunlearn.unlearning import METHODS
-
         method = method or self.config.unlearn.method
+        if method not in self.plugins.methods:
+            raise FedUnlearnError(f"unlearning method {method!r} was not given to the server (ServerPlugins.methods)")
         forgotten = [self.position[c] for c in leaving]
         self.active = [i for i in self.active if i not in set(forgotten)]
         self.handled = round_number
@@ -327,7 +344,7 @@ class FederatedServer:
         started, epochs_before, steps_before = time.perf_counter(), self.client_epochs, self.optimizer_steps
         took_part = self.history is None or bool(set(leaving) & self.history.client_ids())
         if took_part:  # clients that never trained left nothing to erase: every method is a no-op
-            self.shared = METHODS[method](self, round_number, forgotten)
+            self.shared = self.plugins.methods[method](self, round_number, forgotten)
         require_finite(self.shared, f"in {method} unlearning before round {round_number}")
         seconds, client_epochs = time.perf_counter() - started, self.client_epochs - epochs_before
         membership = self._membership(forgotten)  # before their state is deleted
@@ -363,15 +380,12 @@ class FederatedServer:
         history copied), with speedup and distance to Retrain: one block of the unlearning table.
         At a later event the copies start from the run's state, i.e. after the configured method
         handled the earlier events; Retrain's row retrains without every client removed so far."""
-        from fedunlearn.audit import compare_with_retrain
-        from fedunlearn.unlearning import METHODS
-
         if self.history is None:
             raise FedUnlearnError("unlearn.compare needs a drop schedule (unlearn.drop or unlearn.drop_random)")
         rows, unlearned = [], []
         removed_so_far = sum(len(event["clients"]) for event in self.events)
         with tempfile.TemporaryDirectory() as scratch:
-            for method in METHODS:
+            for method in self.plugins.methods:
                 twin = copy.copy(self)
                 twin.pool = self.pool.fork()
                 twin.handled = round_number

@@ -5,7 +5,7 @@ injects the same faults and a rerun injects them again. The fault is applied on 
 the upload it has just computed: a corrupted or late upload leaves the client with its new user part
 (as a device whose reply is lost or corrupted on the way), an `exception` leaves it with nothing of
 the round (as a Flower client whose handler raises: its state is not saved). The server must catch
-every kind (fedunlearn.replies).
+every kind (fedunlearn.fl.replies).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import replace
 import numpy as np
 
 from fedunlearn.config import Config, FaultsConfig
-from fedunlearn.federated import ClientUpdate
-from fedunlearn.replies import FAILED, Reply
+from fedunlearn.fl.replies import FAILED, Reply
+from fedunlearn.fl.updates import ClientUpdate
 from fedunlearn.seeding import Stream, client_uniforms
 
 HUGE = 1e6  # huge_norm: the rows are scaled by this (the kinds: config.FAULT_KINDS)

@@ -18,7 +18,7 @@ in `policy.dtype` (int8 with one float32 scale per row by default: a quarter of 
 checkpoints stay float32), so a round is
 written and read with one query each and decoded with `np.frombuffer`.
 
-Writes run in the server's transaction (fedunlearn.database): a round, or a drop event with the round
+Writes run in the server's transaction (fedunlearn.fl.database): a round, or a drop event with the round
 after it, is stored whole or not at all, together with the resume checkpoint.
 """
 
@@ -30,11 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fedunlearn.aggregation import PackedUpdates
-from fedunlearn.config import UnlearnConfig
-from fedunlearn.database import Database
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.federated import ClientUpdate, step_sizes
+from fedunlearn.fl.aggregation import PackedUpdates
+from fedunlearn.fl.database import Database
+from fedunlearn.fl.updates import ClientUpdate, step_sizes
 from fedunlearn.models import Arrays
 
 FULL, COMPACT = "full", "compact"
@@ -60,20 +59,6 @@ class HistoryPolicy:
     compact: bool = False  # keep FRU's compact updates every round
     alpha: float = 0.5  # FRU: share of touched rows kept
     dtype: str = "int8"  # stored update tensors (checkpoints are always float32)
-
-    @classmethod
-    def for_method(cls, unlearn: UnlearnConfig) -> HistoryPolicy:
-        """Only what the chosen method reads (participation and step sizes are always kept); `compare`
-        tries every method, so it keeps everything."""
-        method, everything = unlearn.method, unlearn.compare
-        return cls(
-            checkpoint_every=unlearn.dt,
-            checkpoints=everything or method in ("federaser", "accum", "fru"),
-            full_updates="every" if everything or method == "accum" else "first" if method == "federaser" else "none",
-            compact=everything or method == "fru",
-            alpha=unlearn.alpha,
-            dtype=unlearn.history_dtype,
-        )
 
 
 def _raw(array: np.ndarray) -> tuple[str, str, bytes]:

@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedunlearn.audit import compare_with_retrain
 from fedunlearn.config import Config, apply_mapping, load_overrides, read_toml, validate
 from fedunlearn.errors import FedUnlearnError
+from fedunlearn.fl.comparison import compare_with_retrain
+from fedunlearn.fl.rounds import COMPARED
 from fedunlearn.models import Arrays
-from fedunlearn.results import FINAL, lock_folder, partial_of, staged, unlock, write_config, write_run
-from fedunlearn.rounds import COMPARED
-from fedunlearn.runner import RunOutcome, execute
+from fedunlearn.runs.results import FINAL, lock_folder, partial_of, staged, unlock, write_config, write_run
+from fedunlearn.runs.runner import RunOutcome, execute
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -190,7 +190,7 @@ def run_experiment(
         table.to_csv(folder / "table.csv", index=False)
         (folder / "table.md").write_text(markdown(table) + "\n")
         if "balanced_accuracy" in table.columns:
-            from fedunlearn.report import plot_tradeoff
+            from fedunlearn.runs.report import plot_tradeoff
 
             plot_tradeoff(table[table["audit"].notna()], folder / "tradeoff.png", label="setting")
     finally:

@@ -19,7 +19,7 @@ import tomli_w
 
 from fedunlearn.config import Config
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.rounds import FederationResult
+from fedunlearn.fl.rounds import FederationResult
 
 LOCK = ".lock"  # held (flock) by the process writing the folder
 FINAL = "final.json"  # written last, into the renamed folder: its presence means finished
@@ -111,7 +111,7 @@ def staged(out: str | Path, resume: bool = False) -> Iterator[Staging]:
 
 def publish(staging: Staging) -> None:
     """Rename the folder to `out`, write final.json last and atomically, drop the resume files."""
-    from fedunlearn.checkpoint import RESUME_FILE
+    from fedunlearn.fl.checkpoint import RESUME_FILE
 
     if staging.folder != staging.out:
         staging.folder.rename(staging.out)
@@ -167,7 +167,7 @@ def summary_markdown(config: Config, result: FederationResult, info: dict[str, A
 def write_privacy(folder: Path, config: Config, report: Any) -> None:
     """audit.csv / audit.md, the embeddings the global audit saw (the central view: a simulation
     privilege, for `fedunlearn audit` and the plots) and the plots."""
-    from fedunlearn.report import plot_embeddings, plot_tradeoff
+    from fedunlearn.runs.report import plot_embeddings, plot_tradeoff
 
     report.table.to_csv(folder / "audit.csv", index=False)
     (folder / "audit.md").write_text(report.table.to_markdown(index=False, floatfmt=".4f") + "\n")

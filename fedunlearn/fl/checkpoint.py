@@ -2,7 +2,7 @@
 ended, in `resume.sqlite` in the staging folder.
 
 When the run keeps a history, the checkpoint file is attached to the history's connection, so the
-round's history writes and its checkpoint commit in one transaction (fedunlearn.database): after a
+round's history writes and its checkpoint commit in one transaction (fedunlearn.fl.database): after a
 kill the two always agree, and a drop event has either happened whole (calibrated history, the
 leaving clients' rows deleted, their state gone) or not at all. Every random draw is keyed by
 (seed, stream, round, client), so continuing from the checkpoint gives the numbers of a run that
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedunlearn.database import Database
+from fedunlearn.fl.database import Database
 from fedunlearn.models import Arrays
 
 RESUME_FILE = "resume.sqlite"

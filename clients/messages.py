@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 
 from fedunlearn.config import Config, config_from_dict
-from fedunlearn.federated import ClientEvaluation, ClientUpdate
+from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models import Arrays
 from fedunlearn.privacy.attacks import Attacker
 
@@ -40,7 +40,7 @@ AUDIT_USERS = "query.audit_users"
 DROP_BRANCH = "query.drop_branch"  # a fork of the server is done: drop its branch of the client's state
 
 # secure tasks: what a client adds to a SecAgg+ sum
-LOCAL_AUDIT = "local-audit"  # fedunlearn.audit.local_outcome of the shipped attacker on the client's own embedding
+LOCAL_AUDIT = "local-audit"  # privacy.audit.local_outcome of the shipped attacker on the client's own embedding
 CLASS_SUMS = "class-sums"  # fedunlearn.privacy.attrcloak.class_contribution of the client's own embedding
 FOURTH_POWERS = "fourth-powers"  # fedunlearn.privacy.attrcloak.fourth_power_contribution, for the shrinkage
 CLOAK_PRODUCTS = "cloak-products"  # fedunlearn.privacy.attrcloak.client_products of the client's own gradients

@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from fedunlearn.federated import ClientEvaluation, ClientUpdate
+from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models import Arrays, SplitModel
 
 T = TypeVar("T", ClientUpdate, ClientEvaluation)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from fedunlearn.config import Config
-from fedunlearn.federated import rank_held_out
-from fedunlearn.federation import Federation
-from fedunlearn.rounds import FederationResult, evaluation_metrics
+from fedunlearn.fl.client import rank_held_out
+from fedunlearn.fl.federation import Federation
+from fedunlearn.fl.rounds import FederationResult, evaluation_metrics
 from fedunlearn.seeding import Stream, rng_for
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import torch
 
 from fedunlearn.config import Config
-from fedunlearn.federated import init_user, local_evaluate
-from fedunlearn.federation import Federation
+from fedunlearn.fl.client import init_user, local_evaluate
+from fedunlearn.fl.federation import Federation
+from fedunlearn.fl.rounds import FederationResult, evaluation_metrics, select_final
+from fedunlearn.fl.training import recommendation_loss, resolve_device
 from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
-from fedunlearn.rounds import FederationResult, evaluation_metrics, select_final
 from fedunlearn.seeding import Stream, rng_for
-from fedunlearn.training import recommendation_loss, resolve_device
 
 
 def sample_pair_negatives(

@@ -1,55 +1,21 @@
-"""Choosing an engine, and the in-process runner: the same client functions as the Flower
-ClientApp, called in a loop."""
+"""The in-process runner: the same client functions as the Flower ClientApp, called in a loop."""
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fedunlearn.config import Config
-from fedunlearn.faults import local_reply
-from fedunlearn.federated import (
-    ClientEvaluation,
-    ClientUpdate,
-    init_user,
-    local_evaluate,
-    local_membership,
-    local_train,
-)
-from fedunlearn.federation import Federation
+from fedunlearn.fl.client import init_user, local_evaluate, local_membership, local_train
+from fedunlearn.fl.faults import local_reply
+from fedunlearn.fl.federation import Federation
+from fedunlearn.fl.replies import FAILED, Reply
+from fedunlearn.fl.rounds import ProgressHook
+from fedunlearn.fl.training import resolve_device
+from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models import Arrays, SplitModel, build_model
-from fedunlearn.replies import FAILED, Reply
-from fedunlearn.rounds import ProgressHook
-from fedunlearn.training import resolve_device
-
-if TYPE_CHECKING:
-    from fedunlearn.batched import BatchedPool
-
-
-def chaotic_under_reordering(config: Config) -> bool:
-    """NCF trained with BPR and Adam: BPR cannot see a shift common to all of a user's scores (the
-    output bias; the bias of a last-layer unit active for every item), so those gradients are zero
-    up to float rounding, and Adam scales that rounding noise up to full-size steps. Any change in
-    the order of float sums then sends training down another (equally good) path, so the batched
-    engine cannot reproduce the in-process numbers there."""
-    return config.model.name == "ncf" and config.model.loss == "bpr" and config.train.optimizer == "adam"
-
-
-def choose_engine(config: Config) -> str:
-    """`auto`: the fastest engine that reproduces the in-process numbers for this configuration
-    (batched, within the tolerance in docs/ARCHITECTURE.md), else the in-process runner."""
-    if config.run.engine != "auto":
-        return config.run.engine
-    return "inprocess" if chaotic_under_reordering(config) else "batched"
-
-
-def make_pool(config: Config, federation: Federation) -> InProcessPool | BatchedPool:
-    from fedunlearn.batched import BatchedPool
-
-    return BatchedPool(config, federation) if config.run.engine == "batched" else InProcessPool(config, federation)
 
 
 class LocalPool:

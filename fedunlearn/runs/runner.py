@@ -6,20 +6,23 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedunlearn.checkpoint import Checkpoint
 from fedunlearn.config import Config, audits_privacy
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.federation import Federation, build_federation
-from fedunlearn.history import HistoryPolicy, HistoryStore
+from fedunlearn.fl.checkpoint import Checkpoint
+from fedunlearn.fl.federation import Federation, build_federation
+from fedunlearn.fl.history import HistoryStore
+from fedunlearn.fl.rounds import FederatedServer, FederationResult
+from fedunlearn.fl.schedule import build_schedule
 from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
-from fedunlearn.rounds import FederatedServer, FederationResult
-from fedunlearn.schedule import build_schedule
+from fedunlearn.runs.assembly import server_plugins
+from fedunlearn.unlearning.methods import history_policy
 
 
 @dataclass
@@ -42,11 +45,11 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
     }
     mode = config.run.mode
     if mode == "popularity":
-        from fedunlearn.popularity import rank_by_popularity
+        from fedunlearn.reference.popularity import rank_by_popularity
 
         result = rank_by_popularity(config, federation)
     elif mode == "central":
-        from fedunlearn.central import train_central
+        from fedunlearn.reference.central import train_central
 
         progress = Progress(config.central.epochs, show_progress, label="epochs")
         try:
@@ -54,7 +57,7 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
         finally:
             progress.close()
     else:
-        from fedunlearn.engine import choose_engine
+        from fedunlearn.engines.choice import choose_engine
 
         config.run.engine = choose_engine(config)  # recorded in the results folder as the engine that ran
         result = _federated(config, federation, folder, show_progress, info)
@@ -110,7 +113,7 @@ def schedule_and_history(
             unlearn.target_item = int(np.argmin(counts))
     if not schedule:
         return schedule, None
-    return schedule, HistoryStore(folder / "history.sqlite", HistoryPolicy.for_method(unlearn))
+    return schedule, HistoryStore(folder / "history.sqlite", history_policy(unlearn))
 
 
 def outcome_info(result: FederationResult, history: HistoryStore | None) -> dict[str, Any]:
@@ -158,6 +161,15 @@ def _privacy(
     return report
 
 
+def plugged_engine(name: str) -> Any:
+    """An engine that lives outside the core (the Flower simulation, in `server/`), registered under
+    the `fedunlearn.engines` entry points of pyproject.toml, so the core never imports the glue."""
+    found = entry_points(group="fedunlearn.engines", name=name)
+    if not found:
+        raise FedUnlearnError(f"run.engine = {name!r} is not registered: reinstall fedunlearn (pip install -e .)")
+    return next(iter(found)).load()
+
+
 def _federated(
     config: Config, federation: Federation, folder: Path, show_progress: bool, info: dict[str, Any]
 ) -> FederationResult:
@@ -167,17 +179,18 @@ def _federated(
     checkpoint = None
     try:
         if config.run.engine == "flower":
-            from server.simulation import run_flower
-
+            run_flower = plugged_engine("flower")
             result, _ = run_flower(config, history=history, schedule=schedule, show_progress=show_progress)
         else:
-            from fedunlearn.engine import make_pool
+            from fedunlearn.engines.choice import make_pool
 
             checkpoint = Checkpoint(folder, history)  # resumes from the last complete round, if any
             progress = Progress(config.train.rounds, show_progress)
             try:
                 pool = make_pool(config, federation)
-                server = FederatedServer(config, federation, pool, progress, history, schedule, checkpoint)
+                server = FederatedServer(
+                    config, federation, pool, progress, history, schedule, checkpoint, server_plugins()
+                )
                 result = server.run()
             finally:
                 progress.close()

@@ -26,11 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from fedunlearn.config import Config
-from fedunlearn.engine import LocalPool
-from fedunlearn.faults import local_reply
-from fedunlearn.federated import (
-    ClientEvaluation,
-    ClientUpdate,
+from fedunlearn.engines.inprocess import LocalPool
+from fedunlearn.fl.client import (
     LocalPlan,
     candidates_of,
     finish_update,
@@ -38,11 +35,13 @@ from fedunlearn.federated import (
     plan_local_training,
     ranks_from_scores,
 )
-from fedunlearn.federation import Federation
+from fedunlearn.fl.faults import local_reply
+from fedunlearn.fl.federation import Federation
+from fedunlearn.fl.replies import FAILED, Reply
+from fedunlearn.fl.rounds import ProgressHook
+from fedunlearn.fl.training import resolve_device
+from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models import Arrays, SplitModel, Tensors, build_model
-from fedunlearn.replies import FAILED, Reply
-from fedunlearn.rounds import ProgressHook
-from fedunlearn.training import resolve_device
 
 CHUNK_ELEMENTS = 2**25  # floats of parameters (or scores) per group of clients: memory stays bounded at any size
 GROWTH = 1.25  # a workspace buffer that must grow takes this much more than asked

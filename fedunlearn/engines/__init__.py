@@ -1,0 +1,1 @@
+"""Client pools: the in-process runner, the batched engine, and the `auto` choice between them."""

@@ -1,0 +1,61 @@
+"""Each unlearning run against the Retrain run of the same model, seed and event: speedups and the
+distance of the unlearned shared parameters to Retrain's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedunlearn.config import Config
+from fedunlearn.models import Arrays, build_model
+from fedunlearn.seeding import Stream, rng_for
+
+
+def compare_with_retrain(rows: list[dict[str, Any]], unlearned: list[Arrays | None]) -> None:
+    """Speedup (client-epochs, optimizer steps and wall time) and parameter distance of every unlearning run to the
+    Retrain run of the same model, seed and event, measured on the shared parameters right after
+    unlearning (where they were kept: None skips the distance); the cosine is between the changes
+    from the common initial parameters."""
+    def key(row: dict[str, Any]) -> tuple[Any, ...]:
+        return row["model"], row["seed"], row.get("event")
+
+    retrains = {key(r): i for i, r in enumerate(rows) if r.get("method") == "retrain"}
+    for row, params in zip(rows, unlearned, strict=True):
+        reference = retrains.get(key(row)) if "method" in row else None
+        if reference is None:
+            continue
+        ref_row, ref_params = rows[reference], unlearned[reference]
+        row["speedup"] = _ratio(ref_row["client_epochs"], row["client_epochs"], 0.0)
+        row["speedup_steps"] = _ratio(ref_row["optimizer_steps"], row["optimizer_steps"], 0.0)
+        row["speedup_time"] = _ratio(ref_row["unlearn_seconds"], row["unlearn_seconds"], MEASURABLE_SECONDS)
+        if params is None or ref_params is None:
+            continue
+        initial = _initial(row, params)
+        flat, ref_flat, start = (
+            np.concatenate([a[k].ravel() for k in sorted(a)]) for a in (params, ref_params, initial)
+        )
+        row["L2_to_retrain"] = float(np.linalg.norm(flat - ref_flat))
+        moved, ref_moved = flat - start, ref_flat - start
+        row["cosine_to_retrain"] = float(moved @ ref_moved / (np.linalg.norm(moved) * np.linalg.norm(ref_moved)))
+
+
+def _initial(row: dict[str, Any], params: Arrays) -> Arrays:
+    config = Config()
+    config.model.name = row["model"]
+    config.model.dim = params["item_emb" if row["model"] == "mf" else "item_gmf"].shape[1]
+    if row["model"] == "ncf":
+        config.model.mlp_layers = [
+            params[f"mlp{i}.bias"].shape[0] for i in range(sum(k.endswith(".bias") for k in params) - 1)
+        ]
+    n_items = params["item_emb" if row["model"] == "mf" else "item_gmf"].shape[0]
+    return build_model(config.model, n_items).init_shared(rng_for(row["seed"], Stream.SHARED_INIT))
+
+
+MEASURABLE_SECONDS = 0.01  # below this a wall time is timer noise: no speedup is taken over it
+
+
+def _ratio(reference: float, value: float, floor: float) -> float:
+    """reference / value, or NaN (an empty cell) where value is at most `floor`: a method that
+    trained nothing has no speedup, not an infinite one."""
+    return reference / value if value > floor else float("nan")

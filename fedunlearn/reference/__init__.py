@@ -1,0 +1,1 @@
+"""Non-federated references: centralized training and the popularity ranking."""

@@ -1,0 +1,1 @@
+"""Assembling and running a job: the runner, experiments, results folders and reports."""
