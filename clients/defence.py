@@ -34,7 +34,7 @@ from fedunlearn.privacy.attrcloak import (
     flatten_users,
     unflatten_users,
 )
-from fedunlearn.privacy.baselines import FourierFeatures, client_gradient, feature_contribution
+from fedunlearn.privacy.baselines import FourierFeatures, client_gradient, feature_contribution, uses_kernel
 from fedunlearn.privacy.stage import at_risk
 
 CLOAK_STATE = "cloak"  # the ClientCloak's arrays, while a defence runs
@@ -152,7 +152,7 @@ def regularised_step(msg: Message, context: Context) -> Message:
     cloak = load_cloak(context)
     if cloak.defending:
         current = torch.as_tensor(cloak.current)[None]
-        phi = FourierFeatures(current.shape[1], scale, seed) if method == "d2d-r" else None
+        phi = FourierFeatures(current.shape[1], scale, seed) if uses_kernel(method) else None
         labels = [np.array([label]) for label in cloak.labels]
         parts = [tuple(torch.as_tensor(part) for part in gradient) for gradient in gradients]
         grad = client_gradient(method, current, torch.as_tensor(cloak.original)[None], labels, parts, weight,

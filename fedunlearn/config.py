@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from fedunlearn.errors import FedUnlearnError
+from fedunlearn.privacy.registry import ATTACKERS, DEFENCES
 from fedunlearn.unlearning.registry import METHODS
 
 
@@ -119,7 +120,7 @@ class DefenceConfig:
 @dataclass
 class AuditConfig:
     enabled: bool = False  # audit attribute privacy after training (always on when a defence is set)
-    attackers: list[str] = field(default_factory=lambda: ["xgboost", "mlp"])
+    attackers: list[str] = field(default_factory=lambda: list(ATTACKERS))
     attributes: list[str] = field(default_factory=list)  # empty: every attribute the dataset has
     shadow_share: float = 0.2  # users whose attribute the attacker knows (stratified)
     uploads: bool = True  # also attack the last round's uploads (the server's own view)
@@ -189,7 +190,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.device": ("auto", "cpu", "cuda"),
     "run.mode": ("federated", "central", "popularity"),
     "eval.select": ("last", "best_valid"),
-    "defence.method": ("none", "attrcloak-dd", "attrcloak-df", "d2d-r", "u2u-r"),
+    "defence.method": ("none", *DEFENCES),
     "defence.upload": ("none", "ldp", "pseudo-items", "ldp+pseudo-items"),
     "defence.pseudo_rows": ("gaussian", "mimic"),
     "defence.clients": ("all", "listed", "at-risk"),
@@ -349,9 +350,9 @@ def validate(config: Config) -> Config:
         )
     if config.model.name == "ncf" and (not config.model.mlp_layers or min(config.model.mlp_layers) <= 0):
         raise FedUnlearnError(f"model.mlp_layers must be positive widths; got {config.model.mlp_layers}")
-    unknown = sorted(set(config.audit.attackers) - {"xgboost", "mlp"})
+    unknown = sorted(set(config.audit.attackers) - set(ATTACKERS))
     if unknown or not config.audit.attackers:
-        raise FedUnlearnError(f"audit.attackers must name xgboost and/or mlp; got {config.audit.attackers}")
+        raise FedUnlearnError(f"audit.attackers must name some of {', '.join(ATTACKERS)}; got {config.audit.attackers}")
     if config.defence.upload != "none" and config.defence.clients == "at-risk":
         raise FedUnlearnError(
             "defence.clients = 'at-risk' applies to post-training defences; for defence.upload use all or listed"

@@ -53,6 +53,7 @@ from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import AttributeGradient, DefenceOutcome, cloak
 from fedunlearn.privacy.baselines import FourierFeatures, SumsGradient, regularise
 from fedunlearn.privacy.gaussian import ClassSums
+from fedunlearn.privacy.registry import DEFENCES
 from fedunlearn.privacy.stage import cloak_settings
 from server.pool import CLASS_SUMS_BOUND, FEATURE_SUMS_BOUND, PRODUCTS_BOUND, FlowerPool
 
@@ -216,10 +217,10 @@ def defend_on_clients(
         listed = set(defence.client_ids)
         defending = [defence.clients == "all" or federation.client_ids[i] in listed for i in clients]
     attributes = config.audit.attributes or list(federation.dataset.attributes.columns)
-    kept = shared if defence.method == "attrcloak-dd" else None
+    kept = shared if DEFENCES[defence.method].variant == "dd" else None  # DD keeps the recommendation data
     on = on_clients(pool, clients, attributes, defending, None, kept, attackers, defence.risk_threshold,
                     defence.compare)  # fmt: skip
-    if defence.method.startswith("attrcloak"):
+    if DEFENCES[defence.method].loop == "attrcloak":
         variant, fixed, stop_at_null = cloak_settings(defence)
         return flower_attrcloak(on, variant, defence.steps, defence.lr, fixed, stop_at_null=stop_at_null)
     return flower_regularised(on, defence.method, defence.steps, defence.lr, defence.weight, config.run.seed)

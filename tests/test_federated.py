@@ -4,7 +4,7 @@ import torch
 
 from fedunlearn.config import Config, ModelConfig, TrainConfig
 from fedunlearn.fl.aggregation import aggregate
-from fedunlearn.fl.client import init_user, local_evaluate, local_train
+from fedunlearn.fl.client import init_user, local_evaluate, local_train, plan_local_training
 from fedunlearn.fl.federation import ClientData
 from fedunlearn.fl.updates import ClientUpdate
 from fedunlearn.models import MF, NCF, build_model
@@ -95,8 +95,10 @@ def test_local_train_uploads_only_touched_shared_rows_and_is_deterministic(name)
     config = Config(model=model_config, train=train)
     run = lambda: local_train(model, client(), user, shared, config, 1, CPU)  # noqa: E731
     (update, new_user), (again, _) = run(), run()
-    assert set(update.rows) == set(model.row_keys)
-    assert set(np.array([1, 4, 7, 9])) <= set(update.item_ids)
+    # exactly the rows of the positives and of the negatives drawn for them: no other row leaves
+    plan = plan_local_training(model, client(), user, shared, config, 1)
+    drawn = plan.touched[plan.local_neg].ravel()  # local_epochs=2: every positive is used in each epoch
+    np.testing.assert_array_equal(update.item_ids, np.union1d([1, 4, 7, 9], drawn))
     assert update.num_examples == 4 and update.client_id == "100"
     change = sum(np.abs(update.rows[key]).sum(axis=1) for key in model.row_keys)
     assert change.min() > 0  # every uploaded row was really trained

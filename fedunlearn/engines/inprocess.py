@@ -28,6 +28,12 @@ class LocalPool:
     def user(self, index: int) -> Arrays:
         raise NotImplementedError
 
+    def set_user(self, index: int, user: Arrays) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """A fork here is a plain copy, gone with the twin that holds it."""
+
     def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
         return {
             self.federation.client_ids[i]: local_membership(

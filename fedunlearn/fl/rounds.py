@@ -70,6 +70,14 @@ class ClientPool(Protocol):
 
     def forget(self, clients: list[int]) -> None: ...
 
+    def fork(self) -> ClientPool:
+        """A pool whose clients' private state can change without touching this one's (compare)."""
+        ...
+
+    def release(self) -> None:
+        """A fork is done with: drop what it holds (a Flower fork's branches live on the clients)."""
+        ...
+
 
 @dataclass
 class FederationResult:
@@ -155,14 +163,6 @@ def select_final(rows: list[dict[str, float]], select: str) -> dict[str, float]:
     if select == "last":
         return dict(rows[-1])
     return dict(max(rows, key=lambda row: row["valid_HR@10"]))
-
-
-def _release(fork: ClientPool) -> None:
-    """A Flower fork's state lives on the clients (a branch of each one's state): drop it there. The
-    single-machine pools' forks are plain copies, gone with the twin."""
-    release = getattr(fork, "release", None)
-    if release is not None:
-        release()
 
 
 class FederatedServer:
@@ -399,7 +399,7 @@ class FederatedServer:
                 twin.unlearn(round_number, leaving, method)
                 if copied:
                     twin.history.close()
-                _release(twin.pool)
+                twin.pool.release()
                 event = twin.events[-1]
                 rows.append(
                     {"event": round_number, "removed": removed_so_far + len(leaving), "method": method}

@@ -6,6 +6,7 @@ whose attributes it knows, and is tested on the others. Metrics come from scikit
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,8 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from fedunlearn.errors import FedUnlearnError
-
-ATTACKERS = ("xgboost", "mlp")
+from fedunlearn.privacy.registry import ATTACKERS
 
 
 class Classifier(Protocol):
@@ -43,19 +43,28 @@ class Attacker:
 
 
 def make_classifier(name: str, seed: int) -> Classifier:
-    if name == "xgboost":
-        from xgboost import XGBClassifier
+    """The registered attacker `name` (privacy.registry.ATTACKERS), untrained."""
+    if name not in ATTACKERS:
+        raise FedUnlearnError(f"unknown attacker {name!r}: choose one of {', '.join(ATTACKERS)}")
+    module, function = ATTACKERS[name].split(":")
+    return getattr(importlib.import_module(module), function)(seed)
 
-        return XGBClassifier(
+
+def xgboost_classifier(seed: int) -> Classifier:
+    from xgboost import XGBClassifier
+
+    return XGBClassifier(
             n_estimators=200, max_depth=4, learning_rate=0.1, subsample=0.8, tree_method="hist", n_jobs=1,
             random_state=seed,
-        )  # fmt: skip
-    if name == "mlp":  # three weight layers: input -> 128 -> 64 -> classes
-        return make_pipeline(
-            StandardScaler(),
-            MLPClassifier(hidden_layer_sizes=(128, 64), alpha=1e-3, max_iter=300, random_state=seed),
-        )
-    raise FedUnlearnError(f"unknown attacker {name!r}: choose one of {', '.join(ATTACKERS)}")
+    )  # fmt: skip
+
+
+def mlp_classifier(seed: int) -> Classifier:
+    """Three weight layers: input -> 128 -> 64 -> classes."""
+    return make_pipeline(
+        StandardScaler(),
+        MLPClassifier(hidden_layer_sizes=(128, 64), alpha=1e-3, max_iter=300, random_state=seed),
+    )
 
 
 def shadow_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,10 +36,16 @@ from fedunlearn.privacy.attrcloak import (
     client_attribute_gradient,
 )
 from fedunlearn.privacy.gaussian import ClassSums
+from fedunlearn.privacy.registry import DEFENCES
 
 BANDWIDTHS = (0.5, 1.0, 2.0, 4.0)  # RBF bandwidths relative to the embeddings' root-mean-square norm
 FEATURES_PER_KERNEL = 256
-METHODS = ("d2d-r", "u2u-r")
+
+
+def uses_kernel(method: str) -> bool:
+    """D2D-R: the distance is a kernel one, on random Fourier features of the embeddings."""
+    return DEFENCES[method].variant == "kernel"
+
 
 # per attribute, dL/d(the class sums) as broadcast: D2D-R (dL/dfeature sums (K, F),);
 # U2U-R (dL/dsums (K, d), symmetrised dL/douters (K, d, d))
@@ -120,7 +126,7 @@ def client_gradient(
     grad = torch.zeros_like(current)
     for label, gradient in zip(labels, gradients, strict=True):
         index = torch.as_tensor(label)
-        if method == "d2d-r":
+        if uses_kernel(method):
             assert phi is not None, "D2D-R needs the Fourier features"
             own = current.clone().requires_grad_(True)
             (part,) = torch.autograd.grad((phi(own) * gradient[0][index]).sum(), own)
@@ -153,10 +159,11 @@ class RegularisedClients(Protocol):
 def regularise(clients: RegularisedClients, method: str, classes: Sequence[int], steps: int, seed: int) -> list[float]:
     """D2D-R's or U2U-R's server loop (`classes`: the number of classes per attribute); returns
     the distance per step (mean over attributes)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown regularised defence {method!r}: choose one of {', '.join(METHODS)}")
+    if method not in DEFENCES or DEFENCES[method].loop != "regularised":
+        regularised = [name for name, entry in DEFENCES.items() if entry.loop == "regularised"]
+        raise ValueError(f"unknown regularised defence {method!r}: choose one of {', '.join(regularised)}")
     phi = None
-    if method == "d2d-r":
+    if uses_kernel(method):
         sums = clients.scale_sums()
         phi = FourierFeatures(sums.sums.shape[1], float(np.sqrt(mean_square_norm(sums))) or 1.0, seed)
     losses = []
@@ -226,7 +233,7 @@ def regularised_defence(
     seed: int,
     aggregator: Aggregator | None = None,
 ) -> DefenceOutcome:
-    """D2D-R (`method="d2d-r"`) or U2U-R (`"u2u-r"`) for `steps` Adam steps of the defending clients."""
+    """D2D-R or U2U-R (`method`, a regularised entry of DEFENCES) for `steps` Adam steps of the defending clients."""
     started = time.perf_counter()
     clients = MatrixRegularised(embeddings, attributes, method, lr, weight, defending, aggregator or PlainSum())
     classes = [attribute.n_classes for attribute in attributes]

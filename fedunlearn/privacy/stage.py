@@ -31,6 +31,7 @@ from fedunlearn.privacy.attrcloak import (
 )
 from fedunlearn.privacy.audit import attribute_labels, audited_attributes, privacy_table
 from fedunlearn.privacy.baselines import regularised_defence
+from fedunlearn.privacy.registry import DEFENCES
 from fedunlearn.privacy.upload_attack import RecoveryScore, recovery_score
 
 Evaluate = Callable[[list[Arrays]], dict[str, float]]  # users -> HR@10, NDCG@10, ... on the retained clients
@@ -93,7 +94,7 @@ def cloak_settings(defence: DefenceConfig) -> tuple[str, float | None, bool]:
     weight; the default (-1) is the min-norm weight, except for DF stopping at the null level, which
     takes 1: DF's min-norm weight lets e - e_original cancel the attribute gradient within a few
     steps, so it stalls near its start (docs/PRIVACY.md), and the null level is then its brake."""
-    variant, stop_at_null = defence.method.removeprefix("attrcloak-"), defence.cloak_stop == "null"
+    variant, stop_at_null = DEFENCES[defence.method].variant, defence.cloak_stop == "null"
     if defence.cloak_weight >= 0:
         return variant, defence.cloak_weight, stop_at_null
     return variant, 1.0 if variant == "df" and stop_at_null else None, stop_at_null
@@ -113,7 +114,7 @@ def run_defence(
     """The post-training defence of `config.defence.method` over these clients (rows of `embeddings`,
     `positives` and `client_ids` follow each other)."""
     defence = config.defence
-    if defence.method.startswith("attrcloak"):
+    if DEFENCES[defence.method].loop == "attrcloak":
         variant, fixed, stop_at_null = cloak_settings(defence)
         retention = None
         if variant == "dd":
@@ -137,7 +138,7 @@ def upload_profiles(model: SplitModel, shared: Arrays, norms: np.ndarray) -> np.
     return weights @ table
 
 
-POST_TRAINING = ("attrcloak-dd", "attrcloak-df", "d2d-r", "u2u-r")
+POST_TRAINING = tuple(DEFENCES)
 
 
 def privacy_stage(
