@@ -121,6 +121,7 @@ def _run(args: argparse.Namespace) -> None:
         else:
             write_config(staging.folder, config)  # what --resume reads
         outcome = execute(config, staging.folder, show_progress=not args.quiet)
+        config = outcome.config  # as it ran (the engine `auto` chose, ...)
         staging.final = write_run(staging.folder, config, outcome.result, outcome.info)
     final = outcome.result.final
     print(

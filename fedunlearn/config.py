@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import tomllib
@@ -14,8 +15,26 @@ from fedunlearn.privacy.registry import ATTACKERS, DEFENCES
 from fedunlearn.unlearning.registry import METHODS
 
 
+class Section:
+    """A config section (or the whole config): settable while it is built, frozen once validated,
+    so every part of a run reads the values that were checked. `derive` makes a changed copy."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_frozen", False):
+            raise FedUnlearnError(
+                f"the config is frozen after validation (setting {name}): derive(config, {{...}}) makes a checked copy"
+            )
+        object.__setattr__(self, name, value)
+
+    def _freeze(self, frozen: bool) -> None:
+        object.__setattr__(self, "_frozen", frozen)
+        for value in self.__dict__.values():
+            if isinstance(value, Section):
+                value._freeze(frozen)
+
+
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     dataset: str = "synthetic"  # synthetic | ml-100k | ml-1m | csv
     path: str = ""  # csv: the interactions file
     users_path: str = ""  # csv: optional users file (extra columns are attributes)
@@ -29,7 +48,7 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name: str = "mf"  # mf | ncf
     dim: int = 32
     mlp_layers: list[int] = field(default_factory=lambda: [64, 32, 16])  # ncf only
@@ -39,7 +58,7 @@ class ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     rounds: int = 30
     local_epochs: int = 1
     optimizer: str = "adam"  # sgd | adam (a fresh optimizer each round, on the client)
@@ -61,7 +80,7 @@ class TrainConfig:
 
 
 @dataclass
-class CentralConfig:
+class CentralConfig(Section):
     epochs: int = 30
     lr: float = 0.001  # Adam
     batch_size: int = 256
@@ -69,7 +88,7 @@ class CentralConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     every: int = 5  # evaluate every N rounds (and after the last round)
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     full_ranking: bool = False  # also rank the test item against every unseen item
@@ -77,7 +96,7 @@ class EvalConfig:
 
 
 @dataclass
-class UnlearnConfig:
+class UnlearnConfig(Section):
     method: str = "none"  # a name in unlearning.registry.METHODS
     drop: str = ""  # e.g. "12,57@20;3@30": clients leave before that round and ask to be forgotten
     drop_random: str = ""  # e.g. "5%@20" or "7@20": seeded choice among the clients still present
@@ -96,7 +115,7 @@ class UnlearnConfig:
 
 
 @dataclass
-class DefenceConfig:
+class DefenceConfig(Section):
     method: str = "none"  # post-training, on user embeddings: none | attrcloak-dd | attrcloak-df | d2d-r | u2u-r
     compare: bool = False  # also try every post-training defence on a copy of the trained model
     upload: str = "none"  # on every upload while training: none | ldp | pseudo-items | ldp+pseudo-items
@@ -118,7 +137,7 @@ class DefenceConfig:
 
 
 @dataclass
-class AuditConfig:
+class AuditConfig(Section):
     enabled: bool = False  # audit attribute privacy after training (always on when a defence is set)
     attackers: list[str] = field(default_factory=lambda: list(ATTACKERS))
     attributes: list[str] = field(default_factory=list)  # empty: every attribute the dataset has
@@ -141,13 +160,13 @@ FAULT_KINDS: dict[str, str] = {
 
 
 @dataclass
-class FaultsConfig:
+class FaultsConfig(Section):
     share: float = 0.0  # share of the clients asked to train that misbehave (seeded per round and client)
     kinds: list[str] = field(default_factory=lambda: ["exception"])  # some of FAULT_KINDS
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     seed: int = 0
     engine: str = "auto"  # auto | batched | inprocess | flower
     device: str = "auto"  # auto | cpu | cuda
@@ -157,7 +176,7 @@ class RunConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -373,7 +392,17 @@ def validate(config: Config) -> Config:
         raise FedUnlearnError(f"a drop schedule needs run.mode = 'federated' (clients leave one), not {mode!r}")
     if config.data.dataset == "csv" and not config.data.path:
         raise FedUnlearnError("data.dataset = 'csv' needs data.path: --set data.path=interactions.csv")
+    config._freeze(True)
     return config
+
+
+def derive(config: Config, changes: dict[str, Any]) -> Config:
+    """A validated, frozen copy of `config` with `section.key` values changed."""
+    changed = copy.deepcopy(config)
+    changed._freeze(False)
+    for dotted, value in changes.items():
+        set_value(changed, dotted, value)
+    return validate(changed)
 
 
 def _get(config: Config, dotted: str) -> Any:

@@ -85,7 +85,7 @@ def main(grid: Grid, context: Context) -> None:
     federation = cached_federation(config.data, config.run.seed)
     progress = Progress(config.train.rounds)
     with staged(out) as staging:
-        schedule, history = schedule_and_history(config, federation, staging.folder)
+        config, schedule, history = schedule_and_history(config, federation, staging.folder)
         try:
             result, _ = serve(grid, config, progress, False, history, schedule)
             info = outcome_info(result, history)

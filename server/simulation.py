@@ -9,10 +9,17 @@ import time
 
 from clients.common import SIMULATION_ORACLE_ENV
 from fedunlearn.config import Config
+from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.federation import cached_federation
 from fedunlearn.fl.history import HistoryStore
 from fedunlearn.fl.rounds import FederationResult
 from server.pool import FlowerPool
+
+# Ray turns a node address of 127.0.0.1 into the machine's outward address unless clustering is
+# off; with it off every Ray process binds and connects on 127.0.0.1 only. Read when Ray is first
+# imported, so it is set here, before anything of ours imports Ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+LOOPBACK = "127.0.0.1"
 
 RAY_START_TRIES = 3
 
@@ -31,18 +38,24 @@ def start_ray(num_cpus: int) -> None:
                 address="local",
                 num_cpus=num_cpus,
                 include_dashboard=False,
-                _node_ip_address="127.0.0.1",
+                _node_ip_address=LOOPBACK,
                 logging_level=logging.ERROR,
                 log_to_driver=False,
                 # the oracle marker reaches the clients only through fedunlearn's own simulation
                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_python_path()), SIMULATION_ORACLE_ENV: "1"}},
             )
-            return
+            break
         except Exception:  # Ray's start-up times out now and then on a loaded 2-core machine
             if attempt == RAY_START_TRIES:
                 raise
             ray.shutdown()
             time.sleep(2)
+    address = ray.util.get_node_ip_address()
+    if address != LOOPBACK:  # Ray was imported before this module could keep it on loopback
+        ray.shutdown()
+        raise FedUnlearnError(
+            f"Ray started on {address}, not {LOOPBACK}: set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray"
+        )
 
 
 def _python_path() -> list[str]:

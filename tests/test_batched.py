@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import TINY
 
-from fedunlearn.config import load_config
+from fedunlearn.config import derive, load_config
 from fedunlearn.engines import batched
 from fedunlearn.engines.batched import Adam, BatchedPool, BatchedTrainer, Workspace, client_losses
 from fedunlearn.engines.choice import chaotic_under_reordering, choose_engine
@@ -141,7 +141,7 @@ def test_ncf_with_bpr_and_adam_differs_only_where_bpr_is_blind_and_auto_picks_th
         losses.append(float(recommendation_loss("bpr", scores[:2], scores[2:].reshape(2, 2))))
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     assert chaotic_under_reordering(config) and choose_engine(config) == "inprocess"
-    config.run.engine = "batched"
+    config = derive(config, {"run.engine": "batched"})
     assert choose_engine(config) == "batched"  # asked for by name, it runs
 
 
@@ -149,9 +149,8 @@ def test_client_losses_equal_each_clients_own_loss_with_padding():
     rng = np.random.default_rng(0)
     positive, negative = torch.tensor(rng.normal(size=(2, 3))), torch.tensor(rng.normal(size=(2, 3, 4)))
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the second client's batch holds 2 examples
-    config = load_config(None, [])
     for loss in ("bpr", "bce"):
-        config.model.loss = loss
+        config = load_config(None, [f"model.loss={loss}"])
         got = client_losses(config, positive, negative, mask, mask.sum(1))
         assert float(got[0]) == pytest.approx(float(recommendation_loss(loss, positive[0], negative[0])), rel=1e-12)
         assert float(got[1]) == pytest.approx(

@@ -46,3 +46,17 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("[train\nrounds = 1\n")
     with pytest.raises(FedUnlearnError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_a_validated_config_is_frozen_and_derive_makes_a_checked_copy():
+    from fedunlearn.config import derive
+
+    config = load_config(None, ["run.seed=3"])
+    with pytest.raises(FedUnlearnError, match="frozen after validation"):
+        config.model.dim = 8
+    changed = derive(config, {"model.dim": 8})
+    assert (changed.model.dim, changed.run.seed, config.model.dim) == (8, 3, 32)
+    with pytest.raises(FedUnlearnError, match="frozen after validation"):
+        changed.model.dim = 16
+    with pytest.raises(FedUnlearnError, match="model.dim must be > 0"):
+        derive(config, {"model.dim": 0})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
@@ -87,4 +87,4 @@ def _cached(data_json: str, seed: int) -> Federation:
 
 def cached_federation(data: DataConfig, seed: int) -> Federation:
     """The federation for this data config, built once per process (Flower clients share it)."""
-    return _cached(json.dumps(data.__dict__, sort_keys=True), seed)
+    return _cached(json.dumps(asdict(data), sort_keys=True), seed)

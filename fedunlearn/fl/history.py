@@ -2,7 +2,7 @@
 
 What is kept, and for whom:
 - every round: who took part and with how many examples, and the step size of each participant's
-  update for every shared tensor (federated.step_size: per row for item tables; FedEraser's
+  update for every shared tensor (fl.updates.step_size: per row for item tables; FedEraser's
   calibration targets, gradient ascent's radius);
 - at checkpoint rounds (every `checkpoint_every` rounds from round 1): the global shared parameters
   before the round, and each participant's full update: at every checkpoint for FedAccum (it applies
@@ -226,7 +226,7 @@ class HistoryStore(Database):
         return dict(rows.fetchall())
 
     def sizes(self, round_number: int, client_id: str) -> dict[str, float]:
-        """The step size (federated.step_size) of the client's update of that round, per shared tensor."""
+        """The step size (fl.updates.step_size) of the client's update of that round, per shared tensor."""
         rows = self.db.execute(
             "SELECT tensor, size FROM sizes WHERE round = ? AND client_id = ?", (round_number, client_id)
         ).fetchall()

@@ -7,14 +7,13 @@ attribute x audit (global, local), with the recommendation quality (HR@10, NDCG@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from fedunlearn.config import Config, DefenceConfig
+from fedunlearn.config import Config, DefenceConfig, derive
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.federation import Federation
 from fedunlearn.models import Arrays, SplitModel
@@ -192,8 +191,7 @@ def privacy_stage(
     kept = users
     # the configured defence last: on Flower the clients then end up holding its embeddings
     for method in sorted(methods, key=lambda name: name == config.defence.method):
-        trial = copy.deepcopy(config)
-        trial.defence.method = method
+        trial = derive(config, {"defence.method": method})
         outcome = (defend or central)(trial, defending, attackers)
         assert outcome.embeddings is not None, "a Defend returns the defended embeddings"
         users_after = unflatten_users(users, outcome.embeddings)

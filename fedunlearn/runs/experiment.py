@@ -140,7 +140,7 @@ def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tu
         with staged(run, resume=partial_of(run).is_dir()) as staging:
             write_config(staging.folder, config)
             outcome = execute(config, staging.folder, show_progress)
-            staging.final = write_run(staging.folder, config, outcome.result, outcome.info)
+            staging.final = write_run(staging.folder, outcome.config, outcome.result, outcome.info)
             privacy = outcome.result.privacy is not None
             rows = _privacy_rows(name, config, outcome) if privacy else _rows(name, config, outcome)
             rows = [row | {"status": "ok"} for row in rows]

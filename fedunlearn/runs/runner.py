@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedunlearn.config import Config, audits_privacy
+from fedunlearn.config import Config, audits_privacy, derive
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.checkpoint import Checkpoint
 from fedunlearn.fl.federation import Federation, build_federation
@@ -27,6 +27,7 @@ from fedunlearn.unlearning.methods import history_policy
 
 @dataclass
 class RunOutcome:
+    config: Config  # the config that ran: the engine `auto` chose, the attackers a poisoned schedule named
     result: FederationResult
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -59,10 +60,10 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
     else:
         from fedunlearn.engines.choice import choose_engine
 
-        config.run.engine = choose_engine(config)  # recorded in the results folder as the engine that ran
-        result = _federated(config, federation, folder, show_progress, info)
+        config = derive(config, {"run.engine": choose_engine(config)})  # recorded as the engine that ran
+        config, result = _federated(config, federation, folder, show_progress, info)
     info["seconds"] = round(time.perf_counter() - started, 2)
-    return RunOutcome(result, info)
+    return RunOutcome(config, result, info)
 
 
 def check_model_fits(config: Config, federation: Federation) -> None:
@@ -82,8 +83,9 @@ def check_model_fits(config: Config, federation: Federation) -> None:
 
 def schedule_and_history(
     config: Config, federation: Federation, folder: Path
-) -> tuple[dict[int, list[str]], HistoryStore | None]:
-    """The checked drop schedule, and the history database the server keeps when anyone leaves."""
+) -> tuple[Config, dict[int, list[str]], HistoryStore | None]:
+    """The config with the poisoning attackers and target filled in, the checked drop schedule, and
+    the history database the server keeps when anyone leaves."""
     unlearn = config.unlearn
     excluded = set(config.data.exclude_clients)
     candidates = [c for c in federation.client_ids if c not in excluded]  # random drops draw among these
@@ -107,13 +109,14 @@ def schedule_and_history(
             "pick one in range, or -1 for the least popular"
         )
     if unlearn.poison:
-        unlearn.attackers = sorted({c for clients in schedule.values() for c in clients})
-        if unlearn.target_item < 0:
-            counts = np.bincount(federation.split.train_items, minlength=federation.n_items)
-            unlearn.target_item = int(np.argmin(counts))
+        target = unlearn.target_item
+        if target < 0:
+            target = int(np.argmin(np.bincount(federation.split.train_items, minlength=federation.n_items)))
+        attackers = sorted({c for clients in schedule.values() for c in clients})
+        config = derive(config, {"unlearn.attackers": attackers, "unlearn.target_item": target})
     if not schedule:
-        return schedule, None
-    return schedule, HistoryStore(folder / "history.sqlite", history_policy(unlearn))
+        return config, schedule, None
+    return config, schedule, HistoryStore(folder / "history.sqlite", history_policy(config.unlearn))
 
 
 def outcome_info(result: FederationResult, history: HistoryStore | None) -> dict[str, Any]:
@@ -172,10 +175,10 @@ def plugged_engine(name: str) -> Any:
 
 def _federated(
     config: Config, federation: Federation, folder: Path, show_progress: bool, info: dict[str, Any]
-) -> FederationResult:
+) -> tuple[Config, FederationResult]:
     if config.run.engine == "flower":  # the clients' state lived in the killed simulation: start afresh
         (folder / "history.sqlite").unlink(missing_ok=True)
-    schedule, history = schedule_and_history(config, federation, folder)
+    config, schedule, history = schedule_and_history(config, federation, folder)
     checkpoint = None
     try:
         if config.run.engine == "flower":
@@ -202,4 +205,4 @@ def _federated(
             checkpoint.close()
         if history is not None:
             history.close()
-    return result
+    return config, result

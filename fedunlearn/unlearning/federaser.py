@@ -9,7 +9,7 @@ from fedunlearn.unlearning.context import UnlearningServer, require_history
 
 def calibrate(update: ClientUpdate, stored_sizes: dict[str, float]) -> ClientUpdate:
     """Direction from the new training, step size from the history: per shared tensor, and for item
-    tables per changed row (federated.step_size), so a shorter calibration that touches fewer rows
+    tables per changed row (fl.updates.step_size), so a shorter calibration that touches fewer rows
     is not scaled up for the rows it did not touch."""
     return rescale_tensors(update, stored_sizes, per_row=True)
 
