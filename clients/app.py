@@ -47,8 +47,9 @@ from clients.messages import (
 from fedunlearn.fl.client import local_evaluate, local_membership, local_train
 from fedunlearn.fl.faults import inject
 from fedunlearn.fl.training import resolve_device
-from fedunlearn.privacy.attrcloak import class_contribution, flatten_users, fourth_power_contribution, null_labels
+from fedunlearn.privacy.attrcloak import fourth_power_contribution, null_labels
 from fedunlearn.privacy.audit import local_outcome
+from fedunlearn.privacy.common import class_contribution, flatten_users
 
 
 def whoami(msg: Message, context: Context) -> Message:

@@ -26,15 +26,9 @@ from clients.messages import (
 from fedunlearn.config import Config
 from fedunlearn.fl.federation import ClientData
 from fedunlearn.models import SplitModel
-from fedunlearn.privacy.attrcloak import (
-    AdamState,
-    ClientCloak,
-    DataRetention,
-    adam_step,
-    flatten_users,
-    unflatten_users,
-)
+from fedunlearn.privacy.attrcloak import ClientCloak, DataRetention
 from fedunlearn.privacy.baselines import FourierFeatures, client_gradient, feature_contribution, uses_kernel
+from fedunlearn.privacy.common import AdamState, adam_step, flatten_users, unflatten_users
 from fedunlearn.privacy.stage import at_risk
 
 CLOAK_STATE = "cloak"  # the ClientCloak's arrays, while a defence runs

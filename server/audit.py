@@ -28,7 +28,7 @@ from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.rounds import FederatedServer, FederationResult
 from fedunlearn.models import Arrays
 from fedunlearn.privacy.attacks import Attacker
-from fedunlearn.privacy.attrcloak import DefenceOutcome, flatten_users
+from fedunlearn.privacy.common import DefenceOutcome, flatten_users
 from fedunlearn.privacy.stage import PrivacyReport, privacy_stage
 from server.defence import defend_on_clients
 from server.pool import FlowerPool

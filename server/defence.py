@@ -50,8 +50,9 @@ from fedunlearn.config import Config
 from fedunlearn.fl.federation import cached_federation
 from fedunlearn.models import Arrays
 from fedunlearn.privacy.attacks import Attacker
-from fedunlearn.privacy.attrcloak import AttributeGradient, DefenceOutcome, cloak
+from fedunlearn.privacy.attrcloak import AttributeGradient, cloak
 from fedunlearn.privacy.baselines import FourierFeatures, SumsGradient, regularise
+from fedunlearn.privacy.common import DefenceOutcome
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.privacy.registry import DEFENCES
 from fedunlearn.privacy.stage import cloak_settings

@@ -56,7 +56,8 @@ from fedunlearn.fl.rounds import ProgressHook
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models import Arrays
 from fedunlearn.privacy.attacks import Attacker
-from fedunlearn.privacy.attrcloak import AttributeGradient, unpack_class_sums
+from fedunlearn.privacy.attrcloak import AttributeGradient
+from fedunlearn.privacy.common import unpack_class_sums
 from fedunlearn.privacy.gaussian import ClassSums
 from server.secure_sum import secure_sum
 

@@ -11,7 +11,8 @@ from helpers import TINY
 
 from fedunlearn.config import derive, load_config
 from fedunlearn.engines import batched
-from fedunlearn.engines.batched import Adam, BatchedPool, BatchedTrainer, Workspace, client_losses
+from fedunlearn.engines.batched import BatchedPool
+from fedunlearn.engines.batched_trainer import Adam, BatchedTrainer, Workspace, client_losses
 from fedunlearn.engines.choice import chaotic_under_reordering, choose_engine
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.fl.aggregation import aggregate

@@ -24,7 +24,8 @@ from fedunlearn.config import load_config
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.fl.federation import build_federation
 from fedunlearn.fl.rounds import FederatedServer
-from fedunlearn.privacy.attrcloak import DataRetention, attrcloak, flatten_users, null_labels
+from fedunlearn.privacy.attrcloak import DataRetention, attrcloak, null_labels
+from fedunlearn.privacy.common import flatten_users
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.progress import Progress
 from fedunlearn.runs.assembly import server_plugins

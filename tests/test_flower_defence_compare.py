@@ -38,7 +38,7 @@ TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     import server.audit
-    from fedunlearn.privacy.attrcloak import flatten_users
+    from fedunlearn.privacy.common import flatten_users
 
     held = []
     audit_on_flower = server.audit.audit_on_flower

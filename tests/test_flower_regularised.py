@@ -25,8 +25,8 @@ from sklearn.linear_model import LogisticRegression
 from fedunlearn.config import load_config
 from fedunlearn.fl.federation import build_federation
 from fedunlearn.privacy.attacks import Attacker
-from fedunlearn.privacy.attrcloak import flatten_users
 from fedunlearn.privacy.baselines import regularised_defence
+from fedunlearn.privacy.common import flatten_users
 from fedunlearn.privacy.stage import at_risk, attribute_classes
 
 pytestmark = [pytest.mark.flower]

@@ -7,23 +7,20 @@ from sklearn.covariance import ledoit_wolf
 
 from fedunlearn.privacy.attacks import attribute_inference, shadow_split
 from fedunlearn.privacy.attrcloak import (
-    AttributeClasses,
     ClientCloak,
     DataRetention,
-    PlainSum,
     PseudoClasses,
     attrcloak,
     attribute_gradients,
     attribute_loss,
-    class_contribution,
     client_attribute_gradient,
     cloak,
     fourth_power_contribution,
     initial_shrinkage,
     min_norm_weight,
     null_labels,
-    unpack_class_sums,
 )
+from fedunlearn.privacy.common import AttributeClasses, PlainSum, class_contribution, unpack_class_sums
 from fedunlearn.privacy.gaussian import ClassSums, moments, shrink, weighted_kl
 
 
@@ -403,7 +400,7 @@ def test_one_upload_gives_away_the_clients_positives_and_for_mf_its_embeddings_d
     from fedunlearn.config import load_config
     from fedunlearn.engines.inprocess import InProcessPool
     from fedunlearn.fl.federation import build_federation
-    from fedunlearn.privacy.attrcloak import flatten_users
+    from fedunlearn.privacy.common import flatten_users
     from fedunlearn.privacy.upload_attack import recovery_score, upload_view
 
     overrides = ["data.synthetic_users=60", "data.synthetic_items=300", "data.synthetic_interactions=20"]
@@ -472,8 +469,8 @@ def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figu
 def test_regularised_clients_stepping_alone_equal_the_matrix_defence(method):
     """What a Flower client does with the broadcast gradients (`client_gradient` on its own row, its
     own Adam) moves it as the in-process matrix does; a client that does not defend stays."""
-    from fedunlearn.privacy.attrcloak import adam_step
     from fedunlearn.privacy.baselines import MatrixRegularised, client_gradient, regularise, regularised_defence
+    from fedunlearn.privacy.common import adam_step
 
     rng = np.random.default_rng(4)
     x = rng.normal(size=(9, 4))

@@ -17,8 +17,8 @@ from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.fl.federation import build_federation
 from fedunlearn.fl.rounds import FederatedServer
 from fedunlearn.privacy.attacks import train_attacker
-from fedunlearn.privacy.attrcloak import class_contribution, flatten_users
 from fedunlearn.privacy.audit import local_outcome
+from fedunlearn.privacy.common import class_contribution, flatten_users
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.progress import Progress
 from fedunlearn.runs.assembly import server_plugins

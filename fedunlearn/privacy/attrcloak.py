@@ -32,48 +32,11 @@ import torch
 
 from fedunlearn.fl.training import recommendation_loss, sample_negatives
 from fedunlearn.models import Arrays, SplitModel
+from fedunlearn.privacy.common import AdamState, Aggregator, AttributeClasses, DefenceOutcome, PlainSum, adam_step
 from fedunlearn.privacy.gaussian import ClassSums, ledoit_wolf_shrinkage, moments, shrink, shrink_gradient, weighted_kl
 from fedunlearn.seeding import Stream, client_key, client_uniforms, rng_for
 
 AttributeGradient = tuple[torch.Tensor, torch.Tensor]  # dL_j/dsums (K, d), symmetrised dL_j/douters (K, d, d)
-
-
-class Aggregator(Protocol):
-    """Adds up the clients' contributions so that no party sees one of them (Flower: SecAgg+)."""
-
-    def class_sums(self, embeddings: np.ndarray, attribute: AttributeClasses) -> ClassSums: ...
-
-    def total(self, contributions: np.ndarray) -> np.ndarray: ...
-
-
-class PlainSum:
-    """The in-process stand-in for secure aggregation: the only place contributions meet. It
-    adds the same numbers `class_contribution` would send, without building them client by client."""
-
-    def class_sums(self, embeddings: np.ndarray, attribute: AttributeClasses) -> ClassSums:
-        return ClassSums.of(embeddings, attribute.labels, attribute.n_classes)
-
-    def total(self, contributions: np.ndarray) -> np.ndarray:
-        return contributions.sum(axis=0)
-
-
-@dataclass
-class AttributeClasses:
-    name: str
-    labels: np.ndarray  # (n,) class index per client
-    n_classes: int
-
-
-def class_contribution(embedding: np.ndarray, label: int, n_classes: int) -> np.ndarray:
-    """What one client sends to the secure sum: (K + K d + K d d,), zero outside its own class."""
-    e = embedding.astype(np.float64)
-    one_hot = np.eye(n_classes)[label]
-    return np.concatenate([one_hot, np.outer(one_hot, e).ravel(), np.kron(one_hot, np.outer(e, e).ravel())])
-
-
-def unpack_class_sums(total: np.ndarray, n_classes: int, dim: int) -> ClassSums:
-    k, d = n_classes, dim
-    return ClassSums(total[:k], total[k : k + k * d].reshape(k, d), total[k + k * d :].reshape(k, d, d))
 
 
 def min_norm_weight(rr: float, ar: float, aa: float, low: float) -> float:
@@ -214,26 +177,6 @@ def attribute_gradients(sums: ClassSums, shrinkage: np.ndarray) -> AttributeLoss
     )  # fmt: skip
 
 
-@dataclass
-class DefenceOutcome:
-    embeddings: np.ndarray | None  # (n, D) after the defence (None on Flower: only the clients hold them)
-    losses: list[float]  # L_AU per step
-    weights: list[float]  # min-norm weight a per step
-    seconds: float
-
-
-def flatten_users(model: SplitModel, users: list[Arrays]) -> np.ndarray:
-    """(n, D): each client's user part as one vector (NCF: GMF then MLP embedding)."""
-    keys = sorted(users[0])
-    return np.stack([np.concatenate([user[key] for key in keys]) for user in users]).astype(np.float64)
-
-
-def unflatten_users(users: list[Arrays], flat: np.ndarray) -> list[Arrays]:
-    keys = sorted(users[0])
-    sizes = np.cumsum([len(users[0][key]) for key in keys])[:-1]
-    return [dict(zip(keys, (part.astype(np.float32) for part in np.split(row, sizes)), strict=True)) for row in flat]
-
-
 class DataRetention:
     """DD: each client's own training loss on a fresh minibatch of its interactions per step,
     item side frozen; the loss is a sum over clients so each row's gradient is its own. Client i's
@@ -284,15 +227,6 @@ class DataRetention:
 # server broadcast, never anyone else's value.
 
 
-@dataclass
-class AdamState:
-    """One client's Adam moments for its own embedding (torch.optim.Adam's, element-wise)."""
-
-    step: int
-    exp_avg: np.ndarray
-    exp_avg_sq: np.ndarray
-
-
 def client_gradients(
     current: np.ndarray,
     original: np.ndarray,
@@ -329,24 +263,6 @@ def client_step(
     Adam state (torch.optim.Adam on the one row, resumed from `adam`)."""
     grad_au_t, grad_r_t = torch.as_tensor(grad_au), torch.as_tensor(grad_r)
     return adam_step(current, (weight * grad_au_t + (1 - weight) * grad_r_t).numpy(), adam, lr)
-
-
-def adam_step(current: np.ndarray, grad: np.ndarray, adam: AdamState | None, lr: float) -> tuple[np.ndarray, AdamState]:
-    """One client's step of torch.optim.Adam on its own row, resumed from `adam`: the new embedding
-    and Adam state."""
-    param = torch.tensor(current, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.Adam([param], lr=lr)
-    if adam is not None:
-        optimizer.state[param] = {
-            "step": torch.tensor(float(adam.step)),
-            "exp_avg": torch.tensor(adam.exp_avg, dtype=torch.float64),
-            "exp_avg_sq": torch.tensor(adam.exp_avg_sq, dtype=torch.float64),
-        }
-    param.grad = torch.as_tensor(grad, dtype=torch.float64)
-    optimizer.step()
-    state = optimizer.state[param]
-    moments_ = AdamState(int(state["step"]), state["exp_avg"].numpy().copy(), state["exp_avg_sq"].numpy().copy())
-    return param.detach().numpy().copy(), moments_
 
 
 @dataclass

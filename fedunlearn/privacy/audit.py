@@ -18,7 +18,7 @@ import pandas as pd
 from fedunlearn.config import AuditConfig, Config
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.privacy.attacks import Attacker, attack_metrics, shadow_split, train_attacker
-from fedunlearn.privacy.attrcloak import Aggregator, PlainSum
+from fedunlearn.privacy.common import Aggregator, PlainSum
 
 CONFIDENCE_BINS = 10
 

@@ -28,13 +28,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from fedunlearn.privacy.attrcloak import (
-    Aggregator,
-    AttributeClasses,
-    DefenceOutcome,
-    PlainSum,
-    client_attribute_gradient,
-)
+from fedunlearn.privacy.attrcloak import client_attribute_gradient
+from fedunlearn.privacy.common import Aggregator, AttributeClasses, DefenceOutcome, PlainSum
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.privacy.registry import DEFENCES
 

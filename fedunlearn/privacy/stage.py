@@ -18,18 +18,10 @@ from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.federation import Federation
 from fedunlearn.models import Arrays, SplitModel
 from fedunlearn.privacy.attacks import Attacker
-from fedunlearn.privacy.attrcloak import (
-    Aggregator,
-    AttributeClasses,
-    DataRetention,
-    DefenceOutcome,
-    PseudoClasses,
-    attrcloak,
-    flatten_users,
-    unflatten_users,
-)
+from fedunlearn.privacy.attrcloak import DataRetention, PseudoClasses, attrcloak
 from fedunlearn.privacy.audit import attribute_labels, audited_attributes, privacy_table
 from fedunlearn.privacy.baselines import regularised_defence
+from fedunlearn.privacy.common import Aggregator, AttributeClasses, DefenceOutcome, flatten_users, unflatten_users
 from fedunlearn.privacy.registry import DEFENCES
 from fedunlearn.privacy.upload_attack import RecoveryScore, recovery_score
 
