@@ -8,14 +8,17 @@ import sqlite3
 import sys
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 
+from fedunlearn.config import CHOICES
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.unlearning.registry import METHODS
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedunlearn", description="Federated recommendation with client unlearning.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('fedunlearn')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="train one configuration and write a results folder")
@@ -29,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         help="override one setting, e.g. --set train.rounds=10 (repeatable)",
     )
     run.add_argument(
-        "--engine", choices=["auto", "batched", "inprocess", "flower"], help="shorthand for --set run.engine=..."
+        "--engine", choices=CHOICES["run.engine"], help="shorthand for --set run.engine=..."
     )
     run.add_argument("--out", help="results folder to create (default: results/run-<time>)")
     run.add_argument("--drop", help='clients leave and ask to be forgotten, e.g. "12,57@20;3@30"')
@@ -100,6 +103,7 @@ def _run(args: argparse.Namespace) -> None:
     from fedunlearn.config import load_config
     from fedunlearn.runs.results import run_folder_of, staged, write_config, write_run
     from fedunlearn.runs.runner import execute
+    from fedunlearn.runs.tables import readable
 
     overrides = list(args.overrides) + ([f"run.engine={args.engine}"] if args.engine else [])
     overrides += [f"unlearn.method={args.method}"] if args.method else []
@@ -132,13 +136,13 @@ def _run(args: argparse.Namespace) -> None:
         columns = ["event", "method", "HR@10", "NDCG@10", "MIA_AUC", "client_epochs", "speedup", "L2_to_retrain"]
         table = pd.DataFrame(outcome.result.comparison)
         print("unlearning at each drop event (retained users, model right after unlearning):")
-        print(table[[c for c in columns if c in table.columns]].to_markdown(index=False, floatfmt=".4f"))
+        print(readable(table[[c for c in columns if c in table.columns]]))
     if outcome.result.privacy is not None:
         from fedunlearn.runs.report import privacy_summary
 
         report = outcome.result.privacy
         print(f"attribute privacy ({report.defending} clients defended; audit.csv has every view and attacker):")
-        print(privacy_summary(report.table).to_markdown(index=False, floatfmt=".3f"))
+        print(readable(privacy_summary(report.table), digits=3))
     print(f"results: {out}")
 
 
@@ -147,13 +151,13 @@ def _toml_string(text: str) -> str:
 
 
 def _experiment(args: argparse.Namespace) -> None:
-    from fedunlearn.runs.experiment import run_experiment
+    from fedunlearn.runs.experiment import markdown, run_experiment
 
     table = run_experiment(
         args.file, args.out, args.overrides, show_progress=not args.quiet, jobs=args.jobs, only=args.only,
         resume=args.resume,
     )  # fmt: skip
-    print(table.to_markdown(index=False, floatfmt=".4f"))
+    print(markdown(table))
     print(f"results: {args.out}")
 
 
@@ -166,6 +170,7 @@ def _audit(args: argparse.Namespace) -> None:
     from fedunlearn.config import load_config
     from fedunlearn.fl.federation import build_federation
     from fedunlearn.privacy.audit import privacy_table
+    from fedunlearn.runs.tables import readable
 
     run = Path(args.run_dir)
     if run.name.endswith(".partial") or not (run / "final.json").is_file():
@@ -197,7 +202,7 @@ def _audit(args: argparse.Namespace) -> None:
         tables.append(table.assign(stage=stage))
     table = pd.concat(tables, ignore_index=True)
     columns = ["stage", "attacker", "attribute", "audit", "accuracy", "balanced_accuracy", "chance", "at_risk"]
-    print(table[[c for c in columns if c in table.columns]].to_markdown(index=False, floatfmt=".4f"))
+    print(readable(table[[c for c in columns if c in table.columns]]))
     if args.out:
         table.to_csv(args.out, index=False)
 

@@ -179,3 +179,41 @@ def test_experiment_crosses_models_and_parallel_jobs_give_the_same_numbers(tmp_p
     assert list(tables["1"]["model"]) == ["mf", "ncf"]
     pd.testing.assert_frame_equal(tables["1"].drop(columns="seconds"), tables["2"].drop(columns="seconds"))
     assert tables["1"]["NDCG@10"].nunique() == 2  # the two models really differ
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"fedunlearn {version('fedunlearn')}\n"
+
+
+def test_tables_show_counts_as_integers_a_missing_value_as_a_dash_and_spread_beside_the_mean():
+    from fedunlearn.runs.tables import readable
+
+    table = pd.DataFrame(
+        {
+            "event": [15.0, 15.0],
+            "method": ["retrain", "accum"],
+            "HR@10": [0.6, 0.58],
+            "HR@10_std": [0.01, np.nan],
+            "speedup": [1.0, np.inf],
+            "client_epochs": [8232.0, 0.0],
+        }
+    )
+    assert readable(table).splitlines() == [
+        "|   event | method   |           HR@10 |   speedup |   client_epochs |",
+        "|--------:|:---------|----------------:|----------:|----------------:|",
+        "|      15 | retrain  | 0.6000 ± 0.0100 |    1.0000 |            8232 |",
+        "|      15 | accum    |          0.5800 |         - |               0 |",
+    ]
+
+
+def test_a_run_that_ranks_no_better_than_popularity_is_flagged(tmp_path, capsys):
+    untrained = [*TINY, "--set", "train.lr=1e-9", "--set", "train.rounds=1"]  # the initial random model
+    assert main(["run", *untrained, "--quiet", "--out", str(tmp_path / "short")]) == 0
+    final = json.loads((tmp_path / "short" / "final.json").read_text())
+    assert final["metrics"]["HR@10"] <= final["popularity_HR@10"]
+    assert "no better than ranking by popularity" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from fedunlearn.fl.rounds import COMPARED
 from fedunlearn.models import Arrays
 from fedunlearn.runs.results import FINAL, lock_folder, partial_of, staged, unlock, write_config, write_run
 from fedunlearn.runs.runner import RunOutcome, execute
+from fedunlearn.runs.tables import readable
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -98,7 +99,7 @@ def _rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]
     row: dict[str, Any] = {
         "setting": name.split("/")[0],
         "seed": config.run.seed,
-        "model": config.model.name,
+        "model": config.model.name if config.run.mode != "popularity" else "-",  # popularity has no model
         "mode": config.run.mode,
         "engine": config.run.engine if config.run.mode == "federated" else "-",
         "round": result.final.get("round", 0),
@@ -237,9 +238,5 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    """Means with ± std where there are several seeds."""
-    shown = table[[c for c in table.columns if not c.endswith("_std")]].copy()
-    for column in shown.columns:
-        if f"{column}_std" in table.columns:
-            shown[column] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(table[column], table[f"{column}_std"], strict=True)]
-    return shown.to_markdown(index=False, floatfmt=".4f")
+    """Means with ± std where there are several seeds (tables.readable)."""
+    return readable(table)

@@ -20,6 +20,7 @@ import tomli_w
 from fedunlearn.config import Config
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.rounds import FederationResult
+from fedunlearn.runs.tables import readable
 
 LOCK = ".lock"  # held (flock) by the process writing the folder
 FINAL = "final.json"  # written last, into the renamed folder: its presence means finished
@@ -145,13 +146,13 @@ def write_run(
     if result.comparison:
         table = pd.DataFrame(result.comparison)
         table.to_csv(folder / "unlearning.csv", index=False)
-        (folder / "unlearning.md").write_text(table.to_markdown(index=False, floatfmt=".4f") + "\n")
+        (folder / "unlearning.md").write_text(readable(table) + "\n")
     return final
 
 
 def summary_markdown(config: Config, result: FederationResult, info: dict[str, Any]) -> str:
     metrics = {k: v for k, v in result.final.items() if "@" in k}
-    table = pd.DataFrame([metrics]).to_markdown(index=False, floatfmt=".4f")
+    table = readable(pd.DataFrame([metrics]))
     lines = [
         f"# fedunlearn run: {config.model.name.upper()} on {config.data.dataset} ({config.run.mode})",
         "",
@@ -170,7 +171,7 @@ def write_privacy(folder: Path, config: Config, report: Any) -> None:
     from fedunlearn.runs.report import plot_embeddings, plot_tradeoff
 
     report.table.to_csv(folder / "audit.csv", index=False)
-    (folder / "audit.md").write_text(report.table.to_markdown(index=False, floatfmt=".4f") + "\n")
+    (folder / "audit.md").write_text(readable(report.table) + "\n")
     arrays = {"before": report.users_before} | ({} if report.users_after is None else {"after": report.users_after})
     np.savez_compressed(folder / "central_view_embeddings.npz", clients=np.array(report.client_ids), **arrays)
     if report.users_after is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -62,8 +63,27 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
 
         config = derive(config, {"run.engine": choose_engine(config)})  # recorded as the engine that ran
         config, result = _federated(config, federation, folder, show_progress, info)
+    if mode != "popularity":
+        warn_if_unlearned(config, federation, result, info)
     info["seconds"] = round(time.perf_counter() - started, 2)
     return RunOutcome(config, result, info)
+
+
+def warn_if_unlearned(config: Config, federation: Federation, result: FederationResult, info: dict[str, Any]) -> None:
+    """A trained model that ranks the held-out items no better than item popularity has learned
+    nothing a count could not tell: say so (final.json keeps the popularity ranker's HR@10)."""
+    from fedunlearn.reference.popularity import rank_by_popularity
+
+    if "HR@10" not in result.final:
+        return
+    popular = rank_by_popularity(config, federation).final["HR@10"]
+    info["popularity_HR@10"] = popular
+    if result.final["HR@10"] <= popular:
+        print(
+            f"fedunlearn: warning: HR@10 {result.final['HR@10']:.4f} is no better than ranking by popularity "
+            f"({popular:.4f}): the model has not learned yet; train longer (train.rounds) or check the data",
+            file=sys.stderr,
+        )
 
 
 def check_model_fits(config: Config, federation: Federation) -> None:

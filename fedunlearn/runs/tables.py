@@ -1,0 +1,48 @@
+"""Tables as people read them: counts as integers, a missing value as '-', means with ± std."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+
+def _is_count(values: pd.Series, std: pd.Series | None) -> bool:
+    """Integer-valued in every row, the same in every seed, and not a rate (some value above 1)."""
+    finite = [float(v) for v in values if _finite(v)]
+    spread = [] if std is None else [float(s) for s in std if _finite(s)]
+    return bool(finite) and all(v == round(v) for v in finite) and max(map(abs, finite)) > 1 and not any(spread)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def readable(table: pd.DataFrame, digits: int = 4) -> str:
+    """Markdown of `table`: a column with `<name>_std` beside it as mean ± std; integer counts as
+    integers; NaN or inf as '-' (no value: a speedup over a method that trained nothing, a distance
+    that was not kept); other numbers with `digits` decimals."""
+    shown, align = {}, []
+    for column in (c for c in table.columns if not str(c).endswith("_std")):
+        values = table[column]
+        std = table[f"{column}_std"] if f"{column}_std" in table.columns else None
+        if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+            shown[column] = ["-" if pd.isna(v) else str(v) for v in values]
+            align.append("left")
+            continue
+        count = _is_count(values, std)
+        cells = []
+        for row, value in enumerate(values):
+            if not _finite(value):
+                cells.append("-")
+            elif count:
+                cells.append(str(int(round(float(value)))))
+            else:
+                cell = f"{float(value):.{digits}f}"
+                if std is not None and _finite(std.iloc[row]):
+                    cell += f" ± {float(std.iloc[row]):.{digits}f}"
+                cells.append(cell)
+        shown[column] = cells
+        align.append("right")
+    return pd.DataFrame(shown).to_markdown(index=False, disable_numparse=True, colalign=align)
