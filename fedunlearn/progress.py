@@ -1,6 +1,12 @@
-"""Progress on long work: rounds, clients done in the round, the latest HR@10."""
+"""Progress on long work: rounds, the clients done in the current call (training, evaluating, a
+method's calibration round), the phase under way (a drop event's method) with its elapsed time, and
+the latest HR@10."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -11,15 +17,35 @@ class Progress:
         self.round = 0
         self.clients = 0
         self.done = 0
+        self.work = "training"  # what the clients of the current call do
+        self.phase: str | None = None  # e.g. a drop event's method, while it runs
+        self.phase_started = 0.0
         self.hr10: float | None = None
 
     def start_round(self, round_number: int, clients: int) -> None:
-        self.round, self.clients, self.done = round_number, clients, 0
+        self.round = round_number
+        self.start_call(clients, "training")
+
+    def start_call(self, clients: int, work: str) -> None:
+        """A new call to `clients` clients: the count restarts, so it never runs past its total."""
+        self.clients, self.done, self.work = clients, 0, work
         self._show()
 
     def client_done(self, count: int = 1) -> None:
         self.done += count
         if self.done == self.clients or self.done % max(1, self.clients // 10) == 0:
+            self._show()
+
+    @contextmanager
+    def during(self, phase: str) -> Iterator[None]:
+        """Label the work done inside the block (shown with its elapsed seconds)."""
+        outer, outer_started = self.phase, self.phase_started
+        self.phase, self.phase_started = phase, time.perf_counter()
+        self._show()
+        try:
+            yield
+        finally:
+            self.phase, self.phase_started = outer, outer_started
             self._show()
 
     def evaluated(self, row: dict[str, float]) -> None:
@@ -33,7 +59,10 @@ class Progress:
         self.bar.close()
 
     def _show(self) -> None:
-        postfix = {"round": self.round, "clients": f"{self.done}/{self.clients}"}
+        postfix = {"round": self.round}
+        if self.phase is not None:
+            postfix["phase"] = f"{self.phase} ({time.perf_counter() - self.phase_started:.0f} s)"
+        postfix[self.work] = f"{self.done}/{self.clients}"
         if self.hr10 is not None:
             postfix["HR@10"] = f"{self.hr10:.4f}"
         self.bar.set_postfix(postfix, refresh=True)

@@ -56,8 +56,9 @@ def audit_on_flower(
 
     users = pool.audit_users(clients)
     report, _ = privacy_stage(
-        config, server.model, federation, clients, result.shared, users, uploads, evaluate, defend=defend
-    )
+        config, server.model, federation, clients, result.shared, users, uploads, evaluate, defend=defend,
+        progress=server.progress,
+    )  # fmt: skip
     if config.defence.compare:
         pool.defence_end(clients, restore=config.defence.method == "none")
     return report

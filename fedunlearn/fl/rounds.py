@@ -231,6 +231,7 @@ class FederatedServer:
         runs in the same order whatever order they arrived in. Every training call goes through here:
         rounds, and the unlearning methods' calibration, replay and ascent."""
         train = self.config.train
+        self.progress.start_call(len(clients), "training" if not ascent else "ascending")
         replies = self.pool.train(round_number, clients, shared, self.progress.client_done, epochs, ascent)
         updates, rejected, details = check_replies(replies, clients, self.limits, train.reject_norm_ratio)
         self._count("updates", rejected, len(updates), len(clients), f"round {round_number}", details)
@@ -310,7 +311,8 @@ class FederatedServer:
         return read(updates, self.position, len(self.client_ids), self.model.n_items, self.model.row_keys)
 
     def evaluate(self) -> dict[str, float]:
-        replies = self.pool.evaluate(self.active, self.shared, lambda _: None)
+        self.progress.start_call(len(self.active), "evaluating")
+        replies = self.pool.evaluate(self.active, self.shared, self.progress.client_done)
         evaluations, rejected, details = check_replies(replies, self.active, self.limits)
         self._count("evaluations", rejected, len(evaluations), len(self.active), "evaluation", details)
         evaluations = sorted(evaluations, key=_by_client)
@@ -344,7 +346,8 @@ class FederatedServer:
         started, epochs_before, steps_before = time.perf_counter(), self.client_epochs, self.optimizer_steps
         took_part = self.history is None or bool(set(leaving) & self.history.client_ids())
         if took_part:  # clients that never trained left nothing to erase: every method is a no-op
-            self.shared = self.plugins.methods[method](self, round_number, forgotten)
+            with self.progress.during(f"drop before round {round_number}: {method}"):
+                self.shared = self.plugins.methods[method](self, round_number, forgotten)
         require_finite(self.shared, f"in {method} unlearning before round {round_number}")
         seconds, client_epochs = time.perf_counter() - started, self.client_epochs - epochs_before
         membership = self._membership(forgotten)  # before their state is deleted
@@ -395,7 +398,7 @@ class FederatedServer:
                 twin.active, twin.events, twin.calibrations = list(self.active), [], []
                 twin.rejected = fresh_counts()  # a trial's rejections are not the run's
                 twin.checkpoint = None
-                twin.progress = Progress(0, enabled=False)
+                twin.progress = self.progress  # each trial shows as its own phase
                 twin.unlearn(round_number, leaving, method)
                 if copied:
                     twin.history.close()

@@ -24,6 +24,7 @@ from fedunlearn.privacy.baselines import regularised_defence
 from fedunlearn.privacy.common import Aggregator, AttributeClasses, DefenceOutcome, flatten_users, unflatten_users
 from fedunlearn.privacy.registry import DEFENCES
 from fedunlearn.privacy.upload_attack import RecoveryScore, recovery_score
+from fedunlearn.progress import Progress
 
 Evaluate = Callable[[list[Arrays]], dict[str, float]]  # users -> HR@10, NDCG@10, ... on the retained clients
 # (config naming the method, defending mask, the audit's embedding attackers) -> the outcome, with
@@ -143,6 +144,7 @@ def privacy_stage(
     evaluate: Evaluate,
     aggregator: Aggregator | None = None,
     defend: Defend | None = None,
+    progress: Progress | None = None,
 ) -> tuple[PrivacyReport, list[Arrays]]:
     """Audit, then for the configured post-training defence (or, with `defence.compare`, for each
     of them, every one from the trained users, the configured one last) defend and audit again,
@@ -150,7 +152,9 @@ def privacy_stage(
     and the users after the configured defence.
 
     `defend` runs one defence; by default `run_defence` over `users` (in-process and batched
-    engines); the Flower engine passes one that runs it on the clients (server/audit.py)."""
+    engines); the Flower engine passes one that runs it on the clients (server/audit.py). `progress`
+    shows each stage (the audit, each defence) as a phase of the run's bar."""
+    progress = progress or Progress(0, enabled=False)
     attributes = federation.dataset.attributes.iloc[clients].reset_index(drop=True)
     names = audited_attributes(config.audit, attributes)
     before = flatten_users(model, users)
@@ -161,7 +165,8 @@ def privacy_stage(
         views["upload-direction"] = uploads["directions"]
         positives = [federation.split.train_of(i) for i in clients]
         recovery = recovery_score(uploads["recovered"], uploads["directions"], positives, before)
-    table, audited = privacy_table(views, attributes, config, aggregator)
+    with progress.during("privacy: audit of the trained model"):
+        table, audited = privacy_table(views, attributes, config, aggregator)
     table.insert(0, "defence", config.defence.upload if config.defence.upload != "none" else "none")
     for key, value in evaluate(users).items():
         table[key] = value
@@ -184,13 +189,14 @@ def privacy_stage(
     # the configured defence last: on Flower the clients then end up holding its embeddings
     for method in sorted(methods, key=lambda name: name == config.defence.method):
         trial = derive(config, {"defence.method": method})
-        outcome = (defend or central)(trial, defending, attackers)
-        assert outcome.embeddings is not None, "a Defend returns the defended embeddings"
-        users_after = unflatten_users(users, outcome.embeddings)
-        after, _ = privacy_table({"embedding": outcome.embeddings}, attributes, config, aggregator)
-        after.insert(0, "defence", method)
-        for key, value in evaluate(users_after).items():
-            after[key] = value
+        with progress.during(f"privacy: {method} on {int(defending.sum())} clients, then its audit"):
+            outcome = (defend or central)(trial, defending, attackers)
+            assert outcome.embeddings is not None, "a Defend returns the defended embeddings"
+            users_after = unflatten_users(users, outcome.embeddings)
+            after, _ = privacy_table({"embedding": outcome.embeddings}, attributes, config, aggregator)
+            after.insert(0, "defence", method)
+            for key, value in evaluate(users_after).items():
+                after[key] = value
         after["seconds"] = outcome.seconds
         after["steps"] = len(outcome.losses)
         tables[method] = after

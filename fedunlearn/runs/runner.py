@@ -178,7 +178,7 @@ def _privacy(
         return {key: metrics[key] for key in ("HR@10", "NDCG@10")}
 
     report, users_after = privacy_stage(
-        config, server.model, federation, clients, result.shared, users, uploads, evaluate
+        config, server.model, federation, clients, result.shared, users, uploads, evaluate, progress=server.progress
     )
     install(users_after)  # the clients keep the configured defence's embeddings
     return report
@@ -215,10 +215,10 @@ def _federated(
                     config, federation, pool, progress, history, schedule, checkpoint, server_plugins()
                 )
                 result = server.run()
+                if audits_privacy(config):  # its stages show on the same bar
+                    result.privacy = _privacy(config, federation, server, pool, result)
             finally:
                 progress.close()
-            if audits_privacy(config):
-                result.privacy = _privacy(config, federation, server, pool, result)
         info |= outcome_info(result, history)
     finally:
         if checkpoint is not None:
