@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 
 from clients.common import SIMULATION_ORACLE_ENV
@@ -64,6 +65,25 @@ def _python_path() -> list[str]:
     return [p for p in sys.path if p]
 
 
+class _RunSimulationDeprecation(logging.Filter):
+    """Flower 1.41+ deprecates `run_simulation` for the `flwr run` command and has no Python entry
+    point in its place; `fedunlearn run --engine flower` is such a Python driver, so its banner tells
+    our users nothing they can act on. Only that record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def quiet_flower_console() -> None:
+    """No colour codes where the console is not a terminal (a log file), and no banner for the
+    deprecation above; every other Flower message stays."""
+    from flwr.common.logger import FLOWER_LOGGER, update_console_handler
+
+    update_console_handler(colored=sys.stderr.isatty())
+    if not any(isinstance(known, _RunSimulationDeprecation) for known in FLOWER_LOGGER.filters):
+        FLOWER_LOGGER.addFilter(_RunSimulationDeprecation())
+
+
 def run_flower(
     config: Config,
     keep_replies: bool = False,
@@ -83,6 +103,7 @@ def run_flower(
     federation = cached_federation(config.data, config.run.seed)
     outcome: list[tuple[FederationResult, FlowerPool]] = []
     start_ray(config.run.num_cpus)
+    quiet_flower_console()
     try:
         run_simulation(
             server_app=make_server_app(

@@ -79,7 +79,7 @@ def test_client_sampling_does_not_depend_on_who_else_is_in_the_federation():
 
 
 @pytest.mark.flower
-def test_unlearning_runs_its_calibration_through_flower_with_the_same_numbers(tmp_path):
+def test_unlearning_runs_its_calibration_through_flower_with_the_same_numbers(tmp_path, capfd):
     from fedunlearn.fl.history import HistoryPolicy, HistoryStore
     from server.simulation import run_flower
 
@@ -92,6 +92,8 @@ def test_unlearning_runs_its_calibration_through_flower_with_the_same_numbers(tm
     args = (config, federation, pool, Progress(1, False), history, schedule)
     expected = FederatedServer(*args, plugins=server_plugins()).run()
     result, _ = run_flower(config, history=HistoryStore(tmp_path / "b.sqlite", HistoryPolicy()), schedule=schedule)
+    printed = capfd.readouterr()
+    assert "DEPRECATED FEATURE" not in printed.err and "\x1b[" not in printed.err  # no banner, no colour codes
     for key in expected.shared:
         np.testing.assert_array_equal(result.shared[key], expected.shared[key])
     assert result.events[0]["after"] == expected.events[0]["after"]
