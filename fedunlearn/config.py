@@ -173,6 +173,8 @@ class RunConfig(Section):
     mode: str = "federated"  # federated | central | popularity
     num_cpus: int = 2  # flower engine: Ray CPUs
     client_cpus: float = 1.0  # flower engine: CPUs per simulated client
+    client_gpus: float = 0.0  # flower engine: GPUs per simulated client (a share: 0.25 puts four on a GPU)
+    ray_address: str = ""  # flower engine: join this running Ray cluster (host:port); empty starts one on 127.0.0.1
 
 
 @dataclass
@@ -253,6 +255,7 @@ POSITIVE = {
     "defence.ldp_epsilon",
 }
 NON_NEGATIVE = {
+    "run.client_gpus",
     "data.min_rating",
     "data.synthetic_strength",
     "train.weight_decay",

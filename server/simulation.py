@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import time
 
@@ -25,7 +26,9 @@ LOOPBACK = "127.0.0.1"
 RAY_START_TRIES = 3
 
 
-def start_ray(num_cpus: int) -> None:
+def start_ray(num_cpus: int, address: str = "") -> None:
+    """Start Ray on 127.0.0.1 with `num_cpus` CPUs, or with `address` join a running cluster (whose
+    nodes bring their own CPUs and GPUs)."""
     import ray
 
     if ray.is_initialized():
@@ -33,6 +36,18 @@ def start_ray(num_cpus: int) -> None:
     os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's future default; silences its warning
+    # the oracle marker reaches the clients only through fedunlearn's own simulation
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_python_path()), SIMULATION_ORACLE_ENV: "1"}}
+    if address:
+        _require_listener(address)
+        try:
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, runtime_env=runtime_env)
+        except (ConnectionError, RuntimeError) as error:
+            raise FedUnlearnError(
+                f"run.ray_address = {address!r}: no Ray cluster answers there ({str(error).splitlines()[0]}); "
+                "start one with `ray start --head`, or leave run.ray_address empty to start Ray here"
+            ) from None
+        return
     for attempt in range(1, RAY_START_TRIES + 1):
         try:
             ray.init(
@@ -42,8 +57,7 @@ def start_ray(num_cpus: int) -> None:
                 _node_ip_address=LOOPBACK,
                 logging_level=logging.ERROR,
                 log_to_driver=False,
-                # the oracle marker reaches the clients only through fedunlearn's own simulation
-                runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_python_path()), SIMULATION_ORACLE_ENV: "1"}},
+                runtime_env=runtime_env,
             )
             break
         except Exception:  # Ray's start-up times out now and then on a loaded 2-core machine
@@ -57,6 +71,20 @@ def start_ray(num_cpus: int) -> None:
         raise FedUnlearnError(
             f"Ray started on {address}, not {LOOPBACK}: set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray"
         )
+
+
+def _require_listener(address: str) -> None:
+    """Fail at once where nothing listens: ray.init retries an absent cluster for minutes."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return
+    except (OSError, ValueError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    raise FedUnlearnError(
+        f"run.ray_address = {address!r}: no Ray cluster answers there ({reason}); start one with "
+        "`ray start --head`, or leave run.ray_address empty to start Ray here"
+    )
 
 
 def _python_path() -> list[str]:
@@ -102,7 +130,8 @@ def run_flower(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     federation = cached_federation(config.data, config.run.seed)
     outcome: list[tuple[FederationResult, FlowerPool]] = []
-    start_ray(config.run.num_cpus)
+    resources = {"num_cpus": config.run.client_cpus, "num_gpus": config.run.client_gpus}
+    start_ray(config.run.num_cpus, config.run.ray_address)
     quiet_flower_console()
     try:
         run_simulation(
@@ -116,7 +145,7 @@ def run_flower(
             ),
             client_app=client_app,
             num_supernodes=federation.n_clients,
-            backend_config={"client_resources": {"num_cpus": config.run.client_cpus, "num_gpus": 0.0}},
+            backend_config={"client_resources": resources},
         )
     finally:
         ray.shutdown()

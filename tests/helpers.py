@@ -136,3 +136,26 @@ def assert_privacy_tables_match(flower, inprocess, tolerance):
     pd.testing.assert_frame_equal(first[before], second[before])
     pd.testing.assert_frame_equal(first[~before], second[~before], check_exact=False, rtol=0, atol=tolerance)
     return first
+
+
+LISTEN = "0A"
+
+
+def listening() -> set[str]:
+    """Local addresses of the machine's listening TCP sockets, as /proc/net/tcp{,6} hex."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        found |= {fields[1] for fields in map(str.split, lines) if fields[3] == LISTEN}
+    return found
+
+
+def loopback(hex_address: str) -> bool:
+    host = hex_address.split(":")[0]
+    if len(host) == 8:  # IPv4, little-endian: 127.x.x.x ends in 7F
+        return host.endswith("7F")
+    # IPv6: ::1, or 127.x.x.x mapped (::ffff:127.x.x.x)
+    return host == "00000000000000000000000001000000" or host[16:24] == "FFFF0000" and host[30:32] == "7F"
