@@ -184,3 +184,19 @@ def test_audit_to_an_impossible_out_is_one_line_and_local_false_works(audited, c
     out = audited.parent / "no-local"
     assert run(audited.parent, "--set", "audit.enabled=true", "--set", "audit.local=false", out="no-local") == 0
     assert set(pd.read_csv(out / "audit.csv")["audit"]) == {"global"}
+
+
+@pytest.mark.parametrize("name", ["mf", "ncf"])
+def test_the_memory_check_counts_the_parameters_exactly_without_building_them(name):
+    import numpy as np
+
+    from fedunlearn.config import load_config
+    from fedunlearn.models import build_model
+    from fedunlearn.runs.runner import parameter_floats
+
+    for dim in (3, 32):
+        config = load_config(None, [f"model.name={name}", f"model.dim={dim}"])
+        model = build_model(config.model, 50)
+        shared, user = model.init_shared(np.random.default_rng(0)), model.init_user(np.random.default_rng(0))
+        built = sum(v.size for v in shared.values()) + 7 * sum(v.size for v in user.values())
+        assert parameter_floats(config.model, 50, 7) == built

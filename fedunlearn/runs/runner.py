@@ -6,14 +6,14 @@ import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedunlearn.config import Config, audits_privacy, derive
+from fedunlearn.config import Config, ModelConfig, audits_privacy, derive
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.checkpoint import Checkpoint
 from fedunlearn.fl.federation import Federation, build_federation
@@ -88,17 +88,30 @@ def warn_if_unlearned(config: Config, federation: Federation, result: Federation
 
 def check_model_fits(config: Config, federation: Federation) -> None:
     """Refuse a model whose parameters alone (item tables, every user part, dense layers) would not
-    fit in this machine's memory, before anything is allocated."""
-    model = build_model(config.model, 1)  # one item: the dense layers' size, and the width of a row
-    rows, dense = len(model.row_keys), sum(v.size for k, v in model.init_shared(np.random.default_rng(0)).items()
-                                          if k not in model.row_keys)  # fmt: skip
-    floats = (rows * federation.n_items + federation.n_clients) * config.model.dim + dense
+    fit in this machine's memory, before anything of that size is allocated."""
+    floats = parameter_floats(config.model, federation.n_items, federation.n_clients)
     needed, memory = 4 * floats, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > memory / 4:  # training keeps several copies (gradients, Adam moments, the clients' copies)
         raise FedUnlearnError(
             f"model.dim = {config.model.dim} needs {needed / 2**30:.1f} GiB for the parameters alone "
             f"(this machine has {memory / 2**30:.0f} GiB): lower model.dim"
         )
+
+
+def parameter_floats(model_config: ModelConfig, n_items: int, n_clients: int) -> int:
+    """Floats of the item tables, every client's user part and the dense layers, read off two probes
+    of width 1 and 2 with one item: every table is linear in model.dim and every dense layer affine
+    in it, so nothing of the real size is built (a probe at the real width would allocate it)."""
+
+    def probe(dim: int) -> tuple[int, int, int]:
+        model = build_model(replace(model_config, dim=dim), 1)
+        shared = model.init_shared(np.random.default_rng(0))
+        dense = sum(value.size for key, value in shared.items() if key not in model.row_keys)
+        return len(model.row_keys), len(model.init_user(np.random.default_rng(0))), dense
+
+    (rows, users, dense_1), (_, _, dense_2) = probe(1), probe(2)
+    dense = dense_1 + (dense_2 - dense_1) * (model_config.dim - 1)
+    return (rows * n_items + users * n_clients) * model_config.dim + dense
 
 
 def schedule_and_history(
