@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import time
+from types import ModuleType
 
 from clients.common import SIMULATION_ORACLE_ENV
 from fedunlearn.config import Config
@@ -17,19 +18,35 @@ from fedunlearn.fl.history import HistoryStore
 from fedunlearn.fl.rounds import FederationResult
 from server.pool import FlowerPool
 
-# Ray turns a node address of 127.0.0.1 into the machine's outward address unless clustering is
-# off; with it off every Ray process binds and connects on 127.0.0.1 only. Read when Ray is first
-# imported, so it is set here, before anything of ours imports Ray.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 LOOPBACK = "127.0.0.1"
+# Ray turns a node address of 127.0.0.1 into the machine's outward address unless multi-node
+# clustering is off; with it off every Ray process binds and connects on 127.0.0.1 only. Ray reads
+# the switch once, when it is first imported.
+CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 RAY_START_TRIES = 3
+
+
+def ray_on_loopback() -> ModuleType:
+    """Ray, imported with clustering off where we import it first. The switch is set only for the
+    import: processes started later (a `flwr run`'s own simulation) inherit nothing of it."""
+    if "ray" not in sys.modules:
+        before = os.environ.get(CLUSTER_SWITCH)
+        os.environ[CLUSTER_SWITCH] = "0"
+        try:
+            import ray  # noqa: F401
+        finally:
+            if before is None:
+                del os.environ[CLUSTER_SWITCH]
+            else:
+                os.environ[CLUSTER_SWITCH] = before
+    return sys.modules["ray"]
 
 
 def start_ray(num_cpus: int, address: str = "") -> None:
     """Start Ray on 127.0.0.1 with `num_cpus` CPUs, or with `address` join a running cluster (whose
     nodes bring their own CPUs and GPUs)."""
-    import ray
+    ray = ray_on_loopback()
 
     if ray.is_initialized():
         return
@@ -69,7 +86,8 @@ def start_ray(num_cpus: int, address: str = "") -> None:
     if address != LOOPBACK:  # Ray was imported before this module could keep it on loopback
         ray.shutdown()
         raise FedUnlearnError(
-            f"Ray started on {address}, not {LOOPBACK}: set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray"
+            f"Ray started on {address}, not {LOOPBACK}: Ray was imported before fedunlearn could keep it on "
+            f"loopback; set {CLUSTER_SWITCH}=0 before importing ray"
         )
 
 
@@ -121,7 +139,7 @@ def run_flower(
 ) -> tuple[FederationResult, FlowerPool]:
     """Run the federation through Flower's simulation engine; returns the result and the pool
     (whose `replies_seen` holds every client reply when `keep_replies` is asked for)."""
-    import ray
+    ray = ray_on_loopback()
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app

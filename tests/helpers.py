@@ -16,14 +16,15 @@ TINY = [
 def simulate_then(config, n_clients, then):
     """Flower's simulation as server.simulation.run_flower starts it, with `then(result, pool)` run by
     the ServerApp after training; returns what `then` returned."""
-    import ray
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
     from fedunlearn.progress import Progress
     from server.app import serve
-    from server.simulation import start_ray
+    from server.simulation import ray_on_loopback, start_ray
+
+    ray = ray_on_loopback()
 
     outcome, errors = [], []
     app = ServerApp()

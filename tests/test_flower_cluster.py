@@ -9,10 +9,12 @@ with a second loopback address, 127.0.0.2: `*:<port>`). Neither fits the rule th
 start listens on 127.0.0.1 only (docs/DEPLOYMENT.md)."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pandas as pd
 import pytest
 from helpers import TINY, listening, loopback, run_cli
 
-from server.simulation import start_ray  # before Ray is imported: it keeps Ray on loopback
+from server.simulation import ray_on_loopback, start_ray
 
 pytestmark = pytest.mark.flower
 
@@ -31,6 +33,9 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where a plain ray.init() looks for a cluster to join
 
 
 def _ray_node(*args: str) -> subprocess.Popen:
@@ -72,12 +77,15 @@ def _group_alive(group: int) -> bool:
 
 
 def test_a_run_on_a_running_cluster_gives_the_inprocess_numbers_and_stays_on_loopback(tmp_path):
-    import ray
+    ray = ray_on_loopback()  # imported with clustering off: kept on loopback
 
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    before = listening()
-    head = _ray_node("--head", f"--port={port}", "--include-dashboard=false")
+    before, current = listening(), CURRENT_CLUSTER.read_bytes() if CURRENT_CLUSTER.exists() else None
+    # its own temp dir: `ray start` notes its address there, and a later plain ray.init() (Flower's,
+    # under `flwr run`) would otherwise try to join this cluster after it is gone, for minutes
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    head = _ray_node("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp}")
     try:
         _wait(lambda: _listening(port), "the head node")
         start_ray(1, address)
@@ -89,7 +97,9 @@ def test_a_run_on_a_running_cluster_gives_the_inprocess_numbers_and_stays_on_loo
     finally:
         ray.shutdown()
         _stop(head)
+        shutil.rmtree(temp, ignore_errors=True)
     assert not _group_alive(head.pid)
+    assert (CURRENT_CLUSTER.read_bytes() if CURRENT_CLUSTER.exists() else None) == current  # nothing left behind
     local = run_cli(SETTINGS, "inprocess", tmp_path / "inprocess")
     first, second = (pd.read_csv(folder / "metrics.csv").drop(columns="seconds") for folder in (joined, local))
     pd.testing.assert_frame_equal(first, second)

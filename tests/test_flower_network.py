@@ -3,12 +3,12 @@
 import pytest
 from helpers import listening, loopback
 
-from server.simulation import start_ray  # before Ray is imported: it keeps Ray on loopback
+from server.simulation import ray_on_loopback, start_ray
 
 pytestmark = pytest.mark.flower
 
 def test_the_simulations_ray_listens_on_loopback_only():
-    import ray
+    ray = ray_on_loopback()  # imported with clustering off: kept on loopback
 
     if ray.is_initialized():
         ray.shutdown()
