@@ -79,7 +79,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from fedunlearn.runs.results import staged, write_run
-    from fedunlearn.runs.runner import outcome_info, schedule_and_history
+    from fedunlearn.runs.runner import outcome_info, schedule_and_history, warn_if_unlearned
 
     config, out = _config_from_run_config(context)
     federation = cached_federation(config.data, config.run.seed)
@@ -93,4 +93,5 @@ def main(grid: Grid, context: Context) -> None:
             progress.close()
             if history is not None:
                 history.close()
+        warn_if_unlearned(config, federation, result, info)  # as `fedunlearn run` does
         staging.final = write_run(staging.folder, config, result, info)
