@@ -151,13 +151,14 @@ def _toml_string(text: str) -> str:
 
 
 def _experiment(args: argparse.Namespace) -> None:
-    from fedunlearn.runs.experiment import markdown, run_experiment
+    from fedunlearn.runs.experiment import run_experiment
+    from fedunlearn.runs.tables import readable
 
     table = run_experiment(
         args.file, args.out, args.overrides, show_progress=not args.quiet, jobs=args.jobs, only=args.only,
         resume=args.resume,
     )  # fmt: skip
-    print(markdown(table))
+    print(readable(table))
     print(f"results: {args.out}")
 
 

@@ -22,9 +22,8 @@ class Progress:
         self.phase_started = 0.0
         self.hr10: float | None = None
 
-    def start_round(self, round_number: int, clients: int) -> None:
-        self.round = round_number
-        self.start_call(clients, "training")
+    def start_round(self, round_number: int) -> None:
+        self.round = round_number  # the round's training call (start_call) shows it
 
     def start_call(self, clients: int, work: str) -> None:
         """A new call to `clients` clients: the count restarts, so it never runs past its total."""

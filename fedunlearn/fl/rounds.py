@@ -482,7 +482,7 @@ class FederatedServer:
                 result.comparison += self.compare_methods(round_number, self.schedule[round_number])
             self.remove(round_number, self.schedule[round_number])
         clients = self.sample(round_number)
-        self.progress.start_round(round_number, len(clients))
+        self.progress.start_round(round_number)
         self.shared, updates = self.train_round(round_number, clients, self.shared)
         self._check_loss(round_number, float(np.mean([u.loss for u in updates])))
         if round_number == rounds and audits_privacy(self.config) and self.config.audit.uploads:  # the audit's view

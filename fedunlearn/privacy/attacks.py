@@ -6,9 +6,9 @@ whose attributes it knows, and is tested on the others. Metrics come from scikit
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from dataclasses import dataclass
+from pkgutil import resolve_name
 from typing import Any, Protocol
 
 import numpy as np
@@ -46,8 +46,7 @@ def make_classifier(name: str, seed: int) -> Classifier:
     """The registered attacker `name` (privacy.registry.ATTACKERS), untrained."""
     if name not in ATTACKERS:
         raise FedUnlearnError(f"unknown attacker {name!r}: choose one of {', '.join(ATTACKERS)}")
-    module, function = ATTACKERS[name].split(":")
-    return getattr(importlib.import_module(module), function)(seed)
+    return resolve_name(ATTACKERS[name])(seed)
 
 
 def xgboost_classifier(seed: int) -> Classifier:

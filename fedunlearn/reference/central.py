@@ -62,7 +62,8 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
     started = time.perf_counter()
     epochs = config.central.epochs
     for epoch in range(1, epochs + 1):
-        progress.start_round(epoch, len(pair_users))
+        progress.start_round(epoch)
+        progress.start_call(len(pair_users), "training")
         negatives = sample_pair_negatives(rng, pair_users, federation.n_items, positive_keys, config.model.negatives)
         order = rng.permutation(len(pair_users))
         losses = []

@@ -189,7 +189,7 @@ def run_experiment(
         runs.to_csv(folder / "runs.csv", index=False)
         table = summarize(pd.DataFrame(rows).drop(columns="status")) if rows else pd.DataFrame()
         table.to_csv(folder / "table.csv", index=False)
-        (folder / "table.md").write_text(markdown(table) + "\n")
+        (folder / "table.md").write_text(readable(table) + "\n")
         if "balanced_accuracy" in table.columns:
             from fedunlearn.runs.report import plot_tradeoff
 
@@ -237,6 +237,3 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def markdown(table: pd.DataFrame) -> str:
-    """Means with ± std where there are several seeds (tables.readable)."""
-    return readable(table)

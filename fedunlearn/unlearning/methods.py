@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from pkgutil import resolve_name
 
 from fedunlearn.config import UnlearnConfig
 from fedunlearn.fl.history import HistoryPolicy
@@ -12,11 +12,7 @@ from fedunlearn.unlearning.registry import METHODS, HistoryNeeds
 
 def load_methods() -> dict[str, Method]:
     """Every registered method, in registry order (the order of the comparison table)."""
-    loaded = {}
-    for name, entry in METHODS.items():
-        module, function = entry.function.split(":")
-        loaded[name] = getattr(importlib.import_module(module), function)
-    return loaded
+    return {name: resolve_name(entry.function) for name, entry in METHODS.items()}
 
 
 def history_policy(unlearn: UnlearnConfig) -> HistoryPolicy:
