@@ -73,30 +73,21 @@ def measure(child_args: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 
 def child(args: dict[str, Any]) -> None:
+    """One job, assembled as `fedunlearn run` assembles it (no results folder is written)."""
+    import tempfile
+    from pathlib import Path
+
     from fedunlearn.config import load_config
-    from fedunlearn.engines.choice import make_pool
-    from fedunlearn.fl.federation import build_federation
-    from fedunlearn.fl.rounds import FederatedServer
-    from fedunlearn.progress import Progress
-    from fedunlearn.runs.assembly import server_plugins
+    from fedunlearn.runs.runner import execute
 
     config = load_config(None, args["overrides"])
     loop_start = time.time()
-    phases: dict[str, float] = {}  # the batched engine's seconds per round by phase
-    if config.run.engine == "flower":
-        from server.simulation import run_flower
-
-        result, _ = run_flower(config, show_progress=False)
-        clients = [row["clients"] for row in result.rounds]
-    else:
-        federation = build_federation(config.data, config.run.seed)
-        pool = make_pool(config, federation)
-        progress = Progress(config.train.rounds, False)
-        server = FederatedServer(config, federation, pool, progress, plugins=server_plugins())
-        result = server.run()
-        clients = [row["clients"] for row in result.rounds]
-        phases = {key: value / config.train.rounds for key, value in getattr(pool, "seconds", {}).items()}
-    report = {"round_ends": result.round_ends, "loop_start": loop_start, "clients": clients[-1],
+    with tempfile.TemporaryDirectory() as folder:
+        outcome = execute(config, Path(folder), show_progress=False)
+    result = outcome.result
+    rounds = config.train.rounds  # the batched engine's seconds per round by phase
+    phases = {key: value / rounds for key, value in outcome.info.get("engine_seconds", {}).items()}
+    report = {"round_ends": result.round_ends, "loop_start": loop_start, "clients": result.rounds[-1]["clients"],
               "HR@10": result.final["HR@10"], "phases": phases}  # fmt: skip
     print(json.dumps(report))
 

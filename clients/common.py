@@ -12,7 +12,8 @@ from clients.messages import read_instruction, record_to_arrays
 from fedunlearn.config import Config
 from fedunlearn.fl.client import init_user
 from fedunlearn.fl.federation import ClientData, Federation, cached_federation
-from fedunlearn.models import Arrays, SplitModel, build_model
+from fedunlearn.models import build_model
+from fedunlearn.models.base import Arrays, SplitModel
 
 USER_STATE = "user"
 # Set only by fedunlearn's own simulation runner (server.simulation), in its process and its Ray workers'

@@ -25,7 +25,7 @@ from clients.messages import (
 )
 from fedunlearn.config import Config
 from fedunlearn.fl.federation import ClientData
-from fedunlearn.models import SplitModel
+from fedunlearn.models.base import SplitModel
 from fedunlearn.privacy.attrcloak import ClientCloak, DataRetention
 from fedunlearn.privacy.baselines import FourierFeatures, client_gradient, feature_contribution, uses_kernel
 from fedunlearn.privacy.common import AdamState, adam_step, flatten_users, unflatten_users

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from fedunlearn.errors import FedUnlearnError
+from fedunlearn.models import MODELS
 from fedunlearn.privacy.registry import ATTACKERS, DEFENCES
 from fedunlearn.unlearning.registry import METHODS
 
@@ -49,7 +50,7 @@ class DataConfig(Section):
 
 @dataclass
 class ModelConfig(Section):
-    name: str = "mf"  # mf | ncf
+    name: str = "mf"  # one of fedunlearn.models.MODELS
     dim: int = 32
     mlp_layers: list[int] = field(default_factory=lambda: [64, 32, 16])  # ncf only
     loss: str = "bpr"  # bpr | bce
@@ -202,7 +203,7 @@ def audits_privacy(config: Config) -> bool:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("synthetic", "ml-100k", "ml-1m", "csv"),
-    "model.name": ("mf", "ncf"),
+    "model.name": tuple(MODELS),
     "model.loss": ("bpr", "bce"),
     "train.optimizer": ("sgd", "adam"),
     "train.negative_sampler": ("uniform", "fru"),

@@ -8,6 +8,7 @@ on the clients, audit again) runs whenever it does on the other engines (server.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -15,9 +16,9 @@ from flwr.serverapp import Grid, ServerApp
 from fedunlearn.config import Config, load_config
 from fedunlearn.fl.federation import cached_federation
 from fedunlearn.fl.history import HistoryStore
-from fedunlearn.fl.rounds import FederatedServer, FederationResult
+from fedunlearn.fl.rounds import FederationResult
 from fedunlearn.progress import Progress
-from fedunlearn.runs.assembly import server_plugins
+from fedunlearn.runs.assembly import federated_server
 from server.pool import FlowerPool
 
 
@@ -31,7 +32,7 @@ def serve(
 ) -> tuple[FederationResult, FlowerPool]:
     federation = cached_federation(config.data, config.run.seed)
     pool = FlowerPool(grid, config, federation.n_clients, keep_replies)
-    server = FederatedServer(config, federation, pool, progress, history, schedule, plugins=server_plugins())
+    server = federated_server(config, federation, pool, progress, history, schedule)
     result = server.run()
     if config.audit.enabled:  # as on every engine: audit, defend on the clients, audit again
         from server.audit import audit_on_flower
@@ -79,19 +80,19 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from fedunlearn.runs.results import staged, write_run
-    from fedunlearn.runs.runner import outcome_info, schedule_and_history, warn_if_unlearned
+    from fedunlearn.runs.runner import federated_job
 
     config, out = _config_from_run_config(context)
     federation = cached_federation(config.data, config.run.seed)
     progress = Progress(config.train.rounds)
+
+    def train(config: Config, history: HistoryStore | None, schedule: dict[int, list[str]]) -> FederationResult:
+        return serve(grid, config, progress, False, history, schedule)[0]
+
     with staged(out) as staging:
-        config, schedule, history = schedule_and_history(config, federation, staging.folder)
+        info: dict[str, Any] = {}
         try:
-            result, _ = serve(grid, config, progress, False, history, schedule)
-            info = outcome_info(result, history)
+            config, result = federated_job(config, federation, staging.folder, train, info)  # as `fedunlearn run`
         finally:
             progress.close()
-            if history is not None:
-                history.close()
-        warn_if_unlearned(config, federation, result, info)  # as `fedunlearn run` does
         staging.final = write_run(staging.folder, config, result, info)

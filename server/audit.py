@@ -26,7 +26,7 @@ import numpy as np
 from fedunlearn.config import Config
 from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.rounds import FederatedServer, FederationResult
-from fedunlearn.models import Arrays
+from fedunlearn.models.base import Arrays
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.common import DefenceOutcome, flatten_users
 from fedunlearn.privacy.stage import PrivacyReport, privacy_stage

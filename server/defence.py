@@ -48,7 +48,7 @@ import numpy as np
 from clients.messages import DefenceStart
 from fedunlearn.config import Config
 from fedunlearn.fl.federation import cached_federation
-from fedunlearn.models import Arrays
+from fedunlearn.models.base import Arrays
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import AttributeGradient, cloak
 from fedunlearn.privacy.baselines import FourierFeatures, SumsGradient, regularise
@@ -56,7 +56,8 @@ from fedunlearn.privacy.common import DefenceOutcome
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.privacy.registry import DEFENCES
 from fedunlearn.privacy.stage import cloak_settings
-from server.pool import CLASS_SUMS_BOUND, FEATURE_SUMS_BOUND, PRODUCTS_BOUND, FlowerPool
+from server.pool import FlowerPool
+from server.privacy_queries import CLASS_SUMS_BOUND, FEATURE_SUMS_BOUND, PRODUCTS_BOUND
 
 FOURTH_POWER_MARGIN = 1.02  # over the largest possible ||e - mean||^4 (or ||e||^2), for the rounding in the sums
 

@@ -19,12 +19,11 @@ from fedunlearn.fl.aggregation import aggregate
 from fedunlearn.fl.client import plan_local_training
 from fedunlearn.fl.federation import build_federation
 from fedunlearn.fl.history import HistoryStore
-from fedunlearn.fl.rounds import FederatedServer
 from fedunlearn.fl.schedule import build_schedule
 from fedunlearn.fl.training import recommendation_loss
 from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
-from fedunlearn.runs.assembly import server_plugins
+from fedunlearn.runs.assembly import federated_server
 from fedunlearn.seeding import Stream, rng_for
 from fedunlearn.unlearning.methods import history_policy
 
@@ -41,9 +40,7 @@ def run(pool_class, overrides, tmp_path=None, drop=""):
         path = tmp_path / f"{pool_class.__name__}.sqlite"
         history = HistoryStore(path, history_policy(config.unlearn))
     pool = pool_class(config, federation)
-    server = FederatedServer(
-        config, federation, pool, Progress(1, False), history, schedule, plugins=server_plugins()
-    )
+    server = federated_server(config, federation, pool, Progress(1, False), history, schedule)
     return server.run(), pool
 
 

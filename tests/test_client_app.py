@@ -104,3 +104,14 @@ def test_the_audit_query_hands_the_auditor_the_user_part_the_client_holds(monkey
     reply = _send(AUDIT_USERS, instruction(config), context)
     assert set(reply.content.keys()) == {"user", "meta"}
     np.testing.assert_array_equal(decode_audit_user(reply.content)[1]["user_emb"], pool.user(4)["user_emb"])
+
+
+def test_a_client_validates_the_runs_config_once_and_holds_it_frozen():
+    from clients.messages import read_instruction
+    from fedunlearn.errors import FedUnlearnError
+
+    config = load_config(None, [*SMALL, "train.lr=0.003"])
+    first, second = (read_instruction(instruction(config, round_number))[0] for round_number in (1, 2))
+    assert first is second and first == config  # decoded once, not once per message
+    with pytest.raises(FedUnlearnError, match="frozen"):
+        first.train.lr = 1.0  # shared between messages, so it must not be changeable

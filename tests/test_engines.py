@@ -8,9 +8,8 @@ from clients.messages import AUDIT_USERS
 from fedunlearn.config import load_config
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.fl.federation import build_federation
-from fedunlearn.fl.rounds import FederatedServer
 from fedunlearn.progress import Progress
-from fedunlearn.runs.assembly import server_plugins
+from fedunlearn.runs.assembly import federated_server
 
 SMALL = TINY + [
     "train.rounds=2",
@@ -23,7 +22,7 @@ def run_inprocess(overrides):
     config = load_config(None, SMALL + overrides)
     federation = build_federation(config.data, config.run.seed)
     pool = InProcessPool(config, federation)
-    server = FederatedServer(config, federation, pool, Progress(1, False), plugins=server_plugins())
+    server = federated_server(config, federation, pool, Progress(1, False))
     return server.run(), pool
 
 
@@ -90,7 +89,7 @@ def test_unlearning_runs_its_calibration_through_flower_with_the_same_numbers(tm
     pool = InProcessPool(config, federation)
     history = HistoryStore(tmp_path / "a.sqlite", HistoryPolicy())
     args = (config, federation, pool, Progress(1, False), history, schedule)
-    expected = FederatedServer(*args, plugins=server_plugins()).run()
+    expected = federated_server(*args).run()
     result, _ = run_flower(config, history=HistoryStore(tmp_path / "b.sqlite", HistoryPolicy()), schedule=schedule)
     printed = capfd.readouterr()
     assert "DEPRECATED FEATURE" not in printed.err and "\x1b[" not in printed.err  # no banner, no colour codes

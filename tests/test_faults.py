@@ -20,8 +20,9 @@ from fedunlearn.fl.federation import build_federation
 from fedunlearn.fl.robust import coordinatewise, server_delta
 from fedunlearn.fl.updates import ClientUpdate
 from fedunlearn.metrics import rank_of_target
-from fedunlearn.models import MF, build_model
-from fedunlearn.runs.assembly import server_plugins
+from fedunlearn.models import build_model
+from fedunlearn.models.mf import MF
+from fedunlearn.runs.assembly import federated_server
 
 ALL_KINDS = '["nan","inf","shape","item_range","huge_norm","exception","spoof_id"]'
 SMALL = ["data.synthetic_users=40", "data.synthetic_items=120", "data.synthetic_interactions=12",
@@ -114,12 +115,10 @@ def test_the_faulty_clients_are_exactly_the_ones_left_out_of_the_round():
     config = load_config(None, SMALL + ["faults.share=0.25", "faults.kinds=[nan]"])
     clean = load_config(None, SMALL)
     federation = build_federation(config.data, config.run.seed)
-    from fedunlearn.fl.rounds import FederatedServer
     from fedunlearn.progress import Progress
 
-    plugins = server_plugins()
-    faulty = FederatedServer(config, federation, InProcessPool(config, federation), Progress(1, False), plugins=plugins)
-    honest = FederatedServer(clean, federation, InProcessPool(clean, federation), Progress(1, False), plugins=plugins)
+    faulty = federated_server(config, federation, InProcessPool(config, federation), Progress(1, False))
+    honest = federated_server(clean, federation, InProcessPool(clean, federation), Progress(1, False))
     everyone = list(range(federation.n_clients))
     bad = {i for i in everyone if fault_of(config.faults, 0, 1, federation.client_ids[i])}
     assert bad and len(bad) < len(everyone)

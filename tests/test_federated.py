@@ -7,7 +7,9 @@ from fedunlearn.fl.aggregation import aggregate
 from fedunlearn.fl.client import init_user, local_evaluate, local_train, plan_local_training
 from fedunlearn.fl.federation import ClientData
 from fedunlearn.fl.updates import ClientUpdate
-from fedunlearn.models import MF, NCF, build_model
+from fedunlearn.models import build_model
+from fedunlearn.models.mf import MF
+from fedunlearn.models.ncf import NCF
 
 CPU = torch.device("cpu")
 

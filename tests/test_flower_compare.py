@@ -22,9 +22,8 @@ from fedunlearn.config import load_config
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.fl.federation import build_federation
 from fedunlearn.fl.history import HistoryStore
-from fedunlearn.fl.rounds import FederatedServer
 from fedunlearn.progress import Progress
-from fedunlearn.runs.assembly import server_plugins
+from fedunlearn.runs.assembly import federated_server
 from fedunlearn.unlearning.methods import history_policy
 from fedunlearn.unlearning.registry import METHODS
 
@@ -85,7 +84,7 @@ def _inprocess(config, federation, schedule, history_path):
     pool.fork = lambda: forks.append(fork()) or forks[-1]
     history = HistoryStore(history_path, history_policy(config.unlearn))
     args = (config, federation, pool, Progress(1, False), history, schedule)
-    return FederatedServer(*args, plugins=server_plugins()).run(), [pool, *forks]
+    return federated_server(*args).run(), [pool, *forks]
 
 
 @pytest.mark.flower

@@ -23,13 +23,12 @@ from helpers import TINY, assert_no_secret_in, simulate_then
 from fedunlearn.config import load_config
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.fl.federation import build_federation
-from fedunlearn.fl.rounds import FederatedServer
 from fedunlearn.privacy.attrcloak import DataRetention, attrcloak, null_labels
 from fedunlearn.privacy.common import flatten_users
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.progress import Progress
-from fedunlearn.runs.assembly import server_plugins
-from server.pool import CLASS_SUMS_BOUND, PRODUCTS_BOUND
+from fedunlearn.runs.assembly import federated_server
+from server.privacy_queries import CLASS_SUMS_BOUND, PRODUCTS_BOUND
 from server.secure_sum import resolution
 
 pytestmark = [pytest.mark.flower]
@@ -76,7 +75,7 @@ def run():
 
     flower = simulate_then(config, federation.n_clients, after_training)
     pool = InProcessPool(config, federation)
-    expected = FederatedServer(config, federation, pool, Progress(1, False), plugins=server_plugins()).run()
+    expected = federated_server(config, federation, pool, Progress(1, False)).run()
     return flower | {"config": config, "federation": federation, "classes": classes, "expected": expected,
                      "attributes": attributes, "model": pool.model}  # fmt: skip
 

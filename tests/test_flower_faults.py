@@ -10,9 +10,8 @@ from fedunlearn.config import load_config
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.fl.faults import fault_of
 from fedunlearn.fl.federation import build_federation
-from fedunlearn.fl.rounds import FederatedServer
 from fedunlearn.progress import Progress
-from fedunlearn.runs.assembly import server_plugins
+from fedunlearn.runs.assembly import federated_server
 
 SETTINGS = TINY + ["train.rounds=3", "eval.every=1", "faults.share=0.2", "train.reply_timeout=10"]
 FLOWER_KINDS = ["exception", "timeout", "spoof_id", "nan"]
@@ -40,7 +39,7 @@ def test_faulty_flower_clients_are_counted_and_the_run_matches_the_inprocess_one
 
     reference = _config(INPROCESS_KINDS, "inprocess")
     pool = InProcessPool(reference, federation)
-    expected = FederatedServer(reference, federation, pool, Progress(1, False), plugins=server_plugins()).run()
+    expected = federated_server(reference, federation, pool, Progress(1, False)).run()
     result, _ = run_flower(config, show_progress=False)
     counts = {kind: drawn.count(kind) for kind in FLOWER_KINDS if kind in drawn}
     assert result.rejected["updates"] == counts  # spoof_id caught by the node map, not the claimed id

@@ -171,7 +171,7 @@ class RowClients:
 
 @pytest.mark.parametrize("variant", ["df", "dd"])
 def test_attrcloak_run_client_by_client_equals_the_matrix_version(variant):
-    from fedunlearn.models import MF
+    from fedunlearn.models.mf import MF
 
     rng = np.random.default_rng(5)
     n, d, n_items = 24, 4, 30
@@ -201,7 +201,8 @@ def test_a_models_frozen_item_scorer_and_its_gradient_equal_scoring_gathered_row
     """MF scores every item in one product, NCF precomputes its item side (first MLP layer, GMF
     output weights): the same scores and user gradients as gathering each user's item rows."""
     from fedunlearn.config import ModelConfig
-    from fedunlearn.models import SplitModel, build_model
+    from fedunlearn.models import build_model
+    from fedunlearn.models.base import SplitModel
 
     rng = np.random.default_rng(3)
     n, n_items = 12, 40

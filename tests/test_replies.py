@@ -8,7 +8,7 @@ import pytest
 
 from fedunlearn.fl.replies import Reply, ReplyLimits, check_replies
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
-from fedunlearn.models import MF
+from fedunlearn.models.mf import MF
 
 IDS = ["a", "b", "c", "d"]
 MODEL = MF(n_items=10, dim=3, init_std=0.1)

@@ -15,14 +15,13 @@ from helpers import TINY, simulate_then
 from fedunlearn.config import load_config
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.fl.federation import build_federation
-from fedunlearn.fl.rounds import FederatedServer
 from fedunlearn.privacy.attacks import train_attacker
 from fedunlearn.privacy.audit import local_outcome
 from fedunlearn.privacy.common import class_contribution, flatten_users
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.progress import Progress
-from fedunlearn.runs.assembly import server_plugins
-from server.pool import CLASS_SUMS_BOUND
+from fedunlearn.runs.assembly import federated_server
+from server.privacy_queries import CLASS_SUMS_BOUND
 from server.secure_sum import MODULUS, quantization_range, resolution
 
 pytestmark = [pytest.mark.flower, pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")]
@@ -41,7 +40,7 @@ def run():
     config = load_config(None, SMALL)
     federation = build_federation(config.data, config.run.seed)
     pool = InProcessPool(config, federation)
-    expected = FederatedServer(config, federation, pool, Progress(1, False), plugins=server_plugins()).run()
+    expected = federated_server(config, federation, pool, Progress(1, False)).run()
     embeddings = flatten_users(pool.model, [pool.user(i) for i in range(federation.n_clients)])
     attributes = federation.dataset.attributes.astype(str)
     attacker = train_attacker("mlp", AUDITED, embeddings, attributes[AUDITED].to_numpy(), config.run.seed)

@@ -8,10 +8,9 @@ from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.federation import build_federation
 from fedunlearn.fl.history import HistoryError, HistoryPolicy, HistoryStore
-from fedunlearn.fl.rounds import FederatedServer
 from fedunlearn.fl.schedule import build_schedule
 from fedunlearn.progress import Progress
-from fedunlearn.runs.assembly import server_plugins
+from fedunlearn.runs.assembly import federated_server
 from fedunlearn.unlearning.methods import history_policy
 
 SMALL = [
@@ -33,9 +32,7 @@ def server_for(tmp_path, overrides, drop=""):
     policy = history_policy(config.unlearn)
     history = HistoryStore(tmp_path / f"h{len(list(tmp_path.iterdir()))}.sqlite", policy)
     pool = InProcessPool(config, federation)
-    server = FederatedServer(
-        config, federation, pool, Progress(1, False), history, schedule, plugins=server_plugins()
-    )
+    server = federated_server(config, federation, pool, Progress(1, False), history, schedule)
     return server, history, pool
 
 

@@ -36,7 +36,8 @@ from fedunlearn.fl.replies import FAILED, Reply
 from fedunlearn.fl.rounds import ProgressHook
 from fedunlearn.fl.training import resolve_device
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
-from fedunlearn.models import Arrays, build_model
+from fedunlearn.models import build_model
+from fedunlearn.models.base import Arrays
 
 
 class BatchedPool(LocalPool):
@@ -53,7 +54,7 @@ class BatchedPool(LocalPool):
         self.ready = np.zeros(federation.n_clients, dtype=bool)  # has a user part (initialised or trained)
         # where training time goes, summed over calls (benchmarks/engines.py prints it)
         self.seconds = {"plans": 0.0, "tensors": 0.0, "uploads": 0.0}
-        torch.set_num_threads(config.run.num_cpus)
+        self.threads = config.run.num_cpus  # one program over every client's tensors: use the cores
 
     def _prepare(self, clients: list[int]) -> None:
         for index in clients:

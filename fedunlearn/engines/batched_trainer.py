@@ -17,7 +17,7 @@ from fedunlearn.config import Config
 from fedunlearn.fl.client import (
     LocalPlan,
 )
-from fedunlearn.models import Arrays, SplitModel, Tensors
+from fedunlearn.models.base import Arrays, SplitModel, Tensors
 
 CHUNK_ELEMENTS = 2**25  # floats of parameters (or scores) per group of clients: memory stays bounded at any size
 GROWTH = 1.25  # a workspace buffer that must grow takes this much more than asked

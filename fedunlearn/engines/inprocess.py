@@ -15,7 +15,8 @@ from fedunlearn.fl.replies import FAILED, Reply
 from fedunlearn.fl.rounds import ProgressHook
 from fedunlearn.fl.training import resolve_device
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
-from fedunlearn.models import Arrays, SplitModel, build_model
+from fedunlearn.models import build_model
+from fedunlearn.models.base import Arrays, SplitModel
 
 
 class LocalPool:
@@ -46,13 +47,14 @@ class LocalPool:
 class InProcessPool(LocalPool):
     """Holds every client's private state in a dict, as each Flower client holds it in its context."""
 
+    threads = 1  # tiny per-client tensors: more torch threads only add overhead and jitter
+
     def __init__(self, config: Config, federation: Federation) -> None:
         self.config = config
         self.federation = federation
         self.model = build_model(config.model, federation.n_items)
         self.device = resolve_device(config.run.device)
         self.user_state: dict[int, Arrays] = {}
-        torch.set_num_threads(1)  # tiny per-client tensors: threads only add overhead and jitter
 
     def user(self, index: int) -> Arrays:
         if index not in self.user_state:

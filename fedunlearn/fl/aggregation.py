@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedunlearn.fl.updates import ClientUpdate
-from fedunlearn.models import Arrays, SplitModel
+from fedunlearn.models.base import Arrays, SplitModel
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedunlearn.fl.database import Database
-from fedunlearn.models import Arrays
+from fedunlearn.models.base import Arrays
 
 RESUME_FILE = "resume.sqlite"
 

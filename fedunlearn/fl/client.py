@@ -26,7 +26,7 @@ from fedunlearn.fl.training import (
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.fl.uploads import protect_upload
 from fedunlearn.metrics import rank_of_target
-from fedunlearn.models import Arrays, SplitModel
+from fedunlearn.models.base import Arrays, SplitModel
 from fedunlearn.seeding import Stream, client_key, rng_for
 
 

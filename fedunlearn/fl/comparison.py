@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from fedunlearn.config import Config
-from fedunlearn.models import Arrays, build_model
+from fedunlearn.config import Config, derive
+from fedunlearn.models import build_model, model_class, settings_of
+from fedunlearn.models.base import Arrays
 from fedunlearn.seeding import Stream, rng_for
 
 
@@ -41,14 +42,9 @@ def compare_with_retrain(rows: list[dict[str, Any]], unlearned: list[Arrays | No
 
 
 def _initial(row: dict[str, Any], params: Arrays) -> Arrays:
-    config = Config()
-    config.model.name = row["model"]
-    config.model.dim = params["item_emb" if row["model"] == "mf" else "item_gmf"].shape[1]
-    if row["model"] == "ncf":
-        config.model.mlp_layers = [
-            params[f"mlp{i}.bias"].shape[0] for i in range(sum(k.endswith(".bias") for k in params) - 1)
-        ]
-    n_items = params["item_emb" if row["model"] == "mf" else "item_gmf"].shape[0]
+    settings = settings_of(row["model"], params)
+    config = derive(Config(), {f"model.{key}": value for key, value in settings.items()})
+    n_items = params[model_class(row["model"]).row_keys[0]].shape[0]
     return build_model(config.model, n_items).init_shared(rng_for(row["seed"], Stream.SHARED_INIT))
 
 

@@ -34,7 +34,7 @@ from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.aggregation import PackedUpdates
 from fedunlearn.fl.database import Database
 from fedunlearn.fl.updates import ClientUpdate, step_sizes
-from fedunlearn.models import Arrays
+from fedunlearn.models.base import Arrays
 
 FULL, COMPACT = "full", "compact"
 

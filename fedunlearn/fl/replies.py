@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
-from fedunlearn.models import Arrays, SplitModel
+from fedunlearn.models.base import Arrays, SplitModel
 
 T = TypeVar("T", ClientUpdate, ClientEvaluation)
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from fedunlearn.fl.aggregation import aggregate_delta
 from fedunlearn.fl.updates import ClientUpdate
-from fedunlearn.models import Arrays, SplitModel
+from fedunlearn.models.base import Arrays, SplitModel
 
 CHUNK_VALUES = 2**24  # float64 values held at once (clients x rows x d)
 

@@ -31,7 +31,8 @@ from fedunlearn.fl.replies import Reply, ReplyLimits, check_replies, median_norm
 from fedunlearn.fl.robust import server_delta
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate, rescale_tensors
 from fedunlearn.metrics import hit_ratio, ranking_metrics
-from fedunlearn.models import Arrays, SplitModel, build_model
+from fedunlearn.models import build_model
+from fedunlearn.models.base import Arrays, SplitModel
 from fedunlearn.progress import Progress
 from fedunlearn.seeding import Stream, client_uniforms, rng_for
 

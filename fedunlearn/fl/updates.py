@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fedunlearn.models import Arrays
+from fedunlearn.models.base import Arrays
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,16 @@ class SplitModel(ABC):
         self.n_items = n_items
         self.dim = dim
         self.init_std = init_std
+
+    @classmethod
+    def from_settings(cls, settings: Any, n_items: int) -> SplitModel:
+        """Built from `model.*` (a `fedunlearn.models.ModelSettings`)."""
+        return cls(n_items, settings.dim, settings.init_std)
+
+    @classmethod
+    def settings_of(cls, shared: Arrays) -> dict[str, Any]:
+        """The `model.*` settings these shared parameters were built with, read off their shapes."""
+        return {"dim": shared[cls.row_keys[0]].shape[1]}
 
     @abstractmethod
     def init_user(self, rng: np.random.Generator) -> Arrays:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -14,6 +16,15 @@ class NCF(SplitModel):
     def __init__(self, n_items: int, dim: int, init_std: float, mlp_layers: list[int]) -> None:
         super().__init__(n_items, dim, init_std)
         self.mlp_layers = list(mlp_layers)
+
+    @classmethod
+    def from_settings(cls, settings: Any, n_items: int) -> NCF:
+        return cls(n_items, settings.dim, settings.init_std, settings.mlp_layers)
+
+    @classmethod
+    def settings_of(cls, shared: Arrays) -> dict[str, Any]:
+        layers = sum(key.startswith("mlp") and key.endswith(".bias") for key in shared)
+        return super().settings_of(shared) | {"mlp_layers": [shared[f"mlp{i}.bias"].shape[0] for i in range(layers)]}
 
     def init_user(self, rng: np.random.Generator) -> Arrays:
         return {"user_gmf": self._normal(rng, self.dim), "user_mlp": self._normal(rng, self.dim)}

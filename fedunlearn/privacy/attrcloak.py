@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fedunlearn.fl.training import recommendation_loss, sample_negatives
-from fedunlearn.models import Arrays, SplitModel
+from fedunlearn.models.base import Arrays, SplitModel
 from fedunlearn.privacy.common import AdamState, Aggregator, AttributeClasses, DefenceOutcome, PlainSum, adam_step
 from fedunlearn.privacy.gaussian import ClassSums, ledoit_wolf_shrinkage, moments, shrink, shrink_gradient, weighted_kl
 from fedunlearn.seeding import Stream, client_key, client_uniforms, rng_for

@@ -10,7 +10,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from fedunlearn.models import Arrays, SplitModel
+from fedunlearn.models.base import Arrays, SplitModel
 from fedunlearn.privacy.gaussian import ClassSums
 
 

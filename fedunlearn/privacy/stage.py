@@ -16,7 +16,7 @@ import pandas as pd
 from fedunlearn.config import Config, DefenceConfig, derive
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.federation import Federation
-from fedunlearn.models import Arrays, SplitModel
+from fedunlearn.models.base import Arrays, SplitModel
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import DataRetention, PseudoClasses, attrcloak
 from fedunlearn.privacy.audit import attribute_labels, audited_attributes, privacy_table

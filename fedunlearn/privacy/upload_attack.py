@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedunlearn.fl.updates import ClientUpdate
-from fedunlearn.models import Arrays
+from fedunlearn.models.base import Arrays
 
 
 def recover_from_upload(update: ClientUpdate, row_keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -38,9 +38,9 @@ def sample_pair_negatives(
 
 
 def train_central(config: Config, federation: Federation, progress: Progress) -> FederationResult:
-    """Adam over every (user, positive, negatives) example; user and item parts trained jointly."""
+    """Adam over every (user, positive, negatives) example; user and item parts trained jointly (large
+    batches: the caller runs it under `run.num_cpus` torch threads)."""
     device = resolve_device(config.run.device)
-    torch.set_num_threads(config.run.num_cpus)  # large batches: use the cores (federated runs use one)
     seed = config.run.seed
     model = build_model(config.model, federation.n_items)
     split = federation.split

@@ -29,7 +29,7 @@ from fedunlearn.config import Config, apply_mapping, load_overrides, read_toml, 
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.comparison import compare_with_retrain
 from fedunlearn.fl.rounds import COMPARED
-from fedunlearn.models import Arrays
+from fedunlearn.models.base import Arrays
 from fedunlearn.runs.results import FINAL, lock_folder, partial_of, staged, unlock, write_config, write_run
 from fedunlearn.runs.runner import RunOutcome, execute
 from fedunlearn.runs.tables import readable
@@ -235,5 +235,3 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         table = pd.concat([table, std], axis=1)
         table.insert(len(keys), "seeds", grouped.size().to_numpy())
     return table
-
-

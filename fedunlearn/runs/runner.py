@@ -6,6 +6,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -22,8 +23,10 @@ from fedunlearn.fl.rounds import FederatedServer, FederationResult
 from fedunlearn.fl.schedule import build_schedule
 from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
-from fedunlearn.runs.assembly import server_plugins
+from fedunlearn.runs.assembly import federated_server, torch_threads
 from fedunlearn.unlearning.methods import history_policy
+
+Trainer = Callable[[Config, HistoryStore | None, dict[int, list[str]]], FederationResult]
 
 
 @dataclass
@@ -55,16 +58,16 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
 
         progress = Progress(config.central.epochs, show_progress, label="epochs")
         try:
-            result = train_central(config, federation, progress)
+            with torch_threads(config.run.num_cpus):
+                result = train_central(config, federation, progress)
         finally:
             progress.close()
+        warn_if_unlearned(config, federation, result, info)
     else:
         from fedunlearn.engines.choice import choose_engine
 
         config = derive(config, {"run.engine": choose_engine(config)})  # recorded as the engine that ran
         config, result = _federated(config, federation, folder, show_progress, info)
-    if mode != "popularity":
-        warn_if_unlearned(config, federation, result, info)
     info["seconds"] = round(time.perf_counter() - started, 2)
     return RunOutcome(config, result, info)
 
@@ -206,36 +209,52 @@ def plugged_engine(name: str) -> Any:
     return next(iter(found)).load()
 
 
+def federated_job(
+    config: Config, federation: Federation, folder: Path, train: Trainer, info: dict[str, Any]
+) -> tuple[Config, FederationResult]:
+    """A federated job on any engine (`train` runs the rounds and the privacy stage with the history
+    and drop schedule it is given): the same set-up, record and warning for `fedunlearn run` and for
+    `flwr run`."""
+    config, schedule, history = schedule_and_history(config, federation, folder)
+    try:
+        result = train(config, history, schedule)
+        info |= outcome_info(result, history)
+    finally:
+        if history is not None:
+            history.close()
+    warn_if_unlearned(config, federation, result, info)
+    return config, result
+
+
 def _federated(
     config: Config, federation: Federation, folder: Path, show_progress: bool, info: dict[str, Any]
 ) -> tuple[Config, FederationResult]:
     if config.run.engine == "flower":  # the clients' state lived in the killed simulation: start afresh
         (folder / "history.sqlite").unlink(missing_ok=True)
-    config, schedule, history = schedule_and_history(config, federation, folder)
-    checkpoint = None
-    try:
-        if config.run.engine == "flower":
-            run_flower = plugged_engine("flower")
-            result, _ = run_flower(config, history=history, schedule=schedule, show_progress=show_progress)
-        else:
-            from fedunlearn.engines.choice import make_pool
+        run_flower = plugged_engine("flower")
 
-            checkpoint = Checkpoint(folder, history)  # resumes from the last complete round, if any
-            progress = Progress(config.train.rounds, show_progress)
-            try:
-                pool = make_pool(config, federation)
-                server = FederatedServer(
-                    config, federation, pool, progress, history, schedule, checkpoint, server_plugins()
-                )
+        def train(config: Config, history: HistoryStore | None, schedule: dict[int, list[str]]) -> FederationResult:
+            return run_flower(config, history=history, schedule=schedule, show_progress=show_progress)[0]
+
+        return federated_job(config, federation, folder, train, info)
+
+    def train_here(config: Config, history: HistoryStore | None, schedule: dict[int, list[str]]) -> FederationResult:
+        from fedunlearn.engines.choice import make_pool
+
+        checkpoint = Checkpoint(folder, history)  # resumes from the last complete round, if any
+        progress = Progress(config.train.rounds, show_progress)
+        try:
+            pool = make_pool(config, federation)
+            with torch_threads(pool.threads):
+                server = federated_server(config, federation, pool, progress, history, schedule, checkpoint)
                 result = server.run()
                 if audits_privacy(config):  # its stages show on the same bar
                     result.privacy = _privacy(config, federation, server, pool, result)
-            finally:
-                progress.close()
-        info |= outcome_info(result, history)
-    finally:
-        if checkpoint is not None:
+            if hasattr(pool, "seconds"):  # the batched engine: where its training time went
+                info["engine_seconds"] = {key: round(value, 3) for key, value in pool.seconds.items()}
+            return result
+        finally:
+            progress.close()
             checkpoint.close()
-        if history is not None:
-            history.close()
-    return config, result
+
+    return federated_job(config, federation, folder, train_here, info)

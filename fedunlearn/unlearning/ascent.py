@@ -6,7 +6,7 @@ its influence and no more."""
 from __future__ import annotations
 
 from fedunlearn.fl.updates import ClientUpdate, rescale_tensors
-from fedunlearn.models import Arrays
+from fedunlearn.models.base import Arrays
 from fedunlearn.unlearning.context import UnlearningServer, require_history
 
 

@@ -11,7 +11,7 @@ from fedunlearn.config import Config
 from fedunlearn.fl.history import HistoryStore
 from fedunlearn.fl.rounds import ClientPool
 from fedunlearn.fl.updates import ClientUpdate
-from fedunlearn.models import Arrays, SplitModel
+from fedunlearn.models.base import Arrays, SplitModel
 
 
 class UnlearningServer(Protocol):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedunlearn.fl.updates import ClientUpdate, rescale_tensors
-from fedunlearn.models import Arrays
+from fedunlearn.models.base import Arrays
 from fedunlearn.unlearning.context import UnlearningServer, require_history
 
 

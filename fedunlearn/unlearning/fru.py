@@ -10,7 +10,7 @@ import numpy as np
 
 from fedunlearn.fl.aggregation import PackedUpdates, apply_delta, packed_delta
 from fedunlearn.fl.updates import ClientUpdate, step_size
-from fedunlearn.models import Arrays
+from fedunlearn.models.base import Arrays
 from fedunlearn.unlearning.context import UnlearningServer, require_history
 
 

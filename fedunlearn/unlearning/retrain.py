@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedunlearn.models import Arrays
+from fedunlearn.models.base import Arrays
 from fedunlearn.unlearning.context import UnlearningServer
 
 

@@ -1,0 +1,161 @@
+"""The privacy stage's messages to the clients (the audit, AttrCloak, D2D-R and U2U-R, the end of
+`defence.compare`), mixed into `server.pool.FlowerPool`, which carries them: its transport sends a
+task (`_send`), a query answered with ids only (`_query`) or a secure sum over SecAgg+ (`_secure_sum`)."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from clients.messages import (
+    AUDIT_USERS,
+    CLASS_SUMS,
+    CLOAK_PRODUCTS,
+    DEFENCE_END,
+    DEFENCE_FINISH,
+    DEFENCE_START,
+    DEFENCE_STEP,
+    FEATURE_SUMS,
+    FOURTH_POWERS,
+    LOCAL_AUDIT,
+    REGULARISED_STEP,
+    DefenceStart,
+    array_field,
+    decode_audit_user,
+    encode_attacker,
+    encode_defence_start,
+    encode_defence_step,
+    encode_regularised_step,
+    instruction,
+    secure_task,
+)
+from fedunlearn.config import Config
+from fedunlearn.fl.federation import cached_federation
+from fedunlearn.fl.replies import Reply
+from fedunlearn.models.base import Arrays
+from fedunlearn.privacy.attacks import Attacker
+from fedunlearn.privacy.attrcloak import AttributeGradient
+from fedunlearn.privacy.common import unpack_class_sums
+from fedunlearn.privacy.gaussian import ClassSums
+
+CLASS_SUMS_BOUND = 128.0  # |e_i|, |e_i e_j| of every user embedding must stay below this
+PRODUCTS_BOUND = 64.0  # AttrCloak: |g_R.g_R|, |g_AU.g_R|, |g_AU.g_AU| of every client must stay below this
+FEATURE_SUMS_BOUND = 1.0  # D2D-R: a one-hot class and Fourier features, each within sqrt(2 / F) < 1
+
+
+class PrivacyQueries(ABC):
+    config: Config
+
+    @abstractmethod
+    def _send(
+        self, kind: str, round_number: int, clients: list[int], shared: Arrays | None, done: Callable[[int], None]
+    ) -> tuple[list[Message], list[Reply[Any]]]: ...
+
+    @abstractmethod
+    def _query(self, kind: str, contents: dict[int, RecordDict]) -> None: ...
+
+    @abstractmethod
+    def _secure_sum(self, clients: list[int], task: dict[str, Any], bound: float) -> np.ndarray: ...
+
+    def audit_users(self, clients: list[int]) -> list[Arrays]:
+        """The simulation's measurement oracle, not part of the protocol: these clients' user parts,
+        in the order of `clients`, for the attribute audit's central view (server.audit)."""
+        replies, _ = self._send(AUDIT_USERS, 0, clients, None, lambda _: None)
+        federation = cached_federation(self.config.data, self.config.run.seed)
+        by_id = dict(decode_audit_user(reply.content) for reply in replies)
+        return [by_id[federation.client_ids[index]] for index in clients]
+
+    def local_audit(self, attacker: Attacker, clients: list[int]) -> np.ndarray:
+        """The sum over these clients of `fedunlearn.privacy.audit.local_outcome`, each run by the client on
+        its own embedding and attribute, through SecAgg+. Counts, so rounded to whole numbers."""
+        fields = {"attacker": encode_attacker(attacker), "attribute": attacker.attribute}
+        return np.rint(self._secure_sum(clients, secure_task(self.config, LOCAL_AUDIT, **fields), 1.0))
+
+    def attribute_classes(self, attribute: str) -> list[str]:
+        """The attribute's possible values, sorted (the dataset's schema, not any client's value)."""
+        federation = cached_federation(self.config.data, self.config.run.seed)
+        return sorted({str(value) for value in federation.dataset.attributes[attribute]})
+
+    def class_sums(
+        self,
+        attribute: str,
+        clients: list[int],
+        bound: float = CLASS_SUMS_BOUND,
+        classes: list[str] | None = None,
+        defence: bool = False,
+        null: tuple[int, np.ndarray] | None = None,
+    ) -> ClassSums:
+        """AttrCloak's per-class sums (count, sum of e, sum of e e^T) over these clients' embeddings
+        (`defence`: as defended so far), through SecAgg+; classes are `classes` or the attribute's
+        sorted values, shipped to every client. With `null` = (key, class shares) each client
+        counts under its public pseudo-class (`attrcloak.null_labels`) instead of its own."""
+        classes = classes if classes is not None else self.attribute_classes(attribute)
+        fields: dict[str, Any] = {"attribute": attribute, "classes": json.dumps(classes), "defence": defence}
+        if null is not None:
+            fields |= {"null-key": null[0], "null-shares": array_field(null[1])}
+        task = secure_task(self.config, CLASS_SUMS, **fields)
+        total = self._secure_sum(clients, task, bound)
+        k = len(classes)
+        dim = round((np.sqrt(4 * len(total) / k - 3) - 1) / 2)  # len = k (1 + d + d^2)
+        sums = unpack_class_sums(total, k, dim)
+        return ClassSums(np.rint(sums.counts), sums.sums, sums.outers)
+
+    def defence_start(self, clients: list[int], start: DefenceStart, defending: list[bool] | None) -> None:
+        """Each client notes its embedding and classes; `defending[i]`: whether clients[i] defends
+        (None: each decides alone, from `start`'s attackers)."""
+        flags = defending if defending is not None else [None] * len(clients)
+        contents = {index: encode_defence_start(self.config, replace(start, defending=flag))
+                    for index, flag in zip(clients, flags, strict=True)}  # fmt: skip
+        self._query(DEFENCE_START, contents)
+
+    def fourth_powers(
+        self, attribute: str, classes: list[str], means: np.ndarray, global_mean: np.ndarray, clients: list[int],
+        bound: float,
+    ) -> np.ndarray:  # fmt: skip
+        """The sum of each client's `fourth_power_contribution` (original embedding), through SecAgg+."""
+        fields = {"attribute": attribute, "classes": json.dumps(classes)}
+        fields |= {"means": array_field(means), "global-mean": array_field(global_mean)}
+        return self._secure_sum(clients, secure_task(self.config, FOURTH_POWERS, **fields), bound)
+
+    def cloak_products(
+        self, step: int, variant: str, gradients: list[AttributeGradient], clients: list[int], bound: float
+    ) -> np.ndarray:
+        """Broadcast the attribute loss's gradients; the sum of each client's (g_R.g_R, g_AU.g_R,
+        g_AU.g_AU) comes back through SecAgg+ (zero from a client that does not defend)."""
+        fields: dict[str, Any] = {"step": step, "variant": variant, "attributes": len(gradients)}
+        for j, (grad_sums, grad_outers) in enumerate(gradients):
+            fields[f"grad-sums-{j}"] = array_field(grad_sums.numpy())
+            fields[f"grad-outers-{j}"] = array_field(grad_outers.numpy())
+        return self._secure_sum(clients, secure_task(self.config, CLOAK_PRODUCTS, **fields), bound)
+
+    def defence_step(self, clients: list[int], weight: float, lr: float) -> None:
+        content = encode_defence_step(self.config, weight, lr)
+        self._query(DEFENCE_STEP, dict.fromkeys(clients, content))
+
+    def defence_finish(self, clients: list[int]) -> None:
+        self._query(DEFENCE_FINISH, dict.fromkeys(clients, instruction(self.config)))
+
+    def feature_sums(
+        self, attribute: str, classes: list[str], scale: float, seed: int, clients: list[int], bound: float
+    ) -> np.ndarray:
+        """The sum of each client's D2D-R `feature_contribution` (embedding as defended so far),
+        through SecAgg+; the clients build the Fourier features from (scale, seed)."""
+        fields = {"attribute": attribute, "classes": json.dumps(classes), "scale": float(scale), "seed": seed}
+        return self._secure_sum(clients, secure_task(self.config, FEATURE_SUMS, **fields), bound)
+
+    def regularised_step(self, clients: list[int], method: str, gradients: list[tuple[np.ndarray, ...]],
+                         weight: float, lr: float, n_clients: int, scale: float, seed: int) -> None:  # fmt: skip
+        content = encode_regularised_step(self.config, method, gradients, weight, lr, n_clients, scale, seed)
+        self._query(REGULARISED_STEP, dict.fromkeys(clients, content))
+
+    def defence_end(self, clients: list[int], restore: bool) -> None:
+        """After defence.compare: each client drops its trained user part, back to it first if `restore`."""
+        content = instruction(self.config)
+        content["defence"] = ConfigRecord({"restore": restore})
+        self._query(DEFENCE_END, dict.fromkeys(clients, content))
