@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     audit.add_argument("--out", help="also write the table to this CSV file")
 
+    report = commands.add_parser(
+        "report", help="report.md, report.html and plots of finished run or experiment folders, side by side"
+    )
+    report.add_argument("folders", nargs="+", metavar="RUN_OR_EXPERIMENT_DIR", help="results folders to report on")
+    report.add_argument("--out", required=True, help="folder to create for the report")
+
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     info = data_commands.add_parser("info", help="users, items, interactions, density, attributes")
@@ -138,7 +144,7 @@ def _run(args: argparse.Namespace) -> None:
         print("unlearning at each drop event (retained users, model right after unlearning):")
         print(readable(table[[c for c in columns if c in table.columns]]))
     if outcome.result.privacy is not None:
-        from fedunlearn.runs.report import privacy_summary
+        from fedunlearn.runs.tables import privacy_summary
 
         report = outcome.result.privacy
         print(f"attribute privacy ({report.defending} clients defended; audit.csv has every view and attacker):")
@@ -208,6 +214,14 @@ def _audit(args: argparse.Namespace) -> None:
         table.to_csv(args.out, index=False)
 
 
+def _report(args: argparse.Namespace) -> None:
+    from fedunlearn.runs.report import write_report
+
+    out = Path(args.out)
+    plots = write_report([Path(folder) for folder in args.folders], out)
+    print(f"report: {out / 'report.md'}, {out / 'report.html'} and {len(plots)} plots ({', '.join(plots)})")
+
+
 def _data_info(args: argparse.Namespace) -> None:
     from fedunlearn.data import load_dataset
     from fedunlearn.data.dataset import describe
@@ -230,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             _experiment(args)
         elif args.command == "audit":
             _audit(args)
+        elif args.command == "report":
+            _report(args)
         else:
             _data_info(args)
     except FedUnlearnError as err:

@@ -181,6 +181,26 @@ def test_experiment_crosses_models_and_parallel_jobs_give_the_same_numbers(tmp_p
     assert tables["1"]["NDCG@10"].nunique() == 2  # the two models really differ
 
 
+def test_audited_settings_keep_a_row_block_each_in_the_experiment_table(tmp_path):
+    """An audited run's rows name its defence in `setting` and the experiment setting in `run`; two
+    settings audited under the same defence were once averaged together as one."""
+    spec = tmp_path / "exp.toml"
+    spec.write_text(
+        '[base]\n"data.synthetic_users" = 30\n"data.synthetic_items" = 80\n"data.synthetic_interactions" = 12\n'
+        '"data.test_negatives" = 30\n"model.dim" = 8\n"train.rounds" = 2\n"audit.enabled" = true\n'
+        '"audit.attackers" = ["mlp"]\n'
+        '[[setting]]\nname = "slow"\nset = { "train.lr" = 0.001 }\n'
+        '[[setting]]\nname = "fast"\nset = { "train.lr" = 0.05 }\n'
+    )
+    out = tmp_path / "exp"
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet"]) == 0
+    runs, table = pd.read_csv(out / "runs.csv"), pd.read_csv(out / "table.csv")
+    assert list(dict.fromkeys(table["run"])) == ["slow", "fast"] and len(table) == len(runs)
+    for name in ("slow", "fast"):
+        assert table[table["run"] == name]["NDCG@10"].tolist() == runs[runs["run"] == name]["NDCG@10"].tolist()
+    assert runs[runs["run"] == "slow"]["NDCG@10"].iloc[0] != runs[runs["run"] == "fast"]["NDCG@10"].iloc[0]
+
+
 def test_version_prints_the_installed_version(capsys):
     from importlib.metadata import version
 

@@ -191,7 +191,7 @@ def run_experiment(
         table.to_csv(folder / "table.csv", index=False)
         (folder / "table.md").write_text(readable(table) + "\n")
         if "balanced_accuracy" in table.columns:
-            from fedunlearn.runs.report import plot_tradeoff
+            from fedunlearn.runs.plots import plot_tradeoff
 
             plot_tradeoff(table[table["audit"].notna()], folder / "tradeoff.png", label="setting")
     finally:
@@ -225,7 +225,11 @@ def _run_all(
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    grouping = ("setting", "model", "mode", "engine", "method", "event", "audit", "view", "attacker", "attribute")
+    """Rows that differ only by seed as one: the mean, and `<column>_std` with a `seeds` count when
+    a group has several."""
+    # an audited run's `setting` is its defence and `run` the experiment's setting: both tell rows apart
+    grouping = ("run", "setting", "defence", "model", "mode", "engine", "method", "event", "audit", "view")
+    grouping += ("attacker", "attribute")
     keys = [c for c in grouping if c in runs.columns]
     numeric = [c for c in runs.columns if c not in keys and c != "seed" and pd.api.types.is_numeric_dtype(runs[c])]
     grouped = runs.groupby(keys, sort=False, dropna=False)[numeric]

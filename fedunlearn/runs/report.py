@@ -1,71 +1,272 @@
-"""Plots for the results folder (matplotlib, PNG, no screen needed)."""
+"""`fedunlearn report RUN_OR_EXPERIMENT_DIR... --out DIR`: report.md, a self-contained report.html
+and the PNG plots of one or more finished results folders, side by side.
+
+A run folder (final.json) is one run; an experiment folder (runs.csv) holds one run folder per
+setting, model and seed. Runs that differ only by seed form one group: tables show the mean ± std
+over its seeds, and plots its mean (with the band between its lowest and highest seed). Every
+number comes from the folders' own files (final.json, metrics.csv, unlearning.csv or runs.csv,
+audit.csv, central_view_embeddings.npz); nothing is trained again."""
 
 from __future__ import annotations
 
+import base64
+import html
+import json
+import re
+import shutil
+import tomllib
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from fedunlearn.errors import FedUnlearnError
+from fedunlearn.runs.experiment import summarize
+from fedunlearn.runs.plots import (
+    plot_audit_views,
+    plot_embeddings,
+    plot_forgetting,
+    plot_rounds,
+    plot_time,
+    plot_tradeoff,
+    plot_unlearning,
+)
+from fedunlearn.runs.results import ATTRIBUTE_PREFIX, EMBEDDINGS_FILE, FINAL
+from fedunlearn.runs.tables import readable, readable_cells
 
-
-def plot_embeddings(report: Any, path: Path) -> None:
-    """Per-class embedding distributions before and after the defence, for each attribute: every
-    user on the two main axes of the embeddings before the defence (the same axes after)."""
-    names = list(report.attributes.columns)
-    centred = report.users_before - report.users_before.mean(0)
-    axes_basis = np.linalg.svd(centred, full_matrices=False)[2][:2].T
-    figure, grid = plt.subplots(len(names), 2, figsize=(10, 4 * len(names)), squeeze=False)
-    for row, name in enumerate(names):
-        labels = report.attributes[name].astype(str).to_numpy()
-        for column, (title, embeddings) in enumerate((("before", report.users_before), ("after", report.users_after))):
-            projected = (embeddings - report.users_before.mean(0)) @ axes_basis
-            axis = grid[row, column]
-            for value in np.unique(labels):
-                chosen = labels == value
-                axis.scatter(projected[chosen, 0], projected[chosen, 1], s=4, alpha=0.5, label=value)
-            axis.set_title(f"{name}: {title} the defence")
-        if len(np.unique(labels)) <= 8:
-            grid[row, 0].legend(markerscale=3, fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+SEED_FOLDER = re.compile(r"/?seed\d+$")
+UNLEARNING_COLUMNS = ("HR@10", "NDCG@10", "HR@10_active", "HR@10_inactive", "ER@10", "MIA_AUC", "speedup_time",
+                      "speedup", "speedup_steps", "client_epochs", "optimizer_steps", "unlearn_seconds")  # fmt: skip
 
 
-def plot_tradeoff(table: pd.DataFrame, path: Path, label: str = "defence") -> None:
-    """Attack balanced accuracy (global audit, embeddings) against NDCG@10, one point per defence
-    (and strength, when the table has several), one panel per attribute, chance as a dashed line."""
-    chosen = table[(table["audit"] == "global") & (table["view"] == "embedding")]
-    attributes = list(dict.fromkeys(chosen["attribute"]))
-    figure, grid = plt.subplots(1, len(attributes), figsize=(5 * len(attributes), 4), squeeze=False)
-    for axis, attribute in zip(grid[0], attributes, strict=True):
-        rows = chosen[chosen["attribute"] == attribute]
-        for (defence, attacker), group in rows.groupby([label, "attacker"], sort=False):
-            axis.scatter(group["NDCG@10"], group["balanced_accuracy"], label=f"{defence} / {attacker}")
-        axis.axhline(rows["chance"].iloc[0], linestyle="--", color="grey")
-        axis.set_xlabel("NDCG@10")
-        axis.set_ylabel("attack balanced accuracy")
-        axis.set_title(attribute)
-    grid[0, 0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+@dataclass
+class RunFolder:
+    group: str  # the run's name without its seed folder: runs of one group differ only by seed
+    seed: int
+    folder: Path
+    final: dict[str, Any]
+    config: dict[str, Any]
+    metrics: pd.DataFrame
+    experiment: Path | None  # the experiment folder it belongs to, if any
 
 
-def privacy_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """The demo's short table: per defence, attribute and attacker on the embeddings, the global
-    balanced accuracy (as answered, and relabelled: a below-chance attacker flipped, the information
-    left) against chance, the local audit's share at risk, and NDCG@10."""
-    embedding = table[table["view"] == "embedding"]
-    keys = ["defence", "attribute", "attacker"]
-    columns = [*keys, "balanced_accuracy", "balanced_accuracy_relabelled", "chance", "NDCG@10"]
-    global_rows = embedding[embedding["audit"] == "global"][columns]
+def _read_run(folder: Path, group: str, experiment: Path | None) -> RunFolder:
+    try:
+        final = json.loads((folder / FINAL).read_text())
+        config = tomllib.loads((folder / "config.toml").read_text())
+        metrics = pd.read_csv(folder / "metrics.csv")
+    except (OSError, ValueError, tomllib.TOMLDecodeError, pd.errors.ParserError) as error:
+        raise FedUnlearnError(f"{folder} is damaged ({type(error).__name__}: {error}): rerun it") from None
+    seed = int(config.get("run", {}).get("seed", 0))
+    return RunFolder(group, seed, folder, final, config, metrics, experiment)
+
+
+def collect(paths: list[Path]) -> list[RunFolder]:
+    """Every finished run under the given run or experiment folders, in the order given."""
+    runs: list[RunFolder] = []
+    for path in paths:
+        if (path / FINAL).is_file():
+            runs.append(_read_run(path, path.name, None))
+        elif (path / "runs.csv").is_file():
+            found = sorted(found.parent for found in path.rglob(FINAL))
+            if not found:
+                raise FedUnlearnError(f"{path} has runs.csv but no finished run folder: rerun the experiment")
+            for folder in found:
+                name = SEED_FOLDER.sub("", folder.relative_to(path).as_posix())
+                runs.append(_read_run(folder, f"{path.name}/{name}" if name else path.name, path))
+        else:
+            raise FedUnlearnError(
+                f"{path} is neither a finished run folder (final.json) nor an experiment folder (runs.csv): "
+                "give the folder that `fedunlearn run` or `fedunlearn experiment` wrote"
+            )
+    groups = [run.group for run in runs]
+    if len(set(zip(groups, (run.seed for run in runs), strict=True))) < len(runs):
+        raise FedUnlearnError("two of the given folders hold the same run (same name and seed): give each once")
+    return runs
+
+
+def quality_table(runs: list[RunFolder]) -> pd.DataFrame:
+    """Per group: the final metrics of every seed, mean ± std."""
+    rows = []
+    for run in runs:
+        metrics = run.final["metrics"]
+        rows.append(
+            {"run": run.group, "seed": run.seed, "model": run.config["model"]["name"],
+             "mode": run.final.get("mode", "-"), "engine": run.final.get("engine", "-"),
+             "clients": run.final.get("clients"), "HR@10": metrics.get("HR@10"), "NDCG@10": metrics.get("NDCG@10"),
+             "popularity_HR@10": run.final.get("popularity_HR@10"), "seconds": run.final.get("seconds")}  # fmt: skip
+        )
+    return summarize(pd.DataFrame(rows))
+
+
+def _seconds_per_round(run: RunFolder) -> float:
+    """The mean of a run's round times, without its first (start-up) when it has several."""
+    seconds = run.metrics["seconds"].to_numpy(dtype=float) if "seconds" in run.metrics else np.array([])
+    seconds = seconds[1:] if len(seconds) > 1 else seconds
+    return float(seconds.mean()) if len(seconds) else float("nan")
+
+
+def time_table(runs: list[RunFolder]) -> pd.DataFrame:
+    rows = [
+        {"run": run.group, "seed": run.seed, "engine": run.final.get("engine", "-"),
+         "clients": run.final.get("clients"), "seconds_per_round": _seconds_per_round(run),
+         "seconds": run.final.get("seconds")}  # fmt: skip
+        for run in runs
+        if run.final.get("mode") == "federated"
+    ]
+    return summarize(pd.DataFrame(rows)) if rows else pd.DataFrame()
+
+
+def unlearning_rows(runs: list[RunFolder]) -> pd.DataFrame:
+    """One row per method, event and seed: a run's unlearning.csv (`unlearn.compare`), or an
+    experiment's runs.csv rows (one run per method, judged against Retrain's run)."""
+    frames = []
+    for run in runs:
+        if (run.folder / "unlearning.csv").is_file():
+            frames.append(pd.read_csv(run.folder / "unlearning.csv").assign(run=run.group))
+    for experiment in dict.fromkeys(run.experiment for run in runs if run.experiment is not None):
+        table = pd.read_csv(experiment / "runs.csv")
+        if "method" in table.columns:
+            table = table[table["status"] == "ok"] if "status" in table.columns else table
+            frames.append(table.assign(run=experiment.name))
+    if not frames:
+        return pd.DataFrame()
+    rows = pd.concat(frames, ignore_index=True)
+    keep = ["run", "method", "event", "seed", *(c for c in UNLEARNING_COLUMNS if c in rows.columns)]
+    return rows[[c for c in keep if c in rows.columns]]
+
+
+def audit_rows(runs: list[RunFolder]) -> pd.DataFrame:
+    frames = [
+        pd.read_csv(run.folder / "audit.csv").assign(run=run.group, seed=run.seed)
+        for run in runs
+        if (run.folder / "audit.csv").is_file()
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def privacy_table(audits: pd.DataFrame) -> pd.DataFrame:
+    """The global audit on the embeddings per run, defence, attribute and attacker (mean ± std over
+    seeds), with the local audit's share of clients at risk beside it."""
+    embedding = audits[audits["view"] == "embedding"]
+    keys = ["run", "defence", "attribute", "attacker"]
+    columns = ["balanced_accuracy", "balanced_accuracy_relabelled", "chance", "NDCG@10"]
+    table = summarize(embedding[embedding["audit"] == "global"][[*keys, "seed", *columns]])
     local = embedding[embedding["audit"] == "local"]
-    if local.empty:  # audit.local = false
-        return global_rows
-    local_rows = local[[*keys, "at_risk"]].rename(columns={"at_risk": "local_at_risk"})
-    return global_rows.merge(local_rows, on=keys, how="left")
+    if not local.empty:
+        at_risk = summarize(local[[*keys, "seed", "at_risk"]].rename(columns={"at_risk": "local_at_risk"}))
+        table = table.merge(at_risk.drop(columns=["seeds"], errors="ignore"), on=keys, how="left")
+    return table
+
+
+def _embeddings(run: RunFolder) -> tuple[np.ndarray, np.ndarray, pd.DataFrame] | None:
+    saved = run.folder / EMBEDDINGS_FILE
+    if not saved.is_file():
+        return None
+    try:
+        with np.load(saved, allow_pickle=False) as stored:
+            arrays = {key: stored[key] for key in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise FedUnlearnError(f"{saved} is damaged ({type(error).__name__}): rerun the audited run") from None
+    labels = {key[len(ATTRIBUTE_PREFIX) :]: value for key, value in arrays.items() if key.startswith(ATTRIBUTE_PREFIX)}
+    if "after" not in arrays or not labels:  # no defence ran, or written before the labels were kept
+        return None
+    return arrays["before"], arrays["after"], pd.DataFrame(labels)
+
+
+def _plots(runs: list[RunFolder], unlearning: pd.DataFrame, audits: pd.DataFrame, times: pd.DataFrame,
+           out: Path) -> dict[str, str]:  # fmt: skip
+    """Every plot the folders have data for: file name -> what it shows."""
+    made: dict[str, str] = {}
+    groups = dict.fromkeys(run.group for run in runs)
+    curves = {group: pd.concat([run.metrics for run in runs if run.group == group]) for group in groups}
+    events = {run.group: [event["round"] for event in run.final.get("events", [])] for run in runs}
+    plot_rounds(curves, events, out / "rounds.png")
+    made["rounds.png"] = "HR@10 and NDCG@10 per round, drop events dotted"
+    if not unlearning.empty:
+        plot_unlearning(unlearning, out / "unlearning_tradeoff.png")
+        made["unlearning_tradeoff.png"] = "retained HR@10 against the speedup over Retrain, per method"
+        plot_forgetting(unlearning, out / "unlearning_forgetting.png")
+        made["unlearning_forgetting.png"] = "MIA AUC (and ER@10 under attack) per method"
+    if not audits.empty:
+        several = audits["run"].nunique() > 1  # the defences of each run told apart
+        labelled = audits.assign(defence=audits["run"] + ": " + audits["defence"]) if several else audits
+        plot_tradeoff(labelled, out / "privacy_tradeoff.png")
+        made["privacy_tradeoff.png"] = "attack balanced accuracy against NDCG@10 per defence, chance dashed"
+        plot_audit_views(labelled, out / "audit_views.png")
+        made["audit_views.png"] = "global audit against the clients' local view, per attribute"
+    for run in runs:
+        embedded = _embeddings(run)
+        if embedded is not None:
+            plot_embeddings(*embedded, out / "embeddings.png")
+            made["embeddings.png"] = (
+                f"user embeddings by class before and after the defence ({run.group}, seed {run.seed})"
+            )
+            break
+    if not times.empty:
+        plot_time(times, out / "time.png")
+        made["time.png"] = "seconds per training round per run"
+    return made
+
+
+def _section(title: str, table: pd.DataFrame, note: str = "") -> tuple[str, str]:
+    """(markdown, html) of one titled table."""
+    cells, _ = readable_cells(table)
+    markdown = f"## {title}\n\n{note}\n\n{readable(table)}\n" if note else f"## {title}\n\n{readable(table)}\n"
+    page = f"<h2>{html.escape(title)}</h2>\n" + (f"<p>{html.escape(note)}</p>\n" if note else "")
+    return markdown, page + cells.to_html(index=False, escape=True, border=0, classes="table") + "\n"
+
+
+def write_report(paths: list[Path], out: Path) -> dict[str, str]:
+    """report.md, report.html and the plots in `out` (built beside it and renamed when complete);
+    returns the plots made."""
+    if out.exists():
+        raise FedUnlearnError(f"{out} exists: choose another --out (a report is never written over)")
+    runs = collect(paths)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        unlearning, audits, times = unlearning_rows(runs), audit_rows(runs), time_table(runs)
+        sections = [_section("Recommendation quality (final round)", quality_table(runs),
+                             "Mean ± std over seeds where a run has several.")]  # fmt: skip
+        if not unlearning.empty:
+            unlearned = summarize(unlearning)
+            sections.append(_section("Unlearning, judged against Retrain", unlearned,
+                                     "Retained users right after the event; speedup_time is wall time, speedup "
+                                     "client-epochs; '-' where a method trained nothing (no speedup)."))  # fmt: skip
+        if not audits.empty:
+            sections.append(_section("Attribute privacy (global audit on the embeddings)", privacy_table(audits),
+                                     "relabelled: a below-chance attacker flipped, the information left."))  # fmt: skip
+        if not times.empty:
+            sections.append(_section("Time", times, "Seconds per training round, the first round left out."))
+        plots = _plots(runs, unlearning, audits, times, partial)
+        sources = ", ".join(str(path) for path in paths)
+        markdown = [f"# fedunlearn report\n\nFolders: {sources} ({len(runs)} runs)\n"]
+        markdown += [md for md, _ in sections]
+        listed = "\n".join(f"- [{name}]({name}): {what}" for name, what in plots.items())
+        markdown.append(f"## Plots\n\n{listed}\n")
+        (partial / "report.md").write_text("\n".join(markdown))
+        images = "".join(
+            f"<figure><img alt='{html.escape(what)}' src='data:image/png;base64,"
+            f"{base64.b64encode((partial / name).read_bytes()).decode()}'>"
+            f"<figcaption>{html.escape(what)}</figcaption></figure>\n"
+            for name, what in plots.items()
+        )
+        page = (
+            "<!doctype html><html><head><meta charset='utf-8'><title>fedunlearn report</title><style>"
+            "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:13px}"
+            "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}</style></head>"
+            f"<body><h1>fedunlearn report</h1><p>Folders: {html.escape(sources)} ({len(runs)} runs)</p>\n"
+            + "".join(page for _, page in sections)
+            + f"<h2>Plots</h2>\n{images}</body></html>\n"
+        )
+        (partial / "report.html").write_text(page)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return plots

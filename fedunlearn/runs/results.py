@@ -123,6 +123,10 @@ def publish(staging: Staging) -> None:
     unlock(staging.out, staging.lock)
 
 
+EMBEDDINGS_FILE = "central_view_embeddings.npz"
+ATTRIBUTE_PREFIX = "attribute_"  # the users' attribute values beside their embeddings in EMBEDDINGS_FILE
+
+
 def write_config(folder: Path, config: Config) -> None:
     (folder / "config.toml").write_text(tomli_w.dumps(config.to_dict()))
 
@@ -166,14 +170,15 @@ def summary_markdown(config: Config, result: FederationResult, info: dict[str, A
 
 
 def write_privacy(folder: Path, config: Config, report: Any) -> None:
-    """audit.csv / audit.md, the embeddings the global audit saw (the central view: a simulation
-    privilege, for `fedunlearn audit` and the plots) and the plots."""
-    from fedunlearn.runs.report import plot_embeddings, plot_tradeoff
+    """audit.csv / audit.md, the embeddings the global audit saw with the users' attribute values
+    (the central view: a simulation privilege, for `fedunlearn audit` and the plots) and the plots."""
+    from fedunlearn.runs.plots import plot_embeddings, plot_tradeoff
 
     report.table.to_csv(folder / "audit.csv", index=False)
     (folder / "audit.md").write_text(readable(report.table) + "\n")
     arrays = {"before": report.users_before} | ({} if report.users_after is None else {"after": report.users_after})
-    np.savez_compressed(folder / "central_view_embeddings.npz", clients=np.array(report.client_ids), **arrays)
+    labels = {f"{ATTRIBUTE_PREFIX}{name}": report.attributes[name].to_numpy(dtype=str) for name in report.attributes}
+    np.savez_compressed(folder / EMBEDDINGS_FILE, clients=np.array(report.client_ids), **arrays, **labels)
     if report.users_after is not None:
-        plot_embeddings(report, folder / "embeddings.png")
+        plot_embeddings(report.users_before, report.users_after, report.attributes, folder / "embeddings.png")
     plot_tradeoff(report.table, folder / "tradeoff.png")

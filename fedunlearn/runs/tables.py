@@ -20,9 +20,15 @@ def _finite(value: Any) -> bool:
 
 
 def readable(table: pd.DataFrame, digits: int = 4) -> str:
-    """Markdown of `table`: a column with `<name>_std` beside it as mean ± std; integer counts as
-    integers; NaN or inf as '-' (no value: a speedup over a method that trained nothing, a distance
-    that was not kept); other numbers with `digits` decimals."""
+    """Markdown of `table` as `readable_cells` writes it."""
+    shown, align = readable_cells(table, digits)
+    return shown.to_markdown(index=False, disable_numparse=True, colalign=align)
+
+
+def readable_cells(table: pd.DataFrame, digits: int = 4) -> tuple[pd.DataFrame, list[str]]:
+    """`table` as text cells, with each column's alignment: a column with `<name>_std` beside it as
+    mean ± std; integer counts as integers; NaN or inf as '-' (no value: a speedup over a method
+    that trained nothing, a distance that was not kept); other numbers with `digits` decimals."""
     shown, align = {}, []
     for column in (c for c in table.columns if not str(c).endswith("_std")):
         values = table[column]
@@ -45,4 +51,19 @@ def readable(table: pd.DataFrame, digits: int = 4) -> str:
                 cells.append(cell)
         shown[column] = cells
         align.append("right")
-    return pd.DataFrame(shown).to_markdown(index=False, disable_numparse=True, colalign=align)
+    return pd.DataFrame(shown, columns=list(shown)), align
+
+
+def privacy_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """The demo's short table: per defence, attribute and attacker on the embeddings, the global
+    balanced accuracy (as answered, and relabelled: a below-chance attacker flipped, the information
+    left) against chance, the local audit's share at risk, and NDCG@10."""
+    embedding = table[table["view"] == "embedding"]
+    keys = ["defence", "attribute", "attacker"]
+    columns = [*keys, "balanced_accuracy", "balanced_accuracy_relabelled", "chance", "NDCG@10"]
+    global_rows = embedding[embedding["audit"] == "global"][columns]
+    local = embedding[embedding["audit"] == "local"]
+    if local.empty:  # audit.local = false
+        return global_rows
+    local_rows = local[[*keys, "at_risk"]].rename(columns={"at_risk": "local_at_risk"})
+    return global_rows.merge(local_rows, on=keys, how="left")

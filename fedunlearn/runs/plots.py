@@ -1,0 +1,233 @@
+"""Plots for results folders and reports (matplotlib, PNG, no screen needed).
+
+Every plot has a title, labelled axes and a legend below the panels; series are told apart by a
+colour-blind-safe palette (Okabe-Ito) and by marker or line style, never by colour alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
+
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINES = ("-", "--", "-.", ":")
+
+
+def styles(names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """A colour and a marker (and a line style) per name, stable in the order given."""
+    return {
+        name: {"color": PALETTE[i % len(PALETTE)], "marker": MARKERS[i % len(MARKERS)], "linestyle": LINES[i % 4]}
+        for i, name in enumerate(dict.fromkeys(names))
+    }
+
+
+def _finish(figure: Any, path: Path, title: str, grid: np.ndarray) -> None:
+    """Title, one legend below the panels (every series once), saved and closed."""
+    handles: dict[str, Any] = {}
+    for axis in grid.ravel():
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    figure.suptitle(title, fontsize=12)
+    if handles:
+        columns = min(4, len(handles))
+        figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=columns, fontsize=9, frameon=False)
+        rows = -(-len(handles) // columns)
+        figure.tight_layout(rect=(0, min(0.45, 0.05 + 0.05 * rows), 1, 0.95))
+    else:
+        figure.tight_layout(rect=(0, 0, 1, 0.95))
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_rounds(curves: dict[str, pd.DataFrame], events: dict[str, list[int]], path: Path) -> None:
+    """HR@10 and NDCG@10 per round, one line per run group (the mean over its seeds, the band
+    between the lowest and the highest seed), drop events as dotted vertical lines."""
+    figure, grid = plt.subplots(1, 2, figsize=(11, 5), squeeze=False)
+    style = styles(curves)
+    for axis, metric in zip(grid[0], ("HR@10", "NDCG@10"), strict=True):
+        for name, frame in curves.items():
+            rows = frame.dropna(subset=[metric]).groupby("round")[metric]
+            mean, low, high = rows.mean(), rows.min(), rows.max()
+            axis.plot(mean.index, mean.to_numpy(), label=name, markersize=4, **style[name])
+            if (high > low).any():
+                axis.fill_between(mean.index, low.to_numpy(), high.to_numpy(), color=style[name]["color"], alpha=0.15)
+            for event in events.get(name, []):
+                axis.axvline(event, color=style[name]["color"], linestyle=":", linewidth=1)
+        axis.set_xlabel("round")
+        axis.set_ylabel(f"{metric} (all clients present)")
+        axis.set_title(metric)
+    grid[0, 0].plot([], [], color="grey", linestyle=":", label="drop event (a run's colour)")
+    _finish(figure, path, "Recommendation quality over the rounds", grid)
+
+
+def plot_unlearning(table: pd.DataFrame, path: Path) -> None:
+    """Retained users' HR@10 right after the event against the speedup over Retrain, in wall time
+    and in client-epochs, one point per method (mean over seeds and events); Retrain's HR@10 as
+    the reference line."""
+    figure, grid = plt.subplots(1, 2, figsize=(11, 5), squeeze=False)
+    style = styles(table["method"])
+    retrain = table.loc[table["method"] == "retrain", "HR@10"]
+    for axis, column, name in zip(grid[0], ("speedup_time", "speedup"), ("wall time", "client-epochs"), strict=True):
+        for method, rows in table.groupby("method", sort=False):
+            if method == "retrain":
+                x = np.ones(len(rows))
+            else:
+                x = rows[column].to_numpy(dtype=float)
+            if np.isfinite(x).any():
+                axis.scatter(x, rows["HR@10"], s=60, label=method, color=style[method]["color"],
+                             marker=style[method]["marker"])  # fmt: skip
+        if len(retrain):
+            axis.axhline(float(retrain.mean()), color="grey", linestyle="--", label="Retrain's HR@10")
+        axis.set_xscale("log")
+        axis.xaxis.set_major_formatter(ScalarFormatter())
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        axis.margins(0.15)
+        axis.set_xlabel(f"speedup over Retrain ({name}, log scale)")
+        axis.set_ylabel("retained users' HR@10 after unlearning")
+        axis.set_title(f"Utility vs speedup ({name})")
+    _finish(figure, path, "Unlearning: utility against cost (methods that trained nothing have no speedup)", grid)
+
+
+def plot_forgetting(table: pd.DataFrame, path: Path) -> None:
+    """What each method leaves of the forgotten clients: the membership-inference AUC on them and,
+    for a poisoning attack, the attacked item's exposure rate ER@10; Retrain's as the reference."""
+    columns = [c for c in ("MIA_AUC", "ER@10") if c in table.columns and table[c].notna().any()]
+    figure, grid = plt.subplots(1, len(columns), figsize=(5.5 * len(columns), 5), squeeze=False)
+    methods = list(dict.fromkeys(table["method"]))
+    style = styles(methods)
+    for axis, column in zip(grid[0], columns, strict=True):
+        means = table.groupby("method", sort=False)[column].mean().reindex(methods)
+        spread = table.groupby("method", sort=False)[column].std().reindex(methods).fillna(0.0)
+        for position, method in enumerate(methods):
+            axis.bar(position, means[method], yerr=spread[method], color=style[method]["color"], label=method,
+                     hatch=["", "//", "..", "xx"][position % 4], edgecolor="black")  # fmt: skip
+        if "retrain" in methods:
+            axis.axhline(means["retrain"], color="grey", linestyle="--", label="Retrain's value")
+        if column == "MIA_AUC":
+            axis.axhline(0.5, color="black", linestyle=":", label="AUC 0.5 (nothing told apart)")
+        axis.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+        mia = column == "MIA_AUC"
+        axis.set_ylabel("AUC" if mia else "share of retained users")
+        title = "membership inference on the forgotten clients" if mia else "ER@10: the attacked item in the top 10"
+        axis.set_title(title)
+    _finish(figure, path, "Unlearning: what is left of the forgotten clients (mean ± std over seeds)", grid)
+
+
+def plot_tradeoff(table: pd.DataFrame, path: Path, label: str = "defence") -> None:
+    """Attack balanced accuracy (global audit, embeddings; a below-chance attacker flipped, where the
+    table has that column) against NDCG@10, colour per defence, marker per attacker, one panel per
+    attribute, chance as a dashed line."""
+    chosen = table[(table["audit"] == "global") & (table["view"] == "embedding")]
+    accuracy = "balanced_accuracy_relabelled" if "balanced_accuracy_relabelled" in chosen else "balanced_accuracy"
+    attributes = list(dict.fromkeys(chosen["attribute"]))
+    figure, grid = plt.subplots(1, len(attributes), figsize=(5 * len(attributes), 5), squeeze=False)
+    colours = styles(chosen[label])
+    markers = styles(chosen["attacker"])
+    for axis, attribute in zip(grid[0], attributes, strict=True):
+        rows = chosen[chosen["attribute"] == attribute]
+        for (defence, attacker), group in rows.groupby([label, "attacker"], sort=False):
+            axis.scatter(group["NDCG@10"], group[accuracy], s=50, color=colours[defence]["color"],
+                         marker=markers[attacker]["marker"], label=f"{defence} / {attacker}")  # fmt: skip
+        axis.axhline(rows["chance"].iloc[0], linestyle="--", color="grey", label="chance")
+        axis.margins(0.15)
+        axis.set_xlabel("NDCG@10 after the defence")
+        axis.set_ylabel("attack balanced accuracy" + (" (relabelled)" if accuracy.endswith("relabelled") else ""))
+        axis.set_title(attribute)
+    _finish(figure, path, f"Attribute privacy against utility ({label} / attacker)", grid)
+
+
+def plot_embeddings(before: np.ndarray, after: np.ndarray, attributes: pd.DataFrame, path: Path) -> None:
+    """Per-class embedding distributions before and after the defence, for each attribute: every
+    user on the two main axes of the embeddings before the defence (the same axes and limits after)."""
+    names = list(attributes.columns)
+    centre = before.mean(0)
+    basis = np.linalg.svd(before - centre, full_matrices=False)[2][:2].T
+    shown = {"before": (before - centre) @ basis, "after": (after - centre) @ basis}
+    both = np.concatenate(list(shown.values()))
+    pad = 0.05 * (both.max(0) - both.min(0))
+    low, high = both.min(0) - pad, both.max(0) + pad
+    figure, grid = plt.subplots(len(names), 2, figsize=(13, 4.2 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        labels = attributes[name].astype(str).to_numpy()
+        values = sorted(set(labels))[:8]  # the first eight classes (age and occupation have more)
+        style = styles(values)
+        for column, (title, projected) in enumerate(shown.items()):
+            axis = grid[row, column]
+            for value in values:
+                chosen = labels == value
+                axis.scatter(projected[chosen, 0], projected[chosen, 1], s=8, alpha=0.6, label=value,
+                             color=style[value]["color"], marker=style[value]["marker"])  # fmt: skip
+            axis.set_xlim(low[0], high[0])
+            axis.set_ylim(low[1], high[1])
+            axis.set_xlabel("SVD direction 1 (of the embeddings before)")
+            axis.set_ylabel("SVD direction 2")
+            axis.set_title(f"{name}: {title} the defence")
+        more = f" (first 8 of {len(set(labels))})" if len(set(labels)) > 8 else ""
+        grid[row, 1].legend(title=f"{name}{more}", loc="center left", bbox_to_anchor=(1.02, 0.5), markerscale=2,
+                            fontsize=8)  # fmt: skip
+    figure.suptitle("User embeddings by class, before and after the defence", fontsize=12)
+    figure.tight_layout(rect=(0, 0, 1, 0.97))
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_audit_views(table: pd.DataFrame, path: Path) -> None:
+    """Global against local audit, per attribute and defence: the central attacker's balanced
+    accuracy (relabelled), and of the clients' own view the share at risk and the worst class's."""
+    embedding = table[table["view"] == "embedding"]
+    accuracy = "balanced_accuracy_relabelled" if "balanced_accuracy_relabelled" in embedding else "balanced_accuracy"
+    keys = ["attribute", "defence", *(["seed"] if "seed" in embedding else [])]
+
+    def worst(audit: str, column: str) -> pd.Series:
+        """The strongest attacker's value in each run, then the mean over seeds."""
+        rows = embedding[embedding["audit"] == audit].groupby(keys, sort=False)[column].max()
+        return rows.groupby(level=[0, 1], sort=False).mean()
+
+    series = {"global: attack balanced accuracy (best attacker)": worst("global", accuracy)}
+    if not embedding[embedding["audit"] == "local"].empty:
+        series["local: share of clients at risk (worst attacker)"] = worst("local", "at_risk")
+        series["local: worst class's share at risk"] = worst("local", "worst_class_at_risk")
+    frame = pd.DataFrame(series)
+    attributes = list(dict.fromkeys(frame.index.get_level_values(0)))
+    figure, grid = plt.subplots(1, len(attributes), figsize=(5.5 * len(attributes), 5), squeeze=False)
+    style = styles(frame.columns)
+    hatches = ["", "//", ".."]
+    for axis, attribute in zip(grid[0], attributes, strict=True):
+        part = frame.loc[attribute]
+        width = 0.8 / len(frame.columns)
+        for k, column in enumerate(frame.columns):
+            axis.bar(np.arange(len(part)) + k * width, part[column], width, label=column, edgecolor="black",
+                     color=style[column]["color"], hatch=hatches[k % 3])  # fmt: skip
+        axis.set_xticks(np.arange(len(part)) + 0.4 - width / 2, list(part.index), rotation=30, ha="right")
+        axis.set_ylim(0, 1)
+        axis.set_ylabel("accuracy or share of clients")
+        axis.set_xlabel("defence")
+        axis.set_title(attribute)
+    _finish(figure, path, "Attribute audit: the central party's view against each client's own exposure", grid)
+
+
+def plot_time(table: pd.DataFrame, path: Path) -> None:
+    """Seconds per training round of each run group (mean over rounds and seeds), labelled with its
+    engine and federation size."""
+    figure, grid = plt.subplots(1, 1, figsize=(max(6.0, 1.2 * len(table) + 3), 5), squeeze=False)
+    axis = grid[0, 0]
+    style = styles(table["engine"])
+    for position, row in enumerate(table.itertuples(index=False)):
+        axis.bar(position, row.seconds_per_round, color=style[row.engine]["color"], edgecolor="black",
+                 label=f"engine: {row.engine}")  # fmt: skip
+        where = (position, row.seconds_per_round)
+        axis.annotate(f"{round(row.clients)} clients", where, ha="center", va="bottom", fontsize=8)
+    axis.set_xticks(range(len(table)), list(table["run"]), rotation=30, ha="right")
+    axis.set_ylabel("seconds per training round (wall)")
+    axis.set_xlabel("run")
+    axis.set_title("Round time by run (memory per engine: benchmarks/engines.py)")
+    _finish(figure, path, "Time per round", grid)

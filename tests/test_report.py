@@ -1,0 +1,107 @@
+"""`fedunlearn report`: report.md, report.html and the plots, on a tiny run and a 2-seed experiment;
+the tables in report.md must equal the folders' own metrics files."""
+
+import json
+import re
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedunlearn.cli import main
+
+TINY = ["data.synthetic_users=40", "data.synthetic_items=120", "data.synthetic_interactions=15",
+        "data.test_negatives=40", "model.dim=8", "train.rounds=4", "eval.every=1", "audit.attackers=[mlp]"]  # fmt: skip
+PLOTS = {"rounds.png", "unlearning_tradeoff.png", "unlearning_forgetting.png", "privacy_tradeoff.png",
+         "audit_views.png", "embeddings.png", "time.png"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    settings = [f"--set={item}" for item in TINY]
+    run = ["run", *settings, "--drop-random", "10%@3", "--set", "unlearn.compare=true", "--set", "unlearn.poison=true",
+           "--set", "audit.enabled=true", "--set", "defence.method=attrcloak-dd", "--quiet"]  # fmt: skip
+    assert main([*run, "--out", str(root / "run")]) == 0
+    spec = root / "exp.toml"
+    base = "".join(f'"{key}" = {value}\n' for key, value in (item.split("=", 1) for item in TINY[:-1]))
+    spec.write_text(
+        f'seeds = [0, 1]\n[base]\n{base}"unlearn.drop_random" = "10%@3"\n'
+        '[[setting]]\nname = "retrain"\nset = { "unlearn.method" = "retrain" }\n'
+        '[[setting]]\nname = "federaser"\nset = { "unlearn.method" = "federaser" }\n'
+    )
+    assert main(["experiment", str(spec), "--out", str(root / "exp"), "--quiet"]) == 0
+    return root
+
+
+def _table(markdown: str, title: str) -> pd.DataFrame:
+    """The markdown table under `## title`, as text cells."""
+    section = markdown.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return pd.DataFrame(rows[2:], columns=rows[0])
+
+
+def _check_plots(out, expected):
+    for name in expected:
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 300 and image.shape[1] > 500, name  # a real figure, not an empty canvas
+        assert (out / name).stat().st_size > 15_000 and image.std() > 0.05, name
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(expected)  # self-contained: every plot inside
+
+
+def test_a_run_report_has_every_plot_and_its_tables_equal_the_runs_files(folders, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(folders / "run"), "--out", str(out)]) == 0
+    _check_plots(out, PLOTS)
+    markdown = (out / "report.md").read_text()
+    final = json.loads((folders / "run" / "final.json").read_text())
+    quality = _table(markdown, "Recommendation quality (final round)")
+    assert quality.loc[0, "HR@10"] == f"{final['metrics']['HR@10']:.4f}"
+    assert quality.loc[0, "NDCG@10"] == f"{final['metrics']['NDCG@10']:.4f}"
+    unlearning = _table(markdown, "Unlearning, judged against Retrain").set_index("method")
+    saved = pd.read_csv(folders / "run" / "unlearning.csv").set_index("method")
+    for method in saved.index:
+        for column in ("HR@10", "ER@10", "MIA_AUC"):
+            assert unlearning.loc[method, column] == f"{saved.loc[method, column]:.4f}", (method, column)
+    privacy = _table(markdown, "Attribute privacy (global audit on the embeddings)")
+    audit = pd.read_csv(folders / "run" / "audit.csv")
+    seen = audit[(audit["audit"] == "global") & (audit["view"] == "embedding")]
+    assert [f"{v:.4f}" for v in seen["balanced_accuracy"]] == list(privacy["balanced_accuracy"])
+    for name in PLOTS:
+        assert f"[{name}]({name})" in markdown
+
+
+def test_an_experiment_report_shows_mean_and_std_over_seeds_beside_a_run(folders, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(folders / "exp"), str(folders / "run"), "--out", str(out)]) == 0
+    _check_plots(out, PLOTS)
+    quality = _table((out / "report.md").read_text(), "Recommendation quality (final round)").set_index("run")
+    for method in ("retrain", "federaser"):
+        values = [json.loads((folders / "exp" / method / f"seed{s}" / "final.json").read_text())["metrics"]["HR@10"]
+                  for s in (0, 1)]  # fmt: skip
+        assert quality.loc[f"exp/{method}", "HR@10"] == f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+        assert quality.loc[f"exp/{method}", "seeds"] == "2"
+    unlearning = _table((out / "report.md").read_text(), "Unlearning, judged against Retrain")
+    runs = pd.read_csv(folders / "exp" / "runs.csv")
+    fed = unlearning[(unlearning["run"] == "exp") & (unlearning["method"] == "federaser")]
+    expected = runs[runs["method"] == "federaser"]["MIA_AUC"]
+    assert fed["MIA_AUC"].item() == f"{expected.mean():.4f} ± {expected.std():.4f}"
+
+
+def test_report_refuses_a_folder_that_is_no_results_folder_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "empty"), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"fedunlearn: error: .*empty is neither a finished run folder.*", error)
+    assert not out.exists() and not (tmp_path / "report.partial").exists()
+
+
+def test_report_never_writes_over_an_existing_folder(folders, tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    assert main(["report", str(folders / "run"), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and not any(out.iterdir())
