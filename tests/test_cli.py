@@ -237,3 +237,17 @@ def test_a_run_that_ranks_no_better_than_popularity_is_flagged(tmp_path, capsys)
     final = json.loads((tmp_path / "short" / "final.json").read_text())
     assert final["metrics"]["HR@10"] <= final["popularity_HR@10"]
     assert "no better than ranking by popularity" in capsys.readouterr().err
+
+
+def test_summary_is_a_readable_digest_and_the_recorded_config_says_the_audit_ran(tmp_path):
+    import tomllib
+
+    out = tmp_path / "run"
+    args = ["--set", "defence.method=attrcloak-dd", "--set", "audit.attackers=[mlp]", "--drop-random", "20%@2"]
+    assert main(["run", *TINY, *args, "--quiet", "--out", str(out)]) == 0
+    assert tomllib.loads((out / "config.toml").read_text())["audit"]["enabled"] is True  # a defence runs the audit
+    summary = (out / "summary.md").read_text()
+    assert "{'" not in summary and "{\"" not in summary  # no raw Python or JSON records
+    assert "defended with attrcloak-dd" in summary and "## Drop events" in summary
+    for name in ("metrics.csv", "audit.md", "embeddings.png", "final.json"):
+        assert f"[{name}]({name})" in summary and (out / name).exists()

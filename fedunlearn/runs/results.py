@@ -142,7 +142,6 @@ def write_run(
     pd.DataFrame(result.rounds).to_csv(folder / "metrics.csv", index=False)
     final = {"engine": config.run.engine, "mode": config.run.mode, **(info or {}), "metrics": result.final}
     json.dumps(final, allow_nan=False)  # a NaN anywhere is an error before anything is published
-    (folder / "summary.md").write_text(summary_markdown(config, result, info or {}))
     if result.unlearned:
         np.savez_compressed(folder / "unlearned.npz", **result.unlearned)
     if result.privacy is not None:
@@ -151,21 +150,71 @@ def write_run(
         table = pd.DataFrame(result.comparison)
         table.to_csv(folder / "unlearning.csv", index=False)
         (folder / "unlearning.md").write_text(readable(table) + "\n")
+    (folder / "summary.md").write_text(summary_markdown(folder, config, result, info or {}))  # links what is there
     return final
 
 
-def summary_markdown(config: Config, result: FederationResult, info: dict[str, Any]) -> str:
+LINKED = {
+    "metrics.csv": "metrics per evaluated round",
+    "unlearning.md": "every unlearning method against Retrain at each drop event",
+    "audit.md": "the attribute audit, every view, attacker and defence",
+    "tradeoff.png": "attack accuracy against NDCG@10 per defence",
+    "embeddings.png": "user embeddings by class before and after the defence",
+    "final.json": "the machine-readable record",
+}
+
+
+def summary_markdown(folder: Path, config: Config, result: FederationResult, info: dict[str, Any]) -> str:
+    """A readable digest of the run: what ran, the final metrics, each drop event, the privacy
+    stage and the history, with links to the files that hold the rest."""
     metrics = {k: v for k, v in result.final.items() if "@" in k}
-    table = readable(pd.DataFrame([metrics]))
+    what = f"engine {config.run.engine}" if config.run.mode == "federated" else f"mode {config.run.mode}"
     lines = [
         f"# fedunlearn run: {config.model.name.upper()} on {config.data.dataset} ({config.run.mode})",
         "",
-        f"- engine: {config.run.engine}" if config.run.mode == "federated" else f"- mode: {config.run.mode}",
-        *(f"- {key}: {value}" for key, value in info.items()),
+        f"{info.get('clients', '?')} clients, {info.get('items', '?')} items, {what}, seed {config.run.seed}, "
+        f"{info.get('seconds', 0.0):.1f} s.",
         "",
-        table,
+        "## Final metrics",
+        "",
+        readable(pd.DataFrame([metrics])),
         "",
     ]
+    if "popularity_HR@10" in info:
+        lines += [f"Ranking by item popularity alone: HR@10 {info['popularity_HR@10']:.4f}.", ""]
+    rejected = {kind: counts for kind, counts in info.items() if kind.startswith("rejected_") and counts}
+    lines += [f"Rejected replies: {json.dumps(rejected) if rejected else 'none'}.", ""]
+    if info.get("events"):
+        rows = [
+            {"round": event["round"], "clients removed": len(event["clients"]), "method": event["method"],
+             "seconds": event["seconds"], "client-epochs": event["client_epochs"],
+             "optimizer steps": event["optimizer_steps"], "retained HR@10": event["after"].get("HR@10"),
+             "MIA AUC": event.get("MIA_AUC"), "history MB": event["history_bytes"]["total"] / 1e6}  # fmt: skip
+            for event in info["events"]
+        ]
+        lines += ["## Drop events", "", readable(pd.DataFrame(rows)), ""]
+    if info.get("events"):
+        held = max(event["history_bytes"]["total"] for event in info["events"]) / 1e6
+        lines += [f"History the server held for the drop events: at most {held:.1f} MB (deleted after the last).", ""]
+    if "defending_clients" in info:
+        lines += ["## Attribute privacy", ""]
+        if config.defence.compare:
+            lines.append(f"defence.compare: every defence tried on {info['defending_clients']} clients, each from "
+                         "the trained embeddings (audit.md; seconds per defence in audit.csv).")  # fmt: skip
+        else:
+            lines.append(f"{info['defending_clients']} clients defended with {config.defence.method} "
+                         f"({info['defence_seconds']:.1f} s).")  # fmt: skip
+        if "upload_attack" in info:
+            attack = info["upload_attack"]
+            lines.append(
+                f"The upload-structure attack on one round's uploads recovered the clients' interactions at "
+                f"precision {attack['precision']:.3f} / recall {attack['recall']:.3f} and the direction of their "
+                f"embeddings at cosine {attack['cosine']:.3f} ({attack['clients']} clients)."
+            )
+        lines.append("")
+    present = [name for name in LINKED if (folder / name).exists() or name == FINAL]  # final.json comes last
+    lines += ["## Files", "", *(f"- [{name}]({name}): {LINKED[name]}" for name in present), ""]
+    lines += ["Plots and tables of this and other runs: `fedunlearn report THIS_FOLDER ... --out REPORT`.", ""]
     return "\n".join(lines)
 
 

@@ -67,6 +67,8 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
         from fedunlearn.engines.choice import choose_engine
 
         config = derive(config, {"run.engine": choose_engine(config)})  # recorded as the engine that ran
+        if config.run.engine != "flower" and audits_privacy(config):  # a single-machine engine audits any defence
+            config = derive(config, {"audit.enabled": True})  # so the recorded config says the audit ran
         config, result = _federated(config, federation, folder, show_progress, info)
     info["seconds"] = round(time.perf_counter() - started, 2)
     return RunOutcome(config, result, info)

@@ -9,7 +9,10 @@ import pandas as pd
 
 
 def _is_count(values: pd.Series, std: pd.Series | None) -> bool:
-    """Integer-valued in every row, the same in every seed, and not a rate (some value above 1)."""
+    """Integer-typed, or integer-valued in every row, the same in every seed, and not a rate (some
+    value above 1)."""
+    if pd.api.types.is_integer_dtype(values):
+        return True
     finite = [float(v) for v in values if _finite(v)]
     spread = [] if std is None else [float(s) for s in std if _finite(s)]
     return bool(finite) and all(v == round(v) for v in finite) and max(map(abs, finite)) > 1 and not any(spread)
