@@ -120,6 +120,23 @@ def test_no_trace_of_removed_clients_remains(tmp_path, method):
     assert history.db.execute("PRAGMA freelist_count").fetchone()[0] == 0
 
 
+def test_a_history_left_with_deleted_rows_by_a_killed_run_is_compacted_when_reopened(tmp_path):
+    """Deleted rows are not zeroed in place (secure_delete off: it doubled the bytes written); the
+    VACUUM after the commit removes them, and if a run died before it, reopening does."""
+    history = HistoryStore(tmp_path / "h.sqlite", HistoryPolicy())
+    with history.transaction():
+        history.db.execute("CREATE TABLE kept (data BLOB)")
+        history.db.executemany("INSERT INTO kept VALUES (?)", [(b"client-7" * 4000,)] * 20)
+    with history.transaction():
+        history.db.execute("DELETE FROM kept")  # as a forget() whose VACUUM never ran
+    assert history.db.execute("PRAGMA freelist_count").fetchone()[0] > 0
+    history.close()
+    assert b"client-7" in history.path.read_bytes()  # not zeroed in place: the free pages still hold them
+    reopened = HistoryStore(history.path, history.policy)
+    assert reopened.db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+    assert b"client-7" not in history.path.read_bytes()
+
+
 def test_retrain_equals_a_fresh_run_configured_without_those_clients(tmp_path):
     dropped, _, _ = server_for(tmp_path, ["unlearn.method=retrain"], drop="3,7@4")
     fresh, _, _ = server_for(tmp_path, ['data.exclude_clients=["3","7"]'])

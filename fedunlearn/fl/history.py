@@ -127,6 +127,8 @@ class HistoryStore(Database):
         with self.transaction():
             for statement in filter(str.strip, self.SCHEMA.split(";")):
                 self.db.execute(statement)
+        if self.db.execute("PRAGMA freelist_count").fetchone()[0]:
+            self.db.execute("VACUUM")  # a run killed before its pending compaction: deleted rows' bytes go now
 
     def copy_to(self, path: str | Path) -> HistoryStore:
         """An independent copy (for trying an unlearning method without touching this history),
