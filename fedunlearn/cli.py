@@ -139,9 +139,11 @@ def _run(args: argparse.Namespace) -> None:
         f"({config.model.name}, {config.run.mode}, engine {config.run.engine}, {outcome.info['seconds']:.1f} s)"
     )
     if outcome.result.comparison:
-        columns = ["event", "method", "HR@10", "NDCG@10", "MIA_AUC", "client_epochs", "speedup", "L2_to_retrain"]
+        columns = ["event", "method", "HR@10", "NDCG@10", "MIA_AUC", "client_epochs", "optimizer_steps",
+                   "unlearn_seconds", "speedup", "speedup_time", "L2_to_retrain"]  # fmt: skip
         table = pd.DataFrame(outcome.result.comparison)
-        print("unlearning at each drop event (retained users, model right after unlearning):")
+        print("unlearning at each drop event (retained users, model right after unlearning; speedup over Retrain "
+              "in client-epochs, speedup_time in wall time, '-' where a method trained nothing):")  # fmt: skip
         print(readable(table[[c for c in columns if c in table.columns]]))
     if outcome.result.privacy is not None:
         from fedunlearn.runs.tables import privacy_summary

@@ -1,5 +1,7 @@
 """Drop schedules, the update history and the unlearning methods on a small federation."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -118,6 +120,24 @@ def test_no_trace_of_removed_clients_remains(tmp_path, method):
     assert result.final["round"] == 6
     # vacuumed: no free pages are left that could still hold their deleted rows
     assert history.db.execute("PRAGMA freelist_count").fetchone()[0] == 0
+
+
+def test_a_round_kept_in_full_is_not_stored_again_in_compact_form(tmp_path):
+    """FedEraser's full updates and FRU's compact ones, kept together (unlearn.compare): at a round
+    kept in full the compact form is read off the full one, equal to what storing it gave."""
+    server, history, _ = server_for(tmp_path, ["unlearn.compare=true"])
+    server.run()  # no drop: the history keeps every round
+    alone = HistoryStore(tmp_path / "alone.sqlite", replace(history.policy, full_updates="none"))
+    kinds = history.db.execute("SELECT round, kind FROM round_updates ORDER BY round, kind").fetchall()
+    assert [r for r, kind in kinds if kind == "compact"] == [2, 4, 6]  # the odd rounds are kept in full
+    assert [r for r, kind in kinds if kind == "full"] == [1, 3, 5]
+    ids = sorted(history.participants(3))
+    full = history.updates(3, ids)
+    alone.record_round(3, server.shared, full)  # these updates stored alone, in compact form only
+    derived, kept = history.compacts(3, ids), alone.compacts(3, ids)
+    assert derived.clients == kept.clients and np.array_equal(derived.item_ids, kept.item_ids)
+    for key in derived.rows:
+        np.testing.assert_array_equal(derived.rows[key], kept.rows[key])
 
 
 def test_a_history_left_with_deleted_rows_by_a_killed_run_is_compacted_when_reopened(tmp_path):

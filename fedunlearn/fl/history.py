@@ -25,7 +25,7 @@ after it, is stored whole or not at all, together with the resume checkpoint.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -178,10 +178,11 @@ class HistoryStore(Database):
         clients' stored updates, the others' stay."""
         packed = PackedUpdates.pack(updates)
         forms: list[tuple[str, PackedUpdates]] = []
-        if self.keeps_full_updates(round_number):
+        full = self.keeps_full_updates(round_number)
+        if full:
             forms.append((FULL, packed))
-        if self.policy.compact:
-            forms.append((COMPACT, packed.compacted(self.policy.alpha)))
+        if self.policy.compact and not full:  # at a full round the compact form is read off the full one
+            forms.append((COMPACT, self._as_stored(packed).compacted(self.policy.alpha)))
         for kind, kept in forms:
             if replacing:
                 mine = set(kept.clients)
@@ -189,6 +190,13 @@ class HistoryStore(Database):
                 pairs = [*kept.all(), *others]
                 kept = PackedUpdates.pack([u for u, _ in pairs], [t for _, t in pairs])
             self._put_round(round_number, kind, kept)
+
+    def _as_stored(self, packed: PackedUpdates) -> PackedUpdates:
+        """The row changes as the history gives them back (through `policy.dtype`): FRU picks its
+        rows on these, so a compact form stored alone and one read off a stored full form agree."""
+        dtype = self.policy.dtype
+        rows = {name: _decoded(dict(_encoded(name, value, dtype)))[name] for name, value in packed.rows.items()}
+        return replace(packed, rows=rows)
 
     def _put_round(self, round_number: int, kind: str, packed: PackedUpdates) -> None:
         self._cache.pop((round_number, kind), None)
@@ -263,6 +271,10 @@ class HistoryStore(Database):
             (round_number, kind),
         ).fetchone()
         if head is None:
+            if kind == COMPACT and self.policy.compact and self.keeps_full_updates(round_number):
+                derived = self._round(round_number, FULL).compacted(self.policy.alpha)  # not stored twice
+                self._cache = {(round_number, kind): derived}
+                return derived
             return PackedUpdates.pack([], [])
         num_examples, offsets, touched_offsets = (np.frombuffer(blob, dtype=np.int64) for blob in head[1:])
         tensors = self.db.execute(
