@@ -149,8 +149,11 @@ def _run(args: argparse.Namespace) -> None:
         from fedunlearn.runs.tables import privacy_summary
 
         report = outcome.result.privacy
-        print(f"attribute privacy ({report.defending} clients defended; audit.csv has every view and attacker):")
-        print(readable(privacy_summary(report.table), digits=3))
+        if report.table.empty:
+            print("attribute privacy: no attribute could be attacked (too few clients per class; see above)")
+        else:
+            print(f"attribute privacy ({report.defending} clients defended; audit.csv has every view and attacker):")
+            print(readable(privacy_summary(report.table), digits=3))
     print(f"results: {out}")
 
 

@@ -140,10 +140,11 @@ def unlearning_rows(runs: list[RunFolder]) -> pd.DataFrame:
 
 
 def audit_rows(runs: list[RunFolder]) -> pd.DataFrame:
-    frames = [
+    audited = [run for run in runs if (run.folder / "audit.csv").is_file()]
+    frames = [  # an empty audit.csv: no attribute had enough clients per class to attack
         pd.read_csv(run.folder / "audit.csv").assign(run=run.group, seed=run.seed)
-        for run in runs
-        if (run.folder / "audit.csv").is_file()
+        for run in audited
+        if (run.folder / "audit.csv").stat().st_size > 1
     ]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

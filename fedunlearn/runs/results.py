@@ -230,4 +230,5 @@ def write_privacy(folder: Path, config: Config, report: Any) -> None:
     np.savez_compressed(folder / EMBEDDINGS_FILE, clients=np.array(report.client_ids), **arrays, **labels)
     if report.users_after is not None:
         plot_embeddings(report.users_before, report.users_after, report.attributes, folder / "embeddings.png")
-    plot_tradeoff(report.table, folder / "tradeoff.png")
+    if not report.table.empty:  # empty when no attribute had two classes with enough clients to attack
+        plot_tradeoff(report.table, folder / "tradeoff.png")

@@ -1,0 +1,271 @@
+"""Flower's deployment engine on this machine's loopback: a SuperLink and N SuperNodes over TLS with
+SuperNode authentication, a config run through `flwr run` against them, every process stopped by pid.
+
+    python -m server.deploy --nodes 3 --out results/deploy [--set KEY=VALUE ...] [--workdir DIR]
+
+What it does, in order (docs/DEPLOYMENT.md has the multi-machine recipe):
+1. a CA and a server certificate for 127.0.0.1 (subjectAltName IP:127.0.0.1, DNS:localhost), and
+   one P-384 key pair per SuperNode, all made here with `cryptography` (Flower's own dependency);
+2. `flower-superlink` with TLS and `--enable-supernode-auth` on a free port of 127.0.0.1 (one HTTPS
+   port serves the Fleet, Control and Runtime APIs in Flower 1.42);
+3. each node's public key registered (`flwr supernode register`): an unregistered node is refused;
+4. N `flower-supernode`s, node i given partition i through `--node-config`;
+5. `flwr run . <connection>` of the config (a copy of the project, as `flwr run` uploads it),
+   which writes the usual results folder to `--out`;
+6. every process started here (and its children) stopped by pid.
+The deployed clients are not fedunlearn's simulation: they refuse the audit oracle
+(`query.audit_users`), so a config with `audit.enabled = true` fails there by design.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from clients.common import SIMULATION_ORACLE_ENV
+from fedunlearn.config import load_config
+from fedunlearn.errors import FedUnlearnError
+from fedunlearn.fl.federation import build_federation
+
+CONNECTION = "fedunlearn-deploy"  # the SuperLink connection's name in this deployment's FLWR_HOME
+PROJECT = Path(__file__).resolve().parents[1]
+START_SECONDS = 120.0
+
+
+def _private(key: ec.EllipticCurvePrivateKey, form: serialization.PrivateFormat) -> bytes:
+    encoding = serialization.Encoding.PEM
+    return key.private_bytes(encoding, form, serialization.NoEncryption())
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """(CA certificate, server certificate, server key) for a SuperLink on 127.0.0.1, valid two days."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedunlearn loopback CA")])
+    until = now + datetime.timedelta(days=2)
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(until)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )  # fmt: skip
+    names = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    server = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(until).add_extension(names, critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA384())
+    )  # fmt: skip
+    paths = folder / "ca.crt", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(_private(server_key, serialization.PrivateFormat.PKCS8))
+    paths[2].chmod(0o600)
+    return paths
+
+
+def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's P-384 key pair in OpenSSH format (the private key stays with the node; the
+    public one is registered with the SuperLink)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(_private(key, serialization.PrivateFormat.OpenSSH))
+    private.chmod(0o600)
+    openssh = serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    public.write_bytes(key.public_key().public_bytes(*openssh))
+    return private, public
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Deployment:
+    """A SuperLink and its SuperNodes on 127.0.0.1, in `folder` (certificates, keys, logs, FLWR_HOME)."""
+
+    folder: Path
+    nodes: int
+    port: int = 0
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.home = self.folder / "flwr-home"
+        self.home.mkdir(exist_ok=True)
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {key: value for key, value in os.environ.items() if key != SIMULATION_ORACLE_ENV}
+        self.env |= {"FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                     "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "w")  # noqa: SIM115 (kept open while the process runs)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder,
+                                   start_new_session=True)  # fmt: skip  # its own process group, stopped whole
+        self.processes.append(process)
+        return process
+
+    def _flwr(self, *args: str, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        command = [str(Path(sys.executable).parent / "flwr"), *args]
+        return subprocess.run(command, env=self.env, cwd=cwd or self.folder, capture_output=True, text=True,
+                              timeout=timeout, check=False)  # fmt: skip
+
+    def start(self) -> None:
+        """Certificates, the SuperLink (TLS, SuperNode authentication), the nodes' keys registered,
+        the SuperNodes started; returns once the SuperLink listens."""
+        self.ca, cert, key = make_certificates(self.folder)
+        self.port = free_port()
+        self._spawn("superlink", ["flower-superlink", "--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(cert),
+                                  "--ssl-keyfile", str(key), "--host", "127.0.0.1", "--port", str(self.port),
+                                  "--database", str(self.folder / "superlink.db"), "--enable-supernode-auth",
+                                  "--disable-runtime-dependency-installation"])  # fmt: skip
+        deadline = time.monotonic() + START_SECONDS
+        while not _listening(self.port):
+            if self.processes[0].poll() is not None or time.monotonic() > deadline:
+                raise FedUnlearnError(f"the SuperLink did not start: see {self.folder / 'superlink.log'}")
+            time.sleep(0.2)
+        connection = (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                      f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.ca}"\n')  # fmt: skip
+        (self.home / "config.toml").write_text(connection)
+        for index in range(self.nodes):
+            private, public = make_node_key(self.folder, f"node{index}")
+            self.register(public)
+            self.start_node(index, private)
+
+    def register(self, public: Path) -> None:
+        done = self._flwr("supernode", "register", str(public), CONNECTION, "--format", "json")
+        if done.returncode != 0:
+            raise FedUnlearnError(f"registering {public.name} failed: {(done.stdout + done.stderr).strip()[-300:]}")
+
+    def start_node(self, index: int, private: Path | None, name: str = "") -> subprocess.Popen:
+        """SuperNode `index` (partition `index`), authenticated with `private` (None: no key)."""
+        command = ["flower-supernode", "--root-certificates", str(self.ca), "--superlink", f"127.0.0.1:{self.port}",
+                   "--host", "127.0.0.1", "--port", str(free_port()),
+                   "--node-config", f"partition-id={index} num-partitions={self.nodes}",
+                   "--max-retries", "3"]  # fmt: skip
+        if private is not None:
+            command += ["--auth-supernode-private-key", str(private)]
+        return self._spawn(name or f"supernode{index}", command)
+
+    def run(self, overrides: list[str], out: Path, timeout: float) -> subprocess.CompletedProcess:
+        """`flwr run` of the config (`section.key=value` overrides) against this federation, from a
+        copy of the project; the ServerApp writes the results folder to `out`."""
+        app = self.folder / "app"
+        if not app.exists():
+            shutil.copytree(PROJECT, app, ignore=shutil.ignore_patterns(".*", "results", "__pycache__", "*.egg-info"))
+        settings = ";".join(overrides)
+        return self._flwr("run", ".", CONNECTION, "--run-config", f"overrides='{settings}' out='{out.resolve()}'",
+                          "--stream", timeout=timeout, cwd=app)  # fmt: skip
+
+    def stop(self) -> list[int]:
+        """Stop every process started here and every descendant (the SuperLink starts its SuperExec
+        in a session of its own) by pid; returns those still alive afterwards (none, normally)."""
+        pids = descendants({process.pid for process in self.processes})
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 15
+            while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+                for process in self.processes:
+                    process.poll()  # reap our own children
+                time.sleep(0.2)
+        return [pid for pid in pids if alive(pid)]
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # state, ppid, ...
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """These processes and all their descendants (Linux /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
+            parents[int(entry.name)] = int(fields[1])
+    found, frontier = set(roots), set(roots)
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by its parent, is not)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def deploy(overrides: list[str], nodes: int, out: Path, folder: Path, timeout: float = 3600.0) -> dict:
+    """Run the config on a loopback deployment of `nodes` SuperNodes; the final record."""
+    config = load_config(None, overrides)
+    clients = build_federation(config.data, config.run.seed).n_clients
+    if clients != nodes:
+        raise FedUnlearnError(f"the data has {clients} clients but --nodes is {nodes}: one SuperNode serves one client")
+    if out.exists():
+        raise FedUnlearnError(f"results folder {out} exists: choose another --out")
+    deployment = Deployment(folder, nodes)
+    try:
+        deployment.start()
+        done = deployment.run(overrides, out, timeout)
+    finally:
+        left = deployment.stop()
+    if left:
+        raise FedUnlearnError(f"processes {left} did not stop: kill them by pid")
+    if done.returncode != 0 or not (out / "final.json").is_file():
+        raise FedUnlearnError(f"flwr run failed ({done.returncode}): {(done.stdout + done.stderr).strip()[-500:]}")
+    return json.loads((out / "final.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, required=True, help="SuperNodes, one per client of the data")
+    parser.add_argument("--out", required=True, help="results folder to create")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--workdir", help="certificates, keys, logs (default: a new folder beside --out)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    folder = Path(args.workdir) if args.workdir else out.with_name(out.name + ".deployment")
+    try:
+        started = time.perf_counter()
+        final = deploy(args.overrides, args.nodes, out, folder)
+    except FedUnlearnError as error:
+        print(f"fedunlearn deploy: error: {error}", file=sys.stderr)
+        return 2
+    print(f"HR@10 {final['metrics']['HR@10']:.4f} on {args.nodes} SuperNodes over TLS "
+          f"({time.perf_counter() - started:.0f} s); results: {out}; logs and keys: {folder}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
