@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.flower]
 
 SETTINGS = ["data.synthetic_users=3", "data.synthetic_items=1000", "data.synthetic_interactions=40",
             "data.test_negatives=19", "model.dim=8", "train.rounds=3", "eval.every=3", "unlearn.drop=2@3",
-            "unlearn.method=federaser", "defence.method=attrcloak-df", "defence.steps=2"]  # fmt: skip
+            "unlearn.method=federaser", "defence.method=d2d-r", "defence.steps=1"]  # fmt: skip
 
 
 def _refused(process, log: Path) -> bool:

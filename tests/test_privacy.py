@@ -528,3 +528,15 @@ def test_cloak_settings_follow_the_stop_and_the_weight(method, stop, weight, exp
     from fedunlearn.privacy.stage import cloak_settings
 
     assert cloak_settings(DefenceConfig(method=method, cloak_stop=stop, cloak_weight=weight)) == expected
+
+
+def test_attrcloaks_gaussian_loss_on_singular_class_covariances_is_a_one_line_error():
+    import torch
+
+    from fedunlearn.errors import FedUnlearnError
+    from fedunlearn.privacy.gaussian import weighted_kl
+
+    singular = torch.zeros(1, 3, 3, dtype=torch.float64)  # one client in the class: no spread at all
+    with pytest.raises(FedUnlearnError, match="class covariances are singular"):
+        weighted_kl(torch.ones(1, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64), singular,
+                    torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))  # fmt: skip

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from fedunlearn.config import Config, UnlearnConfig
 from fedunlearn.fl.federation import ClientData, Federation
@@ -217,6 +216,8 @@ def local_membership(model: SplitModel, data: ClientData, user: Arrays, shared: 
     """Membership inference on the client's own interactions: the AUC of the model's scores for its
     training items (members) against its sampled never-seen items (non-members). Run by a leaving
     client on the model after unlearning; only this number leaves the device."""
+    from sklearn.metrics import roc_auc_score  # here: every ClientApp process imports this module, few call this
+
     user_t = _tensors(user, device, grad=False)
     dense_t = _tensors({key: shared[key] for key in model.dense_keys(shared)}, device, grad=False)
     items = np.concatenate([data.train_items, data.test_negatives])

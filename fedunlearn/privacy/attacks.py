@@ -12,12 +12,6 @@ from pkgutil import resolve_name
 from typing import Any, Protocol
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
-from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.privacy.registry import ATTACKERS
@@ -59,7 +53,12 @@ def xgboost_classifier(seed: int) -> Classifier:
 
 
 def mlp_classifier(seed: int) -> Classifier:
-    """Three weight layers: input -> 128 -> 64 -> classes."""
+    """Three weight layers: input -> 128 -> 64 -> classes. (scikit-learn and scipy are imported where
+    they are used: every ClientApp process imports this module, and most of its messages need neither.)"""
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     return make_pipeline(
         StandardScaler(),
         MLPClassifier(hidden_layer_sizes=(128, 64), alpha=1e-3, max_iter=300, random_state=seed),
@@ -87,6 +86,8 @@ def shadow_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarra
 
 
 def train_attacker(name: str, attribute: str, features: np.ndarray, labels: np.ndarray, seed: int) -> Attacker:
+    from sklearn.exceptions import ConvergenceWarning
+
     classes, encoded = np.unique(labels, return_inverse=True)
     classifier = make_classifier(name, seed)
     with warnings.catch_warnings():  # a fixed iteration budget is part of the attacker's definition
@@ -99,6 +100,8 @@ def attack_metrics(labels: np.ndarray, proba: np.ndarray, classes: np.ndarray, s
     """Accuracy, balanced accuracy, macro-F1, one-vs-rest AUC, the chance levels (of balanced
     accuracy: 1/K; of accuracy: the majority class's share), and accuracy on a class-balanced
     subsample of the test users (each class cut to the smallest class's size, as AttrCloak reports)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
+
     encoded = np.searchsorted(classes, labels)
     predicted = proba.argmax(axis=1)
     auc = attack_auc(encoded, proba)
@@ -127,6 +130,8 @@ def attack_metrics(labels: np.ndarray, proba: np.ndarray, classes: np.ndarray, s
 
 def attack_auc(encoded: np.ndarray, proba: np.ndarray) -> float:
     """AUC for two classes, one-vs-rest macro AUC for more."""
+    from sklearn.metrics import roc_auc_score
+
     if proba.shape[1] == 2:
         return float(roc_auc_score(encoded, proba[:, 1]))
     return float(roc_auc_score(encoded, proba, multi_class="ovr", labels=np.arange(proba.shape[1])))
@@ -142,6 +147,8 @@ def relabelled_answers(
     classes that maximises balanced accuracy on the other half (an assignment problem on the
     row-normalised confusion matrix; for two classes: flip or not). Returns the relabelled
     predictions and probabilities (columns permuted alike)."""
+    from scipy.optimize import linear_sum_assignment
+
     classes = proba.shape[1]
     halves = np.array_split(np.random.default_rng(seed).permutation(len(encoded)), 2)
     out_predicted, out_proba = predicted.copy(), proba.copy()

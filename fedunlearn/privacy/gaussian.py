@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedunlearn.errors import FedUnlearnError
+
 
 @dataclass
 class ClassSums:
@@ -93,7 +95,13 @@ def weighted_kl(
     d/dm1 = P delta. (Autograd through the Cholesky factors and log determinants of NCF's 128-dim
     class covariances was most of AttrCloak-DF's time.)"""
     d = m1.shape[-1]
-    chol0, chol1 = torch.linalg.cholesky(s0), torch.linalg.cholesky(s1)
+    try:
+        chol0, chol1 = torch.linalg.cholesky(s0), torch.linalg.cholesky(s1)
+    except torch.linalg.LinAlgError:
+        raise FedUnlearnError(
+            "AttrCloak's class covariances are singular (too few defending clients per class for the "
+            f"{d}-dim embeddings): defend more clients, or use d2d-r / u2u-r on a federation this small"
+        ) from None
     inv0, inv1 = torch.cholesky_inverse(chol0), torch.cholesky_inverse(chol1)
     delta = m1 - m0
     solved = delta @ inv1  # P delta for each k (P is symmetric)
