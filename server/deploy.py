@@ -240,6 +240,7 @@ def deploy(overrides: list[str], nodes: int, out: Path, folder: Path, timeout: f
         done = deployment.run(overrides, out, timeout)
     finally:
         left = deployment.stop()
+    (folder / "flwr-run.log").write_text(done.stdout + done.stderr)
     if left:
         raise FedUnlearnError(f"processes {left} did not stop: kill them by pid")
     if done.returncode != 0 or not (out / "final.json").is_file():
