@@ -71,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=1, help="runs at a time, each in its own process (default 1: wall times stay clean)"
     )
 
+    suite = commands.add_parser("suite", help="every experiment of a suite file, then one report over them")
+    suite.add_argument("file", help="suite TOML (experiments/suite_ml100k.toml)")
+    suite.add_argument("--out", required=True, help="folder to create: one folder per experiment, report/, suite.md")
+    suite.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting in every run of every experiment (repeatable)")  # fmt: skip
+    suite.add_argument("--jobs", type=int, default=1, help="runs at a time within an experiment")
+    suite.add_argument("--quiet", action="store_true", help="no progress bars")
+    suite.add_argument("--resume", action="store_true", help="continue the suite in --out")
+
     audit = commands.add_parser(
         "audit", help="attack the user embeddings a run saved (central view) again: global and local audit"
     )
@@ -219,6 +228,13 @@ def _audit(args: argparse.Namespace) -> None:
         table.to_csv(args.out, index=False)
 
 
+def _suite(args: argparse.Namespace) -> None:
+    from fedunlearn.runs.suite import run_suite
+
+    plots = run_suite(args.file, args.out, args.overrides, not args.quiet, args.jobs, args.resume)
+    print(f"suite: {Path(args.out) / 'suite.md'}; report with {len(plots)} plots in {Path(args.out) / 'report'}")
+
+
 def _report(args: argparse.Namespace) -> None:
     from fedunlearn.runs.report import write_report
 
@@ -251,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             _audit(args)
         elif args.command == "report":
             _report(args)
+        elif args.command == "suite":
+            _suite(args)
         else:
             _data_info(args)
     except FedUnlearnError as err:

@@ -12,10 +12,23 @@ from fedunlearn.runs.experiment import load_settings, run_experiment
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
-@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(set(EXPERIMENTS.glob("*.toml")) - set(EXPERIMENTS.glob("suite_*.toml"))),
+                         ids=lambda p: p.name)  # fmt: skip
 def test_every_shipped_experiment_file_loads(path):
     settings = load_settings(path, None, None)
     assert settings and all(config.data.dataset for _, config in settings)
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("suite_*.toml")), ids=lambda p: p.name)
+def test_every_shipped_suite_lists_experiments_that_load_with_its_seeds_and_settings(path):
+    from fedunlearn.runs.suite import load_suite
+
+    seeds, entries = load_suite(path)
+    for entry in entries:
+        settings = load_settings(entry.file, entry.overrides, entry.only or None, seeds)
+        assert {config.run.seed for _, config in settings} == set(seeds)
+        engines = {config.run.engine for _, config in settings if config.run.mode == "federated"}
+        assert engines <= {"batched"}, (entry.name, engines)  # the fastest exact engine, as the file says
 
 
 def write_ml1m_format(folder: Path, users: int, items: int, per_user: int, seed: int) -> int:

@@ -38,11 +38,12 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def load_settings(
-    path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None
-) -> list[tuple[str, Config]]:
+    path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> list[tuple[str, Config]]:  # fmt: skip
     """One (name, config) per setting, model and seed: `models = [...]` at the top runs every
     setting once per model (folders `<name>/<model>`), `seeds = [...]` once per seed (`.../seed<k>`).
-    `only`: just the settings of these names."""
+    `only`: just the settings of these names; `seeds`: these instead of the file's."""
     spec = read_toml(path)
     unknown = set(spec) - {"base", "setting", "title", "seeds", "models"}
     if unknown:
@@ -57,7 +58,7 @@ def load_settings(
         known = ", ".join(str(row.get("name")) for row in settings)
         raise FedUnlearnError(f"{path} has no setting named {unknown_names}: choose among {known}")
     settings = [row for row in settings if not only or row.get("name") in only]
-    seeds = _list_of(spec, "seeds", int, path, "seeds = [0, 1, 2]")
+    seeds = seeds or _list_of(spec, "seeds", int, path, "seeds = [0, 1, 2]")
     models = _list_of(spec, "models", str, path, 'models = ["mf", "ncf"]')
     out, names = [], set()
     for row in settings:
@@ -160,6 +161,7 @@ def run_experiment(
     jobs: int = 1,
     only: list[str] | None = None,
     resume: bool = False,
+    seeds: list[int] | None = None,
 ) -> pd.DataFrame:
     """Run every setting (and model and seed), `jobs` at a time in separate processes, then write
     runs.csv (one row per run, `status` ok or failed with the one-line error) and table.csv /
@@ -169,7 +171,7 @@ def run_experiment(
     Any failed run makes the whole call an error once the tables are written."""
     if jobs < 1:
         raise FedUnlearnError(f"--jobs is {jobs} but must be at least 1")
-    settings = load_settings(path, overrides, only)
+    settings = load_settings(path, overrides, only, seeds)
     folder = Path(out)
     if resume and not folder.is_dir():
         raise FedUnlearnError(f"{folder} is not an experiment folder to resume: run without --resume first")

@@ -1,0 +1,48 @@
+"""`fedunlearn suite`: every listed experiment into its folder, one report over them, the wall
+time of each; a failing experiment keeps the others and ends with a one-line error."""
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from fedunlearn.cli import main
+
+BASE = ('[base]\n"data.synthetic_users" = 20\n"data.synthetic_items" = 80\n"data.synthetic_interactions" = 10\n'
+        '"data.test_negatives" = 30\n"model.dim" = 8\n"train.rounds" = 2\n')  # fmt: skip
+
+
+def _suite(tmp_path, second_lr="0.05"):
+    (tmp_path / "a.toml").write_text(BASE + '[[setting]]\nname = "fed"\nset = { "train.lr" = 0.01 }\n')
+    (tmp_path / "b.toml").write_text(BASE + f'[[setting]]\nname = "fast"\nset = {{ "train.lr" = {second_lr} }}\n')
+    (tmp_path / "suite.toml").write_text(
+        'seeds = [0, 1]\n[[experiment]]\nname = "first"\nfile = "a.toml"\n'
+        '[[experiment]]\nname = "second"\nfile = "b.toml"\nset = { "model.dim" = 4 }\n'
+    )
+    return tmp_path / "suite.toml"
+
+
+def test_a_suite_runs_each_experiment_with_its_seeds_and_reports_them_together(tmp_path):
+    out = tmp_path / "out"
+    assert main(["suite", str(_suite(tmp_path)), "--out", str(out), "--quiet"]) == 0
+    for name, setting in (("first", "fed"), ("second", "fast")):
+        runs = pd.read_csv(out / name / "runs.csv")
+        assert sorted(runs["seed"]) == [0, 1]  # the suite's seeds
+        assert (out / name / setting / "seed1" / "final.json").is_file()
+    assert "dim = 4" in (out / "second" / "fast" / "seed0" / "config.toml").read_text()  # the experiment's set
+    report = (out / "report" / "report.md").read_text()
+    values = [json.loads((out / "first" / "fed" / f"seed{s}" / "final.json").read_text())["metrics"]["HR@10"]
+              for s in (0, 1)]  # fmt: skip
+    row = next(line for line in report.splitlines() if line.startswith("| first/fed "))
+    assert f"| {np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} |" in row
+    suite = (out / "suite.md").read_text()
+    assert "| first " in suite and "| second " in suite and "Total" in suite
+
+
+def test_a_failing_experiment_keeps_the_others_and_ends_with_one_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["suite", str(_suite(tmp_path, second_lr="-1.0")), "--out", str(out), "--quiet"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedunlearn: error:")]
+    assert len(errors) == 1 and "1 of 2 experiments had failed runs" in errors[0] and "train.lr" in errors[0]
+    assert (out / "first" / "runs.csv").is_file() and (out / "report" / "report.md").is_file()
+    assert "failed" in (out / "suite.md").read_text()
