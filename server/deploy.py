@@ -123,9 +123,9 @@ class Deployment:
                      "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
 
     def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "w")  # noqa: SIM115 (kept open while the process runs)
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder,
-                                   start_new_session=True)  # fmt: skip  # its own process group, stopped whole
+        with open(self.folder / f"{name}.log", "w") as log:  # the child writes to its own copy of the handle
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder,
+                                       start_new_session=True)  # fmt: skip
         self.processes.append(process)
         return process
 

@@ -62,7 +62,7 @@ def plot_rounds(curves: dict[str, pd.DataFrame], events: dict[str, list[int]], p
                 axis.fill_between(mean.index, low.to_numpy(), high.to_numpy(), color=style[name]["color"], alpha=0.15)
             for event in events.get(name, []):
                 axis.axvline(event, color=style[name]["color"], linestyle=":", linewidth=1)
-        axis.set_xlabel("round")
+        axis.set_xlabel("round (epoch for centralized runs)")
         axis.set_ylabel(f"{metric} (all clients present)")
         axis.set_title(metric)
     grid[0, 0].plot([], [], color="grey", linestyle=":", label="drop event (a run's colour)")

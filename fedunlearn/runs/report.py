@@ -93,9 +93,10 @@ def quality_table(runs: list[RunFolder]) -> pd.DataFrame:
     rows = []
     for run in runs:
         metrics = run.final["metrics"]
+        mode = run.final.get("mode", "-")
         rows.append(
-            {"run": run.group, "seed": run.seed, "model": run.config["model"]["name"],
-             "mode": run.final.get("mode", "-"), "engine": run.final.get("engine", "-"),
+            {"run": run.group, "seed": run.seed, "model": run.config["model"]["name"] if mode != "popularity" else "-",
+             "mode": mode, "engine": run.final.get("engine", "-") if mode == "federated" else "-",
              "clients": run.final.get("clients"), "HR@10": metrics.get("HR@10"), "NDCG@10": metrics.get("NDCG@10"),
              "popularity_HR@10": run.final.get("popularity_HR@10"), "seconds": run.final.get("seconds")}  # fmt: skip
         )
@@ -103,10 +104,15 @@ def quality_table(runs: list[RunFolder]) -> pd.DataFrame:
 
 
 def _seconds_per_round(run: RunFolder) -> float:
-    """The mean of a run's round times, without its first (start-up) when it has several."""
-    seconds = run.metrics["seconds"].to_numpy(dtype=float) if "seconds" in run.metrics else np.array([])
-    seconds = seconds[1:] if len(seconds) > 1 else seconds
-    return float(seconds.mean()) if len(seconds) else float("nan")
+    """Seconds per round from metrics.csv's `seconds` (the time since the loop started, at each
+    evaluated round): between the first and the last evaluated round, so the first round's
+    start-up is left out when there are two; over every round when there is one."""
+    if "seconds" not in run.metrics or run.metrics.empty:
+        return float("nan")
+    rounds, elapsed = run.metrics["round"].to_numpy(dtype=float), run.metrics["seconds"].to_numpy(dtype=float)
+    if len(rounds) == 1:
+        return float(elapsed[0] / rounds[0])
+    return float((elapsed[-1] - elapsed[0]) / (rounds[-1] - rounds[0]))
 
 
 def time_table(runs: list[RunFolder]) -> pd.DataFrame:
@@ -243,7 +249,8 @@ def write_report(paths: list[Path], out: Path) -> dict[str, str]:
             sections.append(_section("Attribute privacy (global audit on the embeddings)", privacy_table(audits),
                                      "relabelled: a below-chance attacker flipped, the information left."))  # fmt: skip
         if not times.empty:
-            sections.append(_section("Time", times, "Seconds per training round, the first round left out."))
+            sections.append(_section("Time", times, "Seconds per round (training, and the evaluation every "
+                                     "eval.every rounds), between the first and the last evaluated round."))
         plots = _plots(runs, unlearning, audits, times, partial)
         sources = ", ".join(str(path) for path in paths)
         markdown = [f"# fedunlearn report\n\nFolders: {sources} ({len(runs)} runs)\n"]
