@@ -72,6 +72,10 @@ def test_a_run_report_has_every_plot_and_its_tables_equal_the_runs_files(folders
     assert [f"{v:.4f}" for v in seen["balanced_accuracy"]] == list(privacy["balanced_accuracy"])
     for name in PLOTS:
         assert f"[{name}]({name})" in markdown
+    rounds = pd.read_csv(folders / "run" / "metrics.csv")  # `seconds`: time since the loop started
+    first, last = rounds.iloc[0], rounds.iloc[-1]
+    per_round = (last["seconds"] - first["seconds"]) / (last["round"] - first["round"])
+    assert _table(markdown, "Time").loc[0, "seconds_per_round"] == f"{per_round:.4f}"
 
 
 def test_an_experiment_report_shows_mean_and_std_over_seeds_beside_a_run(folders, tmp_path):
