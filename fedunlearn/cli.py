@@ -183,29 +183,24 @@ def _experiment(args: argparse.Namespace) -> None:
 
 
 def _audit(args: argparse.Namespace) -> None:
-    import zipfile
-
     import numpy as np
     import pandas as pd
 
     from fedunlearn.config import load_config
     from fedunlearn.fl.federation import build_federation
     from fedunlearn.privacy.audit import privacy_table
+    from fedunlearn.runs.results import EMBEDDINGS_FILE, read_central_view
     from fedunlearn.runs.tables import readable
 
     run = Path(args.run_dir)
     if run.name.endswith(".partial") or not (run / "final.json").is_file():
         raise FedUnlearnError(f"{run} is not a finished run (no final.json): audit a finished results folder")
-    saved = run / "central_view_embeddings.npz"
+    saved = run / EMBEDDINGS_FILE
     if not saved.is_file():
         raise FedUnlearnError(f"{run} has no {saved.name}: rerun with --set audit.enabled=true (or a defence)")
     config = load_config(run / "config.toml", args.overrides)
-    try:
-        with np.load(saved, allow_pickle=False) as stored:
-            arrays = {key: stored[key] for key in stored.files}
-        clients = [str(c) for c in arrays["clients"]]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise FedUnlearnError(f"{saved} is damaged ({type(err).__name__}): rerun the audited run") from None
+    arrays = read_central_view(saved)
+    clients = [str(c) for c in arrays["clients"]]
     if not all(np.isfinite(arrays[stage]).all() for stage in ("before", "after") if stage in arrays):
         raise FedUnlearnError(f"{saved} holds non-finite embeddings: nothing can be audited from it")
     federation = build_federation(config.data, config.run.seed)

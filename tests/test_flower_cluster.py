@@ -22,17 +22,12 @@ import pandas as pd
 import pytest
 from helpers import TINY, listening, loopback, run_cli
 
+from server.deploy import free_port
 from server.simulation import ray_on_loopback, start_ray
 
 pytestmark = pytest.mark.flower
 
 SETTINGS = TINY + ["data.synthetic_users=6", "train.rounds=2", "eval.every=1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where a plain ray.init() looks for a cluster to join
@@ -79,7 +74,7 @@ def _group_alive(group: int) -> bool:
 def test_a_run_on_a_running_cluster_gives_the_inprocess_numbers_and_stays_on_loopback(tmp_path):
     ray = ray_on_loopback()  # imported with clustering off: kept on loopback
 
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     before, current = listening(), CURRENT_CLUSTER.read_bytes() if CURRENT_CLUSTER.exists() else None
     # its own temp dir: `ray start` notes its address there, and a later plain ray.init() (Flower's,
@@ -108,7 +103,7 @@ def test_a_run_on_a_running_cluster_gives_the_inprocess_numbers_and_stays_on_loo
 def test_an_address_with_no_cluster_is_a_one_line_error(tmp_path, capsys):
     from fedunlearn.cli import main
 
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     args = [part for setting in [*SETTINGS, f"run.ray_address={address}"] for part in ("--set", setting)]
     assert main(["run", *args, "--engine", "flower", "--quiet", "--out", str(tmp_path / "r")]) == 2
     error = capsys.readouterr().err.strip().splitlines()

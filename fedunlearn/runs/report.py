@@ -15,7 +15,6 @@ import json
 import re
 import shutil
 import tomllib
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from fedunlearn.runs.plots import (
     plot_tradeoff,
     plot_unlearning,
 )
-from fedunlearn.runs.results import ATTRIBUTE_PREFIX, EMBEDDINGS_FILE, FINAL
+from fedunlearn.runs.results import ATTRIBUTE_PREFIX, EMBEDDINGS_FILE, FINAL, read_central_view
 from fedunlearn.runs.tables import readable, readable_cells
 
 SEED_FOLDER = re.compile(r"/?seed\d+$")
@@ -173,11 +172,7 @@ def _embeddings(run: RunFolder) -> tuple[np.ndarray, np.ndarray, pd.DataFrame] |
     saved = run.folder / EMBEDDINGS_FILE
     if not saved.is_file():
         return None
-    try:
-        with np.load(saved, allow_pickle=False) as stored:
-            arrays = {key: stored[key] for key in stored.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise FedUnlearnError(f"{saved} is damaged ({type(error).__name__}): rerun the audited run") from None
+    arrays = read_central_view(saved)
     labels = {key[len(ATTRIBUTE_PREFIX) :]: value for key, value in arrays.items() if key.startswith(ATTRIBUTE_PREFIX)}
     if "after" not in arrays or not labels:  # no defence ran, or written before the labels were kept
         return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -125,6 +126,18 @@ def publish(staging: Staging) -> None:
 
 EMBEDDINGS_FILE = "central_view_embeddings.npz"
 ATTRIBUTE_PREFIX = "attribute_"  # the users' attribute values beside their embeddings in EMBEDDINGS_FILE
+
+
+def read_central_view(saved: Path) -> dict[str, np.ndarray]:
+    """The arrays of an EMBEDDINGS_FILE (`clients`, `before`, maybe `after` and the attribute
+    values), or a one-line error when the file is damaged."""
+    try:
+        with np.load(saved, allow_pickle=False) as stored:
+            arrays = {key: stored[key] for key in stored.files}
+        arrays["clients"]  # noqa: B018 (every central view names its clients)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise FedUnlearnError(f"{saved} is damaged ({type(error).__name__}): rerun the audited run") from None
+    return arrays
 
 
 def write_config(folder: Path, config: Config) -> None:
