@@ -34,6 +34,7 @@ from clients.messages import (
     FEATURE_SUMS,
     FOURTH_POWERS,
     LOCAL_AUDIT,
+    SECURE_UPDATE,
     arrays_to_record,
     decode_attacker,
     encode_audit_user,
@@ -41,11 +42,14 @@ from clients.messages import (
     encode_identity,
     encode_membership,
     encode_update,
+    keep_pending_update,
     read_array_field,
     read_secure_task,
+    take_pending_update,
 )
 from fedunlearn.fl.client import local_evaluate, local_membership, local_train
 from fedunlearn.fl.faults import inject
+from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout
 from fedunlearn.fl.training import resolve_device
 from fedunlearn.privacy.attrcloak import fourth_power_contribution, null_labels
 from fedunlearn.privacy.audit import local_outcome
@@ -83,6 +87,9 @@ def train(msg: Message, context: Context) -> Message:
     federation = node_data(config, context)[0]
     timeout = config.train.reply_timeout
     update = inject(config.faults, config.run.seed, round_number, update, federation.client_ids, data.n_items, timeout)
+    if config.defence.upload == SECURE_UPLOAD:  # the upload leaves only inside the round's secure sum
+        keep_pending_update(context.state, update, round_number)
+        return Message(encode_identity(data.client_id, data.index), reply_to=msg)
     return Message(encode_update(update), reply_to=msg)
 
 
@@ -105,7 +112,13 @@ def secure_contribution(msg: Message, context: Context) -> Message:
     fields = recorddict_to_fitins(msg.content, keep_input=True).config
     config, task, bound = read_secure_task(fields)
     federation, data, model = node_data(config, context)
-    if task == CLOAK_PRODUCTS:
+    if task == SECURE_UPDATE:
+        update = take_pending_update(context.state, int(fields["round"]))
+        shapes = {key: value.shape for key, value in model.init_shared(np.random.default_rng(0)).items()}
+        layout = SecureLayout.of(model, shapes, int(fields["max-examples"]), config.defence.secagg_bound,
+                                 float(fields["epochs"]), config.train.batch_size)  # fmt: skip
+        vector = layout.contribution(update)
+    elif task == CLOAK_PRODUCTS:
         vector = defence.cloak_products(fields, context, config, data, model)
     else:
         attribute = str(fields["attribute"])

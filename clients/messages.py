@@ -46,7 +46,9 @@ CLASS_SUMS = "class-sums"  # fedunlearn.privacy.attrcloak.class_contribution of 
 FOURTH_POWERS = "fourth-powers"  # fedunlearn.privacy.attrcloak.fourth_power_contribution, for the shrinkage
 CLOAK_PRODUCTS = "cloak-products"  # fedunlearn.privacy.attrcloak.client_products of the client's own gradients
 FEATURE_SUMS = "feature-sums"  # fedunlearn.privacy.baselines.feature_contribution (D2D-R) of the client's own embedding
-SECURE_TASKS = (LOCAL_AUDIT, CLASS_SUMS, FOURTH_POWERS, CLOAK_PRODUCTS, FEATURE_SUMS)
+SECURE_UPDATE = "secure-update"  # fedunlearn.fl.secure_round: the training upload, summed (defence.upload = secagg)
+SECURE_TASKS = (LOCAL_AUDIT, CLASS_SUMS, FOURTH_POWERS, CLOAK_PRODUCTS, FEATURE_SUMS, SECURE_UPDATE)
+PENDING_UPDATE = "pending-update"  # under secagg: the round's upload, kept on the client until the secure sum
 BOUND = "bound"  # set by server.secure_sum: every contributed value must lie within +-bound
 
 
@@ -163,6 +165,26 @@ def encode_evaluation(evaluation: ClientEvaluation) -> RecordDict:
         }
     )
     return RecordDict({"metrics": metrics, "meta": _meta(evaluation.client_id)})
+
+
+def keep_pending_update(state: RecordDict, update: ClientUpdate, round_number: int) -> None:
+    """Under secure aggregation the upload stays on the client (in its own state) until the secure
+    sum of that round asks for its contribution."""
+    encoded = encode_update(update)
+    state[f"{PENDING_UPDATE}.update"] = encoded.array_records["update"]
+    state[f"{PENDING_UPDATE}.metrics"] = encoded.metric_records["metrics"]
+    state[f"{PENDING_UPDATE}.meta"] = ConfigRecord({**encoded.config_records["meta"], "round": round_number})
+
+
+def take_pending_update(state: RecordDict, round_number: int) -> ClientUpdate:
+    """The upload kept for that round's secure sum, removed from the state."""
+    meta = state.config_records.get(f"{PENDING_UPDATE}.meta")
+    if meta is None or int(meta["round"]) != round_number:
+        raise ValueError(f"no upload of round {round_number} is waiting for the secure sum on this client")
+    content = RecordDict({name: state[f"{PENDING_UPDATE}.{name}"] for name in ("update", "metrics", "meta")})
+    for name in ("update", "metrics", "meta"):
+        del state[f"{PENDING_UPDATE}.{name}"]
+    return decode_update(content)
 
 
 def decode_evaluation(content: RecordDict) -> ClientEvaluation:

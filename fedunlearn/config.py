@@ -119,7 +119,8 @@ class UnlearnConfig(Section):
 class DefenceConfig(Section):
     method: str = "none"  # post-training, on user embeddings: none | attrcloak-dd | attrcloak-df | d2d-r | u2u-r
     compare: bool = False  # also try every post-training defence on a copy of the trained model
-    upload: str = "none"  # on every upload while training: none | ldp | pseudo-items | ldp+pseudo-items
+    upload: str = "none"  # on every upload while training: none | ldp | pseudo-items | ldp+pseudo-items | secagg
+    secagg_bound: float = 1.0  # secagg: the largest change of one shared value a client may send (it refuses more)
     clients: str = "all"  # who defends: all | listed (defence.client_ids) | at-risk (own local audit)
     client_ids: list[str] = field(default_factory=list)
     risk_threshold: float = 0.5  # at-risk: the shipped attacker's confidence in the client's true class
@@ -213,7 +214,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "run.mode": ("federated", "central", "popularity"),
     "eval.select": ("last", "best_valid"),
     "defence.method": ("none", *DEFENCES),
-    "defence.upload": ("none", "ldp", "pseudo-items", "ldp+pseudo-items"),
+    "defence.upload": ("none", "ldp", "pseudo-items", "ldp+pseudo-items", "secagg"),
     "defence.pseudo_rows": ("gaussian", "mimic"),
     "defence.clients": ("all", "listed", "at-risk"),
     "defence.cloak_stop": ("null", "steps"),
@@ -254,6 +255,7 @@ POSITIVE = {
     "defence.batch",
     "defence.ldp_clip",
     "defence.ldp_epsilon",
+    "defence.secagg_bound",
 }
 NON_NEGATIVE = {
     "run.client_gpus",
@@ -380,6 +382,7 @@ def validate(config: Config) -> Config:
         raise FedUnlearnError(
             "defence.clients = 'at-risk' applies to post-training defences; for defence.upload use all or listed"
         )
+    _validate_secure_aggregation(config)
     at_risk = config.defence.method != "none" and config.defence.clients == "at-risk"
     if config.run.engine == "flower" and not config.audit.enabled and (config.defence.compare or at_risk):
         needs = "defence.compare" if config.defence.compare else "defence.clients = 'at-risk'"
@@ -398,6 +401,32 @@ def validate(config: Config) -> Config:
         raise FedUnlearnError("data.dataset = 'csv' needs data.path: --set data.path=interactions.csv")
     config._freeze(True)
     return config
+
+
+def _validate_secure_aggregation(config: Config) -> None:
+    """Under secure aggregation the server sees only the sum of a round's uploads: whatever needs one
+    client's upload cannot run (fl/secure_round.py)."""
+    if config.defence.upload != "secagg":
+        return
+    if config.defence.clients != "all":
+        raise FedUnlearnError("defence.upload = 'secagg' sums every client's upload: use defence.clients = 'all'")
+    unlearn, train = config.unlearn, config.train
+    if unlearn.method not in ("none", "retrain") or unlearn.compare:
+        raise FedUnlearnError(
+            f"unlearn.method = {unlearn.method!r}{' with unlearn.compare' if unlearn.compare else ''} reads single "
+            "clients' stored updates, which secure aggregation (defence.upload = 'secagg') never shows the server: "
+            "use unlearn.method = 'retrain' or another defence.upload"
+        )
+    if train.aggregation != "mean" or train.clip_norm_ratio > 0:
+        raise FedUnlearnError(
+            "train.aggregation (robust) and train.clip_norm_ratio act on single uploads, which secure aggregation "
+            "(defence.upload = 'secagg') hides: use train.aggregation = 'mean' and train.clip_norm_ratio = 0"
+        )
+    if config.faults.share > 0:
+        raise FedUnlearnError(
+            "faults.share > 0 tests the server's checks of single uploads, which secure aggregation "
+            "(defence.upload = 'secagg') hides: set faults.share = 0 or another defence.upload"
+        )
 
 
 def derive(config: Config, changes: dict[str, Any]) -> Config:

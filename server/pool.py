@@ -19,6 +19,7 @@ from clients.messages import (
     DROP_BRANCH,
     FORGET,
     MEMBERSHIP,
+    SECURE_UPDATE,
     TRAIN,
     WHOAMI,
     decode_evaluation,
@@ -27,10 +28,12 @@ from clients.messages import (
     decode_update,
     encode_drop_branch,
     instruction,
+    secure_task,
 )
 from fedunlearn.config import Config
 from fedunlearn.fl.replies import FAILED, TIMEOUT, Reply
 from fedunlearn.fl.rounds import ProgressHook
+from fedunlearn.fl.secure_round import SecureLayout
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models.base import Arrays
 from server.privacy_queries import PrivacyQueries
@@ -161,6 +164,17 @@ class FlowerPool(PrivacyQueries):
     ) -> list[Reply[ClientUpdate]]:
         replies, failed = self._send(TRAIN, round_number, clients, shared, done, epochs, ascent, tolerate=True)
         return [Reply(self._sender(reply), decode_update(reply.content)) for reply in replies] + failed
+
+    def train_summed(
+        self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook, layout: SecureLayout
+    ) -> tuple[list[int], list[Reply[ClientUpdate]], np.ndarray]:
+        """Secure aggregation: the clients train and keep their upload (each replies with its id only);
+        then one SecAgg+ sum over those that did gives the server the sum of their contributions."""
+        replies, failed = self._send(TRAIN, round_number, clients, shared, done, tolerate=True)
+        trained = sorted(self._sender(reply) for reply in replies)
+        fields = {"round": round_number, "max-examples": layout.max_examples, "epochs": layout.epochs}
+        summed = self._secure_sum(trained, secure_task(self.config, SECURE_UPDATE, **fields), 1.0)
+        return trained, failed, summed
 
     def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
         replies, _ = self._send(MEMBERSHIP, 0, clients, shared, lambda _: None)

@@ -39,8 +39,10 @@ NEIGHBOURS = 15  # each client's key shares go to this many (odd) others when th
 
 
 def quantization_range(n_clients: int) -> int:
-    """The finest grid whose n-fold sum (and the n weight factors, each Q) cannot wrap modulo 2**32."""
-    return min(MAX_QUANTIZATION, (MODULUS - 1) // n_clients)
+    """The finest grid whose n-fold sum (and the n weight factors, each Q) cannot wrap modulo 2**32.
+    Even, so that a zero (at Q / 2 on the grid) is rounded exactly: rows nobody touched sum to zero."""
+    largest = min(MAX_QUANTIZATION, (MODULUS - 1) // n_clients)
+    return largest - largest % 2
 
 
 def resolution(n_clients: int, bound: float) -> float:

@@ -13,6 +13,7 @@ from fedunlearn.fl.faults import local_reply
 from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.replies import FAILED, Reply
 from fedunlearn.fl.rounds import ProgressHook
+from fedunlearn.fl.secure_round import SecureLayout
 from fedunlearn.fl.training import resolve_device
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models import build_model
@@ -34,6 +35,31 @@ class LocalPool:
 
     def release(self) -> None:
         """A fork here is a plain copy, gone with the twin that holds it."""
+
+    def train(
+        self,
+        round_number: int,
+        clients: list[int],
+        shared: Arrays,
+        done: ProgressHook,
+        epochs: float | None = None,
+        ascent: bool = False,
+    ) -> list[Reply[ClientUpdate]]:
+        raise NotImplementedError
+
+    def train_summed(
+        self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook, layout: SecureLayout
+    ) -> tuple[list[int], list[Reply[ClientUpdate]], np.ndarray]:
+        """Secure aggregation simulated: each client's contribution, checked as the client checks
+        it, is added into one exact sum in client-id order; nothing of a single upload is returned."""
+        replies = self.train(round_number, clients, shared, done)
+        total = np.zeros(layout.size)
+        contributors = []
+        for reply in sorted(replies, key=lambda reply: self.federation.client_ids[reply.sender]):
+            if reply.value is not None:
+                layout.add(total, reply.value)
+                contributors.append(reply.sender)
+        return contributors, [reply for reply in replies if reply.value is None], total
 
     def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
         return {

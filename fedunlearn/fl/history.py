@@ -163,6 +163,14 @@ class HistoryStore(Database):
                 (full,),
             )
 
+    def record_participation(self, round_number: int, client_ids: list[str]) -> None:
+        """A round aggregated securely (fl/secure_round.py): the server knows who took part, not what
+        any of them sent, nor how many examples (stored as NULL)."""
+        with self.transaction():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO participation VALUES (?, ?, NULL)", [(round_number, c) for c in client_ids]
+            )
+
     def put_checkpoint(self, round_number: int, shared: Arrays) -> None:
         rows = [(round_number, key, *_raw(value.astype(np.float32))) for key, value in shared.items()]
         with self.transaction():
@@ -348,7 +356,7 @@ class HistoryStore(Database):
 
     def bytes_by_kind(self) -> dict[str, int]:
         """Bytes of stored arrays by kind, and what keeping every full float32 update of every round would take."""
-        one = lambda sql, *args: int(self.db.execute(sql, args).fetchone()[0] or 0)  # noqa: E731
+        one = lambda sql, *args: int((self.db.execute(sql, args).fetchone() or (0,))[0] or 0)  # noqa: E731
         index = " + ".join(f"LENGTH({name})" for name in self.INDEX_ARRAYS)
         kinds = {"checkpoints": one("SELECT SUM(LENGTH(data)) FROM checkpoints")}
         for kind in (FULL, COMPACT):

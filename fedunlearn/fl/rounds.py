@@ -29,6 +29,7 @@ from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.history import HistoryStore
 from fedunlearn.fl.replies import Reply, ReplyLimits, check_replies, median_norms
 from fedunlearn.fl.robust import server_delta
+from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate, rescale_tensors
 from fedunlearn.metrics import hit_ratio, ranking_metrics
 from fedunlearn.models import build_model
@@ -65,6 +66,14 @@ class ClientPool(Protocol):
         ascent: bool = False,
     ) -> list[Reply[ClientUpdate]]: ...
 
+    def train_summed(
+        self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook, layout: SecureLayout
+    ) -> tuple[list[int], list[Reply[ClientUpdate]], np.ndarray]:
+        """Secure aggregation (fl/secure_round.py): the clients train as in `train`, and the server
+        receives only the sum of their `layout` contributions: (who contributed, the failed replies,
+        the sum)."""
+        ...
+
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[Reply[ClientEvaluation]]: ...
 
     def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]: ...
@@ -93,6 +102,15 @@ class FederationResult:
     privacy: Any = None  # fedunlearn.privacy.stage.PrivacyReport when attribute privacy was audited
     defence: dict[str, Any] = field(default_factory=dict)  # Flower, a defence without the audit: what it cost
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # "updates" / "evaluations": by reason
+
+
+@dataclass
+class RoundSeen:
+    """What the server saw of a round: the clients' mean training loss, and the uploads as it holds
+    them (each client's own; under secure aggregation only the round's mean change, for everyone)."""
+
+    loss: float
+    uploads: list[ClientUpdate]
 
 
 COMPARED = ("HR@10", "NDCG@10", "ER@10", "HR@10_active", "HR@10_inactive", "NDCG@10_active", "NDCG@10_inactive")
@@ -182,6 +200,7 @@ class FederatedServer:
         plugins: ServerPlugins | None = None,
     ) -> None:
         self.config = config
+        self.secure = config.defence.upload == SECURE_UPLOAD  # the server receives only sums of uploads
         self.plugins = plugins or ServerPlugins()
         client_ids, n_items = federation.client_ids, federation.n_items
         self.client_ids = client_ids
@@ -279,14 +298,43 @@ class FederatedServer:
     def aggregate(self, shared: Arrays, updates: list[ClientUpdate]) -> Arrays:
         return apply_delta(shared, self.aggregate_delta(shared, updates))
 
-    def train_round(self, round_number: int, clients: list[int], shared: Arrays) -> tuple[Arrays, list[ClientUpdate]]:
+    def train_round(self, round_number: int, clients: list[int], shared: Arrays) -> tuple[Arrays, RoundSeen]:
         """One round from `shared`: the sampled clients train, the history records, the server aggregates."""
+        if self.secure:
+            return self._train_round_securely(round_number, clients, shared)
         updates = self.train_clients(round_number, clients, shared)
         if self.records_history():
             self.history.record_round(round_number, shared, updates)
         new_shared = self.aggregate(shared, updates)
         require_finite(new_shared, f"at round {round_number}")
-        return new_shared, updates
+        return new_shared, RoundSeen(float(np.mean([u.loss for u in updates])), updates)
+
+    def _train_round_securely(self, round_number: int, clients: list[int], shared: Arrays) -> tuple[Arrays, RoundSeen]:
+        """The round under secure aggregation: the server gets the sum of the clients' contributions
+        (fl/secure_round.py) and who sent one; the history can keep only who took part."""
+        train = self.config.train
+        shapes = {key: tuple(value.shape) for key, value in shared.items()}
+        most = int(self.limits.max_examples.max())
+        layout = SecureLayout.of(self.model, shapes, most, self.config.defence.secagg_bound, train.local_epochs,
+                                 train.batch_size)  # fmt: skip
+        self.progress.start_call(len(clients), "training")
+        contributors, failed, summed = self.pool.train_summed(
+            round_number, clients, shared, self.progress.client_done, layout
+        )
+        rejected = Counter(reply.failure for reply in failed)
+        details = [reply.detail for reply in failed if reply.detail]
+        self._count("updates", rejected, len(contributors), len(clients), f"round {round_number}", details)
+        total = layout.total(summed, len(contributors))
+        self.client_epochs += total.epochs
+        self.optimizer_steps += round(total.steps)
+        ids = [self.client_ids[index] for index in sorted(contributors)]
+        if self.records_history():
+            self.history.record_participation(round_number, ids)
+        new_shared = apply_delta(shared, total.delta(shared, train.server_lr, train.dense_server_lr))
+        require_finite(new_shared, f"at round {round_number}")
+        loss = total.loss / total.count
+        touched, rows, dense = total.mean_change()
+        return new_shared, RoundSeen(loss, [ClientUpdate(c, 0, touched, rows, dense, loss) for c in ids])
 
     def records_history(self) -> bool:
         """Whether rounds trained now (or replayed by a method now) are stored: only while a drop event
@@ -484,10 +532,10 @@ class FederatedServer:
             self.remove(round_number, self.schedule[round_number])
         clients = self.sample(round_number)
         self.progress.start_round(round_number)
-        self.shared, updates = self.train_round(round_number, clients, self.shared)
-        self._check_loss(round_number, float(np.mean([u.loss for u in updates])))
+        self.shared, seen = self.train_round(round_number, clients, self.shared)
+        self._check_loss(round_number, seen.loss)
         if round_number == rounds and audits_privacy(self.config) and self.config.audit.uploads:  # the audit's view
-            result.uploads = self.upload_view(updates)
+            result.uploads = self.upload_view(seen.uploads)
         if round_number % self.config.eval.every == 0 or round_number == rounds:
             since = self.rejected["updates"] - self.reported  # rejected in the rounds since the last row
             self.reported = Counter(self.rejected["updates"])

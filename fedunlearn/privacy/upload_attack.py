@@ -44,11 +44,14 @@ def upload_view(updates: list[ClientUpdate], positions: dict[str, int], n_client
         "directions": np.zeros((n_clients, dim)),
         "recovered": np.zeros((n_clients, n_items), dtype=bool),
     }
-    for update in updates:
+    read: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # under secure aggregation every client's
+    for update in updates:  # "upload" is the same round mean (fl.rounds.RoundSeen): read it once
         at = positions[update.client_id]
         for rows in update.rows.values():
             view["norms"][at, update.item_ids] += np.linalg.norm(rows, axis=1)
-        view["directions"][at], recovered = recover_from_upload(update, row_keys)
+        if id(update.rows) not in read:
+            read[id(update.rows)] = recover_from_upload(update, row_keys)
+        view["directions"][at], recovered = read[id(update.rows)]
         view["recovered"][at, recovered] = True
     return view
 

@@ -1,0 +1,178 @@
+"""Secure aggregation of a training round (`defence.upload = "secagg"`): the server learns only the
+sum of the round's uploads, never one client's.
+
+The server's row-wise weighted mean (aggregation._mean_step) needs, per item row, the sum of
+`examples * change` over the clients that touched it and the sum of their `examples`; per dense
+layer the same two sums. So each client contributes one dense vector over the whole catalogue
+(`SecureLayout.contribution`): its weighted changes, its weight on every row it touched, its
+weight, and the three numbers the round loop counts (loss, epochs, optimizer steps). Secure
+aggregation (SecAgg+ on Flower, `server.secure_sum`; an exact sum in the simulation engines) adds
+the vectors, and `RoundSum.delta` divides the sums: the same step as the plain aggregation, up to
+float rounding (and SecAgg+'s quantisation on Flower).
+
+Each entry is scaled into [-1, 1] with public numbers (the most examples any client can report,
+`defence.secagg_bound` on a weighted change, caps on loss, epochs and steps), the range SecAgg+
+quantises; a client whose contribution falls outside refuses, as the Flower client does, rather than
+be clipped silently. What the server cannot do any more: check, clip or robustly aggregate single
+uploads, or keep them in a history (so no FedEraser, FRU or FedAccum: config.validate says so)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedunlearn.errors import FedUnlearnError
+from fedunlearn.fl.updates import ClientUpdate
+from fedunlearn.models.base import Arrays, SplitModel
+
+SECURE_UPLOAD = "secagg"
+LOSS_CAP = 100.0  # a client loss above this is a diverged run: the client refuses to send it
+
+
+@dataclass(frozen=True)
+class SecureLayout:
+    """Where each part of a client's contribution lies in the summed vector, and its public scale."""
+
+    n_items: int
+    row_widths: dict[str, int]  # item table -> d
+    dense_shapes: dict[str, tuple[int, ...]]
+    max_examples: int  # the most examples any client can report (weights are divided by it)
+    bound: float  # the largest |change| of a shared value a client may send (defence.secagg_bound)
+    epochs: float  # the epochs asked for (a client reports at most that)
+    batch_size: int
+
+    @classmethod
+    def of(cls, model: SplitModel, shapes: dict[str, tuple[int, ...]], max_examples: int, bound: float,
+           epochs: float, batch_size: int) -> SecureLayout:  # fmt: skip
+        """`shapes`: of every shared tensor (the server's parameters, or the model's on a client)."""
+        return cls(
+            model.n_items,
+            {key: int(shapes[key][1]) for key in model.row_keys},
+            {key: tuple(shape) for key, shape in shapes.items() if key not in model.row_keys},
+            int(max_examples), float(bound), float(epochs), int(batch_size),
+        )  # fmt: skip
+
+    @property
+    def steps_cap(self) -> int:
+        return math.ceil(self.max_examples / self.batch_size) * max(1, math.ceil(self.epochs))
+
+    def _offsets(self) -> dict[str, tuple[int, int]]:
+        spans: dict[str, tuple[int, int]] = {}
+        start = 0
+        sizes = {f"rows.{key}": self.n_items * width for key, width in self.row_widths.items()}
+        sizes |= {"row_weight": self.n_items}
+        sizes |= {f"dense.{key}": math.prod(shape) for key, shape in self.dense_shapes.items()}
+        sizes |= {"weight": 1, "loss": 1, "epochs": 1, "steps": 1}
+        for name, size in sizes.items():
+            spans[name] = (start, start + size)
+            start += size
+        return spans
+
+    @property
+    def size(self) -> int:
+        return self._offsets()["steps"][1]
+
+    def add(self, total: np.ndarray, update: ClientUpdate) -> None:
+        """Add one client's contribution into `total` (float64, `size`) without building it densely.
+        Refuses (FedUnlearnError, before adding anything) a contribution that is not finite or would
+        fall outside [-1, 1]."""
+        self.check(update)
+        spans, weight = self._offsets(), update.num_examples / self.max_examples
+        for key, rows in update.rows.items():
+            start, _ = spans[f"rows.{key}"]
+            block = total[start : start + self.n_items * self.row_widths[key]].reshape(self.n_items, -1)
+            block[update.item_ids] += weight * rows.astype(np.float64) / self.bound
+        total[spans["row_weight"][0] + update.item_ids] += weight
+        for key, change in update.dense.items():
+            start, end = spans[f"dense.{key}"]
+            total[start:end] += weight * change.astype(np.float64).ravel() / self.bound
+        scalars = {"weight": weight, "loss": update.loss / LOSS_CAP, "epochs": update.epochs / self.epochs,
+                   "steps": update.steps / self.steps_cap}  # fmt: skip
+        for name, value in scalars.items():
+            total[spans[name][0]] += value
+
+    def check(self, update: ClientUpdate) -> None:
+        """What the client checks before it contributes: SecAgg+ would clip a value out of range
+        silently, so the client refuses instead, with the setting to change."""
+        who = f"client {update.client_id}"
+        if not 0 < update.num_examples <= self.max_examples:
+            raise FedUnlearnError(f"{who} reports {update.num_examples} examples, outside (0, {self.max_examples}]")
+        for key, value in [*update.rows.items(), *update.dense.items()]:
+            largest = float(np.abs(value).max()) if value.size else 0.0
+            if not math.isfinite(largest):
+                raise FedUnlearnError(f"{who}'s change of {key} is not finite: training diverged; lower train.lr")
+            if largest > self.bound:
+                raise FedUnlearnError(
+                    f"{who} changed {key} by {largest:.3g}, beyond defence.secagg_bound = {self.bound:g} "
+                    "(secure aggregation would clip it): raise defence.secagg_bound"
+                )
+        if not 0 <= update.loss <= LOSS_CAP:
+            raise FedUnlearnError(f"{who}'s training loss {update.loss:.3g} is outside [0, {LOSS_CAP:g}]: "
+                                  "training diverged; lower train.lr or train.server_lr")  # fmt: skip
+        if not 0 < update.epochs <= self.epochs + 1e-9 or not 0 < update.steps <= self.steps_cap:
+            raise FedUnlearnError(f"{who} reports {update.epochs:g} epochs in {update.steps} steps, more than "
+                                  f"asked ({self.epochs:g} epochs, at most {self.steps_cap} steps)")  # fmt: skip
+
+    def contribution(self, update: ClientUpdate) -> np.ndarray:
+        """The vector one client hands to the secure sum (every entry in [-1, 1])."""
+        vector = np.zeros(self.size)
+        self.add(vector, update)
+        return vector
+
+    def total(self, summed: np.ndarray, contributors: int) -> RoundSum:
+        """Read the secure sum of `contributors` contributions back into the round's sums."""
+        if summed.shape != (self.size,) or not np.isfinite(summed).all():
+            raise FedUnlearnError(f"the secure sum is malformed (shape {summed.shape}, expected ({self.size},))")
+        spans = self._offsets()
+
+        def part(name: str) -> np.ndarray:
+            start, end = spans[name]
+            return summed[start:end]
+
+        return RoundSum(
+            {key: part(f"rows.{key}").reshape(self.n_items, width) * self.bound
+             for key, width in self.row_widths.items()},  # fmt: skip
+            part("row_weight").copy(),
+            {key: part(f"dense.{key}").reshape(shape) * self.bound for key, shape in self.dense_shapes.items()},
+            float(part("weight")[0]),
+            float(part("loss")[0]) * LOSS_CAP,
+            float(part("epochs")[0]) * self.epochs,
+            float(part("steps")[0]) * self.steps_cap,
+            contributors,
+        )
+
+
+@dataclass
+class RoundSum:
+    """A round's uploads as secure aggregation gives them: sums over the clients, weights divided by
+    the layout's max_examples (the ratio the mean needs is unchanged)."""
+
+    rows: Arrays  # item table -> (items, d) sum of weight * change
+    row_weight: np.ndarray  # (items,) sum of the weights of the clients that touched each row
+    dense: Arrays  # dense layer -> sum of weight * change
+    weight: float
+    loss: float  # summed losses
+    epochs: float
+    steps: float
+    count: int  # contributors
+
+    def delta(self, shared: Arrays, server_lr: float, dense_lr: float) -> Arrays:
+        """The server's step: aggregation._mean_step's row-wise weighted mean, from the sums."""
+        delta = {key: np.zeros(value.shape, dtype=np.float64) for key, value in shared.items()}
+        carried = self.row_weight > 1e-12  # untouched rows sum exactly to zero (SecAgg+ rounds zeros exactly)
+        for key, total in self.rows.items():
+            delta[key][carried] = server_lr * total[carried] / self.row_weight[carried, None]
+        for key, total in self.dense.items():
+            delta[key] = dense_lr * total / self.weight
+        return delta
+
+    def mean_change(self) -> tuple[np.ndarray, Arrays, Arrays]:
+        """What the server knows of the round: the rows anyone touched and the mean change of each
+        row and dense layer (the one "upload" the audit's upload attack can read under secagg)."""
+        touched = np.flatnonzero(self.row_weight > 1e-12)
+        rows = {key: (total[touched] / self.row_weight[touched, None]).astype(np.float32)
+                for key, total in self.rows.items()}  # fmt: skip
+        dense = {key: (total / self.weight).astype(np.float32) for key, total in self.dense.items()}
+        return touched, rows, dense

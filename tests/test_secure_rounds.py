@@ -1,0 +1,140 @@
+"""Secure aggregation of training rounds (`defence.upload = "secagg"`, fl/secure_round.py): the
+server's step from the sum of the clients' contributions is the plain aggregation's; a run trains
+the same model on every engine; the server holds nothing of a single upload, so the audit's upload
+attacks read every client alike (chance); whatever needs single uploads is refused."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from helpers import TINY, run_cli, simulate_then
+
+from clients.messages import TRAIN
+from fedunlearn.config import load_config
+from fedunlearn.engines.batched import BatchedPool
+from fedunlearn.engines.inprocess import InProcessPool
+from fedunlearn.errors import FedUnlearnError
+from fedunlearn.fl.aggregation import aggregate_delta
+from fedunlearn.fl.federation import build_federation
+from fedunlearn.fl.secure_round import LOSS_CAP, SecureLayout
+from fedunlearn.fl.updates import ClientUpdate
+from fedunlearn.models import build_model
+from fedunlearn.progress import Progress
+from fedunlearn.runs.assembly import federated_server
+from server.secure_sum import quantization_range, resolution
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+PROTOCOL_KEYS = {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2, Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST, Key.MASKED_PARAMETERS,
+                 Key.NODE_ID_LIST, Key.SHARE_LIST}  # fmt: skip
+SECURE = TINY + ["train.rounds=3", "eval.every=3", "defence.upload=secagg", "audit.attackers=[mlp]"]
+
+
+def _updates(model, shared, rng, n=5):
+    updates = []
+    for c in range(n):
+        items = np.sort(rng.choice(model.n_items, size=int(rng.integers(1, 12)), replace=False))
+        width = {key: shared[key].shape[1] for key in model.row_keys}
+        rows = {key: rng.normal(0, 0.1, (len(items), d)).astype(np.float32) for key, d in width.items()}
+        dense = {key: rng.normal(0, 0.1, value.shape).astype(np.float32) for key, value in shared.items()
+                 if key not in model.row_keys}  # fmt: skip
+        updates.append(ClientUpdate(f"c{c}", int(rng.integers(1, 30)), items, rows, dense, 0.5, 1.0, 1))
+    return updates
+
+
+@pytest.mark.parametrize("name", ["mf", "ncf"])
+def test_the_step_from_the_secure_sum_is_the_plain_aggregations(name):
+    config = load_config(None, TINY + [f"model.name={name}"])
+    model = build_model(config.model, 40)
+    shared = model.init_shared(np.random.default_rng(0))
+    updates = _updates(model, shared, np.random.default_rng(1))
+    layout = SecureLayout.of(model, {k: v.shape for k, v in shared.items()}, 30, 1.0, 1.0, 64)
+    total = np.zeros(layout.size)
+    for update in updates:
+        layout.add(total, update)
+    summed = layout.total(total, len(updates))
+    secure = summed.delta(shared, 3.0, 1.0)
+    plain = aggregate_delta(model, shared, updates, 3.0, 1.0)
+    for key in shared:
+        np.testing.assert_allclose(secure[key], plain[key], rtol=1e-12, atol=1e-15)
+    assert summed.count == 5 and summed.loss == pytest.approx(5 * 0.5) and summed.steps == pytest.approx(5)
+    assert np.all(np.abs(layout.contribution(updates[0])) <= 1)  # the range SecAgg+ quantises
+
+
+def test_a_contribution_secure_aggregation_would_clip_is_refused_with_the_setting_to_change():
+    config = load_config(None, TINY)
+    model = build_model(config.model, 40)
+    shared = model.init_shared(np.random.default_rng(0))
+    layout = SecureLayout.of(model, {k: v.shape for k, v in shared.items()}, 30, 0.05, 1.0, 64)
+    (update,) = _updates(model, shared, np.random.default_rng(1), n=1)
+    total = np.zeros(layout.size)
+    with pytest.raises(FedUnlearnError, match="beyond defence.secagg_bound = 0.05.*raise defence.secagg_bound"):
+        layout.add(total, update)
+    assert not total.any()  # refused before anything was added
+    update.rows = {key: value * 0 for key, value in update.rows.items()}
+    update.dense = {key: value * 0 for key, value in update.dense.items()}
+    update.loss = LOSS_CAP * 2
+    with pytest.raises(FedUnlearnError, match="training diverged"):
+        layout.add(total, update)
+
+
+@pytest.mark.parametrize(
+    "setting, named",
+    [
+        ("unlearn.method=federaser", "unlearn.method = 'federaser'"),
+        ("train.aggregation=median", "train.aggregation"),
+        ("faults.share=0.2", "faults.share"),
+    ],
+)
+def test_what_needs_single_uploads_is_refused_under_secure_aggregation(setting, named):
+    with pytest.raises(FedUnlearnError, match=named.replace(".", r"\.")) as refused:
+        load_config(None, ["defence.upload=secagg", setting])
+    assert "\n" not in str(refused.value) and "secagg" in str(refused.value)
+
+
+@pytest.mark.parametrize("engine", [InProcessPool, BatchedPool])
+def test_a_secure_run_trains_the_plain_runs_model(engine):
+    results = {}
+    for upload in ("none", "secagg"):
+        config = load_config(None, TINY + ["train.rounds=3", "eval.every=3", f"defence.upload={upload}"])
+        federation = build_federation(config.data, config.run.seed)
+        results[upload] = federated_server(config, federation, engine(config, federation), Progress(1, False)).run()
+    for key, value in results["none"].shared.items():
+        np.testing.assert_allclose(results["secagg"].shared[key], value, atol=1e-6)
+    assert results["secagg"].final["HR@10"] == results["none"].final["HR@10"]
+    assert results["secagg"].final["train_loss"] == pytest.approx(results["none"].final["train_loss"], abs=1e-9)
+
+
+def test_under_secure_aggregation_the_upload_attacks_read_every_client_alike(tmp_path):
+    folder = run_cli(SECURE, "batched", tmp_path / "secure")
+    audit = pd.read_csv(folder / "audit.csv")
+    uploads = audit[(audit.audit == "global") & audit.view.str.startswith("upload")]
+    assert set(uploads.view) == {"upload", "upload-direction"}
+    assert np.allclose(uploads.balanced_accuracy, uploads.chance)  # one view shared by all: a constant guess
+
+
+@pytest.mark.flower
+def test_on_flower_the_server_receives_the_rounds_only_as_a_secagg_sum_and_trains_the_same_model():
+    config = load_config(None, TINY + ["train.rounds=2", "eval.every=2", "defence.upload=secagg"])
+    federation = build_federation(config.data, config.run.seed)
+    expected = federated_server(config, federation, InProcessPool(config, federation), Progress(1, False)).run()
+
+    def kept(result, pool):
+        return result, list(zip(pool.reply_types, pool.replies_seen, strict=True))
+
+    result, replies = simulate_then(config, federation.n_clients, kept)
+    n = federation.n_clients
+    for key, value in expected.shared.items():  # SecAgg+ rounds each contribution to its grid
+        np.testing.assert_allclose(result.shared[key], value, atol=50 * n * resolution(n, 1.0))
+    training = [content for kind, content in replies if kind == TRAIN]
+    assert len(training) == 2 * n and all(not content.array_records for content in training)  # ids only
+    stages = [content for kind, content in replies if kind == "train"]  # SecAgg+: 4 stages, each client
+    assert len(stages) == 4 * 2 * n
+    assert all(len(record) == 0 for content in stages for record in content.array_records.values())
+    sent = {key for content in stages for key in content.config_records[RECORD_KEY_CONFIGS]}
+    assert Key.MASKED_PARAMETERS in sent and sent <= PROTOCOL_KEYS  # key material and masked vectors only
+    protocol = [content.config_records[RECORD_KEY_CONFIGS] for content in stages]
+    vectors = [bytes_to_ndarray(record[Key.MASKED_PARAMETERS][1]) for record in protocol
+               if Key.MASKED_PARAMETERS in record]  # fmt: skip
+    assert len(vectors) == 2 * n and all(v.max() > quantization_range(n) for v in vectors)  # masked, not quantised
