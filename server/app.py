@@ -52,7 +52,10 @@ def make_server_app(
     history: HistoryStore | None = None,
     schedule: dict[int, list[str]] | None = None,
     show_progress: bool = True,
+    on_error: Callable[[BaseException], None] | None = None,
 ) -> ServerApp:
+    """The ServerApp of `fedunlearn run --engine flower`. Flower's simulation logs an exception the
+    ServerApp raises and returns; `on_error` receives it, so the caller can raise it again."""
     app = ServerApp()
 
     @app.main()
@@ -60,6 +63,10 @@ def make_server_app(
         progress = Progress(config.train.rounds, show_progress)
         try:
             on_result(*serve(grid, config, progress, keep_replies, history, schedule))
+        except Exception as error:
+            if on_error is None:
+                raise
+            on_error(error)
         finally:
             progress.close()
 

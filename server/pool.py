@@ -31,13 +31,14 @@ from clients.messages import (
     secure_task,
 )
 from fedunlearn.config import Config
+from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.replies import FAILED, TIMEOUT, Reply
 from fedunlearn.fl.rounds import ProgressHook
 from fedunlearn.fl.secure_round import SecureLayout
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models.base import Arrays
 from server.privacy_queries import PrivacyQueries
-from server.secure_sum import secure_sum
+from server.secure_sum import SecureSumError, secure_sum
 
 PULL_SECONDS = 0.05
 QUERY_SECONDS = 1800.0
@@ -173,7 +174,7 @@ class FlowerPool(PrivacyQueries):
         replies, failed = self._send(TRAIN, round_number, clients, shared, done, tolerate=True)
         trained = sorted(self._sender(reply) for reply in replies)
         fields = {"round": round_number, "max-examples": layout.max_examples, "epochs": layout.epochs}
-        summed = self._secure_sum(trained, secure_task(self.config, SECURE_UPDATE, **fields), 1.0)
+        summed = self._secure_round_sum(trained, secure_task(self.config, SECURE_UPDATE, **fields))
         return trained, failed, summed
 
     def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
@@ -190,6 +191,14 @@ class FlowerPool(PrivacyQueries):
     def _secure_sum(self, clients: list[int], task: dict[str, Any], bound: float) -> np.ndarray:
         nodes = [self.node_of[index] for index in clients]
         return secure_sum(self.grid, nodes, task, bound, self.timeout, self._keep if self.keep_replies else None)
+
+    def _secure_round_sum(self, clients: list[int], task: dict[str, Any]) -> np.ndarray:
+        """A round's secure sum: a client that refused its contribution (out of range, diverged)
+        stops the run with its own one-line reason (secure_sum.SecureSumError)."""
+        try:
+            return self._secure_sum(clients, task, 1.0)
+        except SecureSumError as error:
+            raise FedUnlearnError(f"the secure sum of round {task['round']} failed: {error.first_reason}") from None
 
     def _query(self, kind: str, contents: dict[int, RecordDict]) -> None:
         self._exchange(

@@ -83,9 +83,26 @@ def secure_sum(
     tap = _Tap(grid, on_reply)
     workflow(tap, context)
     if catcher.mean is None or catcher.contributors != len(nodes) or tap.errors:
-        reasons = "; ".join(sorted(set(tap.errors))) or "the protocol halted (see the log)"
-        raise RuntimeError(f"secure sum over {len(nodes)} clients failed: {reasons}")
+        raise SecureSumError(len(nodes), sorted(set(tap.errors)))
     return catcher.mean * catcher.contributors
+
+
+class SecureSumError(RuntimeError):
+    """A secure sum that did not complete, with the clients' own reasons."""
+
+    def __init__(self, clients: int, reasons: list[str]) -> None:
+        self.reasons = [_client_message(reason) for reason in reasons]
+        super().__init__(f"secure sum over {clients} clients failed: {'; '.join(self.reasons) or 'see the log'}")
+
+    @property
+    def first_reason(self) -> str:
+        return self.reasons[0] if self.reasons else "the protocol halted (see the log)"
+
+
+def _client_message(reason: str) -> str:
+    """The client's own message out of Flower's wrapping ("Exception ... occurred. Message: ...'>")."""
+    message = reason.split("Message: ", 1)[-1]
+    return message[:-2] if message.endswith("'>") else message
 
 
 class _SumCatcher(Strategy):

@@ -148,6 +148,7 @@ def run_flower(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     federation = cached_federation(config.data, config.run.seed)
     outcome: list[tuple[FederationResult, FlowerPool]] = []
+    errors: list[BaseException] = []
     resources = {"num_cpus": config.run.client_cpus, "num_gpus": config.run.client_gpus}
     start_ray(config.run.num_cpus, config.run.ray_address)
     quiet_flower_console()
@@ -160,6 +161,7 @@ def run_flower(
                 history,
                 schedule,
                 show_progress,
+                errors.append,
             ),
             client_app=client_app,
             num_supernodes=federation.n_clients,
@@ -167,6 +169,8 @@ def run_flower(
         )
     finally:
         ray.shutdown()
+    if errors:  # the ServerApp's own error (a FedUnlearnError is one line for the user), raised here
+        raise errors[0]
     if not outcome:
         raise RuntimeError("the Flower simulation ended without a result: see the log above")
     return outcome[0]

@@ -138,3 +138,16 @@ def test_on_flower_the_server_receives_the_rounds_only_as_a_secagg_sum_and_train
     vectors = [bytes_to_ndarray(record[Key.MASKED_PARAMETERS][1]) for record in protocol
                if Key.MASKED_PARAMETERS in record]  # fmt: skip
     assert len(vectors) == 2 * n and all(v.max() > quantization_range(n) for v in vectors)  # masked, not quantised
+
+
+@pytest.mark.flower
+def test_on_flower_a_client_refusing_its_contribution_stops_the_run_with_its_reason_on_one_line(tmp_path, capsys):
+    from fedunlearn.cli import main
+
+    settings = TINY + ["train.rounds=1", "defence.upload=secagg", "defence.secagg_bound=0.001", "run.engine=flower"]
+    args = [part for setting in settings for part in ("--set", setting)]
+    assert main(["run", *args, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("fedunlearn: error: the secure sum of round 1 failed: client ")
+    assert error.endswith("raise defence.secagg_bound")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
