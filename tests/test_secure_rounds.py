@@ -22,6 +22,7 @@ from fedunlearn.fl.updates import ClientUpdate
 from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
 from fedunlearn.runs.assembly import federated_server
+from fedunlearn.runs.runner import schedule_and_history
 from server.secure_sum import quantization_range, resolution
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -94,15 +95,21 @@ def test_what_needs_single_uploads_is_refused_under_secure_aggregation(setting, 
 
 
 @pytest.mark.parametrize("engine", [InProcessPool, BatchedPool])
-def test_a_secure_run_trains_the_plain_runs_model(engine):
+def test_a_secure_run_and_its_retrain_event_train_the_plain_runs_model(engine, tmp_path):
     results = {}
     for upload in ("none", "secagg"):
-        config = load_config(None, TINY + ["train.rounds=3", "eval.every=3", f"defence.upload={upload}"])
+        settings = ["train.rounds=3", "eval.every=3", 'unlearn.drop="3@3"', "unlearn.method=retrain"]
+        config = load_config(None, TINY + settings + [f"defence.upload={upload}"])
         federation = build_federation(config.data, config.run.seed)
-        results[upload] = federated_server(config, federation, engine(config, federation), Progress(1, False)).run()
+        (tmp_path / upload).mkdir()
+        config, schedule, history = schedule_and_history(config, federation, tmp_path / upload)
+        pool = engine(config, federation)
+        results[upload] = federated_server(config, federation, pool, Progress(1, False), history, schedule).run()
     for key, value in results["none"].shared.items():
         np.testing.assert_allclose(results["secagg"].shared[key], value, atol=1e-6)
     assert results["secagg"].final["HR@10"] == results["none"].final["HR@10"]
+    (plain,), (secure,) = results["none"].events, results["secagg"].events  # Retrain ran through secure rounds
+    assert secure["after"]["HR@10"] == plain["after"]["HR@10"] and secure["client_epochs"] == plain["client_epochs"]
     assert results["secagg"].final["train_loss"] == pytest.approx(results["none"].final["train_loss"], abs=1e-9)
 
 
