@@ -8,6 +8,7 @@ import pytest
 from fedunlearn.config import load_config
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.errors import FedUnlearnError
+from fedunlearn.fl.comparison import compare_with_retrain
 from fedunlearn.fl.federation import build_federation
 from fedunlearn.fl.history import HistoryError, HistoryPolicy, HistoryStore
 from fedunlearn.fl.schedule import build_schedule
@@ -536,3 +537,15 @@ def test_a_history_in_the_old_layout_is_refused_not_half_read(tmp_path):
     old.close()
     with pytest.raises(FedUnlearnError, match="older fedunlearn.*without --resume"):
         HistoryStore(tmp_path / "ids.sqlite", HistoryPolicy())
+
+
+def test_no_wall_time_speedup_is_taken_over_an_event_that_is_only_bookkeeping():
+    base = {"model": "mf", "seed": 0, "event": 10, "client_epochs": 0.0, "optimizer_steps": 0}
+    rows = [
+        base | {"method": "retrain", "client_epochs": 90.0, "optimizer_steps": 180, "unlearn_seconds": 13.0},
+        base | {"method": "none", "unlearn_seconds": 0.013},  # a no-op: timer noise and bookkeeping
+        base | {"method": "accum", "unlearn_seconds": 2.6},  # replays stored updates: real work
+    ]
+    compare_with_retrain(rows, [None, None, None])
+    assert np.isnan(rows[1]["speedup_time"]) and np.isnan(rows[1]["speedup"])
+    assert rows[2]["speedup_time"] == pytest.approx(5.0) and np.isnan(rows[2]["speedup"])
