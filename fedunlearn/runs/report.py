@@ -140,7 +140,7 @@ def unlearning_rows(runs: list[RunFolder]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame()
     rows = pd.concat(frames, ignore_index=True)
-    keep = ["run", "method", "event", "seed", *(c for c in UNLEARNING_COLUMNS if c in rows.columns)]
+    keep = ["run", "model", "method", "event", "seed", *(c for c in UNLEARNING_COLUMNS if c in rows.columns)]
     return rows[[c for c in keep if c in rows.columns]]
 
 
@@ -190,7 +190,7 @@ def _plots(runs: list[RunFolder], unlearning: pd.DataFrame, audits: pd.DataFrame
     made["rounds.png"] = "HR@10 and NDCG@10 per round, drop events dotted"
     if not unlearning.empty:
         plot_unlearning(unlearning, out / "unlearning_tradeoff.png")
-        made["unlearning_tradeoff.png"] = "retained HR@10 against the speedup over Retrain, per method"
+        made["unlearning_tradeoff.png"] = "retained HR@10 minus Retrain's against the speedup over Retrain, per method"
         plot_forgetting(unlearning, out / "unlearning_forgetting.png")
         made["unlearning_forgetting.png"] = "MIA AUC (and ER@10 under attack) per method"
     if not audits.empty:
