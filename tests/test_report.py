@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from fedunlearn.cli import main
+from fedunlearn.runs.report import _speedups_now
 
 TINY = ["data.synthetic_users=40", "data.synthetic_items=120", "data.synthetic_interactions=15",
         "data.test_negatives=40", "model.dim=8", "train.rounds=4", "eval.every=1", "audit.attackers=[mlp]"]  # fmt: skip
@@ -109,3 +110,16 @@ def test_report_never_writes_over_an_existing_folder(folders, tmp_path, capsys):
     out.mkdir()
     assert main(["report", str(folders / "run"), "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and not any(out.iterdir())
+
+
+def test_the_report_takes_speedups_again_by_todays_rule_from_each_rows_costs():
+    base = {"run": "unlearning", "model": "ncf", "seed": 0, "event": 10}
+    rows = pd.DataFrame([
+        base | {"method": "retrain", "client_epochs": 90.0, "optimizer_steps": 180, "unlearn_seconds": 13.0},
+        base | {"method": "none", "client_epochs": 0.0, "optimizer_steps": 0, "unlearn_seconds": 0.013,
+                "speedup_time": 1000.0},  # written under the old 0.01 s floor
+        base | {"method": "fru", "client_epochs": 9.0, "optimizer_steps": 90, "unlearn_seconds": 6.5},
+    ])  # fmt: skip
+    again = _speedups_now(rows).set_index("method")
+    assert np.isnan(again.loc["none", "speedup_time"])
+    assert again.loc["fru", ["speedup", "speedup_steps", "speedup_time"]].tolist() == [10.0, 2.0, 2.0]

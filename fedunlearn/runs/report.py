@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from fedunlearn.errors import FedUnlearnError
+from fedunlearn.fl.comparison import compare_with_retrain
 from fedunlearn.runs.experiment import summarize
 from fedunlearn.runs.plots import (
     plot_audit_views,
@@ -139,9 +140,26 @@ def unlearning_rows(runs: list[RunFolder]) -> pd.DataFrame:
             frames.append(table.assign(run=experiment.name))
     if not frames:
         return pd.DataFrame()
-    rows = pd.concat(frames, ignore_index=True)
+    rows = _speedups_now(pd.concat(frames, ignore_index=True))
     keep = ["run", "model", "method", "event", "seed", *(c for c in UNLEARNING_COLUMNS if c in rows.columns)]
     return rows[[c for c in keep if c in rows.columns]]
+
+
+def _speedups_now(rows: pd.DataFrame) -> pd.DataFrame:
+    """The speedups taken again from each row's own costs by today's rule (fl.comparison), so a
+    folder written under an older rule (a wall ratio over a no-op's milliseconds) reads as today's."""
+    needed = {"run", "model", "seed", "method", "client_epochs", "optimizer_steps", "unlearn_seconds"}
+    if not needed <= set(rows.columns):
+        return rows
+    records = []
+    for _, group in rows.groupby("run", sort=False):
+        block = group.to_dict("records")
+        for record in block:
+            record.update(speedup=np.nan, speedup_steps=np.nan, speedup_time=np.nan)
+        compare_with_retrain(block, [None] * len(block))
+        records += block
+    columns = dict.fromkeys([*rows.columns, "speedup", "speedup_steps", "speedup_time"])
+    return pd.DataFrame(records, columns=list(columns))
 
 
 def audit_rows(runs: list[RunFolder]) -> pd.DataFrame:
