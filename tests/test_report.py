@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fedunlearn.cli import main
-from fedunlearn.runs.report import _speedups_now
+from fedunlearn.runs.report import _speedups_now, short_names
 
 TINY = ["data.synthetic_users=40", "data.synthetic_items=120", "data.synthetic_interactions=15",
         "data.test_negatives=40", "model.dim=8", "train.rounds=4", "eval.every=1", "audit.attackers=[mlp]"]  # fmt: skip
@@ -123,3 +123,10 @@ def test_the_report_takes_speedups_again_by_todays_rule_from_each_rows_costs():
     again = _speedups_now(rows).set_index("method")
     assert np.isnan(again.loc["none", "speedup_time"])
     assert again.loc["fru", ["speedup", "speedup_steps", "speedup_time"]].tolist() == [10.0, 2.0, 2.0]
+
+
+def test_run_names_lose_only_the_folder_path_they_all_share():
+    names = pd.Series(["attribute/trained/mf", "attribute/trained/ncf", "attribute/trained/mf"])
+    assert list(short_names(names)) == ["mf", "ncf", "mf"]
+    assert list(short_names(pd.Series(["a/x", "b/x"]))) == ["a/x", "b/x"]  # nothing shared: kept whole
+    assert list(short_names(pd.Series(["only/one"]))) == ["only/one"]  # a single run keeps its name

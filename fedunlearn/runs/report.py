@@ -212,9 +212,10 @@ def _plots(runs: list[RunFolder], unlearning: pd.DataFrame, audits: pd.DataFrame
         plot_forgetting(unlearning, out / "unlearning_forgetting.png")
         made["unlearning_forgetting.png"] = "MIA AUC (and ER@10 under attack) per method"
     if not audits.empty:
+        audits = audits.assign(run=short_names(audits["run"]))
         several = audits["run"].nunique() > 1  # the defences of each run told apart
         labelled = audits.assign(defence=audits["run"] + ": " + audits["defence"]) if several else audits
-        plot_tradeoff(labelled, out / "privacy_tradeoff.png")
+        plot_tradeoff(audits, out / "privacy_tradeoff.png")
         made["privacy_tradeoff.png"] = "attack balanced accuracy against NDCG@10 per defence, chance dashed"
         plot_audit_views(labelled, out / "audit_views.png")
         made["audit_views.png"] = "global audit against the clients' local view, per attribute"
@@ -230,6 +231,16 @@ def _plots(runs: list[RunFolder], unlearning: pd.DataFrame, audits: pd.DataFrame
         plot_time(times, out / "time.png")
         made["time.png"] = "seconds per training round per run"
     return made
+
+
+def short_names(names: pd.Series) -> pd.Series:
+    """Run names less the folder path they all share ("attribute/trained/mf" and ".../ncf" read
+    "mf" and "ncf"), for labels that fit a plot."""
+    parts = [str(name).split("/") for name in names.unique()]
+    common = 0
+    while len(parts) > 1 and all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    return names.map(lambda name: "/".join(str(name).split("/")[common:]))
 
 
 def _section(title: str, table: pd.DataFrame, note: str = "") -> tuple[str, str]:
