@@ -19,6 +19,8 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
+from fedunlearn.fl.comparison import TARGETS_AGAINST_RETRAIN  # noqa: E402
+
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINES = ("-", "--", "-.", ":")
@@ -74,17 +76,24 @@ def plot_rounds(curves: dict[str, pd.DataFrame], events: dict[str, list[int]], p
     _finish(figure, path, "Recommendation quality over the rounds", grid)
 
 
+def _minus_retrain(table: pd.DataFrame, column: str) -> np.ndarray:
+    """Each row's `column` minus Retrain's of the same run, model, event and seed (NaN where there
+    is no such Retrain row)."""
+    keys = [c for c in ("run", "model", "event", "seed") if c in table.columns]
+    retrain = table[table["method"] == "retrain"].drop_duplicates(keys).set_index(keys)[column]
+    reference = retrain.reindex(pd.MultiIndex.from_frame(table[keys])).to_numpy(dtype=float)
+    return table[column].to_numpy(dtype=float) - reference
+
+
 def plot_unlearning(table: pd.DataFrame, path: Path) -> None:
     """Retained users' HR@10 right after the event, minus Retrain's of the same run, model, seed and
     event, against the speedup over Retrain, in wall time and in client-epochs, one point per row;
-    zero and issue 12's +-0.02 band as the reference (one absolute Retrain line would mix events
+    zero and issue 12's band as the reference (one absolute Retrain line would mix events
     and models whose Retrain HR@10 differ by more than the methods do)."""
     figure, grid = plt.subplots(1, 2, figsize=(11, 5), squeeze=False)
     style = styles(table["method"])
-    keys = [c for c in ("run", "model", "event", "seed") if c in table.columns]
-    retrain = table[table["method"] == "retrain"].drop_duplicates(keys).set_index(keys)["HR@10"]
-    reference = retrain.reindex(pd.MultiIndex.from_frame(table[keys])).to_numpy(dtype=float)
-    delta = table["HR@10"].to_numpy(dtype=float) - reference
+    delta = _minus_retrain(table, "HR@10")
+    band = TARGETS_AGAINST_RETRAIN["HR@10"]
     for axis, column, name in zip(grid[0], ("speedup_time", "speedup"), ("wall time", "client-epochs"), strict=True):
         for method, rows in table.groupby("method", sort=False):
             x = np.ones(len(rows)) if method == "retrain" else rows[column].to_numpy(dtype=float)
@@ -93,7 +102,7 @@ def plot_unlearning(table: pd.DataFrame, path: Path) -> None:
             if shown.any():
                 axis.scatter(x[shown], y[shown], s=60, label=method, color=style[method]["color"],
                              marker=style[method]["marker"])  # fmt: skip
-        axis.axhspan(-0.02, 0.02, color="grey", alpha=0.12, label="within 0.02 of Retrain")
+        axis.axhspan(-band, band, color="grey", alpha=0.12, label=f"within {band} of Retrain")
         axis.axhline(0.0, color="grey", linestyle="--", label="Retrain")
         axis.set_xscale("log")
         axis.xaxis.set_major_formatter(ScalarFormatter())
@@ -105,9 +114,6 @@ def plot_unlearning(table: pd.DataFrame, path: Path) -> None:
     _finish(figure, path, "Unlearning: utility against cost (methods that trained nothing have no speedup)", grid)
 
 
-FORGETTING_TARGETS = {"MIA_AUC": 0.03, "ER@10": 0.02}  # issue 12's "within" bands against Retrain
-
-
 def plot_forgetting(table: pd.DataFrame, path: Path) -> None:
     """What each method leaves of the forgotten clients against Retrain: the membership-inference
     AUC on them and, under a poisoning attack, the attacked item's exposure ER@10, each minus
@@ -115,10 +121,7 @@ def plot_forgetting(table: pd.DataFrame, path: Path) -> None:
     with the target band. Absolute values pooled over runs and events would mix protocols whose
     Retrain values differ by more than the methods do (ER@10 0.60 at an early repeated event, 0.0
     after a single one)."""
-    columns = [c for c in FORGETTING_TARGETS if c in table.columns and table[c].notna().any()]
-    keys = [c for c in ("run", "model", "event", "seed") if c in table.columns]
-    retrain = table[table["method"] == "retrain"].drop_duplicates(keys).set_index(keys)
-    reference = retrain.reindex(pd.MultiIndex.from_frame(table[keys]))
+    columns = [c for c in ("MIA_AUC", "ER@10") if c in table.columns and table[c].notna().any()]
     methods = [m for m in dict.fromkeys(table["method"]) if m != "retrain"]
     colours = styles(methods)
     group_keys = [c for c in ("run", "model", "event") if c in table.columns]
@@ -127,14 +130,14 @@ def plot_forgetting(table: pd.DataFrame, path: Path) -> None:
     figure, grid = plt.subplots(1, max(1, len(columns)), figsize=(6 * max(1, len(columns)), 5.5), squeeze=False)
     jitter = np.random.default_rng(0).uniform(-0.25, 0.25, len(table))  # fixed: the same picture every time
     for axis, column in zip(grid[0], columns, strict=False):
-        delta = table[column].to_numpy(dtype=float) - reference[column].to_numpy(dtype=float)
+        delta = _minus_retrain(table, column)
         for position, method in enumerate(methods):
             for group in dict.fromkeys(groups):
                 chosen = ((table["method"] == method) & (groups == group)).to_numpy() & np.isfinite(delta)
                 if chosen.any():
                     axis.scatter(position + jitter[chosen], delta[chosen], s=45, color=colours[method]["color"],
                                  marker=markers[group]["marker"], edgecolor="black", linewidth=0.5)  # fmt: skip
-        band = FORGETTING_TARGETS[column]
+        band = TARGETS_AGAINST_RETRAIN[column]
         axis.axhspan(-band, band, color="grey", alpha=0.15)
         axis.axhline(0.0, color="grey", linestyle="--")
         axis.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
@@ -144,8 +147,8 @@ def plot_forgetting(table: pd.DataFrame, path: Path) -> None:
         axis.set_ylabel(f"{'MIA AUC' if mia else 'ER@10'} minus Retrain's")
         axis.set_title("membership inference on the forgotten clients" if mia else "ER@10: the attacked item in top 10")
     handles = [Line2D([], [], color="grey", linestyle="--", label="Retrain (0)"),
-               Patch(color="grey", alpha=0.15, label=f"target band (MIA +-{FORGETTING_TARGETS['MIA_AUC']}, "
-                                                     f"ER@10 +-{FORGETTING_TARGETS['ER@10']})")]  # fmt: skip
+               Patch(color="grey", alpha=0.15, label=f"target band (MIA +-{TARGETS_AGAINST_RETRAIN['MIA_AUC']}, "
+                                                     f"ER@10 +-{TARGETS_AGAINST_RETRAIN['ER@10']})")]  # fmt: skip
     handles += [Patch(facecolor=colours[m]["color"], edgecolor="black", label=f"method: {m}") for m in methods]
     handles += [Line2D([], [], color="black", marker=markers[g]["marker"], linestyle="", markerfacecolor="white",
                        label=g) for g in markers]  # fmt: skip
