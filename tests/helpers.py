@@ -160,3 +160,12 @@ def loopback(hex_address: str) -> bool:
         return host.endswith("7F")
     # IPv6: ::1, or 127.x.x.x mapped (::ffff:127.x.x.x)
     return host == "00000000000000000000000001000000" or host[16:24] == "FFFF0000" and host[30:32] == "7F"
+
+
+def run_as_the_runner_does(server, pool):
+    """`server.run()` under the pool's torch thread count, as fedunlearn.runs.runner runs it: NCF's
+    float32 sums differ in the last bits between 1 and 2 threads, and Flower's clients train on 1."""
+    from fedunlearn.runs.assembly import torch_threads
+
+    with torch_threads(pool.threads):
+        return server.run()

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import TINY, assert_no_user_part
+from helpers import TINY, assert_no_user_part, run_as_the_runner_does
 
 from clients.messages import AUDIT_USERS
 from fedunlearn.config import load_config
@@ -23,7 +23,7 @@ def run_inprocess(overrides):
     federation = build_federation(config.data, config.run.seed)
     pool = InProcessPool(config, federation)
     server = federated_server(config, federation, pool, Progress(1, False))
-    return server.run(), pool
+    return run_as_the_runner_does(server, pool), pool
 
 
 @pytest.mark.parametrize("model", ["mf", "ncf"])
@@ -89,7 +89,7 @@ def test_unlearning_runs_its_calibration_through_flower_with_the_same_numbers(tm
     pool = InProcessPool(config, federation)
     history = HistoryStore(tmp_path / "a.sqlite", HistoryPolicy())
     args = (config, federation, pool, Progress(1, False), history, schedule)
-    expected = federated_server(*args).run()
+    expected = run_as_the_runner_does(federated_server(*args), pool)
     result, _ = run_flower(config, history=HistoryStore(tmp_path / "b.sqlite", HistoryPolicy()), schedule=schedule)
     printed = capfd.readouterr()
     assert "DEPRECATED FEATURE" not in printed.err and "\x1b[" not in printed.err  # no banner, no colour codes

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import Context, Message, RecordDict
-from helpers import TINY, assert_no_user_part
+from helpers import TINY, assert_no_user_part, run_as_the_runner_does
 
 from clients.common import USER_STATE
 from clients.messages import (
@@ -84,7 +84,7 @@ def _inprocess(config, federation, schedule, history_path):
     pool.fork = lambda: forks.append(fork()) or forks[-1]
     history = HistoryStore(history_path, history_policy(config.unlearn))
     args = (config, federation, pool, Progress(1, False), history, schedule)
-    return federated_server(*args).run(), [pool, *forks]
+    return run_as_the_runner_does(federated_server(*args), pool), [pool, *forks]
 
 
 @pytest.mark.flower

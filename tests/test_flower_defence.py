@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import TINY, assert_no_secret_in, simulate_then
+from helpers import TINY, assert_no_secret_in, run_as_the_runner_does, simulate_then
 
 from fedunlearn.config import load_config
 from fedunlearn.engines.inprocess import InProcessPool
@@ -75,7 +75,7 @@ def run():
 
     flower = simulate_then(config, federation.n_clients, after_training)
     pool = InProcessPool(config, federation)
-    expected = federated_server(config, federation, pool, Progress(1, False)).run()
+    expected = run_as_the_runner_does(federated_server(config, federation, pool, Progress(1, False)), pool)
     return flower | {"config": config, "federation": federation, "classes": classes, "expected": expected,
                      "attributes": attributes, "model": pool.model}  # fmt: skip
 

@@ -4,7 +4,7 @@ whose faulty clients failed the same way."""
 
 import numpy as np
 import pytest
-from helpers import TINY
+from helpers import TINY, run_as_the_runner_does
 
 from fedunlearn.config import load_config
 from fedunlearn.engines.inprocess import InProcessPool
@@ -39,7 +39,7 @@ def test_faulty_flower_clients_are_counted_and_the_run_matches_the_inprocess_one
 
     reference = _config(INPROCESS_KINDS, "inprocess")
     pool = InProcessPool(reference, federation)
-    expected = federated_server(reference, federation, pool, Progress(1, False)).run()
+    expected = run_as_the_runner_does(federated_server(reference, federation, pool, Progress(1, False)), pool)
     result, _ = run_flower(config, show_progress=False)
     counts = {kind: drawn.count(kind) for kind in FLOWER_KINDS if kind in drawn}
     assert result.rejected["updates"] == counts  # spoof_id caught by the node map, not the claimed id

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-from helpers import TINY, simulate_then
+from helpers import TINY, run_as_the_runner_does, simulate_then
 
 from fedunlearn.config import load_config
 from fedunlearn.engines.inprocess import InProcessPool
@@ -40,7 +40,7 @@ def run():
     config = load_config(None, SMALL)
     federation = build_federation(config.data, config.run.seed)
     pool = InProcessPool(config, federation)
-    expected = federated_server(config, federation, pool, Progress(1, False)).run()
+    expected = run_as_the_runner_does(federated_server(config, federation, pool, Progress(1, False)), pool)
     embeddings = flatten_users(pool.model, [pool.user(i) for i in range(federation.n_clients)])
     attributes = federation.dataset.attributes.astype(str)
     attacker = train_attacker("mlp", AUDITED, embeddings, attributes[AUDITED].to_numpy(), config.run.seed)
