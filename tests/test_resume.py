@@ -44,11 +44,11 @@ def assert_same_run(folder, reference):
 def checkpointed_round(partial):
     try:
         db = sqlite3.connect(f"file:{partial / 'resume.sqlite'}?mode=ro", uri=True)
-        row = db.execute("SELECT data FROM state WHERE name = 'meta'").fetchone()
+        row = db.execute("SELECT MAX(round) FROM rounds").fetchone()
         db.close()
     except sqlite3.Error:
         return 0
-    return json.loads(row[0])["round"] if row else 0
+    return row[0] or 0
 
 
 @pytest.mark.parametrize("engine", ["batched", "inprocess"])

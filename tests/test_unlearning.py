@@ -10,7 +10,7 @@ from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.comparison import compare_with_retrain
 from fedunlearn.fl.federation import build_federation
-from fedunlearn.fl.history import HistoryError, HistoryPolicy, HistoryStore
+from fedunlearn.fl.history import HistoryError, HistoryPolicy, HistoryStore, _decoded_ids, _encoded_ids
 from fedunlearn.fl.schedule import build_schedule
 from fedunlearn.progress import Progress
 from fedunlearn.runs.assembly import federated_server
@@ -494,6 +494,25 @@ def test_stored_updates_come_back_within_their_dtypes_rounding(tmp_path, dtype, 
             bound = tolerance * np.abs(value).max(axis=axes, keepdims=axes is not None) + 1e-12
             assert (np.abs(back - value) <= bound).all()
     assert history.bytes_by_kind()["full"] > 0
+
+
+@pytest.mark.parametrize(
+    ("ids", "offsets", "stored_as"),
+    [
+        ([0, 3, 9, 2, 3, 5, 6, 7, 8, 11, 12, 13, 15], [0, 3, 3, 13], "ids.touched.bitmap"),  # rising, 1 empty
+        ([0, 9, 3, 2, 3], [0, 3, 5], "ids.touched"),  # one client's ids not rising: a bitmap would reorder them
+        ([5, 70_000], [0, 1, 2], "ids.touched"),  # a wide catalogue and few ids: the uint32 ids are smaller
+    ],
+)
+def test_stored_item_ids_come_back_exactly_in_the_smaller_form(ids, offsets, stored_as):
+    ids, offsets = np.array(ids, dtype=np.int64), np.array(offsets, dtype=np.int64)
+    name, stored = _encoded_ids("ids.touched", ids, offsets)
+    assert name == stored_as
+    np.testing.assert_array_equal(_decoded_ids({name: stored}, "ids.touched", offsets), ids)
+    damaged = np.array([0, 3, 4, 13], dtype=np.int64)  # row counts that disagree with the bitmap
+    if name.endswith(".bitmap"):
+        with pytest.raises(HistoryError, match="damaged"):
+            _decoded_ids({name: stored}, "ids.touched", damaged)
 
 
 def test_the_history_stops_at_the_last_drop_event_and_the_last_event_writes_none(tmp_path):
