@@ -3,7 +3,11 @@ the batched engine on synthetic federations of growing size at 10% participation
 
     FEDUNLEARN_DATA_DIR=../shared/datasets python benchmarks/engines.py
         [--model mf] [--rounds 6] [--flower-clients 943] [--sizes 1000,10000,100000] [--big-rounds 10]
-        [--set KEY=VALUE ...]
+        [--set KEY=VALUE ...] [--out DIR]
+
+With --out the tables are also written to DIR: engines.csv (ML-100K, per engine), scaling.csv
+(the synthetic federations) and, last, benchmark.md (what is printed); `fedunlearn suite` runs it
+so and puts the tables and a plot in its report.
 
 Every measurement runs in a child process started from a cold interpreter; the parent samples the
 resident memory of the child's whole process tree (Ray's workers included) every 0.2 s. "s per
@@ -22,9 +26,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
-import psutil
+try:
+    import psutil
+except ImportError:
+    sys.exit("benchmarks/engines.py samples memory with psutil: pip install -e '.[bench]'")
 
 ML100K_CLIENTS = 943
 
@@ -75,7 +83,6 @@ def measure(child_args: dict[str, Any], timeout: float) -> dict[str, Any]:
 def child(args: dict[str, Any]) -> None:
     """One job, assembled as `fedunlearn run` assembles it (no results folder is written)."""
     import tempfile
-    from pathlib import Path
 
     from fedunlearn.config import load_config
     from fedunlearn.runs.runner import execute
@@ -172,6 +179,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run, e.g. model.loss=bce (repeatable)")  # fmt: skip
+    parser.add_argument("--out", help="also write engines.csv, scaling.csv and benchmark.md into this folder")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -191,10 +199,20 @@ def main() -> None:
     sizes = [int(size) for size in args.sizes.split(",") if size]
     second = scaling_table(args.model, sizes, args.big_rounds, args.timeout, args.set)
     settings = "".join(f", {override}" for override in args.set)
-    print(f"ML-100K, {args.model.upper()} 64-dim, one local epoch{settings}, {args.rounds} rounds per engine:")
-    print(pd.DataFrame(first).fillna("").to_markdown(index=False))
-    print(f"\nBatched engine, synthetic federations (1000 items, ~40 interactions per user), {args.model.upper()}:")
-    print(pd.DataFrame(second).to_markdown(index=False))
+    text = (
+        f"ML-100K, {args.model.upper()} 64-dim, one local epoch{settings}, {args.rounds} rounds per engine:\n"
+        f"{pd.DataFrame(first).fillna('').to_markdown(index=False)}\n\n"
+        f"Batched engine, synthetic federations (1000 items, ~40 interactions per user), {args.model.upper()}:\n"
+        f"{pd.DataFrame(second).to_markdown(index=False)}\n"
+    )
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, rows in (("engines", first), ("scaling", second)):
+            if rows:  # a table with no rows (--engines '' or --sizes '') is left out
+                pd.DataFrame(rows).to_csv(out / f"{name}.csv", index=False)
+        (out / "benchmark.md").write_text(text)  # last: a folder with it is complete
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def forget(msg: Message, context: Context) -> Message:
 def membership(msg: Message, context: Context) -> Message:
     """Membership inference on this client's own interactions; only the AUC is sent."""
     config, _, shared, _, _, data, model = setup(msg, context)
-    user = user_part(context, model, data, config.run.seed)
+    user = user_part(context, model, data, config.run.training_seed())
     auc = local_membership(model, data, user, shared, resolve_device(config.run.device))
     return Message(encode_membership(data.client_id, auc), reply_to=msg)
 
@@ -80,7 +80,7 @@ def membership(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Train, keep the new user part, send the upload ([faults] may corrupt it, or raise instead)."""
     config, round_number, shared, epochs, ascent, data, model = setup(msg, context)
-    user = user_part(context, model, data, config.run.seed)
+    user = user_part(context, model, data, config.run.training_seed())
     device = resolve_device(config.run.device)
     update, user = local_train(model, data, user, shared, config, round_number, device, epochs, ascent)
     context.state[USER_STATE] = arrays_to_record(user)
@@ -103,7 +103,8 @@ def audit_user(msg: Message, context: Context) -> Message:
             "started by fedunlearn, so it does not send its user part"
         )
     config, _, _, _, _, data, model = setup(msg, context)
-    return Message(encode_audit_user(data.client_id, user_part(context, model, data, config.run.seed)), reply_to=msg)
+    user = user_part(context, model, data, config.run.training_seed())
+    return Message(encode_audit_user(data.client_id, user), reply_to=msg)
 
 
 def secure_contribution(msg: Message, context: Context) -> Message:
@@ -124,14 +125,14 @@ def secure_contribution(msg: Message, context: Context) -> Message:
         attribute = str(fields["attribute"])
         own_value = str(federation.dataset.attributes.iloc[data.index][attribute])
         if task == LOCAL_AUDIT:
-            own_features = flatten_users(model, [user_part(context, model, data, config.run.seed)])[0]
+            own_features = flatten_users(model, [user_part(context, model, data, config.run.training_seed())])[0]
             vector = local_outcome(decode_attacker(bytes(fields["attacker"])), own_features, own_value)
         elif task == CLASS_SUMS:
             classes = classes_of(fields)
             if bool(fields.get("defence", False)):  # during AttrCloak: the embedding as defended so far
                 own_features = defence.load_cloak(context).current
             else:
-                own_features = flatten_users(model, [user_part(context, model, data, config.run.seed)])[0]
+                own_features = flatten_users(model, [user_part(context, model, data, config.run.training_seed())])[0]
             label = class_index(classes, own_value, attribute)
             if "null-key" in fields:  # AttrCloak's null level: the public pseudo-class, not its own
                 shares = read_array_field(fields["null-shares"])
@@ -156,7 +157,7 @@ def secure_contribution(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     config, _, shared, _, _, data, model = setup(msg, context)
-    user = user_part(context, model, data, config.run.seed)
+    user = user_part(context, model, data, config.run.training_seed())
     evaluation = local_evaluate(model, data, user, shared, config, resolve_device(config.run.device))
     return Message(encode_evaluation(evaluation), reply_to=msg)
 

@@ -103,8 +103,8 @@ def defence_start(msg: Message, context: Context) -> Message:
     config, start = read_defence_start(msg.content)
     federation, data, model = node_data(config, context)
     if start.keep_trained:
-        _keep_trained(context, model, data, config.run.seed)
-    own = flatten_users(model, [user_part(context, model, data, config.run.seed)])[0]
+        _keep_trained(context, model, data, config.run.training_seed())
+    own = flatten_users(model, [user_part(context, model, data, config.run.training_seed())])[0]
     values = federation.dataset.attributes.iloc[data.index]
     labels = [
         class_index([str(c) for c in cls], str(values[name]), name)
@@ -170,7 +170,7 @@ def defence_step(msg: Message, context: Context) -> Message:
 def defence_finish(msg: Message, context: Context) -> Message:
     """AttrCloak ends: the defended embedding becomes this client's user part."""
     config, _, _, _, _, data, model = setup(msg, context)
-    user = user_part(context, model, data, config.run.seed)
+    user = user_part(context, model, data, config.run.training_seed())
     context.state[USER_STATE] = arrays_to_record(unflatten_users([user], load_cloak(context).current[None])[0])
     _drop_cloak(context)
     return Message(encode_identity(data.client_id, data.index), reply_to=msg)

@@ -170,6 +170,9 @@ class FaultsConfig(Section):
 @dataclass
 class RunConfig(Section):
     seed: int = 0
+    # the training draws (initial parameters, negatives and minibatches, sampled clients); -1: seed.
+    # Another value with the same seed keeps the data, the test items and the drops: training's own spread
+    train_seed: int = -1
     engine: str = "auto"  # auto | batched | inprocess | flower
     device: str = "auto"  # auto | cpu | cuda
     mode: str = "federated"  # federated | central | popularity
@@ -177,6 +180,9 @@ class RunConfig(Section):
     client_cpus: float = 1.0  # flower engine: CPUs per simulated client
     client_gpus: float = 0.0  # flower engine: GPUs per simulated client (a share: 0.25 puts four on a GPU)
     ray_address: str = ""  # flower engine: join this running Ray cluster (host:port); empty starts one on 127.0.0.1
+
+    def training_seed(self) -> int:
+        return self.seed if self.train_seed < 0 else self.train_seed
 
 
 @dataclass
@@ -352,6 +358,8 @@ def validate(config: Config) -> Config:
     ):
         if not 0 < _get(config, dotted) <= 1:
             raise FedUnlearnError(f"{dotted} must be in (0, 1]; got {_get(config, dotted)}")
+    if config.run.train_seed < -1:
+        raise FedUnlearnError(f"run.train_seed must be >= 0, or -1 for run.seed; got {config.run.train_seed}")
     fraction = config.train.fraction
     if not 0 < fraction <= 1:
         raise FedUnlearnError(f"train.fraction must be in (0, 1]; got {fraction}")

@@ -23,7 +23,7 @@ def test_every_shipped_experiment_file_loads(path):
 def test_every_shipped_suite_lists_experiments_that_load_with_its_seeds_and_settings(path):
     from fedunlearn.runs.suite import load_suite
 
-    seeds, entries = load_suite(path)
+    seeds, entries, _ = load_suite(path)
     for entry in entries:
         settings = load_settings(entry.file, entry.overrides, entry.only or None, seeds)
         assert {config.run.seed for _, config in settings} == set(seeds)

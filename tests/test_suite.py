@@ -2,6 +2,7 @@
 time of each; a failing experiment keeps the others and ends with a one-line error."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,41 @@ def test_a_failing_experiment_keeps_the_others_and_ends_with_one_error(tmp_path,
     out = tmp_path / "out"
     assert main(["suite", str(_suite(tmp_path, second_lr="-1.0")), "--out", str(out), "--quiet"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedunlearn: error:")]
-    assert len(errors) == 1 and "1 of 2 experiments had failed runs" in errors[0] and "train.lr" in errors[0]
+    assert len(errors) == 1 and "1 of 2 experiments and benchmarks failed" in errors[0] and "train.lr" in errors[0]
     assert (out / "first" / "runs.csv").is_file() and (out / "report" / "report.md").is_file()
     assert "failed" in (out / "suite.md").read_text()
+
+
+ENGINES = Path(__file__).resolve().parents[1] / "benchmarks" / "engines.py"
+
+
+def test_a_suite_benchmark_writes_its_tables_and_the_report_shows_them_with_the_scalability_plot(tmp_path):
+    (tmp_path / "suite.toml").write_text(
+        f'[[benchmark]]\nname = "scalability"\nscript = "{ENGINES}"\n'
+        'args = ["--engines", "", "--sizes", "60,120", "--big-rounds", "3", "--set", "model.dim=4"]\n'
+    )
+    out = tmp_path / "out"
+    assert main(["suite", str(tmp_path / "suite.toml"), "--out", str(out), "--quiet"]) == 0
+    scaling = pd.read_csv(out / "scalability" / "scaling.csv")
+    assert list(scaling["clients"]) == [60, 120] and (scaling["s per round"] > 0).all()
+    assert not (out / "scalability" / "engines.csv").exists()  # --engines '': no ML-100K table
+    report = (out / "report" / "report.md").read_text()
+    assert "## scalability: scaling" in report
+    section = report.split("## scalability: scaling")[1].split("##")[0]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines() if line[:2] == "| "]
+    assert cells[0] == list(scaling.columns)  # the report's table is the benchmark's CSV
+    for shown, row in zip(cells[1:], scaling.itertuples(index=False), strict=True):
+        assert [int(shown[0]), int(shown[1]), int(shown[2])] == [row.clients, row[1], row.rounds]
+        assert float(shown[3]) == round(row[3], 4) and int(shown[6]) == row[6]
+    png = (out / "report" / "scalability.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000 and "scalability.png" in report
+
+
+def test_a_failing_benchmark_leaves_no_folder_and_ends_with_one_error(tmp_path, capsys):
+    (tmp_path / "broken.py").write_text("import sys\nsys.exit(3)\n")
+    (tmp_path / "suite.toml").write_text('[[benchmark]]\nname = "speed"\nscript = "broken.py"\n')
+    out = tmp_path / "out"
+    assert main(["suite", str(tmp_path / "suite.toml"), "--out", str(out), "--quiet"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedunlearn: error:")]
+    assert len(errors) == 1 and "1 of 1 experiments and benchmarks failed" in errors[0] and "exited with 3" in errors[0]
+    assert not (out / "speed").exists() and "failed" in (out / "suite.md").read_text()

@@ -568,3 +568,20 @@ def test_no_wall_time_speedup_is_taken_over_an_event_that_is_only_bookkeeping():
     compare_with_retrain(rows, [None, None, None])
     assert np.isnan(rows[1]["speedup_time"]) and np.isnan(rows[1]["speedup"])
     assert rows[2]["speedup_time"] == pytest.approx(5.0) and np.isnan(rows[2]["speedup"])
+
+
+def test_train_seed_redraws_training_and_keeps_the_drops(tmp_path):
+    from fedunlearn.runs.runner import execute
+
+    settings = [*SMALL, 'unlearn.drop_random="25%@3"', "unlearn.method=retrain", "run.engine=inprocess"]
+    outcomes = {}
+    for name, extra in (("default", []), ("same", ["run.train_seed=0"]), ("other", ["run.train_seed=7"])):
+        (tmp_path / name).mkdir()
+        outcomes[name] = execute(load_config(None, settings + extra), tmp_path / name, show_progress=False).result
+    dropped = {name: [event["clients"] for event in result.events] for name, result in outcomes.items()}
+    assert dropped["default"] == dropped["same"] == dropped["other"] and dropped["default"][0]
+    timeless = {name: {k: v for k, v in result.final.items() if k != "seconds"} for name, result in outcomes.items()}
+    assert timeless["same"] == timeless["default"]  # train_seed = run.seed: the same run
+    assert outcomes["other"].final["HR@10"] != outcomes["default"].final["HR@10"] or any(
+        not np.array_equal(outcomes["other"].shared[key], value) for key, value in outcomes["default"].shared.items()
+    )

@@ -59,7 +59,8 @@ class BatchedPool(LocalPool):
     def _prepare(self, clients: list[int]) -> None:
         for index in clients:
             if not self.ready[index]:
-                self.set_user(index, init_user(self.model, self.config.run.seed, self.federation.client_ids[index]))
+                client_id = self.federation.client_ids[index]
+                self.set_user(index, init_user(self.model, self.config.run.training_seed(), client_id))
 
     def user(self, index: int) -> Arrays:
         self._prepare([index])

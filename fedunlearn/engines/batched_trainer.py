@@ -163,11 +163,12 @@ class BatchedTrainer:
                 optimizer.step(tables, counts, [grads[key] for key in tables], number)
                 gradients.clear(index)
             losses[: index.active] += loss.double()
-        row_changes = {key: rows[key].sub_(gather(key, f"{key}.initial")).cpu().numpy() for key in rows}
+        # a new array per table (the uploads outlive the workspace's next use), each client's rows a
+        # view of it: a copy per client cost 40 us each, 9% of a round's training on ML-100K
+        row_changes = {key: (rows[key] - gather(key, f"{key}.initial")).cpu().numpy() for key in rows}
         dense_changes = {key: (dense[key] - initial[key]).cpu().numpy() for key in dense}
-        per_client_rows = [  # copies: the uploads outlive the workspace's next use
-            {key: table[offsets[c] : offsets[c + 1]].copy() for key, table in row_changes.items()}
-            for c in range(len(plans))
+        per_client_rows = [
+            {key: table[offsets[c] : offsets[c + 1]] for key, table in row_changes.items()} for c in range(len(plans))
         ]
         per_client_dense = [{key: table[c] for key, table in dense_changes.items()} for c in range(len(plans))]
         mean_loss = losses.cpu().numpy() / np.array([len(plan.batches) for plan in plans])

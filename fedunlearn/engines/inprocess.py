@@ -84,7 +84,8 @@ class InProcessPool(LocalPool):
 
     def user(self, index: int) -> Arrays:
         if index not in self.user_state:
-            self.user_state[index] = init_user(self.model, self.config.run.seed, self.federation.client_ids[index])
+            client_id = self.federation.client_ids[index]
+            self.user_state[index] = init_user(self.model, self.config.run.training_seed(), client_id)
         return self.user_state[index]
 
     def set_user(self, index: int, user: Arrays) -> None:

@@ -72,7 +72,7 @@ def plan_local_training(
     fraction runs that share of an epoch's minibatches)."""
     train, model_config = config.train, config.model
     epochs = train.local_epochs if epochs is None else epochs
-    rng = rng_for(config.run.seed, Stream.CLIENT_TRAIN, round_number, client_key(data.client_id))
+    rng = rng_for(config.run.training_seed(), Stream.CLIENT_TRAIN, round_number, client_key(data.client_id))
     positives = data.train_items
     attacker = data.client_id in config.unlearn.attackers
     if attacker:

@@ -210,7 +210,7 @@ class FederatedServer:
         self.history = history
         self.schedule = schedule or {}
         self.model: SplitModel = build_model(config.model, n_items)
-        self.initial = self.model.init_shared(rng_for(config.run.seed, Stream.SHARED_INIT))
+        self.initial = self.model.init_shared(rng_for(config.run.training_seed(), Stream.SHARED_INIT))
         self.shared = self.initial
         excluded = set(config.data.exclude_clients)
         unknown = excluded - set(client_ids)
@@ -239,9 +239,8 @@ class FederatedServer:
 
     def sample(self, round_number: int) -> list[int]:
         ids = [self.client_ids[i] for i in self.active]
-        return [
-            self.active[i] for i in sample_clients(self.config.run.seed, round_number, ids, self.config.train.fraction)
-        ]
+        chosen = sample_clients(self.config.run.training_seed(), round_number, ids, self.config.train.fraction)
+        return [self.active[i] for i in chosen]
 
     def train_clients(
         self, round_number: int, clients: list[int], shared: Arrays, epochs: float | None = None, ascent: bool = False

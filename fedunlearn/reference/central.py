@@ -41,7 +41,7 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
     """Adam over every (user, positive, negatives) example; user and item parts trained jointly (large
     batches: the caller runs it under `run.num_cpus` torch threads)."""
     device = resolve_device(config.run.device)
-    seed = config.run.seed
+    seed = config.run.training_seed()
     model = build_model(config.model, federation.n_items)
     split = federation.split
     shared0 = model.init_shared(rng_for(seed, Stream.SHARED_INIT))

@@ -274,3 +274,40 @@ def plot_time(table: pd.DataFrame, path: Path) -> None:
     axis.set_xlabel("run")
     axis.set_title("Round time by run (memory per engine: benchmarks/engines.py)")
     _finish(figure, path, "Time per round", grid)
+
+
+def plot_scalability(engines: pd.DataFrame, scaling: pd.DataFrame, path: Path) -> None:
+    """benchmarks/engines.py's tables: each engine's seconds per ML-100K round (bars, log scale, peak
+    memory written on each), and the batched engine's seconds per round and peak memory as the
+    synthetic federation grows (log-log)."""
+    figure, grid = plt.subplots(1, 2, figsize=(12, 5), squeeze=False)
+    left, right = grid[0]
+    per_round = "s per round, 943 clients"
+    timed = engines.dropna(subset=[per_round]) if per_round in engines else engines[:0]  # failed engines: no bar
+    style = styles(timed.get("engine", []))
+    for position, (_, row) in enumerate(timed.iterrows()):
+        seconds, memory, engine = row[per_round], row["peak RSS MiB"], row["engine"]
+        left.bar(position, seconds, color=style[engine]["color"], edgecolor="black", label=f"engine: {engine}")
+        left.annotate(f"{seconds:.2f} s, {memory:.0f} MiB", (position, seconds), ha="center", va="bottom", fontsize=8)
+    if timed.empty:
+        left.text(0.5, 0.5, "no engine timed on ML-100K", ha="center", va="center", transform=left.transAxes)
+    else:
+        left.set_yscale("log")
+    left.set_xticks(range(len(timed)), list(timed.get("engine", [])))
+    left.set_xlabel("engine")
+    left.set_ylabel("seconds per round, 943 clients (log)")
+    left.set_title("ML-100K: every client in every round")
+    sized = scaling.dropna(subset=["s per round"]) if "s per round" in scaling else scaling[:0]
+    clients = sized.get("clients", [])
+    right.plot(clients, sized.get("s per round", []), marker="o", color=PALETTE[0], label="s per round (batched)")
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("clients in the federation (10% per round, log)")
+    right.set_ylabel("seconds per round (log)")
+    right.set_title("Synthetic federations: batched engine")
+    memory_axis = right.twinx()
+    memory_axis.plot(clients, sized.get("peak RSS MiB", []), marker="s", linestyle="--", color=PALETTE[1],
+                     label="peak RSS MiB (whole job)")  # fmt: skip
+    memory_axis.set_ylabel("peak resident memory, MiB")
+    legend = [Line2D([], [], marker="s", linestyle="--", color=PALETTE[1], label="peak RSS MiB (whole job)")]
+    _finish(figure, path, "Scalability: time per round and memory per engine and federation size", grid, legend)

@@ -30,6 +30,7 @@ from fedunlearn.runs.plots import (
     plot_embeddings,
     plot_forgetting,
     plot_rounds,
+    plot_scalability,
     plot_time,
     plot_tradeoff,
     plot_unlearning,
@@ -38,6 +39,7 @@ from fedunlearn.runs.results import ATTRIBUTE_PREFIX, EMBEDDINGS_FILE, FINAL, re
 from fedunlearn.runs.tables import readable, readable_cells
 
 SEED_FOLDER = re.compile(r"/?seed\d+$")
+BENCHMARK_DONE = "benchmark.md"  # written last by a benchmark script's --out
 UNLEARNING_COLUMNS = ("HR@10", "NDCG@10", "HR@10_active", "HR@10_inactive", "ER@10", "MIA_AUC", "speedup_time",
                       "speedup", "speedup_steps", "client_epochs", "optimizer_steps", "unlearn_seconds")  # fmt: skip
 
@@ -68,6 +70,8 @@ def collect(paths: list[Path]) -> list[RunFolder]:
     """Every finished run under the given run or experiment folders, in the order given."""
     runs: list[RunFolder] = []
     for path in paths:
+        if is_benchmark(path):
+            continue
         if (path / FINAL).is_file():
             runs.append(_read_run(path, path.name, None))
         elif (path / "runs.csv").is_file():
@@ -79,13 +83,30 @@ def collect(paths: list[Path]) -> list[RunFolder]:
                 runs.append(_read_run(folder, f"{path.name}/{name}" if name else path.name, path))
         else:
             raise FedUnlearnError(
-                f"{path} is neither a finished run folder (final.json) nor an experiment folder (runs.csv): "
-                "give the folder that `fedunlearn run` or `fedunlearn experiment` wrote"
+                f"{path} is neither a finished run folder (final.json), an experiment folder (runs.csv) nor a "
+                f"benchmark folder ({BENCHMARK_DONE}): give the folder that `fedunlearn run`, `fedunlearn "
+                "experiment` or a benchmark's --out wrote"
             )
     groups = [run.group for run in runs]
     if len(set(zip(groups, (run.seed for run in runs), strict=True))) < len(runs):
         raise FedUnlearnError("two of the given folders hold the same run (same name and seed): give each once")
     return runs
+
+
+def is_benchmark(path: Path) -> bool:
+    """A folder a benchmark script's --out wrote (benchmarks/engines.py): its tables as CSV files,
+    and BENCHMARK_DONE last."""
+    return (path / BENCHMARK_DONE).is_file()
+
+
+def benchmark_sections(paths: list[Path]) -> list[tuple[str, str]]:
+    """One section per table of every benchmark folder."""
+    return [
+        _section(f"{path.name}: {table.stem}", pd.read_csv(table).fillna(""), f"From {path / BENCHMARK_DONE}.")
+        for path in paths
+        if is_benchmark(path)
+        for table in sorted(path.glob("*.csv"))
+    ]
 
 
 def quality_table(runs: list[RunFolder]) -> pd.DataFrame:
@@ -233,6 +254,17 @@ def _plots(runs: list[RunFolder], unlearning: pd.DataFrame, audits: pd.DataFrame
     return made
 
 
+def _benchmark_plots(paths: list[Path], out: Path) -> dict[str, str]:
+    """The scalability plot, from the first benchmark folder with either of benchmarks/engines.py's tables."""
+    for path in filter(is_benchmark, paths):
+        tables = [path / "engines.csv", path / "scaling.csv"]
+        if any(table.is_file() for table in tables):
+            engines, scaling = (pd.read_csv(table) if table.is_file() else pd.DataFrame() for table in tables)
+            plot_scalability(engines, scaling, out / "scalability.png")
+            return {"scalability.png": f"seconds per round and peak memory per engine and federation size ({path})"}
+    return {}
+
+
 def short_names(names: pd.Series) -> pd.Series:
     """Run names less the folder path they all share ("attribute/trained/mf" and ".../ncf" read
     "mf" and "ncf"), for labels that fit a plot."""
@@ -263,7 +295,7 @@ def write_report(paths: list[Path], out: Path) -> dict[str, str]:
     try:
         unlearning, audits, times = unlearning_rows(runs), audit_rows(runs), time_table(runs)
         sections = [_section("Recommendation quality (final round)", quality_table(runs),
-                             "Mean ± std over seeds where a run has several.")]  # fmt: skip
+                             "Mean ± std over seeds where a run has several.")] if runs else []  # fmt: skip
         if not unlearning.empty:
             unlearned = summarize(unlearning)
             sections.append(_section("Unlearning, judged against Retrain", unlearned,
@@ -275,7 +307,9 @@ def write_report(paths: list[Path], out: Path) -> dict[str, str]:
         if not times.empty:
             sections.append(_section("Time", times, "Seconds per round (training, and the evaluation every "
                                      "eval.every rounds), between the first and the last evaluated round."))
-        plots = _plots(runs, unlearning, audits, times, partial)
+        sections += benchmark_sections(paths)
+        plots = _plots(runs, unlearning, audits, times, partial) if runs else {}
+        plots |= _benchmark_plots(paths, partial)
         sources = ", ".join(str(path) for path in paths)
         markdown = [f"# fedunlearn report\n\nFolders: {sources} ({len(runs)} runs)\n"]
         markdown += [md for md, _ in sections]

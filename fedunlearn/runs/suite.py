@@ -10,7 +10,13 @@ Suite file:
     file = "quality_ml100k.toml"        # an experiment file, relative to the suite file
     only = ["federated-mf"]             # optional: just these settings
     set = { "run.engine" = "batched" }  # optional: overrides for this experiment
+    [[benchmark]]
+    name = "scalability"                # its folder, DIR/scalability
+    script = "../benchmarks/engines.py" # a script that takes --out FOLDER (relative to the suite file)
+    args = ["--rounds", "6"]            # optional: its other arguments
 
+Benchmarks run after the experiments, each as its own process (its tables as CSV files and
+benchmark.md in its folder; the report shows every table, and a scalability plot for engines.py's).
 An experiment with failed runs keeps its finished ones; the others still run, the report covers
 what finished, and the command ends with an error naming the failures. `--resume` continues
 every experiment (finished runs are read back).
@@ -20,6 +26,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +38,7 @@ import pandas as pd
 from fedunlearn.config import read_toml
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.runs.experiment import PLAIN_NAME, run_experiment
-from fedunlearn.runs.report import write_report
+from fedunlearn.runs.report import BENCHMARK_DONE, is_benchmark, write_report
 from fedunlearn.runs.tables import readable
 
 
@@ -42,25 +50,56 @@ class SuiteEntry:
     overrides: list[str] = field(default_factory=list)
 
 
-def load_suite(path: str | Path) -> tuple[list[int] | None, list[SuiteEntry]]:
+@dataclass
+class SuiteBenchmark:
+    name: str
+    script: Path
+    args: list[str] = field(default_factory=list)
+
+
+def _folder_name(path: Path, kind: str, name: Any, names: set[str]) -> str:
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or name in names or name == "report":
+        raise FedUnlearnError(f"{path}: every [[{kind}]] needs a unique folder name (not 'report'); got {name!r}")
+    names.add(name)
+    return name
+
+
+def load_benchmarks(path: Path, rows: Any, names: set[str]) -> list[SuiteBenchmark]:
+    if not isinstance(rows, list):
+        raise FedUnlearnError(f"{path}: benchmark must be [[benchmark]] tables (name, script, args)")
+    benchmarks = []
+    for row in rows:
+        name = _folder_name(path, "benchmark", row.get("name"), names)
+        script, args = row.get("script"), row.get("args", [])
+        if not isinstance(script, str) or not (path.parent / script).is_file():
+            raise FedUnlearnError(f"{path}: benchmark {name!r} names script {script!r}, which is not there")
+        if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+            raise FedUnlearnError(f"{path}: benchmark {name!r}: args must be a list of strings")
+        unknown = set(row) - {"name", "script", "args"}
+        if unknown:
+            raise FedUnlearnError(f"{path}: benchmark {name!r} has unknown keys {sorted(unknown)}")
+        benchmarks.append(SuiteBenchmark(name, path.parent / script, args))
+    return benchmarks
+
+
+def load_suite(path: str | Path) -> tuple[list[int] | None, list[SuiteEntry], list[SuiteBenchmark]]:
     path = Path(path)
     spec = read_toml(path)
-    unknown = set(spec) - {"seeds", "experiment", "title"}
+    unknown = set(spec) - {"seeds", "experiment", "benchmark", "title"}
     if unknown:
-        raise FedUnlearnError(f"{path}: unknown keys {sorted(unknown)}; use seeds and [[experiment]] tables")
+        raise FedUnlearnError(
+            f"{path}: unknown keys {sorted(unknown)}; use seeds, [[experiment]] and [[benchmark]] tables"
+        )
     seeds = spec.get("seeds")
     if seeds is not None and not (isinstance(seeds, list) and all(type(s) is int for s in seeds)):
         raise FedUnlearnError(f"{path}: seeds must be a list of integers, e.g. seeds = [0, 1, 2]")
     rows = spec.get("experiment", [])
-    if not rows or not isinstance(rows, list):
-        raise FedUnlearnError(f"{path} lists no [[experiment]]: add at least one (name and file)")
-    entries, names = [], set()
+    if not isinstance(rows, list) or not (rows or spec.get("benchmark")):
+        raise FedUnlearnError(f"{path} lists no [[experiment]] nor [[benchmark]]: add at least one")
+    entries: list[SuiteEntry] = []
+    names: set[str] = set()
     for row in rows:
-        name, file = row.get("name"), row.get("file")
-        if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or name in names or name == "report":
-            raise FedUnlearnError(
-                f"{path}: every [[experiment]] needs a unique folder name (not 'report'); got {name!r}"
-            )
+        name, file = _folder_name(path, "experiment", row.get("name"), names), row.get("file")
         if not isinstance(file, str) or not (path.parent / file).is_file():
             raise FedUnlearnError(f"{path}: experiment {name!r} names file {file!r}, which is not there")
         unknown = set(row) - {"name", "file", "only", "set"}
@@ -68,8 +107,20 @@ def load_suite(path: str | Path) -> tuple[list[int] | None, list[SuiteEntry]]:
             raise FedUnlearnError(f"{path}: experiment {name!r} has unknown keys {sorted(unknown)}")
         overrides = [f"{key}={json.dumps(value)}" for key, value in row.get("set", {}).items()]
         entries.append(SuiteEntry(name, path.parent / file, list(row.get("only", [])), overrides))
-        names.add(name)
-    return seeds, entries
+    return seeds, entries, load_benchmarks(path, spec.get("benchmark", []), names)
+
+
+def run_benchmark(benchmark: SuiteBenchmark, folder: Path, show_progress: bool) -> str:
+    """Its own process, tables into `folder` (stdout, which repeats them, dropped; its progress on
+    stderr shown): 'ok', or why not."""
+    shutil.rmtree(folder, ignore_errors=True)
+    command = [sys.executable, str(benchmark.script), *benchmark.args, "--out", str(folder)]
+    stderr = None if show_progress else subprocess.DEVNULL
+    code = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=stderr, check=False).returncode
+    if code == 0 and is_benchmark(folder):
+        return "ok"
+    shutil.rmtree(folder, ignore_errors=True)  # nothing half-written that could read as a result
+    return f"failed: {benchmark.script.name} exited with {code}" if code else f"failed: it wrote no {BENCHMARK_DONE}"
 
 
 def run_suite(
@@ -77,15 +128,16 @@ def run_suite(
     jobs: int = 1, resume: bool = False,
 ) -> dict[str, str]:  # fmt: skip
     """Every experiment, then the report; returns the plots made."""
-    seeds, entries = load_suite(path)
+    seeds, entries, benchmarks = load_suite(path)
     out = Path(out)
     if out.exists() and not resume:
         raise FedUnlearnError(f"suite folder {out} exists: continue it with --resume or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
+    steps = len(entries) + len(benchmarks)
     for index, entry in enumerate(entries, start=1):
-        print(f"suite [{index}/{len(entries)}] {entry.name}: {entry.file.name}", flush=True)
+        print(f"suite [{index}/{steps}] {entry.name}: {entry.file.name}", flush=True)
         started = time.perf_counter()
         try:
             again = resume and (out / entry.name).is_dir()
@@ -97,16 +149,25 @@ def run_suite(
             failures.append(f"{entry.name}: {error}")
         rows.append({"experiment": entry.name, "file": entry.file.name, "seconds": time.perf_counter() - started,
                      "status": status})  # fmt: skip
+    for index, benchmark in enumerate(benchmarks, start=len(entries) + 1):
+        print(f"suite [{index}/{steps}] {benchmark.name}: {benchmark.script.name}", flush=True)
+        started, folder = time.perf_counter(), out / benchmark.name
+        status = "ok" if resume and is_benchmark(folder) else run_benchmark(benchmark, folder, show_progress)
+        if status != "ok":
+            failures.append(f"{benchmark.name}: {status}")
+        rows.append({"experiment": benchmark.name, "file": benchmark.script.name,
+                     "seconds": time.perf_counter() - started, "status": status})  # fmt: skip
     finished = [out / entry.name for entry in entries if (out / entry.name / "runs.csv").is_file()]
+    finished += [out / benchmark.name for benchmark in benchmarks if is_benchmark(out / benchmark.name)]
     shutil.rmtree(out / "report", ignore_errors=True)  # rebuilt from the folders every time
     plots = write_report(finished, out / "report") if finished else {}
     total = sum(row["seconds"] for row in rows)
     (out / "suite.md").write_text(
         f"# fedunlearn suite: {Path(path).name}\n\n{readable(pd.DataFrame(rows), digits=1)}\n\n"
-        f"Total {total:.0f} s ({total / 60:.1f} min) of experiments; the report: "
+        f"Total {total:.0f} s ({total / 60:.1f} min) of experiments and benchmarks; the report: "
         "[report/report.md](report/report.md).\n"
     )
     if failures:
-        raise FedUnlearnError(f"{len(failures)} of {len(entries)} experiments had failed runs (see {out}/suite.md); "
+        raise FedUnlearnError(f"{len(failures)} of {steps} experiments and benchmarks failed (see {out}/suite.md); "
                               f"first: {failures[0]}")  # fmt: skip
     return plots
