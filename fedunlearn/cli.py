@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report", help="report.md, report.html and plots of finished run or experiment folders, side by side"
     )
-    report.add_argument("folders", nargs="+", metavar="RUN_OR_EXPERIMENT_DIR", help="results folders to report on")
+    report.add_argument("folders", nargs="+", metavar="RUN_OR_EXPERIMENT_DIR",
+                        help="results folders to report on (runs, experiments, or a benchmark script's --out)")
     report.add_argument("--out", required=True, help="folder to create for the report")
 
     data = commands.add_parser("data", help="dataset tools")

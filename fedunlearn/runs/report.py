@@ -311,7 +311,9 @@ def write_report(paths: list[Path], out: Path) -> dict[str, str]:
         plots = _plots(runs, unlearning, audits, times, partial) if runs else {}
         plots |= _benchmark_plots(paths, partial)
         sources = ", ".join(str(path) for path in paths)
-        markdown = [f"# fedunlearn report\n\nFolders: {sources} ({len(runs)} runs)\n"]
+        benchmarks = sum(map(is_benchmark, paths))
+        counted = f"{len(runs)} runs" + (f", {benchmarks} benchmark folders" if benchmarks else "")
+        markdown = [f"# fedunlearn report\n\nFolders: {sources} ({counted})\n"]
         markdown += [md for md, _ in sections]
         listed = "\n".join(f"- [{name}]({name}): {what}" for name, what in plots.items())
         markdown.append(f"## Plots\n\n{listed}\n")
@@ -326,7 +328,7 @@ def write_report(paths: list[Path], out: Path) -> dict[str, str]:
             "<!doctype html><html><head><meta charset='utf-8'><title>fedunlearn report</title><style>"
             "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:13px}"
             "td,th{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right}img{max-width:100%}</style></head>"
-            f"<body><h1>fedunlearn report</h1><p>Folders: {html.escape(sources)} ({len(runs)} runs)</p>\n"
+            f"<body><h1>fedunlearn report</h1><p>Folders: {html.escape(sources)} ({counted})</p>\n"
             + "".join(page for _, page in sections)
             + f"<h2>Plots</h2>\n{images}</body></html>\n"
         )
