@@ -82,3 +82,25 @@ def test_a_failing_benchmark_leaves_no_folder_and_ends_with_one_error(tmp_path, 
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedunlearn: error:")]
     assert len(errors) == 1 and "1 of 1 experiments and benchmarks failed" in errors[0] and "exited with 3" in errors[0]
     assert not (out / "speed").exists() and "failed" in (out / "suite.md").read_text()
+
+
+def test_resume_keeps_a_finished_benchmark_and_reruns_a_missing_one(tmp_path):
+    (tmp_path / "bench.py").write_text(
+        "import sys, pathlib\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])\n"
+        "out.mkdir(parents=True, exist_ok=True)\n"
+        "(out / 'speed.csv').write_text('clients,seconds\\n10,0.5\\n')\n"
+        "(out / 'benchmark.md').write_text('done\\n')\n"
+        "with open(pathlib.Path(__file__).with_name('calls.txt'), 'a') as log:\n"
+        "    log.write(out.name + '\\n')\n"
+    )
+    (tmp_path / "suite.toml").write_text(
+        '[[benchmark]]\nname = "a"\nscript = "bench.py"\n[[benchmark]]\nname = "b"\nscript = "bench.py"\n'
+    )
+    out = tmp_path / "out"
+    assert main(["suite", str(tmp_path / "suite.toml"), "--out", str(out), "--quiet"]) == 0
+    (out / "b" / "benchmark.md").unlink()  # b as if killed before it finished
+    assert main(["suite", str(tmp_path / "suite.toml"), "--out", str(out), "--quiet", "--resume"]) == 0
+    assert (tmp_path / "calls.txt").read_text().split() == ["a", "b", "b"]
+    report = (out / "report" / "report.md").read_text()
+    assert "## a: speed" in report and "## b: speed" in report
