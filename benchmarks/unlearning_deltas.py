@@ -3,6 +3,12 @@ unlearning experiment's runs.csv, checked against issue 12's targets (|ΔHR@10| 
 0.02, |ΔMIA AUC| within 0.03):
 
     python benchmarks/unlearning_deltas.py results/unlearning_ml100k/runs.csv
+
+Retrain twins: where the experiment also ran Retrain under other settings (the same data and drops,
+another `run.train_seed`; experiments/unlearning_twins_ml100k.toml), the setting named "retrain"
+is the reference and the twins give Retrain's own spread: per seed, the range of the twins'
+HR@10 minus the reference's, and for every method whether its HR@10 lies within the range of all
+the Retrains (reference and twins) of that seed.
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
     seed meets every target."""
     keys = ["model", "event"] if "event" in runs else ["model"]
     runs = runs[runs["status"] == "ok"] if "status" in runs else runs
-    reference = runs[runs["method"] == "retrain"].set_index([*keys, "seed"])
+    retrains = runs[runs["method"] == "retrain"]
+    twinned = "setting" in runs and (retrains["setting"] != "retrain").any()
+    twins = retrains[retrains["setting"] != "retrain"] if twinned else retrains[:0]
+    reference = (retrains[retrains["setting"] == "retrain"] if twinned else retrains).set_index([*keys, "seed"])
+    runs = runs.drop(twins.index)
     rows = []
     for (method, *group), block in runs.groupby(["method", *keys], sort=False):
         block = block.sort_values("seed")
@@ -37,8 +47,22 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
         row["wall x / epochs x / steps x"] = " / ".join(f"{value:.2f}" for value in speedups) if measured else "-"
         row["seeds"] = len(block)
         row["targets met"] = "yes" if met else "no"
+        if twinned:
+            row |= _against_twins(block, base, twins, dict(zip(keys, group, strict=True)))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _against_twins(block: pd.DataFrame, base: pd.DataFrame, twins: pd.DataFrame, group: dict) -> dict[str, str]:
+    """Per seed: the twins' HR@10 minus the reference Retrain's (their range), and whether the
+    method's HR@10 lies within the range of every Retrain of that seed."""
+    spread, inside = [], []
+    for (_, own), reference in zip(block.iterrows(), base["HR@10"], strict=True):
+        mine = twins[(twins["seed"] == own["seed"]) & (twins[list(group)] == pd.Series(group)).all(axis=1)]
+        values = [reference, *mine["HR@10"]]
+        spread.append(f"{min(values) - reference:+.3f}..{max(values) - reference:+.3f}")
+        inside.append("yes" if min(values) - 1e-9 <= own["HR@10"] <= max(values) + 1e-9 else "no")
+    return {"Retrain twins ΔHR@10 per seed": " / ".join(spread), "HR@10 within the Retrains": " / ".join(inside)}
 
 
 def main() -> None:

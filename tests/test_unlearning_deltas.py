@@ -34,3 +34,21 @@ def test_deltas_pair_each_seed_with_its_own_retrain_and_check_every_target():
     assert table.loc["fru", "wall x / epochs x / steps x"] == "3.00 / 4.00 / 2.00"
     assert table.loc["none", "targets met"] == "no" and table.loc["none", "wall x / epochs x / steps x"] == "-"
     assert "federaser" not in table.index and table.loc["fru", "retrain HR@10"] == "0.5500"
+
+
+def test_retrain_twins_give_retrains_own_spread_and_each_method_is_placed_inside_or_outside_it():
+    def row(setting, method, seed, hr):
+        return {"setting": setting, "method": method, "model": "mf", "event": 10, "seed": seed, "status": "ok",
+                "HR@10": hr, "ER@10": 0.0, "MIA_AUC": 0.5}  # fmt: skip
+
+    runs = pd.DataFrame([
+        row("retrain", "retrain", 0, 0.50), row("twin1", "retrain", 0, 0.47), row("twin2", "retrain", 0, 0.52),
+        row("retrain", "retrain", 1, 0.60), row("twin1", "retrain", 1, 0.61), row("twin2", "retrain", 1, 0.62),
+        row("federaser", "federaser", 0, 0.475), row("federaser", "federaser", 1, 0.595),
+    ])  # fmt: skip
+    table = _deltas()(runs).set_index("method")
+    assert table.loc["federaser", "retrain HR@10"] == "0.5500"  # the twins are not the reference
+    assert table.loc["federaser", "ΔHR@10 per seed"] == "-0.025 / -0.005"
+    assert table.loc["federaser", "Retrain twins ΔHR@10 per seed"] == "-0.030..+0.020 / +0.000..+0.020"
+    assert table.loc["federaser", "HR@10 within the Retrains"] == "yes / no"  # 0.595 is below all of 0.60-0.62
+    assert table.loc["federaser", "targets met"] == "no"  # the fixed band is kept as it is
