@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from fedunlearn.errors import FedUnlearnError
+from fedunlearn.fl.server_optimizer import SERVER_OPTIMIZERS
 from fedunlearn.models import MODELS
 from fedunlearn.privacy.registry import ATTACKERS, DEFENCES
 from fedunlearn.unlearning.registry import METHODS
@@ -68,6 +69,8 @@ class TrainConfig(Section):
     weight_decay: float = 0.001  # L2 on the embeddings a batch uses
     server_lr: float = 3.0  # server step on item rows: row-wise means move popular items slowly, this makes up for it
     dense_server_lr: float = 1.0  # server step on dense layers (NCF's MLP): plain FedAvg; 3 made NCF oscillate
+    server_optimizer: str = "sgd"  # on item rows: sgd (server_lr x the mean change) | adam | yogi (FedAdam / FedYogi)
+    server_optimizer_lr: float = 0.01  # adam / yogi: the server's learning rate (eta)
     fraction: float = 1.0  # share of clients sampled per round, in (0, 1]
     negative_sampler: str = "uniform"  # uniform | fru (a beta share from FRU's informative pool)
     pool_share: float = 0.1  # fru sampler: the pool holds the top share of items by each criterion
@@ -213,6 +216,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": tuple(MODELS),
     "model.loss": ("bpr", "bce"),
     "train.optimizer": ("sgd", "adam"),
+    "train.server_optimizer": SERVER_OPTIMIZERS,
     "train.negative_sampler": ("uniform", "fru"),
     "train.aggregation": ("mean", "trimmed-mean", "median"),
     "run.engine": ("auto", "batched", "inprocess", "flower"),
@@ -244,6 +248,7 @@ POSITIVE = {
     "train.batch_size",
     "train.server_lr",
     "train.dense_server_lr",
+    "train.server_optimizer_lr",
     "train.min_replies",
     "train.reply_timeout",
     "central.epochs",
@@ -391,6 +396,7 @@ def validate(config: Config) -> Config:
             "defence.clients = 'at-risk' applies to post-training defences; for defence.upload use all or listed"
         )
     _validate_secure_aggregation(config)
+    _validate_server_optimizer(config)
     at_risk = config.defence.method != "none" and config.defence.clients == "at-risk"
     if config.run.engine == "flower" and not config.audit.enabled and (config.defence.compare or at_risk):
         needs = "defence.compare" if config.defence.compare else "defence.clients = 'at-risk'"
@@ -409,6 +415,18 @@ def validate(config: Config) -> Config:
         raise FedUnlearnError("data.dataset = 'csv' needs data.path: --set data.path=interactions.csv")
     config._freeze(True)
     return config
+
+
+def _validate_server_optimizer(config: Config) -> None:
+    """The calibration methods rebuild the model from stored client updates with the plain server
+    step; an adaptive server optimizer's state is not in their history."""
+    unlearn = config.unlearn
+    if config.train.server_optimizer != "sgd" and (unlearn.method not in ("none", "retrain") or unlearn.compare):
+        raise FedUnlearnError(
+            f"unlearn.method = {unlearn.method!r}{' with unlearn.compare' if unlearn.compare else ''} replays stored "
+            f"updates with the plain server step, not train.server_optimizer = {config.train.server_optimizer!r}: "
+            "use unlearn.method = 'retrain' or train.server_optimizer = 'sgd'"
+        )
 
 
 def _validate_secure_aggregation(config: Config) -> None:

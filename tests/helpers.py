@@ -165,7 +165,7 @@ def loopback(hex_address: str) -> bool:
 def run_as_the_runner_does(server, pool):
     """`server.run()` under the pool's torch thread count, as fedunlearn.runs.runner runs it: NCF's
     float32 sums differ in the last bits between 1 and 2 threads, and Flower's clients train on 1."""
-    from fedunlearn.runs.assembly import torch_threads
+    from fedunlearn.runs.assembly import reproducible_torch
 
-    with torch_threads(pool.threads):
+    with reproducible_torch(pool.threads):
         return server.run()

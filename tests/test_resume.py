@@ -51,9 +51,15 @@ def checkpointed_round(partial):
     return row[0] or 0
 
 
-@pytest.mark.parametrize("engine", ["batched", "inprocess"])
-def test_kill_9_then_resume_gives_the_uninterrupted_numbers(tmp_path, engine):
-    settings = [*SETTINGS, "train.rounds=40", "eval.every=5", *DROP, f"run.engine={engine}"]
+ADAPTIVE_SERVER = ["train.server_optimizer=yogi", "train.server_optimizer_lr=0.1"]  # its moments are resumed too
+
+
+@pytest.mark.parametrize(
+    ("engine", "drop"), [("batched", DROP), ("inprocess", DROP), ("batched", ADAPTIVE_SERVER)],
+    ids=["batched", "inprocess", "adaptive-server-optimizer"],
+)  # fmt: skip
+def test_kill_9_then_resume_gives_the_uninterrupted_numbers(tmp_path, engine, drop):
+    settings = [*SETTINGS, "train.rounds=40", "eval.every=5", *drop, f"run.engine={engine}"]
     assert run(tmp_path / "reference", settings) == 0
     out = tmp_path / "killed"
     args = [part for setting in settings for part in ("--set", setting)]

@@ -30,6 +30,7 @@ from fedunlearn.fl.history import HistoryStore
 from fedunlearn.fl.replies import Reply, ReplyLimits, check_replies, median_norms
 from fedunlearn.fl.robust import server_delta
 from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout
+from fedunlearn.fl.server_optimizer import row_optimizer
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate, rescale_tensors
 from fedunlearn.metrics import hit_ratio, ranking_metrics
 from fedunlearn.models import build_model
@@ -212,6 +213,8 @@ class FederatedServer:
         self.model: SplitModel = build_model(config.model, n_items)
         self.initial = self.model.init_shared(rng_for(config.run.training_seed(), Stream.SHARED_INIT))
         self.shared = self.initial
+        shapes = {key: self.initial[key].shape for key in self.model.row_keys}
+        self.row_optimizer = row_optimizer(config.train.server_optimizer, config.train.server_optimizer_lr, shapes)
         excluded = set(config.data.exclude_clients)
         unknown = excluded - set(client_ids)
         if unknown:
@@ -288,11 +291,27 @@ class FederatedServer:
             )
 
     def aggregate_delta(self, shared: Arrays, updates: list[ClientUpdate]) -> Arrays:
-        """The server's step under train.aggregation (robust.py)."""
+        """The server's step under train.aggregation (robust.py) and train.server_optimizer."""
         train = self.config.train
-        return server_delta(
-            self.model, shared, updates, train.server_lr, train.aggregation, train.trim, train.dense_server_lr
-        )
+        if self.row_optimizer is None:
+            return server_delta(
+                self.model, shared, updates, train.server_lr, train.aggregation, train.trim, train.dense_server_lr
+            )
+        delta = server_delta(self.model, shared, updates, 1.0, train.aggregation, train.trim, train.dense_server_lr)
+        carried = np.zeros(self.model.n_items, dtype=bool)
+        for update in updates:
+            carried[update.item_ids] = True
+        return self._adaptive_rows(delta, carried)
+
+    def _adaptive_rows(self, delta: Arrays, carried: np.ndarray) -> Arrays:
+        """The row tables' mean change replaced by the adaptive server optimizer's step."""
+        rows = {key: delta[key] for key in self.model.row_keys}
+        return delta | self.row_optimizer.step(rows, carried)  # type: ignore[union-attr]
+
+    def restart_server_optimizer(self) -> None:
+        """Training starts again from the initial model (Retrain): so does the server optimizer's state."""
+        if self.row_optimizer is not None:
+            self.row_optimizer.reset()
 
     def aggregate(self, shared: Arrays, updates: list[ClientUpdate]) -> Arrays:
         return apply_delta(shared, self.aggregate_delta(shared, updates))
@@ -329,7 +348,11 @@ class FederatedServer:
         ids = [self.client_ids[index] for index in sorted(contributors)]
         if self.records_history():
             self.history.record_participation(round_number, ids)
-        new_shared = apply_delta(shared, total.delta(shared, train.server_lr, train.dense_server_lr))
+        if self.row_optimizer is None:
+            new_shared = apply_delta(shared, total.delta(shared, train.server_lr, train.dense_server_lr))
+        else:
+            step = self._adaptive_rows(total.delta(shared, 1.0, train.dense_server_lr), total.row_weight > 1e-12)
+            new_shared = apply_delta(shared, step)
         require_finite(new_shared, f"at round {round_number}")
         loss = total.loss / total.count
         touched, rows, dense = total.mean_change()
@@ -472,6 +495,8 @@ class FederatedServer:
     def _save(self, result: FederationResult, round_number: int, elapsed: float) -> None:
         arrays = prefixed("shared", self.shared) | prefixed("unlearned", self.unlearned)
         arrays |= prefixed("pool", self.pool.state())  # type: ignore[attr-defined]
+        if self.row_optimizer is not None:
+            arrays |= prefixed("server_optimizer", self.row_optimizer.state())
         if result.uploads is not None:
             arrays |= prefixed("uploads", result.uploads)
         meta = {
@@ -491,6 +516,8 @@ class FederatedServer:
         arrays, meta = saved
         self.shared, self.unlearned = unprefixed("shared", arrays), unprefixed("unlearned", arrays)
         self.pool.load_state(unprefixed("pool", arrays))  # type: ignore[attr-defined]
+        if self.row_optimizer is not None:
+            self.row_optimizer.load_state(unprefixed("server_optimizer", arrays))
         result.uploads = unprefixed("uploads", arrays) or None
         self.active, self.client_epochs, self.events = meta["active"], meta["client_epochs"], meta["events"]
         self.optimizer_steps = meta["optimizer_steps"]

@@ -4,6 +4,7 @@ and the job runs under the thread count its pool asks for."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,12 +38,20 @@ def federated_server(
 
 
 @contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run a block under `count` torch threads and give the caller's count back after it (torch's
-    setting is process-wide: a pool that changed it for good would slow whatever the caller does next)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
+def reproducible_torch(threads: int) -> Iterator[None]:
+    """Run a block under `threads` torch threads with deterministic kernels, and give the caller's
+    settings back after it (both are process-wide). On the CPU with more than one thread, the
+    backward of an indexed read (`table[rows]`, which every engine's training uses) sums the rows'
+    gradients with atomic adds in whatever order the threads reach them: the same run on the same
+    machine gave three different models in five tries (ML-100K MF, 15 rounds, 2 threads), and 60
+    rounds turn that last-bit noise into HR@10 0.598 / 0.611 / 0.626 on one seed. Deterministic
+    mode sums them in sorted order (docs/RESULTS.md)."""
+    before, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+        torch.use_deterministic_algorithms(was_deterministic)

@@ -23,7 +23,7 @@ from fedunlearn.fl.rounds import FederatedServer, FederationResult
 from fedunlearn.fl.schedule import build_schedule
 from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
-from fedunlearn.runs.assembly import federated_server, torch_threads
+from fedunlearn.runs.assembly import federated_server, reproducible_torch
 from fedunlearn.unlearning.methods import history_policy
 
 Trainer = Callable[[Config, HistoryStore | None, dict[int, list[str]]], FederationResult]
@@ -58,7 +58,7 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
 
         progress = Progress(config.central.epochs, show_progress, label="epochs")
         try:
-            with torch_threads(config.run.num_cpus):
+            with reproducible_torch(config.run.num_cpus):
                 result = train_central(config, federation, progress)
         finally:
             progress.close()
@@ -247,7 +247,7 @@ def _federated(
         progress = Progress(config.train.rounds, show_progress)
         try:
             pool = make_pool(config, federation)
-            with torch_threads(pool.threads):
+            with reproducible_torch(pool.threads):
                 server = federated_server(config, federation, pool, progress, history, schedule, checkpoint)
                 result = server.run()
                 if audits_privacy(config):  # its stages show on the same bar

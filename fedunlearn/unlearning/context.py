@@ -44,6 +44,8 @@ class UnlearningServer(Protocol):
 
     def roll_back_users(self) -> None: ...
 
+    def restart_server_optimizer(self) -> None: ...
+
 
 Method = Callable[[UnlearningServer, int, list[int]], Arrays]
 

@@ -12,6 +12,7 @@ def retrain(server: UnlearningServer, round_number: int, forgotten: list[int]) -
     clients the original round sampled, less the forgotten ones. The history is rewritten if a later
     event will read it."""
     server.pool.forget(server.active)
+    server.restart_server_optimizer()
     if server.history is not None and server.records_history():
         server.history.clear()
     shared = server.initial
