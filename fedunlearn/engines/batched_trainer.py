@@ -255,7 +255,7 @@ class DotProductGradients:
         flat = index.items.reshape(-1)
         with torch.enable_grad():
             row_scores = row_scores.detach().requires_grad_(True)
-            scores = row_scores[flat].reshape(index.items.shape)
+            scores = row_scores.index_select(0, flat).reshape(index.items.shape)  # backward: index_add_
             loss = client_losses(self.config, scores[..., 0], scores[..., 1:], index.mask, index.sizes)
             if self.ascent:
                 loss = -loss

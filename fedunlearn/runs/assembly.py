@@ -44,14 +44,19 @@ def reproducible_torch(threads: int) -> Iterator[None]:
     backward of an indexed read (`table[rows]`, which every engine's training uses) sums the rows'
     gradients with atomic adds in whatever order the threads reach them: the same run on the same
     machine gave three different models in five tries (ML-100K MF, 15 rounds, 2 threads), and 60
-    rounds turn that last-bit noise into HR@10 0.598 / 0.611 / 0.626 on one seed. Deterministic
-    mode sums them in sorted order (docs/RESULTS.md)."""
-    before, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    rounds turn that last-bit noise into HR@10 0.598 / 0.611 / 0.626 on one seed. The engines read
+    rows with `index_select` (its backward, `index_add_`, is deterministic and as fast); this mode
+    makes any indexed read left, here or in a later change, sum in sorted order (docs/RESULTS.md).
+    Filling fresh buffers with NaN, which the mode does by default, is switched off: it only costs."""
+    fills = torch.utils.deterministic
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), fills.fill_uninitialized_memory
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    fills.fill_uninitialized_memory = False
     try:
         yield
     finally:
-        torch.set_num_threads(before)
-        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+        fills.fill_uninitialized_memory = before[2]
