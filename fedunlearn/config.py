@@ -417,15 +417,22 @@ def validate(config: Config) -> Config:
     return config
 
 
+def _reading_stored_updates(unlearn: UnlearnConfig) -> str:
+    """How to name the configured unlearning when it reads single clients' stored updates (every
+    method but none and retrain, and unlearn.compare, which tries them all); '' when it reads none."""
+    if unlearn.method not in ("none", "retrain") or unlearn.compare:
+        return f"unlearn.method = {unlearn.method!r}{' with unlearn.compare' if unlearn.compare else ''}"
+    return ""
+
+
 def _validate_server_optimizer(config: Config) -> None:
     """The calibration methods rebuild the model from stored client updates with the plain server
     step; an adaptive server optimizer's state is not in their history."""
-    unlearn = config.unlearn
-    if config.train.server_optimizer != "sgd" and (unlearn.method not in ("none", "retrain") or unlearn.compare):
+    reader = _reading_stored_updates(config.unlearn)
+    if config.train.server_optimizer != "sgd" and reader:
         raise FedUnlearnError(
-            f"unlearn.method = {unlearn.method!r}{' with unlearn.compare' if unlearn.compare else ''} replays stored "
-            f"updates with the plain server step, not train.server_optimizer = {config.train.server_optimizer!r}: "
-            "use unlearn.method = 'retrain' or train.server_optimizer = 'sgd'"
+            f"{reader} replays stored updates with the plain server step, not train.server_optimizer = "
+            f"{config.train.server_optimizer!r}: use unlearn.method = 'retrain' or train.server_optimizer = 'sgd'"
         )
 
 
@@ -436,12 +443,12 @@ def _validate_secure_aggregation(config: Config) -> None:
         return
     if config.defence.clients != "all":
         raise FedUnlearnError("defence.upload = 'secagg' sums every client's upload: use defence.clients = 'all'")
-    unlearn, train = config.unlearn, config.train
-    if unlearn.method not in ("none", "retrain") or unlearn.compare:
+    train = config.train
+    reader = _reading_stored_updates(config.unlearn)
+    if reader:
         raise FedUnlearnError(
-            f"unlearn.method = {unlearn.method!r}{' with unlearn.compare' if unlearn.compare else ''} reads single "
-            "clients' stored updates, which secure aggregation (defence.upload = 'secagg') never shows the server: "
-            "use unlearn.method = 'retrain' or another defence.upload"
+            f"{reader} reads single clients' stored updates, which secure aggregation (defence.upload = 'secagg') "
+            "never shows the server: use unlearn.method = 'retrain' or another defence.upload"
         )
     if train.aggregation != "mean" or train.clip_norm_ratio > 0:
         raise FedUnlearnError(

@@ -18,7 +18,7 @@ def test_adam_step_by_hand_moves_only_the_carried_rows():
     expected = 0.5 * 0.1 * change / (np.sqrt(0.01 * change**2) + 1e-3)
     expected[1] = 0.0
     np.testing.assert_allclose(first, expected, rtol=1e-12)
-    assert optimizer.updates["items"].tolist() == [1, 0, 1]
+    assert optimizer.updates.tolist() == [1, 0, 1]
     assert not optimizer.first["items"][1].any() and not optimizer.second["items"][1].any()
     # round 2 carries only row 1: its own first update (count 1), rows 0 and 2 keep their moments
     before = optimizer.first["items"].copy()

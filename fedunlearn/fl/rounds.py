@@ -293,15 +293,20 @@ class FederatedServer:
     def aggregate_delta(self, shared: Arrays, updates: list[ClientUpdate]) -> Arrays:
         """The server's step under train.aggregation (robust.py) and train.server_optimizer."""
         train = self.config.train
+        delta = server_delta(
+            self.model, shared, updates, self._row_lr(), train.aggregation, train.trim, train.dense_server_lr
+        )
         if self.row_optimizer is None:
-            return server_delta(
-                self.model, shared, updates, train.server_lr, train.aggregation, train.trim, train.dense_server_lr
-            )
-        delta = server_delta(self.model, shared, updates, 1.0, train.aggregation, train.trim, train.dense_server_lr)
+            return delta
         carried = np.zeros(self.model.n_items, dtype=bool)
         for update in updates:
             carried[update.item_ids] = True
         return self._adaptive_rows(delta, carried)
+
+    def _row_lr(self) -> float:
+        """The factor on the row tables' mean change: train.server_lr, or 1 when an adaptive server
+        optimizer takes the plain mean as its pseudo-gradient."""
+        return self.config.train.server_lr if self.row_optimizer is None else 1.0
 
     def _adaptive_rows(self, delta: Arrays, carried: np.ndarray) -> Arrays:
         """The row tables' mean change replaced by the adaptive server optimizer's step."""
@@ -348,11 +353,10 @@ class FederatedServer:
         ids = [self.client_ids[index] for index in sorted(contributors)]
         if self.records_history():
             self.history.record_participation(round_number, ids)
-        if self.row_optimizer is None:
-            new_shared = apply_delta(shared, total.delta(shared, train.server_lr, train.dense_server_lr))
-        else:
-            step = self._adaptive_rows(total.delta(shared, 1.0, train.dense_server_lr), total.row_weight > 1e-12)
-            new_shared = apply_delta(shared, step)
+        step = total.delta(shared, self._row_lr(), train.dense_server_lr)
+        if self.row_optimizer is not None:
+            step = self._adaptive_rows(step, total.row_weight > 1e-12)
+        new_shared = apply_delta(shared, step)
         require_finite(new_shared, f"at round {round_number}")
         loss = total.loss / total.count
         touched, rows, dense = total.mean_change()

@@ -33,11 +33,16 @@ class RowwiseAdaptive:
         """Fresh moments: a training that starts again from the initial model (Retrain) starts here."""
         self.first = {key: np.zeros(shape) for key, shape in self.shapes.items()}
         self.second = {key: np.zeros(shape) for key, shape in self.shapes.items()}
-        self.updates = {key: np.zeros(shape[0], dtype=np.int64) for key, shape in self.shapes.items()}
+        self.updates = np.zeros(next(iter(self.shapes.values()))[0], dtype=np.int64)  # per item row, every table
 
     def step(self, mean_change: Arrays, carried: np.ndarray) -> Arrays:
         """The server's step on each row table from the row-wise mean change (float64, full shape);
         rows outside `carried` (a boolean mask over items) get exactly zero."""
+        self.updates[carried] += 1
+        lr = np.full(int(carried.sum()), self.lr)
+        if self.rule == "adam":
+            count = self.updates[carried]
+            lr *= np.sqrt(1 - BETA_2**count) / (1 - BETA_1**count)
         steps = {}
         for key, change in mean_change.items():
             g = change[carried]
@@ -47,11 +52,6 @@ class RowwiseAdaptive:
                 second[carried] = BETA_2 * second[carried] + (1 - BETA_2) * g**2
             else:
                 second[carried] -= (1 - BETA_2) * g**2 * np.sign(second[carried] - g**2)
-            self.updates[key][carried] += 1
-            lr = np.full(int(carried.sum()), self.lr)
-            if self.rule == "adam":
-                count = self.updates[key][carried]
-                lr *= np.sqrt(1 - BETA_2**count) / (1 - BETA_1**count)
             step = np.zeros(change.shape)
             step[carried] = lr[:, None] * first[carried] / (np.sqrt(second[carried]) + TAU)
             steps[key] = step
@@ -60,13 +60,13 @@ class RowwiseAdaptive:
     def state(self) -> Arrays:
         arrays = {f"first/{key}": value for key, value in self.first.items()}
         arrays |= {f"second/{key}": value for key, value in self.second.items()}
-        return arrays | {f"updates/{key}": value for key, value in self.updates.items()}
+        return arrays | {"updates": self.updates}
 
     def load_state(self, arrays: Arrays) -> None:
         for key in self.shapes:
             self.first[key] = np.array(arrays[f"first/{key}"], dtype=np.float64)
             self.second[key] = np.array(arrays[f"second/{key}"], dtype=np.float64)
-            self.updates[key] = np.array(arrays[f"updates/{key}"], dtype=np.int64)
+        self.updates = np.array(arrays["updates"], dtype=np.int64)
 
 
 def row_optimizer(rule: str, lr: float, shapes: dict[str, tuple[int, ...]]) -> RowwiseAdaptive | None:

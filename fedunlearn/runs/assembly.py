@@ -49,7 +49,8 @@ def reproducible_torch(threads: int) -> Iterator[None]:
     makes any indexed read left, here or in a later change, sum in sorted order (docs/RESULTS.md).
     Filling fresh buffers with NaN, which the mode does by default, is switched off: it only costs."""
     fills = torch.utils.deterministic
-    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), fills.fill_uninitialized_memory
+    threads_before, deterministic_before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    fill_before = fills.fill_uninitialized_memory
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -57,6 +58,6 @@ def reproducible_torch(threads: int) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.set_num_threads(before[0])
-        torch.use_deterministic_algorithms(before[1])
-        fills.fill_uninitialized_memory = before[2]
+        torch.set_num_threads(threads_before)
+        torch.use_deterministic_algorithms(deterministic_before)
+        fills.fill_uninitialized_memory = fill_before
