@@ -63,7 +63,8 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     rounds: int = 30
     local_epochs: int = 1
-    optimizer: str = "adam"  # sgd | adam (a fresh optimizer each round, on the client)
+    optimizer: str = "adam"  # sgd | adam (on the client)
+    client_optimizer_state: str = "fresh"  # fresh: a new optimizer each round | user: the user part's Adam state kept
     lr: float = 0.05  # client learning rate
     batch_size: int = 64
     weight_decay: float = 0.001  # L2 on the embeddings a batch uses
@@ -217,6 +218,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.loss": ("bpr", "bce"),
     "train.optimizer": ("sgd", "adam"),
     "train.server_optimizer": SERVER_OPTIMIZERS,
+    "train.client_optimizer_state": ("fresh", "user"),
     "train.negative_sampler": ("uniform", "fru"),
     "train.aggregation": ("mean", "trimmed-mean", "median"),
     "run.engine": ("auto", "batched", "inprocess", "flower"),
@@ -397,6 +399,7 @@ def validate(config: Config) -> Config:
         )
     _validate_secure_aggregation(config)
     _validate_server_optimizer(config)
+    _validate_client_optimizer_state(config)
     at_risk = config.defence.method != "none" and config.defence.clients == "at-risk"
     if config.run.engine == "flower" and not config.audit.enabled and (config.defence.compare or at_risk):
         needs = "defence.compare" if config.defence.compare else "defence.clients = 'at-risk'"
@@ -433,6 +436,19 @@ def _validate_server_optimizer(config: Config) -> None:
         raise FedUnlearnError(
             f"{reader} replays stored updates with the plain server step, not train.server_optimizer = "
             f"{config.train.server_optimizer!r}: use unlearn.method = 'retrain' or train.server_optimizer = 'sgd'"
+        )
+
+
+def _validate_client_optimizer_state(config: Config) -> None:
+    """The user part's Adam state lives in the single-machine pools' client state (not in Flower's)."""
+    if config.train.client_optimizer_state == "fresh":
+        return
+    if config.train.optimizer != "adam":
+        raise FedUnlearnError("train.client_optimizer_state = 'user' keeps Adam's state: set train.optimizer = 'adam'")
+    if config.run.engine == "flower":
+        raise FedUnlearnError(
+            "train.client_optimizer_state = 'user' runs on the batched and in-process engines: "
+            "use run.engine = 'batched' or 'inprocess'"
         )
 
 

@@ -52,11 +52,13 @@ def checkpointed_round(partial):
 
 
 ADAPTIVE_SERVER = ["train.server_optimizer=yogi", "train.server_optimizer_lr=0.1"]  # its moments are resumed too
+KEPT_CLIENT_STATE = [*DROP, "train.client_optimizer_state=user"]  # the clients' Adam state too
 
 
 @pytest.mark.parametrize(
-    ("engine", "drop"), [("batched", DROP), ("inprocess", DROP), ("batched", ADAPTIVE_SERVER)],
-    ids=["batched", "inprocess", "adaptive-server-optimizer"],
+    ("engine", "drop"),
+    [("batched", DROP), ("inprocess", DROP), ("batched", ADAPTIVE_SERVER), ("inprocess", KEPT_CLIENT_STATE)],
+    ids=["batched", "inprocess", "adaptive-server-optimizer", "kept-client-optimizer-state"],
 )  # fmt: skip
 def test_kill_9_then_resume_gives_the_uninterrupted_numbers(tmp_path, engine, drop):
     settings = [*SETTINGS, "train.rounds=40", "eval.every=5", *drop, f"run.engine={engine}"]

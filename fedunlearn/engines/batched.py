@@ -24,6 +24,7 @@ from fedunlearn.config import Config
 from fedunlearn.engines.batched_trainer import CHUNK_ELEMENTS, BatchedTrainer
 from fedunlearn.engines.inprocess import LocalPool
 from fedunlearn.fl.client import (
+    UserMoments,
     candidates_of,
     finish_update,
     init_user,
@@ -52,6 +53,8 @@ class BatchedPool(LocalPool):
         shapes = self.model.init_user(np.random.default_rng(0))
         self.users = {key: np.zeros((federation.n_clients, len(v)), np.float32) for key, v in shapes.items()}
         self.ready = np.zeros(federation.n_clients, dtype=bool)  # has a user part (initialised or trained)
+        keeps_moments = config.train.client_optimizer_state == "user"  # every client's Adam state, one row each
+        self.moments = UserMoments.zeros(shapes, (federation.n_clients,)) if keeps_moments else None
         # where training time goes, summed over calls (benchmarks/engines.py prints it)
         self.seconds = {"plans": 0.0, "tensors": 0.0, "uploads": 0.0}
         self.threads = config.run.num_cpus  # one program over every client's tensors: use the cores
@@ -111,8 +114,11 @@ class BatchedPool(LocalPool):
         for chunk in self._chunks(ordered, sizes):
             chunk_plans = [plans[index] for index in chunk]
             users = {key: table[chunk] for key, table in self.users.items()}
+            moments = None if self.moments is None or ascent else self.moments.rows(chunk)
             started = time.perf_counter()
-            new_users, row_changes, dense_changes, losses = self.trainer.train(chunk_plans, users, shared, ascent)
+            new_users, row_changes, dense_changes, losses = self.trainer.train(
+                chunk_plans, users, shared, ascent, moments
+            )  # fmt: skip
             self.seconds["tensors"] += time.perf_counter() - started
             started = time.perf_counter()
             ids, n_items = self.federation.client_ids, self.federation.n_items
@@ -124,6 +130,8 @@ class BatchedPool(LocalPool):
             kept = [c for c, reply in enumerate(replies) if reply.failure != FAILED]  # a crashed client keeps nothing
             for key, table in new_users.items():
                 self.users[key][[chunk[c] for c in kept]] = table[kept]
+            if moments is not None and self.moments is not None:
+                self.moments.set_rows([chunk[c] for c in kept], moments.rows(kept))
             updates += replies
             self.seconds["uploads"] += time.perf_counter() - started
             done(len(chunk))
@@ -162,11 +170,22 @@ class BatchedPool(LocalPool):
 
     def state(self) -> Arrays:
         """Every client's private state, for the resume checkpoint."""
-        return {f"user.{key}": table for key, table in self.users.items()} | {"ready": self.ready}
+        state = {f"user.{key}": table for key, table in self.users.items()} | {"ready": self.ready}
+        if self.moments is not None:
+            state["moments.steps"] = self.moments.steps
+            state |= {f"moments.exp_avg.{key}": table for key, table in self.moments.exp_avg.items()}
+            state |= {f"moments.exp_avg_sq.{key}": table for key, table in self.moments.exp_avg_sq.items()}
+        return state
 
     def load_state(self, state: Arrays) -> None:
         self.users = {key[5:]: value.copy() for key, value in state.items() if key.startswith("user.")}
         self.ready = state["ready"].copy()
+        if self.moments is not None:
+            self.moments = UserMoments(
+                state["moments.steps"].copy(),
+                {key: state[f"moments.exp_avg.{key}"].copy() for key in self.users},
+                {key: state[f"moments.exp_avg_sq.{key}"].copy() for key in self.users},
+            )
 
     def fork(self) -> BatchedPool:
         """A copy whose clients' private state can change without touching this pool's."""
@@ -174,6 +193,7 @@ class BatchedPool(LocalPool):
         twin.__dict__ |= self.__dict__
         twin.users = {key: table.copy() for key, table in self.users.items()}
         twin.ready = self.ready.copy()
+        twin.moments = None if self.moments is None else self.moments.rows(slice(None))
         return twin
 
     def forget(self, clients: list[int]) -> None:
@@ -181,3 +201,5 @@ class BatchedPool(LocalPool):
         for table in self.users.values():
             table[clients] = 0
         self.ready[clients] = False
+        if self.moments is not None:
+            self.moments.clear(clients)

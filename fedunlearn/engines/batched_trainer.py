@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fedunlearn.config import Config
-from fedunlearn.fl.client import (
-    LocalPlan,
-)
+from fedunlearn.fl.client import LocalPlan, UserMoments
 from fedunlearn.models.base import Arrays, SplitModel, Tensors
 
 CHUNK_ELEMENTS = 2**25  # floats of parameters (or scores) per group of clients: memory stays bounded at any size
@@ -52,17 +50,51 @@ class Workspace:
         return view.zero_() if zero else view
 
 
+class KeptUserAdam:
+    """Adam on the user tables resumed from each client's kept state (train.client_optimizer_state =
+    "user"): clients come with different step counts, so the bias correction is per row (torch's
+    Adam formula, per client)."""
+
+    def __init__(self, moments: UserMoments, device: torch.device) -> None:
+        self.steps = torch.as_tensor(moments.steps, device=device, dtype=torch.float64).unsqueeze(1)
+        self.exp_avg = {key: torch.tensor(value, device=device) for key, value in moments.exp_avg.items()}
+        self.exp_avg_sq = {key: torch.tensor(value, device=device) for key, value in moments.exp_avg_sq.items()}
+
+    def step(self, key: str, param: torch.Tensor, grad: torch.Tensor, step: int, lr: float) -> None:
+        beta1, beta2 = ADAM_BETAS
+        active = len(param)
+        exp_avg, exp_avg_sq = self.exp_avg[key][:active], self.exp_avg_sq[key][:active]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        steps = self.steps[:active] + step
+        step_size = (lr / (1 - beta1**steps)).float()
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**steps).sqrt().float()).add_(ADAM_EPS)
+        param.addcdiv_(exp_avg * step_size, denom, value=-1.0)
+
+    def moments(self, steps_taken: np.ndarray) -> UserMoments:
+        return UserMoments(
+            self.steps.squeeze(1).cpu().numpy().astype(np.int64) + steps_taken,
+            {key: value.cpu().numpy() for key, value in self.exp_avg.items()},
+            {key: value.cpu().numpy() for key, value in self.exp_avg_sq.items()},
+        )
+
+
 class Adam:
     """Adam (torch's fused kernel, one pass over every tensor) on a prefix of each parameter table,
     so clients that have finished their local steps keep their state untouched. Every active client
-    is at the same step number, so one step count serves them all."""
+    is at the same step number, so one step count serves them all (except kept user state: `kept`)."""
 
-    def __init__(self, lr: float, use_adam: bool, workspace: Workspace) -> None:
-        self.lr, self.use_adam, self.workspace = lr, use_adam, workspace
+    def __init__(self, lr: float, use_adam: bool, workspace: Workspace, kept: KeptUserAdam | None = None) -> None:
+        self.lr, self.use_adam, self.workspace, self.kept = lr, use_adam, workspace, kept
         self.state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per table: exp_avg, exp_avg_sq
 
     def step(self, tables: dict[str, torch.Tensor], counts: dict[str, int], grads: list[torch.Tensor],
              step: int) -> None:  # fmt: skip
+        if self.kept is not None:
+            fresh = {key: grad for key, grad in zip(tables, grads, strict=True) if key not in self.kept.exp_avg}
+            for key in self.kept.exp_avg:
+                self.kept.step(key, tables[key][: counts[key]], grads[list(tables).index(key)], step, self.lr)
+            tables, grads = {key: tables[key] for key in fresh}, list(fresh.values())
         params = [tables[key][: counts[key]] for key in tables]
         grads = [grad.contiguous() for grad in grads]  # the fused kernel ignores strides (autograd may transpose)
         if not self.use_adam:
@@ -126,10 +158,11 @@ class BatchedTrainer:
         return steps
 
     def train(
-        self, plans: list[LocalPlan], users: Arrays, shared: Arrays, ascent: bool
+        self, plans: list[LocalPlan], users: Arrays, shared: Arrays, ascent: bool, moments: UserMoments | None = None
     ) -> tuple[Arrays, list[Arrays], list[Arrays], np.ndarray]:
         """-> new user parts (C, .) per table, each client's changes of its touched rows and dense
-        layers, and its mean loss per step."""
+        layers, and its mean loss per step. With `moments` (one row per client) Adam resumes the user
+        tables from them, and they are replaced by the new state."""
         model, config, device = self.model, self.config, self.device
         lengths = np.array([len(plan.touched) for plan in plans])
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -154,7 +187,8 @@ class BatchedTrainer:
             gradients: StepGradients = DotProductGradients(config, user, rows, row_grads, lengths, ascent)
         else:
             gradients = AutogradGradients(model, config, user, rows, dense, row_grads, ascent)
-        optimizer = Adam(config.train.lr, config.train.optimizer == "adam", self.workspace)
+        kept = None if moments is None else KeptUserAdam(moments, device)
+        optimizer = Adam(config.train.lr, config.train.optimizer == "adam", self.workspace, kept)
         losses = torch.zeros(len(plans), dtype=torch.float64, device=device)
         for number, index in enumerate(self.step_indices(plans, offsets), start=1):
             with torch.no_grad():
@@ -171,7 +205,11 @@ class BatchedTrainer:
             {key: table[offsets[c] : offsets[c + 1]] for key, table in row_changes.items()} for c in range(len(plans))
         ]
         per_client_dense = [{key: table[c] for key, table in dense_changes.items()} for c in range(len(plans))]
-        mean_loss = losses.cpu().numpy() / np.array([len(plan.batches) for plan in plans])
+        steps_taken = np.array([len(plan.batches) for plan in plans])
+        if kept is not None and moments is not None:
+            new = kept.moments(steps_taken)
+            moments.steps, moments.exp_avg, moments.exp_avg_sq = new.steps, new.exp_avg, new.exp_avg_sq
+        mean_loss = losses.cpu().numpy() / steps_taken
         return {key: value.cpu().numpy() for key, value in user.items()}, per_client_rows, per_client_dense, mean_loss
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from fedunlearn.config import Config
-from fedunlearn.fl.client import init_user, local_evaluate, local_membership, local_train
+from fedunlearn.fl.client import UserMoments, init_user, local_evaluate, local_membership, local_train
 from fedunlearn.fl.faults import local_reply
 from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.replies import FAILED, Reply
@@ -81,6 +81,8 @@ class InProcessPool(LocalPool):
         self.model = build_model(config.model, federation.n_items)
         self.device = resolve_device(config.run.device)
         self.user_state: dict[int, Arrays] = {}
+        self.keeps_moments = config.train.client_optimizer_state == "user"
+        self.moments: dict[int, UserMoments] = {}  # train.client_optimizer_state = "user": each client's Adam state
 
     def user(self, index: int) -> Arrays:
         if index not in self.user_state:
@@ -104,21 +106,37 @@ class InProcessPool(LocalPool):
         ids, n_items = self.federation.client_ids, self.federation.n_items
         for index in clients:
             data = self.federation.client(index)
+            moments = self._moments(index) if self.keeps_moments and not ascent else None
             update, user = local_train(
-                self.model, data, self.user(index), shared, self.config, round_number, self.device, epochs, ascent
-            )
+                self.model, data, self.user(index), shared, self.config, round_number, self.device, epochs, ascent,
+                moments,
+            )  # fmt: skip
             reply = local_reply(self.config, round_number, index, update, ids, n_items)
             if reply.failure != FAILED:  # a client that crashed keeps nothing of the round, as on Flower
                 self.user_state[index] = user
+                if moments is not None:
+                    self.moments[index] = moments
             replies.append(reply)
             done(1)
         return replies
+
+    def _moments(self, index: int) -> UserMoments:
+        """A copy of the client's Adam state (zeros before its first step)."""
+        if index not in self.moments:
+            return UserMoments.zeros(self.user(index))
+        return copy.deepcopy(self.moments[index])
 
     def state(self) -> Arrays:
         """Every client's private state, for the resume checkpoint."""
         indices = sorted(self.user_state)
         keys = next(iter(self.user_state.values())).keys() if indices else ()
         stacked = {f"user.{key}": np.stack([self.user_state[i][key] for i in indices]) for key in keys}
+        if self.keeps_moments:
+            moments = [self._moments(i) for i in indices]
+            stacked |= {"moments.steps": np.array([m.steps for m in moments], dtype=np.int64)}
+            for key in keys:
+                stacked[f"moments.exp_avg.{key}"] = np.stack([m.exp_avg[key] for m in moments])
+                stacked[f"moments.exp_avg_sq.{key}"] = np.stack([m.exp_avg_sq[key] for m in moments])
         return {"index": np.array(indices, dtype=np.int64)} | stacked
 
     def load_state(self, state: Arrays) -> None:
@@ -127,17 +145,27 @@ class InProcessPool(LocalPool):
             int(index): {key: table[row].copy() for key, table in tables.items()}
             for row, index in enumerate(state["index"])
         }
+        self.moments = {}
+        if self.keeps_moments:
+            for row, index in enumerate(state["index"]):
+                self.moments[int(index)] = UserMoments(
+                    state["moments.steps"][row].copy(),
+                    {key: state[f"moments.exp_avg.{key}"][row].copy() for key in tables},
+                    {key: state[f"moments.exp_avg_sq.{key}"][row].copy() for key in tables},
+                )
 
     def fork(self) -> InProcessPool:
         """A copy whose clients' private state can change without touching this pool's."""
         twin = copy.copy(self)
         twin.user_state = {index: dict(state) for index, state in self.user_state.items()}
+        twin.moments = copy.deepcopy(self.moments)
         return twin
 
     def forget(self, clients: list[int]) -> None:
         """Delete these clients' private state (a later call starts them afresh)."""
         for index in clients:
             self.user_state.pop(index, None)
+            self.moments.pop(index, None)
 
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[Reply[ClientEvaluation]]:
         results = []

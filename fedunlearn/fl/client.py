@@ -42,6 +42,43 @@ def _numpy(tensors: dict[str, torch.Tensor]) -> Arrays:
 
 
 @dataclass
+class UserMoments:
+    """Adam's state for clients' user parts, kept across rounds (train.client_optimizer_state =
+    "user"): steps taken so far and both moments per user table. One client: `steps` is 0-d and each
+    table (d,); a group of clients (the batched engine): one row per client."""
+
+    steps: np.ndarray
+    exp_avg: Arrays
+    exp_avg_sq: Arrays
+
+    @classmethod
+    def zeros(cls, user: Arrays, clients: tuple[int, ...] = ()) -> UserMoments:
+        """No step taken yet, for one client shaped like `user` (or `clients` rows of it)."""
+        tables = {key: np.zeros((*clients, *np.shape(value)), np.float32) for key, value in user.items()}
+        return cls(np.zeros(clients, np.int64), tables, {key: value.copy() for key, value in tables.items()})
+
+    def rows(self, index: list[int] | slice) -> UserMoments:
+        """A copy of these clients' rows."""
+        return UserMoments(self.steps[index].copy(), _rows(self.exp_avg, index), _rows(self.exp_avg_sq, index))
+
+    def set_rows(self, index: list[int], moments: UserMoments) -> None:
+        self.steps[index] = moments.steps
+        for mine, theirs in ((self.exp_avg, moments.exp_avg), (self.exp_avg_sq, moments.exp_avg_sq)):
+            for key, table in mine.items():
+                table[index] = theirs[key]
+
+    def clear(self, index: list[int]) -> None:
+        """These clients start again from no step."""
+        self.steps[index] = 0
+        for table in (*self.exp_avg.values(), *self.exp_avg_sq.values()):
+            table[index] = 0
+
+
+def _rows(tables: Arrays, index: list[int] | slice) -> Arrays:
+    return {key: table[index].copy() for key, table in tables.items()}
+
+
+@dataclass
 class LocalPlan:
     """Every random choice of one client's local training, drawn before any tensor work, so every
     engine trains that client on exactly the same examples in the same order."""
@@ -126,9 +163,10 @@ def local_train(
     device: torch.device,
     epochs: float | None = None,
     ascent: bool = False,
+    moments: UserMoments | None = None,
 ) -> tuple[ClientUpdate, Arrays]:
     """Local minibatch training (see plan_local_training); returns the upload and the client's new
-    user part."""
+    user part. With `moments` Adam resumes the user part from them, and they are updated in place."""
     plan = plan_local_training(model, data, user, shared, config, round_number, epochs)
     local_pos = torch.as_tensor(plan.local_pos, device=device)
     local_neg = torch.as_tensor(plan.local_neg, device=device)
@@ -136,6 +174,13 @@ def local_train(
     rows_t = _tensors({key: shared[key][plan.touched] for key in model.row_keys}, device, grad=True)
     dense_t = _tensors({key: shared[key] for key in model.dense_keys(shared)}, device, grad=True)
     optimizer = make_optimizer(config.train, [*user_t.values(), *rows_t.values(), *dense_t.values()])
+    if moments is not None:
+        for key, param in user_t.items():
+            optimizer.state[param] = {
+                "step": torch.tensor(float(moments.steps)),
+                "exp_avg": torch.tensor(moments.exp_avg[key], device=device),
+                "exp_avg_sq": torch.tensor(moments.exp_avg_sq[key], device=device),
+            }
 
     total_loss = 0.0
     for epoch, batch_np in plan.batches:
@@ -149,6 +194,11 @@ def local_train(
         loss.backward()
         optimizer.step()
         total_loss += loss.item()
+    if moments is not None:
+        moments.steps = np.asarray(moments.steps + len(plan.batches))
+        for key, param in user_t.items():
+            moments.exp_avg[key] = optimizer.state[param]["exp_avg"].cpu().numpy()
+            moments.exp_avg_sq[key] = optimizer.state[param]["exp_avg_sq"].cpu().numpy()
     new_rows, new_dense = _numpy(rows_t), _numpy(dense_t)
     update = finish_update(
         data, plan, {key: new_rows[key] - shared[key][plan.touched] for key in model.row_keys},
