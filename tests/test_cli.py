@@ -229,6 +229,11 @@ def test_tables_show_counts_as_integers_a_missing_value_as_a_dash_and_spread_bes
         "|      15 | retrain  | 0.6000 ± 0.0100 |    1.0000 |            8232 |",
         "|      15 | accum    |          0.5800 |         - |               0 |",
     ]
+    over_seeds = pd.DataFrame(  # the best validation round of three seeds: 50, 60, 55 / 60 each
+        {"setting": ["a", "b"], "seeds": [3, 3], "round": [55.0, 60.0], "round_std": [5.0, 0.0],
+         "HR@10": [0.6, 0.7], "HR@10_std": [0.01, 0.02]}  # fmt: skip
+    )
+    assert [row.split("|")[3].strip() for row in readable(over_seeds).splitlines()[2:]] == ["55.0 ± 5.0", "60"]
 
 
 def test_a_run_that_ranks_no_better_than_popularity_is_flagged(tmp_path, capsys):

@@ -18,6 +18,15 @@ def _is_count(values: pd.Series, std: pd.Series | None) -> bool:
     return bool(finite) and all(v == round(v) for v in finite) and max(map(abs, finite)) > 1 and not any(spread)
 
 
+def _is_count_over_seeds(values: pd.Series, std: pd.Series | None, seeds: pd.Series | None) -> bool:
+    """Means of integers over seeds (a round, a number of clients): each mean times its seed count
+    is a whole number, and some value is above 1 (not a rate)."""
+    if std is None or seeds is None:
+        return False
+    rows = [(float(v), float(n)) for v, n in zip(values, seeds, strict=True) if _finite(v) and _finite(n)]
+    return bool(rows) and all(abs(v * n - round(v * n)) < 1e-6 for v, n in rows) and max(abs(v) for v, _ in rows) > 1
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -30,8 +39,9 @@ def readable(table: pd.DataFrame, digits: int = 4) -> str:
 
 def readable_cells(table: pd.DataFrame, digits: int = 4) -> tuple[pd.DataFrame, list[str]]:
     """`table` as text cells, with each column's alignment: a column with `<name>_std` beside it as
-    mean ± std; integer counts as integers; NaN or inf as '-' (no value: a speedup over a method
-    that trained nothing, a distance that was not kept); other numbers with `digits` decimals."""
+    mean ± std; integer counts as integers (a mean of counts over seeds as an integer when the seeds
+    agree, else with one decimal); NaN or inf as '-' (no value: a speedup over a method that
+    trained nothing, a distance that was not kept); other numbers with `digits` decimals."""
     shown, align = {}, []
     for column in (c for c in table.columns if not str(c).endswith("_std")):
         values = table[column]
@@ -41,12 +51,15 @@ def readable_cells(table: pd.DataFrame, digits: int = 4) -> tuple[pd.DataFrame, 
             align.append("left")
             continue
         count = _is_count(values, std)
+        counts_over_seeds = not count and _is_count_over_seeds(values, std, table.get("seeds"))
         cells = []
         for row, value in enumerate(values):
             if not _finite(value):
                 cells.append("-")
-            elif count:
+            elif count or (counts_over_seeds and not std.iloc[row]):  # type: ignore[union-attr]
                 cells.append(str(int(round(float(value)))))
+            elif counts_over_seeds:
+                cells.append(f"{float(value):.1f} ± {float(std.iloc[row]):.1f}")  # type: ignore[union-attr]
             else:
                 cell = f"{float(value):.{digits}f}"
                 if std is not None and _finite(std.iloc[row]):
