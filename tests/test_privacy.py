@@ -190,7 +190,9 @@ def test_attrcloak_run_client_by_client_equals_the_matrix_version(variant):
     rows = np.stack([row.current for row in clients.rows])
     np.testing.assert_allclose(weights, matrix.weights, rtol=1e-9)
     np.testing.assert_allclose(losses, matrix.losses, rtol=1e-9)
-    np.testing.assert_allclose(rows, matrix.embeddings, rtol=0, atol=1e-10)
+    # DD's retention gradient is scored in float32, the model's precision: one client's row and the
+    # matrix's may round differently (1e-8 here); every other part is float64
+    np.testing.assert_allclose(rows, matrix.embeddings, rtol=0, atol=1e-10 if variant == "df" else 1e-6)
     np.testing.assert_array_equal(rows[~defending], x[~defending])  # only the defending clients move
     assert np.linalg.norm(rows - x, axis=1)[defending].min() > 1e-3  # each defending client moved
     assert any(0.1 < w < 1 for w in weights)  # the min-norm weight, not only a clip bound
