@@ -542,3 +542,31 @@ def test_attrcloaks_gaussian_loss_on_singular_class_covariances_is_a_one_line_er
     with pytest.raises(FedUnlearnError, match="class covariances are singular"):
         weighted_kl(torch.ones(1, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64), singular,
                     torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))  # fmt: skip
+
+
+def test_a_defence_runs_with_one_blas_thread_and_gives_the_threads_back(tmp_path, monkeypatch):
+    """numpy's BLAS threads spin on the cores torch needs during a defence (privacy.stage.one_blas_thread)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from fedunlearn.cli import main
+    from fedunlearn.privacy import stage
+
+    def blas_threads():
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    seen = []
+    original = stage.run_defence
+
+    def recording(*args, **kwargs):
+        seen.append(blas_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "run_defence", recording)
+    settings = ["data.synthetic_users=20", "data.synthetic_items=80", "data.synthetic_interactions=10",
+                "data.test_negatives=30", "model.dim=8", "train.rounds=2", "defence.method=attrcloak-df",
+                "defence.steps=3", "audit.attackers=[mlp]"]  # fmt: skip
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        assert main(["run", *(a for s in settings for a in ("--set", s)), "--quiet", "--out", str(tmp_path / "r")]) == 0
+        assert blas_threads() == before
+    assert seen == [{1}] and before != {1}
