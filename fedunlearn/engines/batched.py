@@ -171,21 +171,13 @@ class BatchedPool(LocalPool):
     def state(self) -> Arrays:
         """Every client's private state, for the resume checkpoint."""
         state = {f"user.{key}": table for key, table in self.users.items()} | {"ready": self.ready}
-        if self.moments is not None:
-            state["moments.steps"] = self.moments.steps
-            state |= {f"moments.exp_avg.{key}": table for key, table in self.moments.exp_avg.items()}
-            state |= {f"moments.exp_avg_sq.{key}": table for key, table in self.moments.exp_avg_sq.items()}
-        return state
+        return state | ({} if self.moments is None else self.moments.as_state())
 
     def load_state(self, state: Arrays) -> None:
         self.users = {key[5:]: value.copy() for key, value in state.items() if key.startswith("user.")}
         self.ready = state["ready"].copy()
         if self.moments is not None:
-            self.moments = UserMoments(
-                state["moments.steps"].copy(),
-                {key: state[f"moments.exp_avg.{key}"].copy() for key in self.users},
-                {key: state[f"moments.exp_avg_sq.{key}"].copy() for key in self.users},
-            )
+            self.moments = UserMoments.from_state(state, self.users)
 
     def fork(self) -> BatchedPool:
         """A copy whose clients' private state can change without touching this pool's."""

@@ -91,9 +91,9 @@ class Adam:
     def step(self, tables: dict[str, torch.Tensor], counts: dict[str, int], grads: list[torch.Tensor],
              step: int) -> None:  # fmt: skip
         if self.kept is not None:
-            fresh = {key: grad for key, grad in zip(tables, grads, strict=True) if key not in self.kept.exp_avg}
+            fresh = dict(zip(tables, grads, strict=True))
             for key in self.kept.exp_avg:
-                self.kept.step(key, tables[key][: counts[key]], grads[list(tables).index(key)], step, self.lr)
+                self.kept.step(key, tables[key][: counts[key]], fresh.pop(key), step, self.lr)
             tables, grads = {key: tables[key] for key in fresh}, list(fresh.values())
         params = [tables[key][: counts[key]] for key in tables]
         grads = [grad.contiguous() for grad in grads]  # the fused kernel ignores strides (autograd may transpose)

@@ -106,7 +106,7 @@ class InProcessPool(LocalPool):
         ids, n_items = self.federation.client_ids, self.federation.n_items
         for index in clients:
             data = self.federation.client(index)
-            moments = self._moments(index) if self.keeps_moments and not ascent else None
+            moments = copy.deepcopy(self._moments(index)) if self.keeps_moments and not ascent else None
             update, user = local_train(
                 self.model, data, self.user(index), shared, self.config, round_number, self.device, epochs, ascent,
                 moments,
@@ -121,22 +121,17 @@ class InProcessPool(LocalPool):
         return replies
 
     def _moments(self, index: int) -> UserMoments:
-        """A copy of the client's Adam state (zeros before its first step)."""
-        if index not in self.moments:
-            return UserMoments.zeros(self.user(index))
-        return copy.deepcopy(self.moments[index])
+        """The client's Adam state (zeros before its first step); local_train updates a copy."""
+        kept = self.moments.get(index)
+        return UserMoments.zeros(self.user(index)) if kept is None else kept
 
     def state(self) -> Arrays:
         """Every client's private state, for the resume checkpoint."""
         indices = sorted(self.user_state)
         keys = next(iter(self.user_state.values())).keys() if indices else ()
         stacked = {f"user.{key}": np.stack([self.user_state[i][key] for i in indices]) for key in keys}
-        if self.keeps_moments:
-            moments = [self._moments(i) for i in indices]
-            stacked |= {"moments.steps": np.array([m.steps for m in moments], dtype=np.int64)}
-            for key in keys:
-                stacked[f"moments.exp_avg.{key}"] = np.stack([m.exp_avg[key] for m in moments])
-                stacked[f"moments.exp_avg_sq.{key}"] = np.stack([m.exp_avg_sq[key] for m in moments])
+        if self.keeps_moments and indices:
+            stacked |= UserMoments.stack([self._moments(i) for i in indices]).as_state()
         return {"index": np.array(indices, dtype=np.int64)} | stacked
 
     def load_state(self, state: Arrays) -> None:
@@ -146,13 +141,9 @@ class InProcessPool(LocalPool):
             for row, index in enumerate(state["index"])
         }
         self.moments = {}
-        if self.keeps_moments:
-            for row, index in enumerate(state["index"]):
-                self.moments[int(index)] = UserMoments(
-                    state["moments.steps"][row].copy(),
-                    {key: state[f"moments.exp_avg.{key}"][row].copy() for key in tables},
-                    {key: state[f"moments.exp_avg_sq.{key}"][row].copy() for key in tables},
-                )
+        if self.keeps_moments and len(state["index"]):
+            stacked = UserMoments.from_state(state, tables)
+            self.moments = {int(index): stacked.rows(row) for row, index in enumerate(state["index"])}
 
     def fork(self) -> InProcessPool:
         """A copy whose clients' private state can change without touching this pool's."""

@@ -7,7 +7,7 @@ only the change of the shared part: the touched item rows (sparse) and the dense
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,9 +57,37 @@ class UserMoments:
         tables = {key: np.zeros((*clients, *np.shape(value)), np.float32) for key, value in user.items()}
         return cls(np.zeros(clients, np.int64), tables, {key: value.copy() for key, value in tables.items()})
 
-    def rows(self, index: list[int] | slice) -> UserMoments:
-        """A copy of these clients' rows."""
-        return UserMoments(self.steps[index].copy(), _rows(self.exp_avg, index), _rows(self.exp_avg_sq, index))
+    @classmethod
+    def stack(cls, clients: list[UserMoments]) -> UserMoments:
+        """One client's state per row (at least one client)."""
+        keys = clients[0].exp_avg
+        return cls(
+            np.array([m.steps for m in clients], dtype=np.int64),
+            {key: np.stack([m.exp_avg[key] for m in clients]) for key in keys},
+            {key: np.stack([m.exp_avg_sq[key] for m in clients]) for key in keys},
+        )
+
+    def as_state(self) -> Arrays:
+        """The arrays of the resume checkpoint (`from_state` reads them back)."""
+        return (
+            {"moments.steps": self.steps}
+            | {f"moments.exp_avg.{key}": table for key, table in self.exp_avg.items()}
+            | {f"moments.exp_avg_sq.{key}": table for key, table in self.exp_avg_sq.items()}
+        )
+
+    @classmethod
+    def from_state(cls, state: Arrays, keys: Iterable[str]) -> UserMoments:
+        """A copy of what `as_state` wrote, for the user tables `keys`."""
+        keys = list(keys)
+        return cls(
+            state["moments.steps"].copy(),
+            {key: state[f"moments.exp_avg.{key}"].copy() for key in keys},
+            {key: state[f"moments.exp_avg_sq.{key}"].copy() for key in keys},
+        )
+
+    def rows(self, index: int | list[int] | slice) -> UserMoments:
+        """A copy of these clients' rows (one client's state for an int)."""
+        return UserMoments(np.array(self.steps[index]), _rows(self.exp_avg, index), _rows(self.exp_avg_sq, index))
 
     def set_rows(self, index: list[int], moments: UserMoments) -> None:
         self.steps[index] = moments.steps
@@ -74,7 +102,7 @@ class UserMoments:
             table[index] = 0
 
 
-def _rows(tables: Arrays, index: list[int] | slice) -> Arrays:
+def _rows(tables: Arrays, index: int | list[int] | slice) -> Arrays:
     return {key: table[index].copy() for key, table in tables.items()}
 
 
