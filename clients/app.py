@@ -51,7 +51,7 @@ from fedunlearn.fl.client import local_evaluate, local_membership, local_train
 from fedunlearn.fl.faults import inject
 from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout
 from fedunlearn.fl.training import resolve_device
-from fedunlearn.privacy.attrcloak import fourth_power_contribution, null_labels
+from fedunlearn.privacy.attrcloak import fourth_power_contribution, half_labels, null_labels
 from fedunlearn.privacy.audit import local_outcome
 from fedunlearn.privacy.common import class_contribution, flatten_users
 
@@ -137,7 +137,11 @@ def secure_contribution(msg: Message, context: Context) -> Message:
             if "null-key" in fields:  # AttrCloak's null level: the public pseudo-class, not its own
                 shares = read_array_field(fields["null-shares"])
                 label = int(null_labels(config.run.seed, int(fields["null-key"]), [data.client_id], shares)[0])
-            vector = class_contribution(own_features, label, len(classes))
+            n_classes = len(classes)
+            if "split-key" in fields:  # AttrCloak's covariance brake: its own class, in its public half
+                label = 2 * label + int(half_labels(config.run.seed, int(fields["split-key"]), [data.client_id])[0])
+                n_classes *= 2
+            vector = class_contribution(own_features, label, n_classes)
         elif task == FEATURE_SUMS:
             vector = defence.feature_sums(fields, context, class_index(classes_of(fields), own_value, attribute))
         elif task == FOURTH_POWERS:

@@ -131,7 +131,9 @@ class DefenceConfig(Section):
     steps: int = 100  # post-training defences: Adam steps
     lr: float = 0.01
     cloak_weight: float = -1.0  # AttrCloak's weight on the attribute loss: -1 = closed-form min-norm per step
-    cloak_stop: str = "null"  # AttrCloak: null (stop each attribute at the loss random classes give) | steps (paper)
+    # AttrCloak: null (each attribute's class means stop at the level random classes give, its covariance term
+    # once its halves disagree) | null-means (the means' stop only, the covariance term throughout) | steps (paper)
+    cloak_stop: str = "null"
     weight: float = 0.001  # D2D-R / U2U-R: fixed weight of sum |e - e_original|^2
     batch: int = 32  # AttrCloak-DD: positives per client per step for the retention loss
     ldp_mechanism: str = "gaussian"  # gaussian ((epsilon, delta), L2 clip) | laplace (epsilon, L1 clip)
@@ -229,7 +231,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "defence.upload": ("none", "ldp", "pseudo-items", "ldp+pseudo-items", "secagg"),
     "defence.pseudo_rows": ("gaussian", "mimic"),
     "defence.clients": ("all", "listed", "at-risk"),
-    "defence.cloak_stop": ("null", "steps"),
+    "defence.cloak_stop": ("null", "null-means", "steps"),
     "defence.ldp_mechanism": ("gaussian", "laplace"),
     "unlearn.user_parts": ("reset", "keep"),
     "unlearn.history_dtype": ("int8", "float16", "float32"),

@@ -26,6 +26,7 @@ class Stream(IntEnum):
     RETENTION = 9  # AttrCloak-DD: each client's minibatches for its retention loss, per defence step
     FAULTS = 10  # which clients misbehave in a round ([faults])
     NULL_LABELS = 11  # AttrCloak's null level: public random pseudo-classes, one set per attribute and draw
+    HALVES = 12  # AttrCloak's covariance brake: public random halves of the clients, one per attribute and draw
 
 
 def rng_for(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

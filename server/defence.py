@@ -75,9 +75,11 @@ class OnClients:
     def begin(self) -> None:
         self.pool.defence_start(self.clients, self.start, self.defending)
 
-    def class_sums(self, attribute: int, bound: float, null: tuple[int, np.ndarray] | None = None) -> ClassSums:
+    def class_sums(
+        self, attribute: int, bound: float, null: tuple[int, np.ndarray] | None = None, split: int | None = None
+    ) -> ClassSums:
         name, classes = self.start.attributes[attribute], self.start.classes[attribute]
-        return self.pool.class_sums(name, self.clients, bound, classes, defence=True, null=null)
+        return self.pool.class_sums(name, self.clients, bound, classes, defence=True, null=null, split=split)
 
     @property
     def stepping(self) -> list[int]:
@@ -113,6 +115,9 @@ class FlowerCloakClients:
 
     def null_class_sums(self, attribute: int, key: int, shares: np.ndarray) -> ClassSums:
         return self.on.class_sums(attribute, self.class_sums_bound, null=(key, shares))
+
+    def split_class_sums(self, attribute: int, key: int) -> ClassSums:
+        return self.on.class_sums(attribute, self.class_sums_bound, split=key)
 
     def fourth_powers(self, attribute: int, means: np.ndarray, global_mean: np.ndarray) -> np.ndarray:
         sums = self.sums[attribute]  # the class sums these means came from
@@ -174,17 +179,19 @@ def on_clients(
 
 def flower_attrcloak(
     on: OnClients, variant: str, steps: int, lr: float, fixed_weight: float | None = None,
-    products_bound: float = PRODUCTS_BOUND, stop_at_null: bool = False,
+    products_bound: float = PRODUCTS_BOUND, stop_at_null: bool = False, brake_covariance: bool = False,
 ) -> DefenceOutcome:  # fmt: skip
     """AttrCloak-DD/-DF (`variant`) on the clients through Flower messages (all contribute to the
     sums, the defending ones move), for `steps` steps or until every attribute is at its null level
-    (`stop_at_null`, `attrcloak.cloak`). When it returns, each client holds its defended embedding
+    (`stop_at_null`, `brake_covariance`: `attrcloak.cloak`). When it returns, each client holds its defended embedding
     as its user part; the server has only the per-step L_AU and weights (the outcome's `embeddings`
     is None)."""
     started = time.perf_counter()
     remote = FlowerCloakClients(on, variant, lr, products_bound)
     on.begin()
-    losses, weights = cloak(remote, len(on.start.attributes), variant, steps, fixed_weight, stop_at_null)
+    losses, weights = cloak(
+        remote, len(on.start.attributes), variant, steps, fixed_weight, stop_at_null, brake_covariance
+    )  # fmt: skip
     on.finish()
     return DefenceOutcome(None, losses, weights, time.perf_counter() - started)
 
@@ -223,6 +230,9 @@ def defend_on_clients(
     on = on_clients(pool, clients, attributes, defending, None, kept, attackers, defence.risk_threshold,
                     defence.compare)  # fmt: skip
     if DEFENCES[defence.method].loop == "attrcloak":
-        variant, fixed, stop_at_null = cloak_settings(defence)
-        return flower_attrcloak(on, variant, defence.steps, defence.lr, fixed, stop_at_null=stop_at_null)
+        settings = cloak_settings(defence)
+        return flower_attrcloak(
+            on, settings.variant, defence.steps, defence.lr, settings.fixed_weight,
+            stop_at_null=settings.stop_at_null, brake_covariance=settings.brake_covariance,
+        )  # fmt: skip
     return flower_regularised(on, defence.method, defence.steps, defence.lr, defence.weight, config.run.seed)

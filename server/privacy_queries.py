@@ -90,18 +90,22 @@ class PrivacyQueries(ABC):
         classes: list[str] | None = None,
         defence: bool = False,
         null: tuple[int, np.ndarray] | None = None,
+        split: int | None = None,
     ) -> ClassSums:
         """AttrCloak's per-class sums (count, sum of e, sum of e e^T) over these clients' embeddings
         (`defence`: as defended so far), through SecAgg+; classes are `classes` or the attribute's
         sorted values, shipped to every client. With `null` = (key, class shares) each client
-        counts under its public pseudo-class (`attrcloak.null_labels`) instead of its own."""
+        counts under its public pseudo-class (`attrcloak.null_labels`) instead of its own; with `split`
+        = key under class 2c + h, its own class c and its public half h (`attrcloak.half_labels`)."""
         classes = classes if classes is not None else self.attribute_classes(attribute)
         fields: dict[str, Any] = {"attribute": attribute, "classes": json.dumps(classes), "defence": defence}
         if null is not None:
             fields |= {"null-key": null[0], "null-shares": array_field(null[1])}
+        if split is not None:
+            fields |= {"split-key": split}
         task = secure_task(self.config, CLASS_SUMS, **fields)
         total = self._secure_sum(clients, task, bound)
-        k = len(classes)
+        k = len(classes) * (1 if split is None else 2)
         dim = round((np.sqrt(4 * len(total) / k - 3) - 1) / 2)  # len = k (1 + d + d^2)
         sums = unpack_class_sums(total, k, dim)
         return ClassSums(np.rint(sums.counts), sums.sums, sums.outers)

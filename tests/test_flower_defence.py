@@ -23,7 +23,7 @@ from helpers import TINY, assert_no_secret_in, run_as_the_runner_does, simulate_
 from fedunlearn.config import load_config
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.fl.federation import build_federation
-from fedunlearn.privacy.attrcloak import DataRetention, attrcloak, null_labels
+from fedunlearn.privacy.attrcloak import DataRetention, attrcloak, half_labels, null_labels
 from fedunlearn.privacy.common import flatten_users
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.progress import Progress
@@ -70,6 +70,7 @@ def run():
         on = on_clients(pool, CLIENTS, ATTRIBUTES, DEFENDING, classes)
         on.begin()  # the null level's class sums: each client counts under its public pseudo-class
         out["null"] = FlowerCloakClients(on, "df", LR).null_class_sums(1, NULL_KEY, NULL_SHARES)
+        out["split"] = FlowerCloakClients(on, "df", LR).split_class_sums(1, NULL_KEY)  # the covariance brake's
         on.finish()
         return out
 
@@ -133,6 +134,18 @@ def test_the_null_levels_class_sums_through_flower_are_the_pseudo_classes_sums(r
     np.testing.assert_allclose(flower.outers, expected.outers, rtol=0, atol=1e-4)
     own = ClassSums.of(run["dd"]["users"], _own_labels(run, 1), len(NULL_SHARES))
     assert not np.allclose(own.sums, expected.sums, atol=1e-2)  # not the clients' own classes
+
+
+def test_the_covariance_brakes_class_sums_through_flower_are_each_class_per_public_half(run):
+    ids = [run["federation"].client_ids[i] for i in CLIENTS]
+    k = len(run["classes"][1])
+    labels = 2 * _own_labels(run, 1) + half_labels(run["config"].run.seed, NULL_KEY, ids)
+    expected = ClassSums.of(run["dd"]["users"], labels, 2 * k)  # the clients hold DD's embeddings
+    flower = run["split"]
+    np.testing.assert_array_equal(flower.counts, expected.counts)
+    np.testing.assert_allclose(flower.sums, expected.sums, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(flower.outers, expected.outers, rtol=0, atol=1e-4)
+    assert 0 < (labels % 2).sum() < len(labels)  # both halves are there
 
 
 def _own_labels(run, attribute):

@@ -15,7 +15,9 @@ from fedunlearn.privacy.attrcloak import (
     attribute_loss,
     client_attribute_gradient,
     cloak,
+    covariance_agreement,
     fourth_power_contribution,
+    half_labels,
     initial_shrinkage,
     min_norm_weight,
     null_labels,
@@ -292,6 +294,87 @@ def test_stopping_at_the_null_level_leaves_no_attacker_reading_backwards(seed):
     assert _shadow_and_test_gaps(paper.embeddings, labels) < -0.9
 
 
+def _covariance_reading(embeddings: np.ndarray, labels: np.ndarray, splits: int = 100) -> float:
+    """Mean cosine between the class-covariance difference (class 1 minus class 0) of a stratified
+    20% shadow set and the rest's: what a quadratic attacker fitted on the shadow set reads on the others."""
+    rng = np.random.default_rng(7)
+    cosines = []
+    for _ in range(splits):
+        shadow = np.zeros(len(labels), dtype=bool)
+        for k in (0, 1):
+            members = np.flatnonzero(labels == k)
+            shadow[rng.choice(members, round(0.2 * len(members)), replace=False)] = True
+        s, t = (np.cov(embeddings[m & (labels == 1)].T) - np.cov(embeddings[m & (labels == 0)].T)
+                for m in (shadow, ~shadow))  # fmt: skip
+        cosines.append((s * t).sum() / np.linalg.norm(s) / np.linalg.norm(t))
+    return float(np.mean(cosines))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_covariance_brake_keeps_the_class_covariances_from_reading_backwards(seed):
+    # a planted attribute in the means (axis 0) and in a variance (axis 1, doubled for class 1).
+    # Pushing the covariance term until the means reach their null level makes the class
+    # covariances more alike than random subsets': a shadow set's covariance difference then points
+    # against the rest's. Braking the term once its public halves disagree keeps less of that.
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(400) < 0.4).astype(int)
+    x = rng.normal(size=(400, 4))
+    x[:, 0] += 3 * labels
+    x[:, 1] *= 1 + labels
+    attribute, everyone = [AttributeClasses("a", labels, 2)], np.ones(400, dtype=bool)
+    null = PseudoClasses(0, [f"u{i}" for i in range(400)])
+    assert _covariance_reading(x, labels) > 0.8
+    means_only = attrcloak(x, attribute, "df", 200, 0.05, everyone, fixed_weight=1.0, null=null)
+    braked = attrcloak(x, attribute, "df", 200, 0.05, everyone, fixed_weight=1.0, null=null, brake_covariance=True)
+    assert _covariance_reading(means_only.embeddings, labels) < -0.35
+    assert _covariance_reading(braked.embeddings, labels) > _covariance_reading(means_only.embeddings, labels) + 0.1
+    assert _covariance_reading(braked.embeddings, labels) > -0.35
+
+
+def test_covariance_agreement_multiplies_the_two_halves_whitened_class_covariance_gaps():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(120, 3)) @ np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.2], [0.0, 0.0, 0.5]])
+    own, half = rng.integers(0, 2, 120), rng.integers(0, 2, 120)
+    x[own == 1, 2] *= 2.0
+    sums = ClassSums.of(x, 2 * own + half, 4)
+    shrinkage = 0.1
+    cov = np.cov(x.T, bias=True)
+    whiten = np.linalg.inv(np.linalg.cholesky((1 - shrinkage) * cov + shrinkage * np.trace(cov) / 3 * np.eye(3)))
+    gaps = [[whiten @ (np.cov(x[(own == k) & (half == h)].T, bias=True) - np.cov(x[half == h].T, bias=True)) @ whiten.T
+             for h in (0, 1)] for k in (0, 1)]  # fmt: skip
+    expected = sum((own == k).mean() * (gaps[k][0] * gaps[k][1]).sum() for k in (0, 1))
+    assert covariance_agreement(sums, shrinkage) == pytest.approx(expected, rel=1e-10)
+    assert expected > 0  # class 1's larger variance shows in both halves
+
+
+def test_a_clients_half_is_its_own_whoever_else_is_asked():
+    ids = [f"user-{i}" for i in range(2000)]
+    halves = half_labels(4, 7, ids)
+    np.testing.assert_array_equal([half_labels(4, 7, [client])[0] for client in ids[:50]], halves[:50])
+    assert abs(halves.mean() - 0.5) < 0.03
+    assert (half_labels(4, 8, ids) != halves).mean() > 0.3
+
+
+def test_the_separation_only_gradients_are_those_of_the_separation_term():
+    rng = np.random.default_rng(5)
+    m0 = torch.tensor(rng.normal(size=(2, 3)), requires_grad=True)
+    a = rng.normal(size=(2, 3, 3))
+    s0 = torch.tensor(a @ a.transpose(0, 2, 1) + 3 * np.eye(3), requires_grad=True)
+    m1 = torch.tensor(rng.normal(size=3), requires_grad=True)
+    b = rng.normal(size=(3, 3))
+    s1 = torch.tensor(b @ b.T + 3 * np.eye(3), requires_grad=True)
+    weight = torch.tensor([0.4, 0.6], dtype=torch.float64)
+    mine = weighted_kl(weight, m0.detach(), s0.detach(), m1.detach(), s1.detach(), covariance=False)
+    delta = m1 - m0
+    separation = 0.5 * (weight * ((delta @ torch.linalg.inv(s1)) * delta).sum(-1)).sum()
+    grads = torch.autograd.grad(separation, (m0, m1, s1))
+    for got, want in zip((mine.grad_m0, mine.grad_m1, mine.grad_s1), grads, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-10, atol=1e-12)
+    assert not mine.grad_s0.any()  # the class covariances do not enter the separation
+    whole = weighted_kl(weight, m0.detach(), s0.detach(), m1.detach(), s1.detach())
+    assert whole.grad_s0.abs().max() > 1e-3 and float(whole.value) == pytest.approx(float(mine.value), rel=1e-14)
+
+
 def test_shadow_split_is_stratified_and_keeps_every_class_on_both_sides():
     labels = np.array(["a"] * 50 + ["b"] * 20 + ["c"] * 2)
     shadow, test = shadow_split(labels, 0.2, seed=0)
@@ -519,17 +602,20 @@ def test_an_attribute_with_one_attackable_value_is_skipped_with_a_notice(capsys)
 @pytest.mark.parametrize(
     "method, stop, weight, expected",
     [
-        ("attrcloak-dd", "null", -1.0, ("dd", None, True)),  # min-norm weight, stops at the null level
-        ("attrcloak-df", "null", -1.0, ("df", 1.0, True)),  # DF's min-norm weight stalls: the null level brakes it
-        ("attrcloak-df", "steps", -1.0, ("df", None, False)),  # the paper
-        ("attrcloak-dd", "steps", 0.3, ("dd", 0.3, False)),  # a weight set by hand wins
+        ("attrcloak-dd", "null", -1.0, ("dd", None, True, True)),  # min-norm weight, null level, covariance brake
+        ("attrcloak-df", "null", -1.0, ("df", 1.0, True, True)),  # DF's min-norm weight stalls: the null level stops it
+        ("attrcloak-df", "null-means", -1.0, ("df", 1.0, True, False)),  # the means' stop alone
+        ("attrcloak-df", "steps", -1.0, ("df", None, False, False)),  # the paper
+        ("attrcloak-dd", "steps", 0.3, ("dd", 0.3, False, False)),  # a weight set by hand wins
     ],
 )
 def test_cloak_settings_follow_the_stop_and_the_weight(method, stop, weight, expected):
+    from dataclasses import astuple
+
     from fedunlearn.config import DefenceConfig
     from fedunlearn.privacy.stage import cloak_settings
 
-    assert cloak_settings(DefenceConfig(method=method, cloak_stop=stop, cloak_weight=weight)) == expected
+    assert astuple(cloak_settings(DefenceConfig(method=method, cloak_stop=stop, cloak_weight=weight))) == expected
 
 
 def test_attrcloaks_gaussian_loss_on_singular_class_covariances_is_a_one_line_error():

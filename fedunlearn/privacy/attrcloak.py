@@ -115,11 +115,12 @@ class AttributeLoss:
     grad_outers: torch.Tensor  # (K, d, d)
 
 
-def attribute_loss(sums: ClassSums, shrinkage: np.ndarray) -> AttributeLoss:
+def attribute_loss(sums: ClassSums, shrinkage: np.ndarray, covariance: bool = True) -> AttributeLoss:
     """L_j = sum_k (n_k/n) KL(N_k || N) and its gradients with respect to the class sums and
     outer-product sums, which every client can compute from the aggregate: the KL's
     closed-form gradients (gaussian.weighted_kl) carried back by hand through the Ledoit-Wolf
-    shrinkage and the moments (equal to autograd: test_the_attribute_loss_gradients_equal_autograd)."""
+    shrinkage and the moments (equal to autograd: test_the_attribute_loss_gradients_equal_autograd).
+    With `covariance` False, the gradients of its separation term alone (the class means' part)."""
     counts = torch.tensor(sums.counts, dtype=torch.float64)
     class_sums = torch.tensor(sums.sums, dtype=torch.float64)
     class_outers = torch.tensor(sums.outers, dtype=torch.float64)
@@ -134,6 +135,7 @@ def attribute_loss(sums: ClassSums, shrinkage: np.ndarray) -> AttributeLoss:
         shrink(covs[present], class_shrinkage[present]),
         global_mean,
         shrink(global_cov, global_shrinkage),
+        covariance,
     )
     grad_covs = torch.zeros_like(class_outers)  # through the shrinkage (1 - a) C + a tr(C)/d I
     grad_covs[present] = shrink_gradient(kl.grad_s0, class_shrinkage[present])
@@ -160,14 +162,14 @@ def client_attribute_gradient(
     return out
 
 
-def attribute_gradients(sums: ClassSums, shrinkage: np.ndarray) -> AttributeLoss:
+def attribute_gradients(sums: ClassSums, shrinkage: np.ndarray, covariance: bool = True) -> AttributeLoss:
     """`attribute_loss` where a class may have nobody in it (a class list fixed before the clients
     are known): the loss is taken over the non-empty classes; the empty ones get zero gradients."""
     present = sums.counts > 0
     if present.all():
-        return attribute_loss(sums, shrinkage)
+        return attribute_loss(sums, shrinkage, covariance)
     kept = ClassSums(sums.counts[present], sums.sums[present], sums.outers[present])
-    loss = attribute_loss(kept, np.append(shrinkage[:-1][present], shrinkage[-1]))
+    loss = attribute_loss(kept, np.append(shrinkage[:-1][present], shrinkage[-1]), covariance)
     index = torch.as_tensor(np.flatnonzero(present))
     grad_sums = torch.zeros((len(present), *loss.grad_sums.shape[1:]), dtype=torch.float64)
     grad_outers = torch.zeros((len(present), *loss.grad_outers.shape[1:]), dtype=torch.float64)
@@ -319,6 +321,11 @@ class CloakClients(Protocol):
         `null_labels(seed, key, ids, shares)` instead of their own classes of `attribute`."""
         ...
 
+    def split_class_sums(self, attribute: int, key: int) -> ClassSums:
+        """Class sums of the clients' current embeddings under 2K classes: each client's own class c
+        of `attribute` and its public half h = `half_labels(seed, key, ids)`, as class 2c + h."""
+        ...
+
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
         """Each client computes (and keeps) its g_AU and g_R; the sum of `client_products`: (3,)."""
         ...
@@ -351,6 +358,51 @@ def null_separation(clients: CloakClients, attribute: int, counts: np.ndarray, s
     return float(np.mean([attribute_gradients(sums, shrinkage).separation for sums in draws]))
 
 
+# The covariance term's brake (defence.cloak_stop = "null"): the class covariances' differences
+# from the global one, measured in two public random halves of the clients and multiplied entry by
+# entry, i.e. what a reading fitted on one half finds in the other (mean of SPLIT_DRAWS splits). It
+# is positive while the covariances carry the attribute and falls below zero once pushing them
+# together has made them more alike than random subsets are: an attacker then reads the covariance
+# structure backwards. The term's gradient stops for good at the first step where it is <= 0.
+SPLIT_DRAWS = 8
+
+
+def half_labels(seed: int, key: int, client_ids: Sequence[str]) -> np.ndarray:
+    """Each client's public half (0 or 1) for split `key`: a pure function of (seed, key, its id)."""
+    return (client_uniforms(seed, Stream.HALVES, key, list(client_ids)) >= 0.5).astype(np.int64)
+
+
+def covariance_agreement(sums: ClassSums, global_shrinkage: float) -> float:
+    """sum_k (n_k / n) <D_k0, D_k1>_F over the K classes of class sums kept per half (class 2k + h),
+    where D_kh is class k's covariance minus the covariance of all of half h, whitened by the
+    (shrunk) global covariance. Classes with fewer than MIN_CLASS_USERS in a half count zero."""
+    counts, class_sums, outers = sums.counts, sums.sums, sums.outers
+    n = counts.sum()
+    global_mean = class_sums.sum(0) / n
+    global_cov = shrink(torch.tensor(outers.sum(0) / n - np.outer(global_mean, global_mean)), global_shrinkage)
+    whiten = np.linalg.inv(np.linalg.cholesky(global_cov.numpy()))
+    halves = []
+    for h in (0, 1):
+        mine = slice(h, None, 2)
+        size = counts[mine].sum()
+        mean = class_sums[mine].sum(0) / size
+        half_cov = outers[mine].sum(0) / size - np.outer(mean, mean)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = class_sums[mine] / counts[mine, None]
+            covs = outers[mine] / counts[mine, None, None] - means[:, :, None] * means[:, None, :]
+        halves.append(whiten @ (covs - half_cov) @ whiten.T)
+    enough = (counts[0::2] >= MIN_CLASS_USERS) & (counts[1::2] >= MIN_CLASS_USERS)
+    weight = (counts[0::2] + counts[1::2]) / n
+    return float((weight[enough] * (halves[0][enough] * halves[1][enough]).sum((1, 2))).sum())
+
+
+def covariance_pushes(clients: CloakClients, attribute: int, global_shrinkage: float) -> bool:
+    """Whether attribute's class covariances still agree across public halves (mean over draws > 0)."""
+    keys = (attribute * SPLIT_DRAWS + d for d in range(SPLIT_DRAWS))
+    agreements = [covariance_agreement(clients.split_class_sums(attribute, key), global_shrinkage) for key in keys]
+    return float(np.mean(agreements)) > 0
+
+
 def cloak(
     clients: CloakClients,
     n_attributes: int,
@@ -358,22 +410,27 @@ def cloak(
     steps: int,
     fixed_weight: float | None = None,
     stop_at_null: bool = False,
+    brake_covariance: bool = False,
 ) -> tuple[list[float], list[float]]:
     """AttrCloak's server loop; returns L_AU and the weight a per step taken. With `stop_at_null`
     an attribute whose separation term is at or below its null level (measured once, before the
     first step) gives no gradient, and the loop ends once every attribute is there; else it runs
-    `steps` steps (the paper). `steps` caps both."""
+    `steps` steps (the paper). `steps` caps both. With `brake_covariance` an attribute's covariance
+    term pushes only until its `covariance_agreement` first reaches zero (then its separation alone)."""
     shrinkages, nulls = [], []
     for attribute in range(n_attributes):
         sums = clients.class_sums(attribute)
         shrinkages.append(shrinkage_from(sums, clients.fourth_powers(attribute, *class_means(sums))))
         if stop_at_null:
             nulls.append(null_separation(clients, attribute, sums.counts, shrinkages[-1]))
+    covariance = [True] * n_attributes
     losses, weights = [], []
     for step in range(steps):
         gradients, loss_au, settled = [], 0.0, 0
         for attribute, shrinkage in enumerate(shrinkages):
-            loss = attribute_gradients(clients.class_sums(attribute), shrinkage)
+            if brake_covariance and covariance[attribute]:
+                covariance[attribute] = covariance_pushes(clients, attribute, float(shrinkage[-1]))
+            loss = attribute_gradients(clients.class_sums(attribute), shrinkage, covariance[attribute])
             if nulls and loss.separation <= nulls[attribute]:  # the means no further apart than random classes'
                 settled += 1
                 gradients.append((torch.zeros_like(loss.grad_sums), torch.zeros_like(loss.grad_outers)))
@@ -434,6 +491,14 @@ class MatrixClients:
         pseudo = AttributeClasses(f"null-{key}", labels, len(shares))
         return self.aggregator.class_sums(self.current.detach().numpy(), pseudo)
 
+    def split_class_sums(self, attribute: int, key: int) -> ClassSums:
+        if self.pseudo is None:
+            raise ValueError("the covariance brake needs the clients' ids and the seed of their halves")
+        own = self.attributes[attribute]
+        labels = 2 * own.labels + half_labels(self.pseudo.seed, key, self.pseudo.client_ids)
+        split = AttributeClasses(f"split-{key}", labels, 2 * own.n_classes)
+        return self.aggregator.class_sums(self.current.detach().numpy(), split)
+
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
         values = self.current.detach()
         grad_au = torch.zeros_like(values)
@@ -465,9 +530,11 @@ def attrcloak(
     aggregator: Aggregator | None = None,
     fixed_weight: float | None = None,
     null: PseudoClasses | None = None,
+    brake_covariance: bool = False,
 ) -> DefenceOutcome:
     """Run AttrCloak-DD (`variant="dd"`, needs `retention`) or -DF for `steps` steps, or with `null`
-    until every attribute's loss is at its null level (`cloak`, at most `steps`); only the clients
+    until every attribute's loss is at its null level (`cloak`, at most `steps`; `brake_covariance`:
+    the covariance term only until its halves disagree); only the clients
     with `defending[i]` move (everyone contributes to the class sums). The weight on the attribute
     loss is the closed-form min-norm one at every step, or `fixed_weight` if given."""
     started = time.perf_counter()
@@ -475,5 +542,8 @@ def attrcloak(
         raise ValueError("AttrCloak-DD needs the clients' retention loss (a DataRetention)")
     aggregator = aggregator or PlainSum()
     clients = MatrixClients(embeddings, attributes, variant, lr, defending, retention, aggregator, null)
-    losses, weights = cloak(clients, len(attributes), variant, steps, fixed_weight, stop_at_null=null is not None)
+    losses, weights = cloak(
+        clients, len(attributes), variant, steps, fixed_weight, stop_at_null=null is not None,
+        brake_covariance=brake_covariance,
+    )  # fmt: skip
     return DefenceOutcome(clients.current.detach().numpy(), losses, weights, time.perf_counter() - started)

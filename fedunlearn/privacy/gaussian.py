@@ -87,13 +87,16 @@ class WeightedKL:
 
 
 def weighted_kl(
-    weight: torch.Tensor, m0: torch.Tensor, s0: torch.Tensor, m1: torch.Tensor, s1: torch.Tensor
-) -> WeightedKL:
+    weight: torch.Tensor, m0: torch.Tensor, s0: torch.Tensor, m1: torch.Tensor, s1: torch.Tensor,
+    covariance: bool = True,
+) -> WeightedKL:  # fmt: skip
     """KL(N(m0, s0) || N(m1, s1)) = 0.5 [tr(P s0) + delta^T P delta - d + ln det s1 - ln det s0], with
     P = s1^-1 and delta = m1 - m0, weighted over the leading axis of m0 / s0, and its gradients in
     closed form: d/ds0 = (P - s0^-1) / 2, d/dm0 = -P delta, d/ds1 = (P - P s0 P - P delta delta^T P) / 2,
     d/dm1 = P delta. (Autograd through the Cholesky factors and log determinants of NCF's 128-dim
-    class covariances was most of AttrCloak-DF's time.)"""
+    class covariances was most of AttrCloak-DF's time.) With `covariance` False the gradients are
+    those of the separation term alone (d/ds0 = 0, d/ds1 = -P delta delta^T P / 2); the value stays
+    the whole KL."""
     d = m1.shape[-1]
     try:
         chol0, chol1 = torch.linalg.cholesky(s0), torch.linalg.cholesky(s1)
@@ -110,11 +113,17 @@ def weighted_kl(
     separation = 0.5 * (solved * delta).sum(-1)
     kl = 0.5 * ((inv1 * s0).sum((-2, -1)) - d + logdet1 - logdet0) + separation
     w = weight[:, None, None]
+    grad_s1_separation = -0.5 * (solved.T * weight) @ solved
+    if covariance:
+        grad_s0 = 0.5 * w * (inv1 - inv0)
+        grad_s1 = 0.5 * (weight.sum() * inv1 - inv1 @ (w * s0).sum(0) @ inv1) + grad_s1_separation
+    else:
+        grad_s0, grad_s1 = torch.zeros_like(s0), grad_s1_separation
     return WeightedKL(
         (weight * kl).sum(),
         (weight * separation).sum(),
         -weight[:, None] * solved,
-        0.5 * w * (inv1 - inv0),
+        grad_s0,
         (weight[:, None] * solved).sum(0),
-        0.5 * (weight.sum() * inv1 - inv1 @ (w * s0).sum(0) @ inv1 - (solved.T * weight) @ solved),
+        grad_s1,
     )

@@ -81,16 +81,28 @@ def defending_clients(
     return at_risk(attackers, features, attributes, defence.risk_threshold)
 
 
-def cloak_settings(defence: DefenceConfig) -> tuple[str, float | None, bool]:
+@dataclass
+class CloakSettings:
     """AttrCloak's variant (dd / df), fixed weight on the attribute loss (None: the min-norm weight
-    at every step) and whether it stops at the null level. `defence.cloak_weight` >= 0 fixes the
-    weight; the default (-1) is the min-norm weight, except for DF stopping at the null level, which
-    takes 1: DF's min-norm weight lets e - e_original cancel the attribute gradient within a few
-    steps, so it stalls near its start (docs/PRIVACY.md), and the null level is then its brake."""
-    variant, stop_at_null = DEFENCES[defence.method].variant, defence.cloak_stop == "null"
+    at every step), whether it stops at the null level, and whether its covariance term stops when
+    the covariances' halves disagree (`defence.cloak_stop` "null"; "null-means" leaves it on)."""
+
+    variant: str
+    fixed_weight: float | None
+    stop_at_null: bool
+    brake_covariance: bool
+
+
+def cloak_settings(defence: DefenceConfig) -> CloakSettings:
+    """`defence.cloak_weight` >= 0 fixes the weight; the default (-1) is the min-norm weight, except
+    for DF stopping at the null level, which takes 1: DF's min-norm weight lets e - e_original cancel
+    the attribute gradient within a few steps, so it stalls near its start (docs/PRIVACY.md), and the
+    null level is then its brake."""
+    variant, stop_at_null = DEFENCES[defence.method].variant, defence.cloak_stop != "steps"
+    brake = defence.cloak_stop == "null"
     if defence.cloak_weight >= 0:
-        return variant, defence.cloak_weight, stop_at_null
-    return variant, 1.0 if variant == "df" and stop_at_null else None, stop_at_null
+        return CloakSettings(variant, defence.cloak_weight, stop_at_null, brake)
+    return CloakSettings(variant, 1.0 if variant == "df" and stop_at_null else None, stop_at_null, brake)
 
 
 def run_defence(
@@ -108,15 +120,16 @@ def run_defence(
     `positives` and `client_ids` follow each other)."""
     defence = config.defence
     if DEFENCES[defence.method].loop == "attrcloak":
-        variant, fixed, stop_at_null = cloak_settings(defence)
+        settings = cloak_settings(defence)
         retention = None
-        if variant == "dd":
+        if settings.variant == "dd":
             retention = DataRetention(model, shared, positives, client_ids, config.model.loss,
                                       config.model.negatives, config.run.seed, defence.batch)  # fmt: skip
-        null = PseudoClasses(config.run.seed, client_ids) if stop_at_null else None
+        null = PseudoClasses(config.run.seed, client_ids) if settings.stop_at_null else None
         return attrcloak(
-            embeddings, attributes, variant, defence.steps, defence.lr, defending, retention, aggregator, fixed, null
-        )
+            embeddings, attributes, settings.variant, defence.steps, defence.lr, defending, retention, aggregator,
+            settings.fixed_weight, null, settings.brake_covariance,
+        )  # fmt: skip
     return regularised_defence(
         embeddings, attributes, defence.method, defence.steps, defence.lr, defence.weight, defending,
         config.run.seed, aggregator,
