@@ -1,0 +1,125 @@
+"""AttrCloak-DF with and without its covariance brake, from the trained embeddings of an audited run:
+where each attribute's class means and class covariances end up, and what attackers read.
+
+    python benchmarks/cloak_brake.py RUN [RUN ...] [--splits 5]
+
+RUN is a run folder of an audited run (its central_view_embeddings.npz and config.toml), e.g. one
+seed of `fedunlearn experiment experiments/attribute_ml100k.toml --only trained`. For each rule
+(`null-means`: the covariance term pushes until the means' null stop; `null`: it stops once its
+public halves disagree) the defence runs in-process from the trained embeddings (every client
+defends, the run's seed and defence settings) and the script prints, per attribute, the steps, the
+class means' separation against its null level, the covariance agreement (`attrcloak.
+covariance_agreement`, mean of its draws; > 0: the class covariances still carry the attribute,
+< 0: more alike than random halves), and for gender (the first attribute) and age the MLP's and
+XGBoost's balanced accuracy as given / relabelled and AUC, mean over `--splits` shadow/test splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedunlearn.config import derive, load_config
+from fedunlearn.privacy.attacks import attack_metrics, shadow_split, train_attacker
+from fedunlearn.privacy.attrcloak import (
+    NULL_DRAWS,
+    SPLIT_DRAWS,
+    PseudoClasses,
+    attrcloak,
+    attribute_gradients,
+    class_means,
+    covariance_agreement,
+    shrinkage_from,
+)
+from fedunlearn.privacy.common import AttributeClasses, PlainSum
+from fedunlearn.privacy.stage import attribute_classes, cloak_settings
+from fedunlearn.runs.results import ATTRIBUTE_PREFIX, EMBEDDINGS_FILE
+
+
+class Probe:
+    """The statistics `cloak` stops on, read off a set of embeddings (a plain sum over its rows)."""
+
+    def __init__(self, attributes: list[AttributeClasses], pseudo: PseudoClasses) -> None:
+        from fedunlearn.privacy.attrcloak import MatrixClients
+
+        self.attributes, self.pseudo, self.make = attributes, pseudo, MatrixClients
+
+    def read(self, embeddings: np.ndarray, original: np.ndarray) -> list[tuple[float, float, float]]:
+        """(separation, its null level, covariance agreement) per attribute; the shrinkage and the
+        null level as `cloak` fixes them, from the original embeddings."""
+        now = self.make(embeddings, self.attributes, "df", 0.0, np.ones(len(embeddings), bool), None, PlainSum(),
+                        self.pseudo)  # fmt: skip
+        start = self.make(original, self.attributes, "df", 0.0, np.ones(len(original), bool), None, PlainSum(),
+                          self.pseudo)  # fmt: skip
+        out = []
+        for attribute in range(len(self.attributes)):
+            sums = start.class_sums(attribute)
+            shrinkage = shrinkage_from(sums, start.fourth_powers(attribute, *class_means(sums)))
+            shares = sums.counts / sums.counts.sum()
+            draws = (start.null_class_sums(attribute, attribute * NULL_DRAWS + d, shares) for d in range(NULL_DRAWS))
+            null = np.mean([attribute_gradients(draw, shrinkage).separation for draw in draws])
+            separation = attribute_gradients(now.class_sums(attribute), shrinkage).separation
+            agreement = np.mean([
+                covariance_agreement(now.split_class_sums(attribute, attribute * SPLIT_DRAWS + d), float(shrinkage[-1]))
+                for d in range(SPLIT_DRAWS)
+            ])  # fmt: skip
+            out.append((separation, float(null), float(agreement)))
+        return out
+
+
+def readings(embeddings: np.ndarray, labels: np.ndarray, splits: int) -> dict[str, str]:
+    out = {}
+    for attacker in ("mlp", "xgboost"):
+        metrics = []
+        for split in range(splits):
+            shadow, test = shadow_split(labels, 0.2, split)
+            fitted = train_attacker(attacker, "a", embeddings[shadow], labels[shadow], split)
+            metrics.append(attack_metrics(labels[test], fitted.proba(embeddings[test]), fitted.classes, split))
+        frame = pd.DataFrame(metrics).mean()
+        out[attacker] = (f"{frame['balanced_accuracy']:.3f} / {frame['balanced_accuracy_relabelled']:.3f} "
+                         f"(AUC {frame['auc']:.3f})")  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--splits", type=int, default=5)
+    args = parser.parse_args()
+    print("| run | rule | steps | attribute | separation / null | covariance agreement | MLP | XGBoost |")
+    print("|:--|:--|--:|:--|:--|--:|:--|:--|")
+    for run in args.runs:
+        if not (run / EMBEDDINGS_FILE).exists():
+            raise SystemExit(f"{run}: no {EMBEDDINGS_FILE}: give the folder of an audited run")
+        saved = np.load(run / EMBEDDINGS_FILE)
+        config = load_config(run / "config.toml")
+        names = [key[len(ATTRIBUTE_PREFIX):] for key in saved.files if key.startswith(ATTRIBUTE_PREFIX)]
+        frame = pd.DataFrame({name: saved[ATTRIBUTE_PREFIX + name] for name in names})
+        attributes = attribute_classes(frame, names)
+        trained = saved["before"]
+        pseudo = PseudoClasses(config.run.seed, [str(c) for c in saved["clients"]])
+        probe = Probe(attributes, pseudo)
+        states = {"trained": (trained, 0)}
+        for rule in ("null-means", "null"):
+            trial = derive(config, {"defence.method": "attrcloak-df", "defence.cloak_stop": rule})
+            settings = cloak_settings(trial.defence)
+            outcome = attrcloak(trained, attributes, "df", config.defence.steps, config.defence.lr,
+                                np.ones(len(trained), bool), None, PlainSum(), settings.fixed_weight, pseudo,
+                                settings.brake_covariance)  # fmt: skip
+            states[rule] = (outcome.embeddings, len(outcome.losses))
+        for rule, (embeddings, steps) in states.items():
+            stats = probe.read(embeddings, trained)
+            for index, name in enumerate(names):
+                separation, null, agreement = stats[index]
+                read = {"mlp": "", "xgboost": ""}
+                if index < 2:  # gender and age: occupation's 21 classes take the attackers long
+                    read = readings(embeddings, frame[name].to_numpy(), args.splits)
+                print(f"| {run} | {rule} | {steps} | {name} | {separation:.3f} / {null:.3f} | {agreement:+.3f} "
+                      f"| {read['mlp']} | {read['xgboost']} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
