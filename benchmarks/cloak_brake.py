@@ -8,7 +8,8 @@ seed of `fedunlearn experiment experiments/attribute_ml100k.toml --only trained`
 (`null-means`: the covariance term pushes until the means' null stop; `null`: it stops once its
 public halves disagree) the defence runs in-process from the trained embeddings (every client
 defends, the run's seed and defence settings) and the script prints, per attribute, the steps, the
-class means' separation against its null level, the covariance agreement (`attrcloak.
+steps at which the brake was checked (the covariance term was on at all but the last of them,
+unless it never turned off), the class means' separation against its null level, the covariance agreement (`attrcloak.
 covariance_agreement`, mean of its draws; > 0: the class covariances still carry the attribute,
 < 0: more alike than random halves), and for gender (the first attribute) and age the MLP's and
 XGBoost's balanced accuracy as given / relabelled and AUC, mean over `--splits` shadow/test splits.
@@ -17,6 +18,7 @@ XGBoost's balanced accuracy as given / relabelled and AUC, mean over `--splits` 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,24 +29,36 @@ from fedunlearn.privacy.attacks import attack_metrics, shadow_split, train_attac
 from fedunlearn.privacy.attrcloak import (
     NULL_DRAWS,
     SPLIT_DRAWS,
+    MatrixClients,
     PseudoClasses,
-    attrcloak,
     attribute_gradients,
     class_means,
+    cloak,
     covariance_agreement,
     shrinkage_from,
 )
 from fedunlearn.privacy.common import AttributeClasses, PlainSum
+from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.privacy.stage import attribute_classes, cloak_settings
 from fedunlearn.runs.results import ATTRIBUTE_PREFIX, EMBEDDINGS_FILE
+
+
+class CountingClients(MatrixClients):
+    """The in-process clients (every one defends), counting the covariance brake's split sums per attribute."""
+
+    def __init__(self, embeddings: np.ndarray, attributes: list[AttributeClasses], lr: float, pseudo: PseudoClasses):
+        super().__init__(embeddings, attributes, "df", lr, np.ones(len(embeddings), bool), None, PlainSum(), pseudo)
+        self.split_sums: dict[int, int] = {}
+
+    def split_class_sums(self, attribute: int, keys: Sequence[int]) -> list[ClassSums]:
+        self.split_sums[attribute] = self.split_sums.get(attribute, 0) + 1
+        return super().split_class_sums(attribute, keys)
 
 
 class Probe:
     """The statistics `cloak` stops on, read off a set of embeddings (a plain sum over its rows)."""
 
     def __init__(self, attributes: list[AttributeClasses], pseudo: PseudoClasses) -> None:
-        from fedunlearn.privacy.attrcloak import MatrixClients
-
         self.attributes, self.pseudo, self.make = attributes, pseudo, MatrixClients
 
     def read(self, embeddings: np.ndarray, original: np.ndarray) -> list[tuple[float, float, float]]:
@@ -62,10 +76,8 @@ class Probe:
             draws = (start.null_class_sums(attribute, attribute * NULL_DRAWS + d, shares) for d in range(NULL_DRAWS))
             null = np.mean([attribute_gradients(draw, shrinkage).separation for draw in draws])
             separation = attribute_gradients(now.class_sums(attribute), shrinkage).separation
-            agreement = np.mean([
-                covariance_agreement(now.split_class_sums(attribute, attribute * SPLIT_DRAWS + d), float(shrinkage[-1]))
-                for d in range(SPLIT_DRAWS)
-            ])  # fmt: skip
+            splits = now.split_class_sums(attribute, [attribute * SPLIT_DRAWS + d for d in range(SPLIT_DRAWS)])
+            agreement = np.mean([covariance_agreement(split, float(shrinkage[-1])) for split in splits])
             out.append((separation, float(null), float(agreement)))
         return out
 
@@ -89,8 +101,9 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--splits", type=int, default=5)
     args = parser.parse_args()
-    print("| run | rule | steps | attribute | separation / null | covariance agreement | MLP | XGBoost |")
-    print("|:--|:--|--:|:--|:--|--:|:--|:--|")
+    print("| run | rule | steps | brake checks | attribute | separation / null | covariance agreement | MLP "
+          "| XGBoost |")  # fmt: skip
+    print("|:--|:--|--:|--:|:--|:--|--:|:--|:--|")
     for run in args.runs:
         if not (run / EMBEDDINGS_FILE).exists():
             raise SystemExit(f"{run}: no {EMBEDDINGS_FILE}: give the folder of an audited run")
@@ -102,23 +115,24 @@ def main() -> None:
         trained = saved["before"]
         pseudo = PseudoClasses(config.run.seed, [str(c) for c in saved["clients"]])
         probe = Probe(attributes, pseudo)
-        states = {"trained": (trained, 0)}
+        states = {"trained": (trained, 0, {})}
         for rule in ("null-means", "null"):
             trial = derive(config, {"defence.method": "attrcloak-df", "defence.cloak_stop": rule})
             settings = cloak_settings(trial.defence)
-            outcome = attrcloak(trained, attributes, "df", config.defence.steps, config.defence.lr,
-                                np.ones(len(trained), bool), None, PlainSum(), settings.fixed_weight, pseudo,
-                                settings.brake_covariance)  # fmt: skip
-            states[rule] = (outcome.embeddings, len(outcome.losses))
-        for rule, (embeddings, steps) in states.items():
+            clients = CountingClients(trained, attributes, config.defence.lr, pseudo)
+            losses, _ = cloak(clients, len(attributes), "df", config.defence.steps, settings.fixed_weight,
+                              settings.stop_at_null, settings.brake_covariance)  # fmt: skip
+            states[rule] = (clients.current.detach().numpy(), len(losses), clients.split_sums)
+        for rule, (embeddings, steps, split_sums) in states.items():
             stats = probe.read(embeddings, trained)
             for index, name in enumerate(names):
                 separation, null, agreement = stats[index]
+                checks = split_sums.get(index, 0)
                 read = {"mlp": "", "xgboost": ""}
                 if index < 2:  # gender and age: occupation's 21 classes take the attackers long
                     read = readings(embeddings, frame[name].to_numpy(), args.splits)
-                print(f"| {run} | {rule} | {steps} | {name} | {separation:.3f} / {null:.3f} | {agreement:+.3f} "
-                      f"| {read['mlp']} | {read['xgboost']} |", flush=True)  # fmt: skip
+                print(f"| {run} | {rule} | {steps} | {checks} | {name} | {separation:.3f} / {null:.3f} "
+                      f"| {agreement:+.3f} | {read['mlp']} | {read['xgboost']} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ deployment."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -137,11 +138,13 @@ def secure_contribution(msg: Message, context: Context) -> Message:
             if "null-key" in fields:  # AttrCloak's null level: the public pseudo-class, not its own
                 shares = read_array_field(fields["null-shares"])
                 label = int(null_labels(config.run.seed, int(fields["null-key"]), [data.client_id], shares)[0])
-            n_classes = len(classes)
-            if "split-key" in fields:  # AttrCloak's covariance brake: its own class, in its public half
-                label = 2 * label + int(half_labels(config.run.seed, int(fields["split-key"]), [data.client_id])[0])
-                n_classes *= 2
-            vector = class_contribution(own_features, label, n_classes)
+            if "split-keys" in fields:  # AttrCloak's covariance brake: its own class in its public half, per split
+                keys = json.loads(str(fields["split-keys"]))
+                halves = [half_labels(config.run.seed, key, [data.client_id])[0] for key in keys]
+                vector = np.concatenate([class_contribution(own_features, 2 * label + int(half), 2 * len(classes))
+                                         for half in halves])  # fmt: skip
+            else:
+                vector = class_contribution(own_features, label, len(classes))
         elif task == FEATURE_SUMS:
             vector = defence.feature_sums(fields, context, class_index(classes_of(fields), own_value, attribute))
         elif task == FOURTH_POWERS:

@@ -75,11 +75,13 @@ class OnClients:
     def begin(self) -> None:
         self.pool.defence_start(self.clients, self.start, self.defending)
 
-    def class_sums(
-        self, attribute: int, bound: float, null: tuple[int, np.ndarray] | None = None, split: int | None = None
-    ) -> ClassSums:
+    def class_sums(self, attribute: int, bound: float, null: tuple[int, np.ndarray] | None = None) -> ClassSums:
         name, classes = self.start.attributes[attribute], self.start.classes[attribute]
-        return self.pool.class_sums(name, self.clients, bound, classes, defence=True, null=null, split=split)
+        return self.pool.class_sums(name, self.clients, bound, classes, defence=True, null=null)
+
+    def split_class_sums(self, attribute: int, bound: float, keys: Sequence[int]) -> list[ClassSums]:
+        name, classes = self.start.attributes[attribute], self.start.classes[attribute]
+        return self.pool.split_class_sums(name, self.clients, keys, bound, classes)
 
     @property
     def stepping(self) -> list[int]:
@@ -116,8 +118,8 @@ class FlowerCloakClients:
     def null_class_sums(self, attribute: int, key: int, shares: np.ndarray) -> ClassSums:
         return self.on.class_sums(attribute, self.class_sums_bound, null=(key, shares))
 
-    def split_class_sums(self, attribute: int, key: int) -> ClassSums:
-        return self.on.class_sums(attribute, self.class_sums_bound, split=key)
+    def split_class_sums(self, attribute: int, keys: Sequence[int]) -> list[ClassSums]:
+        return self.on.split_class_sums(attribute, self.class_sums_bound, keys)
 
     def fourth_powers(self, attribute: int, means: np.ndarray, global_mean: np.ndarray) -> np.ndarray:
         sums = self.sums[attribute]  # the class sums these means came from

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -90,25 +90,28 @@ class PrivacyQueries(ABC):
         classes: list[str] | None = None,
         defence: bool = False,
         null: tuple[int, np.ndarray] | None = None,
-        split: int | None = None,
     ) -> ClassSums:
         """AttrCloak's per-class sums (count, sum of e, sum of e e^T) over these clients' embeddings
         (`defence`: as defended so far), through SecAgg+; classes are `classes` or the attribute's
         sorted values, shipped to every client. With `null` = (key, class shares) each client
-        counts under its public pseudo-class (`attrcloak.null_labels`) instead of its own; with `split`
-        = key under class 2c + h, its own class c and its public half h (`attrcloak.half_labels`)."""
+        counts under its public pseudo-class (`attrcloak.null_labels`) instead of its own."""
         classes = classes if classes is not None else self.attribute_classes(attribute)
         fields: dict[str, Any] = {"attribute": attribute, "classes": json.dumps(classes), "defence": defence}
         if null is not None:
             fields |= {"null-key": null[0], "null-shares": array_field(null[1])}
-        if split is not None:
-            fields |= {"split-key": split}
         task = secure_task(self.config, CLASS_SUMS, **fields)
-        total = self._secure_sum(clients, task, bound)
-        k = len(classes) * (1 if split is None else 2)
-        dim = round((np.sqrt(4 * len(total) / k - 3) - 1) / 2)  # len = k (1 + d + d^2)
-        sums = unpack_class_sums(total, k, dim)
-        return ClassSums(np.rint(sums.counts), sums.sums, sums.outers)
+        return _class_sums(self._secure_sum(clients, task, bound), [len(classes)])[0]
+
+    def split_class_sums(
+        self, attribute: str, clients: list[int], keys: Sequence[int], bound: float, classes: list[str]
+    ) -> list[ClassSums]:
+        """AttrCloak's covariance brake: for each split key, the class sums under class 2c + h (each
+        client's own class c and its public half h, `attrcloak.half_labels`), all keys in one
+        SecAgg+ sum of the defended embeddings."""
+        fields = {"attribute": attribute, "classes": json.dumps(classes), "defence": True,
+                  "split-keys": json.dumps([int(key) for key in keys])}  # fmt: skip
+        total = self._secure_sum(clients, secure_task(self.config, CLASS_SUMS, **fields), bound)
+        return _class_sums(total, [2 * len(classes)] * len(keys))
 
     def defence_start(self, clients: list[int], start: DefenceStart, defending: list[bool] | None) -> None:
         """Each client notes its embedding and classes; `defending[i]`: whether clients[i] defends
@@ -163,3 +166,16 @@ class PrivacyQueries(ABC):
         content = instruction(self.config)
         content["defence"] = ConfigRecord({"restore": restore})
         self._query(DEFENCE_END, dict.fromkeys(clients, content))
+
+
+def _class_sums(total: np.ndarray, class_counts: list[int]) -> list[ClassSums]:
+    """Split a secure sum of concatenated class contributions (K_i classes each, K (1 + d + d^2)
+    values) back into its class sums; counts rounded (they were summed as floats)."""
+    dim = round((np.sqrt(4 * len(total) / sum(class_counts) - 3) - 1) / 2)
+    out, start = [], 0
+    for k in class_counts:
+        length = k * (1 + dim + dim * dim)
+        sums = unpack_class_sums(total[start : start + length], k, dim)
+        out.append(ClassSums(np.rint(sums.counts), sums.sums, sums.outers))
+        start += length
+    return out

@@ -39,6 +39,7 @@ DEFENDING = [True, True, False, True, True, True, False]
 ATTRIBUTES = ["gender", "age"]
 STEPS, LR = 3, 0.05
 NULL_KEY, NULL_SHARES = 5, np.array([0.1, 0.1, 0.2, 0.2, 0.2, 0.2])  # age has six classes among CLIENTS
+SPLIT_KEYS = [3, 4, 9]
 
 
 def _read_users(pool, model):
@@ -70,7 +71,7 @@ def run():
         on = on_clients(pool, CLIENTS, ATTRIBUTES, DEFENDING, classes)
         on.begin()  # the null level's class sums: each client counts under its public pseudo-class
         out["null"] = FlowerCloakClients(on, "df", LR).null_class_sums(1, NULL_KEY, NULL_SHARES)
-        out["split"] = FlowerCloakClients(on, "df", LR).split_class_sums(1, NULL_KEY)  # the covariance brake's
+        out["split"] = FlowerCloakClients(on, "df", LR).split_class_sums(1, SPLIT_KEYS)  # the covariance brake's
         on.finish()
         return out
 
@@ -139,13 +140,15 @@ def test_the_null_levels_class_sums_through_flower_are_the_pseudo_classes_sums(r
 def test_the_covariance_brakes_class_sums_through_flower_are_each_class_per_public_half(run):
     ids = [run["federation"].client_ids[i] for i in CLIENTS]
     k = len(run["classes"][1])
-    labels = 2 * _own_labels(run, 1) + half_labels(run["config"].run.seed, NULL_KEY, ids)
-    expected = ClassSums.of(run["dd"]["users"], labels, 2 * k)  # the clients hold DD's embeddings
-    flower = run["split"]
-    np.testing.assert_array_equal(flower.counts, expected.counts)
-    np.testing.assert_allclose(flower.sums, expected.sums, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(flower.outers, expected.outers, rtol=0, atol=1e-4)
-    assert 0 < (labels % 2).sum() < len(labels)  # both halves are there
+    assert len(run["split"]) == len(SPLIT_KEYS)  # every split from one secure sum
+    for key, flower in zip(SPLIT_KEYS, run["split"], strict=True):
+        labels = 2 * _own_labels(run, 1) + half_labels(run["config"].run.seed, key, ids)
+        expected = ClassSums.of(run["dd"]["users"], labels, 2 * k)  # the clients hold DD's embeddings
+        np.testing.assert_array_equal(flower.counts, expected.counts)
+        np.testing.assert_allclose(flower.sums, expected.sums, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(flower.outers, expected.outers, rtol=0, atol=1e-4)
+        assert 0 < (labels % 2).sum() < len(labels)  # both halves are there
+    assert not np.array_equal(run["split"][0].counts, run["split"][1].counts)  # other splits, other halves
 
 
 def _own_labels(run, attribute):

@@ -321,9 +321,10 @@ class CloakClients(Protocol):
         `null_labels(seed, key, ids, shares)` instead of their own classes of `attribute`."""
         ...
 
-    def split_class_sums(self, attribute: int, key: int) -> ClassSums:
-        """Class sums of the clients' current embeddings under 2K classes: each client's own class c
-        of `attribute` and its public half h = `half_labels(seed, key, ids)`, as class 2c + h."""
+    def split_class_sums(self, attribute: int, keys: Sequence[int]) -> list[ClassSums]:
+        """For each split key, class sums of the clients' current embeddings under 2K classes: each
+        client's own class c of `attribute` and its public half h = `half_labels(seed, key, ids)`, as
+        class 2c + h (on Flower all keys in one secure sum)."""
         ...
 
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
@@ -375,8 +376,12 @@ def half_labels(seed: int, key: int, client_ids: Sequence[str]) -> np.ndarray:
 def covariance_agreement(sums: ClassSums, global_shrinkage: float) -> float:
     """sum_k (n_k / n) <D_k0, D_k1>_F over the K classes of class sums kept per half (class 2k + h),
     where D_kh is class k's covariance minus the covariance of all of half h, whitened by the
-    (shrunk) global covariance. Classes with fewer than MIN_CLASS_USERS in a half count zero."""
+    (shrunk) global covariance. Classes with fewer than MIN_CLASS_USERS in a half count zero (an
+    empty half: every class, so 0)."""
     counts, class_sums, outers = sums.counts, sums.sums, sums.outers
+    enough = (counts[0::2] >= MIN_CLASS_USERS) & (counts[1::2] >= MIN_CLASS_USERS)
+    if not enough.any():
+        return 0.0
     n = counts.sum()
     global_mean = class_sums.sum(0) / n
     global_cov = shrink(torch.tensor(outers.sum(0) / n - np.outer(global_mean, global_mean)), global_shrinkage)
@@ -391,15 +396,14 @@ def covariance_agreement(sums: ClassSums, global_shrinkage: float) -> float:
             means = class_sums[mine] / counts[mine, None]
             covs = outers[mine] / counts[mine, None, None] - means[:, :, None] * means[:, None, :]
         halves.append(whiten @ (covs - half_cov) @ whiten.T)
-    enough = (counts[0::2] >= MIN_CLASS_USERS) & (counts[1::2] >= MIN_CLASS_USERS)
     weight = (counts[0::2] + counts[1::2]) / n
     return float((weight[enough] * (halves[0][enough] * halves[1][enough]).sum((1, 2))).sum())
 
 
 def covariance_pushes(clients: CloakClients, attribute: int, global_shrinkage: float) -> bool:
     """Whether attribute's class covariances still agree across public halves (mean over draws > 0)."""
-    keys = (attribute * SPLIT_DRAWS + d for d in range(SPLIT_DRAWS))
-    agreements = [covariance_agreement(clients.split_class_sums(attribute, key), global_shrinkage) for key in keys]
+    keys = [attribute * SPLIT_DRAWS + d for d in range(SPLIT_DRAWS)]
+    agreements = [covariance_agreement(sums, global_shrinkage) for sums in clients.split_class_sums(attribute, keys)]
     return float(np.mean(agreements)) > 0
 
 
@@ -491,13 +495,17 @@ class MatrixClients:
         pseudo = AttributeClasses(f"null-{key}", labels, len(shares))
         return self.aggregator.class_sums(self.current.detach().numpy(), pseudo)
 
-    def split_class_sums(self, attribute: int, key: int) -> ClassSums:
+    def split_class_sums(self, attribute: int, keys: Sequence[int]) -> list[ClassSums]:
         if self.pseudo is None:
             raise ValueError("the covariance brake needs the clients' ids and the seed of their halves")
-        own = self.attributes[attribute]
-        labels = 2 * own.labels + half_labels(self.pseudo.seed, key, self.pseudo.client_ids)
-        split = AttributeClasses(f"split-{key}", labels, 2 * own.n_classes)
-        return self.aggregator.class_sums(self.current.detach().numpy(), split)
+        own, current = self.attributes[attribute], self.current.detach().numpy()
+        return [
+            self.aggregator.class_sums(current, AttributeClasses(
+                f"split-{key}", 2 * own.labels + half_labels(self.pseudo.seed, key, self.pseudo.client_ids),
+                2 * own.n_classes,
+            ))
+            for key in keys
+        ]  # fmt: skip
 
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
         values = self.current.detach()
