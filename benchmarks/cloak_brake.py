@@ -43,11 +43,16 @@ from fedunlearn.privacy.stage import attribute_classes, cloak_settings
 from fedunlearn.runs.results import ATTRIBUTE_PREFIX, EMBEDDINGS_FILE
 
 
+def everyone(embeddings: np.ndarray, attributes: list[AttributeClasses], lr: float, pseudo: PseudoClasses) -> tuple:
+    """Arguments of the in-process clients for these embeddings, every client defending (DF)."""
+    return embeddings, attributes, "df", lr, np.ones(len(embeddings), bool), None, PlainSum(), pseudo
+
+
 class CountingClients(MatrixClients):
-    """The in-process clients (every one defends), counting the covariance brake's split sums per attribute."""
+    """The in-process clients, counting the covariance brake's split sums per attribute."""
 
     def __init__(self, embeddings: np.ndarray, attributes: list[AttributeClasses], lr: float, pseudo: PseudoClasses):
-        super().__init__(embeddings, attributes, "df", lr, np.ones(len(embeddings), bool), None, PlainSum(), pseudo)
+        super().__init__(*everyone(embeddings, attributes, lr, pseudo))
         self.split_sums: dict[int, int] = {}
 
     def split_class_sums(self, attribute: int, keys: Sequence[int]) -> list[ClassSums]:
@@ -56,29 +61,30 @@ class CountingClients(MatrixClients):
 
 
 class Probe:
-    """The statistics `cloak` stops on, read off a set of embeddings (a plain sum over its rows)."""
+    """The statistics `cloak` stops on, read off a set of embeddings (a plain sum over its rows),
+    with the shrinkage and the null level fixed as `cloak` fixes them, from the trained embeddings."""
 
-    def __init__(self, attributes: list[AttributeClasses], pseudo: PseudoClasses) -> None:
-        self.attributes, self.pseudo, self.make = attributes, pseudo, MatrixClients
-
-    def read(self, embeddings: np.ndarray, original: np.ndarray) -> list[tuple[float, float, float]]:
-        """(separation, its null level, covariance agreement) per attribute; the shrinkage and the
-        null level as `cloak` fixes them, from the original embeddings."""
-        now = self.make(embeddings, self.attributes, "df", 0.0, np.ones(len(embeddings), bool), None, PlainSum(),
-                        self.pseudo)  # fmt: skip
-        start = self.make(original, self.attributes, "df", 0.0, np.ones(len(original), bool), None, PlainSum(),
-                          self.pseudo)  # fmt: skip
-        out = []
-        for attribute in range(len(self.attributes)):
+    def __init__(self, trained: np.ndarray, attributes: list[AttributeClasses], pseudo: PseudoClasses) -> None:
+        self.attributes, self.pseudo = attributes, pseudo
+        start = MatrixClients(*everyone(trained, attributes, 0.0, pseudo))
+        self.shrinkages, self.nulls = [], []
+        for attribute in range(len(attributes)):
             sums = start.class_sums(attribute)
             shrinkage = shrinkage_from(sums, start.fourth_powers(attribute, *class_means(sums)))
             shares = sums.counts / sums.counts.sum()
             draws = (start.null_class_sums(attribute, attribute * NULL_DRAWS + d, shares) for d in range(NULL_DRAWS))
-            null = np.mean([attribute_gradients(draw, shrinkage).separation for draw in draws])
+            self.shrinkages.append(shrinkage)
+            self.nulls.append(float(np.mean([attribute_gradients(draw, shrinkage).separation for draw in draws])))
+
+    def read(self, embeddings: np.ndarray) -> list[tuple[float, float, float]]:
+        """(separation, its null level, covariance agreement) per attribute."""
+        now = MatrixClients(*everyone(embeddings, self.attributes, 0.0, self.pseudo))
+        out = []
+        for attribute, (shrinkage, null) in enumerate(zip(self.shrinkages, self.nulls, strict=True)):
             separation = attribute_gradients(now.class_sums(attribute), shrinkage).separation
             splits = now.split_class_sums(attribute, [attribute * SPLIT_DRAWS + d for d in range(SPLIT_DRAWS)])
             agreement = np.mean([covariance_agreement(split, float(shrinkage[-1])) for split in splits])
-            out.append((separation, float(null), float(agreement)))
+            out.append((separation, null, float(agreement)))
         return out
 
 
@@ -114,7 +120,7 @@ def main() -> None:
         attributes = attribute_classes(frame, names)
         trained = saved["before"]
         pseudo = PseudoClasses(config.run.seed, [str(c) for c in saved["clients"]])
-        probe = Probe(attributes, pseudo)
+        probe = Probe(trained, attributes, pseudo)
         states = {"trained": (trained, 0, {})}
         for rule in ("null-means", "null"):
             trial = derive(config, {"defence.method": "attrcloak-df", "defence.cloak_stop": rule})
@@ -124,7 +130,7 @@ def main() -> None:
                               settings.stop_at_null, settings.brake_covariance)  # fmt: skip
             states[rule] = (clients.current.detach().numpy(), len(losses), clients.split_sums)
         for rule, (embeddings, steps, split_sums) in states.items():
-            stats = probe.read(embeddings, trained)
+            stats = probe.read(embeddings)
             for index, name in enumerate(names):
                 separation, null, agreement = stats[index]
                 checks = split_sums.get(index, 0)

@@ -256,9 +256,10 @@ def test_a_clients_pseudo_class_is_its_own_whoever_else_is_asked_and_follows_the
     assert (null_labels(4, 8, ids, shares) != labels).mean() > 0.3  # another draw, other classes
 
 
-def _shadow_and_test_gaps(embeddings: np.ndarray, labels: np.ndarray, splits: int = 100) -> float:
-    """Mean cosine between the class-mean gap of a stratified 20% shadow set and the rest's: what
-    a linear attacker fitted on the shadow set reads on the others (> 0 predicts, < 0 backwards)."""
+def _shadow_and_test_cosine(embeddings: np.ndarray, labels: np.ndarray, difference, splits: int = 100) -> float:
+    """Mean cosine between `difference(class 1's rows, class 0's rows)` of a stratified 20% shadow
+    set and the rest's: what an attacker fitted on the shadow set reads on the others through that
+    statistic (> 0 predicts, < 0 backwards)."""
     rng = np.random.default_rng(7)
     cosines = []
     for _ in range(splits):
@@ -266,10 +267,15 @@ def _shadow_and_test_gaps(embeddings: np.ndarray, labels: np.ndarray, splits: in
         for k in (0, 1):
             members = np.flatnonzero(labels == k)
             shadow[rng.choice(members, round(0.2 * len(members)), replace=False)] = True
-        one, zero = labels == 1, labels == 0
-        s, t = (embeddings[m & one].mean(0) - embeddings[m & zero].mean(0) for m in (shadow, ~shadow))
+        s, t = (np.ravel(difference(embeddings[m & (labels == 1)], embeddings[m & (labels == 0)]))
+                for m in (shadow, ~shadow))  # fmt: skip
         cosines.append(s @ t / np.linalg.norm(s) / np.linalg.norm(t))
     return float(np.mean(cosines))
+
+
+def _shadow_and_test_gaps(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    """The class-mean gaps' cosine: what a linear attacker reads."""
+    return _shadow_and_test_cosine(embeddings, labels, lambda one, zero: one.mean(0) - zero.mean(0))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -294,20 +300,9 @@ def test_stopping_at_the_null_level_leaves_no_attacker_reading_backwards(seed):
     assert _shadow_and_test_gaps(paper.embeddings, labels) < -0.9
 
 
-def _covariance_reading(embeddings: np.ndarray, labels: np.ndarray, splits: int = 100) -> float:
-    """Mean cosine between the class-covariance difference (class 1 minus class 0) of a stratified
-    20% shadow set and the rest's: what a quadratic attacker fitted on the shadow set reads on the others."""
-    rng = np.random.default_rng(7)
-    cosines = []
-    for _ in range(splits):
-        shadow = np.zeros(len(labels), dtype=bool)
-        for k in (0, 1):
-            members = np.flatnonzero(labels == k)
-            shadow[rng.choice(members, round(0.2 * len(members)), replace=False)] = True
-        s, t = (np.cov(embeddings[m & (labels == 1)].T) - np.cov(embeddings[m & (labels == 0)].T)
-                for m in (shadow, ~shadow))  # fmt: skip
-        cosines.append((s * t).sum() / np.linalg.norm(s) / np.linalg.norm(t))
-    return float(np.mean(cosines))
+def _covariance_reading(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    """The class-covariance differences' cosine: what a quadratic attacker reads."""
+    return _shadow_and_test_cosine(embeddings, labels, lambda one, zero: np.cov(one.T) - np.cov(zero.T))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
