@@ -126,9 +126,9 @@ def main() -> None:
             trial = derive(config, {"defence.method": "attrcloak-df", "defence.cloak_stop": rule})
             settings = cloak_settings(trial.defence)
             clients = CountingClients(trained, attributes, config.defence.lr, pseudo)
-            losses, _ = cloak(clients, len(attributes), "df", config.defence.steps, settings.fixed_weight,
-                              settings.stop_at_null, settings.brake_covariance)  # fmt: skip
-            states[rule] = (clients.current.detach().numpy(), len(losses), clients.split_sums)
+            trace = cloak(clients, len(attributes), "df", config.defence.steps, settings.fixed_weight,
+                          settings.stop_at_null, settings.brake_covariance)  # fmt: skip
+            states[rule] = (clients.current.detach().numpy(), len(trace.losses), clients.split_sums)
         for rule, (embeddings, steps, split_sums) in states.items():
             stats = probe.read(embeddings)
             for index, name in enumerate(names):

@@ -134,6 +134,9 @@ class DefenceConfig(Section):
     # AttrCloak: null (each attribute's class means stop at the level random classes give, its covariance term
     # once its halves disagree) | null-means (the means' stop only, the covariance term throughout) | steps (paper)
     cloak_stop: str = "null"
+    # AttrCloak's min-norm weight: raw (the paper: on the two gradients as they are) | unit (on the gradients
+    # scaled to unit length, so each loss shapes the step whatever its scale; docs/PRIVACY.md)
+    cloak_balance: str = "raw"
     weight: float = 0.001  # D2D-R / U2U-R: fixed weight of sum |e - e_original|^2
     batch: int = 32  # AttrCloak-DD: positives per client per step for the retention loss
     ldp_mechanism: str = "gaussian"  # gaussian ((epsilon, delta), L2 clip) | laplace (epsilon, L1 clip)
@@ -232,6 +235,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "defence.pseudo_rows": ("gaussian", "mimic"),
     "defence.clients": ("all", "listed", "at-risk"),
     "defence.cloak_stop": ("null", "null-means", "steps"),
+    "defence.cloak_balance": ("raw", "unit"),
     "defence.ldp_mechanism": ("gaussian", "laplace"),
     "unlearn.user_parts": ("reset", "keep"),
     "unlearn.history_dtype": ("int8", "float16", "float32"),

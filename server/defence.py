@@ -182,6 +182,7 @@ def on_clients(
 def flower_attrcloak(
     on: OnClients, variant: str, steps: int, lr: float, fixed_weight: float | None = None,
     products_bound: float = PRODUCTS_BOUND, stop_at_null: bool = False, brake_covariance: bool = False,
+    unit_balance: bool = False,
 ) -> DefenceOutcome:  # fmt: skip
     """AttrCloak-DD/-DF (`variant`) on the clients through Flower messages (all contribute to the
     sums, the defending ones move), for `steps` steps or until every attribute is at its null level
@@ -191,11 +192,11 @@ def flower_attrcloak(
     started = time.perf_counter()
     remote = FlowerCloakClients(on, variant, lr, products_bound)
     on.begin()
-    losses, weights = cloak(
-        remote, len(on.start.attributes), variant, steps, fixed_weight, stop_at_null, brake_covariance
+    trace = cloak(
+        remote, len(on.start.attributes), variant, steps, fixed_weight, stop_at_null, brake_covariance, unit_balance
     )  # fmt: skip
     on.finish()
-    return DefenceOutcome(None, losses, weights, time.perf_counter() - started)
+    return DefenceOutcome(None, trace.losses, trace.weights, time.perf_counter() - started, trace.retention_shares)
 
 
 def flower_regularised(on: OnClients, method: str, steps: int, lr: float, weight: float, seed: int) -> DefenceOutcome:
@@ -236,5 +237,6 @@ def defend_on_clients(
         return flower_attrcloak(
             on, settings.variant, defence.steps, defence.lr, settings.fixed_weight,
             stop_at_null=settings.stop_at_null, brake_covariance=settings.brake_covariance,
+            unit_balance=settings.unit_balance,
         )  # fmt: skip
     return flower_regularised(on, defence.method, defence.steps, defence.lr, defence.weight, config.run.seed)

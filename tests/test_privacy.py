@@ -1,6 +1,7 @@
 """Attribute inference attacks, the Gaussian machinery of AttrCloak and the defences."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.covariance import ledoit_wolf
@@ -171,8 +172,8 @@ class RowClients:
             row.step(weight, self.lr)
 
 
-@pytest.mark.parametrize("variant", ["df", "dd"])
-def test_attrcloak_run_client_by_client_equals_the_matrix_version(variant):
+@pytest.mark.parametrize(("variant", "unit"), [("df", False), ("dd", False), ("dd", True)])
+def test_attrcloak_run_client_by_client_equals_the_matrix_version(variant, unit):
     from fedunlearn.models.mf import MF
 
     rng = np.random.default_rng(5)
@@ -186,18 +187,22 @@ def test_attrcloak_run_client_by_client_equals_the_matrix_version(variant):
         shared = {"item_emb": rng.normal(size=(n_items, d)).astype(np.float32)}
         positives = [rng.choice(n_items, 6, replace=False) for _ in range(n)]
         retention = (model, shared, positives, [f"u{i}" for i in range(n)], "bpr", 2, 7, 5)
-    matrix = attrcloak(x, attributes, variant, 4, 0.05, defending, DataRetention(*retention) if retention else None)
+    own = DataRetention(*retention) if retention else None
+    matrix = attrcloak(x, attributes, variant, 4, 0.05, defending, own, unit_balance=unit)
     clients = RowClients(x, attributes, defending, 0.05, retention)
-    losses, weights = cloak(clients, len(attributes), variant, 4)
+    trace = cloak(clients, len(attributes), variant, 4, unit_balance=unit)
     rows = np.stack([row.current for row in clients.rows])
-    np.testing.assert_allclose(weights, matrix.weights, rtol=1e-9)
-    np.testing.assert_allclose(losses, matrix.losses, rtol=1e-9)
     # DD's retention gradient is scored in float32, the model's precision: one client's row and the
-    # matrix's may round differently (1e-8 here); every other part is float64
+    # matrix's may round differently (1e-8 here), and so may the products the weight is made of;
+    # every other part is float64
+    close = 1e-9 if variant == "df" else 1e-6
+    np.testing.assert_allclose(trace.weights, matrix.weights, rtol=close)
+    np.testing.assert_allclose(trace.losses, matrix.losses, rtol=1e-9)
+    np.testing.assert_allclose(trace.retention_shares, matrix.retention_shares, rtol=close)
     np.testing.assert_allclose(rows, matrix.embeddings, rtol=0, atol=1e-10 if variant == "df" else 1e-6)
     np.testing.assert_array_equal(rows[~defending], x[~defending])  # only the defending clients move
     assert np.linalg.norm(rows - x, axis=1)[defending].min() > 1e-3  # each defending client moved
-    assert any(0.1 < w < 1 for w in weights)  # the min-norm weight, not only a clip bound
+    assert any(0.1 < w < 1 for w in trace.weights)  # the min-norm weight, not only a clip bound
 
 
 @pytest.mark.parametrize("name", ["mf", "ncf"])
@@ -514,8 +519,6 @@ def test_one_upload_gives_away_the_clients_positives_and_for_mf_its_embeddings_d
 
 
 def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figures(tmp_path):
-    import pandas as pd
-
     from fedunlearn.cli import main
 
     out = tmp_path / "run"
@@ -534,6 +537,7 @@ def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figu
     np.testing.assert_allclose(merged["balanced_accuracy_local"], merged["balanced_accuracy"], rtol=1e-12)
     after = table[table.defence == "attrcloak-dd"]
     assert after["seconds"].notna().all() and after["NDCG@10"].between(0, 1).all()
+    assert after["retention_share"].notna().all() and table[table.defence == "none"]["retention_share"].isna().all()
     embeddings = np.load(out / "central_view_embeddings.npz")
     assert embeddings["before"].shape == embeddings["after"].shape == (120, 8)
     assert not np.allclose(embeddings["before"], embeddings["after"])  # the defence moved the users
@@ -582,7 +586,6 @@ def test_regularised_clients_stepping_alone_equal_the_matrix_defence(method):
 def test_an_attribute_with_one_attackable_value_is_skipped_with_a_notice(capsys):
     """After drops, few audited clients can leave an attribute with one value held by two or more
     clients: no attacker can learn anything, and sklearn/XGBoost would disagree on the class count."""
-    import pandas as pd
 
     from fedunlearn.config import AuditConfig
     from fedunlearn.privacy.audit import global_audit
@@ -595,22 +598,24 @@ def test_an_attribute_with_one_attackable_value_is_skipped_with_a_notice(capsys)
 
 
 @pytest.mark.parametrize(
-    "method, stop, weight, expected",
+    "method, stop, weight, balance, expected",
     [
-        ("attrcloak-dd", "null", -1.0, ("dd", None, True, True)),  # min-norm weight, null level, covariance brake
-        ("attrcloak-df", "null", -1.0, ("df", 1.0, True, True)),  # DF's min-norm weight stalls: the null level stops it
-        ("attrcloak-df", "null-means", -1.0, ("df", 1.0, True, False)),  # the means' stop alone
-        ("attrcloak-df", "steps", -1.0, ("df", None, False, False)),  # the paper
-        ("attrcloak-dd", "steps", 0.3, ("dd", 0.3, False, False)),  # a weight set by hand wins
+        ("attrcloak-dd", "null", -1.0, "raw", ("dd", None, True, True, False)),  # min-norm, null level, brake
+        ("attrcloak-df", "null", -1.0, "raw", ("df", 1.0, True, True, False)),  # DF's min-norm stalls: null stops it
+        ("attrcloak-df", "null-means", -1.0, "raw", ("df", 1.0, True, False, False)),  # the means' stop alone
+        ("attrcloak-df", "steps", -1.0, "raw", ("df", None, False, False, False)),  # the paper
+        ("attrcloak-dd", "steps", 0.3, "raw", ("dd", 0.3, False, False, False)),  # a weight set by hand wins
+        ("attrcloak-dd", "null", -1.0, "unit", ("dd", None, True, True, True)),  # min-norm of unit gradients
     ],
 )
-def test_cloak_settings_follow_the_stop_and_the_weight(method, stop, weight, expected):
+def test_cloak_settings_follow_the_stop_the_weight_and_the_balance(method, stop, weight, balance, expected):
     from dataclasses import astuple
 
     from fedunlearn.config import DefenceConfig
     from fedunlearn.privacy.stage import cloak_settings
 
-    assert astuple(cloak_settings(DefenceConfig(method=method, cloak_stop=stop, cloak_weight=weight))) == expected
+    defence = DefenceConfig(method=method, cloak_stop=stop, cloak_weight=weight, cloak_balance=balance)
+    assert astuple(cloak_settings(defence)) == expected
 
 
 def test_attrcloaks_gaussian_loss_on_singular_class_covariances_is_a_one_line_error():
@@ -651,3 +656,62 @@ def test_a_defence_runs_with_one_blas_thread_and_gives_the_threads_back(tmp_path
         assert main(["run", *(a for s in settings for a in ("--set", s)), "--quiet", "--out", str(tmp_path / "r")]) == 0
         assert blas_threads() == before
     assert seen == [{1}] and before != {1}
+
+
+def test_the_unit_balance_steps_along_the_min_norm_point_of_unit_gradients_whatever_their_scale():
+    """With defence.cloak_balance = "unit" the raw weight w makes w g_AU + (1 - w) g_R parallel to
+    the min-norm point of g_AU / |g_AU| and g_R / |g_R| (found here by a fine search), so scaling
+    one gradient by 100 leaves the step's direction; the paper's raw weight then hands the step to
+    the larger gradient. retention_share is the retention part's share of the step's length."""
+    from fedunlearn.privacy.attrcloak import min_norm_weight, retention_share, unit_min_norm_weight
+
+    rng = np.random.default_rng(3)
+    g_au, g_r = rng.normal(size=6), rng.normal(size=6)
+
+    def direction(weight, au, r):
+        step = weight * au + (1 - weight) * r
+        return step / np.linalg.norm(step)
+
+    units = g_au / np.linalg.norm(g_au), g_r / np.linalg.norm(g_r)
+    grid = np.linspace(0, 1, 100001)
+    best = grid[np.argmin([np.linalg.norm(a * units[0] + (1 - a) * units[1]) for a in grid])]
+    for scale in (1.0, 100.0):
+        au, r = g_au, scale * g_r
+        products = (r @ r, au @ r, au @ au)
+        weight = unit_min_norm_weight(*products, low=0.0)
+        np.testing.assert_allclose(direction(weight, au, r), direction(best, *units), atol=1e-4)
+        assert retention_share(r @ r, au @ au, weight) == pytest.approx(1 - best, abs=1e-4)
+    across = 100.0 * (g_r - (g_r @ g_au) / (g_au @ g_au) * g_au)  # 100x longer, orthogonal to g_AU
+    raw = min_norm_weight(across @ across, 0.0, g_au @ g_au, 0.0)
+    assert raw > 0.9999 and retention_share(across @ across, g_au @ g_au, raw) < 0.02  # the larger one is ignored
+    unit = unit_min_norm_weight(across @ across, 0.0, g_au @ g_au, 0.0)
+    assert retention_share(across @ across, g_au @ g_au, unit) == pytest.approx(0.5)  # each loss half the step
+    assert unit_min_norm_weight(0.0, 0.0, 1.0, 0.0) == 1.0 and unit_min_norm_weight(1.0, 0.0, 0.0, 0.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("method", "cloak_weight", "shares", "warned"),
+    [
+        ("attrcloak-dd", -1.0, [0.05, 0.02, 0.08], True),  # raw min-norm gave retention 5% of the step: say so
+        ("attrcloak-dd", -1.0, [0.5, 0.5, 0.4], False),  # retention shaped the steps
+        ("attrcloak-df", -1.0, [0.0, 0.0], False),  # DF at the null stop fixes a = 1 on purpose
+        ("attrcloak-dd", 1.0, [0.0, 0.0], False),  # a weight set by hand is the user's choice
+    ],
+)
+def test_an_attrcloak_whose_retention_got_no_share_of_the_steps_is_flagged(method, cloak_weight, shares, warned,
+                                                                          capsys):  # fmt: skip
+    """The audit's retention_share is the mean of the per-step shares; a defence whose min-norm
+    weighting left its retention under a tenth of the step warns that it was an attribute-only descent."""
+    from fedunlearn.config import Config, derive
+    from fedunlearn.privacy.common import DefenceOutcome
+    from fedunlearn.privacy.stage import PrivacyReport, retention_share
+    from fedunlearn.runs.runner import warn_if_retention_idle
+
+    outcome = DefenceOutcome(None, [0.0] * len(shares), [1.0] * len(shares), 0.0, shares)
+    share = retention_share(method, outcome)
+    assert share == pytest.approx(np.mean(shares))
+    assert np.isnan(retention_share("d2d-r", outcome))  # a fixed regulariser weight, not a per-step choice
+    config = derive(Config(), {"defence.method": method, "defence.cloak_weight": cloak_weight})
+    report = PrivacyReport(pd.DataFrame(), [], pd.DataFrame(), np.zeros((0, 2)), None, retention_share=share)
+    warn_if_retention_idle(config, report)
+    assert ("acted as an attribute-only descent" in capsys.readouterr().err) is warned

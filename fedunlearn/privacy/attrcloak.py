@@ -48,6 +48,27 @@ def min_norm_weight(rr: float, ar: float, aa: float, low: float) -> float:
     return float(np.clip((rr - ar) / denominator, low, 1.0))
 
 
+def unit_min_norm_weight(rr: float, ar: float, aa: float, low: float) -> float:
+    """`defence.cloak_balance = "unit"`: the min-norm weight of the two gradients scaled to unit
+    length (the `l2` normaliser of Sener & Koltun's MGDA code), given as the weight on the raw
+    gradients that steps along the same direction: a g_AU / |g_AU| + (1 - a) g_R / |g_R| is
+    parallel to w g_AU + (1 - w) g_R with w = a |g_R| / (a |g_R| + (1 - a) |g_AU|). On raw
+    gradients the larger one takes the step (DD's training loss on a trained model is 10x the
+    attribute loss's: docs/PRIVACY.md); on unit ones each loss gets its share of the step's length."""
+    if rr <= 0 or aa <= 0:  # one loss has no gradient: the step is the other's
+        return 1.0 if rr <= 0 else 0.0
+    r, au = np.sqrt(rr), np.sqrt(aa)
+    unit = min_norm_weight(1.0, ar / (r * au), 1.0, low)
+    return float(unit * r / (unit * r + (1 - unit) * au))
+
+
+def retention_share(rr: float, aa: float, weight: float) -> float:
+    """The retention part's share of the length of the step w g_AU + (1 - w) g_R (before Adam):
+    |(1 - w) g_R| / (|w g_AU| + |(1 - w) g_R|); 0 when neither loss has a gradient."""
+    retention, attribute = (1 - weight) * np.sqrt(rr), weight * np.sqrt(aa)
+    return float(retention / (retention + attribute)) if retention + attribute > 0 else 0.0
+
+
 def class_means(sums: ClassSums) -> tuple[np.ndarray, np.ndarray]:
     """Per-class means (zero for a class nobody is in) and the global mean, from the sums."""
     counts = sums.counts
@@ -407,6 +428,16 @@ def covariance_pushes(clients: CloakClients, attribute: int, global_shrinkage: f
     return float(np.mean(agreements)) > 0
 
 
+@dataclass
+class CloakTrace:
+    """What the server knows of an AttrCloak run, per step taken: L_AU, the weight a on the
+    attribute loss, and the retention part's share of the step's length (`retention_share`)."""
+
+    losses: list[float]
+    weights: list[float]
+    retention_shares: list[float]
+
+
 def cloak(
     clients: CloakClients,
     n_attributes: int,
@@ -415,12 +446,14 @@ def cloak(
     fixed_weight: float | None = None,
     stop_at_null: bool = False,
     brake_covariance: bool = False,
-) -> tuple[list[float], list[float]]:
-    """AttrCloak's server loop; returns L_AU and the weight a per step taken. With `stop_at_null`
-    an attribute whose separation term is at or below its null level (measured once, before the
-    first step) gives no gradient, and the loop ends once every attribute is there; else it runs
-    `steps` steps (the paper). `steps` caps both. With `brake_covariance` an attribute's covariance
-    term pushes only until its `covariance_agreement` first reaches zero (then its separation alone)."""
+    unit_balance: bool = False,
+) -> CloakTrace:
+    """AttrCloak's server loop. With `stop_at_null` an attribute whose separation term is at or
+    below its null level (measured once, before the first step) gives no gradient, and the loop
+    ends once every attribute is there; else it runs `steps` steps (the paper). `steps` caps both.
+    With `brake_covariance` an attribute's covariance term pushes only until its
+    `covariance_agreement` first reaches zero (then its separation alone). The weight is the
+    min-norm one on the raw gradients (the paper), on unit ones with `unit_balance`, or fixed."""
     shrinkages, nulls = [], []
     for attribute in range(n_attributes):
         sums = clients.class_sums(attribute)
@@ -428,7 +461,8 @@ def cloak(
         if stop_at_null:
             nulls.append(null_separation(clients, attribute, sums.counts, shrinkages[-1]))
     covariance = [True] * n_attributes
-    losses, weights = [], []
+    losses, weights, shares = [], [], []
+    balance = unit_min_norm_weight if unit_balance else min_norm_weight
     for step in range(steps):
         gradients, loss_au, settled = [], 0.0, 0
         for attribute, shrinkage in enumerate(shrinkages):
@@ -443,12 +477,13 @@ def cloak(
             loss_au += loss.value / n_attributes
         if settled == n_attributes:
             break
-        weight = min_norm_weight(*clients.products(step, gradients), low=0.0 if variant == "dd" else 0.1)
-        weight = weight if fixed_weight is None else fixed_weight
+        rr, ar, aa = clients.products(step, gradients)
+        weight = balance(rr, ar, aa, 0.0 if variant == "dd" else 0.1) if fixed_weight is None else fixed_weight
         clients.step(weight)
         losses.append(loss_au)
         weights.append(weight)
-    return losses, weights
+        shares.append(retention_share(rr, aa, weight))
+    return CloakTrace(losses, weights, shares)
 
 
 @dataclass
@@ -539,19 +574,22 @@ def attrcloak(
     fixed_weight: float | None = None,
     null: PseudoClasses | None = None,
     brake_covariance: bool = False,
+    unit_balance: bool = False,
 ) -> DefenceOutcome:
     """Run AttrCloak-DD (`variant="dd"`, needs `retention`) or -DF for `steps` steps, or with `null`
     until every attribute's loss is at its null level (`cloak`, at most `steps`; `brake_covariance`:
     the covariance term only until its halves disagree); only the clients
     with `defending[i]` move (everyone contributes to the class sums). The weight on the attribute
-    loss is the closed-form min-norm one at every step, or `fixed_weight` if given."""
+    loss is the closed-form min-norm one at every step (of the unit-length gradients with
+    `unit_balance`), or `fixed_weight` if given."""
     started = time.perf_counter()
     if variant == "dd" and retention is None:
         raise ValueError("AttrCloak-DD needs the clients' retention loss (a DataRetention)")
     aggregator = aggregator or PlainSum()
     clients = MatrixClients(embeddings, attributes, variant, lr, defending, retention, aggregator, null)
-    losses, weights = cloak(
+    trace = cloak(
         clients, len(attributes), variant, steps, fixed_weight, stop_at_null=null is not None,
-        brake_covariance=brake_covariance,
+        brake_covariance=brake_covariance, unit_balance=unit_balance,
     )  # fmt: skip
-    return DefenceOutcome(clients.current.detach().numpy(), losses, weights, time.perf_counter() - started)
+    return DefenceOutcome(clients.current.detach().numpy(), trace.losses, trace.weights, time.perf_counter() - started,
+                          trace.retention_shares)  # fmt: skip

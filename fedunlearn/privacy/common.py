@@ -4,7 +4,7 @@ client's own Adam step, and the outcome a defence returns."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -56,8 +56,9 @@ def unpack_class_sums(total: np.ndarray, n_classes: int, dim: int) -> ClassSums:
 class DefenceOutcome:
     embeddings: np.ndarray | None  # (n, D) after the defence (None on Flower: only the clients hold them)
     losses: list[float]  # L_AU per step
-    weights: list[float]  # min-norm weight a per step
+    weights: list[float]  # AttrCloak: its weight a on the attribute loss per step; D2D-R / U2U-R: the retention weight
     seconds: float
+    retention_shares: list[float] = field(default_factory=list)  # AttrCloak: attrcloak.retention_share per step
 
 
 def flatten_users(model: SplitModel, users: list[Arrays]) -> np.ndarray:

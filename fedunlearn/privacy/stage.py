@@ -8,7 +8,7 @@ attribute x audit (global, local), with the recommendation quality (HR@10, NDCG@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -42,7 +42,7 @@ class PrivacyReport:
     users_after: np.ndarray | None
     defence_seconds: float = 0.0
     defending: int = 0  # clients that ran the defence
-    weights: list[float] = field(default_factory=list)  # AttrCloak's min-norm weight per step
+    retention_share: float = float("nan")  # the configured defence's (stage.retention_share)
     upload_recovery: RecoveryScore | None = None  # the upload-structure attack's reading of the interactions
 
 
@@ -85,12 +85,14 @@ def defending_clients(
 class CloakSettings:
     """AttrCloak's variant (dd / df), fixed weight on the attribute loss (None: the min-norm weight
     at every step), whether it stops at the null level, and whether its covariance term stops when
-    the covariances' halves disagree (`defence.cloak_stop` "null"; "null-means" leaves it on)."""
+    the covariances' halves disagree (`defence.cloak_stop` "null"; "null-means" leaves it on), and
+    how the min-norm weight balances the two gradients (`defence.cloak_balance`)."""
 
     variant: str
     fixed_weight: float | None
     stop_at_null: bool
     brake_covariance: bool
+    unit_balance: bool = False  # defence.cloak_balance = "unit": the min-norm weight of unit-length gradients
 
 
 def cloak_settings(defence: DefenceConfig) -> CloakSettings:
@@ -99,10 +101,10 @@ def cloak_settings(defence: DefenceConfig) -> CloakSettings:
     the attribute gradient within a few steps, so it stalls near its start (docs/PRIVACY.md), and the
     null level is then its brake."""
     variant, stop_at_null = DEFENCES[defence.method].variant, defence.cloak_stop != "steps"
-    brake = defence.cloak_stop == "null"
+    brake, unit = defence.cloak_stop == "null", defence.cloak_balance == "unit"
     if defence.cloak_weight >= 0:
-        return CloakSettings(variant, defence.cloak_weight, stop_at_null, brake)
-    return CloakSettings(variant, 1.0 if variant == "df" and stop_at_null else None, stop_at_null, brake)
+        return CloakSettings(variant, defence.cloak_weight, stop_at_null, brake, unit)
+    return CloakSettings(variant, 1.0 if variant == "df" and stop_at_null else None, stop_at_null, brake, unit)
 
 
 def run_defence(
@@ -128,7 +130,7 @@ def run_defence(
         null = PseudoClasses(config.run.seed, client_ids) if settings.stop_at_null else None
         return attrcloak(
             embeddings, attributes, settings.variant, defence.steps, defence.lr, defending, retention, aggregator,
-            settings.fixed_weight, null, settings.brake_covariance,
+            settings.fixed_weight, null, settings.brake_covariance, settings.unit_balance,
         )  # fmt: skip
     return regularised_defence(
         embeddings, attributes, defence.method, defence.steps, defence.lr, defence.weight, defending,
@@ -145,6 +147,14 @@ def upload_profiles(model: SplitModel, shared: Arrays, norms: np.ndarray) -> np.
 
 
 POST_TRAINING = tuple(DEFENCES)
+
+
+def retention_share(method: str, outcome: DefenceOutcome) -> float:
+    """An AttrCloak defence's mean `attrcloak.retention_share` over its steps (how much of each
+    step was its retention loss's); NaN for the regularised defences (a fixed setting)."""
+    if DEFENCES[method].loop != "attrcloak" or not outcome.retention_shares:
+        return float("nan")
+    return float(np.mean(outcome.retention_shares))
 
 
 def one_blas_thread() -> threadpool_limits:
@@ -222,11 +232,12 @@ def privacy_stage(
                 after[key] = value
         after["seconds"] = outcome.seconds
         after["steps"] = len(outcome.losses)
+        after["retention_share"] = retention_share(method, outcome)
         tables[method] = after
         if method == config.defence.method:
             kept = users_after
             report.users_after = outcome.embeddings
-            report.defence_seconds, report.weights = outcome.seconds, outcome.weights
+            report.defence_seconds, report.retention_share = outcome.seconds, after["retention_share"].iloc[0]
     report.table = pd.concat([table, *(tables[method] for method in methods)], ignore_index=True)
     report.defending = int(defending.sum())
     return report, kept

@@ -91,6 +91,29 @@ def warn_if_unlearned(config: Config, federation: Federation, result: Federation
         )
 
 
+IDLE_RETENTION = 0.1  # under this share of the step AttrCloak's retention loss barely shapes it
+
+
+def warn_if_retention_idle(config: Config, report: Any) -> None:
+    """AttrCloak's min-norm weight on raw gradients follows their sizes: where the retention gradient
+    is far the larger (DD's training loss on a trained model, minibatch noise included) the min-norm
+    point sits next to the attribute gradient, and the defence is an attribute-only descent whose
+    only brake on utility is its stopping rule (docs/PRIVACY.md). Say so when the configured
+    defence chose its weights so and its retention took under a tenth of the step."""
+    from fedunlearn.privacy.stage import cloak_settings
+
+    share = np.nan if report is None else report.retention_share
+    if np.isnan(share) or cloak_settings(config.defence).fixed_weight is not None or share >= IDLE_RETENTION:
+        return
+    print(
+        f"fedunlearn: warning: {config.defence.method}'s retention loss made {share:.3f} of its steps on average: "
+        "the min-norm weight on raw gradients went to the attribute loss, so it acted as an attribute-only "
+        "descent braked only by defence.cloak_stop (docs/PRIVACY.md, 'Where AttrCloak-DD's weight goes': "
+        "defence.cloak_balance = \"unit\" keeps more utility and removes less)",
+        file=sys.stderr,
+    )
+
+
 def check_model_fits(config: Config, federation: Federation) -> None:
     """Refuse a model whose parameters alone (item tables, every user part, dense layers) would not
     fit in this machine's memory, before anything of that size is allocated."""
@@ -225,6 +248,7 @@ def federated_job(
         if history is not None:
             history.close()
     warn_if_unlearned(config, federation, result, info)
+    warn_if_retention_idle(config, result.privacy)
     return config, result
 
 
