@@ -585,3 +585,32 @@ def test_train_seed_redraws_training_and_keeps_the_drops(tmp_path):
     assert outcomes["other"].final["HR@10"] != outcomes["default"].final["HR@10"] or any(
         not np.array_equal(outcomes["other"].shared[key], value) for key, value in outcomes["default"].shared.items()
     )
+
+
+def test_fru_rewrites_a_checkpoint_whose_round_lost_every_participant_to_an_earlier_removal(tmp_path):
+    """Round 5's only participant (client 10) leaves at round 8, so round 5 keeps a checkpoint but no
+    participants; the removal at round 10 replays past it and must store its replayed model there,
+    or the removal at round 12, rolling back to round 5, restarts from a model that still holds
+    client 7's round-4 update (the bug: only rounds with participants were rewritten)."""
+    overrides = ["unlearn.method=fru", "train.fraction=0.08", "unlearn.dt=2", "train.rounds=12"]
+    server, history, _ = server_for(tmp_path, overrides, drop="10@8;7@10;8@12")
+    replayed, train = {}, server.train_clients
+
+    def recording(round_number, clients, shared, epochs=None, ascent=False):
+        if epochs is not None:  # a replay: the model each event's replay trains from, per round
+            replayed.setdefault(server.handled, {})[round_number] = {k: v.copy() for k, v in shared.items()}
+        return train(round_number, clients, shared, epochs, ascent)
+
+    server.train_clients = recording
+    stored, remove = {}, server.remove
+
+    def looking_around(round_number, leaving):
+        stored[round_number] = {c: history.checkpoint(c) for c in history.checkpoint_rounds()}
+        remove(round_number, leaving)
+
+    server.remove = looking_around
+    server.run()
+    assert history.participants(5) == [] or 5 not in history.rounds()  # the setting: round 5 lost its only client
+    assert 5 in stored[12] and 6 in replayed[10] and 4 in replayed[10]  # event 10 replayed across round 5
+    for key, value in stored[12][5].items():  # what event 12 reads at round 5: event 10's replayed model
+        np.testing.assert_array_equal(value, replayed[10][6][key])

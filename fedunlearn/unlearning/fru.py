@@ -34,8 +34,11 @@ def fru(server: UnlearningServer, round_number: int, forgotten: list[int]) -> Ar
     server.roll_back_users()
     epochs = server.config.unlearn.lam * server.config.train.local_epochs
     rewrite = server.records_history()  # only a later event reads the replayed history
-    for replayed in (r for r in past if r >= start):
-        if rewrite and replayed in history.checkpoint_rounds():
+    checkpoints = [c for c in history.checkpoint_rounds() if start <= c < round_number]
+    # a checkpoint round whose every participant left at an earlier event has no participants
+    # left, but a later event may still roll back to its checkpoint: rewrite it too
+    for replayed in sorted({r for r in past if r >= start} | set(checkpoints)):
+        if rewrite and replayed in checkpoints:
             history.put_checkpoint(replayed, shared)
         participants = [c for c in history.participants(replayed) if c in retained]
         if not participants:
