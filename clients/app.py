@@ -137,9 +137,13 @@ def secure_contribution(msg: Message, context: Context) -> Message:
             label = class_index(classes, own_value, attribute)
             if "null-key" in fields:  # AttrCloak's null level: the public pseudo-class, not its own
                 shares = read_array_field(fields["null-shares"])
+                if len(shares) != len(classes):
+                    raise ValueError(f"{len(shares)} null-level class shares for {len(classes)} classes")
                 label = int(null_labels(config.run.seed, int(fields["null-key"]), [data.client_id], shares)[0])
             if "split-keys" in fields:  # AttrCloak's covariance brake: its own class in its public half, per split
                 keys = json.loads(str(fields["split-keys"]))
+                if not isinstance(keys, list) or not all(isinstance(key, int) and key >= 0 for key in keys):
+                    raise ValueError(f"split-keys must be a list of non-negative integers; got {keys!r}")
                 halves = [half_labels(config.run.seed, key, [data.client_id])[0] for key in keys]
                 vector = np.concatenate([class_contribution(own_features, 2 * label + int(half), 2 * len(classes))
                                          for half in halves])  # fmt: skip
@@ -156,6 +160,8 @@ def secure_contribution(msg: Message, context: Context) -> Message:
             )
         else:
             raise ValueError(f"unknown secure task {task!r}")
+    if not np.all(np.isfinite(vector)):
+        raise ValueError(f"a {task} contribution is not finite (NaN or inf): this client's state diverged")
     if not np.all(np.abs(vector) <= bound):  # SecAgg+ would clip silently; the value itself is not told
         raise ValueError(f"a {task} contribution lies outside the secure sum's bound +-{bound}: ask for a larger one")
     reply = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vector]), num_examples=1, metrics={})

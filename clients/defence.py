@@ -50,14 +50,25 @@ def cloak_products(fields: Any, context: Context, config: Config, data: ClientDa
     """AttrCloak step, first half: this client's g_AU (from the broadcast gradients of the attribute
     loss) and g_R, kept for the step; only their three dot products leave, masked."""
     cloak = load_cloak(context)
-    step, n_attributes = int(fields["step"]), int(fields["attributes"])
+    step, n_attributes, variant = int(fields["step"]), int(fields["attributes"]), str(fields["variant"])
+    if variant not in ("dd", "df") or n_attributes != len(cloak.labels):
+        raise ValueError(f"an AttrCloak step for variant {variant!r} over {n_attributes} attributes; "
+                         f"this client defends {len(cloak.labels)} with dd or df")  # fmt: skip
     gradients = [
         (torch.as_tensor(read_array_field(fields[f"grad-sums-{j}"])),
          torch.as_tensor(read_array_field(fields[f"grad-outers-{j}"])))
         for j in range(n_attributes)
     ]  # fmt: skip
+    d = len(cloak.current)
+    for label, (sums, outers) in zip(cloak.labels, gradients, strict=True):
+        k = len(sums)
+        if sums.shape != (k, d) or outers.shape != (k, d, d) or label >= k:
+            raise ValueError(f"AttrCloak gradients of shapes {tuple(sums.shape)}, {tuple(outers.shape)} do not fit "
+                             f"this client's {d}-dim embedding and class {label}")  # fmt: skip
+        if not (torch.isfinite(sums).all() and torch.isfinite(outers).all()):
+            raise ValueError("the broadcast AttrCloak gradients are not finite")
     retention = None
-    if str(fields["variant"]) == "dd" and cloak.defending:
+    if variant == "dd" and cloak.defending:
         shared = record_to_arrays(context.state.array_records[CLOAK_SHARED])
         own = DataRetention(model, shared, [data.train_items], [data.client_id], config.model.loss,
                             config.model.negatives, config.run.seed, config.defence.batch)  # fmt: skip

@@ -293,8 +293,13 @@ def encode_defence_step(config: Config, weight: float, lr: float) -> RecordDict:
 
 
 def read_defence_step(content: RecordDict) -> tuple[float, float]:
+    """(weight on the attribute loss, Adam's learning rate), refused unless a weight in [0, 1] and a
+    positive finite rate: a client would otherwise step its embedding to NaN or climb its retention."""
     fields = content.config_records["defence"]
-    return float(fields["weight"]), float(fields["lr"])
+    weight, lr = float(fields["weight"]), float(fields["lr"])
+    if not 0 <= weight <= 1 or not np.isfinite(lr) or lr <= 0:
+        raise ValueError(f"an AttrCloak step needs a weight in [0, 1] and a positive learning rate; got {weight}, {lr}")
+    return weight, lr
 
 
 def encode_regularised_step(
@@ -319,8 +324,13 @@ def read_regularised_step(content: RecordDict) -> tuple[str, list[list[np.ndarra
     arrays = record_to_arrays(content.array_records["gradients"])
     parts = range(int(fields["parts"]))
     gradients = [[arrays[f"{j}.{i}"] for i in parts] for j in range(int(fields["attributes"]))]
-    return (str(fields["method"]), gradients, float(fields["weight"]), float(fields["lr"]), int(fields["clients"]),
-            float(fields["scale"]), int(fields["seed"]))  # fmt: skip
+    weight, lr, scale = float(fields["weight"]), float(fields["lr"]), float(fields["scale"])
+    if not all(np.isfinite(v) for v in (weight, lr, scale)) or weight < 0 or lr <= 0:
+        method = fields["method"]
+        raise ValueError(f"a {method} step needs a finite weight >= 0 and learning rate > 0; got {weight}, {lr}")
+    if not all(np.all(np.isfinite(part)) for gradient in gradients for part in gradient):
+        raise ValueError(f"a {fields['method']} step's broadcast gradients are not finite")
+    return str(fields["method"]), gradients, weight, lr, int(fields["clients"]), scale, int(fields["seed"])
 
 
 def encode_attacker(attacker: Attacker) -> bytes:

@@ -417,6 +417,15 @@ def validate(config: Config) -> Config:
         raise FedUnlearnError(
             "defence.clients = 'listed' needs defence.client_ids, e.g. --set defence.client_ids=[1,2]"
         )
+    weight = config.defence.cloak_weight
+    if weight != -1 and not 0 <= weight <= 1:
+        raise FedUnlearnError(f"defence.cloak_weight must be in [0, 1], or -1 for the min-norm weight; got {weight}")
+    if config.train.aggregation != "mean" and (config.unlearn.method == "fru" or config.unlearn.compare):
+        which = "unlearn.compare tries FRU, whose" if config.unlearn.method != "fru" else "unlearn.method = 'fru':"
+        raise FedUnlearnError(
+            f"{which} replay measures and takes the stored steps as plain means, not train.aggregation = "
+            f"{config.train.aggregation!r}: use train.aggregation = 'mean' or another unlearning method"
+        )
     if config.run.mode != "federated" and (config.unlearn.drop.strip() or config.unlearn.drop_random.strip()):
         mode = config.run.mode
         raise FedUnlearnError(f"a drop schedule needs run.mode = 'federated' (clients leave one), not {mode!r}")

@@ -54,6 +54,10 @@ def test_run_writes_a_complete_results_folder(tmp_path, capsys):
         (["--drop", "99999@3"], "no client '99999'"),
         (["--drop", "3@500"], "use a round from 2 to train.rounds"),
         (["--set", "data.dataset=csv", "--set", "data.path=/nonexistent/x.csv"], "/nonexistent/x.csv"),
+        (["--set", "defence.cloak_weight=2"], "defence.cloak_weight must be in [0, 1], or -1"),
+        (["--set", "defence.cloak_weight=-0.5"], "defence.cloak_weight must be in [0, 1], or -1"),
+        (["--set", "unlearn.method=fru", "--set", "train.aggregation=median"], "'fru': replay measures"),
+        (["--set", "unlearn.compare=true", "--set", "train.aggregation=trimmed-mean"], "unlearn.compare tries FRU"),
     ],
 )
 def test_bad_input_is_one_line_nonzero_and_leaves_no_results(tmp_path, capsys, args, message):

@@ -715,3 +715,33 @@ def test_an_attrcloak_whose_retention_got_no_share_of_the_steps_is_flagged(metho
     report = PrivacyReport(pd.DataFrame(), [], pd.DataFrame(), np.zeros((0, 2)), None, retention_share=share)
     warn_if_retention_idle(config, report)
     assert ("acted as an attribute-only descent" in capsys.readouterr().err) is warned
+
+
+def test_impossible_defence_inputs_are_refused_in_one_line():
+    """What a client or the in-process loop would otherwise take silently: class shares that are no
+    distribution (they put every client in one pseudo-class), a step weight outside [0, 1] or NaN
+    (it climbs the retention loss or makes the embedding NaN), a defending mask of another length
+    (it broadcast), a NaN embedding (it read as singular covariances)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from clients.messages import read_defence_step
+    from fedunlearn.errors import FedUnlearnError
+    from fedunlearn.privacy.attrcloak import attrcloak, null_labels
+
+    for shares in ([0.0, 0.0, 0.0], [np.nan, 0.5, 0.5], [-1.0, 3.0, -1.0]):
+        with pytest.raises(ValueError, match="must be finite, non-negative and sum to 1"):
+            null_labels(0, 1, ["a", "b"], np.array(shares))
+    assert set(null_labels(0, 1, [str(i) for i in range(200)], np.array([0.2, 0.3, 0.5]))) == {0, 1, 2}
+    for weight, lr in ((np.nan, 0.01), (2.0, 0.01), (0.5, 0.0), (0.5, np.inf)):
+        step = RecordDict({"defence": ConfigRecord({"weight": float(weight), "lr": float(lr)})})
+        with pytest.raises(ValueError, match="weight in \\[0, 1\\] and a positive learning rate"):
+            read_defence_step(step)
+    assert read_defence_step(RecordDict({"defence": ConfigRecord({"weight": 0.3, "lr": 0.01})})) == (0.3, 0.01)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 3))
+    attributes = [AttributeClasses("g", np.arange(12) % 2, 2)]
+    with pytest.raises(ValueError, match="defending has 1 flags for 12"):
+        attrcloak(x, attributes, "df", 2, 0.05, np.array([True]))
+    x[3, 1] = np.nan
+    with pytest.raises(FedUnlearnError, match="not finite"):
+        attrcloak(x, attributes, "df", 2, 0.05, np.ones(12, bool))

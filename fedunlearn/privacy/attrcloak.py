@@ -30,6 +30,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.training import recommendation_loss, sample_negatives
 from fedunlearn.models.base import Arrays, SplitModel
 from fedunlearn.privacy.common import AdamState, Aggregator, AttributeClasses, DefenceOutcome, PlainSum, adam_step
@@ -368,6 +369,9 @@ NULL_DRAWS = 8
 def null_labels(seed: int, key: int, client_ids: Sequence[str], shares: np.ndarray) -> np.ndarray:
     """Each client's pseudo-class for null draw `key`: a pure function of (seed, key, its id) and
     the public class shares, so a client on its own device draws what its row draws in-process."""
+    shares = np.asarray(shares, dtype=np.float64)
+    if shares.ndim != 1 or not np.all(np.isfinite(shares)) or np.any(shares < 0) or abs(shares.sum() - 1) > 1e-6:
+        raise ValueError(f"null-level class shares must be finite, non-negative and sum to 1; got {shares.tolist()}")
     uniforms = client_uniforms(seed, Stream.NULL_LABELS, key, list(client_ids))
     return np.minimum(np.searchsorted(np.cumsum(shares), uniforms, side="right"), len(shares) - 1)
 
@@ -585,6 +589,10 @@ def attrcloak(
     started = time.perf_counter()
     if variant == "dd" and retention is None:
         raise ValueError("AttrCloak-DD needs the clients' retention loss (a DataRetention)")
+    if len(defending) != len(embeddings):
+        raise ValueError(f"defending has {len(defending)} flags for {len(embeddings)} clients' embeddings")
+    if not np.all(np.isfinite(embeddings)):
+        raise FedUnlearnError("AttrCloak: some user embeddings are not finite (NaN or inf); the model diverged")
     aggregator = aggregator or PlainSum()
     clients = MatrixClients(embeddings, attributes, variant, lr, defending, retention, aggregator, null)
     trace = cloak(
