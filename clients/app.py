@@ -52,7 +52,7 @@ from fedunlearn.fl.client import local_evaluate, local_membership, local_train
 from fedunlearn.fl.faults import inject
 from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout
 from fedunlearn.fl.training import resolve_device
-from fedunlearn.privacy.attrcloak import fourth_power_contribution, half_labels, null_labels
+from fedunlearn.privacy.attrcloak import fourth_power_contribution, half_labels, null_labels, split_into_levels
 from fedunlearn.privacy.audit import local_outcome
 from fedunlearn.privacy.common import class_contribution, flatten_users
 
@@ -155,9 +155,13 @@ def secure_contribution(msg: Message, context: Context) -> Message:
             classes = classes_of(fields)
             means, global_mean = read_array_field(fields["means"]), read_array_field(fields["global-mean"])
             label = class_index(classes, own_value, attribute)
-            vector = fourth_power_contribution(
+            levels = read_array_field(fields["levels"])
+            if levels.ndim != 1 or not len(levels) or not np.all(np.isfinite(levels)) or np.any(np.diff(levels) <= 0):
+                raise ValueError("the fourth powers' levels must be a finite increasing list of tops")
+            values = fourth_power_contribution(
                 defence.load_cloak(context).original, label, means, global_mean, len(classes)
             )
+            vector = split_into_levels(values, levels).ravel()
         else:
             raise ValueError(f"unknown secure task {task!r}")
     if not np.all(np.isfinite(vector)):

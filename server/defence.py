@@ -32,8 +32,9 @@ D2D-R and U2U-R, per step:
   and takes its Adam step.
 
 Bounds (every contribution must lie within them, else the client refuses and the sum fails):
-class sums CLASS_SUMS_BOUND; fourth powers (1.02 T)^2, where T = sum ||e - mean||^2 over all clients
-is known from the class sums and bounds every single ||e - mean_c||^2; products PRODUCTS_BOUND;
+class sums CLASS_SUMS_BOUND; fourth powers 1, as shares of levels up to (1.02 T)^2, where T = sum
+||e - mean||^2 over all clients is known from the class sums and bounds every single
+||e - mean_c||^2 (`attrcloak.fourth_power_levels`); products PRODUCTS_BOUND;
 D2D-R's features FEATURE_SUMS_BOUND (a one-hot class, and Fourier features within sqrt(2 / F)).
 """
 
@@ -50,7 +51,7 @@ from fedunlearn.config import Config
 from fedunlearn.fl.federation import cached_federation
 from fedunlearn.models.base import Arrays
 from fedunlearn.privacy.attacks import Attacker
-from fedunlearn.privacy.attrcloak import AttributeGradient, cloak
+from fedunlearn.privacy.attrcloak import AttributeGradient, cloak, fourth_power_levels, join_levels
 from fedunlearn.privacy.baselines import FourierFeatures, SumsGradient, regularise
 from fedunlearn.privacy.common import DefenceOutcome
 from fedunlearn.privacy.gaussian import ClassSums
@@ -122,11 +123,14 @@ class FlowerCloakClients:
         return self.on.split_class_sums(attribute, self.class_sums_bound, keys)
 
     def fourth_powers(self, attribute: int, means: np.ndarray, global_mean: np.ndarray) -> np.ndarray:
+        """In levels (`attrcloak.fourth_power_levels`): from the typical value (scatter / n)^2 to
+        (1.02 scatter)^2, a bound no client's ||e - mean_c||^4 can pass."""
         sums = self.sums[attribute]  # the class sums these means came from
-        scatter = float(np.trace(sums.outers.sum(0)) - sums.counts.sum() * global_mean @ global_mean)
-        bound = max(FOURTH_POWER_MARGIN * scatter, 1e-12) ** 2
+        scatter = max(float(np.trace(sums.outers.sum(0)) - sums.counts.sum() * global_mean @ global_mean), 1e-12)
+        tops = fourth_power_levels((scatter / sums.counts.sum()) ** 2, (FOURTH_POWER_MARGIN * scatter) ** 2)
         name, classes = self.on.start.attributes[attribute], self.on.start.classes[attribute]
-        return self.on.pool.fourth_powers(name, classes, means, global_mean, self.on.clients, bound)
+        shares = self.on.pool.fourth_powers(name, classes, means, global_mean, self.on.clients, tops)
+        return join_levels(shares.reshape(len(classes) + 1, len(tops)), tops)
 
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
         return self.on.pool.cloak_products(step, self.variant, gradients, self.on.clients, self.products_bound)
@@ -147,9 +151,9 @@ class FlowerRegularisedClients:
     def scale_sums(self) -> ClassSums:
         """Class sums twice: the first (bound CLASS_SUMS_BOUND) bounds every client's ||e||^2, and
         so its |e_i| and |e_i e_j|, by the total T; the second, within max(1, sqrt T, T) (with a
-        margin), is that much finer."""
+        margin) where that is below CLASS_SUMS_BOUND, is that much finer (else the same)."""
         total = float(np.trace(self.class_sums(0).outers.sum(0)))
-        return self.on.class_sums(0, FOURTH_POWER_MARGIN * max(1.0, np.sqrt(total), total))
+        return self.on.class_sums(0, min(CLASS_SUMS_BOUND, FOURTH_POWER_MARGIN * max(1.0, np.sqrt(total), total)))
 
     def feature_sums(self, attribute: int, phi: FourierFeatures) -> np.ndarray:
         name, classes = self.on.start.attributes[attribute], self.on.start.classes[attribute]

@@ -123,12 +123,13 @@ class PrivacyQueries(ABC):
 
     def fourth_powers(
         self, attribute: str, classes: list[str], means: np.ndarray, global_mean: np.ndarray, clients: list[int],
-        bound: float,
+        levels: np.ndarray,
     ) -> np.ndarray:  # fmt: skip
-        """The sum of each client's `fourth_power_contribution` (original embedding), through SecAgg+."""
-        fields = {"attribute": attribute, "classes": json.dumps(classes)}
+        """The sum of each client's `fourth_power_contribution` (original embedding) split over
+        `levels` (`attrcloak.split_into_levels`, flattened: (K + 1) x L shares), through SecAgg+."""
+        fields = {"attribute": attribute, "classes": json.dumps(classes), "levels": array_field(levels)}
         fields |= {"means": array_field(means), "global-mean": array_field(global_mean)}
-        return self._secure_sum(clients, secure_task(self.config, FOURTH_POWERS, **fields), bound)
+        return self._secure_sum(clients, secure_task(self.config, FOURTH_POWERS, **fields), 1.0)
 
     def cloak_products(
         self, step: int, variant: str, gradients: list[AttributeGradient], clients: list[int], bound: float

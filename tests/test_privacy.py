@@ -745,3 +745,39 @@ def test_impossible_defence_inputs_are_refused_in_one_line():
     x[3, 1] = np.nan
     with pytest.raises(FedUnlearnError, match="not finite"):
         attrcloak(x, attributes, "df", 2, 0.05, np.ones(12, bool))
+
+
+def test_the_fourth_powers_secure_sum_in_levels_stays_exact_at_ml1m_scale():
+    """SecAgg+'s stochastic rounding (flwr's own quantize / dequantize) of 6,040 clients' fourth
+    powers: against the only bound no client can pass, (1.02 x the total scatter)^2, a typical
+    value is far below one grid step and the sum is off by percents; split into levels
+    (`split_into_levels`, each part a share of its level's width, bound 1) it is off by under 1e-4."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from fedunlearn.privacy.attrcloak import fourth_power_levels, join_levels, split_into_levels
+    from server.secure_sum import quantization_range
+
+    rng = np.random.default_rng(11)
+    n = 6040
+    e = rng.standard_t(5, size=(n, 32)) * 0.3  # heavy tails: a few clients far out
+    values = np.linalg.norm(e - e.mean(0), axis=1) ** 4
+    scatter = float(np.sum(np.linalg.norm(e - e.mean(0), axis=1) ** 2))
+    q = quantization_range(n)
+
+    def secure_sum(rows: np.ndarray, bound: float) -> np.ndarray:
+        rounded = quantize([rows], bound, q)[0]
+        return dequantize([rounded.sum(0)], bound, q)[0] - (n - 1) * bound  # n offsets of -bound, one kept
+
+    exact = values.sum()
+    tops = fourth_power_levels((scatter / n) ** 2, (1.02 * scatter) ** 2)
+    shares = split_into_levels(values, tops)
+    assert np.all((shares >= 0) & (shares <= 1)) and np.allclose(join_levels(shares, tops), values, rtol=1e-12)
+    state = np.random.get_state()  # flwr's stochastic rounding draws from numpy's global generator
+    try:
+        np.random.seed(0)
+        plain = [secure_sum(values[:, None], (1.02 * scatter) ** 2)[0] / exact - 1 for _ in range(5)]
+        levelled = [join_levels(secure_sum(shares, 1.0), tops) / exact - 1 for _ in range(5)]
+    finally:
+        np.random.set_state(state)
+    assert np.sqrt(np.mean(np.square(plain))) > 0.03  # the single bound: several percent off
+    assert np.max(np.abs(levelled)) < 1e-4

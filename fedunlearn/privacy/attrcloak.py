@@ -88,6 +88,35 @@ def fourth_power_contribution(
     return out
 
 
+# The fourth powers' secure sum. A bound every client must keep is (sum over all clients of
+# ||e - mean||^2)^2, about n^2 times a typical client's value, and SecAgg+ rounds each value on a
+# grid of 2 bound / Q with Q ~ 2^32 / n: at 6,040 clients the grid step is ~100x a typical value
+# and the global shrinkage came out 0.613 instead of 0.713. So each value is split over levels
+# whose widths grow by LEVEL_RATIO from about the typical value to that bound, each part sent as a
+# share of its level's width (in [0, 1]): a level's rounding error is relative to its own width,
+# and only the few large values reach the wide levels (zero is on the grid exactly).
+LEVEL_RATIO = 16.0
+
+
+def fourth_power_levels(typical: float, largest: float) -> np.ndarray:
+    """Tops of the levels, from LEVEL_RATIO x `typical` up by LEVEL_RATIO to at least `largest`."""
+    tops = [LEVEL_RATIO * max(typical, largest * 1e-30, 1e-300)]
+    while tops[-1] < largest:
+        tops.append(tops[-1] * LEVEL_RATIO)
+    return np.array(tops)
+
+
+def split_into_levels(values: np.ndarray, tops: np.ndarray) -> np.ndarray:
+    """(len(values), L): the part of each value inside each level, as a share of that level's width."""
+    bottoms = np.concatenate([[0.0], tops[:-1]])
+    return np.clip(np.asarray(values, dtype=np.float64)[:, None] - bottoms, 0.0, tops - bottoms) / (tops - bottoms)
+
+
+def join_levels(shares: np.ndarray, tops: np.ndarray) -> np.ndarray:
+    """The values (or their sums) back from `split_into_levels`' shares (or their sums), (., L)."""
+    return shares @ (tops - np.concatenate([[0.0], tops[:-1]]))
+
+
 def shrinkage_from(sums: ClassSums, fourth: np.ndarray) -> np.ndarray:
     """Ledoit-Wolf intensities (K classes, then the global Gaussian) from the class sums and the
     summed fourth powers; a class below MIN_CLASS_USERS gets 1 (it stays out of L_AU anyway)."""
