@@ -119,6 +119,9 @@ class UnlearnConfig(Section):
     user_parts: str = "keep"  # retained clients' user parts when a method rolls the model back: keep | reset
 
 
+RISK_TENTHS = 10  # the local audit's histogram of the attacker's confidence has this many bins (privacy.audit)
+
+
 @dataclass
 class DefenceConfig(Section):
     method: str = "none"  # post-training, on user embeddings: none | attrcloak-dd | attrcloak-df | d2d-r | u2u-r
@@ -416,6 +419,12 @@ def validate(config: Config) -> Config:
     if config.defence.clients == "listed" and not config.defence.client_ids:
         raise FedUnlearnError(
             "defence.clients = 'listed' needs defence.client_ids, e.g. --set defence.client_ids=[1,2]"
+        )
+    tenths = config.defence.risk_threshold * RISK_TENTHS
+    if abs(tenths - round(tenths)) > 1e-9 or not 1 <= round(tenths) < RISK_TENTHS:
+        raise FedUnlearnError(
+            "defence.risk_threshold must be one of 0.1, 0.2, ..., 0.9 (the local audit's secure sum counts the "
+            f"attacker's confidence in tenths: only these match the at-risk rule); got {config.defence.risk_threshold}"
         )
     weight = config.defence.cloak_weight
     if weight != -1 and not 0 <= weight <= 1:

@@ -55,6 +55,7 @@ def test_run_writes_a_complete_results_folder(tmp_path, capsys):
         (["--drop", "3@500"], "use a round from 2 to train.rounds"),
         (["--set", "data.dataset=csv", "--set", "data.path=/nonexistent/x.csv"], "/nonexistent/x.csv"),
         (["--set", "defence.cloak_weight=2"], "defence.cloak_weight must be in [0, 1], or -1"),
+        (["--set", "defence.risk_threshold=0.55"], "defence.risk_threshold must be one of 0.1, 0.2, ..., 0.9"),
         (["--set", "defence.cloak_weight=-0.5"], "defence.cloak_weight must be in [0, 1], or -1"),
         (["--set", "unlearn.method=fru", "--set", "train.aggregation=median"], "'fru': replay measures"),
         (["--set", "unlearn.compare=true", "--set", "train.aggregation=trimmed-mean"], "unlearn.compare tries FRU"),
@@ -238,6 +239,15 @@ def test_tables_show_counts_as_integers_a_missing_value_as_a_dash_and_spread_bes
          "HR@10": [0.6, 0.7], "HR@10_std": [0.01, 0.02]}  # fmt: skip
     )
     assert [row.split("|")[3].strip() for row in readable(over_seeds).splitlines()[2:]] == ["55.0 ± 5.0", "60"]
+    ratios = pd.DataFrame(  # a ratio every seed agrees on is no count, whatever its mean times the seeds
+        {"method": ["a", "b", "c"], "seeds": [2, 2, 1], "speedup": [2.5, 1.5, 3.0], "speedup_std": [0.0, 0.0, np.nan]}
+    )
+    shown = [row.split("|")[3].strip() for row in readable(ratios).splitlines()[2:]]
+    assert shown == ["2.5000 ± 0.0000", "1.5000 ± 0.0000", "3.0000"]
+    rounds = pd.DataFrame(  # a round from one seed in a table of several: no "± nan"
+        {"method": ["a", "b"], "seeds": [2, 1], "round": [55.5, 60.0], "round_std": [0.7, np.nan]}
+    )
+    assert [row.split("|")[3].strip() for row in readable(rounds).splitlines()[2:]] == ["55.5 ± 0.7", "60"]
 
 
 def test_a_run_that_ranks_no_better_than_popularity_is_flagged(tmp_path, capsys):

@@ -614,3 +614,33 @@ def test_fru_rewrites_a_checkpoint_whose_round_lost_every_participant_to_an_earl
     assert 5 in stored[12] and 6 in replayed[10] and 4 in replayed[10]  # event 10 replayed across round 5
     for key, value in stored[12][5].items():  # what event 12 reads at round 5: event 10's replayed model
         np.testing.assert_array_equal(value, replayed[10][6][key])
+
+
+def test_each_run_is_judged_against_its_own_retrain_and_initial_parameters():
+    """An experiment with a second Retrain (other training draws, as the twins experiment) compares
+    every method with the Retrain that differs from it only in the method, and Retrain's twin with
+    itself; the cosine to Retrain measures moves from the parameters the run really started from
+    (its training seed and model.init_std), which a row tells by its `initial`."""
+    from fedunlearn.config import derive
+    from fedunlearn.fl.comparison import _initial, initial_key, reference_key
+    from fedunlearn.models import build_model
+    from fedunlearn.seeding import Stream, rng_for
+
+    config = load_config(None, SMALL)
+    twin = derive(config, {"run.train_seed": 11})
+    federaser = derive(config, {"unlearn.method": "federaser", "unlearn.dt": 3})
+    assert reference_key(federaser) == reference_key(config) != reference_key(twin)
+    base = {"model": "mf", "seed": 0, "event": 4, "optimizer_steps": 10, "unlearn_seconds": 1.0}
+    rows = [
+        base | {"method": "retrain", "client_epochs": 100.0, "retrain_key": reference_key(config)},
+        base | {"method": "retrain", "client_epochs": 80.0, "retrain_key": reference_key(twin)},
+        base | {"method": "federaser", "client_epochs": 10.0, "retrain_key": reference_key(federaser)},
+    ]
+    compare_with_retrain(rows, [None, None, None])
+    assert [row["speedup"] for row in rows] == [1.0, 1.0, 10.0]  # not 8.0 against the twin listed last
+
+    drawn = derive(config, {"run.train_seed": 11, "model.init_std": 0.5})
+    started = build_model(drawn.model, 200).init_shared(rng_for(11, Stream.SHARED_INIT))
+    row = {"model": "mf", "seed": 0, "initial": initial_key(drawn)}
+    for key, value in _initial(row, started).items():
+        np.testing.assert_array_equal(value, started[key])

@@ -1,8 +1,11 @@
-"""Each unlearning run against the Retrain run of the same model, seed and event: speedups and the
-distance of the unlearned shared parameters to Retrain's."""
+"""Each unlearning run against its Retrain run (the same model, seed, event and everything but the
+method: `reference_key`): speedups and the distance of the unlearned shared parameters to Retrain's."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -19,7 +22,7 @@ def compare_with_retrain(rows: list[dict[str, Any]], unlearned: list[Arrays | No
     unlearning (where they were kept: None skips the distance); the cosine is between the changes
     from the common initial parameters."""
     def key(row: dict[str, Any]) -> tuple[Any, ...]:
-        return row["model"], row["seed"], row.get("event")
+        return row["model"], row["seed"], row.get("event"), _text(row.get("retrain_key"))
 
     retrains = {key(r): i for i, r in enumerate(rows) if r.get("method") == "retrain"}
     for row, params in zip(rows, unlearned, strict=True):
@@ -41,11 +44,36 @@ def compare_with_retrain(rows: list[dict[str, Any]], unlearned: list[Arrays | No
         row["cosine_to_retrain"] = float(moved @ ref_moved / (np.linalg.norm(moved) * np.linalg.norm(ref_moved)))
 
 
+def reference_key(config: Config) -> str:
+    """What a Retrain run shares with the unlearning runs it is the reference of: the data, model,
+    training and evaluation settings, both seeds and the drop schedule, not the method or its own
+    settings (an experiment may hold several Retrains, e.g. with other training draws)."""
+    unlearn, run = config.unlearn, config.run
+    sections = ("data", "model", "train", "eval")
+    parts: dict[str, Any] = {section: asdict(getattr(config, section)) for section in sections}
+    parts |= {"seed": run.seed, "train_seed": run.training_seed(), "drop": unlearn.drop, "random": unlearn.drop_random}
+    parts |= {"poison": unlearn.poison, "boost": unlearn.poison_boost, "target": unlearn.target_item}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def initial_key(config: Config) -> str:
+    """How the run's initial shared parameters were drawn: its training seed and model.init_std."""
+    return f"{config.run.training_seed()}:{config.model.init_std!r}"
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None  # a row from before the key (or a CSV's NaN): none
+
+
 def _initial(row: dict[str, Any], params: Arrays) -> Arrays:
-    settings = settings_of(row["model"], params)
-    config = derive(Config(), {f"model.{key}": value for key, value in settings.items()})
+    seed, init_std = row["seed"], None
+    if _text(row.get("initial")):
+        seed_text, std_text = str(row["initial"]).split(":")
+        seed, init_std = int(seed_text), float(std_text)
+    settings = {f"model.{key}": value for key, value in settings_of(row["model"], params).items()}
+    config = derive(Config(), settings | ({} if init_std is None else {"model.init_std": init_std}))
     n_items = params[model_class(row["model"]).row_keys[0]].shape[0]
-    return build_model(config.model, n_items).init_shared(rng_for(row["seed"], Stream.SHARED_INIT))
+    return build_model(config.model, n_items).init_shared(rng_for(seed, Stream.SHARED_INIT))
 
 
 TARGETS_AGAINST_RETRAIN = {"HR@10": 0.02, "ER@10": 0.02, "MIA_AUC": 0.03}  # issue 12: |method - Retrain| within

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedunlearn.config import AuditConfig, Config
+from fedunlearn.config import RISK_TENTHS, AuditConfig, Config
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.privacy.attacks import Attacker, attack_metrics, shadow_split, train_attacker
 from fedunlearn.privacy.common import Aggregator, PlainSum
 
-CONFIDENCE_BINS = 10
+CONFIDENCE_BINS = RISK_TENTHS  # defence.risk_threshold is a multiple of 1 / CONFIDENCE_BINS (config)
 
 
 @dataclass
@@ -102,7 +102,7 @@ def local_audit(
     total = aggregator.total(outcomes)
     correct, counts = total[:k], total[k : 2 * k]
     histogram = total[2 * k :].reshape(k, CONFIDENCE_BINS)
-    at_risk = histogram[:, int(np.ceil(threshold * CONFIDENCE_BINS)) :].sum(1)
+    at_risk = histogram[:, round(threshold * CONFIDENCE_BINS) :].sum(1)  # confidence >= threshold
     present = counts > 0
     return {
         "accuracy": float(correct.sum() / counts.sum()),

@@ -27,7 +27,7 @@ import pandas as pd
 
 from fedunlearn.config import Config, apply_mapping, load_overrides, read_toml, validate
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.fl.comparison import compare_with_retrain
+from fedunlearn.fl.comparison import compare_with_retrain, initial_key, reference_key
 from fedunlearn.fl.rounds import COMPARED
 from fedunlearn.models.base import Arrays
 from fedunlearn.runs.results import FINAL, lock_folder, partial_of, staged, unlock, write_config, write_run
@@ -116,6 +116,7 @@ def _rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]
         | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"], "client_epochs": event["client_epochs"]}
         | {"optimizer_steps": event["optimizer_steps"]}
         | {"history_bytes": event["history_bytes"]["total"], "seconds": info["seconds"]}
+        | {"retrain_key": reference_key(config), "initial": initial_key(config)}
         for event in result.events
     ]
 

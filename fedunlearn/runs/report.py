@@ -162,7 +162,7 @@ def unlearning_rows(runs: list[RunFolder]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame()
     rows = _speedups_now(pd.concat(frames, ignore_index=True))
-    keep = ["run", "model", "method", "event", "seed", *(c for c in UNLEARNING_COLUMNS if c in rows.columns)]
+    keep = ["run", "setting", "model", "method", "event", "seed", *(c for c in UNLEARNING_COLUMNS if c in rows.columns)]
     return rows[[c for c in keep if c in rows.columns]]
 
 

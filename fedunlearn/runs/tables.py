@@ -20,11 +20,19 @@ def _is_count(values: pd.Series, std: pd.Series | None) -> bool:
 
 def _is_count_over_seeds(values: pd.Series, std: pd.Series | None, seeds: pd.Series | None) -> bool:
     """Means of integers over seeds (a round, a number of clients): each mean times its seed count
-    is a whole number, and some value is above 1 (not a rate)."""
+    is a whole number, a mean the seeds agree on (no spread) is itself whole (2.5 in every seed is
+    a ratio, not a count), and some value is above 1 (not a rate)."""
     if std is None or seeds is None:
         return False
-    rows = [(float(v), float(n)) for v, n in zip(values, seeds, strict=True) if _finite(v) and _finite(n)]
-    return bool(rows) and all(abs(v * n - round(v * n)) < 1e-6 for v, n in rows) and max(abs(v) for v, _ in rows) > 1
+    rows = [(float(v), float(n), s) for v, n, s in zip(values, seeds, std, strict=True) if _finite(v) and _finite(n)]
+    whole = all(abs(v * n - round(v * n)) < 1e-6 for v, n, _ in rows)
+    agreed_whole = all(v == round(v) for v, _, s in rows if not _spread(s))
+    return bool(rows) and whole and agreed_whole and max(abs(v) for v, _, _ in rows) > 1
+
+
+def _spread(std: Any) -> bool:
+    """Whether a std says the seeds differ (NaN: a single seed, no spread)."""
+    return _finite(std) and std != 0
 
 
 def _finite(value: Any) -> bool:
@@ -56,7 +64,7 @@ def readable_cells(table: pd.DataFrame, digits: int = 4) -> tuple[pd.DataFrame, 
         for row, value in enumerate(values):
             if not _finite(value):
                 cells.append("-")
-            elif count or (counts_over_seeds and not std.iloc[row]):  # type: ignore[union-attr]
+            elif count or (counts_over_seeds and not _spread(std.iloc[row])):  # type: ignore[union-attr]
                 cells.append(str(int(round(float(value)))))
             elif counts_over_seeds:
                 cells.append(f"{float(value):.1f} ± {float(std.iloc[row]):.1f}")  # type: ignore[union-attr]
