@@ -49,3 +49,6 @@ def test_best_valid_selection_picks_by_validation_not_test():
     ]
     assert select_final(rows, "best_valid")["round"] == 10  # earliest of the best, whatever HR@10 says
     assert select_final(rows, "last")["round"] == 20
+    # a drop event before round 15: round 10's model still held the leaving clients
+    assert select_final(rows, "best_valid", unlearned_at=15)["round"] == 15
+    assert select_final(rows, "best_valid", unlearned_at=16)["round"] == 20

@@ -13,7 +13,7 @@ from fedunlearn.models.mf import MF
 IDS = ["a", "b", "c", "d"]
 MODEL = MF(n_items=10, dim=3, init_std=0.1)
 SHARED = MODEL.init_shared(np.random.default_rng(0))
-LIMITS = ReplyLimits.of(MODEL, SHARED, IDS, np.array([5, 5, 5, 5]), test_negatives=9, full_ranking=False)
+LIMITS = ReplyLimits.of(MODEL, SHARED, IDS, np.array([5, 5, 5, 5]), 9, full_ranking=False, max_epochs=2.0)
 
 
 def upload(client="a", items=(1, 4, 7), scale=0.1, examples=3):
@@ -54,6 +54,9 @@ def test_a_well_formed_upload_passes_unchanged():
         (replace(upload(), steps=0), "steps"),
         (replace(upload(), steps=4), "steps"),  # 3 examples in one epoch make at most 3 minibatches
         (replace(upload(), epochs=2.0, steps=7), "steps"),
+        (replace(upload(), epochs=1e9, steps=1), "epochs"),  # it would count 1e9 client-epochs in the costs
+        (replace(upload(), epochs=0.0), "epochs"),
+        (upload(examples=2.5), "num_examples"),
     ],
 )
 def test_each_malformed_upload_is_rejected_for_its_reason(broken, reason):
@@ -88,6 +91,7 @@ def test_an_upload_far_above_the_median_norm_is_rejected_and_cannot_raise_the_ba
         (ClientEvaluation("a", rank=10, valid_rank=0, full_rank=-1), "rank_range"),  # only 9 negatives
         (ClientEvaluation("a", rank=0, valid_rank=0, full_rank=3), "rank_range"),  # no full ranking was asked
         (ClientEvaluation("a", rank=0, valid_rank=0, full_rank=-1, target_rank=10), "rank_range"),
+        (ClientEvaluation("a", rank=2.5, valid_rank=0, full_rank=-1), "rank_range"),  # a rank is a count
         (ClientEvaluation("b", rank=0, valid_rank=0, full_rank=-1), "spoof_id"),
     ],
 )

@@ -644,3 +644,49 @@ def test_each_run_is_judged_against_its_own_retrain_and_initial_parameters():
     row = {"model": "mf", "seed": 0, "initial": initial_key(drawn)}
     for key, value in _initial(row, started).items():
         np.testing.assert_array_equal(value, started[key])
+
+
+def test_accum_leaves_no_stored_model_holding_a_removed_client(tmp_path):
+    """FedAccum reads only the first checkpoint, but a later event's history keeps them all: each
+    checkpoint after the first is replaced by the model its replay reached (the bug: they stayed,
+    each holding the removed client's updates)."""
+    overrides = ["unlearn.method=accum", "unlearn.dt=2"]
+    server, history, _ = server_for(tmp_path, overrides, drop="3@4;7@6")
+    before, after, remove = {}, {}, server.remove
+
+    def looking_around(round_number, leaving):
+        if round_number == 4:
+            before.update({c: history.checkpoint(c) for c in history.checkpoint_rounds()})
+            remove(round_number, leaving)
+            after.update({c: history.checkpoint(c) for c in history.checkpoint_rounds()})
+        else:
+            remove(round_number, leaving)
+
+    server.remove = looking_around
+    server.run()
+    assert sorted(before) == [1, 3]
+    for key, value in before[1].items():  # the initial model holds no one
+        np.testing.assert_array_equal(after[1][key], value)
+    assert any(not np.array_equal(after[3][key], value) for key, value in before[3].items())
+
+
+def test_retrain_counts_the_history_it_rewrites_once(tmp_path):
+    """Retrain clears the history and records rounds 1..r-1 again without the leaving clients: at
+    the next event, what keeping every full update would take is then less than for a run that
+    kept them (the bug counted those rounds twice, more)."""
+    bytes_at_event = {}
+    for method in ("none", "retrain"):
+        server, _, _ = server_for(tmp_path, [f"unlearn.method={method}"], drop="3,5@4;7@6")
+        result = server.run()
+        bytes_at_event[method] = result.events[1]["history_bytes"]["every_full_update"]
+    assert 0 < bytes_at_event["retrain"] < bytes_at_event["none"]
+
+
+def test_stored_updates_never_wrap_or_turn_infinite():
+    from fedunlearn.errors import FedUnlearnError
+    from fedunlearn.fl.history import _encoded
+
+    (_, stored), (_, scale) = _encoded("rows", np.array([[2e-42, -1e-42]], dtype=np.float32), "int8")
+    assert stored[0, 0] > 0 and stored[0, 1] <= 0  # a subnormal scale: clipped to 127, not wrapped to -126
+    with pytest.raises(FedUnlearnError, match="beyond float16's range"):
+        _encoded("rows", np.array([[7e4, 1.0]], dtype=np.float32), "float16")

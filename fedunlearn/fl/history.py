@@ -75,11 +75,19 @@ def _encoded(name: str, value: np.ndarray, dtype: str) -> list[tuple[str, np.nda
     """A stored tensor in `dtype`; int8 keeps one float32 scale per row (per client for dense layers,
     whose first axis is the client), max |value| / 127, stored beside it as `<name>.scale`."""
     if dtype != "int8":
-        return [(name, value.astype(dtype))]
+        with np.errstate(over="ignore"):  # checked below, with a message that names the fix
+            stored = value.astype(dtype)
+        if not np.all(np.isfinite(stored)):  # float16 ends at 65504: the cast would store inf
+            raise FedUnlearnError(
+                f"a stored update of {name} lies beyond {dtype}'s range (largest |value| "
+                f"{float(np.abs(value).max()):.3g}): use unlearn.history_dtype = 'int8' or 'float32'"
+            )
+        return [(name, stored)]
     axes = tuple(range(1, value.ndim))
     scale = np.abs(value).max(axis=axes, keepdims=True) / 127.0 if value.size else np.ones((0,) + (1,) * len(axes))
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return [(name, np.round(value / scale).astype(np.int8)), (f"{name}.scale", scale)]
+    # clipped: a subnormal scale rounds down in float32, and the quotient may pass 127 and wrap
+    return [(name, np.clip(np.round(value / scale), -127, 127).astype(np.int8)), (f"{name}.scale", scale)]
 
 
 def _encoded_ids(name: str, ids: np.ndarray, offsets: np.ndarray) -> tuple[str, np.ndarray]:
@@ -379,8 +387,8 @@ class HistoryStore(Database):
         """Drop every stored round (Retrain rewrites the history from round 1)."""
         self._cache = {}
         with self.transaction():
-            for table in ("participation", "sizes", "checkpoints", "round_updates", "round_tensors"):
-                self.db.execute(f"DELETE FROM {table}")
+            for table in ("participation", "sizes", "checkpoints", "round_updates", "round_tensors", "accounting"):
+                self.db.execute(f"DELETE FROM {table}")  # accounting too: Retrain counts its rounds again
 
     def bytes_by_kind(self) -> dict[str, int]:
         """Bytes of stored arrays by kind, and what keeping every full float32 update of every round would take."""

@@ -33,7 +33,8 @@ REASONS = (
     "inf",
     "shape",  # missing / extra tensors, wrong shapes or dtypes
     "item_range",  # item ids outside the catalogue, repeated, or not integers
-    "num_examples",  # not in 1 .. what the client holds
+    "num_examples",  # not a whole number in 1 .. what the client holds
+    "epochs",  # not in (0, the most any call asks: train.local_epochs x max(1, unlearn.r, unlearn.lam)]
     "steps",  # optimizer steps not in 1 .. examples x epochs (a minibatch holds at least one example)
     "norm",  # an upload over train.reject_norm_ratio x the round's median norm
     "rank_range",  # an evaluation rank outside what the client can rank
@@ -62,12 +63,14 @@ class ReplyLimits:
     test_negatives: int
     n_items: int
     full_ranking: bool
+    max_epochs: float = math.inf  # the most epochs any training call asks for
 
     @classmethod
     def of(cls, model: SplitModel, shared: Arrays, client_ids: list[str], max_examples: np.ndarray,
-           test_negatives: int, full_ranking: bool) -> ReplyLimits:  # fmt: skip
+           test_negatives: int, full_ranking: bool, max_epochs: float = math.inf) -> ReplyLimits:  # fmt: skip
         shapes = {key: tuple(value.shape) for key, value in shared.items()}
-        return cls(client_ids, shapes, tuple(model.row_keys), max_examples, test_negatives, model.n_items, full_ranking)
+        return cls(client_ids, shapes, tuple(model.row_keys), max_examples, test_negatives, model.n_items, full_ranking,
+                   max_epochs)  # fmt: skip
 
 
 def _values_problem(arrays: list[np.ndarray]) -> str:
@@ -102,8 +105,10 @@ def update_problem(update: ClientUpdate, sender: int, limits: ReplyLimits) -> st
     problem = _values_problem([*update.rows.values(), *update.dense.values(), np.array([update.loss, update.epochs])])
     if problem:
         return problem
-    if not 1 <= update.num_examples <= limits.max_examples[sender]:
+    if not 1 <= update.num_examples <= limits.max_examples[sender] or update.num_examples != int(update.num_examples):
         return "num_examples"
+    if not 0 < update.epochs <= limits.max_epochs + 1e-9:  # claimed epochs count in the unlearning costs
+        return "epochs"
     if not 1 <= update.steps <= update.num_examples * math.ceil(update.epochs):  # a minibatch holds >= 1 example
         return "steps"
     return ""
@@ -113,7 +118,8 @@ def evaluation_problem(evaluation: ClientEvaluation, sender: int, limits: ReplyL
     if evaluation.client_id != limits.client_ids[sender]:
         return "spoof_id"
     ranked = (evaluation.rank, evaluation.valid_rank)
-    if not all(0 <= rank <= limits.test_negatives for rank in ranked):
+    whole = all(rank == int(rank) for rank in (*ranked, evaluation.full_rank, evaluation.target_rank))
+    if not whole or not all(0 <= rank <= limits.test_negatives for rank in ranked):
         return "rank_range"
     full_ok = 0 <= evaluation.full_rank < limits.n_items if limits.full_ranking else evaluation.full_rank == -1
     if not full_ok or not -1 <= evaluation.target_rank < limits.n_items:

@@ -177,12 +177,15 @@ def activity_metrics(evaluations: list[ClientEvaluation], activity: dict[str, in
     return metrics
 
 
-def select_final(rows: list[dict[str, float]], select: str) -> dict[str, float]:
+def select_final(rows: list[dict[str, float]], select: str, unlearned_at: int = 0) -> dict[str, float]:
     """The reported row: the last evaluated round, or the one with the best validation HR@10
-    (earliest on ties), so the test item never chooses the model it is judged on."""
+    (earliest on ties), so the test item never chooses the model it is judged on. With drop
+    events only rounds from the last one on (`unlearned_at`) compete: an earlier round's model
+    still held the clients that left, and was judged on them too."""
     if select == "last":
         return dict(rows[-1])
-    return dict(max(rows, key=lambda row: row["valid_HR@10"]))
+    after = [row for row in rows if row["round"] >= unlearned_at] or rows[-1:]
+    return dict(max(after, key=lambda row: row["valid_HR@10"]))
 
 
 class FederatedServer:
@@ -231,6 +234,7 @@ class FederatedServer:
         self.limits = ReplyLimits.of(
             self.model, self.initial, client_ids, max_examples(federation, config.unlearn),
             config.data.test_negatives, config.eval.full_ranking,
+            config.train.local_epochs * max(1.0, config.unlearn.r, config.unlearn.lam),
         )  # fmt: skip
         self.rejected = fresh_counts()
         self.losses: list[float] = []  # each round's mean training loss
@@ -546,7 +550,8 @@ class FederatedServer:
         reasons = sorted({key for row in result.rounds for key in row if key.startswith("rejected_")})
         for row in result.rounds:  # the same columns in every row
             row |= {key: row.get(key, 0) for key in reasons}
-        result.final = select_final(result.rounds, self.config.eval.select)
+        last_event = max((event["round"] for event in self.events), default=0)
+        result.final = select_final(result.rounds, self.config.eval.select, last_event)
         result.rejected = {kind: dict(sorted(counts.items())) for kind, counts in self.rejected.items()}
         result.shared = self.shared
         result.events = self.events
