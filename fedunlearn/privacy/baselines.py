@@ -98,6 +98,8 @@ def u2u_loss(sums: ClassSums) -> tuple[float, torch.Tensor, torch.Tensor]:
     outers = torch.tensor(sums.outers, dtype=torch.float64, requires_grad=True)
     n = counts.sum()
     pairs = (n**2 - (counts**2).sum()) / 2
+    if pairs <= 0:  # every client in one class: no cross-group pair to pull together (0 / 0 was NaN)
+        return 0.0, torch.zeros_like(class_sums), torch.zeros_like(outers)
     squares = torch.diagonal(outers, dim1=-2, dim2=-1).sum(-1)
     total = ((n - counts) * squares).sum() - ((class_sums.sum(0) ** 2).sum() - (class_sums**2).sum())
     loss = total / pairs

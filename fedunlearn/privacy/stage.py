@@ -225,6 +225,8 @@ def privacy_stage(
             with one_blas_thread():
                 outcome = (defend or central)(trial, defending, attackers)
             assert outcome.embeddings is not None, "a Defend returns the defended embeddings"
+            if not np.all(np.isfinite(outcome.embeddings)):
+                raise FedUnlearnError(f"{method} left non-finite user embeddings (NaN or inf): lower defence.lr")
             users_after = unflatten_users(users, outcome.embeddings)
             after, _ = privacy_table({"embedding": outcome.embeddings}, attributes, config, aggregator)
             after.insert(0, "defence", method)
@@ -237,7 +239,7 @@ def privacy_stage(
         if method == config.defence.method:
             kept = users_after
             report.users_after = outcome.embeddings
-            report.defence_seconds, report.retention_share = outcome.seconds, after["retention_share"].iloc[0]
+            report.defence_seconds, report.retention_share = outcome.seconds, retention_share(method, outcome)
     report.table = pd.concat([table, *(tables[method] for method in methods)], ignore_index=True)
     report.defending = int(defending.sum())
     return report, kept
