@@ -690,3 +690,32 @@ def test_stored_updates_never_wrap_or_turn_infinite():
     assert stored[0, 0] > 0 and stored[0, 1] <= 0  # a subnormal scale: clipped to 127, not wrapped to -126
     with pytest.raises(FedUnlearnError, match="beyond float16's range"):
         _encoded("rows", np.array([[7e4, 1.0]], dtype=np.float32), "float16")
+
+
+@pytest.mark.parametrize("method", ["federaser", "fru"])
+def test_a_retained_client_whose_recalibration_was_rejected_leaves_the_rewritten_round(tmp_path, method):
+    """At the first event one retained client's calibration / replay reply is lost (as a rejected
+    one is): its stored update of that round was trained on the model being erased, so the
+    rewritten round must not keep it for the next event (the bug: it stayed beside the new ones)."""
+    server, history, _ = server_for(tmp_path, [f"unlearn.method={method}", "unlearn.dt=2"], drop="3@4;7@6")
+    train, lost = server.train_clients, "5"
+
+    def losing_one(round_number, clients, shared, epochs=None, ascent=False):
+        updates = train(round_number, clients, shared, epochs, ascent)
+        if epochs is not None and server.handled == 4:  # the first event's calibration or replay
+            updates = [u for u in updates if u.client_id != lost]
+        return updates
+
+    server.train_clients = losing_one
+    seen, remove = {}, server.remove
+
+    def looking_around(round_number, leaving):
+        remove(round_number, leaving)
+        if round_number == 4:
+            seen.update({r: set(history.participants(r)) for r in history.rounds()})
+
+    server.remove = looking_around
+    server.run()
+    rewritten = [r for r in seen if r < 4 and (method == "fru" or r in (1, 3)) and r > 1]
+    assert rewritten and all(lost not in seen[r] for r in rewritten)
+    assert all("3" not in clients for clients in seen.values())

@@ -263,6 +263,28 @@ class HistoryStore(Database):
             self._put_kept(round_number, updates, replacing=True)
             self._put_sizes(round_number, updates)
 
+    def drop_from_round(self, round_number: int, client_ids: list[str]) -> None:
+        """Remove these clients from one stored round: a calibration or replay whose reply from them
+        was rejected leaves no new update, and the old one was trained on the model being erased."""
+        if not client_ids:
+            return
+        dropping = set(client_ids)
+        with self.transaction():
+            for table in ("participation", "sizes"):
+                self.db.executemany(
+                    f"DELETE FROM {table} WHERE round = ? AND client_id = ?", [(round_number, c) for c in client_ids]
+                )
+            for kind, clients in self.db.execute(
+                "SELECT kind, clients FROM round_updates WHERE round = ?", (round_number,)
+            ).fetchall():
+                if dropping & set(json.loads(clients)):
+                    self._repack_without(round_number, kind, dropping)
+
+    def _repack_without(self, round_number: int, kind: str, dropping: set[str]) -> None:
+        """Store one round's updates again without these clients."""
+        pairs = [p for p in self._round(round_number, kind).all() if p[0].client_id not in dropping]
+        self._put_round(round_number, kind, PackedUpdates.pack([u for u, _ in pairs], [t for _, t in pairs]))
+
     # ---- reading -------------------------------------------------------------------------------
 
     def rounds(self) -> list[int]:
@@ -378,9 +400,7 @@ class HistoryStore(Database):
                 "SELECT round, kind, clients FROM round_updates"
             ).fetchall():
                 if leaving & set(json.loads(clients)):
-                    pairs = [p for p in self._round(round_number, kind).all() if p[0].client_id not in leaving]
-                    packed = PackedUpdates.pack([u for u, _ in pairs], [t for _, t in pairs])
-                    self._put_round(round_number, kind, packed)
+                    self._repack_without(round_number, kind, leaving)
         self.vacuum()
 
     def clear(self) -> None:

@@ -41,5 +41,6 @@ def federaser(server: UnlearningServer, round_number: int, forgotten: list[int])
             server.calibrations.extend((checkpoint, u) for u in updates)
             if rewrite:
                 history.replace_updates(checkpoint, updates)
+                history.drop_from_round(checkpoint, sorted(set(participants) - {u.client_id for u in updates}))
         shared = server.aggregate(shared, updates)
     return shared

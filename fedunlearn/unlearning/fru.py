@@ -50,6 +50,7 @@ def fru(server: UnlearningServer, round_number: int, forgotten: list[int]) -> Ar
         shared = apply_delta(shared, step)
         if rewrite:
             history.replace_updates(replayed, replayed_updates(fresh, scale, stored))
+            history.drop_from_round(replayed, sorted(set(participants) - {u.client_id for u in fresh}))
     return shared
 
 
