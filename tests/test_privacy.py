@@ -478,7 +478,30 @@ def test_pseudo_items_hide_the_touched_set_and_ldp_clips_before_adding_noise():
     total = np.sqrt((clipped.rows["item_emb"] ** 2).sum() + (clipped.dense["w"] ** 2).sum())
     assert total == pytest.approx(1.0, rel=1e-4)
     noisy = privatize(update, "laplace", clip=1.0, epsilon=0.5, delta=0.0, rng=np.random.default_rng(0))
-    assert np.abs(noisy.rows["item_emb"]).mean() > 1.0  # Laplace scale C / epsilon = 2 dominates the clipped rows
+    assert np.abs(noisy.rows["item_emb"]).mean() > 1.0  # Laplace scale 2C / epsilon = 4 dominates the clipped rows
+
+
+@pytest.mark.parametrize("epsilon", [0.5, 8.0, 128.0])
+def test_ldp_gaussian_noise_is_exactly_as_private_as_labelled(epsilon):
+    """The noise privatize adds is the smallest sigma whose hockey-stick divergence between two
+    uploads 2C apart (local DP: any two of the client's contributions) is delta at epsilon, checked
+    by integrating that divergence numerically; the classical sqrt(2 ln(1.25 / delta)) / epsilon
+    used before gave epsilon 8 the privacy of about 19."""
+    from fedunlearn.fl.updates import ClientUpdate
+    from fedunlearn.fl.uploads import gaussian_epsilon, gaussian_sigma, privatize
+
+    clip, delta = 1.0, 1e-5
+    sigma = gaussian_sigma(2 * clip, epsilon, delta)
+    y = np.linspace(-60 * sigma, 60 * sigma + 2 * clip, 2_000_001)
+    density = np.exp(-(y**2) / (2 * sigma**2)) / (sigma * np.sqrt(2 * np.pi))
+    ratio = np.exp(np.minimum(epsilon + (2 * y * 2 * clip - (2 * clip) ** 2) / (2 * sigma**2), 50.0))
+    divergence = np.sum(density * np.maximum(0.0, 1 - ratio)) * (y[1] - y[0])
+    assert divergence == pytest.approx(delta, rel=1e-3)
+    zero = ClientUpdate("u", 1, np.arange(500), {"item_emb": np.zeros((500, 200), np.float32)}, {}, 0.0)
+    noise = privatize(zero, "gaussian", clip, epsilon, delta, np.random.default_rng(1)).rows["item_emb"]
+    assert noise.std() == pytest.approx(sigma, rel=0.01)
+    classical = clip * np.sqrt(2 * np.log(1.25 / delta)) / 8.0
+    assert gaussian_epsilon(classical, 2 * clip, delta) > 18  # the old label's true epsilon at delta 1e-5
 
 
 @pytest.mark.parametrize("model", ["mf", "ncf"])

@@ -5,11 +5,14 @@
   from one Gaussian fitted to the real rows, or (`mimic`) as jittered copies of real rows, so that
   the upload-structure attack's sign split (privacy.upload_attack) reads fake items as positives
   in the proportion real rows are.
-- `privatize`: local differential privacy on the whole shared-parameter change: clip to norm C,
-  add Gaussian noise (sigma = C sqrt(2 ln(1.25 / delta)) / epsilon: (epsilon, delta)-DP per upload
-  for a client's whole contribution, add/remove sensitivity C, L2) or Laplace noise (L1 clip,
-  scale C / epsilon: epsilon-DP). It protects the values of the sent rows, not which rows are sent:
-  combine it with pseudo-items for that.
+- `privatize`: local differential privacy on the whole shared-parameter change, per upload: clip
+  to norm C, then add Gaussian noise (L2) or Laplace noise (L1 clip). Local DP protects any two
+  contributions of the client from each other, and two clipped uploads can lie 2C apart, so the
+  sensitivity is 2C (not the add/remove C of central DP). Gaussian: the smallest sigma that is
+  (epsilon, delta)-DP by the analytic calibration (`gaussian_sigma`; the classical
+  C sqrt(2 ln(1.25 / delta)) / epsilon holds only for epsilon < 1, and gave epsilon 8 the privacy
+  of about 19). Laplace: scale 2C / epsilon, epsilon-DP. It protects the values of the sent rows,
+  not which rows are sent: combine it with pseudo-items for that.
 """
 
 from __future__ import annotations
@@ -17,9 +20,40 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from scipy.special import log_ndtr, ndtr
 
 from fedunlearn.config import DefenceConfig
 from fedunlearn.fl.updates import ClientUpdate
+
+
+def gaussian_delta(sigma: float, sensitivity: float, epsilon: float) -> float:
+    """The delta at which Gaussian noise sigma on an L2 sensitivity is epsilon-DP, exactly (Balle &
+    Wang, ICML 2018, Theorem 8): Phi(D / 2s - e s / D) - exp(e) Phi(-D / 2s - e s / D)."""
+    a, b = sensitivity / (2 * sigma), epsilon * sigma / sensitivity
+    return float(ndtr(a - b) - np.exp(epsilon + log_ndtr(-a - b)))
+
+
+def gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
+    """The smallest sigma whose Gaussian noise is (epsilon, delta)-DP for this L2 sensitivity
+    (bisection on the exact delta, which falls as sigma grows)."""
+    low, high = sensitivity * 1e-6, sensitivity
+    while gaussian_delta(high, sensitivity, epsilon) > delta:
+        low, high = high, 2 * high
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if gaussian_delta(middle, sensitivity, epsilon) > delta else (low, middle)
+    return high
+
+
+def gaussian_epsilon(sigma: float, sensitivity: float, delta: float) -> float:
+    """The smallest epsilon at which Gaussian noise sigma is (epsilon, delta)-DP for this sensitivity."""
+    low, high = 0.0, 1.0
+    while gaussian_delta(sigma, sensitivity, high) > delta:
+        low, high = high, 2 * high
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if gaussian_delta(sigma, sensitivity, middle) > delta else (low, middle)
+    return high
 
 
 def pad_pseudo_items(
@@ -58,10 +92,10 @@ def privatize(
     norm = float(np.linalg.norm(np.concatenate([v.ravel() for v in arrays.values()]), ord=order))
     factor = min(1.0, clip / norm) if norm > 0 else 1.0
     if mechanism == "gaussian":
-        sigma = clip * np.sqrt(2 * np.log(1.25 / delta)) / epsilon
+        sigma = gaussian_sigma(2 * clip, epsilon, delta)  # two clipped uploads lie up to 2C apart
         noisy = {k: (v * factor + rng.normal(0, sigma, v.shape)).astype(v.dtype) for k, v in arrays.items()}
     else:
-        scale = clip / epsilon
+        scale = 2 * clip / epsilon
         noisy = {k: (v * factor + rng.laplace(0, scale, v.shape)).astype(v.dtype) for k, v in arrays.items()}
     return replace(
         update,

@@ -7,6 +7,7 @@ attribute x audit (global, local), with the recommendation quality (HR@10, NDCG@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -193,6 +194,10 @@ def privacy_stage(
     views = {"embedding": before}
     recovery = None
     if uploads is not None and config.audit.uploads:
+        if config.model.negatives < 2:  # one negative per positive: the sides are about the same size
+            print("audit: the upload-structure attack takes the smaller side of an upload for the positives, which "
+                  "needs model.negatives >= 2; with 1 it may swap them (its precision, recall and cosine then read "
+                  "low: a bound of this attacker, not of what the upload gives away)", file=sys.stderr)  # fmt: skip
         views["upload"] = upload_profiles(model, shared, uploads["norms"])
         views["upload-direction"] = uploads["directions"]
         positives = [federation.split.train_of(i) for i in clients]

@@ -6,6 +6,9 @@ negatives along -u (BPR and BCE alike). So the row changes of one upload are clo
 their top right singular vector is +-u's direction, and the sign of each row's projection on it
 splits positives from negatives. Each positive comes with `model.negatives` sampled negatives, so
 the positives are the smaller side; the direction is oriented so that they project positively.
+With `model.negatives = 1` the sides are about the same size and this rule may swap them (the
+split stays right, the labels flip, and precision and cosine read low); the audit says so when it
+runs such a model.
 """
 
 from __future__ import annotations
