@@ -161,6 +161,8 @@ def secure_contribution(msg: Message, context: Context) -> Message:
             values = fourth_power_contribution(
                 defence.load_cloak(context).original, label, means, global_mean, len(classes)
             )
+            if values.max() > levels[-1]:  # the split would clip it silently, below the bound check
+                raise ValueError(f"a fourth power {values.max():.3g} beyond the top level {levels[-1]:.3g}")
             vector = split_into_levels(values, levels).ravel()
         else:
             raise ValueError(f"unknown secure task {task!r}")

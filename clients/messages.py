@@ -140,18 +140,25 @@ def encode_update(update: ClientUpdate) -> RecordDict:
     )
 
 
+def _count(value: Any) -> Any:
+    """A count as sent: an int when it is whole, else the number itself, so the server's checks
+    (fl.replies) see a fractional count instead of one rounded down here."""
+    number = float(value)
+    return int(number) if number.is_integer() else number
+
+
 def decode_update(content: RecordDict) -> ClientUpdate:
     arrays = record_to_arrays(content.array_records["update"])
     metrics = content.metric_records["metrics"]
     return ClientUpdate(
         client_id=client_id_of(content),
-        num_examples=int(metrics["num-examples"]),
+        num_examples=_count(metrics["num-examples"]),
         item_ids=arrays["item_ids"],
         rows={key[5:]: value for key, value in arrays.items() if key.startswith("rows.")},
         dense={key[6:]: value for key, value in arrays.items() if key.startswith("dense.")},
         loss=float(metrics["loss"]),
         epochs=float(metrics["epochs"]),
-        steps=int(metrics["steps"]),
+        steps=_count(metrics["steps"]),
     )
 
 
@@ -191,10 +198,10 @@ def decode_evaluation(content: RecordDict) -> ClientEvaluation:
     metrics = content.metric_records["metrics"]
     return ClientEvaluation(
         client_id_of(content),
-        int(metrics["rank"]),
-        int(metrics["valid-rank"]),
-        int(metrics["full-rank"]),
-        int(metrics["target-rank"]),
+        _count(metrics["rank"]),
+        _count(metrics["valid-rank"]),
+        _count(metrics["full-rank"]),
+        _count(metrics["target-rank"]),
     )
 
 

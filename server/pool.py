@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from clients.messages import (
 )
 from fedunlearn.config import Config
 from fedunlearn.errors import FedUnlearnError
+from fedunlearn.fl.federation import cached_federation
 from fedunlearn.fl.replies import FAILED, TIMEOUT, Reply
 from fedunlearn.fl.rounds import ProgressHook
 from fedunlearn.fl.secure_round import SecureLayout
@@ -179,7 +181,22 @@ class FlowerPool(PrivacyQueries):
 
     def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
         replies, _ = self._send(MEMBERSHIP, 0, clients, shared, lambda _: None)
-        return dict(decode_membership(reply.content) for reply in replies)
+        return self._by_sender(replies, decode_membership, "membership")
+
+    def _by_sender(self, replies: list[Message], decode: Callable[[RecordDict], tuple[str, Any]], what: str
+                   ) -> dict[str, Any]:  # fmt: skip
+        """Decoded replies keyed by client id, each id checked against the node that sent it (the
+        transport's word), once: a reply naming another client would be filed under that client."""
+        federation = cached_federation(self.config.data, self.config.run.seed)
+        out: dict[str, Any] = {}
+        for reply in replies:
+            client_id, value = decode(reply.content)
+            sender = self._sender(reply)
+            if sender < 0 or federation.client_ids[sender] != client_id or client_id in out:
+                raise FedUnlearnError(f"a {what} reply from node {reply.metadata.src_node_id} names client "
+                                      f"{client_id!r}, not its own or twice: refused")  # fmt: skip
+            out[client_id] = value
+        return out
 
     def forget(self, clients: list[int]) -> None:
         self._send(FORGET, 0, clients, None, lambda _: None)

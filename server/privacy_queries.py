@@ -63,12 +63,16 @@ class PrivacyQueries(ABC):
     @abstractmethod
     def _secure_sum(self, clients: list[int], task: dict[str, Any], bound: float) -> np.ndarray: ...
 
+    @abstractmethod
+    def _by_sender(self, replies: list[Message], decode: Callable[[RecordDict], tuple[str, Any]], what: str
+                   ) -> dict[str, Any]: ...  # fmt: skip
+
     def audit_users(self, clients: list[int]) -> list[Arrays]:
         """The simulation's measurement oracle, not part of the protocol: these clients' user parts,
         in the order of `clients`, for the attribute audit's central view (server.audit)."""
         replies, _ = self._send(AUDIT_USERS, 0, clients, None, lambda _: None)
         federation = cached_federation(self.config.data, self.config.run.seed)
-        by_id = dict(decode_audit_user(reply.content) for reply in replies)
+        by_id = self._by_sender(replies, decode_audit_user, "audit")
         return [by_id[federation.client_ids[index]] for index in clients]
 
     def local_audit(self, attacker: Attacker, clients: list[int]) -> np.ndarray:

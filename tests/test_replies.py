@@ -99,3 +99,47 @@ def test_impossible_evaluations_are_rejected(evaluation, reason):
     assert rejected_reason(evaluation) == reason
     good = ClientEvaluation("a", rank=9, valid_rank=0, full_rank=-1, target_rank=-1)
     assert check_replies([Reply(0, good)], [0], LIMITS)[0] == [good]
+
+
+def test_a_fractional_count_sent_through_flower_reaches_the_checks_unrounded():
+    """decode_update / decode_evaluation used to int() the counts, so 2.7 examples became 2 before
+    the check could see it; now the check rejects them."""
+    from flwr.app import MetricRecord
+
+    from clients.messages import decode_evaluation, decode_update, encode_evaluation, encode_update
+
+    content = encode_update(upload())
+    content["metrics"] = MetricRecord({"num-examples": 2.7, "loss": 0.6, "epochs": 1.0, "steps": 1.9})
+    assert rejected_reason(decode_update(content)) == "num_examples"
+    sent = encode_evaluation(ClientEvaluation("a", rank=3, valid_rank=0, full_rank=-1))
+    sent["metrics"]["rank"] = 2.5
+    values, rejected, _ = check_replies([Reply(0, decode_evaluation(sent))], [0], LIMITS)
+    assert values == [] and rejected == {"rank_range": 1}
+    assert decode_update(encode_update(upload())).num_examples == 3  # a whole count passes as an int
+
+
+def test_a_flower_reply_naming_another_client_is_refused():
+    """Membership and audit replies are keyed by the client id written in them: it must be the
+    sending node's own, once (else one client's answer is filed under another, or lost)."""
+    from types import SimpleNamespace
+
+    from helpers import TINY
+
+    from clients.messages import decode_membership, encode_membership
+    from fedunlearn.config import load_config
+    from fedunlearn.errors import FedUnlearnError
+    from fedunlearn.fl.federation import cached_federation
+    from server.pool import FlowerPool
+
+    config = load_config(None, TINY)
+    ids = cached_federation(config.data, config.run.seed).client_ids
+    pool = SimpleNamespace(config=config, _sender=lambda reply: reply.metadata.src_node_id)
+
+    def reply(node, claimed, auc=0.7):
+        return SimpleNamespace(content=encode_membership(claimed, auc), metadata=SimpleNamespace(src_node_id=node))
+
+    good = FlowerPool._by_sender(pool, [reply(0, ids[0]), reply(1, ids[1], 0.4)], decode_membership, "membership")
+    assert good == {ids[0]: 0.7, ids[1]: 0.4}
+    for replies in ([reply(0, ids[1])], [reply(0, ids[0]), reply(0, ids[0])]):
+        with pytest.raises(FedUnlearnError, match="not its own or twice"):
+            FlowerPool._by_sender(pool, replies, decode_membership, "membership")

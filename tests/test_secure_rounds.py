@@ -158,3 +158,25 @@ def test_on_flower_a_client_refusing_its_contribution_stops_the_run_with_its_rea
     assert error.startswith("fedunlearn: error: the secure sum of round 1 failed: client ")
     assert error.endswith("raise defence.secagg_bound")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_the_secure_layout_is_the_same_whatever_order_the_shared_tensors_come_in_and_refuses_misplaced_rows():
+    """Client and server build the layout from their own dicts of shapes: the dense tensors sit in
+    one (sorted) order, so a contribution is read back into the tensors it came from; a negative
+    item id (it would wrap into the last row) or a dense change of another shape is refused."""
+    from dataclasses import replace
+
+    config = load_config(None, TINY + ["model.name=ncf"])
+    model = build_model(config.model, 40)
+    shared = model.init_shared(np.random.default_rng(0))
+    shapes = {k: v.shape for k, v in shared.items()}
+    forward = SecureLayout.of(model, shapes, 30, 1.0, 1.0, 64)
+    backward = SecureLayout.of(model, dict(reversed(list(shapes.items()))), 30, 1.0, 1.0, 64)
+    update = _updates(model, shared, np.random.default_rng(3), n=1)[0]
+    np.testing.assert_array_equal(forward.contribution(update), backward.contribution(update))
+    wrapped = replace(update, item_ids=np.concatenate([[-1], update.item_ids[1:]]))
+    with pytest.raises(FedUnlearnError, match="item ids outside"):
+        forward.check(wrapped)
+    key = next(iter(update.dense))
+    with pytest.raises(FedUnlearnError, match="dense changes do not have the model's shapes"):
+        forward.check(replace(update, dense={**update.dense, key: np.zeros(1, np.float32)}))

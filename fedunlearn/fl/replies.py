@@ -109,7 +109,7 @@ def update_problem(update: ClientUpdate, sender: int, limits: ReplyLimits) -> st
         return "num_examples"
     if not 0 < update.epochs <= limits.max_epochs + 1e-9:  # claimed epochs count in the unlearning costs
         return "epochs"
-    if not 1 <= update.steps <= update.num_examples * math.ceil(update.epochs):  # a minibatch holds >= 1 example
+    if not 1 <= update.steps <= update.num_examples * math.ceil(update.epochs) or update.steps != int(update.steps):
         return "steps"
     return ""
 

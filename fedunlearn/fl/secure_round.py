@@ -50,7 +50,7 @@ class SecureLayout:
         return cls(
             model.n_items,
             {key: int(shapes[key][1]) for key in model.row_keys},
-            {key: tuple(shape) for key, shape in shapes.items() if key not in model.row_keys},
+            {key: tuple(shapes[key]) for key in sorted(shapes) if key not in model.row_keys},  # one order on both sides
             int(max_examples), float(bound), float(epochs), int(batch_size),
         )  # fmt: skip
 
@@ -97,6 +97,17 @@ class SecureLayout:
         """What the client checks before it contributes: SecAgg+ would clip a value out of range
         silently, so the client refuses instead, with the setting to change."""
         who = f"client {update.client_id}"
+        ids = np.asarray(update.item_ids)
+        if not np.issubdtype(ids.dtype, np.integer) or (len(ids) and (ids.min() < 0 or ids.max() >= self.n_items)):
+            raise FedUnlearnError(f"{who} sends item ids outside 0 .. {self.n_items - 1}")
+        if len(np.unique(ids)) != len(ids) or set(update.rows) != set(self.row_widths):
+            raise FedUnlearnError(f"{who} sends repeated item ids or other row tables than the model's")
+        for key, rows in update.rows.items():
+            if rows.shape != (len(ids), self.row_widths[key]):
+                raise FedUnlearnError(f"{who}'s change of {key} has shape {rows.shape}, not ({len(ids)}, "
+                                      f"{self.row_widths[key]})")  # fmt: skip
+        if {key: tuple(np.shape(v)) for key, v in update.dense.items()} != self.dense_shapes:
+            raise FedUnlearnError(f"{who}'s dense changes do not have the model's shapes")
         if not 0 < update.num_examples <= self.max_examples:
             raise FedUnlearnError(f"{who} reports {update.num_examples} examples, outside (0, {self.max_examples}]")
         for key, value in [*update.rows.items(), *update.dense.items()]:
