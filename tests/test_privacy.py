@@ -727,13 +727,13 @@ def test_an_attrcloak_whose_retention_got_no_share_of_the_steps_is_flagged(metho
     weighting left its retention under a tenth of the step warns that it was an attribute-only descent."""
     from fedunlearn.config import Config, derive
     from fedunlearn.privacy.common import DefenceOutcome
-    from fedunlearn.privacy.stage import PrivacyReport, retention_share
+    from fedunlearn.privacy.stage import PrivacyReport, mean_retention_share
     from fedunlearn.runs.runner import warn_if_retention_idle
 
     outcome = DefenceOutcome(None, [0.0] * len(shares), [1.0] * len(shares), 0.0, shares)
-    share = retention_share(method, outcome)
+    share = mean_retention_share(method, outcome)
     assert share == pytest.approx(np.mean(shares))
-    assert np.isnan(retention_share("d2d-r", outcome))  # a fixed regulariser weight, not a per-step choice
+    assert np.isnan(mean_retention_share("d2d-r", outcome))  # a fixed regulariser weight, not a per-step choice
     config = derive(Config(), {"defence.method": method, "defence.cloak_weight": cloak_weight})
     report = PrivacyReport(pd.DataFrame(), [], pd.DataFrame(), np.zeros((0, 2)), None, retention_share=share)
     warn_if_retention_idle(config, report)

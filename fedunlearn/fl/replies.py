@@ -82,26 +82,37 @@ def _values_problem(arrays: list[np.ndarray]) -> str:
     return "nan" if any(np.isnan(array).any() for array in broken) else "inf"
 
 
-def update_problem(update: ClientUpdate, sender: int, limits: ReplyLimits) -> str:
-    """Why this upload cannot be used ('' when it can), before any comparison with other replies."""
-    if update.client_id != limits.client_ids[sender]:
-        return "spoof_id"
+def layout_problem(update: ClientUpdate, n_items: int, shapes: dict[str, tuple[int, ...]], row_keys: tuple[str, ...]
+                   ) -> str:  # fmt: skip
+    """'item_range' or 'shape' when the upload's item ids or tensors do not fit the model ('' when
+    they do): the server's check of every reply, and a secure-aggregation client's before it adds
+    its upload to a sum where a misplaced row would go unseen (fl.secure_round)."""
     ids = np.asarray(update.item_ids)
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         return "item_range"
     increasing = len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())  # as clients send them: then unique
     repeated = not increasing and len(np.unique(ids)) != len(ids)
-    if len(ids) and (ids.min() < 0 or ids.max() >= limits.n_items or repeated):
+    if len(ids) and (ids.min() < 0 or ids.max() >= n_items or repeated):
         return "item_range"
-    dense_keys = set(limits.shapes) - set(limits.row_keys)
-    if set(update.rows) != set(limits.row_keys) or set(update.dense) != dense_keys:
+    dense_keys = set(shapes) - set(row_keys)
+    if set(update.rows) != set(row_keys) or set(update.dense) != dense_keys:
         return "shape"
     for key, value in update.rows.items():
-        if np.shape(value) != (len(ids), limits.shapes[key][1]):
+        if np.shape(value) != (len(ids), shapes[key][1]):
             return "shape"
     for key, value in update.dense.items():
-        if np.shape(value) != limits.shapes[key]:
+        if np.shape(value) != shapes[key]:
             return "shape"
+    return ""
+
+
+def update_problem(update: ClientUpdate, sender: int, limits: ReplyLimits) -> str:
+    """Why this upload cannot be used ('' when it can), before any comparison with other replies."""
+    if update.client_id != limits.client_ids[sender]:
+        return "spoof_id"
+    problem = layout_problem(update, limits.n_items, limits.shapes, limits.row_keys)
+    if problem:
+        return problem
     problem = _values_problem([*update.rows.values(), *update.dense.values(), np.array([update.loss, update.epochs])])
     if problem:
         return problem

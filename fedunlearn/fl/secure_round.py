@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedunlearn.errors import FedUnlearnError
+from fedunlearn.fl.replies import layout_problem
 from fedunlearn.fl.updates import ClientUpdate
 from fedunlearn.models.base import Arrays, SplitModel
 
@@ -97,17 +98,12 @@ class SecureLayout:
         """What the client checks before it contributes: SecAgg+ would clip a value out of range
         silently, so the client refuses instead, with the setting to change."""
         who = f"client {update.client_id}"
-        ids = np.asarray(update.item_ids)
-        if not np.issubdtype(ids.dtype, np.integer) or (len(ids) and (ids.min() < 0 or ids.max() >= self.n_items)):
-            raise FedUnlearnError(f"{who} sends item ids outside 0 .. {self.n_items - 1}")
-        if len(np.unique(ids)) != len(ids) or set(update.rows) != set(self.row_widths):
-            raise FedUnlearnError(f"{who} sends repeated item ids or other row tables than the model's")
-        for key, rows in update.rows.items():
-            if rows.shape != (len(ids), self.row_widths[key]):
-                raise FedUnlearnError(f"{who}'s change of {key} has shape {rows.shape}, not ({len(ids)}, "
-                                      f"{self.row_widths[key]})")  # fmt: skip
-        if {key: tuple(np.shape(v)) for key, v in update.dense.items()} != self.dense_shapes:
-            raise FedUnlearnError(f"{who}'s dense changes do not have the model's shapes")
+        shapes = {key: (self.n_items, width) for key, width in self.row_widths.items()} | self.dense_shapes
+        problem = layout_problem(update, self.n_items, shapes, tuple(self.row_widths))
+        if problem == "item_range":
+            raise FedUnlearnError(f"{who} sends item ids outside 0 .. {self.n_items - 1}, repeated or not integers")
+        if problem:
+            raise FedUnlearnError(f"{who}'s row or dense changes do not have the model's shapes")
         if not 0 < update.num_examples <= self.max_examples:
             raise FedUnlearnError(f"{who} reports {update.num_examples} examples, outside (0, {self.max_examples}]")
         for key, value in [*update.rows.items(), *update.dense.items()]:

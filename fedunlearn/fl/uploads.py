@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -34,25 +35,24 @@ def gaussian_delta(sigma: float, sensitivity: float, epsilon: float) -> float:
 
 
 def gaussian_sigma(sensitivity: float, epsilon: float, delta: float) -> float:
-    """The smallest sigma whose Gaussian noise is (epsilon, delta)-DP for this L2 sensitivity
-    (bisection on the exact delta, which falls as sigma grows)."""
-    low, high = sensitivity * 1e-6, sensitivity
-    while gaussian_delta(high, sensitivity, epsilon) > delta:
-        low, high = high, 2 * high
-    for _ in range(200):
-        middle = (low + high) / 2
-        low, high = (middle, high) if gaussian_delta(middle, sensitivity, epsilon) > delta else (low, middle)
-    return high
+    """The smallest sigma whose Gaussian noise is (epsilon, delta)-DP for this L2 sensitivity."""
+    return _smallest_private(lambda sigma: gaussian_delta(sigma, sensitivity, epsilon) <= delta, sensitivity * 1e-6,
+                             sensitivity)  # fmt: skip
 
 
 def gaussian_epsilon(sigma: float, sensitivity: float, delta: float) -> float:
     """The smallest epsilon at which Gaussian noise sigma is (epsilon, delta)-DP for this sensitivity."""
-    low, high = 0.0, 1.0
-    while gaussian_delta(sigma, sensitivity, high) > delta:
+    return _smallest_private(lambda epsilon: gaussian_delta(sigma, sensitivity, epsilon) <= delta, 0.0, 1.0)
+
+
+def _smallest_private(private: Callable[[float], bool], low: float, high: float) -> float:
+    """The smallest value at which `private` holds, for a `private` that holds from some value on
+    (the exact delta falls as sigma or epsilon grows): double `high` until it holds, then bisect."""
+    while not private(high):
         low, high = high, 2 * high
     for _ in range(200):
         middle = (low + high) / 2
-        low, high = (middle, high) if gaussian_delta(sigma, sensitivity, middle) > delta else (low, middle)
+        low, high = (low, middle) if private(middle) else (middle, high)
     return high
 
 

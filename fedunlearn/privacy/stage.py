@@ -43,7 +43,7 @@ class PrivacyReport:
     users_after: np.ndarray | None
     defence_seconds: float = 0.0
     defending: int = 0  # clients that ran the defence
-    retention_share: float = float("nan")  # the configured defence's (stage.retention_share)
+    retention_share: float = float("nan")  # the configured defence's (mean_retention_share)
     upload_recovery: RecoveryScore | None = None  # the upload-structure attack's reading of the interactions
 
 
@@ -150,7 +150,7 @@ def upload_profiles(model: SplitModel, shared: Arrays, norms: np.ndarray) -> np.
 POST_TRAINING = tuple(DEFENCES)
 
 
-def retention_share(method: str, outcome: DefenceOutcome) -> float:
+def mean_retention_share(method: str, outcome: DefenceOutcome) -> float:
     """An AttrCloak defence's mean `attrcloak.retention_share` over its steps (how much of each
     step was its retention loss's); NaN for the regularised defences (a fixed setting)."""
     if DEFENCES[method].loop != "attrcloak" or not outcome.retention_shares:
@@ -239,12 +239,13 @@ def privacy_stage(
                 after[key] = value
         after["seconds"] = outcome.seconds
         after["steps"] = len(outcome.losses)
-        after["retention_share"] = retention_share(method, outcome)
+        share = mean_retention_share(method, outcome)
+        after["retention_share"] = share
         tables[method] = after
         if method == config.defence.method:
             kept = users_after
             report.users_after = outcome.embeddings
-            report.defence_seconds, report.retention_share = outcome.seconds, retention_share(method, outcome)
+            report.defence_seconds, report.retention_share = outcome.seconds, share
     report.table = pd.concat([table, *(tables[method] for method in methods)], ignore_index=True)
     report.defending = int(defending.sum())
     return report, kept
