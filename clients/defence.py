@@ -27,7 +27,13 @@ from fedunlearn.config import Config
 from fedunlearn.fl.federation import ClientData
 from fedunlearn.models.base import SplitModel
 from fedunlearn.privacy.attrcloak import ClientCloak, DataRetention
-from fedunlearn.privacy.baselines import FourierFeatures, client_gradient, feature_contribution, uses_kernel
+from fedunlearn.privacy.baselines import (
+    FourierFeatures,
+    broadcast_problem,
+    client_gradient,
+    feature_contribution,
+    uses_kernel,
+)
 from fedunlearn.privacy.common import AdamState, adam_step, flatten_users, unflatten_users
 from fedunlearn.privacy.stage import at_risk
 
@@ -51,22 +57,14 @@ def cloak_products(fields: Any, context: Context, config: Config, data: ClientDa
     loss) and g_R, kept for the step; only their three dot products leave, masked."""
     cloak = load_cloak(context)
     step, n_attributes, variant = int(fields["step"]), int(fields["attributes"]), str(fields["variant"])
-    if variant not in ("dd", "df") or n_attributes != len(cloak.labels):
-        raise ValueError(f"an AttrCloak step for variant {variant!r} over {n_attributes} attributes; "
-                         f"this client defends {len(cloak.labels)} with dd or df")  # fmt: skip
     gradients = [
         (torch.as_tensor(read_array_field(fields[f"grad-sums-{j}"])),
          torch.as_tensor(read_array_field(fields[f"grad-outers-{j}"])))
         for j in range(n_attributes)
     ]  # fmt: skip
-    d = len(cloak.current)
-    for label, (sums, outers) in zip(cloak.labels, gradients, strict=True):
-        k = len(sums)
-        if sums.shape != (k, d) or outers.shape != (k, d, d) or label >= k:
-            raise ValueError(f"AttrCloak gradients of shapes {tuple(sums.shape)}, {tuple(outers.shape)} do not fit "
-                             f"this client's {d}-dim embedding and class {label}")  # fmt: skip
-        if not (torch.isfinite(sums).all() and torch.isfinite(outers).all()):
-            raise ValueError("the broadcast AttrCloak gradients are not finite")
+    problem = broadcast_problem(f"attrcloak-{variant}", gradients, cloak.labels, len(cloak.current))
+    if problem:
+        raise ValueError(problem)
     retention = None
     if variant == "dd" and cloak.defending:
         shared = record_to_arrays(context.state.array_records[CLOAK_SHARED])
@@ -155,11 +153,14 @@ def regularised_step(msg: Message, context: Context) -> Message:
     data = setup(msg, context).data
     method, gradients, weight, lr, n_clients, scale, seed = read_regularised_step(msg.content)
     cloak = load_cloak(context)
+    parts = [tuple(torch.as_tensor(part) for part in gradient) for gradient in gradients]
+    problem = broadcast_problem(method, parts, cloak.labels, len(cloak.current))
+    if problem:
+        raise ValueError(problem)
     if cloak.defending:
         current = torch.as_tensor(cloak.current)[None]
         phi = FourierFeatures(current.shape[1], scale, seed) if uses_kernel(method) else None
         labels = [np.array([label]) for label in cloak.labels]
-        parts = [tuple(torch.as_tensor(part) for part in gradient) for gradient in gradients]
         grad = client_gradient(method, current, torch.as_tensor(cloak.original)[None], labels, parts, weight,
                                n_clients, phi)  # fmt: skip
         cloak.current, cloak.adam = adam_step(cloak.current, grad[0].numpy(), cloak.adam, lr)

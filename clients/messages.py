@@ -25,6 +25,7 @@ from fedunlearn.config import Config, config_from_dict
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models.base import Arrays
 from fedunlearn.privacy.attacks import Attacker
+from fedunlearn.privacy.registry import DEFENCES
 
 TRAIN = "train.fit"
 WHOAMI = "query.whoami"
@@ -332,12 +333,12 @@ def read_regularised_step(content: RecordDict) -> tuple[str, list[list[np.ndarra
     parts = range(int(fields["parts"]))
     gradients = [[arrays[f"{j}.{i}"] for i in parts] for j in range(int(fields["attributes"]))]
     weight, lr, scale = float(fields["weight"]), float(fields["lr"]), float(fields["scale"])
+    method = str(fields["method"])
+    if method not in DEFENCES or DEFENCES[method].loop != "regularised":
+        raise ValueError(f"a regularised step for {method!r}; the clients run d2d-r and u2u-r that way")
     if not all(np.isfinite(v) for v in (weight, lr, scale)) or weight < 0 or lr <= 0:
-        method = fields["method"]
         raise ValueError(f"a {method} step needs a finite weight >= 0 and learning rate > 0; got {weight}, {lr}")
-    if not all(np.all(np.isfinite(part)) for gradient in gradients for part in gradient):
-        raise ValueError(f"a {fields['method']} step's broadcast gradients are not finite")
-    return str(fields["method"]), gradients, weight, lr, int(fields["clients"]), scale, int(fields["seed"])
+    return method, gradients, weight, lr, int(fields["clients"]), scale, int(fields["seed"])
 
 
 def encode_attacker(attacker: Attacker) -> bytes:

@@ -804,3 +804,34 @@ def test_the_fourth_powers_secure_sum_in_levels_stays_exact_at_ml1m_scale():
         np.random.set_state(state)
     assert np.sqrt(np.mean(np.square(plain))) > 0.03  # the single bound: several percent off
     assert np.max(np.abs(levelled)) < 1e-4
+
+
+def test_a_broadcast_gradient_that_does_not_fit_the_client_is_refused():
+    """The server's broadcast dL/dsums per defence: a part of another shape would broadcast into a
+    wrong step (a (K, 1) D2D-R gradient times the client's (1, F) features), a class index past K
+    would raise an IndexError deep in torch, a NaN would make the embedding NaN, a non-regularised
+    method would run U2U-R's step under another name."""
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from clients.messages import read_regularised_step
+    from fedunlearn.privacy.baselines import BANDWIDTHS, FEATURES_PER_KERNEL, broadcast_problem
+
+    d, k, f = 4, 3, len(BANDWIDTHS) * FEATURES_PER_KERNEL
+    u2u = (torch.zeros(k, d), torch.zeros(k, d, d))
+    assert broadcast_problem("u2u-r", [u2u], [2], d) is None
+    assert broadcast_problem("attrcloak-dd", [u2u, u2u], [0, 1], d) is None
+    assert broadcast_problem("d2d-r", [(torch.zeros(k, f),)], [1], d) is None
+    refused = {
+        ("d2d-r", ((torch.zeros(k, 1),),), (1,)): "do not fit a 4-dim embedding of class 1",
+        ("u2u-r", ((torch.zeros(k, d), torch.zeros(k, d, 1)),), (0,)): "do not fit",
+        ("u2u-r", (u2u,), (3,)): "of class 3",
+        ("u2u-r", (u2u,), (0, 1)): "1 attributes' gradients for a client that defends 2",
+        ("attrcloak-xx", (u2u,), (0,)): "unknown defence 'attrcloak-xx'",
+        ("u2u-r", ((torch.full((k, d), np.nan), u2u[1]),), (0,)): "not finite",
+    }
+    for (method, gradients, labels), message in refused.items():
+        assert message in broadcast_problem(method, list(gradients), list(labels), d)
+    fields = {"method": "attrcloak-dd", "weight": 1.0, "lr": 0.01, "clients": 3, "attributes": 0, "parts": 0,
+              "scale": 1.0, "seed": 0}  # fmt: skip
+    with pytest.raises(ValueError, match="regularised step for 'attrcloak-dd'"):
+        read_regularised_step(RecordDict({"defence": ConfigRecord(fields), "gradients": ArrayRecord()}))

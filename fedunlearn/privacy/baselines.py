@@ -47,6 +47,26 @@ def uses_kernel(method: str) -> bool:
 SumsGradient = tuple[torch.Tensor, ...]
 
 
+def broadcast_problem(method: str, gradients: Sequence[SumsGradient], labels: Sequence[int], dim: int) -> str | None:
+    """Why a client cannot take the server's broadcast `gradients` (one per attribute; `method`
+    an AttrCloak variant, D2D-R or U2U-R) for its `dim`-dim embedding and class `labels[j]` in each,
+    or None: a part of another shape would broadcast into a silently wrong step."""
+    if method not in DEFENCES:
+        return f"unknown defence {method!r}; the clients know {', '.join(DEFENCES)}"
+    if len(gradients) != len(labels):
+        return f"{len(gradients)} attributes' gradients for a client that defends {len(labels)}"
+    for label, parts in zip(labels, gradients, strict=True):
+        k = len(parts[0]) if parts else 0
+        features = len(BANDWIDTHS) * FEATURES_PER_KERNEL
+        expected = [(k, features)] if uses_kernel(method) else [(k, dim), (k, dim, dim)]
+        shapes = [tuple(part.shape) for part in parts]
+        if shapes != expected or not 0 <= label < k:
+            return f"{method} gradients of shapes {shapes} do not fit a {dim}-dim embedding of class {label}"
+        if not all(torch.isfinite(torch.as_tensor(part)).all() for part in parts):
+            return f"the broadcast {method} gradients are not finite"
+    return None
+
+
 class FourierFeatures:
     """phi(e) with phi(x).phi(y) ~ mean over kernels of exp(-|x - y|^2 / (2 h^2)); every client
     builds the same one from (dim, scale, seed)."""
