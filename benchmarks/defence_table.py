@@ -1,7 +1,9 @@
 """The post-training defences of an attribute experiment (e.g. experiments/attribute_ml100k.toml
 --only trained), one row per setting / model and defence: each attack's balanced accuracy from the
-embeddings (global audit) as given / relabelled and its AUC, mean over seeds; the NDCG@10 change
-against the undefended model of the same seed (mean and per seed); the defence's steps (mean).
+embeddings (global audit) as given / relabelled and its relabelled AUC (a below-chance seed read the
+right way round: as-given AUCs of 0.40 and 0.60 would average to a chance-looking 0.50), mean over
+seeds; the NDCG@10 change against the undefended model of the same seed (mean and per seed); the
+defence's steps (mean).
 
     python benchmarks/defence_table.py results/attribute_ml100k
 """
@@ -37,7 +39,7 @@ def table(experiment: Path) -> pd.DataFrame:
         for (attribute, attacker), cell in block.groupby(["attribute", "attacker"], sort=False):
             row[f"{attribute} {attacker} (chance {cell['chance'].iloc[0]:.3f})"] = (
                 f"{cell['balanced_accuracy'].mean():.3f} / {cell['balanced_accuracy_relabelled'].mean():.3f}"
-                f" (AUC {cell['auc'].mean():.2f})"
+                f" (AUC {cell['auc_relabelled'].mean():.2f})"
             )
         per_seed = block.groupby("seed")["ndcg_change"].first()
         signed = lambda value: f"{round(value, 1) + 0.0:+.1f}"  # noqa: E731  (+ 0.0: never print -0.0)

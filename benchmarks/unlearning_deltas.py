@@ -4,9 +4,10 @@ unlearning experiment's runs.csv, checked against issue 12's targets (|ΔHR@10| 
 
     python benchmarks/unlearning_deltas.py results/unlearning_ml100k/runs.csv
 
-Retrain twins: where the experiment also ran Retrain under other settings (the same data and drops,
-another `run.train_seed`; experiments/unlearning_twins_ml100k.toml), the setting named "retrain"
-is the reference and the twins give Retrain's own spread: per seed, the range of the twins'
+Each setting is judged against the Retrain of its own `retrain_key` (the runs' config but the method).
+Retrain twins: where the experiment also ran Retrain under other settings no method is judged
+against (the same data and drops, another `run.train_seed`; experiments/unlearning_twins_ml100k.toml),
+the twins give Retrain's own spread: per seed, the range of the twins'
 HR@10 minus the reference's, and for every method whether its HR@10 lies within the range of all
 the Retrains (reference and twins) of that seed.
 """
@@ -21,20 +22,30 @@ from fedunlearn.fl.comparison import TARGETS_AGAINST_RETRAIN
 
 
 def deltas(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per method, model and event: Retrain's mean HR@10, the Δ per seed, and whether every
-    seed meets every target."""
+    """One row per setting (or method), model and event: Retrain's mean HR@10, the Δ per seed, and
+    whether every seed meets every target. Each row's reference is the Retrain of its own
+    `retrain_key` (everything but the method), so two settings of one method under other protocols
+    are never judged against one Retrain; Retrains no other row is judged against are twins."""
     keys = ["model", "event"] if "event" in runs else ["model"]
     runs = runs[runs["status"] == "ok"] if "status" in runs else runs
     retrains = runs[runs["method"] == "retrain"]
-    twinned = "setting" in runs and (retrains["setting"] != "retrain").any()
-    twins = retrains[retrains["setting"] != "retrain"] if twinned else retrains[:0]
-    reference = (retrains[retrains["setting"] == "retrain"] if twinned else retrains).set_index([*keys, "seed"])
+    keyed = "retrain_key" in runs and runs["retrain_key"].notna().all()
+    if keyed:
+        judged = set(runs.loc[runs["method"] != "retrain", "retrain_key"])
+        twins = retrains[~retrains["retrain_key"].isin(judged)] if judged else retrains[:0]
+    else:  # a runs.csv from before the key: the setting named "retrain" is the reference
+        twinned = "setting" in runs and (retrains["setting"] != "retrain").any()
+        twins = retrains[retrains["setting"] != "retrain"] if twinned else retrains[:0]
+    reference = retrains.drop(twins.index).set_index([*keys, "seed", *(["retrain_key"] if keyed else [])])
     runs = runs.drop(twins.index)
+    by = ["setting", "method"] if "setting" in runs else ["method"]
     rows = []
-    for (method, *group), block in runs.groupby(["method", *keys], sort=False):
+    for values, block in runs.groupby([*by, *keys], sort=False):
+        names, group = values[: len(by)], values[len(by) :]
         block = block.sort_values("seed")
-        base = reference.loc[[(*group, seed) for seed in block["seed"]]]
-        row = dict(zip(["method", *keys], [method, *group], strict=True))
+        lookup = [(*group, row["seed"], *([row["retrain_key"]] if keyed else [])) for _, row in block.iterrows()]
+        base = reference.loc[lookup]
+        row = dict(zip([*by, *keys], [*names, *group], strict=True))
         row["retrain HR@10"] = f"{base['HR@10'].mean():.4f}"
         met = True
         for metric, bound in TARGETS_AGAINST_RETRAIN.items():
@@ -47,7 +58,7 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
         row["wall x / epochs x / steps x"] = " / ".join(f"{value:.2f}" for value in speedups) if measured else "-"
         row["seeds"] = len(block)
         row["targets met"] = "yes" if met else "no"
-        if twinned:
+        if len(twins):
             row |= _against_twins(block, base, twins, dict(zip(keys, group, strict=True)))
         rows.append(row)
     return pd.DataFrame(rows)

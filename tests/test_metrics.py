@@ -52,3 +52,16 @@ def test_best_valid_selection_picks_by_validation_not_test():
     # a drop event before round 15: round 10's model still held the leaving clients
     assert select_final(rows, "best_valid", unlearned_at=15)["round"] == 15
     assert select_final(rows, "best_valid", unlearned_at=16)["round"] == 20
+
+
+def test_er_counts_the_honest_users_only():
+    """An attacker still present (it leaves at a later event) trained the target as a positive: its
+    top 10 is the attack itself, not exposure of the retained users."""
+    from fedunlearn.fl.rounds import evaluation_metrics
+    from fedunlearn.fl.updates import ClientEvaluation
+
+    evaluations = [ClientEvaluation(str(i), rank=0, valid_rank=0, full_rank=-1, target_rank=r)
+                   for i, r in enumerate([0, 50, 50, 3, -1])]  # fmt: skip
+    assert evaluation_metrics(evaluations, [10], False)["ER@10"] == pytest.approx(0.5)
+    assert evaluation_metrics(evaluations, [10], False, attackers={"0", "3"})["ER@10"] == 0.0
+    assert evaluation_metrics(evaluations, [10], False, attackers={"1"})["HR@10"] == 1.0  # HR over everyone

@@ -6,6 +6,7 @@ import pytest
 import torch
 from sklearn.covariance import ledoit_wolf
 
+from fedunlearn.errors import FedUnlearnError
 from fedunlearn.privacy.attacks import attribute_inference, shadow_split
 from fedunlearn.privacy.attrcloak import (
     ClientCloak,
@@ -465,7 +466,9 @@ def test_pseudo_items_hide_the_touched_set_and_ldp_clips_before_adding_noise():
 
     rows = np.arange(12, dtype=np.float32).reshape(4, 3)
     update = ClientUpdate("u", 4, np.array([1, 5, 6, 9]), {"item_emb": rows}, {"w": np.ones(2, np.float32)}, 0.0)
-    features = upload_view([update], {"u": 1}, 3, 12, ("item_emb",))["norms"][1]
+    view = upload_view([update], {"u": 1}, 3, 12, ("item_emb",))
+    features = view["norms"][1]
+    assert view["uploaded"].tolist() == [False, True, False]  # the audit attacks the upload views on these alone
     np.testing.assert_allclose(features[[1, 5, 6, 9]], np.linalg.norm(rows, axis=1), rtol=1e-6)
     assert np.count_nonzero(features) == 4
     padded = pad_pseudo_items(update, 12, ratio=1.0, rng=np.random.default_rng(0))
@@ -835,3 +838,64 @@ def test_a_broadcast_gradient_that_does_not_fit_the_client_is_refused():
               "scale": 1.0, "seed": 0}  # fmt: skip
     with pytest.raises(ValueError, match="regularised step for 'attrcloak-dd'"):
         read_regularised_step(RecordDict({"defence": ConfigRecord(fields), "gradients": ArrayRecord()}))
+
+
+def test_the_audit_attacks_a_view_only_on_the_clients_it_holds_with_a_known_value():
+    """With train.fraction < 1 the upload views hold a zero row for every client not in the last
+    round: attacked with them, the attack read f x its true score + (1 - f) x chance. A blank value
+    ("unknown") is no class of the attribute: attacked as one, gender became a three-class problem."""
+    from fedunlearn.config import AuditConfig
+    from fedunlearn.privacy.audit import global_audit
+
+    rng = np.random.default_rng(0)
+    n = 400
+    gender = np.where(np.arange(n) % 2, "M", "F")
+    features = np.where(gender == "M", 1.0, -1.0)[:, None] + 0.3 * rng.normal(size=(n, 2))
+    uploaded = rng.random(n) < 0.25
+    upload = np.where(uploaded[:, None], features, 0.0)
+    attributes = pd.DataFrame({"gender": np.where(rng.random(n) < 0.2, "unknown", gender)})
+    audit = AuditConfig(attackers=["mlp"])
+    views = {"embedding": features, "upload": upload}
+    (embedding, on_upload) = global_audit(views, attributes, audit, seed=0, covered={"upload": uploaded})
+    known = attributes["gender"].to_numpy() != "unknown"
+    assert list(embedding.attacker.classes) == ["F", "M"] == list(on_upload.attacker.classes)
+    assert known[embedding.test].all() and known[on_upload.test].all()
+    assert uploaded[on_upload.test].all() and not uploaded[embedding.test].all()
+    assert on_upload.metrics["tested"] == len(on_upload.test) < embedding.metrics["tested"]
+    assert on_upload.metrics["balanced_accuracy"] > 0.95  # the separable signal, undiluted
+    (diluted,) = global_audit({"upload": upload}, attributes, audit, seed=0)
+    assert diluted.metrics["balanced_accuracy"] < 0.8  # what the audit reported before
+    with pytest.raises(FedUnlearnError, match="upload view holds NaN"):
+        global_audit({"upload": np.full((n, 2), np.nan)}, attributes, audit, seed=0)
+
+
+def test_a_client_whose_value_the_attacker_never_learned_is_not_read_in_a_neighbours_column():
+    """at_risk looked a client's class up by searchsorted: a value the audit left out (one client
+    held it) read the confidence of the class sorted after it, and one sorted past every class
+    raised an IndexError."""
+    from fedunlearn.privacy.attacks import train_attacker
+    from fedunlearn.privacy.audit import local_outcome, own_class
+    from fedunlearn.privacy.stage import at_risk
+
+    classes = np.array(["F", "M"])
+    assert own_class(classes, np.array(["F", "E", "M", "Z"])).tolist() == [0, -1, 1, -1]
+    rng = np.random.default_rng(0)
+    labels = np.array(["F", "M"] * 30)
+    features = np.where(labels == "M", 1.0, -1.0)[:, None] + 0.1 * rng.normal(size=(60, 1))
+    attacker = train_attacker("mlp", "gender", features, labels, seed=0)
+    at_f_mean = np.array([[-1.0], [-1.0], [-1.0]])  # the attacker is sure these are F
+    attributes = pd.DataFrame({"gender": ["F", "E", "Z"]})
+    assert at_risk([attacker], at_f_mean, attributes, 0.5).tolist() == [True, False, False]
+    with pytest.raises(FedUnlearnError, match="'E' is not one of the classes"):
+        local_outcome(attacker, at_f_mean[:1], "E")
+
+
+def test_the_upload_attack_scores_nothing_as_nan_and_leaves_empty_reads_out_of_its_precision():
+    from fedunlearn.privacy.upload_attack import recovery_score
+
+    nothing = recovery_score(np.zeros((2, 5), dtype=bool), np.zeros((2, 2)), [np.array([1]), np.array([2])],
+                             np.ones((2, 2)))  # fmt: skip
+    assert np.isnan(nothing.precision) and np.isnan(nothing.cosine) and nothing.clients == 0
+    recovered = np.array([[False, True, True, False, False], [False] * 5])
+    score = recovery_score(recovered, np.ones((2, 2)), [np.array([1]), np.array([2])], np.ones((2, 2)))
+    assert (score.precision, score.recall, score.clients) == (0.5, 0.5, 2)  # precision of client 0 alone

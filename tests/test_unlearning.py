@@ -630,6 +630,12 @@ def test_each_run_is_judged_against_its_own_retrain_and_initial_parameters():
     twin = derive(config, {"run.train_seed": 11})
     federaser = derive(config, {"unlearn.method": "federaser", "unlearn.dt": 3})
     assert reference_key(federaser) == reference_key(config) != reference_key(twin)
+    trained_otherwise = [{"defence.upload": "ldp"}, {"defence.ldp_epsilon": 2.0}, {"faults.share": 0.3}]
+    for changed in trained_otherwise:  # they change training: another Retrain is the reference
+        assert reference_key(derive(config, changed)) != reference_key(config), changed
+    assert reference_key(derive(config, {"defence.method": "attrcloak-dd", "audit.enabled": True})) == (
+        reference_key(config)
+    )  # after training: the same Retrain
     base = {"model": "mf", "seed": 0, "event": 4, "optimizer_steps": 10, "unlearn_seconds": 1.0}
     rows = [
         base | {"method": "retrain", "client_epochs": 100.0, "retrain_key": reference_key(config)},
@@ -719,3 +725,36 @@ def test_a_retained_client_whose_recalibration_was_rejected_leaves_the_rewritten
     rewritten = [r for r in seen if r < 4 and (method == "fru" or r in (1, 3)) and r > 1]
     assert rewritten and all(lost not in seen[r] for r in rewritten)
     assert all("3" not in clients for clients in seen.values())
+
+
+def test_a_compare_table_measures_the_cosine_to_retrain_from_the_run_s_own_start(tmp_path, monkeypatch):
+    """`unlearn.compare` rows carried no `initial`, so the cosine to Retrain was taken from
+    parameters drawn with run.seed and the default init_std, not the run's (a review: FRU read
+    0.984 where the run's own start gives 0.515)."""
+    import fedunlearn.fl.rounds as rounds
+    from fedunlearn.fl.comparison import _initial, initial_key
+
+    seen = []
+
+    def recording(rows, unlearned, initial=None):
+        seen.append((rows, unlearned, initial))
+        compare_with_retrain(rows, unlearned, initial)
+
+    monkeypatch.setattr(rounds, "compare_with_retrain", recording)
+    overrides = ["unlearn.compare=true", "model.init_std=0.3", "run.train_seed=7", "unlearn.method=federaser"]
+    server, _, _ = server_for(tmp_path, overrides, drop="3@4")
+    server.run()
+    ((rows, unlearned, initial),) = seen
+    assert initial is server.initial
+    assert {row["initial"] for row in rows} == {initial_key(server.config)}
+    for key, value in _initial(rows[0], server.initial).items():  # what a re-read of the rows takes
+        np.testing.assert_array_equal(value, server.initial[key])
+    stale = _initial({"model": "mf", "seed": 0}, server.initial)  # the start the rows implied before
+    assert not np.array_equal(stale["item_emb"], server.initial["item_emb"])
+    federaser = next(row for row in rows if row["method"] == "federaser")
+    retrain = next(i for i, row in enumerate(rows) if row["method"] == "retrain")
+    at = rows.index(federaser)
+    moved, ref = (np.concatenate([p[k].ravel() - server.initial[k].ravel() for k in sorted(p)])
+                  for p in (unlearned[at], unlearned[retrain]))  # fmt: skip
+    expected = moved @ ref / (np.linalg.norm(moved) * np.linalg.norm(ref))
+    assert federaser["cosine_to_retrain"] == pytest.approx(expected, rel=1e-9)

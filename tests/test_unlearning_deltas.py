@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "unlearning_deltas.py"
 
@@ -52,3 +53,46 @@ def test_retrain_twins_give_retrains_own_spread_and_each_method_is_placed_inside
     assert table.loc["federaser", "Retrain twins ΔHR@10 per seed"] == "-0.030..+0.020 / +0.000..+0.020"
     assert table.loc["federaser", "HR@10 within the Retrains"] == "yes / no"  # 0.595 is below all of 0.60-0.62
     assert table.loc["federaser", "targets met"] == "no"  # the issue's fixed band is kept as it is
+
+
+def test_two_settings_of_one_method_are_each_judged_against_the_retrain_of_their_own_protocol():
+    """Rows grouped by method and referenced by the setting named "retrain" put a second protocol's
+    FedEraser in one row with the first and judged both against the first protocol's Retrain."""
+    def row(setting, method, seed, hr, key):
+        return {"setting": setting, "method": method, "model": "mf", "event": 10, "seed": seed, "status": "ok",
+                "HR@10": hr, "ER@10": 0.0, "MIA_AUC": 0.5, "retrain_key": key}  # fmt: skip
+
+    runs = pd.DataFrame([
+        row("retrain", "retrain", 0, 0.50, "poisoned"), row("retrain-clean", "retrain", 0, 0.60, "clean"),
+        row("retrain-t11", "retrain", 0, 0.48, "poisoned-t11"),  # a twin: no method is judged against it
+        row("federaser", "federaser", 0, 0.49, "poisoned"), row("federaser-clean", "federaser", 0, 0.59, "clean"),
+    ])  # fmt: skip
+    table = _deltas()(runs).set_index("setting")
+    assert table.loc["federaser", "ΔHR@10 per seed"] == "-0.010" and table.loc["federaser", "seeds"] == 1
+    assert table.loc["federaser-clean", "ΔHR@10 per seed"] == "-0.010"  # not +0.090 against the poisoned one
+    assert table.loc["federaser-clean", "retrain HR@10"] == "0.6000"
+    assert "retrain-t11" not in table.index and "retrain-clean" in table.index
+
+
+def test_the_plots_take_each_row_s_difference_to_the_retrain_of_its_own_key():
+    from fedunlearn.runs.plots import _minus_retrain
+
+    rows = [("retrain", 0.60, "clean"), ("retrain", 0.50, "poisoned"), ("federaser", 0.49, "poisoned"),
+            ("federaser", 0.59, "clean")]  # fmt: skip
+    table = pd.DataFrame([{"run": "x", "model": "mf", "event": 10, "seed": 0, "method": m, "HR@10": hr,
+                           "retrain_key": key} for m, hr, key in rows])  # fmt: skip
+    assert [round(value, 3) for value in _minus_retrain(table, "HR@10")] == [0.0, 0.0, -0.01, -0.01]
+
+
+def test_a_mean_over_seeds_is_empty_where_a_seed_lacks_the_figure():
+    """A speedup under the measurable floor on one seed, or a seed without its Retrain, left the
+    cell the mean of the other seeds beside a `seeds` count of all of them."""
+    from fedunlearn.runs.experiment import summarize
+
+    runs = pd.DataFrame({"method": ["fru"] * 3 + ["none"] * 3, "seed": [0, 1, 2] * 2,
+                         "speedup_time": [2.0, float("nan"), 4.0, float("nan")] + [float("nan")] * 2,
+                         "HR@10": [0.5, 0.6, 0.7, 0.4, 0.5, 0.6]})  # fmt: skip
+    table = summarize(runs).set_index("method")
+    assert table.loc["fru", "seeds"] == 3 and pd.isna(table.loc["fru", "speedup_time"])
+    assert pd.isna(table.loc["fru", "speedup_time_std"]) and pd.isna(table.loc["none", "speedup_time"])
+    assert table.loc["fru", "HR@10"] == pytest.approx(0.6) and table.loc["fru", "HR@10_std"] == pytest.approx(0.1)

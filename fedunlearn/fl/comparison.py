@@ -16,11 +16,14 @@ from fedunlearn.models.base import Arrays
 from fedunlearn.seeding import Stream, rng_for
 
 
-def compare_with_retrain(rows: list[dict[str, Any]], unlearned: list[Arrays | None]) -> None:
+def compare_with_retrain(
+    rows: list[dict[str, Any]], unlearned: list[Arrays | None], initial: Arrays | None = None
+) -> None:
     """Speedup (client-epochs, optimizer steps and wall time) and parameter distance of every unlearning run to the
     Retrain run of the same model, seed and event, measured on the shared parameters right after
     unlearning (where they were kept: None skips the distance); the cosine is between the changes
-    from the common initial parameters."""
+    from the common initial parameters (`initial`, or as each row's `initial` says they were drawn)."""
+
     def key(row: dict[str, Any]) -> tuple[Any, ...]:
         return row["model"], row["seed"], row.get("event"), _text(row.get("retrain_key"))
 
@@ -35,10 +38,8 @@ def compare_with_retrain(rows: list[dict[str, Any]], unlearned: list[Arrays | No
         row["speedup_time"] = _ratio(ref_row["unlearn_seconds"], row["unlearn_seconds"], MEASURABLE_SECONDS)
         if params is None or ref_params is None:
             continue
-        initial = _initial(row, params)
-        flat, ref_flat, start = (
-            np.concatenate([a[k].ravel() for k in sorted(a)]) for a in (params, ref_params, initial)
-        )
+        begin = initial if initial is not None else _initial(row, params)
+        flat, ref_flat, start = (np.concatenate([a[k].ravel() for k in sorted(a)]) for a in (params, ref_params, begin))
         row["L2_to_retrain"] = float(np.linalg.norm(flat - ref_flat))
         moved, ref_moved = flat - start, ref_flat - start
         row["cosine_to_retrain"] = float(moved @ ref_moved / (np.linalg.norm(moved) * np.linalg.norm(ref_moved)))
@@ -46,14 +47,19 @@ def compare_with_retrain(rows: list[dict[str, Any]], unlearned: list[Arrays | No
 
 def reference_key(config: Config) -> str:
     """What a Retrain run shares with the unlearning runs it is the reference of: the data, model,
-    training and evaluation settings, both seeds and the drop schedule, not the method or its own
-    settings (an experiment may hold several Retrains, e.g. with other training draws)."""
+    training and evaluation settings, the faults and the upload defences (both change training),
+    both seeds and the drop schedule, not the method or its own settings (an experiment may hold
+    several Retrains, e.g. with other training draws)."""
     unlearn, run = config.unlearn, config.run
-    sections = ("data", "model", "train", "eval")
+    sections = ("data", "model", "train", "eval", "faults")
     parts: dict[str, Any] = {section: asdict(getattr(config, section)) for section in sections}
+    parts["uploads"] = {k: v for k, v in asdict(config.defence).items() if k.startswith(UPLOAD_DEFENCE_FIELDS)}
     parts |= {"seed": run.seed, "train_seed": run.training_seed(), "drop": unlearn.drop, "random": unlearn.drop_random}
     parts |= {"poison": unlearn.poison, "boost": unlearn.poison_boost, "target": unlearn.target_item}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+UPLOAD_DEFENCE_FIELDS = ("upload", "secagg_", "ldp_", "pseudo_")  # the [defence] settings applied while training
 
 
 def initial_key(config: Config) -> str:

@@ -11,7 +11,7 @@ import copy
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,7 @@ from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.aggregation import apply_delta
 from fedunlearn.fl.checkpoint import Checkpoint, prefixed, unprefixed
 from fedunlearn.fl.client import max_examples
-from fedunlearn.fl.comparison import compare_with_retrain
+from fedunlearn.fl.comparison import compare_with_retrain, initial_key
 from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.history import HistoryStore
 from fedunlearn.fl.replies import Reply, ReplyLimits, check_replies, median_norms
@@ -151,12 +151,16 @@ def sample_clients(seed: int, round_number: int, client_ids: list[str], fraction
     return [int(i) for i in chosen] if len(chosen) else [int(np.argmin(draws))]
 
 
-def evaluation_metrics(evaluations: list[ClientEvaluation], ks: list[int], full_ranking: bool) -> dict[str, float]:
+def evaluation_metrics(
+    evaluations: list[ClientEvaluation], ks: list[int], full_ranking: bool, attackers: Collection[str] = ()
+) -> dict[str, float]:
+    """HR/NDCG over every evaluated user; ER@10 over the honest ones (not `attackers`: one who
+    leaves at a later event trained the target as a positive, so its top 10 is the attack itself)."""
     metrics = ranking_metrics(np.array([e.rank for e in evaluations]), ks)
     metrics |= ranking_metrics(np.array([e.valid_rank for e in evaluations]), [10], prefix="valid_")
     if full_ranking:
         metrics |= ranking_metrics(np.array([e.full_rank for e in evaluations]), ks, prefix="full_")
-    target_ranks = np.array([e.target_rank for e in evaluations if e.target_rank >= 0])
+    target_ranks = np.array([e.target_rank for e in evaluations if e.target_rank >= 0 and e.client_id not in attackers])
     if len(target_ranks):
         metrics["ER@10"] = hit_ratio(target_ranks, 10)  # exposure of the promoted item
     return metrics
@@ -395,7 +399,8 @@ class FederatedServer:
         evaluations, rejected, details = check_replies(replies, self.active, self.limits)
         self._count("evaluations", rejected, len(evaluations), len(self.active), "evaluation", details)
         evaluations = sorted(evaluations, key=_by_client)
-        metrics = evaluation_metrics(evaluations, self.config.eval.ks, self.config.eval.full_ranking)
+        eval_config, attackers = self.config.eval, set(self.config.unlearn.attackers)
+        metrics = evaluation_metrics(evaluations, eval_config.ks, eval_config.full_ranking, attackers)
         metrics |= activity_metrics(evaluations, self.activity)
         if not evaluations or not all(np.isfinite(value) for value in metrics.values()):
             raise FedUnlearnError(f"evaluation gave no finite metrics ({len(evaluations)} valid replies)")
@@ -486,12 +491,13 @@ class FederatedServer:
                 rows.append(
                     {"event": round_number, "removed": removed_so_far + len(leaving), "method": method}
                     | {"model": self.config.model.name, "seed": self.config.run.seed}
+                    | {"initial": initial_key(self.config)}  # the start the cosine to Retrain is taken from
                     | {k: v for k, v in event["after"].items() if k in COMPARED}
                     | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"]}
                     | {"client_epochs": event["client_epochs"], "optimizer_steps": event["optimizer_steps"]}
                 )
                 unlearned.append(twin.unlearned)
-        compare_with_retrain(rows, unlearned)
+        compare_with_retrain(rows, unlearned, self.initial)
         return rows
 
     def _transaction(self) -> AbstractContextManager[Any]:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from fedunlearn.config import RISK_TENTHS, AuditConfig, Config
+from fedunlearn.data.dataset import UNKNOWN
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.privacy.attacks import Attacker, attack_metrics, shadow_split, train_attacker
 from fedunlearn.privacy.common import Aggregator, PlainSum
@@ -49,33 +50,56 @@ def attribute_labels(attributes: pd.DataFrame, name: str) -> np.ndarray:
     return attributes[name].to_numpy().astype(str)
 
 
+def own_class(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each label's column in an attacker's `classes`, -1 for a value the attacker was not trained
+    on (a class the audit left out, or UNKNOWN): searchsorted alone would give a neighbour's column."""
+    at = np.clip(np.searchsorted(classes, labels), 0, len(classes) - 1)
+    return np.where(classes[at] == labels, at, -1)
+
+
 def global_audit(
-    views: dict[str, np.ndarray], attributes: pd.DataFrame, audit: AuditConfig, seed: int
+    views: dict[str, np.ndarray],
+    attributes: pd.DataFrame,
+    audit: AuditConfig,
+    seed: int,
+    covered: dict[str, np.ndarray] | None = None,
 ) -> list[AuditedAttack]:
     """Train every attacker on a stratified shadow set of each attribute and test it on the rest,
-    for each view (name -> (n_users, features))."""
+    for each view (name -> (n_users, features)). `covered` (view -> mask over users) limits a view to
+    the users it holds (the uploads: only the last round's participants; an absent user's zero row
+    would dilute the attack towards chance). Users whose value is UNKNOWN are not attacked: "the
+    source says nothing" is no class of the attribute."""
+    covered = covered or {}
+    for view, features in views.items():
+        if not np.all(np.isfinite(features)):
+            raise FedUnlearnError(f"the audit's {view} view holds NaN or inf: no attacker can be scored on it")
     out = []
     for attribute in audited_attributes(audit, attributes):
         labels = attribute_labels(attributes, attribute)
-        values, counts = np.unique(labels, return_counts=True)
-        if (counts >= 2).sum() < 2:  # nothing to tell apart: every classifier would see one class
-            print(f"audit: {attribute} not attacked: fewer than two of its values have 2 of the {len(labels)} "
-                  "audited clients", file=sys.stderr)  # fmt: skip
-            continue
-        attackable = np.flatnonzero(np.isin(labels, values[counts >= 2]))  # a class needs a shadow and a test user
-        shadow, test = (attackable[part] for part in shadow_split(labels[attackable], audit.shadow_share, seed))
         for view, features in views.items():
+            rows = np.flatnonzero(covered.get(view, np.ones(len(labels), dtype=bool)) & (labels != UNKNOWN))
+            values, counts = np.unique(labels[rows], return_counts=True)
+            if (counts >= 2).sum() < 2:  # nothing to tell apart: every classifier would see one class
+                print(f"audit: {attribute} not attacked in the {view} view: fewer than two of its values have 2 of "
+                      f"the {len(rows)} clients it holds with a known value", file=sys.stderr)  # fmt: skip
+                continue
+            attackable = rows[np.isin(labels[rows], values[counts >= 2])]  # a class needs a shadow and a test user
+            shadow, test = (attackable[part] for part in shadow_split(labels[attackable], audit.shadow_share, seed))
             for name in audit.attackers:
                 attacker = train_attacker(name, attribute, features[shadow], labels[shadow], seed)
                 metrics = attack_metrics(labels[test], attacker.proba(features[test]), attacker.classes, seed)
-                out.append(AuditedAttack(view, attacker, test, metrics))
+                out.append(AuditedAttack(view, attacker, test, metrics | {"tested": len(test)}))
     return out
 
 
 def local_outcome(attacker: Attacker, own_features: np.ndarray, own_value: str) -> np.ndarray:
     """What one client adds to the local audit's secure sum: per class (K), was the attacker right,
     is this my class, and a histogram of the attacker's confidence in my true class (K x bins)."""
-    return outcome_from_proba(attacker.proba(own_features)[0], int(np.searchsorted(attacker.classes, own_value)))
+    (own,) = own_class(attacker.classes, np.array([own_value]))
+    if own < 0:
+        raise FedUnlearnError(f"local audit: this client's {attacker.attribute} {own_value!r} is not one of the "
+                              f"classes the attacker was trained on ({', '.join(attacker.classes)})")  # fmt: skip
+    return outcome_from_proba(attacker.proba(own_features)[0], int(own))
 
 
 def outcome_from_proba(proba: np.ndarray, own: int) -> np.ndarray:
@@ -95,7 +119,7 @@ def local_audit(
     if len(audited.test):
         # each client's own prediction; computed for all at once here because it is the same arithmetic
         proba = attacker.proba(features[audited.test])
-        own = np.searchsorted(attacker.classes, labels[audited.test])
+        own = own_class(attacker.classes, labels[audited.test])  # the test users' classes are all known
         outcomes = np.stack([outcome_from_proba(row, int(c)) for row, c in zip(proba, own, strict=True)])
     else:
         outcomes = np.zeros((1, 2 * k + k * CONFIDENCE_BINS))
@@ -121,10 +145,12 @@ def privacy_table(
     attributes: pd.DataFrame,
     config: Config,
     aggregator: Aggregator | None = None,
+    covered: dict[str, np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, list[AuditedAttack]]:
-    """Global and local audit rows (one per view x attacker x attribute x audit)."""
+    """Global and local audit rows (one per view x attacker x attribute x audit); `covered` as in
+    `global_audit`."""
     aggregator = aggregator or PlainSum()
-    audited = global_audit(views, attributes, config.audit, config.run.seed)
+    audited = global_audit(views, attributes, config.audit, config.run.seed, covered)
     rows = []
     for item in audited:
         key = {"view": item.view, "attacker": item.attacker.name, "attribute": item.attacker.attribute}

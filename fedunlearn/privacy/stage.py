@@ -21,7 +21,7 @@ from fedunlearn.fl.federation import Federation
 from fedunlearn.models.base import Arrays, SplitModel
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import DataRetention, PseudoClasses, attrcloak
-from fedunlearn.privacy.audit import attribute_labels, audited_attributes, privacy_table
+from fedunlearn.privacy.audit import attribute_labels, audited_attributes, own_class, privacy_table
 from fedunlearn.privacy.baselines import regularised_defence
 from fedunlearn.privacy.common import Aggregator, AttributeClasses, DefenceOutcome, flatten_users, unflatten_users
 from fedunlearn.privacy.registry import DEFENCES
@@ -57,12 +57,13 @@ def attribute_classes(attributes: pd.DataFrame, names: list[str]) -> list[Attrib
 
 def at_risk(attackers: list[Attacker], features: np.ndarray, attributes: pd.DataFrame, threshold: float) -> np.ndarray:
     """Whether each client (row) is at risk: some attacker is at least `threshold` confident in its
-    true value. A client decides this alone, on its device, from the attackers shipped to it."""
+    true value (none is in a value it was not trained on: it never guesses it). A client decides
+    this alone, on its device, from the attackers shipped to it."""
     risky = np.zeros(len(features), dtype=bool)
     for attacker in attackers:
-        labels = attribute_labels(attributes, attacker.attribute)
+        column = own_class(attacker.classes, attribute_labels(attributes, attacker.attribute))
         proba = attacker.proba(features)
-        own = proba[np.arange(len(labels)), np.searchsorted(attacker.classes, labels)]
+        own = np.where(column >= 0, proba[np.arange(len(column)), np.maximum(column, 0)], 0.0)
         risky |= own >= threshold
     return risky
 
@@ -192,6 +193,7 @@ def privacy_stage(
     names = audited_attributes(config.audit, attributes)
     before = flatten_users(model, users)
     views = {"embedding": before}
+    covered: dict[str, np.ndarray] = {}
     recovery = None
     if uploads is not None and config.audit.uploads:
         if config.model.negatives < 2:  # one negative per positive: the sides are about the same size
@@ -200,10 +202,11 @@ def privacy_stage(
                   "low: a bound of this attacker, not of what the upload gives away)", file=sys.stderr)  # fmt: skip
         views["upload"] = upload_profiles(model, shared, uploads["norms"])
         views["upload-direction"] = uploads["directions"]
+        covered = {"upload": uploads["uploaded"], "upload-direction": uploads["uploaded"]}
         positives = [federation.split.train_of(i) for i in clients]
         recovery = recovery_score(uploads["recovered"], uploads["directions"], positives, before)
     with progress.during("privacy: audit of the trained model"):
-        table, audited = privacy_table(views, attributes, config, aggregator)
+        table, audited = privacy_table(views, attributes, config, aggregator, covered)
     table.insert(0, "defence", config.defence.upload if config.defence.upload != "none" else "none")
     for key, value in evaluate(users).items():
         table[key] = value

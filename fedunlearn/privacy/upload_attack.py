@@ -38,18 +38,20 @@ def recover_from_upload(update: ClientUpdate, row_keys: tuple[str, ...]) -> tupl
 def upload_view(updates: list[ClientUpdate], positions: dict[str, int], n_clients: int, n_items: int,
                 row_keys: tuple[str, ...]) -> Arrays:  # fmt: skip
     """What a curious server keeps of each client's last upload (rows of clients not sampled stay
-    zero): `norms` (clients, items), the size of its change of each item row; `directions`
-    (clients, D), the recovered embedding direction; `recovered` (clients, items), the items read
-    as its positives."""
+    zero, and `uploaded` (clients,) says which hold one): `norms` (clients, items), the size of its
+    change of each item row; `directions` (clients, D), the recovered embedding direction;
+    `recovered` (clients, items), the items read as its positives."""
     dim = sum(updates[0].rows[key].shape[1] for key in row_keys) if updates else 0
     view = {
         "norms": np.zeros((n_clients, n_items), dtype=np.float32),
         "directions": np.zeros((n_clients, dim)),
         "recovered": np.zeros((n_clients, n_items), dtype=bool),
+        "uploaded": np.zeros(n_clients, dtype=bool),
     }
     read: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # under secure aggregation every client's
     for update in updates:  # "upload" is the same round mean (fl.rounds.RoundSeen): read it once
         at = positions[update.client_id]
+        view["uploaded"][at] = True
         for rows in update.rows.values():
             view["norms"][at, update.item_ids] += np.linalg.norm(rows, axis=1)
         if id(update.rows) not in read:
@@ -61,7 +63,7 @@ def upload_view(updates: list[ClientUpdate], positions: dict[str, int], n_client
 
 @dataclass
 class RecoveryScore:
-    precision: float  # of the items read as positives, the share that are (mean over clients)
+    precision: float  # of the items read as positives, the share that are (mean over clients that read any)
     recall: float  # of the client's training positives, the share read (mean over clients)
     cosine: float  # between the recovered direction and the true user embedding (median over clients)
     clients: int  # clients with an upload in the view
@@ -71,16 +73,20 @@ def recovery_score(recovered: np.ndarray, directions: np.ndarray, positives: lis
                    users: np.ndarray) -> RecoveryScore:  # fmt: skip
     """How well the attack read each client (the simulation knows the truth): `recovered` and
     `directions` rows as in upload_view, `positives` each client's training items, `users` the
-    flattened user parts (same rows). Clients without an upload are left out."""
+    flattened user parts (same rows). Clients without an upload are left out, and from the
+    precision those of whom nothing was read (its 0/0 is no precision); NaN where none is left."""
     sampled = np.flatnonzero(np.any(directions != 0, axis=1))
     precision, recall, cosine = [], [], []
     for i in sampled:
         truth = np.zeros(recovered.shape[1], dtype=bool)
         truth[positives[i]] = True
         hits = np.count_nonzero(recovered[i] & truth)
-        precision.append(hits / max(np.count_nonzero(recovered[i]), 1))
+        read = np.count_nonzero(recovered[i])
+        precision.append(hits / read if read else np.nan)
         recall.append(hits / max(np.count_nonzero(truth), 1))
         cosine.append(directions[i] @ users[i] / max(np.linalg.norm(users[i]), 1e-12))
     if not len(sampled):
-        return RecoveryScore(0.0, 0.0, 0.0, 0)
-    return RecoveryScore(float(np.mean(precision)), float(np.mean(recall)), float(np.median(cosine)), len(sampled))
+        return RecoveryScore(np.nan, np.nan, np.nan, 0)
+    read_any = [p for p in precision if not np.isnan(p)]
+    mean_precision = float(np.mean(read_any)) if read_any else np.nan
+    return RecoveryScore(mean_precision, float(np.mean(recall)), float(np.median(cosine)), len(sampled))

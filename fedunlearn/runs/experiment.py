@@ -229,16 +229,20 @@ def _run_all(
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """Rows that differ only by seed as one: the mean, and `<column>_std` with a `seeds` count when
-    a group has several."""
+    a group has several. A figure some of a group's seeds lack (a speedup under the measurable
+    floor, a seed without its Retrain) is left empty rather than averaged over the others beside a
+    `seeds` count that says all of them."""
     # an audited run's `setting` is its defence and `run` the experiment's setting: both tell rows apart
     grouping = ("run", "setting", "defence", "model", "mode", "engine", "method", "event", "audit", "view")
     grouping += ("attacker", "attribute")
     keys = [c for c in grouping if c in runs.columns]
     numeric = [c for c in runs.columns if c not in keys and c != "seed" and pd.api.types.is_numeric_dtype(runs[c])]
     grouped = runs.groupby(keys, sort=False, dropna=False)[numeric]
+    complete = (grouped.count() == grouped.size().to_numpy()[:, None]).reset_index(drop=True)
     table = grouped.mean().reset_index()
+    table[numeric] = table[numeric].where(complete)
     if runs.groupby(keys, sort=False, dropna=False).size().max() > 1:
-        std = grouped.std().add_suffix("_std").reset_index(drop=True)
+        std = grouped.std().reset_index(drop=True).where(complete).add_suffix("_std")
         table = pd.concat([table, std], axis=1)
         table.insert(len(keys), "seeds", grouped.size().to_numpy())
     return table

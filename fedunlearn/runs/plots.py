@@ -77,9 +77,10 @@ def plot_rounds(curves: dict[str, pd.DataFrame], events: dict[str, list[int]], p
 
 
 def _minus_retrain(table: pd.DataFrame, column: str) -> np.ndarray:
-    """Each row's `column` minus Retrain's of the same run, model, event and seed (NaN where there
-    is no such Retrain row)."""
-    keys = [c for c in ("run", "model", "event", "seed") if c in table.columns]
+    """Each row's `column` minus Retrain's of the same run, model, event and seed, and where the rows
+    carry it the same `retrain_key` (a Retrain of another protocol in the same run is not the
+    reference); NaN where there is no such Retrain row."""
+    keys = [c for c in ("run", "model", "event", "seed", "retrain_key") if c in table.columns]
     retrain = table[table["method"] == "retrain"].drop_duplicates(keys).set_index(keys)[column]
     reference = retrain.reindex(pd.MultiIndex.from_frame(table[keys])).to_numpy(dtype=float)
     return table[column].to_numpy(dtype=float) - reference
