@@ -184,13 +184,14 @@ def _experiment(args: argparse.Namespace) -> None:
 
 
 def _audit(args: argparse.Namespace) -> None:
+    """Attack the embeddings a run saved, with the attribute values saved beside them: the data is
+    not rebuilt, so `--set run.seed=K` changes the shadow split and the attackers' seeds only."""
     import numpy as np
     import pandas as pd
 
     from fedunlearn.config import load_config
-    from fedunlearn.fl.federation import build_federation
     from fedunlearn.privacy.audit import privacy_table
-    from fedunlearn.runs.results import EMBEDDINGS_FILE, read_central_view
+    from fedunlearn.runs.results import ATTRIBUTE_PREFIX, EMBEDDINGS_FILE, read_central_view
     from fedunlearn.runs.tables import readable
 
     run = Path(args.run_dir)
@@ -199,20 +200,21 @@ def _audit(args: argparse.Namespace) -> None:
     saved = run / EMBEDDINGS_FILE
     if not saved.is_file():
         raise FedUnlearnError(f"{run} has no {saved.name}: rerun with --set audit.enabled=true (or a defence)")
+    data_keys = [item.split("=", 1)[0] for item in args.overrides if item.strip().startswith("data.")]
+    if data_keys:
+        raise FedUnlearnError(f"{', '.join(data_keys)}: the audit attacks the data the run saved; "
+                              "drop these --set (audit.*, defence.risk_threshold and run.seed apply)")  # fmt: skip
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.exists() or run.resolve() in out.resolve().parents):
+        raise FedUnlearnError(f"--out {out} exists or lies inside the run folder: choose a new file outside it")
     config = load_config(run / "config.toml", args.overrides)
     arrays = read_central_view(saved)
-    clients = [str(c) for c in arrays["clients"]]
     if not all(np.isfinite(arrays[stage]).all() for stage in ("before", "after") if stage in arrays):
         raise FedUnlearnError(f"{saved} holds non-finite embeddings: nothing can be audited from it")
-    federation = build_federation(config.data, config.run.seed)
-    position = {client: index for index, client in enumerate(federation.client_ids)}
-    missing = [c for c in clients if c not in position]
-    if missing:
-        raise FedUnlearnError(
-            f"{run}/config.toml does not describe the saved embeddings: clients {missing[:3]} are not in its "
-            "dataset (was config.toml edited, or --set data.* given?)"
-        )
-    attributes = federation.dataset.attributes.iloc[[position[c] for c in clients]].reset_index(drop=True)
+    names = [key[len(ATTRIBUTE_PREFIX) :] for key in arrays if key.startswith(ATTRIBUTE_PREFIX)]
+    if not names:
+        raise FedUnlearnError(f"{saved} holds no attribute values (written before they were saved): rerun the run")
+    attributes = pd.DataFrame({name: arrays[ATTRIBUTE_PREFIX + name] for name in names})
     tables = []
     for stage in [name for name in ("before", "after") if name in arrays]:
         table, _ = privacy_table({"embedding": arrays[stage]}, attributes, config)
@@ -220,8 +222,8 @@ def _audit(args: argparse.Namespace) -> None:
     table = pd.concat(tables, ignore_index=True)
     columns = ["stage", "attacker", "attribute", "audit", "accuracy", "balanced_accuracy", "chance", "at_risk"]
     print(readable(table[[c for c in columns if c in table.columns]]))
-    if args.out:
-        table.to_csv(args.out, index=False)
+    if out is not None:
+        table.to_csv(out, index=False)
 
 
 def _suite(args: argparse.Namespace) -> None:
@@ -282,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         out = getattr(args, "out_folder", None)
-        hint = f"; continue with: fedunlearn run --resume {out}" if out else "; no results folder was written"
+        if out:
+            hint = f"; continue with: fedunlearn run --resume {out}"
+        elif args.command in ("experiment", "suite"):
+            hint = f"; continue with: fedunlearn {args.command} {args.file} --out {args.out} --resume (same --set)"
+        else:
+            hint = "; no results folder was written"
         print(f"fedunlearn: interrupted{hint}", file=sys.stderr)
         return 130
     return 0

@@ -301,7 +301,7 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     if origin is list:
         (inner,) = get_args(kind)
         if isinstance(value, str):
-            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            value = [v.strip() for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
         if not isinstance(value, list):
             raise FedUnlearnError(f"{key} must be a list, e.g. {key}=[5,10,20]; got {value!r}")
         return [_coerce(key, v, inner) for v in value]
@@ -438,6 +438,19 @@ def validate(config: Config) -> Config:
     if config.run.mode != "federated" and (config.unlearn.drop.strip() or config.unlearn.drop_random.strip()):
         mode = config.run.mode
         raise FedUnlearnError(f"a drop schedule needs run.mode = 'federated' (clients leave one), not {mode!r}")
+    federated_only = {
+        "unlearn.method": config.unlearn.method != "none", "unlearn.compare": config.unlearn.compare,
+        "defence.method": config.defence.method != "none", "defence.compare": config.defence.compare,
+        "defence.upload": config.defence.upload != "none", "audit.enabled": config.audit.enabled,
+        "faults.share": config.faults.share > 0,
+    }  # fmt: skip
+    ignored = [key for key, set_away in federated_only.items() if set_away]
+    if config.run.mode != "federated" and ignored:
+        raise FedUnlearnError(f"{', '.join(ignored)} act on a federation: run.mode = {config.run.mode!r} would ignore "
+                              "them; leave them at their defaults or use run.mode = 'federated'")  # fmt: skip
+    if config.unlearn.attackers and not config.unlearn.poison:
+        raise FedUnlearnError("unlearn.attackers is filled in from the drop schedule when unlearn.poison is on: "
+                              "leave it empty and set unlearn.poison = true with a drop")  # fmt: skip
     if config.data.dataset == "csv" and not config.data.path:
         raise FedUnlearnError("data.dataset = 'csv' needs data.path: --set data.path=interactions.csv")
     config._freeze(True)

@@ -29,6 +29,9 @@ def files(tmp_path):
         "seeds-bool": 'seeds = [true]\n[[setting]]\nname = "a"\n',
         "name-number": "[[setting]]\nname = 7\n",
         "name-escapes": '[[setting]]\nname = "../x"\n',
+        "seeds-twice": 'seeds = [0, 0]\n[[setting]]\nname = "a"\n',
+        "models-twice": 'models = ["mf", "mf"]\n[[setting]]\nname = "a"\n',
+        "misspelt-set": '[[setting]]\nname = "a"\nsett = { "train.rounds" = 2 }\n',
     }
     for name, text in experiments.items():
         (tmp_path / f"{name}.toml").write_text(text)
@@ -68,6 +71,14 @@ CASES = {
     "timeout fault in process": (["--set", "faults.kinds=[timeout]"], "needs run.engine=flower"),
     "every reply faulty": (["--set", "faults.share=1", "--set", "faults.kinds=[shape]"], "0 valid replies of 10"),
     "resume with settings": (["--resume", "{tmp}/out", "--set", "train.rounds=3"], "--resume continues a run"),
+    "attackers without poison": (["--set", "unlearn.attackers=[1]"], "unlearn.attackers is filled in"),
+    "a defence in central mode": (["--set", "run.mode=central", "--set", "defence.method=attrcloak-dd"],
+                                  "defence.method act on a federation: run.mode = 'central' would ignore"),  # fmt: skip
+    "the audit in popularity mode": (["--set", "run.mode=popularity", "--set", "audit.enabled=true"],
+                                     "audit.enabled act on a federation"),  # fmt: skip
+    "diverging central training": (["--set", "run.mode=central", "--set", "central.lr=1e30"],
+                                   "central training diverged in epoch"),  # fmt: skip
+    "out naming no folder": (["--out", "/"], "names no folder"),
 }
 
 
@@ -111,6 +122,9 @@ def test_run_refuses_bad_input_in_one_line(files, capsys, case):
         ("seeds-bool", "seeds must be a list of int values"),
         ("name-number", "setting name 7 is used as a folder name"),
         ("name-escapes", "setting name '../x' is used as a folder name"),
+        ("seeds-twice", "seeds lists 0 more than once"),  # it ran once and counted as two seeds
+        ("models-twice", "models lists mf more than once"),
+        ("misspelt-set", "setting 'a' has ['sett']"),  # it ran the defaults
     ],
 )
 def test_experiment_files_of_the_wrong_shape_are_refused(files, capsys, name, message):
@@ -164,8 +178,6 @@ def _nan(path):
         (lambda run: _garbage(run / "central_view_embeddings.npz"), "is damaged"),
         (lambda run: _nan(run / "central_view_embeddings.npz"), "holds non-finite embeddings"),
         (lambda run: (run / "config.toml").write_bytes(bytes(range(256))), "is not a UTF-8 text file"),
-        (lambda run: (run / "config.toml").write_text((run / "config.toml").read_text().replace(
-            "synthetic_users = 10", "synthetic_users = 8")), "does not describe the saved embeddings"),  # fmt: skip
         (lambda run: (run / "final.json").unlink(), "is not a finished run"),
     ],
 )
@@ -178,8 +190,14 @@ def test_audit_of_a_damaged_folder_is_one_line(audited, capsys, damage, message)
 
 def test_audit_to_an_impossible_out_is_one_line_and_local_false_works(audited, capsys):
     capsys.readouterr()
-    assert main(["audit", str(audited), "--out", str(audited / "final.json" / "x.csv")]) == 2
+    assert main(["audit", str(audited), "--out", str(audited.parent / "no-such-folder" / "x.csv")]) == 2
     assert_one_line(capsys, "cannot write or read")
+    for inside in (audited / "audit.csv", audited / "final.json", audited.parent / "taken.csv"):
+        inside.touch()
+        before = inside.read_bytes()
+        assert main(["audit", str(audited), "--out", str(inside)]) == 2  # the run's own files were overwritten
+        assert_one_line(capsys, "exists or lies inside the run folder")
+        assert inside.read_bytes() == before
     assert main(["audit", str(audited), "--set", "audit.local=false"]) == 0
     out = audited.parent / "no-local"
     assert run(audited.parent, "--set", "audit.enabled=true", "--set", "audit.local=false", out="no-local") == 0
@@ -200,3 +218,101 @@ def test_the_memory_check_counts_the_parameters_exactly_without_building_them(na
         shared, user = model.init_shared(np.random.default_rng(0)), model.init_user(np.random.default_rng(0))
         built = sum(v.size for v in shared.values()) + 7 * sum(v.size for v in user.values())
         assert parameter_floats(config.model, 50, 7) == built
+
+
+def test_audit_with_another_seed_attacks_the_saved_attributes_and_refuses_other_data(audited, capsys, tmp_path):
+    """`--set run.seed=1` (the help's own example) rebuilt the synthetic data with seed 1, whose
+    users hold other attribute values than the embeddings saved: the attack read chance."""
+    import tomllib
+
+    capsys.readouterr()
+    assert main(["audit", str(audited), "--set", "data.synthetic_users=8"]) == 2
+    assert_one_line(capsys, "data.synthetic_users: the audit attacks the data the run saved")
+    assert main(["audit", str(audited), "--set", "run.seed=1", "--out", str(tmp_path / "seed1.csv")]) == 0
+    from fedunlearn.config import load_config
+    from fedunlearn.privacy.audit import privacy_table
+
+    saved = np.load(audited / "central_view_embeddings.npz")
+    names = [key for key in saved.files if key.startswith("attribute_")]
+    attributes = pd.DataFrame({key[len("attribute_") :]: saved[key] for key in names})
+    config = load_config(audited / "config.toml", ["run.seed=1"])
+    expected, _ = privacy_table({"embedding": saved["before"]}, attributes, config)
+    table = pd.read_csv(tmp_path / "seed1.csv")
+    np.testing.assert_allclose(table["balanced_accuracy"], expected["balanced_accuracy"], rtol=1e-12)
+    assert tomllib.loads((audited / "config.toml").read_text())["run"]["seed"] == 0
+
+
+EXPERIMENT = ('[base]\n"data.synthetic_users" = 12\n"data.synthetic_items" = 60\n"data.synthetic_interactions" = 8\n'
+              '"data.test_negatives" = 20\n"model.dim" = 4\n"train.rounds" = 2\n'
+              '[[setting]]\nname = "a"\n[[setting]]\nname = "b"\nset = { "train.lr" = 0.02 }\n')  # fmt: skip
+
+
+def test_an_experiment_resumed_with_other_settings_is_refused(tmp_path, capsys):
+    """--resume read the finished runs back beside runs of the new settings, and went on from an
+    interrupted run's checkpoint trained with the old ones, both with exit 0."""
+    (tmp_path / "e.toml").write_text(EXPERIMENT)
+    out = tmp_path / "exp"
+    assert main(["experiment", str(tmp_path / "e.toml"), "--out", str(out), "--quiet"]) == 0
+    assert set(pd.read_csv(out / "runs.csv")["engine"]) == {"batched"}  # the engine that ran, not "auto"
+    capsys.readouterr()
+    assert main(["experiment", str(tmp_path / "e.toml"), "--out", str(out), "--quiet", "--resume",
+                 "--set", "model.dim=8"]) == 2  # fmt: skip
+    assert_one_line(capsys, "ran with other settings (model.dim: 4 -> 8)")
+    assert main(["experiment", str(tmp_path / "e.toml"), "--out", str(out), "--quiet", "--resume"]) == 0
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["experiment", str(tmp_path / "e.toml"), "--out", str(foreign), "--quiet", "--resume"]) == 2
+    assert_one_line(capsys, "holds no run of this experiment to resume")
+    assert [path.name for path in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_an_experiment_with_a_failed_run_says_so_in_its_table_and_the_report_refuses_it(tmp_path, capsys):
+    (tmp_path / "e.toml").write_text(EXPERIMENT.replace('"train.lr" = 0.02', '"train.lr" = 1e30'))
+    out = tmp_path / "exp"
+    assert main(["experiment", str(tmp_path / "e.toml"), "--out", str(out), "--quiet"]) == 2
+    assert "**Failed, not in this table**: b (seed 0): training diverged" in (out / "table.md").read_text()
+    capsys.readouterr()
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 2
+    assert_one_line(capsys, "1 of its runs failed (b (seed 0))")
+
+
+def test_a_report_never_deletes_a_partial_folder_and_refuses_a_non_finite_metric(tmp_path, capsys):
+    assert run(tmp_path, out="done") == 0
+    partial = tmp_path / "report.partial"
+    partial.mkdir()
+    (partial / "resume.sqlite").write_text("an interrupted run's")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "done"), "--out", str(tmp_path / "report")]) == 2
+    assert_one_line(capsys, "report.partial exists")
+    assert (partial / "resume.sqlite").read_text() == "an interrupted run's"
+    final = tmp_path / "done" / "final.json"
+    final.write_text(final.read_text().replace('"HR@10": ', '"HR@10": NaN, "was": '))
+    assert main(["report", str(tmp_path / "done"), "--out", str(tmp_path / "r2")]) == 2
+    assert_one_line(capsys, "holds no finite metrics")
+
+
+def test_a_resume_that_fails_on_bad_input_keeps_the_interrupted_run(tmp_path, capsys, monkeypatch):
+    """A moved data file (or any bad input) at --resume deleted the rounds already run."""
+    import fedunlearn.runs.results as results
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fedunlearn.runs.runner.execute", interrupted)
+    assert run(tmp_path) == 130
+    partial = tmp_path / "out.partial"
+    assert (partial / "config.toml").is_file()
+    monkeypatch.undo()
+
+    def moved(*args, **kwargs):
+        raise results.FedUnlearnError("interactions file data/moved.csv not found")
+
+    monkeypatch.setattr("fedunlearn.runs.runner.execute", moved)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "fedunlearn: error: interactions file data/moved.csv not found"
+    assert "Traceback" not in err
+    assert (partial / "config.toml").is_file()

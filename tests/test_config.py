@@ -60,3 +60,8 @@ def test_a_validated_config_is_frozen_and_derive_makes_a_checked_copy():
         changed.model.dim = 16
     with pytest.raises(FedUnlearnError, match="model.dim must be > 0"):
         derive(config, {"model.dim": 0})
+
+
+def test_a_list_given_with_spaces_after_its_commas_reads_as_the_names():
+    config = load_config(None, ["audit.attackers=[mlp, xgboost]", "eval.ks=[5, 10]"])
+    assert config.audit.attackers == ["mlp", "xgboost"] and config.eval.ks == [5, 10]

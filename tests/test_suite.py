@@ -42,11 +42,19 @@ def test_a_suite_runs_each_experiment_with_its_seeds_and_reports_them_together(t
 
 def test_a_failing_experiment_keeps_the_others_and_ends_with_one_error(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["suite", str(_suite(tmp_path, second_lr="-1.0")), "--out", str(out), "--quiet"]) == 2
+    assert main(["suite", str(_suite(tmp_path, second_lr="1e30")), "--out", str(out), "--quiet"]) == 2  # diverges
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedunlearn: error:")]
-    assert len(errors) == 1 and "1 of 2 experiments and benchmarks failed" in errors[0] and "train.lr" in errors[0]
+    assert len(errors) == 1 and "1 of 2 experiments and benchmarks failed" in errors[0] and "diverged" in errors[0]
     assert (out / "first" / "runs.csv").is_file() and (out / "report" / "report.md").is_file()
     assert "failed" in (out / "suite.md").read_text()
+    assert "second/" not in (out / "report" / "report.md").read_text()  # an experiment with a failed run: not reported
+
+
+def test_a_suite_with_a_bad_setting_is_refused_before_it_writes_anything(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["suite", str(_suite(tmp_path, second_lr="-1.0")), "--out", str(out), "--quiet"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedunlearn: error:")]
+    assert len(errors) == 1 and "train.lr" in errors[0] and not out.exists()
 
 
 ENGINES = Path(__file__).resolve().parents[1] / "benchmarks" / "engines.py"

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from fedunlearn.config import Config
+from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.client import init_user, local_evaluate
 from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.rounds import FederationResult, evaluation_metrics, select_final
@@ -83,6 +84,10 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
             optimizer.step()
             losses.append(loss.item())
             progress.client_done(len(batch))
+        finite = np.isfinite(losses).all() and all(bool(torch.isfinite(value).all()) for value in shared.values())
+        if not finite:  # a diverged model must never be scored
+            raise FedUnlearnError(f"central training diverged in epoch {epoch} (non-finite loss or parameters): "
+                                  "lower central.lr")  # fmt: skip
         if epoch % config.eval.every == 0 or epoch == epochs:
             row = _evaluate(config, federation, model, user_tables, shared)
             row = {

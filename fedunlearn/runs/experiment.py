@@ -30,7 +30,7 @@ from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.comparison import compare_with_retrain, initial_key, reference_key
 from fedunlearn.fl.rounds import COMPARED
 from fedunlearn.models.base import Arrays
-from fedunlearn.runs.results import FINAL, lock_folder, partial_of, staged, unlock, write_config, write_run
+from fedunlearn.runs.results import FINAL, LOCK, lock_folder, partial_of, staged, unlock, write_config, write_run
 from fedunlearn.runs.runner import RunOutcome, execute
 from fedunlearn.runs.tables import readable
 
@@ -60,9 +60,16 @@ def load_settings(
     settings = [row for row in settings if not only or row.get("name") in only]
     seeds = seeds or _list_of(spec, "seeds", int, path, "seeds = [0, 1, 2]")
     models = _list_of(spec, "models", str, path, 'models = ["mf", "ncf"]')
+    for label, values in (("seeds", seeds), ("models", models)):
+        repeated = sorted({str(v) for v in values or [] if (values or []).count(v) > 1})
+        if repeated:
+            raise FedUnlearnError(f"{path}: {label} lists {', '.join(repeated)} more than once: list each once")
     out, names = [], set()
     for row in settings:
         name = row.get("name")
+        stray = sorted(set(row) - {"name", "set"})
+        if stray:
+            raise FedUnlearnError(f"{path}: setting {name!r} has {stray}; a [[setting]] holds a name and a set only")
         if not name or name in names:
             raise FedUnlearnError(f"{path}: every [[setting]] needs a unique name; got {name!r}")
         if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name:
@@ -95,14 +102,15 @@ def _list_of(spec: dict[str, Any], key: str, kind: type, path: str | Path, examp
 
 def _rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]]:
     """The run's row: its final metrics, or with drop events one row per event (the retained users
-    right after it), each judged later against the Retrain run's row of the same event."""
+    right after it), each judged later against the Retrain run's row of the same event. The engine
+    is the one that ran (`auto` resolved)."""
     result, info = outcome.result, outcome.info
     row: dict[str, Any] = {
         "setting": name.split("/")[0],
         "seed": config.run.seed,
         "model": config.model.name if config.run.mode != "popularity" else "-",  # popularity has no model
         "mode": config.run.mode,
-        "engine": config.run.engine if config.run.mode == "federated" else "-",
+        "engine": outcome.config.run.engine if config.run.mode == "federated" else "-",
         "round": result.final.get("round", 0),
     }
     metrics = {k: v for k, v in result.final.items() if "@" in k}
@@ -124,11 +132,36 @@ def _rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]
 def _privacy_rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]]:
     """One row per defence x view x attacker x attribute x audit of the run's attribute audit."""
     base = {"run": name.split("/")[0], "seed": config.run.seed, "model": config.model.name}
-    base |= {"engine": config.run.engine}
+    base |= {"engine": outcome.config.run.engine}
     return [base | {"setting": row.pop("defence")} | row for row in outcome.result.privacy.table.to_dict("records")]
 
 
 ROWS_FILE = "experiment_rows.json"  # a finished run's table rows, for `--resume`
+REQUESTED_FILE = "experiment_config.json"  # the settings the experiment asked of a run, for `--resume`
+
+
+def _requested(config: Config) -> dict[str, Any]:
+    return json.loads(json.dumps(config.to_dict(), sort_keys=True))
+
+
+def _check_resumable(folder: Path, settings: list[tuple[str, Config]]) -> None:
+    """A run resumed or read back must have been asked for with the same settings: a finished one
+    would sit in the table beside runs of other settings, an interrupted one would go on from a
+    checkpoint trained with the old ones."""
+    for name, config in settings:
+        for run in (folder / name, partial_of(folder / name)):
+            saved = run / REQUESTED_FILE
+            if not saved.is_file():
+                continue
+            before, now = json.loads(saved.read_text()), _requested(config)
+            changed = [
+                f"{section}.{key}: {before.get(section, {}).get(key)!r} -> {value!r}"
+                for section, values in now.items() for key, value in values.items()
+                if before.get(section, {}).get(key) != value
+            ]  # fmt: skip
+            if changed:
+                raise FedUnlearnError(f"{run} ran with other settings ({'; '.join(changed[:3])}): resume with the "
+                                      "same experiment file, --set and --only, or choose another --out")  # fmt: skip
 
 
 def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tuple[list[dict[str, Any]], Arrays]:
@@ -142,6 +175,7 @@ def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tu
     try:
         with staged(run, resume=partial_of(run).is_dir()) as staging:
             write_config(staging.folder, config)
+            (staging.folder / REQUESTED_FILE).write_text(json.dumps(_requested(config), sort_keys=True) + "\n")
             outcome = execute(config, staging.folder, show_progress)
             staging.final = write_run(staging.folder, outcome.config, outcome.result, outcome.info)
             privacy = outcome.result.privacy is not None
@@ -174,10 +208,19 @@ def run_experiment(
         raise FedUnlearnError(f"--jobs is {jobs} but must be at least 1")
     settings = load_settings(path, overrides, only, seeds)
     folder = Path(out)
-    if resume and not folder.is_dir():
-        raise FedUnlearnError(f"{folder} is not an experiment folder to resume: run without --resume first")
+    started = [folder / name for name, _ in settings]
+    ours = folder.is_dir() and (
+        (folder / "runs.csv").is_file()
+        or any(run.is_dir() or partial_of(run).is_dir() for run in started)
+        or {path.name for path in folder.iterdir()} <= {LOCK}  # stopped before its first run
+    )
+    if resume and not ours:
+        raise FedUnlearnError(f"{folder} holds no run of this experiment to resume: run without --resume first")
     if not resume and folder.exists():
-        raise FedUnlearnError(f"results folder {folder} exists: continue it with --resume or choose another --out")
+        hint = "continue it with --resume" if ours else "it is not this experiment's folder"
+        raise FedUnlearnError(f"results folder {folder} exists ({hint}): choose another --out")
+    if resume:
+        _check_resumable(folder, settings)
     folder.mkdir(parents=True, exist_ok=True)
     lock = lock_folder(folder)
     try:
@@ -192,7 +235,9 @@ def run_experiment(
         runs.to_csv(folder / "runs.csv", index=False)
         table = summarize(pd.DataFrame(rows).drop(columns="status")) if rows else pd.DataFrame()
         table.to_csv(folder / "table.csv", index=False)
-        (folder / "table.md").write_text(readable(table) + "\n")
+        missing = "".join(f"\n**Failed, not in this table**: {row['setting']} (seed {row['seed']}): {row['error']}\n"
+                          for row in failed)  # fmt: skip
+        (folder / "table.md").write_text(readable(table) + "\n" + missing)
         if "balanced_accuracy" in table.columns:
             from fedunlearn.runs.plots import plot_tradeoff
 

@@ -62,6 +62,10 @@ def _read_run(folder: Path, group: str, experiment: Path | None) -> RunFolder:
         metrics = pd.read_csv(folder / "metrics.csv")
     except (OSError, ValueError, tomllib.TOMLDecodeError, pd.errors.ParserError) as error:
         raise FedUnlearnError(f"{folder} is damaged ({type(error).__name__}: {error}): rerun it") from None
+    metrics_ok = isinstance(final, dict) and isinstance(final.get("metrics"), dict)
+    values = [v for v in final["metrics"].values() if isinstance(v, (int, float))] if metrics_ok else []
+    if not metrics_ok or not np.isfinite(values).all():
+        raise FedUnlearnError(f"{folder / FINAL} holds no finite metrics (not fedunlearn's, or edited): rerun it")
     seed = int(config.get("run", {}).get("seed", 0))
     return RunFolder(group, seed, folder, final, config, metrics, experiment)
 
@@ -78,6 +82,12 @@ def collect(paths: list[Path]) -> list[RunFolder]:
             found = sorted(found.parent for found in path.rglob(FINAL))
             if not found:
                 raise FedUnlearnError(f"{path} has runs.csv but no finished run folder: rerun the experiment")
+            listed = pd.read_csv(path / "runs.csv")
+            if "status" in listed and (listed["status"] == "failed").any():
+                failed = listed[listed["status"] == "failed"]
+                names = ", ".join(f"{row.setting} (seed {row.seed})" for row in failed.head(3).itertuples())
+                raise FedUnlearnError(f"{path}: {len(failed)} of its runs failed ({names}): a report would read as "
+                                      "complete without them; finish it with experiment --resume")  # fmt: skip
             for folder in found:
                 name = SEED_FOLDER.sub("", folder.relative_to(path).as_posix())
                 runs.append(_read_run(folder, f"{path.name}/{name}" if name else path.name, path))
@@ -290,7 +300,8 @@ def write_report(paths: list[Path], out: Path) -> dict[str, str]:
         raise FedUnlearnError(f"{out} exists: choose another --out (a report is never written over)")
     runs = collect(paths)
     partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    if partial.exists():  # maybe an interrupted run's, or a report being written now: never ours to delete
+        raise FedUnlearnError(f"{partial} exists: remove it if it is an unfinished report, or choose another --out")
     partial.mkdir(parents=True)
     try:
         unlearning, audits, times = unlearning_rows(runs), audit_rows(runs), time_table(runs)

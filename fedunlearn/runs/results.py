@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import shutil
 import zipfile
 from collections.abc import Iterator
@@ -93,14 +94,18 @@ def _resumed(out: Path) -> Staging:
 @contextmanager
 def staged(out: str | Path, resume: bool = False) -> Iterator[Staging]:
     """A staging folder that becomes `out` only if the block finishes and sets `final`. A bad input
-    (FedUnlearnError) removes it; an interruption or crash keeps it for `--resume`, never holding
+    (FedUnlearnError) removes a new one (a resumed one stays: a moved data file must not cost the
+    rounds already run); an interruption or crash keeps it for `--resume`, never holding
     final.json; a second writer is refused at once (the lock)."""
-    out = Path(out)
+    out = Path(out) if Path(out).name else Path(out).resolve()  # "." or ".." names the folder it resolves to
+    if not out.name:
+        raise FedUnlearnError(f"--out {out} names no folder: give a new folder's path, e.g. results/run1")
     staging = _resumed(out) if resume else _new(out)
     try:
         yield staging
     except FedUnlearnError:
-        shutil.rmtree(staging.folder, ignore_errors=True)
+        if not resume:
+            shutil.rmtree(staging.folder, ignore_errors=True)
         staging.lock.close()
         raise
     except BaseException:
@@ -154,7 +159,12 @@ def write_run(
     write_config(folder, config)
     pd.DataFrame(result.rounds).to_csv(folder / "metrics.csv", index=False)
     final = {"engine": config.run.engine, "mode": config.run.mode, **(info or {}), "metrics": result.final}
-    json.dumps(final, allow_nan=False)  # a NaN anywhere is an error before anything is published
+    try:
+        json.dumps(final, allow_nan=False)  # a NaN anywhere is an error before anything is published
+    except ValueError:
+        bad = sorted(k for k, v in result.final.items() if isinstance(v, float) and not math.isfinite(v))
+        raise FedUnlearnError(f"the run ended with non-finite results ({', '.join(bad) or 'in its record'}): "
+                              "lower the learning rate (train.lr, central.lr)") from None  # fmt: skip
     if result.unlearned:
         np.savez_compressed(folder / "unlearned.npz", **result.unlearned)
     if result.privacy is not None:

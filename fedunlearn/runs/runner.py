@@ -86,7 +86,8 @@ def warn_if_unlearned(config: Config, federation: Federation, result: Federation
     if result.final["HR@10"] <= popular:
         print(
             f"fedunlearn: warning: HR@10 {result.final['HR@10']:.4f} is no better than ranking by popularity "
-            f"({popular:.4f}): the model has not learned yet; train longer (train.rounds) or check the data",
+            f"({popular:.4f}): the model has not learned yet; train longer "
+            f"({'train.rounds' if config.run.mode == 'federated' else 'central.epochs'}) or check the data",
             file=sys.stderr,
         )
 

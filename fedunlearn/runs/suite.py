@@ -37,7 +37,7 @@ import pandas as pd
 
 from fedunlearn.config import read_toml
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.runs.experiment import PLAIN_NAME, run_experiment
+from fedunlearn.runs.experiment import PLAIN_NAME, load_settings, run_experiment
 from fedunlearn.runs.report import BENCHMARK_DONE, is_benchmark, write_report
 from fedunlearn.runs.tables import readable
 
@@ -105,9 +105,18 @@ def load_suite(path: str | Path) -> tuple[list[int] | None, list[SuiteEntry], li
         unknown = set(row) - {"name", "file", "only", "set"}
         if unknown:
             raise FedUnlearnError(f"{path}: experiment {name!r} has unknown keys {sorted(unknown)}")
-        overrides = [f"{key}={json.dumps(value)}" for key, value in row.get("set", {}).items()]
+        only, settings = row.get("only", []), row.get("set", {})
+        if not isinstance(settings, dict) or not (isinstance(only, list) and all(isinstance(o, str) for o in only)):
+            raise FedUnlearnError(f"{path}: experiment {name!r} needs set = {{...}} a table and only = [...] a list "
+                                  'of setting names, e.g. only = ["federated-mf"]')  # fmt: skip
+        overrides = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
         entries.append(SuiteEntry(name, path.parent / file, list(row.get("only", [])), overrides))
     return seeds, entries, load_benchmarks(path, spec.get("benchmark", []), names)
+
+
+def _complete(experiment: Path) -> bool:
+    runs = experiment / "runs.csv"
+    return runs.is_file() and "failed" not in set(pd.read_csv(runs).get("status", pd.Series(dtype=str)))
 
 
 def run_benchmark(benchmark: SuiteBenchmark, folder: Path, show_progress: bool) -> str:
@@ -132,6 +141,10 @@ def run_suite(
     out = Path(out)
     if out.exists() and not resume:
         raise FedUnlearnError(f"suite folder {out} exists: continue it with --resume or choose another --out")
+    if jobs < 1:
+        raise FedUnlearnError(f"--jobs is {jobs} but must be at least 1")
+    for entry in entries:  # every experiment's settings checked before anything is written
+        load_settings(entry.file, [*entry.overrides, *(overrides or [])], entry.only or None, seeds)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
@@ -157,7 +170,7 @@ def run_suite(
             failures.append(f"{benchmark.name}: {status}")
         rows.append({"experiment": benchmark.name, "file": benchmark.script.name,
                      "seconds": time.perf_counter() - started, "status": status})  # fmt: skip
-    finished = [out / entry.name for entry in entries if (out / entry.name / "runs.csv").is_file()]
+    finished = [out / entry.name for entry in entries if _complete(out / entry.name)]  # a failed run: not reported
     finished += [out / benchmark.name for benchmark in benchmarks if is_benchmark(out / benchmark.name)]
     shutil.rmtree(out / "report", ignore_errors=True)  # rebuilt from the folders every time
     plots = write_report(finished, out / "report") if finished else {}
