@@ -388,8 +388,8 @@ def validate(config: Config) -> Config:
         raise FedUnlearnError(f"faults.kinds must name some of {', '.join(FAULT_KINDS)}; got {kinds}")
     if "timeout" in kinds and config.run.engine != "flower":
         raise FedUnlearnError("faults.kinds 'timeout' needs run.engine=flower (only Flower waits for replies)")
-    if not config.eval.ks or any(k <= 0 for k in config.eval.ks):
-        raise FedUnlearnError(f"eval.ks must be positive cut-offs, e.g. [5, 10, 20]; got {config.eval.ks}")
+    if not config.eval.ks or any(k <= 0 for k in config.eval.ks) or len(set(config.eval.ks)) < len(config.eval.ks):
+        raise FedUnlearnError(f"eval.ks must be distinct positive cut-offs, e.g. [5, 10, 20]; got {config.eval.ks}")
     if 10 not in config.eval.ks:
         raise FedUnlearnError(f"eval.ks must include 10 (HR@10 is the headline metric); got {config.eval.ks}")
     if max(config.eval.ks) > config.data.test_negatives + 1:

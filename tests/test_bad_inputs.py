@@ -79,6 +79,11 @@ CASES = {
     "diverging central training": (["--set", "run.mode=central", "--set", "central.lr=1e30"],
                                    "central training diverged in epoch"),  # fmt: skip
     "out naming no folder": (["--out", "/"], "names no folder"),
+    "a leaving client listed to defend": (
+        ["--drop", "1@2", "--set", "defence.method=attrcloak-df", "--set", "defence.clients=listed",
+         "--set", "defence.client_ids=[1]"], "defence.client_ids names clients ['1'] who leave",
+    ),  # fmt: skip
+    "a cut-off listed twice": (["--set", "eval.ks=[10,10]"], "eval.ks must be distinct"),
 }
 
 

@@ -62,8 +62,10 @@ def leave_one_out(ds: Dataset, num_negatives: int = 99, seed: int = 0) -> Split:
         u = int(np.argmin(available))
         raise FedUnlearnError(
             f"user {ds.user_ids[u]} has only {available[u]} items left to sample {num_negatives} test "
-            f"negatives from: lower data.test_negatives to at most {available[u]}"
-        )
+            f"negatives from: "
+            + (f"lower data.test_negatives to at most {available[u]}" if available[u] > 0 else
+               "this user has interacted with every item; give the data more items, or leave the user out")
+        )  # fmt: skip
     rng = np.random.default_rng(seed)
     negatives = _sample_negatives(all_keys, positives_per_user, n_items, num_negatives, rng)
     return Split(

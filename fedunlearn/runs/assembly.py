@@ -52,7 +52,7 @@ def reproducible_torch(threads: int) -> Iterator[None]:
     threads_before, deterministic_before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     fill_before = fills.fill_uninitialized_memory
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
-    torch.set_num_threads(threads)
+    torch.set_num_threads(min(threads, os.cpu_count() or 1))  # more threads than cores only contend (or fail)
     torch.use_deterministic_algorithms(True, warn_only=True)
     fills.fill_uninitialized_memory = False
     try:

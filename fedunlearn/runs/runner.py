@@ -165,6 +165,12 @@ def schedule_and_history(
             "unlearn.method, unlearn.compare and unlearn.poison act at a drop event: add unlearn.drop or "
             "unlearn.drop_random (e.g. --drop-random 5%@10), or leave them at their defaults"
         )
+    listed = config.defence.client_ids if config.defence.clients == "listed" else []
+    leaving = {c for clients in schedule.values() for c in clients} | excluded
+    absent = sorted(set(listed) - set(federation.client_ids)), sorted(set(listed) & leaving)
+    if absent[0] or absent[1]:  # said now, not after all the training
+        which = f"unknown clients {absent[0][:5]}" if absent[0] else f"clients {absent[1][:5]} who leave or never join"
+        raise FedUnlearnError(f"defence.client_ids names {which}: list clients present at the end of training")
     if unlearn.target_item >= federation.n_items:
         raise FedUnlearnError(
             f"unlearn.target_item = {unlearn.target_item} but the catalogue has items 0..{federation.n_items - 1}: "
