@@ -143,17 +143,17 @@ def _run(args: argparse.Namespace) -> None:
         outcome = execute(config, staging.folder, show_progress=not args.quiet)
         config = outcome.config  # as it ran (the engine `auto` chose, ...)
         staging.final = write_run(staging.folder, config, outcome.result, outcome.info)
-    final = outcome.result.final
-    print(
-        f"HR@10 {final['HR@10']:.4f}  NDCG@10 {final['NDCG@10']:.4f}  "
-        f"({config.model.name}, {config.run.mode}, engine {config.run.engine}, {outcome.info['seconds']:.1f} s)"
-    )
+    final, mode = outcome.result.final, config.run.mode
+    what = {"federated": f"{config.model.name}, federated, engine {config.run.engine}",
+            "central": f"{config.model.name}, central"}.get(mode, mode)  # popularity: no model, no engine
+    print(f"HR@10 {final['HR@10']:.4f}  NDCG@10 {final['NDCG@10']:.4f}  ({what}, {outcome.info['seconds']:.1f} s)")
     if outcome.result.comparison:
         columns = ["event", "method", "HR@10", "NDCG@10", "MIA_AUC", "client_epochs", "optimizer_steps",
                    "unlearn_seconds", "speedup", "speedup_time", "L2_to_retrain"]  # fmt: skip
         table = pd.DataFrame(outcome.result.comparison)
         print("unlearning at each drop event (retained users, model right after unlearning; speedup over Retrain "
-              "in client-epochs, speedup_time in wall time, '-' where a method trained nothing):")  # fmt: skip
+              "in client-epochs, speedup_time in wall time, '-' where a method trained nothing or took under "
+              "0.1 s):")  # fmt: skip
         print(readable(table[[c for c in columns if c in table.columns]]))
     if outcome.result.privacy is not None:
         from fedunlearn.runs.tables import privacy_summary
@@ -162,7 +162,9 @@ def _run(args: argparse.Namespace) -> None:
         if report.table.empty:
             print("attribute privacy: no attribute could be attacked (too few clients per class; see above)")
         else:
-            print(f"attribute privacy ({report.defending} clients defended; audit.csv has every view and attacker):")
+            reach = (f"{report.defending} clients defended" if config.defence.method != "none" else
+                     f"every defence tried on {report.defending} clients, none kept")  # fmt: skip
+            print(f"attribute privacy ({reach}; audit.csv has every view and attacker):")
             print(readable(privacy_summary(report.table), digits=3))
     print(f"results: {out}")
 

@@ -130,3 +130,33 @@ def test_run_names_lose_only_the_folder_path_they_all_share():
     assert list(short_names(names)) == ["mf", "ncf", "mf"]
     assert list(short_names(pd.Series(["a/x", "b/x"]))) == ["a/x", "b/x"]  # nothing shared: kept whole
     assert list(short_names(pd.Series(["only/one"]))) == ["only/one"]  # a single run keeps its name
+
+
+def test_a_mixed_experiment_reports_only_event_rows_as_unlearning_and_same_named_runs_must_match(tmp_path, capsys):
+    """An experiment with a setting without a drop (and an audited one) beside its drop settings
+    crashed the report (a NaN event in the plot labels) or, past that, listed the plain run's final
+    HR@10 and the audit rows as unlearning rows ("36 seeds"). Two unrelated runs in folders of the
+    same name were averaged as two seeds of one."""
+    from fedunlearn.runs.report import collect, unlearning_rows
+
+    base = "".join(f'"{key}" = {value}\n' for key, value in (item.split("=", 1) for item in TINY[:-1]))
+    (tmp_path / "mixed.toml").write_text(
+        f"[base]\n{base}"
+        '[[setting]]\nname = "plain"\n'
+        '[[setting]]\nname = "audited"\nset = { "audit.enabled" = true, "audit.attackers" = ["mlp"] }\n'
+        '[[setting]]\nname = "retrain"\nset = { "unlearn.method" = "retrain", "unlearn.drop_random" = "10%@3" }\n'
+        '[[setting]]\nname = "none"\nset = { "unlearn.method" = "none", "unlearn.drop_random" = "10%@3" }\n'
+    )
+    assert main(["experiment", str(tmp_path / "mixed.toml"), "--out", str(tmp_path / "mixed"), "--quiet"]) == 0
+    rows = unlearning_rows(collect([tmp_path / "mixed"]))
+    assert sorted(rows["method"]) == ["none", "retrain"] and rows["retrain_key"].nunique() == 1
+    assert main(["report", str(tmp_path / "mixed"), "--out", str(tmp_path / "r")]) == 0
+    unlearning = _table((tmp_path / "r" / "report.md").read_text(), "Unlearning, judged against Retrain")
+    assert sorted(unlearning["method"]) == ["none", "retrain"]
+    for seed, lr in ((0, "0.01"), (1, "0.02")):
+        settings = [f"--set={item}" for item in TINY[:-1]] + [f"--set=run.seed={seed}", f"--set=train.lr={lr}"]
+        assert main(["run", *settings, "--quiet", "--out", str(tmp_path / f"g{seed}" / "myrun")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "g0" / "myrun"), str(tmp_path / "g1" / "myrun"), "--out",
+                 str(tmp_path / "r2")]) == 2  # fmt: skip
+    assert "share the name 'myrun' but differ in train.lr" in capsys.readouterr().err

@@ -112,3 +112,13 @@ def test_resume_keeps_a_finished_benchmark_and_reruns_a_missing_one(tmp_path):
     assert (tmp_path / "calls.txt").read_text().split() == ["a", "b", "b"]
     report = (out / "report" / "report.md").read_text()
     assert "## a: speed" in report and "## b: speed" in report
+
+
+def test_a_resumed_suite_keeps_the_seconds_its_experiments_took_before(tmp_path):
+    out = tmp_path / "out"
+    assert main(["suite", str(_suite(tmp_path)), "--out", str(out), "--quiet"]) == 0
+    first = pd.read_csv(out / "suite.csv").set_index("experiment")["seconds"]
+    assert (first > 0).all()
+    assert main(["suite", str(_suite(tmp_path)), "--out", str(out), "--quiet", "--resume"]) == 0
+    again = pd.read_csv(out / "suite.csv").set_index("experiment")["seconds"]
+    assert (again >= first).all()  # the first call's time kept, the resumed (read-back) call's added

@@ -130,10 +130,12 @@ def _rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]
 
 
 def _privacy_rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]]:
-    """One row per defence x view x attacker x attribute x audit of the run's attribute audit."""
+    """One row per defence x view x attacker x attribute x audit of the run's attribute audit; the
+    audit's `seconds` (the defence's) as `defence_seconds`, beside the run's `seconds` as every row has."""
     base = {"run": name.split("/")[0], "seed": config.run.seed, "model": config.model.name}
     base |= {"engine": outcome.config.run.engine}
-    return [base | {"setting": row.pop("defence")} | row for row in outcome.result.privacy.table.to_dict("records")]
+    rows = outcome.result.privacy.table.rename(columns={"seconds": "defence_seconds"}).to_dict("records")
+    return [base | {"setting": row.pop("defence")} | row | {"seconds": outcome.info["seconds"]} for row in rows]
 
 
 ROWS_FILE = "experiment_rows.json"  # a finished run's table rows, for `--resume`

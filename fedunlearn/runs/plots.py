@@ -81,6 +81,8 @@ def _minus_retrain(table: pd.DataFrame, column: str) -> np.ndarray:
     carry it the same `retrain_key` (a Retrain of another protocol in the same run is not the
     reference); NaN where there is no such Retrain row."""
     keys = [c for c in ("run", "model", "event", "seed", "retrain_key") if c in table.columns]
+    if "retrain_key" in keys:  # a compare row (unlearning.csv) has none: its run holds one Retrain
+        table = table.assign(retrain_key=table["retrain_key"].fillna(""))
     retrain = table[table["method"] == "retrain"].drop_duplicates(keys).set_index(keys)[column]
     reference = retrain.reindex(pd.MultiIndex.from_frame(table[keys])).to_numpy(dtype=float)
     return table[column].to_numpy(dtype=float) - reference
@@ -112,7 +114,8 @@ def plot_unlearning(table: pd.DataFrame, path: Path) -> None:
         axis.set_xlabel(f"speedup over Retrain ({name}, log scale)")
         axis.set_ylabel("retained HR@10 minus Retrain's")
         axis.set_title(f"Utility vs speedup ({name})")
-    _finish(figure, path, "Unlearning: utility against cost (methods that trained nothing have no speedup)", grid)
+    title = "Unlearning: utility against cost (no speedup where a method trained nothing or took under 0.1 s)"
+    _finish(figure, path, title, grid)
 
 
 def plot_forgetting(table: pd.DataFrame, path: Path) -> None:
@@ -126,7 +129,7 @@ def plot_forgetting(table: pd.DataFrame, path: Path) -> None:
     methods = [m for m in dict.fromkeys(table["method"]) if m != "retrain"]
     colours = styles(methods)
     group_keys = [c for c in ("run", "model", "event") if c in table.columns]
-    groups = table[group_keys].astype(str).agg(" ".join, axis=1).str.replace(" nan", "")
+    groups = table[group_keys].fillna("").astype(str).agg(" ".join, axis=1).str.strip()
     markers = styles(groups)
     figure, grid = plt.subplots(1, max(1, len(columns)), figsize=(6 * max(1, len(columns)), 5.5), squeeze=False)
     jitter = np.random.default_rng(0).uniform(-0.25, 0.25, len(table))  # fixed: the same picture every time
@@ -271,7 +274,7 @@ def plot_time(table: pd.DataFrame, path: Path) -> None:
         where = (position, row.seconds_per_round)
         axis.annotate(f"{round(row.clients)} clients", where, ha="center", va="bottom", fontsize=8)
     axis.set_xticks(range(len(table)), list(table["run"]), rotation=30, ha="right")
-    axis.set_ylabel("seconds per training round (wall)")
+    axis.set_ylabel("seconds per round (wall; drop events included)")
     axis.set_xlabel("run")
     axis.set_title("Round time by run (memory per engine: benchmarks/engines.py)")
     _finish(figure, path, "Time per round", grid)

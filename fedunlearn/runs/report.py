@@ -100,7 +100,26 @@ def collect(paths: list[Path]) -> list[RunFolder]:
     groups = [run.group for run in runs]
     if len(set(zip(groups, (run.seed for run in runs), strict=True))) < len(runs):
         raise FedUnlearnError("two of the given folders hold the same run (same name and seed): give each once")
+    first: dict[str, RunFolder] = {}
+    for run in runs:  # runs of one name are averaged as seeds of one setting: they must differ by seed only
+        other = first.setdefault(run.group, run)
+        changed = _differences(other.config, run.config)
+        if changed:
+            differ = ", ".join(changed[:3])
+            raise FedUnlearnError(f"{other.folder} and {run.folder} share the name {run.group!r} but differ in "
+                                  f"{differ}, not only the seed: give each its own folder name")  # fmt: skip
     return runs
+
+
+SEED_DEPENDENT = {("run", "seed"), ("unlearn", "attackers"), ("unlearn", "target_item")}  # drawn from the seed's data
+
+
+def _differences(one: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """The config keys (section.key) two runs' config.toml disagree on, the seed's own draws aside."""
+    sections = sorted(set(one) | set(other))
+    keys = [(s, k) for s in sections for k in sorted(set(one.get(s, {})) | set(other.get(s, {})))]
+    return [f"{s}.{k}" for s, k in keys
+            if (s, k) not in SEED_DEPENDENT and one.get(s, {}).get(k) != other.get(s, {}).get(k)]  # fmt: skip
 
 
 def is_benchmark(path: Path) -> bool:
@@ -160,19 +179,25 @@ def time_table(runs: list[RunFolder]) -> pd.DataFrame:
 def unlearning_rows(runs: list[RunFolder]) -> pd.DataFrame:
     """One row per method, event and seed: a run's unlearning.csv (`unlearn.compare`), or an
     experiment's runs.csv rows (one run per method, judged against Retrain's run)."""
-    frames = []
+    frames, compared = [], set()  # compared: (experiment, setting) whose runs hold their own comparison
     for run in runs:
         if (run.folder / "unlearning.csv").is_file():
             frames.append(pd.read_csv(run.folder / "unlearning.csv").assign(run=run.group))
+            if run.experiment is not None:
+                compared.add((run.experiment, run.folder.relative_to(run.experiment).parts[0]))
     for experiment in dict.fromkeys(run.experiment for run in runs if run.experiment is not None):
         table = pd.read_csv(experiment / "runs.csv")
-        if "method" in table.columns:
+        if {"method", "event"} <= set(table.columns):
             table = table[table["status"] == "ok"] if "status" in table.columns else table
+            table = table[table["method"].notna() & table["event"].notna()]  # not a no-drop or an audit row
+            table = table[[(experiment, setting) not in compared for setting in table["setting"]]]
             frames.append(table.assign(run=experiment.name))
+    frames = [frame for frame in frames if not frame.empty]
     if not frames:
         return pd.DataFrame()
     rows = _speedups_now(pd.concat(frames, ignore_index=True))
-    keep = ["run", "setting", "model", "method", "event", "seed", *(c for c in UNLEARNING_COLUMNS if c in rows.columns)]
+    keep = ["run", "setting", "model", "method", "event", "seed", "retrain_key",
+            *(c for c in UNLEARNING_COLUMNS if c in rows.columns)]  # fmt: skip
     return rows[[c for c in keep if c in rows.columns]]
 
 
@@ -260,7 +285,7 @@ def _plots(runs: list[RunFolder], unlearning: pd.DataFrame, audits: pd.DataFrame
             break
     if not times.empty:
         plot_time(times, out / "time.png")
-        made["time.png"] = "seconds per training round per run"
+        made["time.png"] = "seconds per round per run (drop events included)"
     return made
 
 
@@ -311,13 +336,15 @@ def write_report(paths: list[Path], out: Path) -> dict[str, str]:
             unlearned = summarize(unlearning)
             sections.append(_section("Unlearning, judged against Retrain", unlearned,
                                      "Retained users right after the event; speedup_time is wall time, speedup "
-                                     "client-epochs; '-' where a method trained nothing (no speedup)."))  # fmt: skip
+                                     "client-epochs; '-' where a method trained nothing or its event took under "
+                                     "0.1 s (no speedup)."))  # fmt: skip
         if not audits.empty:
             sections.append(_section("Attribute privacy (global audit on the embeddings)", privacy_table(audits),
                                      "relabelled: a below-chance attacker flipped, the information left."))  # fmt: skip
         if not times.empty:
-            sections.append(_section("Time", times, "Seconds per round (training, and the evaluation every "
-                                     "eval.every rounds), between the first and the last evaluated round."))
+            sections.append(_section("Time", times, "Seconds per round (training, the evaluation every "
+                                     "eval.every rounds, and any drop event with its unlearning and unlearn.compare "
+                                     "trials in those rounds), between the first and the last evaluated round."))
         sections += benchmark_sections(paths)
         plots = _plots(runs, unlearning, audits, times, partial) if runs else {}
         plots |= _benchmark_plots(paths, partial)

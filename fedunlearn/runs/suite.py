@@ -146,6 +146,8 @@ def run_suite(
     for entry in entries:  # every experiment's settings checked before anything is written
         load_settings(entry.file, [*entry.overrides, *(overrides or [])], entry.only or None, seeds)
     out.mkdir(parents=True, exist_ok=True)
+    times = out / "suite.csv"  # each step's seconds over every call, so a resumed suite keeps the earlier ones
+    before = pd.read_csv(times).set_index("experiment")["seconds"].to_dict() if resume and times.is_file() else {}
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
     steps = len(entries) + len(benchmarks)
@@ -172,12 +174,17 @@ def run_suite(
                      "seconds": time.perf_counter() - started, "status": status})  # fmt: skip
     finished = [out / entry.name for entry in entries if _complete(out / entry.name)]  # a failed run: not reported
     finished += [out / benchmark.name for benchmark in benchmarks if is_benchmark(out / benchmark.name)]
-    shutil.rmtree(out / "report", ignore_errors=True)  # rebuilt from the folders every time
+    for row in rows:
+        row["seconds"] += before.get(row["experiment"], 0.0)
+    pd.DataFrame(rows).to_csv(times, index=False)
+    for folder in (out / "report", out / "report.partial"):  # the suite's own report, rebuilt every time
+        shutil.rmtree(folder, ignore_errors=True)
     plots = write_report(finished, out / "report") if finished else {}
     total = sum(row["seconds"] for row in rows)
     (out / "suite.md").write_text(
         f"# fedunlearn suite: {Path(path).name}\n\n{readable(pd.DataFrame(rows), digits=1)}\n\n"
-        f"Total {total:.0f} s ({total / 60:.1f} min) of experiments and benchmarks; the report: "
+        f"Total {total:.0f} s ({total / 60:.1f} min) of experiments and benchmarks (over every call, "
+        "--resume included); the report: "
         "[report/report.md](report/report.md).\n"
     )
     if failures:
