@@ -37,9 +37,10 @@ def table(experiment: Path) -> pd.DataFrame:
     for (run, defence), block in rows.groupby(["run", "defence"], sort=False):
         row = {"run": run, "defence": defence, "seeds": block["seed"].nunique()}
         for (attribute, attacker), cell in block.groupby(["attribute", "attacker"], sort=False):
+            complete = cell["seed"].nunique() == row["seeds"]  # a seed that did not attack it: no mean over the rest
             row[f"{attribute} {attacker} (chance {cell['chance'].iloc[0]:.3f})"] = (
                 f"{cell['balanced_accuracy'].mean():.3f} / {cell['balanced_accuracy_relabelled'].mean():.3f}"
-                f" (AUC {cell['auc_relabelled'].mean():.2f})"
+                f" (AUC {cell['auc_relabelled'].mean():.2f})" if complete else "-"
             )
         per_seed = block.groupby("seed")["ndcg_change"].first()
         signed = lambda value: f"{round(value, 1) + 0.0:+.1f}"  # noqa: E731  (+ 0.0: never print -0.0)

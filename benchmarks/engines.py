@@ -11,11 +11,15 @@ so and puts the tables and a plot in its report.
 
 Every measurement runs in a child process started from a cold interpreter; the parent samples the
 resident memory of the child's whole process tree (Ray's workers included) every 0.2 s. "s per
-round" is the mean over rounds 2 to n-1: the first also starts the engine up, the last also
-evaluates every client. With --flower-clients below
+round" is the mean over rounds 2 to n-1 (so at least 3 rounds): the first also starts the engine
+up, the last also evaluates every client; "torch threads" says how many each engine trained with
+(the batched engine takes run.num_cpus, the in-process one 1: "batched is x faster" compares the
+engines as they run, threads included; --set run.num_cpus=1 compares them at one thread). With --flower-clients below
 943, Flower's round is timed on that many sampled clients and scaled to 943 by its cost per client
-update (the table says so). The synthetic runs report the whole job: data generation, every round
-and the final evaluation of every client.
+update (the table says so). The synthetic runs' "whole job s" is the child process's: interpreter
+start and imports, data generation, every round and the final evaluation of every client.
+"clients/round" is the last round's sample (10% participation: the timed rounds sample within a
+few percent of it, so "ms per client update" carries that error).
 """
 
 from __future__ import annotations
@@ -95,13 +99,15 @@ def child(args: dict[str, Any]) -> None:
     rounds = config.train.rounds  # the batched engine's seconds per round by phase
     phases = {key: value / rounds for key, value in outcome.info.get("engine_seconds", {}).items()}
     report = {"round_ends": result.round_ends, "loop_start": loop_start, "clients": result.rounds[-1]["clients"],
-              "HR@10": result.final["HR@10"], "phases": phases}  # fmt: skip
+              "HR@10": result.final["HR@10"], "phases": phases,
+              "threads": outcome.info.get("torch_threads", "-")}  # fmt: skip  (Flower: its clients' own)
     print(json.dumps(report))
 
 
 def per_round(report: dict[str, Any]) -> float:
+    """Mean seconds of rounds 2 to n-1 (main refuses fewer than 3 rounds)."""
     ends = report["round_ends"]
-    training = [b - a for a, b in zip(ends, ends[1:], strict=False)][:-1] or [ends[0] - report["loop_start"]]
+    training = [b - a for a, b in zip(ends, ends[1:], strict=False)][:-1]
     return sum(training) / len(training)
 
 
@@ -123,11 +129,13 @@ def ml100k_table(
         scaled = seconds * ML100K_CLIENTS / report["clients"]
         note = "" if report["clients"] == ML100K_CLIENTS else f"timed at {report['clients']} clients, scaled"
         if report["phases"]:  # the batched engine: where its training time went, mean over every round
-            note = "s per round in " + ", ".join(f"{key} {value:.3f}" for key, value in report["phases"].items())
+            phases = ", ".join(f"{key} {value:.3f}" for key, value in report["phases"].items())
+            note = f"s per round (mean over all {rounds}, the first included) in {phases}"
         rows.append(
             {
                 "engine": engine,
                 "clients/round": report["clients"],
+                "torch threads": report["threads"],
                 "s per round": round(seconds, 3),
                 "s per round, 943 clients": round(scaled, 3),
                 "HR@10 after the rounds": round(report["HR@10"], 4) if scaled == seconds else "-",
@@ -159,6 +167,7 @@ def scaling_table(model: str, sizes: list[int], rounds: int, timeout: float, ext
                 "clients": size,
                 "clients/round": report["clients"],
                 "rounds": rounds,
+                "torch threads": report["threads"],
                 "s per round": round(seconds, 3),
                 "ms per client update": round(1000 * seconds / report["clients"], 3),
                 "whole job s": round(report["wall"], 1),
@@ -190,6 +199,8 @@ def main() -> None:
     from fedunlearn.config import load_config
     from fedunlearn.errors import FedUnlearnError
 
+    if min(args.rounds, args.big_rounds) < 3:
+        parser.error("--rounds and --big-rounds must be at least 3: rounds 2 to n-1 are the ones timed")
     try:
         load_config(None, args.set)  # refuse a bad override now, not in every child
     except FedUnlearnError as error:

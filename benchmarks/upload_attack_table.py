@@ -2,7 +2,9 @@
 experiments/ldp_epsilon_ml100k.toml): the model's HR@10 / NDCG@10, the upload-structure attack's
 recovered interactions (precision, recall) and direction (cosine to the true embedding), and the
 balanced accuracy of each attribute attack from the embeddings, the norm-profile upload view and the
-recovered directions (global audit). Mean ± std over the seeds of each setting.
+recovered directions (global audit). Mean ± std over the seeds of each setting (the population std,
+ddof 0, as every table printed with it says); "-" where a seed lacks the figure (a view not attacked,
+an attack that read no client), rather than a mean over the others.
 
     python benchmarks/upload_attack_table.py results/ldp_epsilon_ml100k
 """
@@ -51,7 +53,8 @@ def table(experiment: Path) -> pd.DataFrame:
     for (setting, attacker, attribute), block in runs.groupby(["setting", "attacker", "attribute"], sort=False):
         row = {"setting": setting, "attacker": attacker, "attribute": attribute, "seeds": len(block)}
         spread = lambda column: block[column].std(ddof=0) if len(block) > 1 else 0.0  # noqa: E731
-        rows.append(row | {column: f"{block[column].mean():.3f} ± {spread(column):.3f}" for column in values})
+        rows.append(row | {column: f"{block[column].mean():.3f} ± {spread(column):.3f}" if block[column].notna().all()
+                           else "-" for column in values})  # fmt: skip
     out = pd.DataFrame(rows)
     return out.sort_values("setting", key=lambda column: column.map(rank), kind="stable")
 

@@ -32,3 +32,15 @@ def test_each_defence_is_averaged_over_seeds_with_its_ndcg_change_against_the_sa
     assert dd["NDCG@10 change"] == "+0.0% (-5.0 / +5.0)"  # each seed against its own trained model
     assert dd["steps"] == "60"
     assert out.loc[("trained/mf", "none"), "steps"] == "-"
+
+
+def test_an_attack_some_seed_lacks_is_shown_as_missing_not_averaged_over_the_others(tmp_path):
+    folder = tmp_path / "trained" / "mf"
+    write_run(folder / "seed0", {"none": 0.40, "attrcloak-dd": 0.38}, {"none": 0.60, "attrcloak-dd": 0.50}, 50)
+    write_run(folder / "seed1", {"none": 0.20, "attrcloak-dd": 0.21}, {"none": 0.70, "attrcloak-dd": 0.54}, 70)
+    audit = pd.read_csv(folder / "seed1" / "audit.csv")
+    audit[audit["defence"] != "attrcloak-dd"].to_csv(folder / "seed1" / "audit.csv", index=False)
+    extra = audit[audit["defence"] == "attrcloak-dd"].assign(attribute="age")  # seed 1 attacked age, not gender
+    pd.concat([pd.read_csv(folder / "seed1" / "audit.csv"), extra]).to_csv(folder / "seed1" / "audit.csv", index=False)
+    dd = table(tmp_path).set_index(["run", "defence"]).loc[("trained/mf", "attrcloak-dd")]
+    assert dd["seeds"] == 2 and dd["gender mlp (chance 0.500)"] == "-"  # was seed 0's 0.500 alone

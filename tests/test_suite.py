@@ -75,9 +75,11 @@ def test_a_suite_benchmark_writes_its_tables_and_the_report_shows_them_with_the_
     section = report.split("## scalability: scaling")[1].split("##")[0]
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines() if line[:2] == "| "]
     assert cells[0] == list(scaling.columns)  # the report's table is the benchmark's CSV
-    for shown, row in zip(cells[1:], scaling.itertuples(index=False), strict=True):
-        assert [int(shown[0]), int(shown[1]), int(shown[2])] == [row.clients, row[1], row.rounds]
-        assert float(shown[3]) == round(row[3], 4) and int(shown[6]) == row[6]
+    at = {name: position for position, name in enumerate(cells[0])}
+    for shown, (_, row) in zip(cells[1:], scaling.iterrows(), strict=True):
+        for name in ("clients", "clients/round", "rounds", "torch threads", "peak RSS MiB"):
+            assert int(shown[at[name]]) == row[name], name
+        assert float(shown[at["s per round"]]) == round(row["s per round"], 4)
     png = (out / "report" / "scalability.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000 and "scalability.png" in report
 

@@ -35,3 +35,12 @@ def test_the_table_averages_each_setting_over_its_seeds_in_the_experiments_order
     assert ldp["precision"] == "0.200 ± 0.100"
     assert ldp["BA upload-direction"] == "0.550 ± 0.030"
     assert ldp["BA embedding"] == "0.600 ± 0.000"
+
+
+def test_a_figure_some_seed_lacks_is_not_averaged_over_the_others(tmp_path):
+    views = {"embedding": 0.6, "upload": 0.55, "upload-direction": 0.58}
+    write_run(tmp_path / "x" / "seed0", 0.2, 0.6, views)
+    write_run(tmp_path / "x" / "seed1", 0.4, float("nan"), {"embedding": 0.7})  # read no client, no upload view
+    row = table(tmp_path).set_index("setting").loc["x"]
+    assert row["seeds"] == 2 and row["HR@10"] == "0.300 ± 0.100"
+    assert row["precision"] == "-" and row["BA upload"] == "-"  # were 0.600 ± 0.000 and 0.550 ± 0.000

@@ -278,6 +278,7 @@ def _federated(
         progress = Progress(config.train.rounds, show_progress)
         try:
             pool = make_pool(config, federation)
+            info["torch_threads"] = min(pool.threads, os.cpu_count() or 1)  # as reproducible_torch sets them
             with reproducible_torch(pool.threads):
                 server = federated_server(config, federation, pool, progress, history, schedule, checkpoint)
                 result = server.run()
