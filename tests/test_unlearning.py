@@ -758,3 +758,21 @@ def test_a_compare_table_measures_the_cosine_to_retrain_from_the_run_s_own_start
                   for p in (unlearned[at], unlearned[retrain]))  # fmt: skip
     expected = moved @ ref / (np.linalg.norm(moved) * np.linalg.norm(ref))
     assert federaser["cosine_to_retrain"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_an_unlearned_model_that_ranks_no_better_than_popularity_is_warned_about(capsys):
+    """The collapse issue 12 found on NCF (HR@10 0.05 after FedEraser against Retrain's 0.53) was
+    printed as an ordinary row: each event's and each compared method's model is now held against
+    the popularity ranker."""
+    from fedunlearn.fl.rounds import FederationResult
+    from fedunlearn.runs.runner import warn_if_unlearning_collapsed
+
+    result = FederationResult()
+    result.events = [{"round": 10, "method": "federaser", "after": {"HR@10": 0.05}}]
+    result.comparison = [{"event": 10, "method": m, "HR@10": hr} for m, hr in
+                         (("retrain", 0.33), ("fru", 0.40), ("none", 0.30), ("ascent", 0.35))]  # fmt: skip
+    warn_if_unlearning_collapsed(result, popular=0.41)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith("fedunlearn: warning: after the drop before round 10") for line in lines)
+    assert [line.split(", ")[1].split("'s")[0] for line in lines] == ["federaser", "fru", "ascent"]  # not Retrain, none

@@ -83,6 +83,7 @@ def warn_if_unlearned(config: Config, federation: Federation, result: Federation
         return
     popular = rank_by_popularity(config, federation).final["HR@10"]
     info["popularity_HR@10"] = popular
+    warn_if_unlearning_collapsed(result, popular)
     if result.final["HR@10"] <= popular:
         print(
             f"fedunlearn: warning: HR@10 {result.final['HR@10']:.4f} is no better than ranking by popularity "
@@ -90,6 +91,21 @@ def warn_if_unlearned(config: Config, federation: Federation, result: Federation
             f"({'train.rounds' if config.run.mode == 'federated' else 'central.epochs'}) or check the data",
             file=sys.stderr,
         )
+
+
+def warn_if_unlearning_collapsed(result: FederationResult, popular: float) -> None:
+    """An unlearned model (each drop event's, and each method `unlearn.compare` tried) that ranks
+    the retained users' held-out items no better than item popularity has been broken by the
+    removal (NCF under an early FedEraser rule ranked items upside down, HR@10 0.05 against
+    Retrain's 0.53, and printed no word of it): say so, per method and event."""
+    rows = [{"event": event["round"], "method": event["method"], "HR@10": event["after"]["HR@10"]}
+            for event in result.events] + list(result.comparison)  # fmt: skip
+    for row in rows:
+        if row["method"] not in ("none", "retrain") and row.get("HR@10", np.inf) <= popular:  # not the references
+            print(f"fedunlearn: warning: after the drop before round {row['event']}, {row['method']}'s model ranks "
+                  f"the retained users' items no better than popularity (HR@10 {row['HR@10']:.4f} against "
+                  f"{popular:.4f}): if it ranked better before the drop, the removal broke it; compare with "
+                  "Retrain (unlearn.compare)", file=sys.stderr)  # fmt: skip
 
 
 IDLE_RETENTION = 0.1  # under this share of the step AttrCloak's retention loss barely shapes it
