@@ -76,6 +76,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_numbers(tmp_path, engine, dr
     assert not out.exists() and [p.parent.name for p in tmp_path.rglob("final.json")] == ["reference"]
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     assert_same_run(out, tmp_path / "reference")
+    final = json.loads((out / "final.json").read_text())  # the whole run's time: it said the last leg's alone
+    assert 0 < final["earlier_legs_seconds"] < final["seconds"]
 
 
 def test_a_kill_inside_the_unlearning_event_leaves_no_half_event(tmp_path, monkeypatch):

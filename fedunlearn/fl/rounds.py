@@ -103,6 +103,7 @@ class FederationResult:
     privacy: Any = None  # fedunlearn.privacy.stage.PrivacyReport when attribute privacy was audited
     defence: dict[str, Any] = field(default_factory=dict)  # Flower, a defence without the audit: what it cost
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # "updates" / "evaluations": by reason
+    earlier_seconds: float = 0.0  # a resumed run: the rounds' seconds its interrupted legs had run
 
 
 @dataclass
@@ -546,7 +547,7 @@ class FederatedServer:
         result = FederationResult()
         rounds = self.config.train.rounds
         first, elapsed = self._restore(result)
-        started = time.perf_counter() - elapsed
+        started, result.earlier_seconds = time.perf_counter() - elapsed, elapsed
         for round_number in range(first, rounds + 1):
             with self._transaction():
                 self._run_round(result, round_number, started)

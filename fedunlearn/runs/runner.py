@@ -70,7 +70,10 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
         if config.run.engine != "flower" and audits_privacy(config):  # a single-machine engine audits any defence
             config = derive(config, {"audit.enabled": True})  # so the recorded config says the audit ran
         config, result = _federated(config, federation, folder, show_progress, info)
-    info["seconds"] = round(time.perf_counter() - started, 2)
+    # the whole run's wall time; a resumed run adds its interrupted legs' rounds (their start-up is not known)
+    info["seconds"] = round(time.perf_counter() - started + result.earlier_seconds, 2)
+    if result.earlier_seconds:
+        info["earlier_legs_seconds"] = round(result.earlier_seconds, 2)
     return RunOutcome(config, result, info)
 
 
