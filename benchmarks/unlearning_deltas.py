@@ -29,7 +29,8 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
     keys = ["model", "event"] if "event" in runs else ["model"]
     runs = runs[runs["status"] == "ok"] if "status" in runs else runs
     retrains = runs[runs["method"] == "retrain"]
-    keyed = "retrain_key" in runs and runs["retrain_key"].notna().all()
+    keyed = "retrain_key" in runs and runs.loc[runs["method"].notna(), "retrain_key"].notna().all()
+    runs = runs[runs["method"].notna()] if "method" in runs else runs  # a setting without a drop has no event row
     if keyed:
         judged = set(runs.loc[runs["method"] != "retrain", "retrain_key"])
         twins = retrains[~retrains["retrain_key"].isin(judged)] if judged else retrains[:0]

@@ -162,8 +162,12 @@ def _run(args: argparse.Namespace) -> None:
         if report.table.empty:
             print("attribute privacy: no attribute could be attacked (too few clients per class; see above)")
         else:
-            reach = (f"{report.defending} clients defended" if config.defence.method != "none" else
-                     f"every defence tried on {report.defending} clients, none kept")  # fmt: skip
+            if config.defence.method != "none":
+                reach = f"{report.defending} clients defended"
+            elif config.defence.compare:
+                reach = f"every defence tried on {report.defending} clients, none kept"
+            else:
+                reach = "the audit alone, no defence"
             print(f"attribute privacy ({reach}; audit.csv has every view and attacker):")
             print(readable(privacy_summary(report.table), digits=3))
     print(f"results: {out}")

@@ -124,3 +124,25 @@ def test_a_resumed_suite_keeps_the_seconds_its_experiments_took_before(tmp_path)
     assert main(["suite", str(_suite(tmp_path)), "--out", str(out), "--quiet", "--resume"]) == 0
     again = pd.read_csv(out / "suite.csv").set_index("experiment")["seconds"]
     assert (again >= first).all()  # the first call's time kept, the resumed (read-back) call's added
+
+
+def test_a_suite_stopped_in_a_step_keeps_the_seconds_of_the_steps_before(tmp_path, monkeypatch):
+    import fedunlearn.runs.suite as suite
+
+    real, calls = suite.run_experiment, []
+
+    def stopped_in_the_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(suite, "run_experiment", stopped_in_the_second)
+    out = tmp_path / "out"
+    assert main(["suite", str(_suite(tmp_path)), "--out", str(out), "--quiet"]) == 130
+    first = pd.read_csv(out / "suite.csv").set_index("experiment")["seconds"]
+    assert list(first.index) == ["first", "second"] and first["first"] > 0  # saved before the stop
+    monkeypatch.setattr(suite, "run_experiment", real)
+    assert main(["suite", str(_suite(tmp_path)), "--out", str(out), "--quiet", "--resume"]) == 0
+    again = pd.read_csv(out / "suite.csv").set_index("experiment")["seconds"]
+    assert again["first"] >= first["first"]  # the first call's time kept under the read-back

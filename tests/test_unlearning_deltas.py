@@ -62,7 +62,9 @@ def test_two_settings_of_one_method_are_each_judged_against_the_retrain_of_their
         return {"setting": setting, "method": method, "model": "mf", "event": 10, "seed": seed, "status": "ok",
                 "HR@10": hr, "ER@10": 0.0, "MIA_AUC": 0.5, "retrain_key": key}  # fmt: skip
 
+    plain = {"setting": "plain", "model": "mf", "seed": 0, "status": "ok", "HR@10": 0.7}  # no drop: no key, no method
     runs = pd.DataFrame([
+        plain,
         row("retrain", "retrain", 0, 0.50, "poisoned"), row("retrain-clean", "retrain", 0, 0.60, "clean"),
         row("retrain-t11", "retrain", 0, 0.48, "poisoned-t11"),  # a twin: no method is judged against it
         row("federaser", "federaser", 0, 0.49, "poisoned"), row("federaser-clean", "federaser", 0, 0.59, "clean"),

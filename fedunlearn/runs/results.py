@@ -103,11 +103,13 @@ def staged(out: str | Path, resume: bool = False) -> Iterator[Staging]:
     staging = _resumed(out) if resume else _new(out)
     try:
         yield staging
-    except FedUnlearnError:
+    except FedUnlearnError as error:
+        staging.lock.close()
         if not resume:
             shutil.rmtree(staging.folder, ignore_errors=True)
-        staging.lock.close()
-        raise
+            raise
+        raise FedUnlearnError(f"{error} (the interrupted run stays in {staging.folder}: --resume it once that is "
+                              "fixed, or remove it to start again with other settings)") from None  # fmt: skip
     except BaseException:
         staging.lock.close()
         raise

@@ -103,6 +103,7 @@ def warn_if_unlearning_collapsed(result: FederationResult, popular: float) -> No
     Retrain's 0.53, and printed no word of it): say so, per method and event."""
     rows = [{"event": event["round"], "method": event["method"], "HR@10": event["after"]["HR@10"]}
             for event in result.events] + list(result.comparison)  # fmt: skip
+    rows = list({(row["event"], row["method"]): row for row in rows}.values())  # the run's method is compared too
     for row in rows:
         if row["method"] not in ("none", "retrain") and row.get("HR@10", np.inf) <= popular:  # not the references
             print(f"fedunlearn: warning: after the drop before round {row['event']}, {row['method']}'s model ranks "
@@ -184,7 +185,8 @@ def schedule_and_history(
             "unlearn.method, unlearn.compare and unlearn.poison act at a drop event: add unlearn.drop or "
             "unlearn.drop_random (e.g. --drop-random 5%@10), or leave them at their defaults"
         )
-    listed = config.defence.client_ids if config.defence.clients == "listed" else []
+    defends = config.defence.method != "none" or config.defence.compare
+    listed = config.defence.client_ids if config.defence.clients == "listed" and defends else []
     leaving = {c for clients in schedule.values() for c in clients} | excluded
     absent = sorted(set(listed) - set(federation.client_ids)), sorted(set(listed) & leaving)
     if absent[0] or absent[1]:  # said now, not after all the training
@@ -270,6 +272,7 @@ def federated_job(
     try:
         result = train(config, history, schedule)
         info |= outcome_info(result, history)
+        info.setdefault("torch_threads", 1)  # Flower: each ClientApp trains with one (clients.common.setup)
     finally:
         if history is not None:
             history.close()

@@ -151,9 +151,17 @@ def run_suite(
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
     steps = len(entries) + len(benchmarks)
+    def record(name: str, file: str, started: float, status: str) -> None:
+        """A step's seconds (this call's plus the earlier calls'), saved at once: a suite stopped in
+        its next step still has them for --resume."""
+        rows.append({"experiment": name, "file": file, "seconds": time.perf_counter() - started + before.get(name, 0.0),
+                     "status": status})  # fmt: skip
+        seconds = before | {row["experiment"]: row["seconds"] for row in rows}
+        pd.DataFrame({"experiment": list(seconds), "seconds": list(seconds.values())}).to_csv(times, index=False)
+
     for index, entry in enumerate(entries, start=1):
         print(f"suite [{index}/{steps}] {entry.name}: {entry.file.name}", flush=True)
-        started = time.perf_counter()
+        started, status = time.perf_counter(), "interrupted"
         try:
             again = resume and (out / entry.name).is_dir()
             run_experiment(entry.file, out / entry.name, [*entry.overrides, *(overrides or [])], show_progress,
@@ -162,21 +170,19 @@ def run_suite(
         except FedUnlearnError as error:
             status = f"failed: {error}"
             failures.append(f"{entry.name}: {error}")
-        rows.append({"experiment": entry.name, "file": entry.file.name, "seconds": time.perf_counter() - started,
-                     "status": status})  # fmt: skip
+        finally:
+            record(entry.name, entry.file.name, started, status)
     for index, benchmark in enumerate(benchmarks, start=len(entries) + 1):
         print(f"suite [{index}/{steps}] {benchmark.name}: {benchmark.script.name}", flush=True)
-        started, folder = time.perf_counter(), out / benchmark.name
-        status = "ok" if resume and is_benchmark(folder) else run_benchmark(benchmark, folder, show_progress)
+        started, folder, status = time.perf_counter(), out / benchmark.name, "interrupted"
+        try:
+            status = "ok" if resume and is_benchmark(folder) else run_benchmark(benchmark, folder, show_progress)
+        finally:
+            record(benchmark.name, benchmark.script.name, started, status)
         if status != "ok":
             failures.append(f"{benchmark.name}: {status}")
-        rows.append({"experiment": benchmark.name, "file": benchmark.script.name,
-                     "seconds": time.perf_counter() - started, "status": status})  # fmt: skip
     finished = [out / entry.name for entry in entries if _complete(out / entry.name)]  # a failed run: not reported
     finished += [out / benchmark.name for benchmark in benchmarks if is_benchmark(out / benchmark.name)]
-    for row in rows:
-        row["seconds"] += before.get(row["experiment"], 0.0)
-    pd.DataFrame(rows).to_csv(times, index=False)
     for folder in (out / "report", out / "report.partial"):  # the suite's own report, rebuilt every time
         shutil.rmtree(folder, ignore_errors=True)
     plots = write_report(finished, out / "report") if finished else {}
