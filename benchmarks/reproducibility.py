@@ -33,7 +33,7 @@ def child(rounds: int, settings: list[str], deterministic: bool) -> None:
     config = load_config(None, [*JOB, f"train.rounds={rounds}", f"eval.every={rounds}", *settings])
     federation = build_federation(config.data, config.run.seed)
     pool = make_pool(config, federation)
-    with reproducible_torch(config.run.num_cpus):
+    with reproducible_torch(pool.threads):  # as a run sets them: the in-process engine trains at one
         if not deterministic:
             torch.use_deterministic_algorithms(False)
         result = federated_server(config, federation, pool, Progress(rounds, False)).run()
