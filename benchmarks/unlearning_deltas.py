@@ -30,7 +30,7 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs[runs["status"] == "ok"] if "status" in runs else runs
     retrains = runs[runs["method"] == "retrain"]
     keyed = "retrain_key" in runs and runs.loc[runs["method"].notna(), "retrain_key"].notna().all()
-    runs = runs[runs["method"].notna()] if "method" in runs else runs  # a setting without a drop has no event row
+    runs = runs[runs["method"].notna()]  # a setting without a drop has no event row
     if keyed:
         judged = set(runs.loc[runs["method"] != "retrain", "retrain_key"])
         twins = retrains[~retrains["retrain_key"].isin(judged)] if judged else retrains[:0]

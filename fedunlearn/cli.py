@@ -197,7 +197,7 @@ def _audit(args: argparse.Namespace) -> None:
 
     from fedunlearn.config import load_config
     from fedunlearn.privacy.audit import privacy_table
-    from fedunlearn.runs.results import ATTRIBUTE_PREFIX, EMBEDDINGS_FILE, read_central_view
+    from fedunlearn.runs.results import EMBEDDINGS_FILE, read_central_view, saved_attributes
     from fedunlearn.runs.tables import readable
 
     run = Path(args.run_dir)
@@ -217,10 +217,9 @@ def _audit(args: argparse.Namespace) -> None:
     arrays = read_central_view(saved)
     if not all(np.isfinite(arrays[stage]).all() for stage in ("before", "after") if stage in arrays):
         raise FedUnlearnError(f"{saved} holds non-finite embeddings: nothing can be audited from it")
-    names = [key[len(ATTRIBUTE_PREFIX) :] for key in arrays if key.startswith(ATTRIBUTE_PREFIX)]
-    if not names:
+    attributes = saved_attributes(arrays)
+    if attributes.empty:
         raise FedUnlearnError(f"{saved} holds no attribute values (written before they were saved): rerun the run")
-    attributes = pd.DataFrame({name: arrays[ATTRIBUTE_PREFIX + name] for name in names})
     tables = []
     for stage in [name for name in ("before", "after") if name in arrays]:
         table, _ = privacy_table({"embedding": arrays[stage]}, attributes, config)

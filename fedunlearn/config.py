@@ -214,6 +214,13 @@ class Config(Section):
         return dataclasses.asdict(self)
 
 
+def differing_keys(one: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (section, key) pairs two configs as `Config.to_dict()` (or a config.toml) disagree on."""
+    sections = sorted(set(one) | set(other))
+    keys = [(s, k) for s in sections for k in sorted(set(one.get(s, {})) | set(other.get(s, {})))]
+    return [(s, k) for s, k in keys if one.get(s, {}).get(k) != other.get(s, {}).get(k)]
+
+
 def audits_privacy(config: Config) -> bool:
     """Whether a run ends with the attribute-privacy stage (audit, and any defence)."""
     defence = config.defence

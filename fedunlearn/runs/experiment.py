@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedunlearn.config import Config, apply_mapping, load_overrides, read_toml, validate
+from fedunlearn.config import Config, apply_mapping, differing_keys, load_overrides, read_toml, validate
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.comparison import compare_with_retrain, initial_key, reference_key
 from fedunlearn.fl.rounds import COMPARED
@@ -156,11 +156,8 @@ def _check_resumable(folder: Path, settings: list[tuple[str, Config]]) -> None:
             if not saved.is_file():
                 continue
             before, now = json.loads(saved.read_text()), _requested(config)
-            changed = [
-                f"{section}.{key}: {before.get(section, {}).get(key)!r} -> {value!r}"
-                for section, values in now.items() for key, value in values.items()
-                if before.get(section, {}).get(key) != value
-            ]  # fmt: skip
+            changed = [f"{s}.{k}: {before.get(s, {}).get(k)!r} -> {now.get(s, {}).get(k)!r}"
+                       for s, k in differing_keys(before, now)]  # fmt: skip
             if changed:
                 raise FedUnlearnError(f"{run} ran with other settings ({'; '.join(changed[:3])}): resume with the "
                                       "same experiment file, --set and --only, or choose another --out")  # fmt: skip

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedunlearn.config import differing_keys
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.comparison import compare_with_retrain
 from fedunlearn.runs.experiment import summarize
@@ -35,7 +36,7 @@ from fedunlearn.runs.plots import (
     plot_tradeoff,
     plot_unlearning,
 )
-from fedunlearn.runs.results import ATTRIBUTE_PREFIX, EMBEDDINGS_FILE, FINAL, read_central_view
+from fedunlearn.runs.results import EMBEDDINGS_FILE, FINAL, read_central_view, saved_attributes
 from fedunlearn.runs.tables import readable, readable_cells
 
 SEED_FOLDER = re.compile(r"/?seed\d+$")
@@ -82,9 +83,8 @@ def collect(paths: list[Path]) -> list[RunFolder]:
             found = sorted(found.parent for found in path.rglob(FINAL))
             if not found:
                 raise FedUnlearnError(f"{path} has runs.csv but no finished run folder: rerun the experiment")
-            listed = pd.read_csv(path / "runs.csv")
-            if "status" in listed and (listed["status"] == "failed").any():
-                failed = listed[listed["status"] == "failed"]
+            failed = failed_runs(path)
+            if not failed.empty:
                 names = ", ".join(f"{row.setting} (seed {row.seed})" for row in failed.head(3).itertuples())
                 raise FedUnlearnError(f"{path}: {len(failed)} of its runs failed ({names}): a report would read as "
                                       "complete without them; finish it with experiment --resume")  # fmt: skip
@@ -103,7 +103,7 @@ def collect(paths: list[Path]) -> list[RunFolder]:
     first: dict[str, RunFolder] = {}
     for run in runs:  # runs of one name are averaged as seeds of one setting: they must differ by seed only
         other = first.setdefault(run.group, run)
-        changed = _differences(other.config, run.config)
+        changed = [f"{s}.{k}" for s, k in differing_keys(other.config, run.config) if (s, k) not in SEED_DEPENDENT]
         if changed:
             differ = ", ".join(changed[:3])
             raise FedUnlearnError(f"{other.folder} and {run.folder} share the name {run.group!r} but differ in "
@@ -114,12 +114,10 @@ def collect(paths: list[Path]) -> list[RunFolder]:
 SEED_DEPENDENT = {("run", "seed"), ("unlearn", "attackers"), ("unlearn", "target_item")}  # drawn from the seed's data
 
 
-def _differences(one: dict[str, Any], other: dict[str, Any]) -> list[str]:
-    """The config keys (section.key) two runs' config.toml disagree on, the seed's own draws aside."""
-    sections = sorted(set(one) | set(other))
-    keys = [(s, k) for s in sections for k in sorted(set(one.get(s, {})) | set(other.get(s, {})))]
-    return [f"{s}.{k}" for s, k in keys
-            if (s, k) not in SEED_DEPENDENT and one.get(s, {}).get(k) != other.get(s, {}).get(k)]  # fmt: skip
+def failed_runs(experiment: Path) -> pd.DataFrame:
+    """The rows of an experiment folder's runs.csv whose run failed."""
+    listed = pd.read_csv(experiment / "runs.csv")
+    return listed[listed["status"] == "failed"] if "status" in listed else listed[:0]
 
 
 def is_benchmark(path: Path) -> bool:
@@ -247,10 +245,10 @@ def _embeddings(run: RunFolder) -> tuple[np.ndarray, np.ndarray, pd.DataFrame] |
     if not saved.is_file():
         return None
     arrays = read_central_view(saved)
-    labels = {key[len(ATTRIBUTE_PREFIX) :]: value for key, value in arrays.items() if key.startswith(ATTRIBUTE_PREFIX)}
-    if "after" not in arrays or not labels:  # no defence ran, or written before the labels were kept
+    labels = saved_attributes(arrays)
+    if "after" not in arrays or labels.empty:  # no defence ran, or written before the labels were kept
         return None
-    return arrays["before"], arrays["after"], pd.DataFrame(labels)
+    return arrays["before"], arrays["after"], labels
 
 
 def _plots(runs: list[RunFolder], unlearning: pd.DataFrame, audits: pd.DataFrame, times: pd.DataFrame,

@@ -135,6 +135,12 @@ EMBEDDINGS_FILE = "central_view_embeddings.npz"
 ATTRIBUTE_PREFIX = "attribute_"  # the users' attribute values beside their embeddings in EMBEDDINGS_FILE
 
 
+def saved_attributes(arrays: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The users' attribute values a central view holds (empty when written before they were kept)."""
+    return pd.DataFrame({key[len(ATTRIBUTE_PREFIX) :]: value for key, value in arrays.items()
+                         if key.startswith(ATTRIBUTE_PREFIX)})  # fmt: skip
+
+
 def read_central_view(saved: Path) -> dict[str, np.ndarray]:
     """The arrays of an EMBEDDINGS_FILE (`clients`, `before`, maybe `after` and the attribute
     values), or a one-line error when the file is damaged."""

@@ -38,7 +38,7 @@ import pandas as pd
 from fedunlearn.config import read_toml
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.runs.experiment import PLAIN_NAME, load_settings, run_experiment
-from fedunlearn.runs.report import BENCHMARK_DONE, is_benchmark, write_report
+from fedunlearn.runs.report import BENCHMARK_DONE, failed_runs, is_benchmark, write_report
 from fedunlearn.runs.tables import readable
 
 
@@ -115,8 +115,7 @@ def load_suite(path: str | Path) -> tuple[list[int] | None, list[SuiteEntry], li
 
 
 def _complete(experiment: Path) -> bool:
-    runs = experiment / "runs.csv"
-    return runs.is_file() and "failed" not in set(pd.read_csv(runs).get("status", pd.Series(dtype=str)))
+    return (experiment / "runs.csv").is_file() and failed_runs(experiment).empty
 
 
 def run_benchmark(benchmark: SuiteBenchmark, folder: Path, show_progress: bool) -> str:
