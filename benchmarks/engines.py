@@ -18,8 +18,8 @@ engines as they run, threads included; --set run.num_cpus=1 compares them at one
 943, Flower's round is timed on that many sampled clients and scaled to 943 by its cost per client
 update (the table says so). The synthetic runs' "whole job s" is the child process's: interpreter
 start and imports, data generation, every round and the final evaluation of every client.
-"clients/round" is the last round's sample (10% participation: the timed rounds sample within a
-few percent of it, so "ms per client update" carries that error).
+"clients/round" is the mean sample of the timed rounds, so "ms per client update" divides the
+timed rounds' seconds by the clients they trained.
 """
 
 from __future__ import annotations
@@ -98,17 +98,17 @@ def child(args: dict[str, Any]) -> None:
     result = outcome.result
     rounds = config.train.rounds  # the batched engine's seconds per round by phase
     phases = {key: value / rounds for key, value in outcome.info.get("engine_seconds", {}).items()}
-    report = {"round_ends": result.round_ends, "loop_start": loop_start, "clients": result.rounds[-1]["clients"],
+    report = {"round_ends": result.round_ends, "loop_start": loop_start, "round_clients": result.round_clients,
               "HR@10": result.final["HR@10"], "phases": phases,
               "threads": outcome.info.get("torch_threads", "-")}  # fmt: skip  (Flower: its clients' own)
     print(json.dumps(report))
 
 
-def per_round(report: dict[str, Any]) -> float:
-    """Mean seconds of rounds 2 to n-1 (main refuses fewer than 3 rounds)."""
-    ends = report["round_ends"]
+def per_round(report: dict[str, Any]) -> tuple[float, float]:
+    """Mean seconds and mean sampled clients of rounds 2 to n-1 (main refuses fewer than 3 rounds)."""
+    ends, clients = report["round_ends"], report["round_clients"][1:-1]
     training = [b - a for a, b in zip(ends, ends[1:], strict=False)][:-1]
-    return sum(training) / len(training)
+    return sum(training) / len(training), sum(clients) / len(clients)
 
 
 def ml100k_table(
@@ -125,16 +125,16 @@ def ml100k_table(
         if "error" in report:
             rows.append({"engine": engine, "note": report["error"]})
             continue
-        seconds = per_round(report)
-        scaled = seconds * ML100K_CLIENTS / report["clients"]
-        note = "" if report["clients"] == ML100K_CLIENTS else f"timed at {report['clients']} clients, scaled"
+        seconds, clients = per_round(report)
+        scaled = seconds * ML100K_CLIENTS / clients
+        note = "" if clients == ML100K_CLIENTS else f"timed at {clients:g} clients, scaled"
         if report["phases"]:  # the batched engine: where its training time went, mean over every round
             phases = ", ".join(f"{key} {value:.3f}" for key, value in report["phases"].items())
             note = f"s per round (mean over all {rounds}, the first included) in {phases}"
         rows.append(
             {
                 "engine": engine,
-                "clients/round": report["clients"],
+                "clients/round": round(clients, 1),
                 "torch threads": report["threads"],
                 "s per round": round(seconds, 3),
                 "s per round, 943 clients": round(scaled, 3),
@@ -161,15 +161,15 @@ def scaling_table(model: str, sizes: list[int], rounds: int, timeout: float, ext
         if "error" in report:
             rows.append({"clients": size, "note": report["error"]})
             continue
-        seconds = per_round(report)
+        seconds, clients = per_round(report)
         rows.append(
             {
                 "clients": size,
-                "clients/round": report["clients"],
+                "clients/round": round(clients, 1),
                 "rounds": rounds,
                 "torch threads": report["threads"],
                 "s per round": round(seconds, 3),
-                "ms per client update": round(1000 * seconds / report["clients"], 3),
+                "ms per client update": round(1000 * seconds / clients, 3),
                 "whole job s": round(report["wall"], 1),
                 "peak RSS MiB": report["peak RSS MiB"],
             }

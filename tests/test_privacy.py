@@ -525,7 +525,7 @@ def test_one_upload_gives_away_the_clients_positives_and_for_mf_its_embeddings_d
     view = upload_view(updates, positions, federation.n_clients, federation.n_items, pool.model.row_keys)
     users = flatten_users(pool.model, [pool.user(i) for i in clients])
     positives = [federation.split.train_of(i) for i in clients]
-    score = recovery_score(view["recovered"], view["directions"], positives, users)
+    score = recovery_score(view, positives, users)
     assert score.clients == 60 and score.precision > 0.95 and score.recall > 0.95  # measured 1.0 / 1.0
     if model == "mf":  # the row changes are +-u: their top singular vector is u's direction (measured 0.80)
         assert score.cosine > 0.6
@@ -536,12 +536,9 @@ def test_one_upload_gives_away_the_clients_positives_and_for_mf_its_embeddings_d
             rng = np.random.default_rng(7)
             padded = [pad_pseudo_items(u, federation.n_items, 1.0, rng, rows_like) for u in updates]
             view = upload_view(padded, positions, federation.n_clients, federation.n_items, pool.model.row_keys)
-            defended = recovery_score(view["recovered"], view["directions"], positives, users)
+            defended = recovery_score(view, positives, users)
             print(f"pseudo-items ({rows_like}): precision {defended.precision:.3f}, cosine {defended.cosine:.3f}")
             assert low < defended.precision < high and defended.recall > 0.95  # mimic: about 1 / (1 + ratio)
-    # a client that touched nothing gives nothing away, and is left out of the score
-    empty = recovery_score(np.zeros((1, 300), bool), np.zeros((1, users.shape[1])), [np.array([3])], users[:1])
-    assert empty.clients == 0
 
 
 def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figures(tmp_path):
@@ -893,9 +890,19 @@ def test_a_client_whose_value_the_attacker_never_learned_is_not_read_in_a_neighb
 def test_the_upload_attack_scores_nothing_as_nan_and_leaves_empty_reads_out_of_its_precision():
     from fedunlearn.privacy.upload_attack import recovery_score
 
-    nothing = recovery_score(np.zeros((2, 5), dtype=bool), np.zeros((2, 2)), [np.array([1]), np.array([2])],
-                             np.ones((2, 2)))  # fmt: skip
+    def view(recovered, directions, uploaded):
+        return {"recovered": np.array(recovered), "directions": np.array(directions, dtype=float),
+                "uploaded": np.array(uploaded)}  # fmt: skip
+
+    positives, users = [np.array([1]), np.array([2])], np.ones((2, 2))
+    nothing = recovery_score(view([[False] * 5] * 2, np.zeros((2, 2)), [False, False]), positives, users)
     assert np.isnan(nothing.precision) and np.isnan(nothing.cosine) and nothing.clients == 0
-    recovered = np.array([[False, True, True, False, False], [False] * 5])
-    score = recovery_score(recovered, np.ones((2, 2)), [np.array([1]), np.array([2])], np.ones((2, 2)))
+    recovered = [[False, True, True, False, False], [False] * 5]
+    score = recovery_score(view(recovered, np.ones((2, 2)), [True, True]), positives, users)
     assert (score.precision, score.recall, score.clients) == (0.5, 0.5, 2)  # precision of client 0 alone
+    # an upload the attack read nothing from (direction zero) is still a tested client: recall 0, cosine 0
+    blind = recovery_score(view(recovered, [[1.0, 1.0], [0.0, 0.0]], [True, True]), positives, users)
+    assert (blind.precision, blind.recall, blind.clients) == (0.5, 0.5, 2) and blind.cosine == pytest.approx(2**0.5 / 2)
+    # a client not in the upload round is left out even where its row holds numbers
+    one = recovery_score(view(recovered, np.ones((2, 2)), [True, False]), positives, users)
+    assert (one.precision, one.recall, one.clients) == (0.5, 1.0, 1)

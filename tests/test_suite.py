@@ -8,6 +8,9 @@ import numpy as np
 import pandas as pd
 
 from fedunlearn.cli import main
+from fedunlearn.config import load_config
+from fedunlearn.fl.federation import build_federation
+from fedunlearn.fl.rounds import sample_clients
 
 BASE = ('[base]\n"data.synthetic_users" = 20\n"data.synthetic_items" = 80\n"data.synthetic_interactions" = 10\n'
         '"data.test_negatives" = 30\n"model.dim" = 8\n"train.rounds" = 2\n')  # fmt: skip
@@ -77,8 +80,12 @@ def test_a_suite_benchmark_writes_its_tables_and_the_report_shows_them_with_the_
     assert cells[0] == list(scaling.columns)  # the report's table is the benchmark's CSV
     at = {name: position for position, name in enumerate(cells[0])}
     for shown, (_, row) in zip(cells[1:], scaling.iterrows(), strict=True):
-        for name in ("clients", "clients/round", "rounds", "torch threads", "peak RSS MiB"):
+        for name in ("clients", "rounds", "torch threads", "peak RSS MiB"):
             assert int(shown[at[name]]) == row[name], name
+        config = load_config(None, [f"data.synthetic_users={row['clients']}", "data.synthetic_items=1000"])
+        ids = build_federation(config.data, config.run.seed).client_ids  # round 2 is the one timed of 3
+        timed = sample_clients(config.run.training_seed(), 2, ids, 0.1)
+        assert float(shown[at["clients/round"]]) == row["clients/round"] == len(timed)
         assert float(shown[at["s per round"]]) == round(row["s per round"], 4)
     png = (out / "report" / "scalability.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000 and "scalability.png" in report

@@ -96,6 +96,7 @@ class FederationResult:
     final: dict[str, float] = field(default_factory=dict)
     shared: Arrays = field(default_factory=dict)
     round_ends: list[float] = field(default_factory=list)  # wall-clock time.time() at the end of each round
+    round_clients: list[int] = field(default_factory=list)  # clients sampled in each round
     events: list[dict[str, Any]] = field(default_factory=list)  # drop events: who, when, method, cost, audit
     unlearned: Arrays = field(default_factory=dict)  # shared parameters right after the last unlearning
     comparison: list[dict[str, Any]] = field(default_factory=list)  # every method at every event, a block each
@@ -520,6 +521,7 @@ class FederatedServer:
             "events": self.events, "losses": self.losses, "reported": self.reported,
             "rejected": {kind: dict(counts) for kind, counts in self.rejected.items()},
             "rows": result.rounds, "round_ends": result.round_ends, "comparison": result.comparison,
+            "round_clients": result.round_clients,
         }  # fmt: skip
         self.checkpoint.save(arrays, meta)  # type: ignore[union-attr]
 
@@ -540,6 +542,7 @@ class FederatedServer:
         self.losses, self.reported = meta["losses"], Counter(meta["reported"])
         self.rejected = fresh_counts() | {kind: Counter(counts) for kind, counts in meta["rejected"].items()}
         result.rounds, result.round_ends, result.comparison = meta["rows"], meta["round_ends"], meta["comparison"]
+        result.round_clients = meta.get("round_clients", [])  # absent from checkpoints written before it
         self.progress.end_round(meta["round"])
         return meta["round"] + 1, meta["elapsed"]
 
@@ -593,3 +596,4 @@ class FederatedServer:
             result.rounds.append(row)
             self.progress.evaluated(row)
         result.round_ends.append(time.time())
+        result.round_clients.append(len(clients))

@@ -204,7 +204,7 @@ def privacy_stage(
         views["upload-direction"] = uploads["directions"]
         covered = {"upload": uploads["uploaded"], "upload-direction": uploads["uploaded"]}
         positives = [federation.split.train_of(i) for i in clients]
-        recovery = recovery_score(uploads["recovered"], uploads["directions"], positives, before)
+        recovery = recovery_score(uploads, positives, before)
     with progress.during("privacy: audit of the trained model"):
         table, audited = privacy_table(views, attributes, config, aggregator, covered)
     table.insert(0, "defence", config.defence.upload if config.defence.upload != "none" else "none")

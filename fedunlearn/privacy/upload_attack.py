@@ -69,13 +69,13 @@ class RecoveryScore:
     clients: int  # clients with an upload in the view
 
 
-def recovery_score(recovered: np.ndarray, directions: np.ndarray, positives: list[np.ndarray],
-                   users: np.ndarray) -> RecoveryScore:  # fmt: skip
-    """How well the attack read each client (the simulation knows the truth): `recovered` and
-    `directions` rows as in upload_view, `positives` each client's training items, `users` the
-    flattened user parts (same rows). Clients without an upload are left out, and from the
-    precision those of whom nothing was read (its 0/0 is no precision); NaN where none is left."""
-    sampled = np.flatnonzero(np.any(directions != 0, axis=1))
+def recovery_score(view: Arrays, positives: list[np.ndarray], users: np.ndarray) -> RecoveryScore:
+    """How well the attack read each client (the simulation knows the truth): `view` as upload_view
+    writes it, `positives` each client's training items, `users` the flattened user parts (same
+    rows). Clients without an upload are left out (the audit's `tested` are the same clients), and
+    from the precision those of whom nothing was read (its 0/0 is no precision); NaN where none is left."""
+    recovered, directions = view["recovered"], view["directions"]
+    sampled = np.flatnonzero(view["uploaded"])
     precision, recall, cosine = [], [], []
     for i in sampled:
         truth = np.zeros(recovered.shape[1], dtype=bool)
