@@ -36,7 +36,7 @@ def run_event(method: str, model: str, seed: int, extra: list[str], out: Path) -
         command += ["--set", setting]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     event = json.loads((out / "final.json").read_text())["events"][0]
-    return event | {"history_total": event["history_bytes"]["total"]}
+    return event | {"history_file": event["history_bytes"]["file"]}
 
 
 def main() -> None:
@@ -70,7 +70,7 @@ def main() -> None:
         print(
             f"| {method} | {seconds[method]:.2f} s | {epochs:.0f} | {steps} | {wall} "
             f"| {ratio(reference['client_epochs'], epochs)} | {ratio(reference['optimizer_steps'], steps)} "
-            f"| {event['history_total'] / 1e6:.1f} MB | {event['after']['HR@10']:.4f} |"
+            f"| {event['history_file'] / 1e6:.1f} MB | {event['after']['HR@10']:.4f} |"
         )
 
 

@@ -77,12 +77,29 @@ def _against_twins(block: pd.DataFrame, base: pd.DataFrame, twins: pd.DataFrame,
     return {"Retrain twins ΔHR@10 per seed": " / ".join(spread), "HR@10 within the Retrains": " / ".join(inside)}
 
 
+def undiscriminating(table: pd.DataFrame) -> list[str]:
+    """The targets that `none` (no unlearning at all) meets on every seed of a model and event: there
+    a method meeting them shows nothing (the leaving clients' MIA AUC is scored with their own
+    trained user parts, so it stays high whatever happens to the shared model)."""
+    notes = []
+    for _, row in table[table["method"] == "none"].iterrows():
+        where = ", ".join(f"{key} {row[key]}" for key in ("model", "event") if key in row)
+        for metric, bound in TARGETS_AGAINST_RETRAIN.items():
+            deltas_per_seed = [float(value) for value in str(row[f"Δ{metric} per seed"]).split(" / ")]
+            if all(abs(delta) <= bound + 1e-9 for delta in deltas_per_seed):
+                notes.append(f"{where}: `none` (no unlearning) also has |Δ{metric}| within {bound} on every seed, "
+                             f"so that target does not tell unlearning from doing nothing here")  # fmt: skip
+    return notes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", help="an unlearning experiment's runs.csv")
     args = parser.parse_args()
     table = deltas(pd.read_csv(args.runs))
     print(table[table["method"] != "retrain"].to_markdown(index=False))
+    for note in undiscriminating(table):
+        print(f"\nnote: {note}")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from clients.messages import (
     LOCAL_AUDIT,
     SECURE_UPDATE,
     arrays_to_record,
-    decode_attacker,
     encode_audit_user,
     encode_evaluation,
     encode_identity,
@@ -55,6 +54,7 @@ from fedunlearn.fl.training import resolve_device
 from fedunlearn.privacy.attrcloak import fourth_power_contribution, half_labels, null_labels, split_into_levels
 from fedunlearn.privacy.audit import local_outcome
 from fedunlearn.privacy.common import class_contribution, flatten_users
+from fedunlearn.privacy.portable import attacker_from_bytes
 
 
 def whoami(msg: Message, context: Context) -> Message:
@@ -127,7 +127,7 @@ def secure_contribution(msg: Message, context: Context) -> Message:
         own_value = str(federation.dataset.attributes.iloc[data.index][attribute])
         if task == LOCAL_AUDIT:
             own_features = flatten_users(model, [user_part(context, model, data, config.run.training_seed())])[0]
-            vector = local_outcome(decode_attacker(bytes(fields["attacker"])), own_features, own_value)
+            vector = local_outcome(attacker_from_bytes(bytes(fields["attacker"])), own_features, own_value)
         elif task == CLASS_SUMS:
             classes = classes_of(fields)
             if bool(fields.get("defence", False)):  # during AttrCloak: the embedding as defended so far
@@ -161,8 +161,9 @@ def secure_contribution(msg: Message, context: Context) -> Message:
             values = fourth_power_contribution(
                 defence.load_cloak(context).original, label, means, global_mean, len(classes)
             )
-            if values.max() > levels[-1]:  # the split would clip it silently, below the bound check
-                raise ValueError(f"a fourth power {values.max():.3g} beyond the top level {levels[-1]:.3g}")
+            if values.max() > levels[-1]:  # the split would clip it silently, below the bound check; the value
+                # itself is not told: from its maximum under chosen means a server would rebuild the embedding
+                raise ValueError(f"a fourth power beyond the top level {levels[-1]:.3g}: raise the levels")
             vector = split_into_levels(values, levels).ravel()
         else:
             raise ValueError(f"unknown secure task {task!r}")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 
 from clients.messages import read_instruction, record_to_arrays
 from fedunlearn.config import Config
@@ -38,12 +40,54 @@ def node_data(config: Config, context: Context) -> tuple[Federation, ClientData,
     return federation, data, build_model(config.model, federation.n_items)
 
 
+PINNED = "pinned"  # what a client holds the server to for the whole run (the promoted item)
+
+
 def setup(msg: Message, context: Context) -> Task:
-    """Decode the instruction and find this node's own data by its partition id."""
+    """Decode the instruction and find this node's own data by its partition id. What the server sends
+    is checked before anything runs on it: shared parameters of the run's model (names, shapes, finite
+    floats), a positive number of epochs, and one promoted item for the whole run."""
     torch.set_num_threads(1)
     config, round_number, shared, epochs, ascent = read_instruction(msg.content)
     _, data, model = node_data(config, context)
+    if shared is not None:
+        problem = shared_problem(shared, model)
+        if problem:
+            raise ValueError(f"the server sent shared parameters that do not fit this run's model: {problem}")
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise ValueError(f"the server asked for {epochs} epochs: a positive number is needed")
+    pin_target(context, config.unlearn.target_item)
     return Task(config, round_number, shared, epochs, ascent, data, model)
+
+
+def shared_problem(shared: Arrays, model: SplitModel) -> str:
+    """Why `shared` cannot be the model's shared part ('' when it can)."""
+    expected = _shared_shapes(model)
+    if set(shared) != set(expected):
+        return f"tensors {sorted(shared)}, expected {sorted(expected)}"
+    for key, value in shared.items():
+        if value.shape != expected[key] or not np.issubdtype(value.dtype, np.floating):
+            return f"{key} is {value.dtype} {value.shape}, expected floats {expected[key]}"
+        if not np.isfinite(value).all():
+            return f"{key} holds NaN or inf"
+    return ""
+
+
+def _shared_shapes(model: SplitModel) -> dict[str, tuple[int, ...]]:
+    return {key: value.shape for key, value in model.init_shared(np.random.default_rng(0)).items()}
+
+
+def pin_target(context: Context, target_item: int) -> None:
+    """The item whose rank a client reports (ER@10) is the run's one promoted item: a server that
+    changed it from message to message would read the client's ranking of every item, one item each."""
+    if target_item < 0:
+        return
+    pinned = context.state.config_records.get(PINNED)
+    if pinned is None:
+        context.state[PINNED] = ConfigRecord({"target-item": target_item})
+    elif int(pinned["target-item"]) != target_item:
+        raise ValueError(f"the server asked for the rank of item {target_item} after item {pinned['target-item']} in "
+                         "the same run: refused (one promoted item per run)")  # fmt: skip
 
 
 def user_part(context: Context, model: SplitModel, data: ClientData, seed: int) -> Arrays:

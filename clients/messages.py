@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ from fedunlearn.config import Config, config_from_dict
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models.base import Arrays
 from fedunlearn.privacy.attacks import Attacker
+from fedunlearn.privacy.portable import attacker_from_bytes, attacker_to_bytes
 from fedunlearn.privacy.registry import DEFENCES
 
 TRAIN = "train.fit"
@@ -148,9 +148,23 @@ def _count(value: Any) -> Any:
     return int(number) if number.is_integer() else number
 
 
+UPDATE_METRICS = frozenset({"num-examples", "loss", "epochs", "steps"})
+EVALUATION_METRICS = frozenset({"rank", "valid-rank", "full-rank", "target-rank"})
+
+
+def _fields(record: Mapping[str, Any], expected: frozenset[str], what: str) -> None:
+    if set(record) != expected:
+        extra, missing = sorted(set(record) - expected), sorted(expected - set(record))
+        raise ValueError(f"{what} with extra fields {extra} or missing fields {missing}")
+
+
 def decode_update(content: RecordDict) -> ClientUpdate:
     arrays = record_to_arrays(content.array_records["update"])
     metrics = content.metric_records["metrics"]
+    _fields(metrics, UPDATE_METRICS, "training metrics")
+    strays = [key for key in arrays if key != "item_ids" and not key.startswith(("rows.", "dense."))]
+    if strays or "item_ids" not in arrays:
+        raise ValueError(f"an upload with arrays {sorted(arrays)}: expected item_ids, rows.* and dense.*")
     return ClientUpdate(
         client_id=client_id_of(content),
         num_examples=_count(metrics["num-examples"]),
@@ -197,6 +211,7 @@ def take_pending_update(state: RecordDict, round_number: int) -> ClientUpdate:
 
 def decode_evaluation(content: RecordDict) -> ClientEvaluation:
     metrics = content.metric_records["metrics"]
+    _fields(metrics, EVALUATION_METRICS, "evaluation metrics")
     return ClientEvaluation(
         client_id_of(content),
         _count(metrics["rank"]),
@@ -277,7 +292,7 @@ def encode_defence_start(config: Config, start: DefenceStart) -> RecordDict:
     if start.defending is not None:
         fields["defending"] = start.defending
     content["defence"] = ConfigRecord(fields)
-    content["attackers"] = ConfigRecord({str(i): encode_attacker(a) for i, a in enumerate(start.attackers)})
+    content["attackers"] = ConfigRecord({str(i): attacker_to_bytes(a) for i, a in enumerate(start.attackers)})
     return content
 
 
@@ -288,7 +303,7 @@ def read_defence_start(content: RecordDict) -> tuple[Config, DefenceStart]:
     defending = bool(fields["defending"]) if "defending" in fields else None
     start = DefenceStart(
         json.loads(str(fields["attributes"])), json.loads(str(fields["classes"])), defending, shared,
-        [decode_attacker(bytes(attackers[str(i)])) for i in range(len(attackers))],
+        [attacker_from_bytes(bytes(attackers[str(i)])) for i in range(len(attackers))],
         float(fields["risk-threshold"]), bool(fields["keep-trained"]),
     )  # fmt: skip
     return config, start
@@ -341,13 +356,3 @@ def read_regularised_step(content: RecordDict) -> tuple[str, list[list[np.ndarra
     return method, gradients, weight, lr, int(fields["clients"]), scale, int(fields["seed"])
 
 
-def encode_attacker(attacker: Attacker) -> bytes:
-    return pickle.dumps(attacker)
-
-
-def decode_attacker(blob: bytes) -> Attacker:
-    """Unpickles what the server sent: a client runs this only for a server it trusts with code."""
-    attacker = pickle.loads(blob)  # noqa: S301
-    if not isinstance(attacker, Attacker):
-        raise TypeError(f"expected a pickled Attacker, got {type(attacker).__name__}")
-    return attacker

@@ -96,7 +96,7 @@ def main(grid: Grid, context: Context) -> None:
     def train(config: Config, history: HistoryStore | None, schedule: dict[int, list[str]]) -> FederationResult:
         return serve(grid, config, progress, False, history, schedule)[0]
 
-    with staged(out) as staging:
+    with staged(out, resumable=False) as staging:  # nothing to resume from: the clients' state was theirs
         info: dict[str, Any] = {}
         try:
             config, result = federated_job(config, federation, staging.folder, train, info)  # as `fedunlearn run`

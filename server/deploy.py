@@ -175,8 +175,8 @@ class Deployment:
         """`flwr run` of the config (`section.key=value` overrides) against this federation, from a
         copy of the project; the ServerApp writes the results folder to `out`."""
         app = self.folder / "app"
-        if not app.exists():
-            shutil.copytree(PROJECT, app, ignore=shutil.ignore_patterns(".*", "results", "__pycache__", "*.egg-info"))
+        shutil.rmtree(app, ignore_errors=True)  # a copy left by an earlier run would run that run's code
+        shutil.copytree(PROJECT, app, ignore=shutil.ignore_patterns(".*", "results", "__pycache__", "*.egg-info"))
         settings = ";".join(overrides)
         return self._flwr("run", ".", CONNECTION, "--run-config", f"overrides='{settings}' out='{out.resolve()}'",
                           "--stream", timeout=timeout, cwd=app)  # fmt: skip
@@ -232,8 +232,10 @@ def deploy(overrides: list[str], nodes: int, out: Path, folder: Path, timeout: f
     clients = build_federation(config.data, config.run.seed).n_clients
     if clients != nodes:
         raise FedUnlearnError(f"the data has {clients} clients but --nodes is {nodes}: one SuperNode serves one client")
-    if out.exists():
-        raise FedUnlearnError(f"results folder {out} exists: choose another --out")
+    for taken in (out, out.with_name(out.name + ".partial")):
+        if taken.exists():
+            raise FedUnlearnError(f"{taken} exists: choose another --out (a deployed run cannot be resumed: its "
+                                  "clients' state lived on the SuperNodes)")  # fmt: skip
     deployment = Deployment(folder, nodes)
     try:
         deployment.start()
@@ -248,6 +250,10 @@ def deploy(overrides: list[str], nodes: int, out: Path, folder: Path, timeout: f
     return json.loads((out / "final.json").read_text())
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, required=True, help="SuperNodes, one per client of the data")
@@ -257,12 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     folder = Path(args.workdir) if args.workdir else out.with_name(out.name + ".deployment")
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: unwind, so deploy() stops what it started
+        signal.signal(signum, _interrupt)
     try:
         started = time.perf_counter()
         final = deploy(args.overrides, args.nodes, out, folder)
     except FedUnlearnError as error:
-        print(f"fedunlearn deploy: error: {error}", file=sys.stderr)
+        print(f"server.deploy: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"server.deploy: interrupted; every process it started is stopped, logs in {folder}", file=sys.stderr)
+        return 130
     print(f"HR@10 {final['metrics']['HR@10']:.4f} on {args.nodes} SuperNodes over TLS "
           f"({time.perf_counter() - started:.0f} s); results: {out}; logs and keys: {folder}")  # fmt: skip
     return 0

@@ -166,7 +166,7 @@ class FlowerPool(PrivacyQueries):
         ascent: bool = False,
     ) -> list[Reply[ClientUpdate]]:
         replies, failed = self._send(TRAIN, round_number, clients, shared, done, epochs, ascent, tolerate=True)
-        return [Reply(self._sender(reply), decode_update(reply.content)) for reply in replies] + failed
+        return [self._decoded(reply, decode_update) for reply in replies] + failed
 
     def train_summed(
         self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook, layout: SecureLayout
@@ -203,7 +203,17 @@ class FlowerPool(PrivacyQueries):
 
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[Reply[ClientEvaluation]]:
         replies, failed = self._send(MessageType.EVALUATE, 0, clients, shared, done, tolerate=True)
-        return [Reply(self._sender(reply), decode_evaluation(reply.content)) for reply in replies] + failed
+        return [self._decoded(reply, decode_evaluation) for reply in replies] + failed
+
+    def _decoded(self, reply: Message, decode: Callable[[RecordDict], Any]) -> Reply[Any]:
+        """A reply as the checks see it (fl.replies): one that cannot be decoded (missing or extra
+        fields, a field of the wrong type) is rejected as "shape" like any other malformed reply,
+        instead of stopping the round and losing the other clients' replies with it."""
+        sender = self._sender(reply)
+        try:
+            return Reply(sender, decode(reply.content))
+        except (KeyError, TypeError, ValueError) as error:
+            return Reply(sender, failure="shape", detail=f"malformed reply: {error}")
 
     def _secure_sum(self, clients: list[int], task: dict[str, Any], bound: float) -> np.ndarray:
         nodes = [self.node_of[index] for index in clients]

@@ -28,7 +28,6 @@ from clients.messages import (
     DefenceStart,
     array_field,
     decode_audit_user,
-    encode_attacker,
     encode_defence_start,
     encode_defence_step,
     encode_regularised_step,
@@ -43,6 +42,7 @@ from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import AttributeGradient
 from fedunlearn.privacy.common import unpack_class_sums
 from fedunlearn.privacy.gaussian import ClassSums
+from fedunlearn.privacy.portable import attacker_to_bytes
 
 CLASS_SUMS_BOUND = 128.0  # |e_i|, |e_i e_j| of every user embedding must stay below this
 PRODUCTS_BOUND = 64.0  # AttrCloak: |g_R.g_R|, |g_AU.g_R|, |g_AU.g_AU| of every client must stay below this
@@ -78,7 +78,7 @@ class PrivacyQueries(ABC):
     def local_audit(self, attacker: Attacker, clients: list[int]) -> np.ndarray:
         """The sum over these clients of `fedunlearn.privacy.audit.local_outcome`, each run by the client on
         its own embedding and attribute, through SecAgg+. Counts, so rounded to whole numbers."""
-        fields = {"attacker": encode_attacker(attacker), "attribute": attacker.attribute}
+        fields = {"attacker": attacker_to_bytes(attacker), "attribute": attacker.attribute}
         return np.rint(self._secure_sum(clients, secure_task(self.config, LOCAL_AUDIT, **fields), 1.0))
 
     def attribute_classes(self, attribute: str) -> list[str]:

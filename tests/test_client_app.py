@@ -115,3 +115,42 @@ def test_a_client_validates_the_runs_config_once_and_holds_it_frozen():
     assert first is second and first == config  # decoded once, not once per message
     with pytest.raises(FedUnlearnError, match="frozen"):
         first.train.lr = 1.0  # shared between messages, so it must not be changeable
+
+
+def test_a_client_refuses_malformed_shared_parameters_and_epochs():
+    """A client indexed the server's tables blindly: a table 50 rows short was an IndexError deep in
+    training, 5 rows too many trained silently, negative epochs a numpy error."""
+    config = load_config(None, SMALL)
+    federation = build_federation(config.data, config.run.seed)
+    shared = InProcessPool(config, federation).model.init_shared(np.random.default_rng(5))
+    key = next(iter(shared))
+    broken = [
+        ({**shared, key: shared[key][:-3]}, "do not fit this run's model"),
+        ({**shared, key: np.vstack([shared[key], shared[key][:5]])}, "do not fit this run's model"),
+        ({k: v for k, v in shared.items() if k != key}, "do not fit this run's model"),
+        ({**shared, key: np.where(np.eye(*shared[key].shape, dtype=bool), np.nan, shared[key])}, "NaN or inf"),
+        ({**shared, key: shared[key].astype(np.int64)}, "expected floats"),
+    ]
+    for sent, message in broken:  # Flower replies with the error
+        with pytest.raises(ValueError, match=message):
+            app(Message(instruction(config, 1, sent), 99, TRAIN), _context(3))
+    with pytest.raises(ValueError, match="asked for -3.0 epochs"):
+        app(Message(instruction(config, 1, shared, epochs=-3.0), 99, TRAIN), _context(3))
+
+
+def test_the_promoted_items_rank_is_sent_whoever_holds_it_and_for_one_item_per_run():
+    """Its target rank was -1 exactly when the client held the item, so a server sweeping
+    unlearn.target_item over the catalogue read the client's interaction list off the replies."""
+    from fedunlearn.config import derive
+
+    config = load_config(None, SMALL)
+    federation = build_federation(config.data, config.run.seed)
+    shared = InProcessPool(config, federation).model.init_shared(np.random.default_rng(5))
+    own = int(federation.client(3).train_items[0])
+    context = _context(3)
+    ranked = derive(config, {"unlearn.target_item": own})
+    reply = _send(MessageType.EVALUATE, instruction(ranked, 0, shared), context)
+    assert decode_evaluation(reply.content).target_rank >= 0  # its own item is ranked like any other
+    other = derive(config, {"unlearn.target_item": own + 1})
+    with pytest.raises(ValueError, match="one promoted item per run"):
+        app(Message(instruction(other, 0, shared), 99, MessageType.EVALUATE), context)

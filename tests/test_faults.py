@@ -5,6 +5,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pandas as pd
 import pytest
 from helpers import TINY
 from scipy.stats import trim_mean
@@ -64,7 +65,9 @@ def test_a_toml_file_with_nan_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (["train.optimizer=sgd", "train.lr=1e6"], "training diverged at round 2: mean training loss"),
+        (["train.optimizer=sgd", "train.lr=100", "train.max_loss_growth=10"],
+         "training diverged at round 3: mean training loss"),  # 32.1 against round 1's 0.693
+        (["train.optimizer=sgd", "train.lr=1e6"], "training diverged at round 2: 0 valid replies of 40 (40 loss"),
         (["faults.share=1", "faults.kinds=[nan]"], "training diverged at round 1: 0 valid replies of 40 (40 nan"),
         (["faults.share=1", "faults.kinds=[exception]"], "first client error: injected fault"),
         (["train.min_replies=40", "faults.share=0.2", "faults.kinds=[shape]"], "fewer than train.min_replies = 40"),
@@ -182,3 +185,36 @@ def test_without_a_norm_check_huge_uploads_diverge_and_clipping_to_the_median_sa
         hr[name] = json.loads((tmp_path / name / "final.json").read_text())["metrics"]["HR@10"] if code == 0 else None
     assert hr["unprotected"] is None  # stopped as diverged, not scored
     assert hr["clipped"] >= hr["clean"] - 0.1
+
+
+@pytest.mark.parametrize("spoofed", [1, 30])
+def test_rejected_evaluations_are_counted_in_each_row_warned_and_a_minority_is_refused(
+    tmp_path, capsys, monkeypatch, spoofed
+):
+    """A lying client's evaluation used to vanish from metrics.csv: 39 of 40 spoofed replies left an
+    HR@10 of one user, reported as the model's, with no warning."""
+    from dataclasses import replace
+
+    honest = InProcessPool.evaluate
+
+    def evaluate(self, clients, shared, done):
+        replies = honest(self, clients, shared, done)
+        for reply in replies:
+            if reply.sender < spoofed:
+                reply.value = replace(reply.value, client_id="nobody")
+        return replies
+
+    monkeypatch.setattr(InProcessPool, "evaluate", evaluate)
+    out = tmp_path / "run"
+    args = [part for setting in SMALL for part in ("--set", setting)]
+    code = main(["run", *args, "--engine", "inprocess", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    if spoofed == 30:  # 10 of 40 pass: too few to score the model
+        assert code == 2 and "evaluation: 10 valid replies of 40 (30 spoof_id rejected)" in err
+        assert not list(tmp_path.rglob("final.json"))
+        return
+    assert code == 0 and "warning: evaluation replies were rejected (" in err
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert (metrics["evaluated"] == 39).all()
+    final = json.loads((out / "final.json").read_text())
+    assert final["rejected_evaluations"] == {"spoof_id": len(metrics)}  # one per evaluated round

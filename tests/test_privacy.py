@@ -422,6 +422,38 @@ def test_a_below_chance_attacker_reads_as_information_left_and_a_blind_one_stays
     assert flipped["auc"] == 0.0 and flipped["auc_relabelled"] == 1.0
 
 
+def test_the_null_band_is_a_permutation_test_of_the_relabelled_reading():
+    """null_95 shuffles the test labels against the attacker's fixed answers: recomputed here through
+    relabelled_answers and scikit-learn, it is the same number; blind attackers read above it about
+    5% of the time, an informative one far above it."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from fedunlearn.privacy.attacks import NULL_DRAWS, attack_metrics, relabelled_answers
+
+    rng = np.random.default_rng(5)
+    classes = np.array(["a", "b", "c", "d"])
+    labels = rng.choice(classes, 300, p=[0.5, 0.3, 0.15, 0.05])
+    encoded = np.searchsorted(classes, labels)
+    proba = rng.dirichlet(np.ones(4), 300)
+    predicted = proba.argmax(1)
+
+    def relabelled(truth):
+        read, _ = relabelled_answers(truth, predicted, proba, 3)
+        return max(balanced_accuracy_score(truth, predicted), balanced_accuracy_score(truth, read))
+
+    shuffles = np.random.default_rng([3, NULL_DRAWS])
+    null = [relabelled(shuffles.permutation(encoded)) for _ in range(NULL_DRAWS)]
+    metrics = attack_metrics(labels, proba, classes, seed=3)
+    assert metrics["null_95"] == pytest.approx(np.percentile(null, 95), abs=1e-12)
+    assert metrics["balanced_accuracy_relabelled"] == pytest.approx(relabelled(encoded), abs=1e-12)
+    assert metrics["null_95"] > 0.25 + 0.02  # the better of two readings sits above 1/K
+    above = [attack_metrics(labels, rng.dirichlet(np.ones(4), 300), classes, seed=s) for s in range(40)]
+    assert sum(m["balanced_accuracy_relabelled"] > m["null_95"] for m in above) <= 6  # about 2 of 40 expected
+    informed = np.where(rng.random(300) < 0.4, encoded, rng.integers(0, 4, 300))
+    told = attack_metrics(labels, np.eye(4)[informed] * 0.9 + 0.025, classes, seed=3)
+    assert told["balanced_accuracy_relabelled"] > told["null_95"] + 0.2
+
+
 def test_u2u_gradient_and_loss_from_class_sums_equal_the_explicit_cross_group_graph():
     from fedunlearn.privacy.baselines import client_gradient, u2u_loss
 
@@ -906,3 +938,42 @@ def test_the_upload_attack_scores_nothing_as_nan_and_leaves_empty_reads_out_of_i
     # a client not in the upload round is left out even where its row holds numbers
     one = recovery_score(view(recovered, np.ones((2, 2)), [True, False]), positives, users)
     assert (one.precision, one.recall, one.clients) == (0.5, 1.0, 1)
+
+
+@pytest.mark.parametrize("name", ["mlp", "xgboost", "logistic"])
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_an_attacker_travels_as_data_and_answers_as_the_servers_and_a_pickle_is_refused(name, n_classes, tmp_path):
+    """Clients unpickled the attacker the server shipped: any server could run code on them. Now it
+    travels as arrays and a model file, rebuilt to the same answers bit for bit."""
+    import pickle
+
+    from fedunlearn.privacy.attacks import train_attacker
+    from fedunlearn.privacy.portable import attacker_from_bytes, attacker_to_bytes
+
+    rng = np.random.default_rng(n_classes)
+    features = rng.normal(size=(200, 6)).astype(np.float32)
+    labels = rng.choice([f"v{i}" for i in range(n_classes)], 200)
+    if name == "logistic":  # not registered; the defences' tests ship one
+        from sklearn.linear_model import LogisticRegression
+
+        from fedunlearn.privacy.attacks import Attacker
+
+        classes, encoded = np.unique(labels, return_inverse=True)
+        attacker = Attacker(name, "attr", classes, LogisticRegression(C=10.0).fit(features, encoded))
+    else:
+        attacker = train_attacker(name, "attr", features, labels, seed=0)
+    rebuilt = attacker_from_bytes(attacker_to_bytes(attacker))
+    probe = rng.normal(size=(40, 6)).astype(np.float32)
+    np.testing.assert_array_equal(rebuilt.proba(probe), attacker.proba(probe))
+    np.testing.assert_array_equal(rebuilt.proba(probe[3]), attacker.proba(probe[3:4]))  # one client's own row
+    assert list(rebuilt.classes) == list(attacker.classes) and (rebuilt.name, rebuilt.attribute) == (name, "attr")
+
+    marker = tmp_path / "ran"
+
+    class Payload:  # what a hostile server would send: unpickling it runs code
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('code ran on the client')",))
+
+    with pytest.raises(ValueError):
+        attacker_from_bytes(pickle.dumps(Payload()))
+    assert not marker.exists()

@@ -158,6 +158,58 @@ def test_a_history_left_with_deleted_rows_by_a_killed_run_is_compacted_when_reop
     assert b"client-7" not in history.path.read_bytes()
 
 
+def test_a_run_killed_during_its_compaction_compacts_when_reopened_though_no_page_is_free(tmp_path):
+    """Deleted small rows stay as cells inside live pages (no free page is left), and VACUUM runs
+    after the commit: a kill before or during it left a finished run's history holding the removed
+    clients' ids and stored step sizes. The commit now records that a compaction is owed."""
+    history = HistoryStore(tmp_path / "h.sqlite", HistoryPolicy())
+    with history.transaction():
+        history.db.executemany("INSERT INTO sizes VALUES (?, ?, ?, ?)",
+                               [(1, f"QZ{c}QZ", "item_emb", 0.25) for c in range(40)])  # fmt: skip
+    def killed() -> None:
+        raise RuntimeError("killed")
+
+    history.compact = killed
+    with pytest.raises(RuntimeError, match="killed"):
+        with history.transaction():
+            history.forget(["QZ7QZ"])  # its VACUUM waits for the commit, and is killed there
+    assert history.db.execute("PRAGMA freelist_count").fetchone()[0] == 0  # nothing the old check saw
+    history.db.close()
+    assert b"QZ7QZ" in history.path.read_bytes()
+    reopened = HistoryStore(history.path, history.policy)
+    assert b"QZ7QZ" not in history.path.read_bytes() and not reopened.compaction_owed()
+    assert reopened.db.execute("SELECT COUNT(*) FROM sizes").fetchone()[0] == 39
+
+
+def test_a_resume_checkpoint_holds_no_removed_clients_state_after_the_event(tmp_path):
+    """The event's round replaces the checkpoint that held the leaving clients' user parts; its
+    pages were freed and kept their bytes until the next round's commit, or for good if the run
+    ended there. The compaction after the event's commit covers the resume file too."""
+    from fedunlearn.fl.checkpoint import RESUME_FILE, Checkpoint
+
+    history = HistoryStore(tmp_path / "h.sqlite", HistoryPolicy())
+    checkpoint = Checkpoint(tmp_path, history)
+    secret = np.frombuffer(b"QZUSERPARTQZ" * 800, dtype=np.uint8).copy()
+    checkpoint.save({"pool.user": secret}, {"round": 1})
+    with history.transaction():  # the event's round: the new checkpoint no longer holds that client
+        checkpoint.save({"pool.user": np.zeros(16, dtype=np.uint8)}, {"round": 2})
+        history.forget(["7"])
+    assert b"QZUSERPARTQZ" not in (tmp_path / RESUME_FILE).read_bytes()
+
+
+def test_a_compared_methods_history_copy_lives_in_memory(tmp_path):
+    """The trial copies were files in a temporary folder that kill -9 never cleaned up, holding the
+    leaving clients' stored updates after the run had erased them."""
+    server, history, _ = server_for(tmp_path, ["unlearn.method=federaser"])
+    server.run()
+    twin = history.copy_in_memory()
+    assert [row[2] for row in twin.db.execute("PRAGMA database_list") if row[1] == "main"] == [""]  # no file
+    for table in ("participation", "sizes", "round_updates", "round_tensors", "checkpoints"):
+        query = f"SELECT COUNT(*) FROM {table}"
+        assert twin.db.execute(query).fetchone() == history.db.execute(query).fetchone(), table
+    assert sorted(tmp_path.iterdir()) == [history.path]
+
+
 def test_retrain_equals_a_fresh_run_configured_without_those_clients(tmp_path):
     dropped, _, _ = server_for(tmp_path, ["unlearn.method=retrain"], drop="3,7@4")
     fresh, _, _ = server_for(tmp_path, ['data.exclude_clients=["3","7"]'])
@@ -303,6 +355,8 @@ def test_the_history_keeps_only_what_the_method_reads(tmp_path):
     assert sizes["federaser"]["full"] > 0 and sizes["federaser"]["compact"] == 0
     assert sizes["fru"]["compact"] > 0 and sizes["fru"]["full"] == 0 and sizes["fru"]["checkpoints"] > 0
     assert sizes["retrain"]["every_full_update"] > sizes["federaser"]["total"] > sizes["retrain"]["total"] > 0
+    for method, size in sizes.items():  # the file holds who took part, ids, keys and indexes besides the arrays
+        assert size["file"] > size["total"] + 4096, method
 
 
 def test_federaser_keeps_full_updates_of_the_first_checkpoint_only_and_unlearns_the_same(tmp_path):
@@ -630,7 +684,8 @@ def test_each_run_is_judged_against_its_own_retrain_and_initial_parameters():
     twin = derive(config, {"run.train_seed": 11})
     federaser = derive(config, {"unlearn.method": "federaser", "unlearn.dt": 3})
     assert reference_key(federaser) == reference_key(config) != reference_key(twin)
-    trained_otherwise = [{"defence.upload": "ldp"}, {"defence.ldp_epsilon": 2.0}, {"faults.share": 0.3}]
+    trained_otherwise = [{"defence.upload": "ldp"}, {"defence.ldp_epsilon": 2.0}, {"faults.share": 0.3},
+                         {"run.engine": "inprocess"}]  # another engine: another float path  # fmt: skip
     for changed in trained_otherwise:  # they change training: another Retrain is the reference
         assert reference_key(derive(config, changed)) != reference_key(config), changed
     assert reference_key(derive(config, {"defence.method": "attrcloak-dd", "audit.enabled": True})) == (

@@ -39,6 +39,8 @@ class Checkpoint:
         else:
             history.db.execute("ATTACH DATABASE ? AS resume", (str(path),))
             self.store, schema = history, "resume"
+            if history.db.execute("PRAGMA resume.freelist_count").fetchone()[0]:  # a run killed after a drop
+                history.db.execute("VACUUM resume")  # event's commit: the removed clients' old state goes now
         self.table = f"{schema}.rounds"
         tables = {name for (name,) in self.store.db.execute(f"SELECT name FROM {schema}.sqlite_master")}
         if "state" in tables:  # the layout before 2026-12-05

@@ -359,7 +359,7 @@ def ranks_from_scores(
         unseen = data.unseen_mask()
         if full_ranking:
             full_rank = rank_of_target(everything[data.test_item], everything[unseen])
-        if target_item >= 0 and unseen[target_item]:
+        if target_item >= 0:  # also when the user holds it: a -1 there told the server who holds the item
             unseen[target_item] = False
             target_rank = rank_of_target(everything[target_item], everything[unseen])
     return ClientEvaluation(

@@ -48,13 +48,16 @@ def compare_with_retrain(
 def reference_key(config: Config) -> str:
     """What a Retrain run shares with the unlearning runs it is the reference of: the data, model,
     training and evaluation settings, the faults and the upload defences (both change training),
-    both seeds and the drop schedule, not the method or its own settings (an experiment may hold
-    several Retrains, e.g. with other training draws)."""
+    both seeds, the drop schedule and the engine that ran (the batched and the in-process engine sum
+    floats in another order, and long training takes the two down paths as far apart as two seeds:
+    docs/ARCHITECTURE.md), not the method or its own settings (an experiment may hold several
+    Retrains, e.g. with other training draws)."""
     unlearn, run = config.unlearn, config.run
     sections = ("data", "model", "train", "eval", "faults")
     parts: dict[str, Any] = {section: asdict(getattr(config, section)) for section in sections}
     parts["uploads"] = {k: v for k, v in asdict(config.defence).items() if k.startswith(UPLOAD_DEFENCE_FIELDS)}
     parts |= {"seed": run.seed, "train_seed": run.training_seed(), "drop": unlearn.drop, "random": unlearn.drop_random}
+    parts["engine"] = run.engine  # give the config a run recorded: `auto` resolved
     parts |= {"poison": unlearn.poison, "boost": unlearn.poison_boost, "target": unlearn.target_item}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

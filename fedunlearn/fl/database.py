@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+OWED = "compaction_owed"  # a row here: deleted rows whose bytes a VACUUM has not yet removed
+
 
 class Database:
     def __init__(self, path: str | Path) -> None:
@@ -46,14 +48,36 @@ class Database:
             self.db.execute("COMMIT")
             if self.vacuum_pending:
                 self.vacuum_pending = False
-                self.db.execute("VACUUM")
+                self.compact()
 
     def vacuum(self) -> None:
-        """Compact the file (deleted rows' bytes gone from disk) now, or after the open transaction."""
-        if self.depth:
-            self.vacuum_pending = True
-        else:
-            self.db.execute("VACUUM")
+        """Compact the file (deleted rows' bytes gone from disk) now, or after the open transaction.
+        The transaction also records that a compaction is owed (`compaction_owed`): deleted rows stay
+        as cells inside live pages until VACUUM rewrites the file, and a run killed before or during
+        it must compact when it is opened again (the free-page count alone misses those cells)."""
+        if not self.depth:
+            self.compact()
+            return
+        if not self.vacuum_pending:
+            self.db.execute(f"CREATE TABLE IF NOT EXISTS {OWED} (owed INTEGER)")
+            self.db.execute(f"INSERT INTO {OWED} VALUES (1)")
+        self.vacuum_pending = True
+
+    def compact(self) -> None:
+        """VACUUM every file of this connection (an attached resume checkpoint included), then clear
+        the record that a compaction was owed."""
+        for _, schema, _ in self.db.execute("PRAGMA database_list").fetchall():
+            if schema != "temp":
+                self.db.execute(f"VACUUM {schema}")
+        if self.compaction_owed():
+            self.db.execute(f"DELETE FROM {OWED}")
+
+    def compaction_owed(self) -> bool:
+        """A compaction was recorded and has not finished, or free pages are left (a file of an
+        earlier version, killed before its compaction)."""
+        owed = self.db.execute(f"SELECT name FROM sqlite_master WHERE name = '{OWED}'").fetchone() is not None
+        owed = owed and self.db.execute(f"SELECT COUNT(*) FROM {OWED}").fetchone()[0] > 0
+        return owed or self.db.execute("PRAGMA freelist_count").fetchone()[0] > 0
 
     def close(self) -> None:
         self.db.close()

@@ -158,16 +158,17 @@ class HistoryStore(Database):
         with self.transaction():
             for statement in filter(str.strip, self.SCHEMA.split(";")):
                 self.db.execute(statement)
-        if self.db.execute("PRAGMA freelist_count").fetchone()[0]:
-            self.db.execute("VACUUM")  # a run killed before its pending compaction: deleted rows' bytes go now
+        if self.compaction_owed():  # a run killed before or during its compaction: deleted rows' bytes go now
+            self.compact()
 
-    def copy_to(self, path: str | Path) -> HistoryStore:
-        """An independent copy (for trying an unlearning method without touching this history),
-        as committed: call it before the open transaction writes anything."""
-        target = Database(path)
-        self.db.backup(target.db, name="main")
-        target.close()
-        return HistoryStore(path, self.policy)
+    def copy_in_memory(self) -> HistoryStore:
+        """An independent copy (for trying an unlearning method without touching this history), as
+        committed: call it before the open transaction writes anything. In memory, never on disk:
+        a file copy outlived a killed run (kill -9 skips a temporary folder's clean-up) and kept the
+        leaving clients' stored updates there after the run had erased them."""
+        twin = HistoryStore(":memory:", self.policy)
+        self.db.backup(twin.db, name="main")
+        return twin
 
     def is_checkpoint(self, round_number: int) -> bool:
         return (round_number - 1) % self.policy.checkpoint_every == 0
@@ -411,7 +412,10 @@ class HistoryStore(Database):
                 self.db.execute(f"DELETE FROM {table}")  # accounting too: Retrain counts its rounds again
 
     def bytes_by_kind(self) -> dict[str, int]:
-        """Bytes of stored arrays by kind, and what keeping every full float32 update of every round would take."""
+        """Bytes of stored arrays by kind and their `total`; `file`, the pages the history's file uses
+        (what the server holds: the arrays plus who took part in which round, the ids and keys and
+        their indexes, up to 30x the arrays for Retrain's small history); and what keeping every full
+        float32 update of every round would take."""
         one = lambda sql, *args: int((self.db.execute(sql, args).fetchone() or (0,))[0] or 0)  # noqa: E731
         index = " + ".join(f"LENGTH({name})" for name in self.INDEX_ARRAYS)
         kinds = {"checkpoints": one("SELECT SUM(LENGTH(data)) FROM checkpoints")}
@@ -420,5 +424,6 @@ class HistoryStore(Database):
             kinds[kind] += one(f"SELECT SUM({index}) FROM round_updates WHERE kind = ?", kind)
         kinds["sizes"] = 8 * one("SELECT COUNT(*) FROM sizes")
         kinds["total"] = sum(kinds.values())
+        kinds["file"] = (one("PRAGMA page_count") - one("PRAGMA freelist_count")) * one("PRAGMA page_size")
         kinds["every_full_update"] = one("SELECT bytes FROM accounting WHERE name = 'every_full_update'")
         return kinds

@@ -20,6 +20,8 @@ from fedunlearn.models.base import Arrays, SplitModel
 
 T = TypeVar("T", ClientUpdate, ClientEvaluation)
 
+LOSS_CAP = 100.0  # a client loss above this is a diverged run (a secure-aggregation client refuses to send it)
+
 # why a reply was rejected
 FAILED = "exception"  # the client raised instead of replying
 TIMEOUT = "timeout"  # no reply within train.reply_timeout (Flower)
@@ -31,13 +33,14 @@ REASONS = (
     "spoof_id",  # the client id written in the reply is not the sender's
     "nan",
     "inf",
+    "loss",  # a training loss outside [0, LOSS_CAP] ([-LOSS_CAP, 0] for gradient ascent)
     "shape",  # missing / extra tensors, wrong shapes or dtypes
     "item_range",  # item ids outside the catalogue, repeated, or not integers
     "num_examples",  # not a whole number in 1 .. what the client holds
-    "epochs",  # not in (0, the most any call asks: train.local_epochs x max(1, unlearn.r, unlearn.lam)]
-    "steps",  # optimizer steps not in 1 .. examples x epochs (a minibatch holds at least one example)
+    "epochs",  # more examples trained on than the call asked for (its epochs x examples, at least one)
+    "steps",  # optimizer steps not in 1 .. ceil(examples / train.batch_size) per epoch asked
     "norm",  # an upload over train.reject_norm_ratio x the round's median norm
-    "rank_range",  # an evaluation rank outside what the client can rank
+    "rank_range",  # an evaluation rank outside what the client can rank, or of a target the run has not
     "auc_range",  # a membership AUC that is not a number in [0, 1], or from a client not leaving
 )
 
@@ -63,14 +66,18 @@ class ReplyLimits:
     test_negatives: int
     n_items: int
     full_ranking: bool
-    max_epochs: float = math.inf  # the most epochs any training call asks for
+    target: bool = False  # a promoted item is ranked (unlearn.poison): else every target rank is -1
+    batch_size: int = 1  # train.batch_size
+    epochs: float = 1.0  # what the training call asks for (Federation.train_clients sets it per call)
+    ascent: bool = False  # the call is gradient ascent (its loss is minus the training loss)
 
     @classmethod
     def of(cls, model: SplitModel, shared: Arrays, client_ids: list[str], max_examples: np.ndarray,
-           test_negatives: int, full_ranking: bool, max_epochs: float = math.inf) -> ReplyLimits:  # fmt: skip
+           test_negatives: int, full_ranking: bool, target: bool = False,
+           batch_size: int = 1) -> ReplyLimits:  # fmt: skip
         shapes = {key: tuple(value.shape) for key, value in shared.items()}
         return cls(client_ids, shapes, tuple(model.row_keys), max_examples, test_negatives, model.n_items, full_ranking,
-                   max_epochs)  # fmt: skip
+                   target, batch_size)  # fmt: skip
 
 
 def _values_problem(arrays: list[np.ndarray]) -> str:
@@ -118,9 +125,21 @@ def update_problem(update: ClientUpdate, sender: int, limits: ReplyLimits) -> st
         return problem
     if not 1 <= update.num_examples <= limits.max_examples[sender] or update.num_examples != int(update.num_examples):
         return "num_examples"
-    if not 0 < update.epochs <= limits.max_epochs + 1e-9:  # claimed epochs count in the unlearning costs
+    low, high = (-LOSS_CAP, 0.0) if limits.ascent else (0.0, LOSS_CAP)
+    if not low <= update.loss <= high:
+        return "loss"
+    return cost_problem(update, limits.epochs, limits.batch_size)
+
+
+def cost_problem(update: ClientUpdate, epochs: float, batch_size: int) -> str:
+    """'epochs' or 'steps' when the reply claims more training than a call asking for `epochs` can
+    give (claimed costs count in the unlearning tables): a client trains on round(epochs x examples)
+    examples, at least one, in minibatches of `batch_size` (fl.client.plan_local_training)."""
+    asked = max(1.0, math.floor(epochs * update.num_examples + 0.5))
+    if not 0 < update.epochs * update.num_examples <= asked + 1e-6:
         return "epochs"
-    if not 1 <= update.steps <= update.num_examples * math.ceil(update.epochs) or update.steps != int(update.steps):
+    most = math.ceil(update.num_examples / batch_size) * max(1, math.ceil(epochs))
+    if not 1 <= update.steps <= most or update.steps != int(update.steps):
         return "steps"
     return ""
 
@@ -129,13 +148,19 @@ def evaluation_problem(evaluation: ClientEvaluation, sender: int, limits: ReplyL
     if evaluation.client_id != limits.client_ids[sender]:
         return "spoof_id"
     ranked = (evaluation.rank, evaluation.valid_rank)
-    whole = all(rank == int(rank) for rank in (*ranked, evaluation.full_rank, evaluation.target_rank))
-    if not whole or not all(0 <= rank <= limits.test_negatives for rank in ranked):
+    if not all(_whole(rank) for rank in (*ranked, evaluation.full_rank, evaluation.target_rank)):
+        return "rank_range"
+    if not all(0 <= rank <= limits.test_negatives for rank in ranked):
         return "rank_range"
     full_ok = 0 <= evaluation.full_rank < limits.n_items if limits.full_ranking else evaluation.full_rank == -1
-    if not full_ok or not -1 <= evaluation.target_rank < limits.n_items:
-        return "rank_range"
-    return ""
+    target_ok = -1 <= evaluation.target_rank < limits.n_items if limits.target else evaluation.target_rank == -1
+    return "" if full_ok and target_ok else "rank_range"
+
+
+def _whole(value: object) -> bool:
+    """A finite whole number (a rank or a count), whatever numeric type carried it."""
+    numeric = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    return numeric and math.isfinite(value) and value == int(value)  # type: ignore[arg-type]
 
 
 def _norms(update: ClientUpdate) -> dict[str, float]:

@@ -8,13 +8,11 @@ the in-process runner cannot drift apart.
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -233,14 +231,15 @@ class FederatedServer:
         if not self.active:
             raise FedUnlearnError("data.exclude_clients excludes every client: keep at least one to train and evaluate")
         self.client_epochs = 0.0
+        self.evaluated = 0  # users scored by the last evaluation
         self.optimizer_steps = 0  # every client's minibatch steps, summed
         self.events: list[dict[str, Any]] = []
         self.calibrations: list[tuple[int, ClientUpdate]] = []  # FedEraser's calibrated updates, for audits
         self.unlearned: Arrays = {}  # the shared parameters right after the last unlearning event
         self.limits = ReplyLimits.of(
             self.model, self.initial, client_ids, max_examples(federation, config.unlearn),
-            config.data.test_negatives, config.eval.full_ranking,
-            config.train.local_epochs * max(1.0, config.unlearn.r, config.unlearn.lam),
+            config.data.test_negatives, config.eval.full_ranking, config.unlearn.target_item >= 0,
+            config.train.batch_size,
         )  # fmt: skip
         self.rejected = fresh_counts()
         self.losses: list[float] = []  # each round's mean training loss
@@ -265,7 +264,8 @@ class FederatedServer:
         train = self.config.train
         self.progress.start_call(len(clients), "training" if not ascent else "ascending")
         replies = self.pool.train(round_number, clients, shared, self.progress.client_done, epochs, ascent)
-        updates, rejected, details = check_replies(replies, clients, self.limits, train.reject_norm_ratio)
+        limits = replace(self.limits, epochs=train.local_epochs if epochs is None else epochs, ascent=ascent)
+        updates, rejected, details = check_replies(replies, clients, limits, train.reject_norm_ratio)
         self._count("updates", rejected, len(updates), len(clients), f"round {round_number}", details)
         if train.clip_norm_ratio > 0:
             bound = {key: train.clip_norm_ratio * norm for key, norm in median_norms(updates).items()}
@@ -281,7 +281,7 @@ class FederatedServer:
         needed = min(self.config.train.min_replies, asked)
         if valid >= needed:
             return
-        non_finite = rejected["nan"] + rejected["inf"]
+        non_finite = rejected["nan"] + rejected["inf"] + rejected["loss"]
         cause = f"{where}: {valid} valid replies of {asked} ({_reasons(rejected)} rejected), "
         cause += f"fewer than train.min_replies = {self.config.train.min_replies}"
         if non_finite and non_finite >= sum(rejected.values()) / 2:
@@ -400,6 +400,10 @@ class FederatedServer:
         replies = self.pool.evaluate(self.active, self.shared, self.progress.client_done)
         evaluations, rejected, details = check_replies(replies, self.active, self.limits)
         self._count("evaluations", rejected, len(evaluations), len(self.active), "evaluation", details)
+        if 2 * len(evaluations) < len(self.active):  # the metrics would describe a minority of the users
+            raise FedUnlearnError(f"evaluation: {len(evaluations)} valid replies of {len(self.active)} "
+                                  f"({_reasons(rejected)} rejected): too few users to score the model")  # fmt: skip
+        self.evaluated = len(evaluations)
         evaluations = sorted(evaluations, key=_by_client)
         eval_config, attackers = self.config.eval, set(self.config.unlearn.attackers)
         metrics = evaluation_metrics(evaluations, eval_config.ks, eval_config.full_ranking, attackers)
@@ -473,32 +477,31 @@ class FederatedServer:
             raise FedUnlearnError("unlearn.compare needs a drop schedule (unlearn.drop or unlearn.drop_random)")
         rows, unlearned = [], []
         removed_so_far = sum(len(event["clients"]) for event in self.events)
-        with tempfile.TemporaryDirectory() as scratch:
-            for method in self.plugins.methods:
-                twin = copy.copy(self)
-                twin.pool = self.pool.fork()
-                twin.handled = round_number
-                copied = twin.records_history()  # only a later event's reader makes a method write the history
-                if copied:
-                    twin.history = self.history.copy_to(Path(scratch) / f"{method}.sqlite")
-                twin.active, twin.events, twin.calibrations = list(self.active), [], []
-                twin.rejected = fresh_counts()  # a trial's rejections are not the run's
-                twin.checkpoint = None
-                twin.progress = self.progress  # each trial shows as its own phase
-                twin.unlearn(round_number, leaving, method)
-                if copied:
-                    twin.history.close()
-                twin.pool.release()
-                event = twin.events[-1]
-                rows.append(
-                    {"event": round_number, "removed": removed_so_far + len(leaving), "method": method}
-                    | {"model": self.config.model.name, "seed": self.config.run.seed}
-                    | {"initial": initial_key(self.config)}  # the start the cosine to Retrain is taken from
-                    | {k: v for k, v in event["after"].items() if k in COMPARED}
-                    | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"]}
-                    | {"client_epochs": event["client_epochs"], "optimizer_steps": event["optimizer_steps"]}
-                )
-                unlearned.append(twin.unlearned)
+        for method in self.plugins.methods:
+            twin = copy.copy(self)
+            twin.pool = self.pool.fork()
+            twin.handled = round_number
+            copied = twin.records_history()  # only a later event's reader makes a method write the history
+            if copied:
+                twin.history = self.history.copy_in_memory()
+            twin.active, twin.events, twin.calibrations = list(self.active), [], []
+            twin.rejected = fresh_counts()  # a trial's rejections are not the run's
+            twin.checkpoint = None
+            twin.progress = self.progress  # each trial shows as its own phase
+            twin.unlearn(round_number, leaving, method)
+            if copied:
+                twin.history.close()
+            twin.pool.release()
+            event = twin.events[-1]
+            rows.append(
+                {"event": round_number, "removed": removed_so_far + len(leaving), "method": method}
+                | {"model": self.config.model.name, "seed": self.config.run.seed}
+                | {"initial": initial_key(self.config)}  # the start the cosine to Retrain is taken from
+                | {k: v for k, v in event["after"].items() if k in COMPARED}
+                | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"]}
+                | {"client_epochs": event["client_epochs"], "optimizer_steps": event["optimizer_steps"]}
+            )
+            unlearned.append(twin.unlearned)
         compare_with_retrain(rows, unlearned, self.initial)
         return rows
 
@@ -584,11 +587,13 @@ class FederatedServer:
         if round_number % self.config.eval.every == 0 or round_number == rounds:
             since = self.rejected["updates"] - self.reported  # rejected in the rounds since the last row
             self.reported = Counter(self.rejected["updates"])
+            metrics = self.evaluate()
             row = {
                 "round": round_number,
                 "clients": len(clients),
+                "evaluated": self.evaluated,  # users whose evaluation replies passed the checks
                 "train_loss": self.losses[-1],
-                **self.evaluate(),
+                **metrics,
                 "rejected": sum(since.values()),
                 **{f"rejected_{reason}": count for reason, count in sorted(since.items())},
                 "seconds": time.perf_counter() - started,

@@ -24,12 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.fl.replies import layout_problem
+from fedunlearn.fl.replies import LOSS_CAP, cost_problem, layout_problem
 from fedunlearn.fl.updates import ClientUpdate
 from fedunlearn.models.base import Arrays, SplitModel
 
 SECURE_UPLOAD = "secagg"
-LOSS_CAP = 100.0  # a client loss above this is a diverged run: the client refuses to send it
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,12 @@ class SecureLayout:
             {key: tuple(shapes[key]) for key in sorted(shapes) if key not in model.row_keys},  # one order on both sides
             int(max_examples), float(bound), float(epochs), int(batch_size),
         )  # fmt: skip
+
+    @property
+    def epochs_cap(self) -> float:
+        """The most epochs a client can report (a small client rounds its share of an epoch up to
+        one example: fl.replies.cost_problem)."""
+        return max(1.0, self.epochs + 0.5)
 
     @property
     def steps_cap(self) -> int:
@@ -89,7 +94,7 @@ class SecureLayout:
         for key, change in update.dense.items():
             start, end = spans[f"dense.{key}"]
             total[start:end] += weight * change.astype(np.float64).ravel() / self.bound
-        scalars = {"weight": weight, "loss": update.loss / LOSS_CAP, "epochs": update.epochs / self.epochs,
+        scalars = {"weight": weight, "loss": update.loss / LOSS_CAP, "epochs": update.epochs / self.epochs_cap,
                    "steps": update.steps / self.steps_cap}  # fmt: skip
         for name, value in scalars.items():
             total[spans[name][0]] += value
@@ -118,7 +123,7 @@ class SecureLayout:
         if not 0 <= update.loss <= LOSS_CAP:
             raise FedUnlearnError(f"{who}'s training loss {update.loss:.3g} is outside [0, {LOSS_CAP:g}]: "
                                   "training diverged; lower train.lr or train.server_lr")  # fmt: skip
-        if not 0 < update.epochs <= self.epochs + 1e-9 or not 0 < update.steps <= self.steps_cap:
+        if cost_problem(update, self.epochs, self.batch_size) or update.steps > self.steps_cap:
             raise FedUnlearnError(f"{who} reports {update.epochs:g} epochs in {update.steps} steps, more than "
                                   f"asked ({self.epochs:g} epochs, at most {self.steps_cap} steps)")  # fmt: skip
 
@@ -145,7 +150,7 @@ class SecureLayout:
             {key: part(f"dense.{key}").reshape(shape) * self.bound for key, shape in self.dense_shapes.items()},
             float(part("weight")[0]),
             float(part("loss")[0]) * LOSS_CAP,
-            float(part("epochs")[0]) * self.epochs,
+            float(part("epochs")[0]) * self.epochs_cap,
             float(part("steps")[0]) * self.steps_cap,
             contributors,
         )

@@ -33,7 +33,7 @@ class ClientEvaluation:
     rank: int  # of the test item among the sampled negatives
     valid_rank: int  # of the validation item among the same negatives (for model selection)
     full_rank: int  # of the test item among every item the user has not seen (-1 when not asked for)
-    target_rank: int = -1  # of the promoted item among the user's unseen items (-1: no target, or the user's own)
+    target_rank: int = -1  # of the promoted item among the user's other unseen items (-1: no target)
 
 
 def step_size(value: np.ndarray, per_row: bool) -> float:

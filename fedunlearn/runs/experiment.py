@@ -123,8 +123,8 @@ def _rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]
         | {"final_HR@10": metrics["HR@10"], "final_NDCG@10": metrics["NDCG@10"]}
         | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"], "client_epochs": event["client_epochs"]}
         | {"optimizer_steps": event["optimizer_steps"]}
-        | {"history_bytes": event["history_bytes"]["total"], "seconds": info["seconds"]}
-        | {"retrain_key": reference_key(config), "initial": initial_key(config)}
+        | {"history_bytes": event["history_bytes"]["file"], "seconds": info["seconds"]}
+        | {"retrain_key": reference_key(outcome.config), "initial": initial_key(config)}  # its engine resolved
         for event in result.events
     ]
 

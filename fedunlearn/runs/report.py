@@ -231,7 +231,7 @@ def privacy_table(audits: pd.DataFrame) -> pd.DataFrame:
     seeds), with the local audit's share of clients at risk beside it."""
     embedding = audits[audits["view"] == "embedding"]
     keys = ["run", "defence", "attribute", "attacker"]
-    columns = ["balanced_accuracy", "balanced_accuracy_relabelled", "chance", "NDCG@10"]
+    columns = ["balanced_accuracy", "balanced_accuracy_relabelled", "null_95", "chance", "NDCG@10"]
     table = summarize(embedding[embedding["audit"] == "global"][[*keys, "seed", *columns]])
     local = embedding[embedding["audit"] == "local"]
     if not local.empty:
@@ -338,7 +338,10 @@ def write_report(paths: list[Path], out: Path) -> dict[str, str]:
                                      "0.1 s (no speedup)."))  # fmt: skip
         if not audits.empty:
             sections.append(_section("Attribute privacy (global audit on the embeddings)", privacy_table(audits),
-                                     "relabelled: a below-chance attacker flipped, the information left."))  # fmt: skip
+                                     "relabelled: a below-chance attacker flipped, the information left; "
+                                     "null_95: what the relabelled figure reaches for answers that carry nothing "
+                                     "(95th percentile over shuffled labels): above it, the attribute is still "
+                                     "read."))  # fmt: skip
         if not times.empty:
             sections.append(_section("Time", times, "Seconds per round (training, the evaluation every "
                                      "eval.every rounds, and any drop event with its unlearning and unlearn.compare "

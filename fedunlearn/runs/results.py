@@ -92,11 +92,13 @@ def _resumed(out: Path) -> Staging:
 
 
 @contextmanager
-def staged(out: str | Path, resume: bool = False) -> Iterator[Staging]:
+def staged(out: str | Path, resume: bool = False, resumable: bool = True) -> Iterator[Staging]:
     """A staging folder that becomes `out` only if the block finishes and sets `final`. A bad input
     (FedUnlearnError) removes a new one (a resumed one stays: a moved data file must not cost the
     rounds already run); an interruption or crash keeps it for `--resume`, never holding
-    final.json; a second writer is refused at once (the lock)."""
+    final.json, unless the run is not `resumable` (a ServerApp under `flwr run`: its clients' state
+    lives on the SuperNodes), which removes it on any failure; a second writer is refused at once
+    (the lock)."""
     out = Path(out) if Path(out).name else Path(out).resolve()  # "." or ".." names the folder it resolves to
     if not out.name:
         raise FedUnlearnError(f"--out {out} names no folder: give a new folder's path, e.g. results/run1")
@@ -112,6 +114,8 @@ def staged(out: str | Path, resume: bool = False) -> Iterator[Staging]:
                               "fixed, or remove it to start again with other settings)") from None  # fmt: skip
     except BaseException:
         staging.lock.close()
+        if not resumable:
+            shutil.rmtree(staging.folder, ignore_errors=True)
         raise
     if staging.final is None:
         raise RuntimeError("the staged block set no final record")
@@ -220,12 +224,12 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
             {"round": event["round"], "clients removed": len(event["clients"]), "method": event["method"],
              "seconds": event["seconds"], "client-epochs": event["client_epochs"],
              "optimizer steps": event["optimizer_steps"], "retained HR@10": event["after"].get("HR@10"),
-             "MIA AUC": event.get("MIA_AUC"), "history MB": event["history_bytes"]["total"] / 1e6}  # fmt: skip
+             "MIA AUC": event.get("MIA_AUC"), "history MB": event["history_bytes"]["file"] / 1e6}  # fmt: skip
             for event in info["events"]
         ]
         lines += ["## Drop events", "", readable(pd.DataFrame(rows)), ""]
     if info.get("events"):
-        held = max(event["history_bytes"]["total"] for event in info["events"]) / 1e6
+        held = max(event["history_bytes"]["file"] for event in info["events"]) / 1e6
         lines += [f"History the server held for the drop events: at most {held:.1f} MB (deleted after the last).", ""]
     if "defending_clients" in info:
         lines += ["## Attribute privacy", ""]

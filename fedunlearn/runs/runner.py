@@ -278,6 +278,11 @@ def federated_job(
             history.close()
     warn_if_unlearned(config, federation, result, info)
     warn_if_retention_idle(config, result.privacy)
+    rejected = info.get("rejected_evaluations")
+    if rejected:  # no fault is injected into evaluations: a rejected one is a broken or lying client
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(rejected.items()))
+        print(f"fedunlearn: warning: evaluation replies were rejected ({reasons}): HR@10 and NDCG@10 are over the "
+              "users whose replies passed (metrics.csv `evaluated`)", file=sys.stderr)  # fmt: skip
     return config, result
 
 

@@ -81,10 +81,11 @@ def readable_cells(table: pd.DataFrame, digits: int = 4) -> tuple[pd.DataFrame, 
 def privacy_summary(table: pd.DataFrame) -> pd.DataFrame:
     """The demo's short table: per defence, attribute and attacker on the embeddings, the global
     balanced accuracy (as answered, and relabelled: a below-chance attacker flipped, the information
-    left) against chance, the local audit's share at risk, and NDCG@10."""
+    left) against the relabelled figure's null band and chance, the local audit's share at risk, and
+    NDCG@10."""
     embedding = table[table["view"] == "embedding"]
     keys = ["defence", "attribute", "attacker"]
-    columns = [*keys, "balanced_accuracy", "balanced_accuracy_relabelled", "chance", "NDCG@10"]
+    columns = [*keys, "balanced_accuracy", "balanced_accuracy_relabelled", "null_95", "chance", "NDCG@10"]
     global_rows = embedding[embedding["audit"] == "global"][columns]
     local = embedding[embedding["audit"] == "local"]
     if local.empty:  # audit.local = false
