@@ -18,6 +18,7 @@ import copy
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from clients.common import PINNED
 from clients.messages import branch_of, read_drop_branch
 
 PREFIX = "branch:"
@@ -62,6 +63,8 @@ def branch_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     )  # fmt: skip
     reply = call_next(msg, view)
     _commit(context.state, branch, view.state)
+    if PINNED in view.state and PINNED not in context.state:  # a pin made on a branch binds the run:
+        context.state[PINNED] = view.state[PINNED]  # dropping the branch must not lift it
     return reply
 
 

@@ -78,10 +78,9 @@ def _shared_shapes(model: SplitModel) -> dict[str, tuple[int, ...]]:
 
 
 def pin_target(context: Context, target_item: int) -> None:
-    """The item whose rank a client reports (ER@10) is the run's one promoted item: a server that
-    changed it from message to message would read the client's ranking of every item, one item each."""
-    if target_item < 0:
-        return
+    """The item whose rank a client reports (ER@10) is the run's one promoted item, or none (-1) for
+    the whole run: a server that changed it from message to message (or on branches of the state,
+    clients.branches) would read the client's ranking of every item, one item each."""
     pinned = context.state.config_records.get(PINNED)
     if pinned is None:
         context.state[PINNED] = ConfigRecord({"target-item": target_item})

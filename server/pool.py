@@ -212,7 +212,7 @@ class FlowerPool(PrivacyQueries):
         sender = self._sender(reply)
         try:
             return Reply(sender, decode(reply.content))
-        except (KeyError, TypeError, ValueError) as error:
+        except Exception as error:  # np.load inside Flower's Array raises EOFError, MemoryError, ...
             return Reply(sender, failure="shape", detail=f"malformed reply: {error}")
 
     def _secure_sum(self, clients: list[int], task: dict[str, Any], bound: float) -> np.ndarray:

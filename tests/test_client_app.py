@@ -154,3 +154,27 @@ def test_the_promoted_items_rank_is_sent_whoever_holds_it_and_for_one_item_per_r
     other = derive(config, {"unlearn.target_item": own + 1})
     with pytest.raises(ValueError, match="one promoted item per run"):
         app(Message(instruction(other, 0, shared), 99, MessageType.EVALUATE), context)
+
+
+def test_a_branch_cannot_lift_the_pin_on_the_promoted_item():
+    """The pin lived in whatever state the handler got: a server forked a branch per item, asked
+    for that item's rank there and dropped the branch, reading the client's ranking of every item."""
+    from clients.messages import DROP_BRANCH, encode_drop_branch
+    from fedunlearn.config import derive
+
+    config = load_config(None, SMALL)  # no promoted item: the run pins "none"
+    shared = InProcessPool(config, build_federation(config.data, 0)).model.init_shared(np.random.default_rng(5))
+    context = _context(3)
+    _send(WHOAMI, instruction(config), context)
+    with pytest.raises(ValueError, match="one promoted item per run"):
+        app(Message(instruction(derive(config, {"unlearn.target_item": 0}), 0, shared, branch="b0"), 99,
+                    MessageType.EVALUATE), context)  # fmt: skip
+    fresh = _context(3)  # the first message on a branch pins the run
+    for item, branch in ((0, "b0"), (1, "b1")):
+        asked = instruction(derive(config, {"unlearn.target_item": item}), 0, shared, branch=branch)
+        if item == 0:
+            _send(MessageType.EVALUATE, asked, fresh)
+            _send(DROP_BRANCH, encode_drop_branch(config, branch), fresh)
+        else:
+            with pytest.raises(ValueError, match="one promoted item per run"):
+                app(Message(asked, 99, MessageType.EVALUATE), fresh)

@@ -133,7 +133,7 @@ def test_a_flower_reply_that_cannot_be_decoded_is_rejected_and_the_others_kept()
     every other reply of the call; an extra array was dropped silently and the reply accepted."""
     from types import SimpleNamespace
 
-    from flwr.app import MetricRecord
+    from flwr.app import Array, MetricRecord
 
     from clients.messages import arrays_to_record, decode_evaluation, decode_update, encode_evaluation, encode_update
     from server.pool import FlowerPool
@@ -147,10 +147,13 @@ def test_a_flower_reply_that_cannot_be_decoded_is_rejected_and_the_others_kept()
     missing["update"] = arrays_to_record({"rows.item_emb": np.ones((3, 3), np.float32)})  # no item_ids
     extra["update"] = arrays_to_record({**{k: v.numpy() for k, v in extra["update"].items()}, "secret": np.ones(2)})
     typed["metrics"] = MetricRecord({"num-examples": [3], "loss": 0.6, "epochs": 1.0, "steps": 2})
+    empty = encode_update(upload("a"))  # an array with no bytes: np.load raises EOFError inside Flower
+    empty["update"]["item_ids"] = Array(dtype="int64", shape=(3,), stype="numpy.ndarray", data=b"")
     sent = [message(0, encode_update(upload())), message(1, missing), message(2, extra), message(3, typed)]
     replies = [FlowerPool._decoded(pool, reply, decode_update) for reply in sent]
     values, rejected, details = check_replies(replies, [0, 1, 2, 3], LIMITS)
     assert [value.client_id for value in values] == ["a"] and rejected == {"shape": 3}
+    assert FlowerPool._decoded(pool, message(0, empty), decode_update).failure == "shape"
     assert all(detail.startswith("malformed reply") for detail in details)
     evaluation = encode_evaluation(ClientEvaluation("a", rank=3, valid_rank=0, full_rank=-1))
     evaluation["metrics"]["extra"] = 1.0

@@ -1,4 +1,6 @@
-"""Choosing an engine: `auto` picks the fastest one that reproduces the in-process numbers."""
+"""Choosing an engine: `auto` picks the fastest one that follows the in-process numbers (within a
+float-sum order: over many rounds the two drift apart by less than another training draw moves a
+run, docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ def chaotic_under_reordering(config: Config) -> bool:
 
 
 def choose_engine(config: Config) -> str:
-    """`auto`: the fastest engine that reproduces the in-process numbers for this configuration
+    """`auto`: the fastest engine that follows the in-process numbers for this configuration
     (batched, within the tolerance in docs/ARCHITECTURE.md), else the in-process runner."""
     if config.run.engine != "auto":
         return config.run.engine

@@ -139,6 +139,7 @@ def _privacy_rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[s
 
 
 ROWS_FILE = "experiment_rows.json"  # a finished run's table rows, for `--resume`
+ROWS_FORMAT = 2  # 2026-12-07: retrain_key names the engine, history_bytes the history file's bytes
 REQUESTED_FILE = "experiment_config.json"  # the settings the experiment asked of a run, for `--resume`
 
 
@@ -161,6 +162,18 @@ def _check_resumable(folder: Path, settings: list[tuple[str, Config]]) -> None:
             if changed:
                 raise FedUnlearnError(f"{run} ran with other settings ({'; '.join(changed[:3])}): resume with the "
                                       "same experiment file, --set and --only, or choose another --out")  # fmt: skip
+        if (folder / name / FINAL).is_file():
+            _saved_rows(folder / name)  # a finished run's rows must be of this version's format
+
+
+def _saved_rows(run: Path) -> list[dict[str, Any]]:
+    """A finished run's table rows, if this version wrote them."""
+    stored = json.loads((run / ROWS_FILE).read_text())
+    if not isinstance(stored, dict) or stored.get("format") != ROWS_FORMAT:  # a list: before the format
+        raise FedUnlearnError(f"{run} was finished by an older fedunlearn, whose table rows are not comparable with "
+                              f"this one's (Retrain keys, history bytes): remove {run} to run it again, or choose "
+                              "another --out")  # fmt: skip
+    return stored["rows"]
 
 
 def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tuple[list[dict[str, Any]], Arrays]:
@@ -170,7 +183,7 @@ def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tu
     if (run / FINAL).is_file():
         unlearned = run / "unlearned.npz"
         saved = dict(np.load(unlearned, allow_pickle=False)) if unlearned.is_file() else {}
-        return json.loads((run / ROWS_FILE).read_text()), saved
+        return _saved_rows(run), saved
     try:
         with staged(run, resume=partial_of(run).is_dir()) as staging:
             write_config(staging.folder, config)
@@ -180,7 +193,7 @@ def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tu
             privacy = outcome.result.privacy is not None
             rows = _privacy_rows(name, config, outcome) if privacy else _rows(name, config, outcome)
             rows = [row | {"status": "ok"} for row in rows]
-            (staging.folder / ROWS_FILE).write_text(json.dumps(rows) + "\n")
+            (staging.folder / ROWS_FILE).write_text(json.dumps({"format": ROWS_FORMAT, "rows": rows}) + "\n")
     except FedUnlearnError as error:
         return [{"setting": name.split("/")[0], "seed": config.run.seed, "model": config.model.name,
                  "status": "failed", "error": str(error)}], {}  # fmt: skip

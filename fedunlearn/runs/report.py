@@ -232,6 +232,7 @@ def privacy_table(audits: pd.DataFrame) -> pd.DataFrame:
     embedding = audits[audits["view"] == "embedding"]
     keys = ["run", "defence", "attribute", "attacker"]
     columns = ["balanced_accuracy", "balanced_accuracy_relabelled", "null_95", "chance", "NDCG@10"]
+    columns = [column for column in columns if column in embedding]  # null_95: audits since 2026-12-07
     table = summarize(embedding[embedding["audit"] == "global"][[*keys, "seed", *columns]])
     local = embedding[embedding["audit"] == "local"]
     if not local.empty:

@@ -86,6 +86,7 @@ def privacy_summary(table: pd.DataFrame) -> pd.DataFrame:
     embedding = table[table["view"] == "embedding"]
     keys = ["defence", "attribute", "attacker"]
     columns = [*keys, "balanced_accuracy", "balanced_accuracy_relabelled", "null_95", "chance", "NDCG@10"]
+    columns = [column for column in columns if column in embedding]  # null_95: audits since 2026-12-07
     global_rows = embedding[embedding["audit"] == "global"][columns]
     local = embedding[embedding["audit"] == "local"]
     if local.empty:  # audit.local = false
