@@ -89,7 +89,7 @@ class CentralConfig(Section):
     epochs: int = 30
     lr: float = 0.001  # Adam
     batch_size: int = 256
-    weight_decay: float = 0.0
+    weight_decay: float = -1.0  # L2 on the embeddings a minibatch uses (-1: train.weight_decay, the same objective)
 
 
 @dataclass
@@ -295,7 +295,6 @@ NON_NEGATIVE = {
     "train.max_loss_growth",
     "train.clip_norm_ratio",
     "faults.share",
-    "central.weight_decay",
     "run.seed",
     "defence.weight",
     "defence.pseudo_items",
@@ -383,6 +382,9 @@ def validate(config: Config) -> Config:
             raise FedUnlearnError(f"{dotted} must be in (0, 1]; got {_get(config, dotted)}")
     if config.run.train_seed < -1:
         raise FedUnlearnError(f"run.train_seed must be >= 0, or -1 for run.seed; got {config.run.train_seed}")
+    if config.central.weight_decay < 0 and config.central.weight_decay != -1:
+        raise FedUnlearnError("central.weight_decay must be >= 0, or -1 for train.weight_decay; "
+                              f"got {config.central.weight_decay}")  # fmt: skip
     fraction = config.train.fraction
     if not 0 < fraction <= 1:
         raise FedUnlearnError(f"train.fraction must be in (0, 1]; got {fraction}")

@@ -20,7 +20,7 @@ class Stream(IntEnum):
     CLIENT_TRAIN = 3
     SAMPLING = 4
     CENTRAL = 5
-    POPULARITY = 6
+    # 6: the popularity ranker's tie-breaking jitter until 2026-12-07 (ties now count against the item)
     DROPS = 7
     DEFENCE = 8
     RETENTION = 9  # AttrCloak-DD: each client's minibatches for its retention loss, per defence step

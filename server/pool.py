@@ -175,6 +175,8 @@ class FlowerPool(PrivacyQueries):
         then one SecAgg+ sum over those that did gives the server the sum of their contributions."""
         replies, failed = self._send(TRAIN, round_number, clients, shared, done, tolerate=True)
         trained = sorted(self._sender(reply) for reply in replies)
+        if len(trained) < 2:  # no sum over fewer: the server refuses the round (rounds.require_secure_quorum)
+            return trained, failed, np.zeros(layout.size)
         fields = {"round": round_number, "max-examples": layout.max_examples, "epochs": layout.epochs}
         summed = self._secure_round_sum(trained, secure_task(self.config, SECURE_UPDATE, **fields))
         return trained, failed, summed

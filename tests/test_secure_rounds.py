@@ -70,14 +70,30 @@ def test_a_contribution_secure_aggregation_would_clip_is_refused_with_the_settin
     layout = SecureLayout.of(model, {k: v.shape for k, v in shared.items()}, 30, 0.05, 1.0, 64)
     (update,) = _updates(model, shared, np.random.default_rng(1), n=1)
     total = np.zeros(layout.size)
-    with pytest.raises(FedUnlearnError, match="beyond defence.secagg_bound = 0.05.*raise defence.secagg_bound"):
+    with pytest.raises(FedUnlearnError, match="by more than defence.secagg_bound = 0.05.*raise defence.secagg_bound"
+                       ) as refused:  # fmt: skip
         layout.add(total, update)
     assert not total.any()  # refused before anything was added
+    largest = max(float(np.abs(value).max()) for value in update.rows.values())
+    assert f"{largest:.3g}" not in str(refused.value)  # a server choosing the bound would read the value off it
     update.rows = {key: value * 0 for key, value in update.rows.items()}
     update.dense = {key: value * 0 for key, value in update.dense.items()}
     update.loss = LOSS_CAP * 2
     with pytest.raises(FedUnlearnError, match="training diverged"):
         layout.add(total, update)
+
+
+@pytest.mark.parametrize("engine", ["inprocess", "batched"])
+def test_a_secure_round_with_one_client_is_refused(tmp_path, capsys, engine):
+    """A sum over one client is its upload: the audit's upload view read it exactly."""
+    from fedunlearn.cli import main
+
+    settings = TINY + ["train.rounds=2", "defence.upload=secagg", "train.fraction=0.05"]  # one client drawn
+    args = [part for setting in settings for part in ("--set", setting)]
+    assert main(["run", *args, "--engine", engine, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("fedunlearn: error: round 1: 1 client(s) trained, and a secure sum needs at least 2")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
 
@@ -50,6 +51,11 @@ class Federation:
     def client_ids(self) -> list[str]:
         """Built once: the in-process pool looks ids up per client, every round."""
         return [str(uid) for uid in self.dataset.user_ids]
+
+    def positions_without(self, client_ids: Collection[str]) -> list[int]:
+        """The clients still in the federation once these have left or were excluded, in order."""
+        leaving = set(client_ids)
+        return [i for i, client in enumerate(self.client_ids) if client not in leaving]
 
     def client(self, index: int) -> ClientData:
         return ClientData(

@@ -27,7 +27,7 @@ from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.history import HistoryStore
 from fedunlearn.fl.replies import Reply, ReplyLimits, check_replies, median_norms
 from fedunlearn.fl.robust import server_delta
-from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout
+from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout, require_secure_quorum
 from fedunlearn.fl.server_optimizer import row_optimizer
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate, rescale_tensors
 from fedunlearn.metrics import hit_ratio, ranking_metrics
@@ -357,6 +357,7 @@ class FederatedServer:
         rejected = Counter(reply.failure for reply in failed)
         details = [reply.detail for reply in failed if reply.detail]
         self._count("updates", rejected, len(contributors), len(clients), f"round {round_number}", details)
+        require_secure_quorum(len(contributors), round_number)
         total = layout.total(summed, len(contributors))
         self.client_epochs += total.epochs
         self.optimizer_steps += round(total.steps)

@@ -31,6 +31,13 @@ from fedunlearn.models.base import Arrays, SplitModel
 SECURE_UPLOAD = "secagg"
 
 
+def require_secure_quorum(contributors: int, round_number: int) -> None:
+    """A secure sum over one client is that client's upload: refuse it (FedUnlearnError)."""
+    if contributors < 2:
+        raise FedUnlearnError(f"round {round_number}: {contributors} client(s) trained, and a secure sum needs at "
+                              "least 2 (over one it is that client's upload): raise train.fraction")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class SecureLayout:
     """Where each part of a client's contribution lies in the summed vector, and its public scale."""
@@ -115,17 +122,17 @@ class SecureLayout:
             largest = float(np.abs(value).max()) if value.size else 0.0
             if not math.isfinite(largest):
                 raise FedUnlearnError(f"{who}'s change of {key} is not finite: training diverged; lower train.lr")
-            if largest > self.bound:
+            if largest > self.bound:  # the value itself is not told: a server choosing the bound would read it
                 raise FedUnlearnError(
-                    f"{who} changed {key} by {largest:.3g}, beyond defence.secagg_bound = {self.bound:g} "
+                    f"{who} changed {key} by more than defence.secagg_bound = {self.bound:g} "
                     "(secure aggregation would clip it): raise defence.secagg_bound"
                 )
         if not 0 <= update.loss <= LOSS_CAP:
-            raise FedUnlearnError(f"{who}'s training loss {update.loss:.3g} is outside [0, {LOSS_CAP:g}]: "
-                                  "training diverged; lower train.lr or train.server_lr")  # fmt: skip
+            raise FedUnlearnError(f"{who}'s training loss is outside [0, {LOSS_CAP:g}]: training diverged; lower "
+                                  "train.lr or train.server_lr")  # fmt: skip
         if cost_problem(update, self.epochs, self.batch_size) or update.steps > self.steps_cap:
-            raise FedUnlearnError(f"{who} reports {update.epochs:g} epochs in {update.steps} steps, more than "
-                                  f"asked ({self.epochs:g} epochs, at most {self.steps_cap} steps)")  # fmt: skip
+            raise FedUnlearnError(f"{who} reports more epochs or steps than asked ({self.epochs:g} epochs, at most "
+                                  f"{self.steps_cap} steps)")  # fmt: skip
 
     def contribution(self, update: ClientUpdate) -> np.ndarray:
         """The vector one client hands to the secure sum (every entry in [-1, 1])."""

@@ -7,12 +7,12 @@ import time
 import numpy as np
 import torch
 
-from fedunlearn.config import Config
+from fedunlearn.config import Config, derive
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.fl.client import init_user, local_evaluate
+from fedunlearn.fl.client import batch_loss, init_user, local_evaluate
 from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.rounds import FederationResult, evaluation_metrics, select_final
-from fedunlearn.fl.training import recommendation_loss, resolve_device
+from fedunlearn.fl.training import resolve_device
 from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
 from fedunlearn.seeding import Stream, rng_for
@@ -39,8 +39,13 @@ def sample_pair_negatives(
 
 
 def train_central(config: Config, federation: Federation, progress: Progress) -> FederationResult:
-    """Adam over every (user, positive, negatives) example; user and item parts trained jointly (large
-    batches: the caller runs it under `run.num_cpus` torch threads)."""
+    """Adam over every (user, positive, negatives) example of the clients in the federation (not those
+    of data.exclude_clients, who are not scored either); user and item parts trained jointly (large
+    batches: the caller runs it under `run.num_cpus` torch threads). The loss is federated training's
+    form: the recommendation loss plus the L2 of the embeddings each minibatch uses
+    (fl.client.batch_loss), with `central.weight_decay` (default: train.weight_decay). Adam's own
+    weight decay would shrink every row at every step, rows the batch never used included: at
+    train.weight_decay's 0.001 it drove ML-100K's item table to zero in 15 epochs."""
     device = resolve_device(config.run.device)
     seed = config.run.training_seed()
     model = build_model(config.model, federation.n_items)
@@ -51,11 +56,14 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
         key: torch.tensor(np.stack([u[key] for u in users0]), device=device, requires_grad=True) for key in users0[0]
     }
     shared = {key: torch.tensor(value, device=device, requires_grad=True) for key, value in shared0.items()}
-    optimizer = torch.optim.Adam(
-        [*user_tables.values(), *shared.values()], lr=config.central.lr, weight_decay=config.central.weight_decay
-    )
-    pair_users = np.repeat(np.arange(split.n_users), np.diff(split.train_indptr))
-    pair_items = split.train_items
+    optimizer = torch.optim.Adam([*user_tables.values(), *shared.values()], lr=config.central.lr)
+    decay = config.central.weight_decay if config.central.weight_decay >= 0 else config.train.weight_decay
+    objective = derive(config, {"train.weight_decay": decay})  # batch_loss reads train.weight_decay
+    clients = federation.positions_without(config.data.exclude_clients)
+    kept = np.zeros(split.n_users, dtype=bool)
+    kept[clients] = True
+    owners = np.repeat(np.arange(split.n_users), np.diff(split.train_indptr))
+    pair_users, pair_items = owners[kept[owners]], split.train_items[kept[owners]]
     positive_keys = np.sort(pair_users * federation.n_items + pair_items)
     rng = rng_for(seed, Stream.CENTRAL)
     dense_keys = model.dense_keys(shared0)
@@ -76,9 +84,11 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
             user = {key: table[u] for key, table in user_tables.items()}
             user_neg = {key: value.unsqueeze(1) for key, value in user.items()}
             dense = {key: shared[key] for key in dense_keys}
-            pos = model.score(user, {key: shared[key][i] for key in model.row_keys}, dense)
-            neg = model.score(user_neg, {key: shared[key][j] for key in model.row_keys}, dense)
-            loss = recommendation_loss(config.model.loss, pos, neg)
+            pos_rows = {key: shared[key][i] for key in model.row_keys}
+            neg_rows = {key: shared[key][j] for key in model.row_keys}
+            pos, neg = model.score(user, pos_rows, dense), model.score(user_neg, neg_rows, dense)
+            embeddings = [*user.values(), *pos_rows.values(), *neg_rows.values()]
+            loss = batch_loss(objective, pos, neg, embeddings, len(batch), ascent=False)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -89,7 +99,7 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
             raise FedUnlearnError(f"central training diverged in epoch {epoch} (non-finite loss or parameters): "
                                   "lower central.lr")  # fmt: skip
         if epoch % config.eval.every == 0 or epoch == epochs:
-            row = _evaluate(config, federation, model, user_tables, shared)
+            row = _evaluate(config, federation, model, user_tables, shared, clients)
             row = {
                 "round": epoch,
                 "train_loss": float(np.mean(losses)),
@@ -104,7 +114,7 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
     return result
 
 
-def _evaluate(config, federation, model, user_tables, shared) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def _evaluate(config, federation, model, user_tables, shared, clients) -> dict[str, float]:  # type: ignore[no-untyped-def]
     device = resolve_device(config.run.device)
     shared_np = {key: value.detach().cpu().numpy() for key, value in shared.items()}
     tables = {key: value.detach().cpu().numpy() for key, value in user_tables.items()}
@@ -117,6 +127,6 @@ def _evaluate(config, federation, model, user_tables, shared) -> dict[str, float
             config,
             device,
         )
-        for u in range(federation.n_clients)
+        for u in clients
     ]
     return evaluation_metrics(evaluations, config.eval.ks, config.eval.full_ranking)

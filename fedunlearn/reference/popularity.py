@@ -1,6 +1,8 @@
-"""The popularity ranker: items ordered by how many users trained on them."""
+"""The popularity ranker: items ordered by how many of the clients trained on them."""
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import numpy as np
 
@@ -8,17 +10,20 @@ from fedunlearn.config import Config
 from fedunlearn.fl.client import rank_held_out
 from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.rounds import FederationResult, evaluation_metrics
-from fedunlearn.seeding import Stream, rng_for
 
 
-def rank_by_popularity(config: Config, federation: Federation) -> FederationResult:
+def rank_by_popularity(config: Config, federation: Federation, left: Collection[str] = ()) -> FederationResult:
+    """Counted over, and scored on, the clients in the federation: not those excluded
+    (data.exclude_clients) nor those that `left` (a run's drop events), so the reference covers the
+    users and data a run's own HR@10 does. Equally popular items tie, and ties count against the
+    held-out item, as for every model (metrics.rank_of_target)."""
+    clients = federation.positions_without([*config.data.exclude_clients, *left])
     split = federation.split
-    counts = np.bincount(split.train_items, minlength=federation.n_items).astype(np.float64)
-    # a seeded jitter below 1 breaks ties between equally popular items without reordering others
-    scores = counts + rng_for(config.run.seed, Stream.POPULARITY).uniform(0, 0.5, federation.n_items)
-    evaluations = [
-        rank_held_out(federation.client(u), lambda items: scores[items], config.eval.full_ranking)
-        for u in range(federation.n_clients)
-    ]
+    kept = np.zeros(federation.n_clients, dtype=bool)
+    kept[clients] = True
+    owners = np.repeat(np.arange(federation.n_clients), np.diff(split.train_indptr))
+    counts = np.bincount(split.train_items[kept[owners]], minlength=federation.n_items).astype(np.float64)
+    evaluations = [rank_held_out(federation.client(u), lambda items: counts[items], config.eval.full_ranking)
+                   for u in clients]  # fmt: skip
     row = {"round": 0, **evaluation_metrics(evaluations, config.eval.ks, config.eval.full_ranking)}
     return FederationResult(rounds=[row], final=dict(row))

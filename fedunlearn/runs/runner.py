@@ -84,7 +84,8 @@ def warn_if_unlearned(config: Config, federation: Federation, result: Federation
 
     if "HR@10" not in result.final:
         return
-    popular = rank_by_popularity(config, federation).final["HR@10"]
+    left = [client for event in result.events for client in event["clients"]]  # the retained users' reference
+    popular = rank_by_popularity(config, federation, left).final["HR@10"]
     info["popularity_HR@10"] = popular
     warn_if_unlearning_collapsed(result, popular)
     if result.final["HR@10"] <= popular:
