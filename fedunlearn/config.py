@@ -89,7 +89,7 @@ class CentralConfig(Section):
     epochs: int = 30
     lr: float = 0.001  # Adam
     batch_size: int = 256
-    weight_decay: float = -1.0  # L2 on the embeddings a minibatch uses (-1: train.weight_decay, the same objective)
+    weight_decay: float = -1.0  # L2 on the embeddings a minibatch uses (-1: train.weight_decay's value)
 
 
 @dataclass

@@ -37,7 +37,7 @@ def test_popularity_counts_and_scores_only_the_clients_in_the_federation():
     federation = build_federation(config.data, config.run.seed)
     left = [federation.client_ids[i] for i in (0, 1, 2, 4, 5)]
     got = rank_by_popularity(config, federation, left).final["HR@10"]
-    kept = federation.positions_without([*config.data.exclude_clients, *left])
+    kept = [i for i, c in enumerate(federation.client_ids) if c not in {"3", "7", "11", *left}]
     assert len(kept) == 32 and got == pytest.approx(_independent_popularity_hr10(federation, kept), abs=1e-12)
     everyone = rank_by_popularity(load_config(None, SMALL), federation).final["HR@10"]
     assert everyone == pytest.approx(_independent_popularity_hr10(federation, range(40)), abs=1e-12)
@@ -60,7 +60,7 @@ def test_central_trains_and_scores_only_the_clients_in_the_federation(monkeypatc
     monkeypatch.setattr(central, "sample_pair_negatives", sampled)
     monkeypatch.setattr(central, "local_evaluate", evaluated)
     central.train_central(config, federation, Progress(1, False))
-    kept = federation.positions_without(["3", "7"])
+    kept = [i for i, c in enumerate(federation.client_ids) if c not in {"3", "7"}]
     assert trained == set(kept) and scored == {federation.client_ids[i] for i in kept}
 
 
@@ -87,5 +87,18 @@ def test_a_runs_popularity_reference_leaves_out_the_clients_its_drop_removed(tmp
     assert main(["run", *args, "--drop", "1,2,3,4,5,6,7,8@2", "--method", "none", "--out", str(out), "--quiet"]) == 0
     final = json.loads((out / "final.json").read_text())
     federation = build_federation(load_config(None, SMALL).data, 0)
-    kept = federation.positions_without([str(c) for c in range(1, 9)])
+    kept = [i for i, c in enumerate(federation.client_ids) if c not in {str(c) for c in range(1, 9)}]
     assert final["popularity_HR@10"] == pytest.approx(_independent_popularity_hr10(federation, kept), abs=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["central", "popularity"])
+def test_the_references_refuse_an_unknown_or_emptying_exclusion(tmp_path, capsys, mode):
+    """They ignored an unknown id (HR@10 over everyone), and excluding every client ended in a numpy
+    warning and a divergence hint."""
+    for excluded, message in (('["nosuch"]', "names unknown clients ['nosuch']"),
+                              (json.dumps([str(c) for c in range(40)]), "excludes every client")):  # fmt: skip
+        args = [part for setting in [*SMALL, f"run.mode={mode}", f"data.exclude_clients={excluded}"]
+                for part in ("--set", setting)]  # fmt: skip
+        assert main(["run", *args, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("fedunlearn: error: data.exclude_clients") and message in error and "\n" not in error

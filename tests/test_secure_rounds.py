@@ -84,16 +84,21 @@ def test_a_contribution_secure_aggregation_would_clip_is_refused_with_the_settin
 
 
 @pytest.mark.parametrize("engine", ["inprocess", "batched"])
-def test_a_secure_round_with_one_client_is_refused(tmp_path, capsys, engine):
-    """A sum over one client is its upload: the audit's upload view read it exactly."""
-    from fedunlearn.cli import main
+def test_a_secure_round_never_sums_one_client(tmp_path, engine):
+    """A sum over one client is its upload (the audit's upload view read it exactly), and Retrain's
+    replay of a round without a removed client could leave one: under secure aggregation every round
+    samples at least two clients (the lowest draws join), and a round left with one is refused."""
+    from fedunlearn.fl.rounds import sample_clients
+    from fedunlearn.fl.secure_round import require_secure_quorum
 
-    settings = TINY + ["train.rounds=2", "defence.upload=secagg", "train.fraction=0.05"]  # one client drawn
-    args = [part for setting in settings for part in ("--set", setting)]
-    assert main(["run", *args, "--engine", engine, "--out", str(tmp_path / "run"), "--quiet"]) == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("fedunlearn: error: round 1: 1 client(s) trained, and a secure sum needs at least 2")
-    assert list(tmp_path.iterdir()) == []
+    ids = [str(i) for i in range(40)]
+    assert len(sample_clients(0, 3, ids, 0.001)) == 1 and len(sample_clients(0, 3, ids, 0.001, least=2)) == 2
+    lowest = sample_clients(0, 3, ids, 0.001, least=2)
+    assert sample_clients(0, 3, ids, 0.001)[0] in lowest  # the plain rule's one client is among them
+    settings = [*TINY, "data.synthetic_users=40", "train.rounds=6", "defence.upload=secagg", "train.fraction=0.1"]
+    run_cli([*settings, "unlearn.drop=7@5", "unlearn.method=retrain"], engine, tmp_path / "run")  # exit 0
+    with pytest.raises(FedUnlearnError, match="round 4: 1 client\\(s\\) trained, and a secure sum needs at least 2"):
+        require_secure_quorum(1, 4)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import numpy as np
 from fedunlearn.config import DataConfig
 from fedunlearn.data import Dataset, load_dataset
 from fedunlearn.data.split import Split, leave_one_out
+from fedunlearn.errors import FedUnlearnError
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,17 @@ class Federation:
         """Built once: the in-process pool looks ids up per client, every round."""
         return [str(uid) for uid in self.dataset.user_ids]
 
-    def positions_without(self, client_ids: Collection[str]) -> list[int]:
-        """The clients still in the federation once these have left or were excluded, in order."""
-        leaving = set(client_ids)
-        return [i for i, client in enumerate(self.client_ids) if client not in leaving]
+    def kept(self, excluded: Collection[str]) -> list[int]:
+        """The positions of the clients not in data.exclude_clients, in order; an unknown id or an
+        empty federation is refused."""
+        unknown = set(excluded) - set(self.client_ids)
+        if unknown:
+            raise FedUnlearnError(f"data.exclude_clients names unknown clients {sorted(unknown)[:5]}")
+        gone = set(excluded)
+        kept = [i for i, client in enumerate(self.client_ids) if client not in gone]
+        if not kept:
+            raise FedUnlearnError("data.exclude_clients excludes every client: keep at least one to train and evaluate")
+        return kept
 
     def client(self, index: int) -> ClientData:
         return ClientData(

@@ -140,15 +140,18 @@ def _reasons(counts: Counter[str]) -> str:
     return ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
 
 
-def sample_clients(seed: int, round_number: int, client_ids: list[str], fraction: float) -> list[int]:
+def sample_clients(seed: int, round_number: int, client_ids: list[str], fraction: float, least: int = 1) -> list[int]:
     """Positions of the clients taking part in a round. Each client joins with probability
     `fraction`, decided by a draw keyed by (seed, round, its id) alone, so removing other clients
-    never changes whether it is chosen; if nobody is drawn, the client with the lowest draw joins."""
+    never changes whether it is chosen; if fewer than `least` are drawn, the clients with the lowest
+    draws join up to that many (a secure sum needs two)."""
     if fraction >= 1:
         return list(range(len(client_ids)))
     draws = client_uniforms(seed, Stream.SAMPLING, round_number, client_ids)
     chosen = np.flatnonzero(draws < fraction)
-    return [int(i) for i in chosen] if len(chosen) else [int(np.argmin(draws))]
+    if len(chosen) < least:
+        chosen = np.sort(np.argsort(draws, kind="stable")[:least])
+    return [int(i) for i in chosen]
 
 
 def evaluation_metrics(
@@ -222,14 +225,7 @@ class FederatedServer:
         self.shared = self.initial
         shapes = {key: self.initial[key].shape for key in self.model.row_keys}
         self.row_optimizer = row_optimizer(config.train.server_optimizer, config.train.server_optimizer_lr, shapes)
-        excluded = set(config.data.exclude_clients)
-        unknown = excluded - set(client_ids)
-        if unknown:
-            raise FedUnlearnError(f"data.exclude_clients names unknown clients {sorted(unknown)[:5]}")
-        # positions of the clients still in the federation
-        self.active = [i for i, client in enumerate(client_ids) if client not in excluded]
-        if not self.active:
-            raise FedUnlearnError("data.exclude_clients excludes every client: keep at least one to train and evaluate")
+        self.active = federation.kept(config.data.exclude_clients)  # positions of the clients still in it
         self.client_epochs = 0.0
         self.evaluated = 0  # users scored by the last evaluation
         self.optimizer_steps = 0  # every client's minibatch steps, summed
@@ -251,7 +247,8 @@ class FederatedServer:
 
     def sample(self, round_number: int) -> list[int]:
         ids = [self.client_ids[i] for i in self.active]
-        chosen = sample_clients(self.config.run.training_seed(), round_number, ids, self.config.train.fraction)
+        least = 2 if self.secure else 1  # a secure sum over one client would be its upload
+        chosen = sample_clients(self.config.run.training_seed(), round_number, ids, self.config.train.fraction, least)
         return [self.active[i] for i in chosen]
 
     def train_clients(

@@ -17,7 +17,8 @@ def rank_by_popularity(config: Config, federation: Federation, left: Collection[
     (data.exclude_clients) nor those that `left` (a run's drop events), so the reference covers the
     users and data a run's own HR@10 does. Equally popular items tie, and ties count against the
     held-out item, as for every model (metrics.rank_of_target)."""
-    clients = federation.positions_without([*config.data.exclude_clients, *left])
+    gone = set(left)
+    clients = [i for i in federation.kept(config.data.exclude_clients) if federation.client_ids[i] not in gone]
     split = federation.split
     kept = np.zeros(federation.n_clients, dtype=bool)
     kept[clients] = True
