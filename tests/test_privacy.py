@@ -539,6 +539,37 @@ def test_ldp_gaussian_noise_is_exactly_as_private_as_labelled(epsilon):
     assert gaussian_epsilon(classical, 2 * clip, delta) > 18  # the old label's true epsilon at delta 1e-5
 
 
+def test_a_runs_ldp_epsilon_composes_the_clients_uploads_and_final_json_reports_it(tmp_path):
+    """defence.ldp_epsilon is per upload, and a client sends one per round: T Gaussian releases of one
+    sigma are one release of sensitivity sqrt(T) x 2C (checked by integrating that release's
+    hockey-stick divergence at the reported epsilon); a run records its clients' largest count."""
+    import json
+
+    from fedunlearn.cli import main
+    from fedunlearn.config import load_config
+    from fedunlearn.fl.uploads import gaussian_sigma, run_epsilon
+
+    defence = load_config(None, ["defence.upload=ldp", "defence.ldp_epsilon=8"]).defence
+    assert run_epsilon(defence, 1) == pytest.approx(8.0, rel=1e-6)
+    composed = run_epsilon(defence, 30)
+    sigma, shift = gaussian_sigma(2.0, 8.0, 1e-5), np.sqrt(30) * 2.0
+    y = np.linspace(-60 * sigma, 60 * sigma + shift, 2_000_001)
+    density = np.exp(-(y**2) / (2 * sigma**2)) / (sigma * np.sqrt(2 * np.pi))
+    ratio = np.exp(np.minimum(composed + (2 * y * shift - shift**2) / (2 * sigma**2), 50.0))
+    assert np.sum(density * np.maximum(0.0, 1 - ratio)) * (y[1] - y[0]) == pytest.approx(1e-5, rel=1e-3)
+    assert composed == pytest.approx(79.7, abs=0.05)
+    laplace = load_config(None, ["defence.upload=ldp", "defence.ldp_mechanism=laplace"]).defence
+    assert run_epsilon(laplace, 30) == 30 * laplace.ldp_epsilon
+    from helpers import TINY
+
+    settings = [*TINY, "train.rounds=3", "defence.upload=ldp", "defence.ldp_epsilon=8"]
+    args = [part for setting in settings for part in ("--set", setting)]
+    assert main(["run", *args, "--engine", "inprocess", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["ldp_uploads_max"] == 3 and final["ldp_epsilon_run"] == round(run_epsilon(defence, 3), 2)
+    assert f"together epsilon {final['ldp_epsilon_run']:g} for the run" in (tmp_path / "run" / "summary.md").read_text()
+
+
 @pytest.mark.parametrize("model", ["mf", "ncf"])
 def test_one_upload_gives_away_the_clients_positives_and_for_mf_its_embeddings_direction(model):
     from fedunlearn.config import load_config

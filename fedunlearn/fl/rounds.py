@@ -102,6 +102,7 @@ class FederationResult:
     privacy: Any = None  # fedunlearn.privacy.stage.PrivacyReport when attribute privacy was audited
     defence: dict[str, Any] = field(default_factory=dict)  # Flower, a defence without the audit: what it cost
     rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # "updates" / "evaluations": by reason
+    ldp_uploads: int = 0  # the most LDP-noised uploads one client sent (defence.upload with ldp)
     earlier_seconds: float = 0.0  # a resumed run: the rounds' seconds its interrupted legs had run
 
 
@@ -227,6 +228,7 @@ class FederatedServer:
         self.row_optimizer = row_optimizer(config.train.server_optimizer, config.train.server_optimizer_lr, shapes)
         self.active = federation.kept(config.data.exclude_clients)  # positions of the clients still in it
         self.client_epochs = 0.0
+        self.ldp_uploads: Counter[str] = Counter()  # noised uploads sent, per client: their epsilons compose
         self.evaluated = 0  # users scored by the last evaluation
         self.optimizer_steps = 0  # every client's minibatch steps, summed
         self.events: list[dict[str, Any]] = []
@@ -261,6 +263,7 @@ class FederatedServer:
         train = self.config.train
         self.progress.start_call(len(clients), "training" if not ascent else "ascending")
         replies = self.pool.train(round_number, clients, shared, self.progress.client_done, epochs, ascent)
+        self._count_ldp_uploads(replies, ascent)
         limits = replace(self.limits, epochs=train.local_epochs if epochs is None else epochs, ascent=ascent)
         updates, rejected, details = check_replies(replies, clients, limits, train.reject_norm_ratio)
         self._count("updates", rejected, len(updates), len(clients), f"round {round_number}", details)
@@ -271,6 +274,17 @@ class FederatedServer:
         self.client_epochs += sum(u.epochs for u in updates)
         self.optimizer_steps += sum(u.steps for u in updates)
         return updates
+
+    def _count_ldp_uploads(self, replies: list[Reply[ClientUpdate]], ascent: bool) -> None:
+        """Every upload a client sent under LDP spends privacy, a rejected one too (a failed client
+        sent nothing; an ascent is not noised: fl.client.finish_update)."""
+        defence = self.config.defence
+        if "ldp" not in defence.upload or ascent:
+            return
+        for reply in replies:
+            client = self.client_ids[reply.sender]
+            if reply.value is not None and (defence.clients == "all" or client in defence.client_ids):
+                self.ldp_uploads[client] += 1
 
     def _count(self, kind: str, rejected: Counter[str], valid: int, asked: int, where: str, details: list[str]) -> None:
         """Add a call's rejected replies to the run's counts; too few valid replies stop the run."""
@@ -518,7 +532,7 @@ class FederatedServer:
             arrays |= prefixed("uploads", result.uploads)
         meta = {
             "round": round_number, "elapsed": elapsed, "active": self.active, "client_epochs": self.client_epochs,
-            "optimizer_steps": self.optimizer_steps,
+            "optimizer_steps": self.optimizer_steps, "ldp_uploads": dict(self.ldp_uploads),
             "events": self.events, "losses": self.losses, "reported": self.reported,
             "rejected": {kind: dict(counts) for kind, counts in self.rejected.items()},
             "rows": result.rounds, "round_ends": result.round_ends, "comparison": result.comparison,
@@ -539,6 +553,7 @@ class FederatedServer:
         result.uploads = unprefixed("uploads", arrays) or None
         self.active, self.client_epochs, self.events = meta["active"], meta["client_epochs"], meta["events"]
         self.optimizer_steps = meta["optimizer_steps"]
+        self.ldp_uploads = Counter(meta.get("ldp_uploads", {}))  # absent from checkpoints written before it
         self.handled = max((event["round"] for event in self.events), default=0)
         self.losses, self.reported = meta["losses"], Counter(meta["reported"])
         self.rejected = fresh_counts() | {kind: Counter(counts) for kind, counts in meta["rejected"].items()}
@@ -564,6 +579,7 @@ class FederatedServer:
         last_event = max((event["round"] for event in self.events), default=0)
         result.final = select_final(result.rounds, self.config.eval.select, last_event)
         result.rejected = {kind: dict(sorted(counts.items())) for kind, counts in self.rejected.items()}
+        result.ldp_uploads = max(self.ldp_uploads.values(), default=0)
         result.shared = self.shared
         result.events = self.events
         result.unlearned = self.unlearned

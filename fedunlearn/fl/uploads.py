@@ -45,6 +45,17 @@ def gaussian_epsilon(sigma: float, sensitivity: float, delta: float) -> float:
     return _smallest_private(lambda epsilon: gaussian_delta(sigma, sensitivity, epsilon) <= delta, 0.0, 1.0)
 
 
+def run_epsilon(defence: DefenceConfig, uploads: int) -> float:
+    """The epsilon of one client's `uploads` LDP uploads together (at defence.ldp_delta for the
+    Gaussian mechanism). Gaussian releases of one sigma compose exactly into a single release of
+    sensitivity sqrt(uploads) x 2C (the Gaussian privacy loss adds in quadrature: Dong, Roth & Su's
+    Gaussian DP); Laplace ones add their epsilons (basic composition, an upper bound)."""
+    if defence.ldp_mechanism == "gaussian":
+        sigma = gaussian_sigma(2 * defence.ldp_clip, defence.ldp_epsilon, defence.ldp_delta)
+        return gaussian_epsilon(sigma, np.sqrt(uploads) * 2 * defence.ldp_clip, defence.ldp_delta)
+    return uploads * defence.ldp_epsilon
+
+
 def _smallest_private(private: Callable[[float], bool], low: float, high: float) -> float:
     """The smallest value at which `private` holds, for a `private` that holds from some value on
     (the exact delta falls as sigma or epsilon grows): double `high` until it holds, then bisect."""

@@ -228,6 +228,10 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
             for event in info["events"]
         ]
         lines += ["## Drop events", "", readable(pd.DataFrame(rows)), ""]
+    if "ldp_epsilon_run" in info:
+        lines += [f"LDP: epsilon {config.defence.ldp_epsilon:g} per upload; a client sent up to "
+                  f"{info['ldp_uploads_max']}, together epsilon {info['ldp_epsilon_run']:g} for the run.",
+                  ""]  # fmt: skip
     if info.get("events"):
         held = max(event["history_bytes"]["file"] for event in info["events"]) / 1e6
         lines += [f"History the server held for the drop events: at most {held:.1f} MB (deleted after the last).", ""]

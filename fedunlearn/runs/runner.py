@@ -21,6 +21,7 @@ from fedunlearn.fl.federation import Federation, build_federation
 from fedunlearn.fl.history import HistoryStore
 from fedunlearn.fl.rounds import FederatedServer, FederationResult
 from fedunlearn.fl.schedule import build_schedule
+from fedunlearn.fl.uploads import run_epsilon
 from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
 from fedunlearn.runs.assembly import federated_server, reproducible_torch
@@ -209,11 +210,14 @@ def schedule_and_history(
     return config, schedule, HistoryStore(folder / "history.sqlite", history_policy(config.unlearn))
 
 
-def outcome_info(result: FederationResult, history: HistoryStore | None) -> dict[str, Any]:
+def outcome_info(config: Config, result: FederationResult, history: HistoryStore | None) -> dict[str, Any]:
     """What final.json records of a federated run beyond its metrics, on every engine and under
     `flwr run`: the rejected replies by reason, the defence's time and reach, the history's size and
     the drop events (call it before the history is closed)."""
     info: dict[str, Any] = {f"rejected_{kind}": counts for kind, counts in result.rejected.items()}
+    if result.ldp_uploads:  # defence.ldp_epsilon is per upload; a client's uploads compose over the run
+        info["ldp_uploads_max"] = result.ldp_uploads
+        info["ldp_epsilon_run"] = round(run_epsilon(config.defence, result.ldp_uploads), 2)
     if result.privacy is not None:
         info["defence_seconds"] = round(result.privacy.defence_seconds, 2)
         info["defending_clients"] = result.privacy.defending
@@ -272,7 +276,7 @@ def federated_job(
     config, schedule, history = schedule_and_history(config, federation, folder)
     try:
         result = train(config, history, schedule)
-        info |= outcome_info(result, history)
+        info |= outcome_info(config, result, history)
         info.setdefault("torch_threads", 1)  # Flower: each ClientApp trains with one (clients.common.setup)
     finally:
         if history is not None:
