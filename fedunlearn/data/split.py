@@ -27,6 +27,13 @@ class Split:
     def train_of(self, u: int) -> np.ndarray:
         return self.train_items[self.train_indptr[u] : self.train_indptr[u + 1]]
 
+    def pairs_of(self, users: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The (user, item) training pairs of these users, in the split's order."""
+        owners = np.repeat(np.arange(self.n_users), np.diff(self.train_indptr))
+        kept = np.zeros(self.n_users, dtype=bool)
+        kept[users] = True
+        return owners[kept[owners]], self.train_items[kept[owners]]
+
     def positives_of(self, u: int) -> np.ndarray:
         """Every item of the user (train, validation, test), sorted."""
         return np.union1d(self.train_of(u), [self.valid_item[u], self.test_item[u]])

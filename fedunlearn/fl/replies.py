@@ -125,10 +125,13 @@ def update_problem(update: ClientUpdate, sender: int, limits: ReplyLimits) -> st
         return problem
     if not 1 <= update.num_examples <= limits.max_examples[sender] or update.num_examples != int(update.num_examples):
         return "num_examples"
-    low, high = (-LOSS_CAP, 0.0) if limits.ascent else (0.0, LOSS_CAP)
-    if not low <= update.loss <= high:
-        return "loss"
-    return cost_problem(update, limits.epochs, limits.batch_size)
+    return loss_problem(update, limits.ascent) or cost_problem(update, limits.epochs, limits.batch_size)
+
+
+def loss_problem(update: ClientUpdate, ascent: bool = False) -> str:
+    """'loss' when the training loss lies outside [0, LOSS_CAP] ([-LOSS_CAP, 0] for gradient ascent)."""
+    low, high = (-LOSS_CAP, 0.0) if ascent else (0.0, LOSS_CAP)
+    return "" if low <= update.loss <= high else "loss"
 
 
 def cost_problem(update: ClientUpdate, epochs: float, batch_size: int) -> str:

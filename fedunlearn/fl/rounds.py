@@ -137,7 +137,7 @@ def fresh_counts() -> dict[str, Counter[str]]:
     return {"updates": Counter(), "evaluations": Counter(), "membership": Counter()}
 
 
-def _reasons(counts: Counter[str]) -> str:
+def reasons_text(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
 
 
@@ -293,7 +293,7 @@ class FederatedServer:
         if valid >= needed:
             return
         non_finite = rejected["nan"] + rejected["inf"] + rejected["loss"]
-        cause = f"{where}: {valid} valid replies of {asked} ({_reasons(rejected)} rejected), "
+        cause = f"{where}: {valid} valid replies of {asked} ({reasons_text(rejected)} rejected), "
         cause += f"fewer than train.min_replies = {self.config.train.min_replies}"
         if non_finite and non_finite >= sum(rejected.values()) / 2:
             raise FedUnlearnError(f"training diverged at {cause}; lower train.lr or train.server_lr")
@@ -414,7 +414,7 @@ class FederatedServer:
         self._count("evaluations", rejected, len(evaluations), len(self.active), "evaluation", details)
         if 2 * len(evaluations) < len(self.active):  # the metrics would describe a minority of the users
             raise FedUnlearnError(f"evaluation: {len(evaluations)} valid replies of {len(self.active)} "
-                                  f"({_reasons(rejected)} rejected): too few users to score the model")  # fmt: skip
+                                  f"({reasons_text(rejected)} rejected): too few users to score the model")  # fmt: skip
         self.evaluated = len(evaluations)
         evaluations = sorted(evaluations, key=_by_client)
         eval_config, attackers = self.config.eval, set(self.config.unlearn.attackers)

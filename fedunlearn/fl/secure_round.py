@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.fl.replies import LOSS_CAP, cost_problem, layout_problem
+from fedunlearn.fl.replies import LOSS_CAP, cost_problem, layout_problem, loss_problem
 from fedunlearn.fl.updates import ClientUpdate
 from fedunlearn.models.base import Arrays, SplitModel
 
@@ -127,7 +127,7 @@ class SecureLayout:
                     f"{who} changed {key} by more than defence.secagg_bound = {self.bound:g} "
                     "(secure aggregation would clip it): raise defence.secagg_bound"
                 )
-        if not 0 <= update.loss <= LOSS_CAP:
+        if loss_problem(update):
             raise FedUnlearnError(f"{who}'s training loss is outside [0, {LOSS_CAP:g}]: training diverged; lower "
                                   "train.lr or train.server_lr")  # fmt: skip
         if cost_problem(update, self.epochs, self.batch_size) or update.steps > self.steps_cap:

@@ -63,10 +63,7 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
     decay = config.central.weight_decay if config.central.weight_decay >= 0 else config.train.weight_decay
     objective = derive(config, {"train.weight_decay": decay})  # batch_loss reads train.weight_decay
     clients = federation.kept(config.data.exclude_clients)
-    kept = np.zeros(split.n_users, dtype=bool)
-    kept[clients] = True
-    owners = np.repeat(np.arange(split.n_users), np.diff(split.train_indptr))
-    pair_users, pair_items = owners[kept[owners]], split.train_items[kept[owners]]
+    pair_users, pair_items = split.pairs_of(clients)
     positive_keys = np.sort(pair_users * federation.n_items + pair_items)
     rng = rng_for(seed, Stream.CENTRAL)
     dense_keys = model.dense_keys(shared0)

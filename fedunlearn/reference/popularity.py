@@ -19,11 +19,8 @@ def rank_by_popularity(config: Config, federation: Federation, left: Collection[
     held-out item, as for every model (metrics.rank_of_target)."""
     gone = set(left)
     clients = [i for i in federation.kept(config.data.exclude_clients) if federation.client_ids[i] not in gone]
-    split = federation.split
-    kept = np.zeros(federation.n_clients, dtype=bool)
-    kept[clients] = True
-    owners = np.repeat(np.arange(federation.n_clients), np.diff(split.train_indptr))
-    counts = np.bincount(split.train_items[kept[owners]], minlength=federation.n_items).astype(np.float64)
+    _, items = federation.split.pairs_of(clients)
+    counts = np.bincount(items, minlength=federation.n_items).astype(np.float64)
     evaluations = [rank_held_out(federation.client(u), lambda items: counts[items], config.eval.full_ranking)
                    for u in clients]  # fmt: skip
     row = {"round": 0, **evaluation_metrics(evaluations, config.eval.ks, config.eval.full_ranking)}

@@ -37,7 +37,7 @@ from fedunlearn.runs.plots import (
     plot_unlearning,
 )
 from fedunlearn.runs.results import EMBEDDINGS_FILE, FINAL, read_central_view, saved_attributes
-from fedunlearn.runs.tables import readable, readable_cells
+from fedunlearn.runs.tables import audit_columns, readable, readable_cells
 
 SEED_FOLDER = re.compile(r"/?seed\d+$")
 BENCHMARK_DONE = "benchmark.md"  # written last by a benchmark script's --out
@@ -231,8 +231,7 @@ def privacy_table(audits: pd.DataFrame) -> pd.DataFrame:
     seeds), with the local audit's share of clients at risk beside it."""
     embedding = audits[audits["view"] == "embedding"]
     keys = ["run", "defence", "attribute", "attacker"]
-    columns = ["balanced_accuracy", "balanced_accuracy_relabelled", "null_95", "chance", "NDCG@10"]
-    columns = [column for column in columns if column in embedding]  # null_95: audits since 2026-12-07
+    columns = audit_columns(embedding)
     table = summarize(embedding[embedding["audit"] == "global"][[*keys, "seed", *columns]])
     local = embedding[embedding["audit"] == "local"]
     if not local.empty:

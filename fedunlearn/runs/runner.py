@@ -19,7 +19,7 @@ from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.checkpoint import Checkpoint
 from fedunlearn.fl.federation import Federation, build_federation
 from fedunlearn.fl.history import HistoryStore
-from fedunlearn.fl.rounds import FederatedServer, FederationResult
+from fedunlearn.fl.rounds import FederatedServer, FederationResult, reasons_text
 from fedunlearn.fl.schedule import build_schedule
 from fedunlearn.fl.uploads import run_epsilon
 from fedunlearn.models import build_model
@@ -285,9 +285,8 @@ def federated_job(
     warn_if_retention_idle(config, result.privacy)
     rejected = info.get("rejected_evaluations")
     if rejected:  # no fault is injected into evaluations: a rejected one is a broken or lying client
-        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(rejected.items()))
-        print(f"fedunlearn: warning: evaluation replies were rejected ({reasons}): HR@10 and NDCG@10 are over the "
-              "users whose replies passed (metrics.csv `evaluated`)", file=sys.stderr)  # fmt: skip
+        print(f"fedunlearn: warning: evaluation replies were rejected ({reasons_text(rejected)}): HR@10 and "
+              "NDCG@10 are over the users whose replies passed (metrics.csv `evaluated`)", file=sys.stderr)  # fmt: skip
     return config, result
 
 

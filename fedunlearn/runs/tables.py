@@ -78,6 +78,14 @@ def readable_cells(table: pd.DataFrame, digits: int = 4) -> tuple[pd.DataFrame, 
     return pd.DataFrame(shown, columns=list(shown)), align
 
 
+AUDIT_COLUMNS = ("balanced_accuracy", "balanced_accuracy_relabelled", "null_95", "chance", "NDCG@10")
+
+
+def audit_columns(audits: pd.DataFrame) -> list[str]:
+    """The global audit's figures a table shows, those the audits hold (null_95: since 2026-12-07)."""
+    return [column for column in AUDIT_COLUMNS if column in audits]
+
+
 def privacy_summary(table: pd.DataFrame) -> pd.DataFrame:
     """The demo's short table: per defence, attribute and attacker on the embeddings, the global
     balanced accuracy (as answered, and relabelled: a below-chance attacker flipped, the information
@@ -85,8 +93,7 @@ def privacy_summary(table: pd.DataFrame) -> pd.DataFrame:
     NDCG@10."""
     embedding = table[table["view"] == "embedding"]
     keys = ["defence", "attribute", "attacker"]
-    columns = [*keys, "balanced_accuracy", "balanced_accuracy_relabelled", "null_95", "chance", "NDCG@10"]
-    columns = [column for column in columns if column in embedding]  # null_95: audits since 2026-12-07
+    columns = [*keys, *audit_columns(embedding)]
     global_rows = embedding[embedding["audit"] == "global"][columns]
     local = embedding[embedding["audit"] == "local"]
     if local.empty:  # audit.local = false
