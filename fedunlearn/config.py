@@ -146,8 +146,14 @@ class DefenceConfig(Section):
     ldp_clip: float = 1.0  # norm each upload is clipped to (the sensitivity)
     ldp_epsilon: float = 8.0
     ldp_delta: float = 1e-5
-    pseudo_items: float = 1.0  # fake rows sent per real row
-    pseudo_rows: str = "gaussian"  # fake rows: gaussian (fitted to the real rows) | mimic (jittered real rows)
+    pseudo_items: float = 1.0  # trained: fake positives per own positive, on average; else fake rows per real row
+    # fake rows: trained (a fixed set of fake positives trained like own ones, the user part and dense layers held
+    # still) | gaussian (fitted to the real rows) | mimic (jittered real rows); docs/PRIVACY.md
+    pseudo_rows: str = "trained"
+
+    def trains_fake_items(self) -> bool:
+        """Fake positives made by training (client.plan_local_training), not padded on after it."""
+        return "pseudo-items" in self.upload and self.pseudo_rows == "trained"
 
 
 @dataclass
@@ -242,7 +248,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.select": ("last", "best_valid"),
     "defence.method": ("none", *DEFENCES),
     "defence.upload": ("none", "ldp", "pseudo-items", "ldp+pseudo-items", "secagg"),
-    "defence.pseudo_rows": ("gaussian", "mimic"),
+    "defence.pseudo_rows": ("trained", "gaussian", "mimic"),
     "defence.clients": ("all", "listed", "at-risk"),
     "defence.cloak_stop": ("null", "null-means", "steps"),
     "defence.cloak_balance": ("raw", "unit"),
@@ -415,6 +421,9 @@ def validate(config: Config) -> Config:
         raise FedUnlearnError(
             "defence.clients = 'at-risk' applies to post-training defences; for defence.upload use all or listed"
         )
+    if config.defence.trains_fake_items() and config.run.engine == "batched":
+        raise FedUnlearnError("defence.pseudo_rows = 'trained' trains fake examples on the in-process and Flower "
+                              "engines: use run.engine = 'auto', 'inprocess' or 'flower'")  # fmt: skip
     _validate_secure_aggregation(config)
     _validate_server_optimizer(config)
     _validate_client_optimizer_state(config)

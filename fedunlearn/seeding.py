@@ -27,6 +27,7 @@ class Stream(IntEnum):
     FAULTS = 10  # which clients misbehave in a round ([faults])
     NULL_LABELS = 11  # AttrCloak's null level: public random pseudo-classes, one set per attribute and draw
     HALVES = 12  # AttrCloak's covariance brake: public random halves of the clients, one per attribute and draw
+    PSEUDO_ITEMS = 13  # trained pseudo-items: each client's fixed set of fake positives, one per run seed
 
 
 def rng_for(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

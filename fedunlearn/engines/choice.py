@@ -21,10 +21,12 @@ def chaotic_under_reordering(config: Config) -> bool:
 
 def choose_engine(config: Config) -> str:
     """`auto`: the fastest engine that follows the in-process numbers for this configuration
-    (batched, within the tolerance in docs/ARCHITECTURE.md), else the in-process runner."""
+    (batched, within the tolerance in docs/ARCHITECTURE.md), else the in-process runner (also for
+    trained pseudo-items, which the batched trainer does not train)."""
     if config.run.engine != "auto":
         return config.run.engine
-    return "inprocess" if chaotic_under_reordering(config) else "batched"
+    follows = not chaotic_under_reordering(config) and not config.defence.trains_fake_items()
+    return "batched" if follows else "inprocess"
 
 
 def make_pool(config: Config, federation: Federation) -> InProcessPool | BatchedPool:

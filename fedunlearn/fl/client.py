@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedunlearn.config import Config, UnlearnConfig
+from fedunlearn.config import Config
 from fedunlearn.fl.federation import ClientData, Federation
 from fedunlearn.fl.training import (
     informative_pool,
@@ -25,7 +25,7 @@ from fedunlearn.fl.training import (
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.fl.uploads import protect_upload
 from fedunlearn.metrics import rank_of_target
-from fedunlearn.models.base import Arrays, SplitModel
+from fedunlearn.models.base import Arrays, SplitModel, Tensors
 from fedunlearn.seeding import Stream, client_key, rng_for
 
 
@@ -117,6 +117,7 @@ class LocalPlan:
     local_neg: np.ndarray  # (epochs, P, negatives) positions of the sampled negatives in `touched`
     batches: list[tuple[int, np.ndarray]]  # (epoch, positions in `positives`) per optimizer step
     attacker: bool
+    real: int  # positives[:real] are the client's own (an attacker's with the target), the rest are fakes
 
     @property
     def epochs(self) -> float:
@@ -132,9 +133,12 @@ def plan_local_training(
     config: Config,
     round_number: int,
     epochs: float | None = None,
+    ascent: bool = False,
 ) -> LocalPlan:
     """Draw the client's negatives and minibatches for `epochs` (default: train.local_epochs; a
-    fraction runs that share of an epoch's minibatches)."""
+    fraction runs that share of an epoch's minibatches). A client defending its upload with trained
+    pseudo-items trains its fake positives beside its own (not when it ascends: that upload is not
+    protected)."""
     train, model_config = config.train, config.model
     epochs = train.local_epochs if epochs is None else epochs
     rng = rng_for(config.run.training_seed(), Stream.CLIENT_TRAIN, round_number, client_key(data.client_id))
@@ -142,6 +146,9 @@ def plan_local_training(
     attacker = data.client_id in config.unlearn.attackers
     if attacker:
         positives = poisoned_positives(positives, config.unlearn.target_item)
+    real = len(positives)
+    if config.defence.trains_fake_items() and not ascent and defends_upload(config, data.client_id):
+        positives = np.concatenate([positives, fake_positives(data, config)])
     n_pos = len(positives)
     full_epochs = math.ceil(epochs)
     shape = (full_epochs, n_pos, model_config.negatives)
@@ -164,7 +171,38 @@ def plan_local_training(
     touched = np.flatnonzero(used)
     local = np.zeros(data.n_items, dtype=np.int64)  # item id -> its position in `touched` (0 for untouched
     local[touched] = np.arange(len(touched))  # items: only the used examples' negatives are ever read)
-    return LocalPlan(positives, touched, local[positives], local[negatives], batches, attacker)
+    return LocalPlan(positives, touched, local[positives], local[negatives], batches, attacker, real)
+
+
+PSEUDO_SPREAD = (0.5, 1.5)  # trained pseudo-items: fakes = ratio x own positives x a uniform draw in this range
+
+
+def pseudo_count(positives: np.ndarray, ratio: float, draw: float) -> np.ndarray:
+    """Trained pseudo-items per client with these own positives, at this draw in PSEUDO_SPREAD."""
+    return np.floor(ratio * positives * draw + 0.5).astype(np.int64)
+
+
+def fake_positives(data: ClientData, config: Config) -> np.ndarray:
+    """The client's fake positives for trained pseudo-items: one set per client and run seed, the same
+    every round (fresh fakes each round would be told apart by intersecting a client's uploads over
+    rounds: only its own items come back every time), about `pseudo_items` per own positive, the
+    share drawn at random (PSEUDO_SPREAD) so that the rows sent do not give the own count; never a
+    held-out item or the promoted target."""
+    rng = rng_for(config.run.seed, Stream.PSEUDO_ITEMS, client_key(data.client_id))
+    excluded = np.zeros(data.n_items, dtype=bool)
+    excluded[data.train_items] = True
+    excluded[[data.valid_item, data.test_item]] = True
+    if config.unlearn.target_item >= 0:
+        excluded[config.unlearn.target_item] = True
+    pool = np.flatnonzero(~excluded)
+    count = int(pseudo_count(np.array(len(data.train_items)), config.defence.pseudo_items, rng.uniform(*PSEUDO_SPREAD)))
+    return np.sort(rng.choice(pool, min(len(pool), count), replace=False))
+
+
+def defends_upload(config: Config, client_id: str) -> bool:
+    """Whether this client applies the configured upload defence."""
+    defence = config.defence
+    return defence.upload != "none" and (defence.clients == "all" or client_id in defence.client_ids)
 
 
 def batch_loss(
@@ -181,6 +219,34 @@ def batch_loss(
     return loss
 
 
+def batch_scores(
+    model: SplitModel, user: Tensors, dense: Tensors, pos_rows: Tensors, neg_rows: Tensors, own: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A minibatch's scores of positives (B,) and negatives (B, n), the client's own examples first.
+
+    The examples of fake positives (`own` False) see the user part and the dense layers held still:
+    they train only their item rows, and leave the client's own model as it was. A fake positive's
+    logit is moved (a constant, so its gradient keeps its direction) to the logit of an own positive
+    of the batch: the user part fits its own items, not the fakes, and the size of a row's gradient
+    follows that fit, so unmatched fakes were told apart from own items by how their rows moved
+    (docs/PRIVACY.md). A minibatch of fakes only has no own logit to take: they keep theirs."""
+    if own.all():
+        return model.score(user, pos_rows, dense), model.score(user, neg_rows, dense)
+    mask = torch.as_tensor(own, device=next(iter(pos_rows.values())).device)
+    held_user = {key: value.detach() for key, value in user.items()}
+    held_dense = {key: value.detach() for key, value in dense.items()}
+
+    def scored(rows: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        return (model.score(user, {key: table[mask] for key, table in rows.items()}, dense),
+                model.score(held_user, {key: table[~mask] for key, table in rows.items()}, held_dense))  # fmt: skip
+
+    own_positive, fake_positive = scored(pos_rows)
+    if len(own_positive):
+        matched = own_positive.detach()[torch.arange(len(fake_positive), device=mask.device) % len(own_positive)]
+        fake_positive = fake_positive + (matched - fake_positive.detach())
+    return torch.cat([own_positive, fake_positive]), torch.cat(scored(neg_rows))
+
+
 def local_train(
     model: SplitModel,
     data: ClientData,
@@ -195,7 +261,7 @@ def local_train(
 ) -> tuple[ClientUpdate, Arrays]:
     """Local minibatch training (see plan_local_training); returns the upload and the client's new
     user part. With `moments` Adam resumes the user part from them, and they are updated in place."""
-    plan = plan_local_training(model, data, user, shared, config, round_number, epochs)
+    plan = plan_local_training(model, data, user, shared, config, round_number, epochs, ascent)
     local_pos = torch.as_tensor(plan.local_pos, device=device)
     local_neg = torch.as_tensor(plan.local_neg, device=device)
     user_t = _tensors(user, device, grad=True)
@@ -216,7 +282,7 @@ def local_train(
         pos_rows = {key: table[local_pos[batch]] for key, table in rows_t.items()}
         neg_rows = {key: table[local_neg[epoch][batch]] for key, table in rows_t.items()}
         embeddings = [*user_t.values(), *pos_rows.values(), *neg_rows.values()]
-        positive, negative = model.score(user_t, pos_rows, dense_t), model.score(user_t, neg_rows, dense_t)
+        positive, negative = batch_scores(model, user_t, dense_t, pos_rows, neg_rows, batch_np < plan.real)
         loss = batch_loss(config, positive, negative, embeddings, len(batch), ascent)
         optimizer.zero_grad()
         loss.backward()
@@ -262,10 +328,9 @@ def finish_update(
         epochs=plan.epochs,
         steps=len(plan.batches),
     )
-    defence = config.defence
-    if defence.upload != "none" and not ascent and (defence.clients == "all" or data.client_id in defence.client_ids):
+    if not ascent and defends_upload(config, data.client_id):
         noise = rng_for(config.run.seed, Stream.DEFENCE, round_number, client_key(data.client_id))
-        update = protect_upload(update, defence, data.n_items, noise)
+        update = protect_upload(update, config.defence, data.n_items, noise)
     return update
 
 
@@ -314,12 +379,16 @@ def _poison_repeats(n_positives: np.ndarray | int) -> np.ndarray | int:
     return np.maximum(1, n_positives // 4)
 
 
-def max_examples(federation: Federation, unlearn: UnlearnConfig) -> np.ndarray:
+def max_examples(federation: Federation, config: Config) -> np.ndarray:
     """(clients,) the most examples each client can report: its training positives (an attacker's
-    with the repeated target)."""
+    with the repeated target), and a defending client's most trained pseudo-items."""
     counts = np.diff(federation.split.train_indptr)
-    attackers = np.isin(federation.client_ids, unlearn.attackers)
-    return counts + np.where(attackers, _poison_repeats(counts), 0)
+    attackers = np.isin(federation.client_ids, config.unlearn.attackers)
+    most = counts + np.where(attackers, _poison_repeats(counts), 0)
+    if config.defence.trains_fake_items():
+        defending = np.array([defends_upload(config, client) for client in federation.client_ids])
+        most += np.where(defending, pseudo_count(counts, config.defence.pseudo_items, PSEUDO_SPREAD[1]), 0)
+    return most
 
 
 def boost_target(rows: Arrays, touched: np.ndarray, target: int, boost: float) -> None:

@@ -235,7 +235,7 @@ class FederatedServer:
         self.calibrations: list[tuple[int, ClientUpdate]] = []  # FedEraser's calibrated updates, for audits
         self.unlearned: Arrays = {}  # the shared parameters right after the last unlearning event
         self.limits = ReplyLimits.of(
-            self.model, self.initial, client_ids, max_examples(federation, config.unlearn),
+            self.model, self.initial, client_ids, max_examples(federation, config),
             config.data.test_negatives, config.eval.full_ranking, config.unlearn.target_item >= 0,
             config.train.batch_size,
         )  # fmt: skip

@@ -118,8 +118,9 @@ def privatize(
 def protect_upload(
     update: ClientUpdate, defence: DefenceConfig, n_items: int, rng: np.random.Generator
 ) -> ClientUpdate:
-    """The configured upload defence: pseudo-items first (so noise covers the fake rows too), then LDP."""
-    if "pseudo-items" in defence.upload:
+    """The configured upload defence: pseudo-items first (so noise covers the fake rows too), then LDP.
+    Trained pseudo-items are already in the update (fl.client.plan_local_training)."""
+    if "pseudo-items" in defence.upload and not defence.trains_fake_items():
         update = pad_pseudo_items(update, n_items, defence.pseudo_items, rng, defence.pseudo_rows)
     if "ldp" in defence.upload:
         update = privatize(update, defence.ldp_mechanism, defence.ldp_clip, defence.ldp_epsilon, defence.ldp_delta, rng)

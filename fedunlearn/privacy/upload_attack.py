@@ -61,6 +61,21 @@ def upload_view(updates: list[ClientUpdate], positions: dict[str, int], n_client
     return view
 
 
+def own_row_scores(update: ClientUpdate, row_keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Two attackers on pseudo-items, each a score per sent row, higher for rows that look like the
+    client's own (rows of positives and of their negatives alike): `residual`, minus a row's distance
+    from the upload's rank-one fit over its norm (a fake row drawn from one Gaussian fitted to all
+    rows is off the +-u line that trained rows lie on); `neighbour`, minus the squared distance to
+    the nearest other row (a jittered copy of a real row lies next to it)."""
+    rows = np.concatenate([update.rows[key] for key in row_keys], axis=1).astype(np.float64)
+    direction = np.linalg.svd(rows, full_matrices=False)[2][0]
+    squared = (rows**2).sum(1)
+    off_line = np.linalg.norm(rows - np.outer(rows @ direction, direction), axis=1)
+    distances = squared[:, None] + squared[None] - 2 * rows @ rows.T
+    np.fill_diagonal(distances, np.inf)
+    return {"residual": -off_line / np.maximum(np.sqrt(squared), 1e-30), "neighbour": -distances.min(1)}
+
+
 @dataclass
 class RecoveryScore:
     precision: float  # of the items read as positives, the share that are (mean over clients that read any)
