@@ -34,7 +34,9 @@ from clients.messages import (
     CLOAK_PRODUCTS,
     FEATURE_SUMS,
     FOURTH_POWERS,
+    KEPT_ROWS,
     LOCAL_AUDIT,
+    SECURE_ROWS,
     SECURE_UPDATE,
     arrays_to_record,
     encode_audit_user,
@@ -43,10 +45,11 @@ from clients.messages import (
     encode_membership,
     encode_update,
     keep_pending_update,
+    pending_update,
     read_array_field,
     read_secure_task,
-    take_pending_update,
 )
+from fedunlearn.config import Config
 from fedunlearn.fl.client import local_evaluate, local_membership, local_train
 from fedunlearn.fl.faults import inject
 from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout
@@ -108,18 +111,37 @@ def audit_user(msg: Message, context: Context) -> Message:
     return Message(encode_audit_user(data.client_id, user), reply_to=msg)
 
 
+def kept_rows_of(fields: dict, n_items: int, config: Config) -> np.ndarray | None:
+    """The rows this client's upload may add to the sum: all (None) when the run counts no rows, else
+    the server's (n_items,) bool answer to the first sum; without one the client refuses (its rows
+    that no other client touched would be summed alone)."""
+    if config.defence.secagg_min_clients == 1:
+        return None
+    if KEPT_ROWS not in fields:
+        least = config.defence.secagg_min_clients
+        raise ValueError(f"defence.secagg_min_clients = {least} and no {KEPT_ROWS} came with the secure sum: "
+                         "refused (a row only this client touched would be summed alone)")  # fmt: skip
+    kept = read_array_field(fields[KEPT_ROWS])
+    if kept.shape != (n_items,) or kept.dtype != np.bool_:
+        raise ValueError(f"{KEPT_ROWS} must be {n_items} booleans; got {kept.dtype} {kept.shape}")
+    return kept
+
+
 def secure_contribution(msg: Message, context: Context) -> Message:
     """This client's vector for the secure task the server asked for, computed from what only it
     holds (its user part, its attribute value). The mod quantises and masks it before it leaves."""
     fields = recorddict_to_fitins(msg.content, keep_input=True).config
     config, task, bound = read_secure_task(fields)
     federation, data, model = node_data(config, context)
-    if task == SECURE_UPDATE:
-        update = take_pending_update(context.state, int(fields["round"]))
+    if task in (SECURE_ROWS, SECURE_UPDATE):
+        update = pending_update(context.state, int(fields["round"]), take=task == SECURE_UPDATE)
         shapes = {key: value.shape for key, value in model.init_shared(np.random.default_rng(0)).items()}
         layout = SecureLayout.of(model, shapes, int(fields["max-examples"]), config.defence.secagg_bound,
                                  float(fields["epochs"]), config.train.batch_size)  # fmt: skip
-        vector = layout.contribution(update)
+        if task == SECURE_ROWS:
+            vector = layout.touched_rows(update)
+        else:
+            vector = layout.contribution(update, kept_rows_of(fields, layout.n_items, config))
     elif task == CLOAK_PRODUCTS:
         vector = defence.cloak_products(fields, context, config, data, model)
     else:

@@ -48,7 +48,9 @@ FOURTH_POWERS = "fourth-powers"  # fedunlearn.privacy.attrcloak.fourth_power_con
 CLOAK_PRODUCTS = "cloak-products"  # fedunlearn.privacy.attrcloak.client_products of the client's own gradients
 FEATURE_SUMS = "feature-sums"  # fedunlearn.privacy.baselines.feature_contribution (D2D-R) of the client's own embedding
 SECURE_UPDATE = "secure-update"  # fedunlearn.fl.secure_round: the training upload, summed (defence.upload = secagg)
-SECURE_TASKS = (LOCAL_AUDIT, CLASS_SUMS, FOURTH_POWERS, CLOAK_PRODUCTS, FEATURE_SUMS, SECURE_UPDATE)
+SECURE_ROWS = "secure-rows"  # fedunlearn.fl.secure_round: the rows the upload touched, counted (secagg_min_clients)
+SECURE_TASKS = (LOCAL_AUDIT, CLASS_SUMS, FOURTH_POWERS, CLOAK_PRODUCTS, FEATURE_SUMS, SECURE_ROWS, SECURE_UPDATE)
+KEPT_ROWS = "kept-rows"  # SECURE_UPDATE's field: the rows enough clients touched (secagg_min_clients > 1)
 PENDING_UPDATE = "pending-update"  # under secagg: the round's upload, kept on the client until the secure sum
 BOUND = "bound"  # set by server.secure_sum: every contributed value must lie within +-bound
 
@@ -198,14 +200,15 @@ def keep_pending_update(state: RecordDict, update: ClientUpdate, round_number: i
     state[f"{PENDING_UPDATE}.meta"] = ConfigRecord({**encoded.config_records["meta"], "round": round_number})
 
 
-def take_pending_update(state: RecordDict, round_number: int) -> ClientUpdate:
-    """The upload kept for that round's secure sum, removed from the state."""
+def pending_update(state: RecordDict, round_number: int, take: bool) -> ClientUpdate:
+    """The upload kept for that round's secure sum; `take`: removed from the state (its last use)."""
     meta = state.config_records.get(f"{PENDING_UPDATE}.meta")
     if meta is None or int(meta["round"]) != round_number:
         raise ValueError(f"no upload of round {round_number} is waiting for the secure sum on this client")
     content = RecordDict({name: state[f"{PENDING_UPDATE}.{name}"] for name in ("update", "metrics", "meta")})
-    for name in ("update", "metrics", "meta"):
-        del state[f"{PENDING_UPDATE}.{name}"]
+    if take:
+        for name in ("update", "metrics", "meta"):
+            del state[f"{PENDING_UPDATE}.{name}"]
     return decode_update(content)
 
 

@@ -128,6 +128,9 @@ class DefenceConfig(Section):
     compare: bool = False  # also try every post-training defence on a copy of the trained model
     upload: str = "none"  # on every upload while training: none | ldp | pseudo-items | ldp+pseudo-items | secagg
     secagg_bound: float = 1.0  # secagg: the largest change of one shared value a client may send (it refuses more)
+    # secagg: a round's change of an item row is summed only if at least this many of its clients touched the row
+    # (a first secure sum counts them); over one client the sum would be that client's change. 1: every row
+    secagg_min_clients: int = 2
     clients: str = "all"  # who defends: all | listed (defence.client_ids) | at-risk (own local audit)
     client_ids: list[str] = field(default_factory=list)
     risk_threshold: float = 0.5  # at-risk: the shipped attacker's confidence in the client's true class
@@ -259,6 +262,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 POSITIVE = {
+    "defence.secagg_min_clients",
     "data.test_negatives",
     "data.synthetic_users",
     "data.synthetic_items",

@@ -19,10 +19,13 @@ from flwr.serverapp import Grid
 from clients.messages import (
     DROP_BRANCH,
     FORGET,
+    KEPT_ROWS,
     MEMBERSHIP,
+    SECURE_ROWS,
     SECURE_UPDATE,
     TRAIN,
     WHOAMI,
+    array_field,
     decode_evaluation,
     decode_identity,
     decode_membership,
@@ -36,7 +39,7 @@ from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.federation import cached_federation
 from fedunlearn.fl.replies import FAILED, TIMEOUT, Reply
 from fedunlearn.fl.rounds import ProgressHook
-from fedunlearn.fl.secure_round import SecureLayout
+from fedunlearn.fl.secure_round import SecureLayout, kept_rows
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models.base import Arrays
 from server.privacy_queries import PrivacyQueries
@@ -178,6 +181,10 @@ class FlowerPool(PrivacyQueries):
         if len(trained) < 2:  # no sum over fewer: the server refuses the round (rounds.require_secure_quorum)
             return trained, failed, np.zeros(layout.size)
         fields = {"round": round_number, "max-examples": layout.max_examples, "epochs": layout.epochs}
+        least = self.config.defence.secagg_min_clients
+        if least > 1:  # first how many clients touched each row (fl.secure_round)
+            counts = self._secure_round_sum(trained, secure_task(self.config, SECURE_ROWS, **fields))
+            fields[KEPT_ROWS] = array_field(kept_rows(counts, least))
         summed = self._secure_round_sum(trained, secure_task(self.config, SECURE_UPDATE, **fields))
         return trained, failed, summed
 

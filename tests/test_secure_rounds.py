@@ -118,9 +118,9 @@ def test_what_needs_single_uploads_is_refused_under_secure_aggregation(setting, 
 @pytest.mark.parametrize("engine", [InProcessPool, BatchedPool])
 def test_a_secure_run_and_its_retrain_event_train_the_plain_runs_model(engine, tmp_path):
     results = {}
-    for upload in ("none", "secagg"):
+    for upload in ("none", "secagg"):  # every row summed, as the plain aggregation takes them
         settings = ["train.rounds=3", "eval.every=3", 'unlearn.drop="3@3"', "unlearn.method=retrain"]
-        config = load_config(None, TINY + settings + [f"defence.upload={upload}"])
+        config = load_config(None, TINY + settings + [f"defence.upload={upload}", "defence.secagg_min_clients=1"])
         federation = build_federation(config.data, config.run.seed)
         (tmp_path / upload).mkdir()
         config, schedule, history = schedule_and_history(config, federation, tmp_path / upload)
@@ -132,6 +132,33 @@ def test_a_secure_run_and_its_retrain_event_train_the_plain_runs_model(engine, t
     (plain,), (secure,) = results["none"].events, results["secagg"].events  # Retrain ran through secure rounds
     assert secure["after"]["HR@10"] == plain["after"]["HR@10"] and secure["client_epochs"] == plain["client_epochs"]
     assert results["secagg"].final["train_loss"] == pytest.approx(results["none"].final["train_loss"], abs=1e-9)
+
+
+@pytest.mark.parametrize("engine", [InProcessPool, BatchedPool])
+def test_rows_fewer_than_secagg_min_clients_touched_sit_out_the_secure_step(engine, monkeypatch):
+    """A row's secure sum over one client is that client's change: with defence.secagg_min_clients = 3
+    the rows one or two clients touched keep their value, and every other row takes the plain
+    aggregation's step over all the round's uploads."""
+    config = load_config(None, TINY + ["defence.upload=secagg", "defence.secagg_min_clients=3",
+                                       "data.synthetic_items=600", "train.fraction=0.5"])  # fmt: skip
+    federation = build_federation(config.data, config.run.seed)
+    pool = engine(config, federation)
+    seen = []
+    train = pool.train
+    monkeypatch.setattr(pool, "train", lambda *args, **kwargs: seen.extend(train(*args, **kwargs)) or seen)
+    server = federated_server(config, federation, pool, Progress(1, False))
+    clients = server.sample(1)
+    stepped, _ = server.train_round(1, clients, server.shared)
+    updates = [reply.value for reply in seen]
+    counts = np.zeros(federation.n_items, dtype=int)
+    for update in updates:
+        counts[update.item_ids] += 1
+    assert len(updates) == len(clients) >= 3 and (counts == 1).any() and (counts == 2).any() and (counts >= 3).any()
+    plain = aggregate_delta(pool.model, server.shared, updates, config.train.server_lr, config.train.dense_server_lr)
+    for key in pool.model.row_keys:
+        alone = counts < 3
+        np.testing.assert_array_equal(stepped[key][alone], server.shared[key][alone])
+        np.testing.assert_allclose(stepped[key][~alone], server.shared[key][~alone] + plain[key][~alone], atol=1e-6)
 
 
 def test_under_secure_aggregation_the_upload_attacks_read_every_client_alike(tmp_path):
@@ -157,15 +184,16 @@ def test_on_flower_the_server_receives_the_rounds_only_as_a_secagg_sum_and_train
         np.testing.assert_allclose(result.shared[key], value, atol=50 * n * resolution(n, 1.0))
     training = [content for kind, content in replies if kind == TRAIN]
     assert len(training) == 2 * n and all(not content.array_records for content in training)  # ids only
-    stages = [content for kind, content in replies if kind == "train"]  # SecAgg+: 4 stages, each client
-    assert len(stages) == 4 * 2 * n
+    stages = [content for kind, content in replies if kind == "train"]  # SecAgg+: 4 stages, each client, in
+    sums = 2 * 2  # each round's two sums: the rows touched (defence.secagg_min_clients = 2), then the uploads
+    assert len(stages) == 4 * sums * n
     assert all(len(record) == 0 for content in stages for record in content.array_records.values())
     sent = {key for content in stages for key in content.config_records[RECORD_KEY_CONFIGS]}
     assert Key.MASKED_PARAMETERS in sent and sent <= PROTOCOL_KEYS  # key material and masked vectors only
     protocol = [content.config_records[RECORD_KEY_CONFIGS] for content in stages]
     vectors = [bytes_to_ndarray(record[Key.MASKED_PARAMETERS][1]) for record in protocol
                if Key.MASKED_PARAMETERS in record]  # fmt: skip
-    assert len(vectors) == 2 * n and all(v.max() > quantization_range(n) for v in vectors)  # masked, not quantised
+    assert len(vectors) == sums * n and all(v.max() > quantization_range(n) for v in vectors)  # masked, not quantised
 
 
 @pytest.mark.flower
@@ -201,3 +229,17 @@ def test_the_secure_layout_is_the_same_whatever_order_the_shared_tensors_come_in
     key = next(iter(update.dense))
     with pytest.raises(FedUnlearnError, match="dense changes do not have the model's shapes"):
         forward.check(replace(update, dense={**update.dense, key: np.zeros(1, np.float32)}))
+
+
+def test_a_client_refuses_to_sum_its_rows_without_the_servers_count_when_the_run_asks_for_one():
+    from clients.app import kept_rows_of
+    from clients.messages import KEPT_ROWS, array_field
+
+    counted, uncounted = (load_config(None, [*TINY, f"defence.secagg_min_clients={k}"]) for k in (2, 1))
+    assert kept_rows_of({}, 5, uncounted) is None  # every row summed
+    with pytest.raises(ValueError, match="secagg_min_clients = 2 and no kept-rows came"):
+        kept_rows_of({}, 5, counted)
+    with pytest.raises(ValueError, match="kept-rows must be 5 booleans"):
+        kept_rows_of({KEPT_ROWS: array_field(np.ones(4, dtype=bool))}, 5, counted)
+    kept = np.array([True, False, True, True, False])
+    np.testing.assert_array_equal(kept_rows_of({KEPT_ROWS: array_field(kept)}, 5, counted), kept)

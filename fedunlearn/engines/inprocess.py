@@ -13,7 +13,7 @@ from fedunlearn.fl.faults import local_reply
 from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.replies import FAILED, Reply
 from fedunlearn.fl.rounds import ProgressHook
-from fedunlearn.fl.secure_round import SecureLayout
+from fedunlearn.fl.secure_round import SecureLayout, kept_rows
 from fedunlearn.fl.training import resolve_device
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models import build_model
@@ -23,6 +23,7 @@ from fedunlearn.models.base import Arrays, SplitModel
 class LocalPool:
     """What the single-machine pools share: every client's private state is at hand (`user`)."""
 
+    config: Config
     federation: Federation
     model: SplitModel
     device: torch.device
@@ -51,15 +52,20 @@ class LocalPool:
         self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook, layout: SecureLayout
     ) -> tuple[list[int], list[Reply[ClientUpdate]], np.ndarray]:
         """Secure aggregation simulated: each client's contribution, checked as the client checks
-        it, is added into one exact sum in client-id order; nothing of a single upload is returned."""
+        it, is added into one exact sum in client-id order (after the exact sum of the touched rows
+        when defence.secagg_min_clients asks for it); nothing of a single upload is returned."""
         replies = self.train(round_number, clients, shared, done)
+        trained = sorted((reply for reply in replies if reply.value is not None),
+                         key=lambda reply: self.federation.client_ids[reply.sender])  # fmt: skip
+        least = self.config.defence.secagg_min_clients
+        kept = None
+        if least > 1:
+            counts = sum((layout.touched_rows(reply.value) for reply in trained), np.zeros(layout.n_items))
+            kept = kept_rows(counts, least)
         total = np.zeros(layout.size)
-        contributors = []
-        for reply in sorted(replies, key=lambda reply: self.federation.client_ids[reply.sender]):
-            if reply.value is not None:
-                layout.add(total, reply.value)
-                contributors.append(reply.sender)
-        return contributors, [reply for reply in replies if reply.value is None], total
+        for reply in trained:
+            layout.add(total, reply.value, kept)
+        return [reply.sender for reply in trained], [reply for reply in replies if reply.value is None], total
 
     def membership(self, clients: list[int], shared: Arrays) -> dict[str, float]:
         return {

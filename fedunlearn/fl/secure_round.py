@@ -14,12 +14,19 @@ Each entry is scaled into [-1, 1] with public numbers (the most examples any cli
 `defence.secagg_bound` on a weighted change, caps on loss, epochs and steps), the range SecAgg+
 quantises; a client whose contribution falls outside refuses, as the Flower client does, rather than
 be clipped silently. What the server cannot do any more: check, clip or robustly aggregate single
-uploads, or keep them in a history (so no FedEraser, FRU or FedAccum: config.validate says so)."""
+uploads, or keep them in a history (so no FedEraser, FRU or FedAccum: config.validate says so).
+
+A row only one client touched would sum to that client's change (and its weight names the client
+when the server knows example counts). So a round takes two secure sums when
+`defence.secagg_min_clients` is above 1: first each client's touched rows as ones
+(`SecureLayout.touched_rows`), which gives the server how many clients touched each row; then the contributions
+above, each without the rows fewer than that many clients touched (`kept_rows`): those rows sit out
+the round's step."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -87,11 +94,15 @@ class SecureLayout:
     def size(self) -> int:
         return self._offsets()["steps"][1]
 
-    def add(self, total: np.ndarray, update: ClientUpdate) -> None:
-        """Add one client's contribution into `total` (float64, `size`) without building it densely.
-        Refuses (FedUnlearnError, before adding anything) a contribution that is not finite or would
-        fall outside [-1, 1]."""
+    def add(self, total: np.ndarray, update: ClientUpdate, kept: np.ndarray | None = None) -> None:
+        """Add one client's contribution into `total` (float64, `size`) without building it densely,
+        its item rows limited to the `kept` ones ((n_items,) bool; None: all). Refuses
+        (FedUnlearnError, before adding anything) a contribution that is not finite or would fall
+        outside [-1, 1]."""
         self.check(update)
+        if kept is not None:
+            keep = kept[update.item_ids]
+            update = replace(update, item_ids=update.item_ids[keep], rows={k: v[keep] for k, v in update.rows.items()})
         spans, weight = self._offsets(), update.num_examples / self.max_examples
         for key, rows in update.rows.items():
             start, _ = spans[f"rows.{key}"]
@@ -134,10 +145,18 @@ class SecureLayout:
             raise FedUnlearnError(f"{who} reports more epochs or steps than asked ({self.epochs:g} epochs, at most "
                                   f"{self.steps_cap} steps)")  # fmt: skip
 
-    def contribution(self, update: ClientUpdate) -> np.ndarray:
+    def touched_rows(self, update: ClientUpdate) -> np.ndarray:
+        """A client's contribution to the first sum (checked as `add` checks): one on each item row it
+        touched, zero elsewhere."""
+        self.check(update)
+        vector = np.zeros(self.n_items)
+        vector[update.item_ids] = 1.0
+        return vector
+
+    def contribution(self, update: ClientUpdate, kept: np.ndarray | None = None) -> np.ndarray:
         """The vector one client hands to the secure sum (every entry in [-1, 1])."""
         vector = np.zeros(self.size)
-        self.add(vector, update)
+        self.add(vector, update, kept)
         return vector
 
     def total(self, summed: np.ndarray, contributors: int) -> RoundSum:
@@ -161,6 +180,12 @@ class SecureLayout:
             float(part("steps")[0]) * self.steps_cap,
             contributors,
         )
+
+
+def kept_rows(counts: np.ndarray, least: int) -> np.ndarray:
+    """(n_items,) bool: the rows at least `least` clients touched, from the first sum (rounded:
+    SecAgg+ returns whole counts within its quantisation)."""
+    return np.rint(counts) >= least
 
 
 @dataclass
