@@ -6,6 +6,9 @@ fake items, from what the server holds (its uploads):
   other row (privacy.upload_attack.own_row_scores);
 - rounds: in how many of the client's uploads the item was sent (fakes drawn afresh each round come
   back rarely, a client's own items every time);
+- cosine over rounds: the mean, over the rounds the item was sent, of its row change's cosine to
+  the direction recovered from that round's upload (the weight decay pulls a row along itself, and
+  an own item's row lies nearer the user part than a fake's);
 - popularity: how many clients sent the item in the last round (a client's own items are popular
   ones, fakes drawn uniformly are not);
 - model score: the item's score under the model the server sent, for the direction it recovers
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -38,28 +40,48 @@ from fedunlearn.privacy.upload_attack import own_row_scores, recover_from_upload
 from fedunlearn.progress import Progress
 from fedunlearn.runs.assembly import federated_server, reproducible_torch
 
-ATTACKERS = ("residual", "neighbour", "rounds", "popularity", "model score")
+ATTACKERS = ("residual", "neighbour", "rounds", "cosine over rounds", "popularity", "model score")
 SMALL = ["data.synthetic_users=300", "data.synthetic_items=1000", "train.rounds=10", "eval.every=10"]
 
 
-Uploads = dict[str, ClientUpdate]  # one round's, by client
+class Observer:
+    """What the server accumulates from every round's uploads, per client and item: in how many
+    rounds the item was sent, and the sum of its row's cosine to the direction recovered from that
+    round's upload; the last round's uploads, and the model sent for it."""
+
+    def __init__(self, federation: Federation) -> None:
+        self.position = {client: i for i, client in enumerate(federation.client_ids)}
+        self.sent = np.zeros((federation.n_clients, federation.n_items))
+        self.cosines = np.zeros((federation.n_clients, federation.n_items))
+        self.last: dict[str, ClientUpdate] = {}
+        self.model: dict = {}
+
+    def round(self, shared: dict, replies: list) -> None:
+        self.model = shared
+        self.last = {reply.value.client_id: reply.value for reply in replies if reply.value is not None}
+        for client, update in self.last.items():
+            rows = np.concatenate(list(update.rows.values()), axis=1).astype(np.float64)
+            direction = recover_from_upload(update, tuple(update.rows))[0]
+            at = self.position[client]
+            self.sent[at, update.item_ids] += 1
+            self.cosines[at, update.item_ids] += rows @ direction / np.maximum(np.linalg.norm(rows, axis=1), 1e-30)
 
 
-def run(mode: str, overrides: list[str]) -> tuple[Federation, list[Uploads], dict[str, np.ndarray], dict]:
-    """Train one federation; every round's uploads as the server holds them, and each client's fakes."""
+def run(mode: str, overrides: list[str]) -> tuple[Federation, Observer, dict[str, np.ndarray], dict]:
+    """Train one federation, observed round by round; each client's fakes; the run's final metrics."""
     config = load_config(None, [*overrides, "defence.upload=pseudo-items", f"defence.pseudo_rows={mode}",
                                 "run.engine=inprocess"])  # fmt: skip
     federation = build_federation(config.data, config.run.seed)
     pool = InProcessPool(config, federation)
-    seen: list[Uploads] = []
-    sent_models: list[dict] = []  # the shared parameters each round's clients trained from
+    observer = Observer(federation)
     train = pool.train
 
-    def train_and_keep(round_number, clients, shared, *args, **kwargs):
-        sent_models.append(shared)
-        return _kept(seen, train(round_number, clients, shared, *args, **kwargs))
+    def train_and_observe(round_number, clients, shared, *args, **kwargs):
+        replies = train(round_number, clients, shared, *args, **kwargs)
+        observer.round(shared, replies)
+        return replies
 
-    pool.train = train_and_keep  # type: ignore[method-assign]
+    pool.train = train_and_observe  # type: ignore[method-assign]
     padded: dict[str, np.ndarray] = {}
     pad = uploads.pad_pseudo_items
 
@@ -77,39 +99,35 @@ def run(mode: str, overrides: list[str]) -> tuple[Federation, list[Uploads], dic
     if mode == "trained":
         padded = {federation.client_ids[i]: fake_positives(federation.client(i), config) for i in
                   range(federation.n_clients)}  # fmt: skip
-    return federation, seen, padded, result.final | {"sent": sent_models[-1]}
+    return federation, observer, padded, result.final
 
 
-def _kept(seen: list, replies: list) -> list:
-    seen.append({reply.value.client_id: reply.value for reply in replies if reply.value is not None})
-    return replies
-
-
-def scores(update: ClientUpdate, sent: Counter, popularity: Counter, model: dict) -> dict[str, np.ndarray]:
-    keys = tuple(update.rows)
+def scores(update: ClientUpdate, observer: Observer, popularity: np.ndarray) -> dict[str, np.ndarray]:
+    keys, at, items = tuple(update.rows), observer.position[update.client_id], update.item_ids
     direction = recover_from_upload(update, keys)[0]
-    rows = np.concatenate([model[key][update.item_ids] for key in keys], axis=1)
+    rows = np.concatenate([observer.model[key][items] for key in keys], axis=1)
     return own_row_scores(update, keys) | {
-        "rounds": np.array([sent[item] for item in update.item_ids], dtype=float),
-        "popularity": np.array([popularity[item] for item in update.item_ids], dtype=float),
+        "rounds": observer.sent[at, items],
+        "cosine over rounds": observer.cosines[at, items] / observer.sent[at, items],
+        "popularity": popularity[items],
         "model score": rows @ direction,
     }
 
 
 def measure(mode: str, overrides: list[str]) -> dict[str, float]:
     started = time.perf_counter()
-    federation, seen, fakes, final = run(mode, overrides)
-    last = seen[-1]
-    popularity = Counter(item for update in last.values() for item in update.item_ids.tolist())
+    federation, observer, fakes, final = run(mode, overrides)
+    popularity = np.zeros(federation.n_items)
+    for update in observer.last.values():
+        popularity[update.item_ids] += 1
     aucs: dict[str, list[float]] = {name: [] for name in ATTACKERS}
     precision = []
-    for client, update in last.items():
-        own_items = federation.client(federation.client_ids.index(client)).train_items
+    for client, update in observer.last.items():
+        own_items = federation.client(observer.position[client]).train_items
         own, fake = np.isin(update.item_ids, own_items), np.isin(update.item_ids, fakes[client])
         if not own.any() or not fake.any():
             continue
-        sent = Counter(item for uploads_of_round in seen for item in uploads_of_round[client].item_ids.tolist())
-        for name, score in scores(update, sent, popularity, final["sent"]).items():
+        for name, score in scores(update, observer, popularity).items():
             aucs[name].append(roc_auc_score(own[own | fake], score[own | fake]))
         read = recover_from_upload(update, tuple(update.rows))[1]
         precision.append(np.isin(read, own_items).mean() if len(read) else 0.0)

@@ -179,3 +179,49 @@ def test_trained_pseudo_items_on_flower_give_the_inprocess_run(tmp_path):
                          for engine in ("flower", "inprocess"))  # fmt: skip
     pd.testing.assert_frame_equal(flower, inprocess)
     assert (flower["rejected"] == 0).all()
+
+
+def test_a_minibatch_of_fakes_only_takes_the_own_positives_logits():
+    config = load_config(None, SMALL)
+    split = build_model(config.model, 50)
+    rng = np.random.default_rng(0)
+    shared, user_np = split.init_shared(rng), split.init_user(rng)
+    user = {key: torch.tensor(value, requires_grad=True) for key, value in user_np.items()}
+    pos = {key: torch.tensor(shared[key][:3], requires_grad=True) for key in split.row_keys}
+    neg = {key: torch.tensor(shared[key][10:19].reshape(3, 3, -1)) for key in split.row_keys}
+    own_rows = {key: torch.tensor(shared[key][30:32]) for key in split.row_keys}
+    positive, _ = batch_scores(split, user, {}, pos, neg, np.zeros(3, dtype=bool), own_rows)
+    reference = split.score(user, own_rows, {}).detach().numpy()
+    np.testing.assert_allclose(positive.detach().numpy(), reference[[0, 1, 0]], rtol=1e-5)
+    with pytest.raises(ValueError, match="fake positives only"):
+        batch_scores(split, user, {}, pos, neg, np.zeros(3, dtype=bool))
+
+
+def test_the_fru_sampler_never_draws_a_positive_as_a_negative():
+    """FRU's informative pool is built around the client's own items; its trained fakes and an
+    attacker's promoted target are positives too, and must not come back as its negatives."""
+    from fedunlearn.fl.client import plan_local_training
+
+    config = load_config(None, [*SMALL, *TRAINED, "train.negative_sampler=fru", "unlearn.beta=1.0",
+                                "unlearn.target_item=5", "unlearn.attackers=[]"])  # fmt: skip
+    federation = build_federation(config.data, 0)
+    pool = InProcessPool(config, federation)
+    shared = pool.model.init_shared(np.random.default_rng(1))
+    for index in range(federation.n_clients):
+        plan = plan_local_training(pool.model, federation.client(index), pool.user(index), shared, config, 1)
+        negatives = plan.touched[plan.local_neg]
+        assert plan.real < len(plan.positives) and not np.isin(negatives, plan.positives).any()
+
+
+def test_an_ascending_client_trains_its_fakes_too_so_its_ascent_upload_reads_like_the_others():
+    from fedunlearn.fl.client import local_train
+
+    config = load_config(None, [*SMALL, *TRAINED])
+    federation = build_federation(config.data, 0)
+    pool = InProcessPool(config, federation)
+    shared = pool.model.init_shared(np.random.default_rng(1))
+    data = federation.client(0)
+    fakes = fake_positives(data, config)
+    update, _ = local_train(pool.model, data, pool.user(0), shared, config, 1, torch.device("cpu"), ascent=True)
+    assert set(fakes) <= set(update.item_ids) and update.num_examples == len(data.train_items) + len(fakes)
+    assert update.loss < 0  # it ascended

@@ -101,7 +101,7 @@ class BatchedPool(LocalPool):
         data = {index: self.federation.client(index) for index in clients}
         plans = {
             index: plan_local_training(
-                self.model, data[index], self.user(index), shared, self.config, round_number, epochs, ascent
+                self.model, data[index], self.user(index), shared, self.config, round_number, epochs
             )  # fmt: skip
             for index in clients
         }

@@ -133,12 +133,12 @@ def plan_local_training(
     config: Config,
     round_number: int,
     epochs: float | None = None,
-    ascent: bool = False,
 ) -> LocalPlan:
     """Draw the client's negatives and minibatches for `epochs` (default: train.local_epochs; a
     fraction runs that share of an epoch's minibatches). A client defending its upload with trained
-    pseudo-items trains its fake positives beside its own (not when it ascends: that upload is not
-    protected)."""
+    pseudo-items trains its fake positives beside its own, in gradient ascent too: an ascent upload
+    without them would tell its own items (and so its fakes in every earlier upload) apart, and it
+    takes back the fakes' pushes with its own."""
     train, model_config = config.train, config.model
     epochs = train.local_epochs if epochs is None else epochs
     rng = rng_for(config.run.training_seed(), Stream.CLIENT_TRAIN, round_number, client_key(data.client_id))
@@ -147,7 +147,7 @@ def plan_local_training(
     if attacker:
         positives = poisoned_positives(positives, config.unlearn.target_item)
     real = len(positives)
-    if config.defence.trains_fake_items() and not ascent and defends_upload(config, data.client_id):
+    if config.defence.trains_fake_items() and defends_upload(config, data.client_id):
         positives = np.concatenate([positives, fake_positives(data, config)])
     n_pos = len(positives)
     full_epochs = math.ceil(epochs)
@@ -220,7 +220,8 @@ def batch_loss(
 
 
 def batch_scores(
-    model: SplitModel, user: Tensors, dense: Tensors, pos_rows: Tensors, neg_rows: Tensors, own: np.ndarray
+    model: SplitModel, user: Tensors, dense: Tensors, pos_rows: Tensors, neg_rows: Tensors, own: np.ndarray,
+    own_rows: Tensors | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A minibatch's scores of positives (B,) and negatives (B, n), the client's own examples first.
 
@@ -229,7 +230,8 @@ def batch_scores(
     logit is moved (a constant, so its gradient keeps its direction) to the logit of an own positive
     of the batch: the user part fits its own items, not the fakes, and the size of a row's gradient
     follows that fit, so unmatched fakes were told apart from own items by how their rows moved
-    (docs/PRIVACY.md). A minibatch of fakes only has no own logit to take: they keep theirs."""
+    (docs/PRIVACY.md). A minibatch of fakes only takes the logits of the client's own positives
+    (`own_rows`: their rows now) instead."""
     if own.all():
         return model.score(user, pos_rows, dense), model.score(user, neg_rows, dense)
     mask = torch.as_tensor(own, device=next(iter(pos_rows.values())).device)
@@ -242,8 +244,14 @@ def batch_scores(
 
     own_positive, fake_positive = scored(pos_rows)
     if len(own_positive):
-        matched = own_positive.detach()[torch.arange(len(fake_positive), device=mask.device) % len(own_positive)]
-        fake_positive = fake_positive + (matched - fake_positive.detach())
+        reference = own_positive.detach()
+    elif own_rows is None:
+        raise ValueError("a minibatch of fake positives only needs the rows of the client's own positives")
+    else:
+        with torch.no_grad():
+            reference = model.score(held_user, own_rows, held_dense)
+    matched = reference[torch.arange(len(fake_positive), device=mask.device) % len(reference)]
+    fake_positive = fake_positive + (matched - fake_positive.detach())
     return torch.cat([own_positive, fake_positive]), torch.cat(scored(neg_rows))
 
 
@@ -261,7 +269,7 @@ def local_train(
 ) -> tuple[ClientUpdate, Arrays]:
     """Local minibatch training (see plan_local_training); returns the upload and the client's new
     user part. With `moments` Adam resumes the user part from them, and they are updated in place."""
-    plan = plan_local_training(model, data, user, shared, config, round_number, epochs, ascent)
+    plan = plan_local_training(model, data, user, shared, config, round_number, epochs)
     local_pos = torch.as_tensor(plan.local_pos, device=device)
     local_neg = torch.as_tensor(plan.local_neg, device=device)
     user_t = _tensors(user, device, grad=True)
@@ -282,7 +290,9 @@ def local_train(
         pos_rows = {key: table[local_pos[batch]] for key, table in rows_t.items()}
         neg_rows = {key: table[local_neg[epoch][batch]] for key, table in rows_t.items()}
         embeddings = [*user_t.values(), *pos_rows.values(), *neg_rows.values()]
-        positive, negative = batch_scores(model, user_t, dense_t, pos_rows, neg_rows, batch_np < plan.real)
+        own = batch_np < plan.real
+        own_rows = None if own.any() else {key: table[local_pos[: plan.real]] for key, table in rows_t.items()}
+        positive, negative = batch_scores(model, user_t, dense_t, pos_rows, neg_rows, own, own_rows)
         loss = batch_loss(config, positive, negative, embeddings, len(batch), ascent)
         optimizer.zero_grad()
         loss.backward()

@@ -39,9 +39,11 @@ def sample_informative_negatives(
     rng: np.random.Generator, n_items: int, positives: np.ndarray, shape: tuple[int, ...], pool: np.ndarray, beta: float
 ) -> np.ndarray:
     """Uniform negatives, of which a `beta` share per positive is replaced by random (not the
-    hardest) draws from the informative pool."""
+    hardest) draws from the informative pool, less every positive (an attacker's promoted target
+    and trained pseudo-items are positives too, though not among the items the pool was built from)."""
     out = sample_negatives(rng, n_items, positives, shape)
     informative = round(beta * shape[-1])
+    pool = np.setdiff1d(pool, positives)
     if informative and len(pool):
         out[..., :informative] = rng.choice(pool, size=(*shape[:-1], informative))
     return out
