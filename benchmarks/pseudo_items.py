@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 from fedunlearn.config import load_config
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.fl import uploads
-from fedunlearn.fl.client import fake_positives
+from fedunlearn.fl.fake_items import fake_positives
 from fedunlearn.fl.federation import Federation, build_federation
 from fedunlearn.fl.updates import ClientUpdate
 from fedunlearn.privacy.upload_attack import own_row_scores, recover_from_upload

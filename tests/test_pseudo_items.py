@@ -11,7 +11,7 @@ from fedunlearn.config import load_config
 from fedunlearn.engines.choice import choose_engine
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.fl.client import PSEUDO_SPREAD, batch_scores, fake_positives
+from fedunlearn.fl.fake_items import PSEUDO_SPREAD, batch_scores, fake_positives
 from fedunlearn.fl.federation import build_federation
 from fedunlearn.fl.training import recommendation_loss
 from fedunlearn.models import build_model
