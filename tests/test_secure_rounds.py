@@ -84,7 +84,7 @@ def test_a_contribution_secure_aggregation_would_clip_is_refused_with_the_settin
 
 
 @pytest.mark.parametrize("engine", ["inprocess", "batched"])
-def test_a_secure_round_never_sums_one_client(tmp_path, engine):
+def test_a_secure_round_never_sums_one_client(tmp_path, engine, capsys):
     """A sum over one client is its upload (the audit's upload view read it exactly), and Retrain's
     replay of a round without a removed client could leave one: under secure aggregation every round
     samples at least two clients (the lowest draws join), and a round left with one is refused."""
@@ -99,6 +99,16 @@ def test_a_secure_round_never_sums_one_client(tmp_path, engine):
     run_cli([*settings, "unlearn.drop=7@5", "unlearn.method=retrain"], engine, tmp_path / "run")  # exit 0
     with pytest.raises(FedUnlearnError, match="round 4: 1 client\\(s\\) trained, and a secure sum needs at least 2"):
         require_secure_quorum(1, 4)
+    with pytest.raises(FedUnlearnError, match="round 2: 9 clients trained and defence.secagg_min_clients = 10: no"):
+        require_secure_quorum(9, 2, 10)
+    require_secure_quorum(10, 2, 10)  # enough: some rows may reach 10
+    from fedunlearn.cli import main
+
+    sets = [*settings, "train.rounds=2", "defence.secagg_min_clients=10"]  # 40 x 0.1: about 4 clients a round
+    args = ["run", "--quiet", "--engine", engine, "--out", str(tmp_path / "frozen")]
+    args += [part for setting in sets for part in ("--set", setting)]
+    assert main(args) != 0
+    assert "secagg_min_clients = 10: no item row can reach it" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -194,6 +204,28 @@ def test_on_flower_the_server_receives_the_rounds_only_as_a_secagg_sum_and_train
     vectors = [bytes_to_ndarray(record[Key.MASKED_PARAMETERS][1]) for record in protocol
                if Key.MASKED_PARAMETERS in record]  # fmt: skip
     assert len(vectors) == sums * n and all(v.max() > quantization_range(n) for v in vectors)  # masked, not quantised
+
+
+@pytest.mark.flower
+def test_on_flower_the_rows_too_few_clients_touched_sit_out_as_in_process():
+    """A sparse federation where many rows are left out each round (defence.secagg_min_clients = 3):
+    the two SecAgg+ sums give the in-process model, and the rows no 3 clients touched never move."""
+    sets = ["data.synthetic_users=30", "data.synthetic_items=600", "train.fraction=0.3", "train.rounds=2",
+            "eval.every=2", "defence.upload=secagg", "defence.secagg_min_clients=3"]  # fmt: skip
+    config = load_config(None, TINY + sets)
+    federation = build_federation(config.data, config.run.seed)
+    expected = federated_server(config, federation, InProcessPool(config, federation), Progress(1, False)).run()
+    result = simulate_then(config, federation.n_clients, lambda result, pool: result)
+    n = federation.n_clients
+    initial = federated_server(config, federation, InProcessPool(config, federation), Progress(1, False)).initial
+    every_row = load_config(None, [*TINY, *sets, "defence.secagg_min_clients=1"])
+    summed = federated_server(every_row, federation, InProcessPool(every_row, federation), Progress(1, False)).run()
+    still = np.all(expected.shared["item_emb"] == initial["item_emb"], axis=1)
+    moved_when_summed = np.any(summed.shared["item_emb"] != initial["item_emb"], axis=1)
+    assert (still & moved_when_summed).sum() > 10  # trained rows that sat out every round: the path is exercised
+    np.testing.assert_array_equal(result.shared["item_emb"][still], initial["item_emb"][still])
+    for key, value in expected.shared.items():
+        np.testing.assert_allclose(result.shared[key], value, atol=50 * n * resolution(n, 1.0))
 
 
 @pytest.mark.flower

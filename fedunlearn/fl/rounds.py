@@ -368,7 +368,7 @@ class FederatedServer:
         rejected = Counter(reply.failure for reply in failed)
         details = [reply.detail for reply in failed if reply.detail]
         self._count("updates", rejected, len(contributors), len(clients), f"round {round_number}", details)
-        require_secure_quorum(len(contributors), round_number)
+        require_secure_quorum(len(contributors), round_number, self.config.defence.secagg_min_clients)
         total = layout.total(summed, len(contributors))
         self.client_epochs += total.epochs
         self.optimizer_steps += round(total.steps)

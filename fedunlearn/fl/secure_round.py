@@ -38,11 +38,16 @@ from fedunlearn.models.base import Arrays, SplitModel
 SECURE_UPLOAD = "secagg"
 
 
-def require_secure_quorum(contributors: int, round_number: int) -> None:
-    """A secure sum over one client is that client's upload: refuse it (FedUnlearnError)."""
+def require_secure_quorum(contributors: int, round_number: int, min_clients: int = 1) -> None:
+    """A secure sum over one client is that client's upload, and a round with fewer clients than
+    defence.secagg_min_clients cannot move a single item row: refuse both (FedUnlearnError)."""
     if contributors < 2:
         raise FedUnlearnError(f"round {round_number}: {contributors} client(s) trained, and a secure sum needs at "
                               "least 2 (over one it is that client's upload): raise train.fraction")  # fmt: skip
+    if contributors < min_clients:
+        raise FedUnlearnError(f"round {round_number}: {contributors} clients trained and defence.secagg_min_clients = "
+                              f"{min_clients}: no item row can reach it, so the item table would not move; lower "
+                              "defence.secagg_min_clients or raise train.fraction")  # fmt: skip
 
 
 @dataclass(frozen=True)
