@@ -39,7 +39,7 @@ from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.federation import cached_federation
 from fedunlearn.fl.replies import FAILED, TIMEOUT, Reply
 from fedunlearn.fl.rounds import ProgressHook
-from fedunlearn.fl.secure_round import SecureLayout, kept_rows
+from fedunlearn.fl.secure_round import SecureLayout, kept_rows, secure_quorum
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models.base import Arrays
 from server.privacy_queries import PrivacyQueries
@@ -178,7 +178,7 @@ class FlowerPool(PrivacyQueries):
         then one SecAgg+ sum over those that did gives the server the sum of their contributions."""
         replies, failed = self._send(TRAIN, round_number, clients, shared, done, tolerate=True)
         trained = sorted(self._sender(reply) for reply in replies)
-        if len(trained) < 2:  # no sum over fewer: the server refuses the round (rounds.require_secure_quorum)
+        if len(trained) < secure_quorum(self.config.defence.secagg_min_clients):  # the server refuses the round
             return trained, failed, np.zeros(layout.size)
         fields = {"round": round_number, "max-examples": layout.max_examples, "epochs": layout.epochs}
         least = self.config.defence.secagg_min_clients

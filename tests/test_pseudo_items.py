@@ -197,20 +197,25 @@ def test_a_minibatch_of_fakes_only_takes_the_own_positives_logits():
         batch_scores(split, user, {}, pos, neg, np.zeros(3, dtype=bool))
 
 
-def test_the_fru_sampler_never_draws_a_positive_as_a_negative():
+def test_the_fru_sampler_never_draws_a_positive_as_a_negative(tmp_path):
     """FRU's informative pool is built around the client's own items; its trained fakes and an
     attacker's promoted target are positives too, and must not come back as its negatives."""
     from fedunlearn.fl.client import plan_local_training
+    from fedunlearn.runs.runner import schedule_and_history
 
     config = load_config(None, [*SMALL, *TRAINED, "train.negative_sampler=fru", "unlearn.beta=1.0",
-                                "unlearn.target_item=5", "unlearn.attackers=[]"])  # fmt: skip
+                                "unlearn.poison=true", 'unlearn.drop="5@2"'])  # fmt: skip
     federation = build_federation(config.data, 0)
+    config, _, _ = schedule_and_history(config, federation, tmp_path)  # the attackers: the leaving clients
     pool = InProcessPool(config, federation)
     shared = pool.model.init_shared(np.random.default_rng(1))
+    attackers = 0
     for index in range(federation.n_clients):
         plan = plan_local_training(pool.model, federation.client(index), pool.user(index), shared, config, 1)
         negatives = plan.touched[plan.local_neg]
         assert plan.real < len(plan.positives) and not np.isin(negatives, plan.positives).any()
+        attackers += plan.attacker
+    assert attackers >= 1 and config.unlearn.target_item >= 0  # an attacker trained its promoted target
 
 
 def test_an_ascending_client_trains_its_fakes_too_so_its_ascent_upload_reads_like_the_others():

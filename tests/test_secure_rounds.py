@@ -104,11 +104,14 @@ def test_a_secure_round_never_sums_one_client(tmp_path, engine, capsys):
     require_secure_quorum(10, 2, 10)  # enough: some rows may reach 10
     from fedunlearn.cli import main
 
-    sets = [*settings, "train.rounds=2", "defence.secagg_min_clients=10"]  # 40 x 0.1: about 4 clients a round
+    # about 4 of the 40 clients drawn a round: the lowest draws join up to defence.secagg_min_clients
+    run_cli([*settings, "train.rounds=3", "defence.secagg_min_clients=5", "unlearn.drop=7@3", "unlearn.method=retrain"],
+            engine, tmp_path / "topped")  # fmt: skip
+    sets = [*TINY, "train.rounds=2", "defence.upload=secagg", "defence.secagg_min_clients=11"]  # 10 clients in all
     args = ["run", "--quiet", "--engine", engine, "--out", str(tmp_path / "frozen")]
     args += [part for setting in sets for part in ("--set", setting)]
     assert main(args) != 0
-    assert "secagg_min_clients = 10: no item row can reach it" in capsys.readouterr().err
+    assert "round 1: 10 clients trained and defence.secagg_min_clients = 11" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -21,13 +21,13 @@ from fedunlearn.config import Config, audits_privacy
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.aggregation import apply_delta
 from fedunlearn.fl.checkpoint import Checkpoint, prefixed, unprefixed
-from fedunlearn.fl.client import max_examples
+from fedunlearn.fl.client import defends_upload, max_examples
 from fedunlearn.fl.comparison import compare_with_retrain, initial_key
 from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.history import HistoryStore
 from fedunlearn.fl.replies import Reply, ReplyLimits, check_replies, median_norms
 from fedunlearn.fl.robust import server_delta
-from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout, require_secure_quorum
+from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout, require_secure_quorum, secure_quorum
 from fedunlearn.fl.server_optimizer import row_optimizer
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate, rescale_tensors
 from fedunlearn.metrics import hit_ratio, ranking_metrics
@@ -249,7 +249,7 @@ class FederatedServer:
 
     def sample(self, round_number: int) -> list[int]:
         ids = [self.client_ids[i] for i in self.active]
-        least = 2 if self.secure else 1  # a secure sum over one client would be its upload
+        least = secure_quorum(self.config.defence.secagg_min_clients) if self.secure else 1
         chosen = sample_clients(self.config.run.training_seed(), round_number, ids, self.config.train.fraction, least)
         return [self.active[i] for i in chosen]
 
@@ -278,12 +278,11 @@ class FederatedServer:
     def _count_ldp_uploads(self, replies: list[Reply[ClientUpdate]], ascent: bool) -> None:
         """Every upload a client sent under LDP spends privacy, a rejected one too (a failed client
         sent nothing; an ascent is not noised: fl.client.finish_update)."""
-        defence = self.config.defence
-        if "ldp" not in defence.upload or ascent:
+        if "ldp" not in self.config.defence.upload or ascent:
             return
         for reply in replies:
             client = self.client_ids[reply.sender]
-            if reply.value is not None and (defence.clients == "all" or client in defence.client_ids):
+            if reply.value is not None and defends_upload(self.config, client):
                 self.ldp_uploads[client] += 1
 
     def _count(self, kind: str, rejected: Counter[str], valid: int, asked: int, where: str, details: list[str]) -> None:

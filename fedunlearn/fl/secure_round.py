@@ -38,6 +38,12 @@ from fedunlearn.models.base import Arrays, SplitModel
 SECURE_UPLOAD = "secagg"
 
 
+def secure_quorum(min_clients: int) -> int:
+    """The fewest clients a secure round takes: two (a sum over one client is its upload), or
+    defence.secagg_min_clients when higher (fewer could not move a single item row)."""
+    return max(2, min_clients)
+
+
 def require_secure_quorum(contributors: int, round_number: int, min_clients: int = 1) -> None:
     """A secure sum over one client is that client's upload, and a round with fewer clients than
     defence.secagg_min_clients cannot move a single item row: refuse both (FedUnlearnError)."""

@@ -244,11 +244,12 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
             lines.append(f"{info['defending_clients']} clients defended with {config.defence.method} "
                          f"({info['defence_seconds']:.1f} s).")  # fmt: skip
         if "upload_attack" in info:
-            attack = info["upload_attack"]
+            attack = {key: "-" if value is None else f"{value:.3f}" for key, value in info["upload_attack"].items()}
             lines.append(
                 f"The upload-structure attack on one round's uploads recovered the clients' interactions at "
-                f"precision {attack['precision']:.3f} / recall {attack['recall']:.3f} and the direction of their "
-                f"embeddings at cosine {attack['cosine']:.3f} ({attack['clients']} clients)."
+                f"precision {attack['precision']} / recall {attack['recall']} and the direction of their "
+                f"embeddings at cosine {attack['cosine']} ({info['upload_attack']['clients']} clients; - where it "
+                "read nothing)."
             )
         lines.append("")
     present = [name for name in LINKED if (folder / name).exists() or name == FINAL]  # final.json comes last

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -222,7 +223,9 @@ def outcome_info(config: Config, result: FederationResult, history: HistoryStore
         info["defence_seconds"] = round(result.privacy.defence_seconds, 2)
         info["defending_clients"] = result.privacy.defending
         if result.privacy.upload_recovery is not None:
-            info["upload_attack"] = dataclasses.asdict(result.privacy.upload_recovery)
+            recovery = dataclasses.asdict(result.privacy.upload_recovery)  # a figure of no client read is null
+            info["upload_attack"] = {key: None if isinstance(value, float) and math.isnan(value) else value
+                                     for key, value in recovery.items()}  # fmt: skip
     if result.defence:
         info["defence"] = result.defence
     if history is not None:
