@@ -28,6 +28,7 @@ class Stream(IntEnum):
     NULL_LABELS = 11  # AttrCloak's null level: public random pseudo-classes, one set per attribute and draw
     HALVES = 12  # AttrCloak's covariance brake: public random halves of the clients, one per attribute and draw
     PSEUDO_ITEMS = 13  # trained pseudo-items: each client's fixed set of fake positives, one per run seed
+    RETRAIN_DRAWS = 14  # Retrain under secure aggregation: the training seed of its replay, one per event
 
 
 def rng_for(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

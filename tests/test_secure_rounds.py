@@ -3,6 +3,8 @@ server's step from the sum of the clients' contributions is the plain aggregatio
 the same model on every engine; the server holds nothing of a single upload, so the audit's upload
 attacks read every client alike (chance); whatever needs single uploads is refused."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,6 +25,7 @@ from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
 from fedunlearn.runs.assembly import federated_server
 from fedunlearn.runs.runner import schedule_and_history
+from fedunlearn.unlearning.retrain import retrain_seed
 from server.secure_sum import quantization_range, resolution
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -128,23 +131,45 @@ def test_what_needs_single_uploads_is_refused_under_secure_aggregation(setting, 
     assert "\n" not in str(refused.value) and "secagg" in str(refused.value)
 
 
+def _serve(engine, settings, folder):
+    config = load_config(None, TINY + settings)
+    federation = build_federation(config.data, config.run.seed)
+    folder.mkdir()
+    config, schedule, history = schedule_and_history(config, federation, folder)
+    return config, federated_server(config, federation, engine(config, federation), Progress(1, False), history,
+                                    schedule).run()  # fmt: skip
+
+
 @pytest.mark.parametrize("engine", [InProcessPool, BatchedPool])
-def test_a_secure_run_and_its_retrain_event_train_the_plain_runs_model(engine, tmp_path):
-    results = {}
-    for upload in ("none", "secagg"):  # every row summed, as the plain aggregation takes them
-        settings = ["train.rounds=3", "eval.every=3", 'unlearn.drop="3@3"', "unlearn.method=retrain"]
-        config = load_config(None, TINY + settings + [f"defence.upload={upload}", "defence.secagg_min_clients=1"])
-        federation = build_federation(config.data, config.run.seed)
-        (tmp_path / upload).mkdir()
-        config, schedule, history = schedule_and_history(config, federation, tmp_path / upload)
-        pool = engine(config, federation)
-        results[upload] = federated_server(config, federation, pool, Progress(1, False), history, schedule).run()
+def test_a_secure_run_trains_the_plain_runs_model(engine, tmp_path):
+    results = {upload: _serve(engine, ["train.rounds=3", "eval.every=3", f"defence.upload={upload}",
+                                       "defence.secagg_min_clients=1"], tmp_path / upload)[1]
+               for upload in ("none", "secagg")}  # fmt: skip
     for key, value in results["none"].shared.items():
         np.testing.assert_allclose(results["secagg"].shared[key], value, atol=1e-6)
     assert results["secagg"].final["HR@10"] == results["none"].final["HR@10"]
-    (plain,), (secure,) = results["none"].events, results["secagg"].events  # Retrain ran through secure rounds
-    assert secure["after"]["HR@10"] == plain["after"]["HR@10"] and secure["client_epochs"] == plain["client_epochs"]
     assert results["secagg"].final["train_loss"] == pytest.approx(results["none"].final["train_loss"], abs=1e-9)
+
+
+@pytest.mark.parametrize("engine", [InProcessPool, BatchedPool])
+def test_retrain_under_secure_aggregation_draws_its_training_afresh(engine, tmp_path):
+    """With the run's own draws every retained client's contribution to a replayed round repeated to
+    the bit, so the original round's secure sum less the replay's was the removed clients' upload.
+    Retrain's replay is instead a run of its own training seed without the removed clients: equal to
+    one started that way, and apart from the run's own draws."""
+    settings = ["train.rounds=3", "eval.every=3", 'unlearn.drop="3@3"', "unlearn.method=retrain",
+                "defence.upload=secagg", "defence.secagg_min_clients=1"]  # fmt: skip
+    config, secure = _serve(engine, settings, tmp_path / "secure")
+    (event,) = secure.events
+    seed = retrain_seed(config, 3)
+    assert seed != config.run.training_seed()
+    removed = f"data.exclude_clients={json.dumps(event['clients'])}"
+    _, alone = _serve(engine, ["train.rounds=2", "eval.every=2", f"run.train_seed={seed}", removed], tmp_path / "alone")
+    for key, value in alone.shared.items():
+        np.testing.assert_allclose(secure.unlearned[key], value, atol=1e-6)
+    assert event["after"]["HR@10"] == alone.final["HR@10"]
+    _, own_draws = _serve(engine, ["train.rounds=2", "eval.every=2", removed], tmp_path / "own")
+    assert not np.allclose(secure.unlearned["item_emb"], own_draws.shared["item_emb"], atol=1e-3)
 
 
 @pytest.mark.parametrize("engine", [InProcessPool, BatchedPool])

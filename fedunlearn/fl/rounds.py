@@ -10,14 +10,14 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 
-from fedunlearn.config import Config, audits_privacy
+from fedunlearn.config import Config, audits_privacy, derive
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.aggregation import apply_delta
 from fedunlearn.fl.checkpoint import Checkpoint, prefixed, unprefixed
@@ -54,6 +54,8 @@ class ServerPlugins:
 class ClientPool(Protocol):
     """Runs the client steps on the chosen clients (by federation index) and returns their replies,
     each tagged with the client the transport says sent it; the server checks them (replies.py)."""
+
+    config: Config  # what the clients are told to run (the server may change the training draws)
 
     def train(
         self,
@@ -382,6 +384,20 @@ class FederatedServer:
         loss = total.loss / total.count
         touched, rows, dense = total.mean_change()
         return new_shared, RoundSeen(loss, [ClientUpdate(c, 0, touched, rows, dense, loss) for c in ids])
+
+    @contextmanager
+    def training_draws(self, seed: int) -> Iterator[None]:
+        """Train with another training seed for a while, the initial parameters and the clients'
+        fresh user parts drawn from it too, the server and its clients alike; the run's own draws
+        come back after (Retrain under secure aggregation: unlearning/retrain.py)."""
+        config, initial = self.config, self.initial
+        self.config = self.pool.config = derive(config, {"run.train_seed": seed})
+        self.initial = self.model.init_shared(rng_for(seed, Stream.SHARED_INIT))
+        try:
+            yield
+        finally:
+            self.config = self.pool.config = config
+            self.initial = initial
 
     def records_history(self) -> bool:
         """Whether rounds trained now (or replayed by a method now) are stored: only while a drop event

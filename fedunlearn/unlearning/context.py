@@ -5,6 +5,7 @@ depend on this protocol only, so the round loop knows no method and no method kn
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from fedunlearn.config import Config
@@ -45,6 +46,8 @@ class UnlearningServer(Protocol):
     def roll_back_users(self) -> None: ...
 
     def restart_server_optimizer(self) -> None: ...
+
+    def training_draws(self, seed: int) -> AbstractContextManager[None]: ...
 
 
 Method = Callable[[UnlearningServer, int, list[int]], Arrays]
