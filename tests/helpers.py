@@ -13,9 +13,10 @@ TINY = [
 ]
 
 
-def simulate_then(config, n_clients, then):
-    """Flower's simulation as server.simulation.run_flower starts it, with `then(result, pool)` run by
-    the ServerApp after training; returns what `then` returned."""
+def simulate_then(config, n_clients, then, history=None, schedule=None):
+    """Flower's simulation as server.simulation.run_flower starts it (with this history and drop
+    schedule), with `then(result, pool)` run by the ServerApp after training; returns what `then`
+    returned."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -32,7 +33,7 @@ def simulate_then(config, n_clients, then):
     @app.main()
     def main(grid, context):
         try:
-            outcome.append(then(*serve(grid, config, Progress(1, False), keep_replies=True)))
+            outcome.append(then(*serve(grid, config, Progress(1, False), True, history, schedule)))
         except Exception as error:  # re-raised below: the simulation would only log it
             errors.append(error)
 

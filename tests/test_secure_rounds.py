@@ -208,30 +208,40 @@ def test_under_secure_aggregation_the_upload_attacks_read_every_client_alike(tmp
 
 
 @pytest.mark.flower
-def test_on_flower_the_server_receives_the_rounds_only_as_a_secagg_sum_and_trains_the_same_model():
-    config = load_config(None, TINY + ["train.rounds=2", "eval.every=2", "defence.upload=secagg"])
+def test_on_flower_the_server_receives_the_rounds_only_as_a_secagg_sum_and_trains_the_same_model(tmp_path):
+    """Also through a Retrain event, whose replay's own training draws reach the Flower clients."""
+    drop = ['unlearn.drop="3@2"', "unlearn.method=retrain"]
+    config = load_config(None, TINY + ["train.rounds=2", "eval.every=2", "defence.upload=secagg", *drop])
     federation = build_federation(config.data, config.run.seed)
-    expected = federated_server(config, federation, InProcessPool(config, federation), Progress(1, False)).run()
+    stores = {}
+    for engine in ("inprocess", "flower"):
+        (tmp_path / engine).mkdir()
+        config, *stores[engine] = schedule_and_history(config, federation, tmp_path / engine)
+    schedule, history = stores["inprocess"]
+    expected = federated_server(config, federation, InProcessPool(config, federation), Progress(1, False), history,
+                                schedule).run()  # fmt: skip
 
     def kept(result, pool):
         return result, list(zip(pool.reply_types, pool.replies_seen, strict=True))
 
-    result, replies = simulate_then(config, federation.n_clients, kept)
+    result, replies = simulate_then(config, federation.n_clients, kept, stores["flower"][1], stores["flower"][0])
     n = federation.n_clients
     for key, value in expected.shared.items():  # SecAgg+ rounds each contribution to its grid
+        np.testing.assert_allclose(result.unlearned[key], expected.unlearned[key], atol=50 * n * resolution(n, 1.0))
         np.testing.assert_allclose(result.shared[key], value, atol=50 * n * resolution(n, 1.0))
+    trained = n + 2 * (n - 1)  # round 1, Retrain's replay of it and round 2 without client 3
     training = [content for kind, content in replies if kind == TRAIN]
-    assert len(training) == 2 * n and all(not content.array_records for content in training)  # ids only
+    assert len(training) == trained and all(not content.array_records for content in training)  # ids only
     stages = [content for kind, content in replies if kind == "train"]  # SecAgg+: 4 stages, each client, in
-    sums = 2 * 2  # each round's two sums: the rows touched (defence.secagg_min_clients = 2), then the uploads
-    assert len(stages) == 4 * sums * n
+    sums = 2 * trained  # each round's two sums: the rows touched (defence.secagg_min_clients = 2), then the uploads
+    assert len(stages) == 4 * sums
     assert all(len(record) == 0 for content in stages for record in content.array_records.values())
     sent = {key for content in stages for key in content.config_records[RECORD_KEY_CONFIGS]}
     assert Key.MASKED_PARAMETERS in sent and sent <= PROTOCOL_KEYS  # key material and masked vectors only
     protocol = [content.config_records[RECORD_KEY_CONFIGS] for content in stages]
     vectors = [bytes_to_ndarray(record[Key.MASKED_PARAMETERS][1]) for record in protocol
                if Key.MASKED_PARAMETERS in record]  # fmt: skip
-    assert len(vectors) == sums * n and all(v.max() > quantization_range(n) for v in vectors)  # masked, not quantised
+    assert len(vectors) == sums and all(v.max() > quantization_range(n) for v in vectors)  # masked, not quantised
 
 
 @pytest.mark.flower
