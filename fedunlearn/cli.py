@@ -1,4 +1,4 @@
-"""The `fedunlearn` command: run | experiment | data info."""
+"""The `fedunlearn` command: run | experiment | suite | report | audit | data info."""
 
 from __future__ import annotations
 
@@ -225,7 +225,8 @@ def _audit(args: argparse.Namespace) -> None:
         table, _ = privacy_table({"embedding": arrays[stage]}, attributes, config)
         tables.append(table.assign(stage=stage))
     table = pd.concat(tables, ignore_index=True)
-    columns = ["stage", "attacker", "attribute", "audit", "accuracy", "balanced_accuracy", "chance", "at_risk"]
+    columns = ["stage", "attacker", "attribute", "audit", "accuracy", "balanced_accuracy",
+               "balanced_accuracy_relabelled", "chance", "null_95", "at_risk"]  # fmt: skip
     print(readable(table[[c for c in columns if c in table.columns]]))
     if out is not None:
         table.to_csv(out, index=False)

@@ -604,7 +604,7 @@ def test_one_upload_gives_away_the_clients_positives_and_for_mf_its_embeddings_d
             assert low < defended.precision < high and defended.recall > 0.95  # mimic: about 1 / (1 + ratio)
 
 
-def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figures(tmp_path):
+def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figures(tmp_path, capsys):
     from fedunlearn.cli import main
 
     out = tmp_path / "run"
@@ -629,7 +629,10 @@ def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figu
     assert not np.allclose(embeddings["before"], embeddings["after"])  # the defence moved the users
     assert (out / "tradeoff.png").exists() and (out / "embeddings.png").exists()
     rerun = tmp_path / "rerun.csv"
+    capsys.readouterr()
     assert main(["audit", str(out), "--out", str(rerun)]) == 0  # the saved central view, attacked again
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert {"chance", "null_95", "balanced_accuracy_relabelled"} <= set(header)  # the null band beside chance
     again = pd.read_csv(rerun)
     first = table[(table.view == "embedding") & (table.audit == "global")].reset_index(drop=True)
     second = again[again.audit == "global"].reset_index(drop=True)
