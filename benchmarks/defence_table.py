@@ -15,15 +15,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedunlearn.runs.report import run_name
 
-def run_rows(folder: Path, run: str) -> pd.DataFrame:
+
+def run_rows(folder: Path, run: str, seed: str) -> pd.DataFrame:
     """The embedding view's global audit rows of one run, with its NDCG@10 change per defence."""
     audit = pd.read_csv(folder / "audit.csv")
     audit = audit[(audit["audit"] == "global") & (audit["view"] == "embedding")].copy()
     trained = audit.loc[audit["defence"] == "none", "NDCG@10"].iloc[0]
     audit["ndcg_change"] = 100 * (audit["NDCG@10"] / trained - 1)
     audit["run"] = run
-    audit["seed"] = folder.name
+    audit["seed"] = seed
     return audit
 
 
@@ -31,8 +33,7 @@ def table(experiment: Path) -> pd.DataFrame:
     folders = sorted(path.parent for path in experiment.glob("**/audit.csv"))
     if not folders:
         raise SystemExit(f"{experiment}: no run folders with an audit.csv found")
-    runs = {folder: "/".join(folder.relative_to(experiment).parts[:-1]) for folder in folders}  # SETTING[/MODEL]
-    rows = pd.concat([run_rows(folder, runs[folder]) for folder in folders], ignore_index=True)
+    rows = pd.concat([run_rows(folder, *run_name(experiment, folder)) for folder in folders], ignore_index=True)
     out = []
     for (run, defence), block in rows.groupby(["run", "defence"], sort=False):
         row = {"run": run, "defence": defence, "seeds": block["seed"].nunique()}

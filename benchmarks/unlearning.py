@@ -65,7 +65,7 @@ def main() -> None:
     for method, runs in events.items():
         event = runs[0]
         epochs, steps = event["client_epochs"], event["optimizer_steps"]
-        ratio = lambda ref, value, floor=0.0: f"{ref / value:.2f}" if value > floor else "-"  # noqa: E731
+        ratio = lambda ref, value, floor=0.0: f"{ref / value:.2f}" if min(ref, value) > floor else "-"  # noqa: E731
         wall = ratio(seconds["retrain"], seconds[method], MEASURABLE_SECONDS)  # no ratio over bookkeeping
         print(
             f"| {method} | {seconds[method]:.2f} s | {epochs:.0f} | {steps} | {wall} "

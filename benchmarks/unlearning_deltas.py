@@ -40,6 +40,7 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
     reference = retrains.drop(twins.index).set_index([*keys, "seed", *(["retrain_key"] if keyed else [])])
     runs = runs.drop(twins.index)
     by = ["setting", "method"] if "setting" in runs else ["method"]
+    judged = judged_metrics(runs)
     rows = []
     for values, block in runs.groupby([*by, *keys], sort=False):
         names, group = values[: len(by)], values[len(by) :]
@@ -50,6 +51,9 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
         row["retrain HR@10"] = f"{base['HR@10'].mean():.4f}"
         met = True
         for metric, bound in TARGETS_AGAINST_RETRAIN.items():
+            if metric not in judged:
+                row[f"Δ{metric} per seed"] = "-"
+                continue
             delta = block[metric].to_numpy() - base[metric].to_numpy()
             row[f"Δ{metric} per seed"] = " / ".join(f"{d:+.3f}" for d in delta)
             met &= bool((abs(delta) <= bound + 1e-9).all())  # a bound is met when reached (float rounding)
@@ -63,6 +67,11 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
             row |= _against_twins(block, base, twins, dict(zip(keys, group, strict=True)))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def judged_metrics(runs: pd.DataFrame) -> list[str]:
+    """The targets' metrics every run has (ER@10 only where the runs promote an item: unlearn.poison)."""
+    return [metric for metric in TARGETS_AGAINST_RETRAIN if metric in runs and runs[metric].notna().all()]
 
 
 def _against_twins(block: pd.DataFrame, base: pd.DataFrame, twins: pd.DataFrame, group: dict) -> dict[str, str]:
@@ -85,6 +94,8 @@ def undiscriminating(table: pd.DataFrame) -> list[str]:
     for _, row in table[table["method"] == "none"].iterrows():
         where = ", ".join(f"{key} {row[key]}" for key in ("model", "event") if key in row)
         for metric, bound in TARGETS_AGAINST_RETRAIN.items():
+            if row[f"Δ{metric} per seed"] == "-":
+                continue
             deltas_per_seed = [float(value) for value in str(row[f"Δ{metric} per seed"]).split(" / ")]
             if all(abs(delta) <= bound + 1e-9 for delta in deltas_per_seed):
                 notes.append(f"{where}: `none` (no unlearning) also has |Δ{metric}| within {bound} on every seed, "
@@ -98,6 +109,9 @@ def main() -> None:
     args = parser.parse_args()
     table = deltas(pd.read_csv(args.runs))
     print(table[table["method"] != "retrain"].to_markdown(index=False))
+    unjudged = [metric for metric in TARGETS_AGAINST_RETRAIN if (table[f"Δ{metric} per seed"] == "-").all()]
+    if unjudged:
+        print(f"\nnote: not judged ('-'), some run lacks it: {', '.join(unjudged)} (ER@10 needs unlearn.poison)")
     for note in undiscriminating(table):
         print(f"\nnote: {note}")
 

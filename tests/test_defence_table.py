@@ -44,3 +44,11 @@ def test_an_attack_some_seed_lacks_is_shown_as_missing_not_averaged_over_the_oth
     pd.concat([pd.read_csv(folder / "seed1" / "audit.csv"), extra]).to_csv(folder / "seed1" / "audit.csv", index=False)
     dd = table(tmp_path).set_index(["run", "defence"]).loc[("trained/mf", "attrcloak-dd")]
     assert dd["seeds"] == 2 and dd["gender mlp (chance 0.500)"] == "-"  # was seed 0's 0.500 alone
+
+
+def test_settings_without_seed_folders_are_not_averaged_together(tmp_path):
+    write_run(tmp_path / "dd", {"none": 0.40, "attrcloak-dd": 0.38}, {"none": 0.60, "attrcloak-dd": 0.50}, 50)
+    write_run(tmp_path / "df", {"none": 0.40, "attrcloak-dd": 0.30}, {"none": 0.60, "attrcloak-dd": 0.70}, 70)
+    out = table(tmp_path).set_index(["run", "defence"])
+    assert out.loc[("dd", "attrcloak-dd"), "steps"] == "50" and out.loc[("df", "attrcloak-dd"), "steps"] == "70"
+    assert out.loc[("df", "attrcloak-dd"), "NDCG@10 change"] == "-25.0% (-25.0)"

@@ -62,6 +62,8 @@ def test_a_run_report_has_every_plot_and_its_tables_equal_the_runs_files(folders
     quality = _table(markdown, "Recommendation quality (final round)")
     assert quality.loc[0, "HR@10"] == f"{final['metrics']['HR@10']:.4f}"
     assert quality.loc[0, "NDCG@10"] == f"{final['metrics']['NDCG@10']:.4f}"
+    assert quality.loc[0, "defence"] == "before attrcloak-dd" and quality.loc[0, "dataset"] == "synthetic"
+    assert "before attrcloak-dd moved the user parts" in (folders / "run" / "summary.md").read_text()
     unlearning = _table(markdown, "Unlearning, judged against Retrain").set_index("method")
     saved = pd.read_csv(folders / "run" / "unlearning.csv").set_index("method")
     for method in saved.index:
@@ -146,13 +148,15 @@ def test_a_mixed_experiment_reports_only_event_rows_as_unlearning_and_same_named
         '[[setting]]\nname = "audited"\nset = { "audit.enabled" = true, "audit.attackers" = ["mlp"] }\n'
         '[[setting]]\nname = "retrain"\nset = { "unlearn.method" = "retrain", "unlearn.drop_random" = "10%@3" }\n'
         '[[setting]]\nname = "none"\nset = { "unlearn.method" = "none", "unlearn.drop_random" = "10%@3" }\n'
-    )
+        '[[setting]]\nname = "audited-none"\nset = { "unlearn.method" = "none", "unlearn.drop_random" = "10%@3", '
+        '"audit.enabled" = true, "audit.attackers" = ["mlp"] }\n'
+    )  # the audited run with a drop kept only its audit rows: its event was lost
     assert main(["experiment", str(tmp_path / "mixed.toml"), "--out", str(tmp_path / "mixed"), "--quiet"]) == 0
     rows = unlearning_rows(collect([tmp_path / "mixed"]))
-    assert sorted(rows["method"]) == ["none", "retrain"] and rows["retrain_key"].nunique() == 1
+    assert sorted(rows["method"]) == ["none", "none", "retrain"] and rows["retrain_key"].nunique() == 1
     assert main(["report", str(tmp_path / "mixed"), "--out", str(tmp_path / "r")]) == 0
     unlearning = _table((tmp_path / "r" / "report.md").read_text(), "Unlearning, judged against Retrain")
-    assert sorted(unlearning["method"]) == ["none", "retrain"]
+    assert sorted(unlearning["method"]) == ["none", "none", "retrain"]
     for seed, lr in ((0, "0.01"), (1, "0.02")):
         settings = [f"--set={item}" for item in TINY[:-1]] + [f"--set=run.seed={seed}", f"--set=train.lr={lr}"]
         assert main(["run", *settings, "--quiet", "--out", str(tmp_path / f"g{seed}" / "myrun")]) == 0
@@ -160,3 +164,31 @@ def test_a_mixed_experiment_reports_only_event_rows_as_unlearning_and_same_named
     assert main(["report", str(tmp_path / "g0" / "myrun"), str(tmp_path / "g1" / "myrun"), "--out",
                  str(tmp_path / "r2")]) == 2  # fmt: skip
     assert "share the name 'myrun' but differ in train.lr" in capsys.readouterr().err
+
+
+def test_an_experiment_with_an_unfinished_run_is_refused(folders, tmp_path, capsys):
+    """A resume killed part-way leaves runs.csv of the earlier runs beside a finished run it does not
+    list and a partial one: the report read the folders and runs.csv apart and rendered both."""
+    import shutil
+
+    copy = tmp_path / "exp"
+    shutil.copytree(folders / "exp", copy)
+    (copy / "federaser" / "seed2.partial").mkdir()
+    capsys.readouterr()
+    assert main(["report", str(copy), "--out", str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err
+    assert "unfinished runs (seed2.partial)" in error and error.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("damage", ["", "defence,view\n", "defence,view,attacker,attribute,audit\nnone,embedding,mlp\n"])
+def test_a_damaged_side_file_is_a_one_line_error(folders, tmp_path, capsys, damage):
+    """An empty or cut audit.csv gave a pandas traceback, or a table row of '-' and exit 0."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(folders / "run", copy)
+    (copy / "audit.csv").write_text(damage if damage else "x\n\"")
+    capsys.readouterr()
+    assert main(["report", str(copy), "--out", str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err
+    assert "audit.csv is damaged" in error and error.count("\n") == 1 and not (tmp_path / "r").exists()

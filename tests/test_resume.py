@@ -197,6 +197,8 @@ def test_an_experiment_keeps_its_finished_runs_and_resumes_the_rest(tmp_path, ca
                  "--only", "c"]) == 0  # fmt: skip
     assert (out / "a" / "final.json").stat().st_mtime_ns == stamp  # read back, not rerun
     assert (out / "table.csv").read_text() == table
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume", "--only", "a"]) == 0
+    assert (out / "table.csv").read_text() == table  # c's finished run stays in the tables (was a's alone)
 
 
 @pytest.mark.parametrize("name", ["../x", "/abs", "a/b", ".hidden", ""])

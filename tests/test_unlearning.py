@@ -622,6 +622,9 @@ def test_no_wall_time_speedup_is_taken_over_an_event_that_is_only_bookkeeping():
     compare_with_retrain(rows, [None, None, None])
     assert np.isnan(rows[1]["speedup_time"]) and np.isnan(rows[1]["speedup"])
     assert rows[2]["speedup_time"] == pytest.approx(5.0) and np.isnan(rows[2]["speedup"])
+    quick = [row | {"unlearn_seconds": 0.05} if row["method"] == "retrain" else dict(row) for row in rows]
+    compare_with_retrain(quick, [None, None, None])  # a Retrain of bookkeeping time measures nothing either
+    assert np.isnan(quick[2]["speedup_time"]) and np.isnan(quick[0]["speedup_time"])
 
 
 def test_train_seed_redraws_training_and_keeps_the_drops(tmp_path):

@@ -105,3 +105,17 @@ def test_a_mean_over_seeds_is_empty_where_a_seed_lacks_the_figure():
     assert table.loc["fru", "seeds"] == 3 and pd.isna(table.loc["fru", "speedup_time"])
     assert pd.isna(table.loc["fru", "speedup_time_std"]) and pd.isna(table.loc["none", "speedup_time"])
     assert table.loc["fru", "HR@10"] == pytest.approx(0.6) and table.loc["fru", "HR@10_std"] == pytest.approx(0.1)
+
+
+def test_an_experiment_without_a_promoted_item_is_judged_on_the_metrics_it_has():
+    """Without unlearn.poison runs.csv has no ER@10: the script stopped on a KeyError."""
+    def row(method, seed, hr, mia):
+        return {"method": method, "model": "mf", "event": 10, "seed": seed, "status": "ok", "HR@10": hr, "MIA_AUC": mia}
+
+    runs = pd.DataFrame([row("retrain", 0, 0.50, 0.50), row("fru", 0, 0.51, 0.52), row("none", 0, 0.40, 0.5)])
+    module = _module()
+    table = module.deltas(runs).set_index("method")
+    assert table.loc["fru", "ΔER@10 per seed"] == "-" and table.loc["fru", "targets met"] == "yes"
+    assert table.loc["none", "targets met"] == "no"  # its HR@10 is 0.10 below Retrain's
+    notes = module.undiscriminating(table.reset_index())
+    assert len(notes) == 1 and "MIA_AUC" in notes[0]

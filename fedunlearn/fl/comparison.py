@@ -93,6 +93,7 @@ MEASURABLE_SECONDS = 0.1  # below this an event is bookkeeping, not work (`none`
 
 
 def _ratio(reference: float, value: float, floor: float) -> float:
-    """reference / value, or NaN (an empty cell) where value is at most `floor`: a method that
-    trained nothing has no speedup, not an infinite one."""
-    return reference / value if value > floor else float("nan")
+    """reference / value, or NaN (an empty cell) where either is at most `floor`: a method that
+    trained nothing has no speedup, not an infinite one, and a Retrain that took bookkeeping time is
+    no measure of one."""
+    return reference / value if value > floor and reference > floor else float("nan")

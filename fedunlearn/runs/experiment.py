@@ -190,8 +190,9 @@ def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tu
             (staging.folder / REQUESTED_FILE).write_text(json.dumps(_requested(config), sort_keys=True) + "\n")
             outcome = execute(config, staging.folder, show_progress)
             staging.final = write_run(staging.folder, outcome.config, outcome.result, outcome.info)
-            privacy = outcome.result.privacy is not None
-            rows = _privacy_rows(name, config, outcome) if privacy else _rows(name, config, outcome)
+            audited, events = outcome.result.privacy is not None, bool(outcome.result.events)
+            rows = _privacy_rows(name, config, outcome) if audited else []  # an audit's rows, and its events' rows
+            rows += _rows(name, config, outcome) if events or not audited else []
             rows = [row | {"status": "ok"} for row in rows]
             (staging.folder / ROWS_FILE).write_text(json.dumps({"format": ROWS_FORMAT, "rows": rows}) + "\n")
     except FedUnlearnError as error:
@@ -231,6 +232,10 @@ def run_experiment(
     if not resume and folder.exists():
         hint = "continue it with --resume" if ours else "it is not this experiment's folder"
         raise FedUnlearnError(f"results folder {folder} exists ({hint}): choose another --out")
+    if resume and only:  # the other settings' finished runs stay in runs.csv and the tables
+        chosen = {name for name, _ in settings}
+        settings = [(name, config) for name, config in load_settings(path, overrides, None, seeds)
+                    if name in chosen or (folder / name / FINAL).is_file()]  # fmt: skip
     if resume:
         _check_resumable(folder, settings)
     folder.mkdir(parents=True, exist_ok=True)
@@ -290,7 +295,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     floor, a seed without its Retrain) is left empty rather than averaged over the others beside a
     `seeds` count that says all of them."""
     # an audited run's `setting` is its defence and `run` the experiment's setting: both tell rows apart
-    grouping = ("run", "setting", "defence", "model", "mode", "engine", "method", "event", "audit", "view")
+    grouping = ("run", "setting", "dataset", "defence", "model", "mode", "engine", "method", "event", "audit", "view")
     grouping += ("attacker", "attribute")
     keys = [c for c in grouping if c in runs.columns]
     numeric = [c for c in runs.columns if c not in keys and c != "seed" and pd.api.types.is_numeric_dtype(runs[c])]

@@ -70,7 +70,7 @@ def plot_rounds(curves: dict[str, pd.DataFrame], events: dict[str, list[int]], p
             for event in events.get(name, []):
                 axis.axvline(event, color=style[name]["color"], linestyle=":", linewidth=1)
         axis.set_xlabel("round (epoch for centralized runs)")
-        axis.set_ylabel(f"{metric} (all clients present)")
+        axis.set_ylabel(f"{metric} (the clients present at each evaluation)")
         axis.set_title(metric)
     grid[0, 0].plot([], [], color="grey", linestyle=":", label="drop event (a run's colour)")
     _finish(figure, path, "Recommendation quality over the rounds", grid)
@@ -131,7 +131,7 @@ def plot_forgetting(table: pd.DataFrame, path: Path) -> None:
     group_keys = [c for c in ("run", "model", "event") if c in table.columns]
     groups = table[group_keys].fillna("").astype(str).agg(" ".join, axis=1).str.strip()
     markers = styles(groups)
-    figure, grid = plt.subplots(1, max(1, len(columns)), figsize=(6 * max(1, len(columns)), 5.5), squeeze=False)
+    figure, grid = plt.subplots(1, max(1, len(columns)), figsize=(max(11, 6 * len(columns)), 5.5), squeeze=False)
     jitter = np.random.default_rng(0).uniform(-0.25, 0.25, len(table))  # fixed: the same picture every time
     for axis, column in zip(grid[0], columns, strict=False):
         delta = _minus_retrain(table, column)
@@ -180,7 +180,7 @@ def plot_tradeoff(table: pd.DataFrame, path: Path, label: str = "defence") -> No
                 axis.scatter(group["NDCG@10"], group[accuracy], s=50, color=colours[defence]["color"],
                              marker=markers[attacker]["marker"], edgecolor="black", linewidth=0.5)  # fmt: skip
             if len(rows):
-                axis.axhline(rows["chance"].iloc[0], linestyle="--", color="grey")
+                axis.axhline(rows["chance"].mean(), linestyle="--", color="grey")  # seeds' test splits differ
             axis.margins(0.15)
             axis.set_xlabel("NDCG@10 after the defence")
             axis.set_ylabel("attack balanced accuracy" + (" (relabelled)" if accuracy.endswith("relabelled") else ""))
@@ -188,7 +188,7 @@ def plot_tradeoff(table: pd.DataFrame, path: Path, label: str = "defence") -> No
     handles = [Patch(facecolor=colours[d]["color"], edgecolor="black", label=f"{label}: {d}") for d in colours]
     handles += [Line2D([], [], color="black", marker=markers[a]["marker"], linestyle="", markerfacecolor="white",
                        label=f"attacker: {a}") for a in markers]  # fmt: skip
-    handles.append(Line2D([], [], color="grey", linestyle="--", label="chance"))
+    handles.append(Line2D([], [], color="grey", linestyle="--", label="chance (mean over seeds)"))
     _finish(figure, path, f"Attribute privacy against utility ({label} by colour, attacker by marker)", grid, handles)
 
 
@@ -295,8 +295,9 @@ def plot_scalability(engines: pd.DataFrame, scaling: pd.DataFrame, path: Path) -
         left.annotate(f"{seconds:.2f} s, {memory:.0f} MiB", (position, seconds), ha="center", va="bottom", fontsize=8)
     if timed.empty:
         left.text(0.5, 0.5, "no engine timed on ML-100K", ha="center", va="center", transform=left.transAxes)
-    else:
+    else:  # from a decade below the fastest: bars of close values look close, not 20x apart
         left.set_yscale("log")
+        left.set_ylim(bottom=10 ** np.floor(np.log10(timed[per_round].min())) / 10)
     left.set_xticks(range(len(timed)), list(timed.get("engine", [])))
     left.set_xlabel("engine")
     left.set_ylabel("seconds per round, 943 clients (log)")

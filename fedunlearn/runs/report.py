@@ -36,13 +36,22 @@ from fedunlearn.runs.plots import (
     plot_tradeoff,
     plot_unlearning,
 )
-from fedunlearn.runs.results import EMBEDDINGS_FILE, FINAL, read_central_view, saved_attributes
+from fedunlearn.runs.results import EMBEDDINGS_FILE, FINAL, LOCK, read_central_view, saved_attributes
 from fedunlearn.runs.tables import audit_columns, readable, readable_cells
 
-SEED_FOLDER = re.compile(r"/?seed\d+$")
+SEED_FOLDER = re.compile(r"(?:^|/)seed\d+$")  # a seed folder, not a name ending in "seed1"
+AUDIT_KEYS = ("defence", "view", "attacker", "attribute", "audit")  # what each row of an audit.csv is
 BENCHMARK_DONE = "benchmark.md"  # written last by a benchmark script's --out
 UNLEARNING_COLUMNS = ("HR@10", "NDCG@10", "HR@10_active", "HR@10_inactive", "ER@10", "MIA_AUC", "speedup_time",
                       "speedup", "speedup_steps", "client_epochs", "optimizer_steps", "unlearn_seconds")  # fmt: skip
+
+
+def run_name(experiment: Path, folder: Path) -> tuple[str, str]:
+    """A run folder's setting (its path in the experiment less the seed folder: SETTING[/MODEL]) and
+    its seed folder's name ("" in an experiment without a seeds list: one run per setting)."""
+    relative = folder.relative_to(experiment).as_posix()
+    seed = SEED_FOLDER.search(relative)
+    return SEED_FOLDER.sub("", relative), seed.group(0).lstrip("/") if seed else ""
 
 
 @dataclass
@@ -71,6 +80,17 @@ def _read_run(folder: Path, group: str, experiment: Path | None) -> RunFolder:
     return RunFolder(group, seed, folder, final, config, metrics, experiment)
 
 
+def _read_table(path: Path, keys: tuple[str, ...]) -> pd.DataFrame:
+    """A run's CSV side file, each row naming what it is (`keys`), or a one-line error."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as error:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise FedUnlearnError(f"{path} is damaged ({type(error).__name__}): rerun the run") from None
+    if not set(keys) <= set(table.columns) or table[list(keys)].isna().any().any():
+        raise FedUnlearnError(f"{path} is damaged (a row without its {', '.join(keys)}): rerun the run")
+    return table
+
+
 def collect(paths: list[Path]) -> list[RunFolder]:
     """Every finished run under the given run or experiment folders, in the order given."""
     runs: list[RunFolder] = []
@@ -83,13 +103,18 @@ def collect(paths: list[Path]) -> list[RunFolder]:
             found = sorted(found.parent for found in path.rglob(FINAL))
             if not found:
                 raise FedUnlearnError(f"{path} has runs.csv but no finished run folder: rerun the experiment")
+            unfinished = sorted(run.name for run in path.rglob("*.partial") if run.is_dir())
+            if unfinished or (path / LOCK).exists():  # killed or running: runs.csv predates some of its runs
+                which = f"unfinished runs ({', '.join(unfinished[:3])})" if unfinished else "a lock (running or killed)"
+                raise FedUnlearnError(f"{path} holds {which}: its runs.csv does not describe its folders; finish it "
+                                      "with experiment --resume")  # fmt: skip
             failed = failed_runs(path)
             if not failed.empty:
                 names = ", ".join(f"{row.setting} (seed {row.seed})" for row in failed.head(3).itertuples())
                 raise FedUnlearnError(f"{path}: {len(failed)} of its runs failed ({names}): a report would read as "
                                       "complete without them; finish it with experiment --resume")  # fmt: skip
             for folder in found:
-                name = SEED_FOLDER.sub("", folder.relative_to(path).as_posix())
+                name, _ = run_name(path, folder)
                 runs.append(_read_run(folder, f"{path.name}/{name}" if name else path.name, path))
         else:
             raise FedUnlearnError(
@@ -137,13 +162,17 @@ def benchmark_sections(paths: list[Path]) -> list[tuple[str, str]]:
 
 
 def quality_table(runs: list[RunFolder]) -> pd.DataFrame:
-    """Per group: the final metrics of every seed, mean ± std."""
+    """Per group: the final metrics of every seed, mean ± std; a run with a post-training defence is
+    scored before it (its `defence` cell says so; the privacy table has NDCG@10 after it)."""
     rows = []
     for run in runs:
         metrics = run.final["metrics"]
         mode = run.final.get("mode", "-")
+        method = run.config.get("defence", {}).get("method", "none")
         rows.append(
-            {"run": run.group, "seed": run.seed, "model": run.config["model"]["name"] if mode != "popularity" else "-",
+            {"run": run.group, "seed": run.seed, "dataset": run.config.get("data", {}).get("dataset", "-"),
+             "defence": f"before {method}" if method != "none" else "-",
+             "model": run.config["model"]["name"] if mode != "popularity" else "-",
              "mode": mode, "engine": run.final.get("engine", "-") if mode == "federated" else "-",
              "clients": run.final.get("clients"), "HR@10": metrics.get("HR@10"), "NDCG@10": metrics.get("NDCG@10"),
              "popularity_HR@10": run.final.get("popularity_HR@10"), "seconds": run.final.get("seconds")}  # fmt: skip
@@ -180,7 +209,7 @@ def unlearning_rows(runs: list[RunFolder]) -> pd.DataFrame:
     frames, compared = [], set()  # compared: (experiment, setting) whose runs hold their own comparison
     for run in runs:
         if (run.folder / "unlearning.csv").is_file():
-            frames.append(pd.read_csv(run.folder / "unlearning.csv").assign(run=run.group))
+            frames.append(_read_table(run.folder / "unlearning.csv", ("method", "event")).assign(run=run.group))
             if run.experiment is not None:
                 compared.add((run.experiment, run.folder.relative_to(run.experiment).parts[0]))
     for experiment in dict.fromkeys(run.experiment for run in runs if run.experiment is not None):
@@ -219,7 +248,7 @@ def _speedups_now(rows: pd.DataFrame) -> pd.DataFrame:
 def audit_rows(runs: list[RunFolder]) -> pd.DataFrame:
     audited = [run for run in runs if (run.folder / "audit.csv").is_file()]
     frames = [  # an empty audit.csv: no attribute had enough clients per class to attack
-        pd.read_csv(run.folder / "audit.csv").assign(run=run.group, seed=run.seed)
+        _read_table(run.folder / "audit.csv", AUDIT_KEYS).assign(run=run.group, seed=run.seed)
         for run in audited
         if (run.folder / "audit.csv").stat().st_size > 1
     ]
@@ -329,7 +358,9 @@ def write_report(paths: list[Path], out: Path) -> dict[str, str]:
     try:
         unlearning, audits, times = unlearning_rows(runs), audit_rows(runs), time_table(runs)
         sections = [_section("Recommendation quality (final round)", quality_table(runs),
-                             "Mean ± std over seeds where a run has several.")] if runs else []  # fmt: skip
+                             "Mean ± std (sample std, ddof 1) over seeds where a run has several. A run with a "
+                             "post-training defence is scored before it (defence column): its NDCG@10 after "
+                             "the defence is in the privacy table.")] if runs else []  # fmt: skip
         if not unlearning.empty:
             unlearned = summarize(unlearning)
             sections.append(_section("Unlearning, judged against Retrain", unlearned,

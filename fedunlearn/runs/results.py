@@ -215,6 +215,9 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
         readable(pd.DataFrame([metrics])),
         "",
     ]
+    if config.defence.method != "none":
+        lines += [f"These score the model as trained, before {config.defence.method} moved the user parts the "
+                  "clients keep; the audit table gives NDCG@10 after it.", ""]  # fmt: skip
     if "popularity_HR@10" in info:
         lines += [f"Ranking by item popularity alone: HR@10 {info['popularity_HR@10']:.4f}.", ""]
     rejected = {kind: counts for kind, counts in info.items() if kind.startswith("rejected_") and counts}
