@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message
 
-from clients.messages import read_instruction, record_to_arrays
-from fedunlearn.config import Config
+from clients.messages import read_instruction, record_to_arrays, told_attacker
+from fedunlearn.config import Config, derive
 from fedunlearn.fl.client import init_user
 from fedunlearn.fl.federation import ClientData, Federation, cached_federation
 from fedunlearn.models import build_model
@@ -50,6 +50,8 @@ def setup(msg: Message, context: Context) -> Task:
     torch.set_num_threads(1)
     config, round_number, shared, epochs, ascent = read_instruction(msg.content)
     _, data, model = node_data(config, context)
+    if told_attacker(msg.content):  # its own part, which the config it carries leaves out (messages.told)
+        config = derive(config, {"unlearn.attackers": [data.client_id]})
     if shared is not None:
         problem = shared_problem(shared, model)
         if problem:

@@ -63,6 +63,22 @@ def record_to_arrays(record: ArrayRecord) -> Arrays:
     return {key: array.numpy() for key, array in record.items()}
 
 
+def told(config: Config) -> str:
+    """The config as every message carries it: without the clients who leave or never join (the drop
+    schedule, `data.exclude_clients`) and who attack (`unlearn.attackers`; each attacker is told its
+    own part in its own messages, `instruction`'s `attacker`), so no message names another client,
+    a removed one included. Clients read none of these."""
+    return _told(json.dumps(config.to_dict()))
+
+
+@functools.lru_cache(maxsize=8)
+def _told(text: str) -> str:
+    values = json.loads(text)
+    values["unlearn"] |= {"drop": "", "drop_random": "", "attackers": []}
+    values["data"]["exclude_clients"] = []
+    return json.dumps(values)
+
+
 def instruction(
     config: Config,
     round_number: int = 0,
@@ -70,10 +86,12 @@ def instruction(
     epochs: float | None = None,
     ascent: bool = False,
     branch: str = "",
+    attacker: bool = False,
 ) -> RecordDict:
     """A task for a client; a non-empty `branch` makes it work on that branch of its private state
-    (clients.branches), the run's own state when empty."""
-    task = {"config": json.dumps(config.to_dict()), "round": round_number, "ascent": ascent}
+    (clients.branches), the run's own state when empty; `attacker`: the client is one of the run's
+    poisoning attackers (`unlearn.attackers`, which the config it carries leaves out)."""
+    task = {"config": told(config), "round": round_number, "ascent": ascent, "attacker": attacker}
     if epochs is not None:
         task["epochs"] = float(epochs)
     if branch:
@@ -85,10 +103,16 @@ def instruction(
 
 
 def read_instruction(content: RecordDict) -> tuple[Config, int, Arrays | None, float | None, bool]:
+    """(config, round, shared parameters, epochs, ascent); an attacker's own part is `told_attacker`."""
     task = content.config_records["task"]
     shared = record_to_arrays(content.array_records["shared"]) if "shared" in content.array_records else None
     epochs = float(task["epochs"]) if "epochs" in task else None
     return decoded_config(str(task["config"])), int(task["round"]), shared, epochs, bool(task["ascent"])
+
+
+def told_attacker(content: RecordDict) -> bool:
+    """Whether the message tells its client that it is one of the run's poisoning attackers."""
+    return bool(content.config_records["task"].get("attacker", False))
 
 
 @functools.lru_cache(maxsize=8)
@@ -255,7 +279,7 @@ def secure_task(config: Config, task: str, **fields: Any) -> dict[str, Any]:
     bool, int or float; a list travels as JSON)."""
     if task not in SECURE_TASKS:
         raise ValueError(f"unknown secure task {task!r}: choose one of {', '.join(SECURE_TASKS)}")
-    return {"task": task, "config": json.dumps(config.to_dict()), **fields}
+    return {"task": task, "config": told(config), **fields}
 
 
 def read_secure_task(fields: Mapping[str, Any]) -> tuple[Config, str, float]:

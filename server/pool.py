@@ -137,10 +137,13 @@ class FlowerPool(PrivacyQueries):
         ascent: bool = False,
         tolerate: bool = False,
     ) -> tuple[list[Message], list[Reply[Any]]]:
-        content = instruction(self.config, round_number, shared, epochs, ascent, self.branch)
+        attackers = set(self.config.unlearn.attackers)
+        ids = cached_federation(self.config.data, self.config.run.seed).client_ids
+        told = {attacker: instruction(self.config, round_number, shared, epochs, ascent, self.branch, attacker)
+                for attacker in {ids[index] in attackers for index in clients}}  # fmt: skip
         if self.branch:
             self.reached.update(clients)
-        messages = [Message(content, self.node_of[index], kind) for index in clients]
+        messages = [Message(told[ids[index] in attackers], self.node_of[index], kind) for index in clients]
         return self._exchange(messages, done, tolerate)
 
     def fork(self) -> FlowerPool:

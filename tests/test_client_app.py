@@ -18,7 +18,7 @@ from clients.messages import (
     instruction,
     record_to_arrays,
 )
-from fedunlearn.config import load_config
+from fedunlearn.config import derive, load_config
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.fl.federation import build_federation
 
@@ -178,3 +178,23 @@ def test_a_branch_cannot_lift_the_pin_on_the_promoted_item():
         else:
             with pytest.raises(ValueError, match="one promoted item per run"):
                 app(Message(asked, 99, MessageType.EVALUATE), fresh)
+
+
+def test_no_message_names_the_clients_who_leave_never_join_or_attack():
+    """Every message carried the whole config: the drop schedule, data.exclude_clients and the
+    poisoning attackers, so every client (each message after an event included) read who left."""
+    import json
+
+    from clients.messages import SECURE_UPDATE, read_instruction, secure_task, told_attacker
+
+    config = load_config(None, TINY + ['unlearn.drop="3@2;4,5@3"', 'data.exclude_clients=["7"]', "unlearn.poison=true"])
+    config = derive(config, {"unlearn.attackers": ["3"]})
+    for content in (instruction(config, 2), instruction(config, 2, attacker=True)):
+        carried = json.loads(content.config_records["task"]["config"])
+        assert carried["unlearn"]["drop"] == carried["unlearn"]["drop_random"] == ""
+        assert carried["unlearn"]["attackers"] == [] and carried["data"]["exclude_clients"] == []
+        told, *_ = read_instruction(content)
+        assert told.unlearn.poison and told.train == config.train  # the rest as the server's
+    assert [told_attacker(instruction(config, 2, attacker=flag)) for flag in (False, True)] == [False, True]
+    secure = json.loads(secure_task(config, SECURE_UPDATE)["config"])
+    assert secure["unlearn"]["drop"] == "" and secure["unlearn"]["attackers"] == []

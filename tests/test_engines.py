@@ -5,7 +5,7 @@ import pytest
 from helpers import TINY, assert_no_user_part, run_as_the_runner_does
 
 from clients.messages import AUDIT_USERS
-from fedunlearn.config import load_config
+from fedunlearn.config import derive, load_config
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.fl.federation import build_federation
 from fedunlearn.progress import Progress
@@ -82,15 +82,24 @@ def test_unlearning_runs_its_calibration_through_flower_with_the_same_numbers(tm
     from fedunlearn.fl.history import HistoryPolicy, HistoryStore
     from server.simulation import run_flower
 
+    """The leaving client poisons: each message names no other client (clients.messages.told), and
+    an attacker learns its own part from its message alone, so it poisons on Flower as in-process."""
+    from fedunlearn.runs.runner import schedule_and_history
+
     overrides = ["unlearn.method=federaser", "train.rounds=5", "eval.every=5", "train.fraction=1"]
+    overrides.append("unlearn.poison=true")
     config = load_config(None, SMALL + overrides)
     federation = build_federation(config.data, config.run.seed)
-    schedule = {4: [federation.client_ids[2]]}
+    config = derive(config, {"unlearn.drop": f"{federation.client_ids[2]}@4"})
+    config, schedule, _ = schedule_and_history(config, federation, tmp_path)
+    assert config.unlearn.attackers == [federation.client_ids[2]]
     pool = InProcessPool(config, federation)
     history = HistoryStore(tmp_path / "a.sqlite", HistoryPolicy())
     args = (config, federation, pool, Progress(1, False), history, schedule)
     expected = run_as_the_runner_does(federated_server(*args), pool)
     result, _ = run_flower(config, history=HistoryStore(tmp_path / "b.sqlite", HistoryPolicy()), schedule=schedule)
+    for key in expected.unlearned:
+        np.testing.assert_array_equal(result.unlearned[key], expected.unlearned[key])
     printed = capfd.readouterr()
     assert "DEPRECATED FEATURE" not in printed.err and "\x1b[" not in printed.err  # no banner, no colour codes
     for key in expected.shared:

@@ -63,11 +63,12 @@ class RecordingGrid:
     """The ServerApp's grid, noting every message type sent and every reply received."""
 
     def __init__(self, grid):
-        self._grid, self.sent, self.replies = grid, set(), []
+        self._grid, self.sent, self.replies, self.contents = grid, set(), [], []
 
     def _note(self, messages):
         messages = list(messages)
         self.sent |= {m.metadata.message_type for m in messages}
+        self.contents += [m.content for m in messages]
         return messages
 
     def _received(self, replies):
@@ -140,3 +141,13 @@ def test_no_reply_but_the_oracles_carries_an_embedding_an_attribute_or_an_intera
                 flat = np.sort(np.asarray(array).ravel())
                 assert not any(len(flat) == len(items) and np.array_equal(flat, items) for items in interactions), kind
     print(f"searched {len(others)} replies of {len({_full(k) for k, _ in others})} message types")
+
+
+def test_no_message_the_server_sends_names_the_leaving_client(recorded):
+    """The config every message carries held the drop schedule: each client read who would leave,
+    and every message after the event named who had."""
+    assert recorded.contents
+    for content in recorded.contents:
+        for record in content.config_records.values():
+            for value in record.values():
+                assert not (isinstance(value, str) and "3@3" in value)

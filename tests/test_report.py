@@ -180,7 +180,10 @@ def test_an_experiment_with_an_unfinished_run_is_refused(folders, tmp_path, caps
     assert "unfinished runs (seed2.partial)" in error and error.count("\n") == 1 and not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("damage", ["", "defence,view\n", "defence,view,attacker,attribute,audit\nnone,embedding,mlp\n"])
+CUT_AUDITS = ["", "defence,view\n", "defence,view,attacker,attribute,audit\nnone,embedding,mlp\n"]
+
+
+@pytest.mark.parametrize("damage", CUT_AUDITS)
 def test_a_damaged_side_file_is_a_one_line_error(folders, tmp_path, capsys, damage):
     """An empty or cut audit.csv gave a pandas traceback, or a table row of '-' and exit 0."""
     import shutil

@@ -829,8 +829,14 @@ def test_an_unlearned_model_that_ranks_no_better_than_popularity_is_warned_about
     result.events = [{"round": 10, "method": "federaser", "after": {"HR@10": 0.05}}]
     compared = (("retrain", 0.33), ("federaser", 0.05), ("fru", 0.40), ("none", 0.30), ("ascent", 0.35))
     result.comparison = [{"event": 10, "method": m, "HR@10": hr} for m, hr in compared]
-    warn_if_unlearning_collapsed(result, popular=0.41)
+    warn_if_unlearning_collapsed(result, popular={10: 0.41})
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3  # the run's own method, compared too, is said once
     assert all(line.startswith("fedunlearn: warning: after the drop before round 10") for line in lines)
     assert [line.split(", ")[1].split("'s")[0] for line in lines] == ["federaser", "fru", "ascent"]  # not Retrain, none
+    # each event against popularity over the users retained right after it, not after the last event
+    result.events.append({"round": 15, "method": "federaser", "after": {"HR@10": 0.30}})
+    result.comparison = [{"event": 15, "method": "fru", "HR@10": 0.30}]
+    warn_if_unlearning_collapsed(result, popular={10: 0.04, 15: 0.35})
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all("round 15" in line and "against 0.3500" in line for line in lines)

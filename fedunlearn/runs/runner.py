@@ -89,7 +89,10 @@ def warn_if_unlearned(config: Config, federation: Federation, result: Federation
     left = [client for event in result.events for client in event["clients"]]  # the retained users' reference
     popular = rank_by_popularity(config, federation, left).final["HR@10"]
     info["popularity_HR@10"] = popular
-    warn_if_unlearning_collapsed(result, popular)
+    rounds = sorted({event["round"] for event in result.events})  # each event: the users retained right after it
+    gone = {r: [c for event in result.events if event["round"] <= r for c in event["clients"]] for r in rounds}
+    warn_if_unlearning_collapsed(result, {r: rank_by_popularity(config, federation, gone[r]).final["HR@10"]
+                                          for r in rounds})  # fmt: skip
     if result.final["HR@10"] <= popular:
         print(
             f"fedunlearn: warning: HR@10 {result.final['HR@10']:.4f} is no better than ranking by popularity "
@@ -99,19 +102,21 @@ def warn_if_unlearned(config: Config, federation: Federation, result: Federation
         )
 
 
-def warn_if_unlearning_collapsed(result: FederationResult, popular: float) -> None:
+def warn_if_unlearning_collapsed(result: FederationResult, popular: dict[int, float]) -> None:
     """An unlearned model (each drop event's, and each method `unlearn.compare` tried) that ranks
-    the retained users' held-out items no better than item popularity has been broken by the
-    removal (NCF under an early FedEraser rule ranked items upside down, HR@10 0.05 against
-    Retrain's 0.53, and printed no word of it): say so, per method and event."""
+    the retained users' held-out items no better than item popularity (`popular`, per event: over
+    the users retained right after it) has been broken by the removal (NCF under an early FedEraser
+    rule ranked items upside down, HR@10 0.05 against Retrain's 0.53, and printed no word of it):
+    say so, per method and event."""
     rows = [{"event": event["round"], "method": event["method"], "HR@10": event["after"]["HR@10"]}
             for event in result.events] + list(result.comparison)  # fmt: skip
     rows = list({(row["event"], row["method"]): row for row in rows}.values())  # the run's method is compared too
     for row in rows:
-        if row["method"] not in ("none", "retrain") and row.get("HR@10", np.inf) <= popular:  # not the references
+        reference = popular[row["event"]]
+        if row["method"] not in ("none", "retrain") and row.get("HR@10", np.inf) <= reference:  # not the references
             print(f"fedunlearn: warning: after the drop before round {row['event']}, {row['method']}'s model ranks "
                   f"the retained users' items no better than popularity (HR@10 {row['HR@10']:.4f} against "
-                  f"{popular:.4f}): if it ranked better before the drop, the removal broke it; compare with "
+                  f"{reference:.4f}): if it ranked better before the drop, the removal broke it; compare with "
                   "Retrain (unlearn.compare)", file=sys.stderr)  # fmt: skip
 
 
