@@ -24,6 +24,8 @@ def files(tmp_path):
     (tmp_path / "latin1.toml").write_bytes(b"\xff\xfe[train]\nrounds = 2\n")
     (tmp_path / "binary.toml").write_bytes(bytes(range(256)))
     (tmp_path / "a-file").write_text("")
+    ratings = [f"{user},{(7 * user + 3 * k) % 120},4,{k}" for user in range(30) for k in range(15)]
+    (tmp_path / "ratings.csv").write_text("user,item,rating,timestamp\n" + "\n".join(ratings) + "\n")
     experiments = {
         "setting-string": 'setting = "x"\n',
         "set-number": '[[setting]]\nname = "a"\nset = 3\n',
@@ -55,6 +57,10 @@ CASES = {
         "unlearn.target_item = 100000 but the catalogue",
     ),
     "0% dropped": (["--drop-random", "0%@2"], "drops nobody"),
+    "an audit of a CSV without attributes": (  # said before the training, not after it
+        ["--set", "data.dataset=csv", "--set", "data.path={tmp}/ratings.csv", "--set", "defence.upload=ldp"],
+        "the dataset has none (a CSV without data.users_path)",
+    ),
     "fractional count": (["--drop-random", "2.5@2"], "a count of clients is a whole number"),
     "drop in central mode": (["--set", "run.mode=central", "--drop", "1@2"], "a drop schedule needs run.mode"),
     "compare without a drop": (["--set", "unlearn.compare=true"], "act at a drop event"),

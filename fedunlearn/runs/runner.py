@@ -71,6 +71,10 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
         config = derive(config, {"run.engine": choose_engine(config)})  # recorded as the engine that ran
         if config.run.engine != "flower" and audits_privacy(config):  # a single-machine engine audits any defence
             config = derive(config, {"audit.enabled": True})  # so the recorded config says the audit ran
+        if config.audit.enabled or config.defence.method != "none" or config.defence.compare:
+            from fedunlearn.privacy.audit import audited_attributes
+
+            audited_attributes(config.audit, federation.dataset.attributes)  # said now, not after the training
         config, result = _federated(config, federation, folder, show_progress, info)
     # the whole run's wall time; a resumed run adds its interrupted legs' rounds (their start-up is not known)
     info["seconds"] = round(time.perf_counter() - started + result.earlier_seconds, 2)
