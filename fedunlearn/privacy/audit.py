@@ -37,8 +37,10 @@ class AuditedAttack:
 def audited_attributes(audit: AuditConfig, attributes: pd.DataFrame) -> list[str]:
     """audit.attributes, or every attribute the dataset has; an unknown name is an error."""
     if attributes.columns.empty:
-        raise FedUnlearnError("the audit and the defences need user attributes, and the dataset has none (a CSV "
-                              "without data.users_path): give a users file, or leave audit and defence off")  # fmt: skip
+        raise FedUnlearnError(
+            "the audit and the defences need user attributes, and the dataset has none (a CSV without "
+            "data.users_path): give a users file, or leave audit and defence off"
+        )
     names = audit.attributes or list(attributes.columns)
     missing = sorted(set(names) - set(attributes.columns))
     if missing or not names:
