@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 
 from fedunlearn.config import Config, config_from_dict
+from fedunlearn.fl.client import defends_upload
 from fedunlearn.fl.updates import ClientEvaluation, ClientUpdate
 from fedunlearn.models.base import Arrays
 from fedunlearn.privacy.attacks import Attacker
@@ -63,20 +64,34 @@ def record_to_arrays(record: ArrayRecord) -> Arrays:
     return {key: array.numpy() for key, array in record.items()}
 
 
-def told(config: Config) -> str:
+def told(config: Config, defends: bool = False) -> str:
     """The config as every message carries it: without the clients who leave or never join (the drop
-    schedule, `data.exclude_clients`) and who attack (`unlearn.attackers`; each attacker is told its
-    own part in its own messages, `instruction`'s `attacker`), so no message names another client,
-    a removed one included. Clients read none of these."""
-    return _told(json.dumps(config.to_dict()))
+    schedule, `data.exclude_clients`), who attack (`unlearn.attackers`; each attacker is told its own
+    part in its own messages, `instruction`'s `attacker`) and who defend (`defence.client_ids`: under
+    `defence.clients = "listed"` a client is told only whether it defends itself, as `defends`: its
+    upload defence, or `defence.upload = "none"`), so no message names another client, a removed one
+    included. Clients read none of these."""
+    return _told(json.dumps(config.to_dict()), defends)
 
 
 @functools.lru_cache(maxsize=8)
-def _told(text: str) -> str:
+def _told(text: str, defends: bool) -> str:
     values = json.loads(text)
     values["unlearn"] |= {"drop": "", "drop_random": "", "attackers": []}
     values["data"]["exclude_clients"] = []
+    defence = values["defence"]
+    if defence["clients"] == "listed":
+        defence |= {"clients": "all", "upload": defence["upload"] if defends else "none"}
+    defence["client_ids"] = []
     return json.dumps(values)
+
+
+def own_part(config: Config, client_id: str) -> tuple[bool, bool]:
+    """What a client's messages tell it of its own part (`instruction`'s `attacker`, `defends`):
+    whether it is a poisoning attacker, and whether it is a listed client that defends its upload
+    (always False where `told` does not depend on it, so contents are built once per part)."""
+    listed = config.defence.clients == "listed"
+    return client_id in config.unlearn.attackers, listed and defends_upload(config, client_id)
 
 
 def instruction(
@@ -87,11 +102,13 @@ def instruction(
     ascent: bool = False,
     branch: str = "",
     attacker: bool = False,
+    defends: bool = False,
 ) -> RecordDict:
     """A task for a client; a non-empty `branch` makes it work on that branch of its private state
     (clients.branches), the run's own state when empty; `attacker`: the client is one of the run's
-    poisoning attackers (`unlearn.attackers`, which the config it carries leaves out)."""
-    task = {"config": told(config), "round": round_number, "ascent": ascent, "attacker": attacker}
+    poisoning attackers (`unlearn.attackers`, which the config it carries leaves out); `defends`: it
+    is one of the listed clients that defend their upload (`told`)."""
+    task = {"config": told(config, defends), "round": round_number, "ascent": ascent, "attacker": attacker}
     if epochs is not None:
         task["epochs"] = float(epochs)
     if branch:

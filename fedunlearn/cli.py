@@ -213,6 +213,8 @@ def _audit(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else None
     if out is not None and (out.exists() or run.resolve() in out.resolve().parents):
         raise FedUnlearnError(f"--out {out} exists or lies inside the run folder: choose a new file outside it")
+    if out is not None and not out.parent.is_dir():  # said now, not after the whole audit
+        raise FedUnlearnError(f"--out {out}: folder {out.parent} does not exist: create it or choose another file")
     config = load_config(run / "config.toml", args.overrides)
     arrays = read_central_view(saved)
     if not all(np.isfinite(arrays[stage]).all() for stage in ("before", "after") if stage in arrays):

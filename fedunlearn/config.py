@@ -384,12 +384,13 @@ def validate(config: Config) -> Config:
         "unlearn.alpha",
         "unlearn.beta",
         "train.pool_share",
-        "audit.shadow_share",
         "defence.ldp_delta",
         "defence.risk_threshold",
     ):
         if not 0 < _get(config, dotted) <= 1:
             raise FedUnlearnError(f"{dotted} must be in (0, 1]; got {_get(config, dotted)}")
+    if not 0 < config.audit.shadow_share < 1:  # the attacker is tested on the users it was not trained on
+        raise FedUnlearnError(f"audit.shadow_share must be in (0, 1), e.g. 0.2; got {config.audit.shadow_share}")
     if config.run.train_seed < -1:
         raise FedUnlearnError(f"run.train_seed must be >= 0, or -1 for run.seed; got {config.run.train_seed}")
     if config.central.weight_decay < 0 and config.central.weight_decay != -1:
@@ -479,22 +480,25 @@ def validate(config: Config) -> Config:
     return config
 
 
-def _reading_stored_updates(unlearn: UnlearnConfig) -> str:
+def _reading_stored_updates(unlearn: UnlearnConfig) -> tuple[str, str]:
     """How to name the configured unlearning when it reads single clients' stored updates (every
-    method but none and retrain, and unlearn.compare, which tries them all); '' when it reads none."""
-    if unlearn.method not in ("none", "retrain") or unlearn.compare:
-        return f"unlearn.method = {unlearn.method!r}{' with unlearn.compare' if unlearn.compare else ''}"
-    return ""
+    method but none and retrain, and unlearn.compare, which tries them all), and the setting that
+    stops it; ('', '') when it reads none."""
+    if unlearn.compare:
+        return f"unlearn.compare (with unlearn.method = {unlearn.method!r})", "unlearn.compare = false"
+    if unlearn.method not in ("none", "retrain"):
+        return f"unlearn.method = {unlearn.method!r}", "unlearn.method = 'retrain'"
+    return "", ""
 
 
 def _validate_server_optimizer(config: Config) -> None:
     """The calibration methods rebuild the model from stored client updates with the plain server
     step; an adaptive server optimizer's state is not in their history."""
-    reader = _reading_stored_updates(config.unlearn)
+    reader, fix = _reading_stored_updates(config.unlearn)
     if config.train.server_optimizer != "sgd" and reader:
         raise FedUnlearnError(
             f"{reader} replays stored updates with the plain server step, not train.server_optimizer = "
-            f"{config.train.server_optimizer!r}: use unlearn.method = 'retrain' or train.server_optimizer = 'sgd'"
+            f"{config.train.server_optimizer!r}: use {fix} or train.server_optimizer = 'sgd'"
         )
 
 
@@ -519,11 +523,11 @@ def _validate_secure_aggregation(config: Config) -> None:
     if config.defence.clients != "all":
         raise FedUnlearnError("defence.upload = 'secagg' sums every client's upload: use defence.clients = 'all'")
     train = config.train
-    reader = _reading_stored_updates(config.unlearn)
+    reader, fix = _reading_stored_updates(config.unlearn)
     if reader:
         raise FedUnlearnError(
             f"{reader} reads single clients' stored updates, which secure aggregation (defence.upload = 'secagg') "
-            "never shows the server: use unlearn.method = 'retrain' or another defence.upload"
+            f"never shows the server: use {fix} or another defence.upload"
         )
     if train.aggregation != "mean" or train.clip_norm_ratio > 0:
         raise FedUnlearnError(

@@ -7,6 +7,7 @@ on the clients, audit again) runs whenever it does on the other engines (server.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -73,9 +74,15 @@ def make_server_app(
     return app
 
 
+def split_overrides(text: str) -> list[str]:
+    """The run-config's `overrides` ("key=value;key=value"): split at a ';' that starts another
+    setting only, so a drop schedule's own ';' ("unlearn.drop=\"3@8;7,9@12\"") stays in its value."""
+    return [item.strip() for item in re.split(r";(?=\s*\w+\.\w+\s*=)", text) if item.strip()]
+
+
 def _config_from_run_config(context: Context) -> tuple[Config, str]:
     run_config = context.run_config
-    overrides = [item.strip() for item in str(run_config.get("overrides", "")).split(";") if item.strip()]
+    overrides = split_overrides(str(run_config.get("overrides", "")))
     config_file = str(run_config.get("config-file", "")) or None
     config = load_config(config_file, overrides + ["run.engine=flower"])
     return config, str(run_config.get("out", "results/flwr-run"))

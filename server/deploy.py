@@ -14,7 +14,7 @@ What it does, in order (docs/DEPLOYMENT.md has the multi-machine recipe):
    which writes the usual results folder to `--out`;
 6. every process started here (and its children) stopped by pid.
 The deployed clients are not fedunlearn's simulation: they refuse the audit oracle
-(`query.audit_users`), so a config with `audit.enabled = true` fails there by design.
+(`query.audit_users`), so a config with `audit.enabled = true` is refused before anything starts.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from clients.common import SIMULATION_ORACLE_ENV
 from fedunlearn.config import load_config
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.federation import build_federation
+from fedunlearn.runs.runner import preflight
 
 CONNECTION = "fedunlearn-deploy"  # the SuperLink connection's name in this deployment's FLWR_HOME
 PROJECT = Path(__file__).resolve().parents[1]
@@ -228,10 +229,19 @@ def alive(pid: int) -> bool:
 
 def deploy(overrides: list[str], nodes: int, out: Path, folder: Path, timeout: float = 3600.0) -> dict:
     """Run the config on a loopback deployment of `nodes` SuperNodes; the final record."""
-    config = load_config(None, overrides)
-    clients = build_federation(config.data, config.run.seed).n_clients
+    if any("'" in item for item in overrides):
+        raise FedUnlearnError("--set values travel inside single quotes in flwr run's run-config: write strings "
+                              "with double quotes, e.g. --set 'unlearn.drop=\"3@8\"'")  # fmt: skip
+    config = load_config(None, [*overrides, "run.engine=flower"])  # as the ServerApp reads it
+    if config.audit.enabled:
+        raise FedUnlearnError("a deployment runs no audit: its clients refuse the simulation's oracle "
+                              "(query.audit_users); leave audit.enabled off, or audit in simulation "
+                              "(fedunlearn run --engine flower)")  # fmt: skip
+    federation = build_federation(config.data, config.run.seed)
+    clients = federation.n_clients
     if clients != nodes:
         raise FedUnlearnError(f"the data has {clients} clients but --nodes is {nodes}: one SuperNode serves one client")
+    preflight(config, federation)  # the drop schedule, the memory: said before any process starts
     for taken in (out, out.with_name(out.name + ".partial")):
         if taken.exists():
             raise FedUnlearnError(f"{taken} exists: choose another --out (a deployed run cannot be resumed: its "

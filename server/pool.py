@@ -32,6 +32,7 @@ from clients.messages import (
     decode_update,
     encode_drop_branch,
     instruction,
+    own_part,
     secure_task,
 )
 from fedunlearn.config import Config
@@ -137,13 +138,13 @@ class FlowerPool(PrivacyQueries):
         ascent: bool = False,
         tolerate: bool = False,
     ) -> tuple[list[Message], list[Reply[Any]]]:
-        attackers = set(self.config.unlearn.attackers)
         ids = cached_federation(self.config.data, self.config.run.seed).client_ids
-        told = {attacker: instruction(self.config, round_number, shared, epochs, ascent, self.branch, attacker)
-                for attacker in {ids[index] in attackers for index in clients}}  # fmt: skip
+        roles = {index: own_part(self.config, ids[index]) for index in clients}
+        told = {role: instruction(self.config, round_number, shared, epochs, ascent, self.branch, *role)
+                for role in set(roles.values())}  # fmt: skip
         if self.branch:
             self.reached.update(clients)
-        messages = [Message(told[ids[index] in attackers], self.node_of[index], kind) for index in clients]
+        messages = [Message(told[roles[index]], self.node_of[index], kind) for index in clients]
         return self._exchange(messages, done, tolerate)
 
     def fork(self) -> FlowerPool:

@@ -9,6 +9,7 @@ import pytest
 from helpers import TINY
 
 from fedunlearn.cli import main
+from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.history import HistoryStore
 
 SMALL = [part for setting in TINY + ["train.rounds=2"] for part in ("--set", setting)]
@@ -32,6 +33,7 @@ def files(tmp_path):
         "base-number": 'base = 5\n[[setting]]\nname = "a"\n',
         "seeds-bool": 'seeds = [true]\n[[setting]]\nname = "a"\n',
         "name-number": "[[setting]]\nname = 7\n",
+        "name-list": '[[setting]]\nname = ["a"]\n',  # TypeError: unhashable type (a review)
         "name-escapes": '[[setting]]\nname = "../x"\n',
         "seeds-twice": 'seeds = [0, 0]\n[[setting]]\nname = "a"\n',
         "models-twice": 'models = ["mf", "mf"]\n[[setting]]\nname = "a"\n',
@@ -57,6 +59,9 @@ CASES = {
         "unlearn.target_item = 100000 but the catalogue",
     ),
     "0% dropped": (["--drop-random", "0%@2"], "drops nobody"),
+    "an attacker trained on every user": (  # refused after the training (a review)
+        ["--set", "audit.enabled=true", "--set", "audit.shadow_share=1"], "audit.shadow_share must be in (0, 1)"
+    ),
     "an audit of a CSV without attributes": (  # said before the training, not after it
         ["--set", "data.dataset=csv", "--set", "data.path={tmp}/ratings.csv", "--set", "defence.upload=ldp"],
         "the dataset has none (a CSV without data.users_path)",
@@ -134,6 +139,7 @@ def test_run_refuses_bad_input_in_one_line(files, capsys, case):
         ("base-number", "[base] must be a table"),
         ("seeds-bool", "seeds must be a list of int values"),
         ("name-number", "setting name 7 is used as a folder name"),
+        ("name-list", "setting name ['a'] is used as a folder name"),
         ("name-escapes", "setting name '../x' is used as a folder name"),
         ("seeds-twice", "seeds lists 0 more than once"),  # it ran once and counted as two seeds
         ("models-twice", "models lists mf more than once"),
@@ -204,7 +210,8 @@ def test_audit_of_a_damaged_folder_is_one_line(audited, capsys, damage, message)
 def test_audit_to_an_impossible_out_is_one_line_and_local_false_works(audited, capsys):
     capsys.readouterr()
     assert main(["audit", str(audited), "--out", str(audited.parent / "no-such-folder" / "x.csv")]) == 2
-    assert_one_line(capsys, "cannot write or read")
+    printed = capsys.readouterr()  # said before the audit, not after its table (a review)
+    assert printed.out == "" and printed.err.count("\n") == 1 and "no-such-folder does not exist" in printed.err
     for inside in (audited / "audit.csv", audited / "final.json", audited.parent / "taken.csv"):
         inside.touch()
         before = inside.read_bytes()
@@ -341,3 +348,30 @@ def test_a_resume_that_fails_on_bad_input_keeps_the_interrupted_run(tmp_path, ca
 
 def test_listed_defence_clients_are_not_checked_when_no_defence_runs(tmp_path):
     assert run(tmp_path, "--drop", "1@2", "--set", "defence.clients=listed", "--set", "defence.client_ids=[1]") == 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["unlearn.drop='3@2'"], "write strings with double quotes"),  # the run-config quotes them in '...'
+        (["audit.enabled=true"], "a deployment runs no audit"),
+        (["defence.compare=true"], "needs the audit's central view on the Flower engine"),  # checked as on Flower
+        (["train.client_optimizer_state=user"], "train.client_optimizer_state"),
+        (['unlearn.drop="3@9"', "unlearn.method=retrain"], "drop event '3@9' is at round 9"),
+    ],
+)
+def test_deploy_refuses_what_the_deployed_server_would_refuse_before_anything_starts(tmp_path, settings, message):
+    """These passed the deploy's check and failed in the ServerApp after the SuperLink and every
+    SuperNode had started (a review)."""
+    from server.deploy import deploy
+
+    with pytest.raises(FedUnlearnError, match=message):
+        deploy([*TINY, "train.rounds=3", *settings], 10, tmp_path / "out", tmp_path / "work")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_drop_schedule_of_several_events_reaches_the_deployed_server_whole():
+    from server.app import split_overrides
+
+    text = ";".join(['unlearn.drop="3@8;7,9@12"', " train.rounds=14", "model.name=ncf"])
+    assert split_overrides(text) == ['unlearn.drop="3@8;7,9@12"', "train.rounds=14", "model.name=ncf"]

@@ -198,3 +198,23 @@ def test_no_message_names_the_clients_who_leave_never_join_or_attack():
     assert [told_attacker(instruction(config, 2, attacker=flag)) for flag in (False, True)] == [False, True]
     secure = json.loads(secure_task(config, SECURE_UPDATE)["config"])
     assert secure["unlearn"]["drop"] == "" and secure["unlearn"]["attackers"] == []
+
+
+def test_no_message_names_the_clients_who_defend_their_upload():
+    """Under defence.clients = "listed" every message carried defence.client_ids: each client read
+    which others defend (a leaving one included). Now each is told only its own part."""
+    import json
+
+    from clients.messages import own_part, read_instruction
+    from fedunlearn.fl.client import defends_upload
+
+    config = load_config(None, TINY + ["defence.upload=ldp", "defence.clients=listed", 'defence.client_ids=["3","7"]'])
+    assert [own_part(config, client) for client in ("3", "4")] == [(False, True), (False, False)]
+    for defends, upload in ((True, "ldp"), (False, "none")):
+        carried = json.loads(instruction(config, 2, defends=defends).config_records["task"]["config"])
+        assert carried["defence"]["client_ids"] == [] and carried["defence"]["upload"] == upload
+        told, *_ = read_instruction(instruction(config, 2, defends=defends))
+        assert [defends_upload(told, client) for client in ("3", "4")] == [defends, defends]
+    everyone = load_config(None, TINY + ["defence.upload=ldp", 'defence.client_ids=["3"]'])
+    assert own_part(everyone, "3") == (False, False)  # not listed: the same message for all
+    assert json.loads(instruction(everyone, 2).config_records["task"]["config"])["defence"]["client_ids"] == []

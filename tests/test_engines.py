@@ -65,6 +65,23 @@ def test_flower_path_equals_inprocess_runner_and_never_uploads_a_user_embedding(
     assert_no_user_part(replies, user_vectors)
 
 
+@pytest.mark.flower
+def test_a_listed_upload_defence_on_flower_gives_the_inprocess_model():
+    """Each Flower client is told only whether it defends (clients.messages.told, no list of who
+    does): the listed clients noise their uploads, the others do not, as in-process."""
+    from server.simulation import run_flower
+
+    ids = build_federation(load_config(None, SMALL).data, 0).client_ids
+    overrides = ["run.engine=flower", "defence.upload=ldp", "defence.clients=listed"]
+    overrides.append(f"defence.client_ids={ids[::3]}".replace("'", '"'))
+    expected, _ = run_inprocess(overrides)
+    plain, _ = run_inprocess([])
+    assert any(not np.array_equal(expected.shared[k], plain.shared[k]) for k in plain.shared)  # the noise acts
+    result, _ = run_flower(load_config(None, SMALL + overrides))
+    for key in expected.shared:
+        np.testing.assert_array_equal(result.shared[key], expected.shared[key])
+
+
 def test_client_sampling_does_not_depend_on_who_else_is_in_the_federation():
     from fedunlearn.fl.rounds import sample_clients
 

@@ -193,12 +193,17 @@ def test_an_experiment_keeps_its_finished_runs_and_resumes_the_rest(tmp_path, ca
     table = (out / "table.csv").read_text()
     stamp = (out / "a" / "final.json").stat().st_mtime_ns
     assert main(["experiment", str(spec), "--out", str(out), "--quiet"]) == 2  # exists: --resume it
+    capsys.readouterr()
+    # b's failure stays in runs.csv (it was dropped, and `report` then read the experiment as whole)
     assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume", "--only", "a",
-                 "--only", "c"]) == 0  # fmt: skip
+                 "--only", "c"]) == 2  # fmt: skip
+    assert "1 of 3 runs failed" in capsys.readouterr().err and "training diverged" in (out / "runs.csv").read_text()
     assert (out / "a" / "final.json").stat().st_mtime_ns == stamp  # read back, not rerun
     assert (out / "table.csv").read_text() == table
-    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume", "--only", "a"]) == 0
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume", "--only", "a"]) == 2
     assert (out / "table.csv").read_text() == table  # c's finished run stays in the tables (was a's alone)
+    assert "b (seed 0)" in (out / "table.md").read_text()
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 2
 
 
 @pytest.mark.parametrize("name", ["../x", "/abs", "a/b", ".hidden", ""])
@@ -208,3 +213,33 @@ def test_setting_names_must_be_plain_folder_names(tmp_path, capsys, name):
     assert main(["experiment", str(spec), "--out", str(tmp_path / "exp"), "--quiet"]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "exp").exists()
     assert not os.path.exists(tmp_path.parent / "x")
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_or_other_data(tmp_path, monkeypatch, capsys):
+    """--resume went on from a checkpoint whatever the folder's config.toml or the data file said by
+    then: another data.path size ended in an IndexError traceback, fewer train.rounds than the
+    checkpoint's in a final.json at a round past the config's (a review)."""
+    rng = __import__("numpy").random.default_rng(0)
+    lines = [f"{user},{item},5,{user * 100 + t}" for user in range(30)
+             for t, item in enumerate(rng.choice(60, 12, replace=False))]  # fmt: skip
+    data = tmp_path / "ratings.csv"
+    data.write_text("user,item,rating,timestamp\n" + "\n".join(lines) + "\n")
+    settings = ["data.dataset=csv", f"data.path={data}", "data.test_negatives=19", "train.rounds=8", "eval.every=2"]
+    settings += DROP
+    monkeypatch.setattr(federaser_module, "federaser", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = tmp_path / "killed"
+    assert run(out, settings) == 130
+    partial = out.with_name("killed.partial")
+    assert checkpointed_round(partial) == 4
+    monkeypatch.undo()
+    config = (partial / "config.toml").read_text()
+    (partial / "config.toml").write_text(config.replace("rounds = 8", "rounds = 10"))
+    capsys.readouterr()
+    assert main(["run", "--resume", str(out), "--quiet"]) == 2
+    assert "other settings (train.rounds: 8 -> 10)" in capsys.readouterr().err
+    (partial / "config.toml").write_text(config)
+    data.write_text(data.read_text() + "\n".join(f"99,{item},5,{9000 + item}" for item in range(12)) + "\n")
+    assert main(["run", "--resume", str(out), "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "the data changed since the checkpoint" in error and "Traceback" not in error
+    assert checkpointed_round(partial) == 4 and not out.exists()  # nothing lost, nothing published

@@ -13,11 +13,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from helpers import TINY, run_cli, simulate_then
 
 from clients.messages import TRAIN
-from fedunlearn.config import load_config
+from fedunlearn.config import derive, load_config
 from fedunlearn.engines.batched import BatchedPool
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.aggregation import aggregate_delta
+from fedunlearn.fl.comparison import initial_key
 from fedunlearn.fl.federation import build_federation
 from fedunlearn.fl.secure_round import LOSS_CAP, SecureLayout
 from fedunlearn.fl.updates import ClientUpdate
@@ -170,6 +171,31 @@ def test_retrain_under_secure_aggregation_draws_its_training_afresh(engine, tmp_
     assert event["after"]["HR@10"] == alone.final["HR@10"]
     _, own_draws = _serve(engine, ["train.rounds=2", "eval.every=2", removed], tmp_path / "own")
     assert not np.allclose(secure.unlearned["item_emb"], own_draws.shared["item_emb"], atol=1e-3)
+    assert event["initial"] == initial_key(derive(config, {"run.train_seed": seed}))  # what it grew from
+
+
+def test_an_experiment_takes_the_cosine_to_a_secure_retrain_from_retrain_s_own_start(tmp_path):
+    """A secure Retrain starts from parameters of its own draw: the cosine of another method's change
+    to Retrain's took both changes from the run's start (a review: -0.063 where -0.050 was right)."""
+    from fedunlearn.cli import main
+    from fedunlearn.fl.comparison import _initial
+
+    spec = tmp_path / "e.toml"
+    base = {**dict(s.split("=", 1) for s in TINY), "train.rounds": "4", "eval.every": "4",
+            "unlearn.drop": "'3@3'", "defence.upload": "'secagg'", "defence.secagg_min_clients": "1"}  # fmt: skip
+    spec.write_text("[base]\n" + "".join(f'"{k}" = {v}\n' for k, v in base.items())
+                    + "".join(f'[[setting]]\nname = "{m}"\nset = {{ "unlearn.method" = "{m}" }}\n'
+                              for m in ("retrain", "none")))  # fmt: skip
+    assert main(["experiment", str(spec), "--out", str(tmp_path / "x"), "--quiet"]) == 0
+    runs = pd.read_csv(tmp_path / "x" / "runs.csv").set_index("method")
+    config = load_config(None, TINY + ['unlearn.drop="3@3"', "defence.upload=secagg"])
+    assert runs.loc["retrain", "initial"] == initial_key(derive(config, {"run.train_seed": retrain_seed(config, 3)}))
+    assert runs.loc["none", "initial"] == initial_key(config)
+    models = {m: dict(np.load(tmp_path / "x" / m / "unlearned.npz")) for m in ("retrain", "none")}
+    moved = {m: np.concatenate([(p[k] - start[k]).ravel() for k in sorted(p)])
+             for m, p in models.items() for start in [_initial(runs.loc[m].to_dict() | {"method": m}, p)]}  # fmt: skip
+    expected = moved["none"] @ moved["retrain"] / (np.linalg.norm(moved["none"]) * np.linalg.norm(moved["retrain"]))
+    assert runs.loc["none", "cosine_to_retrain"] == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("engine", [InProcessPool, BatchedPool])

@@ -60,6 +60,34 @@ def test_a_suite_with_a_bad_setting_is_refused_before_it_writes_anything(tmp_pat
     assert len(errors) == 1 and "train.lr" in errors[0] and not out.exists()
 
 
+def test_a_setting_that_can_only_fail_is_refused_before_any_run_trains(tmp_path, capsys):
+    """A drop event past the end (or a missing data file) in a later setting was said only after
+    every earlier setting had trained, leaving tables of a half experiment (a review)."""
+    suite = _suite(tmp_path)
+    (tmp_path / "b.toml").write_text(BASE + '[[setting]]\nname = "late"\nset = { "unlearn.drop" = "5@9" }\n')
+    out = tmp_path / "out"
+    assert main(["suite", str(suite), "--out", str(out), "--quiet"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedunlearn: error:")]
+    assert len(errors) == 1 and "second/late/seed0: drop event '5@9'" in errors[0] and not out.exists()
+    assert main(["experiment", str(tmp_path / "b.toml"), "--out", str(out), "--quiet"]) == 2
+    assert "late: drop event '5@9'" in capsys.readouterr().err and not out.exists()
+
+
+def test_suite_resume_refuses_a_folder_it_did_not_write_and_entries_that_are_not_tables(tmp_path, capsys):
+    """--resume wrote into any folder and deleted its report/ (a review); a list of file names where
+    [[experiment]] tables belong raised AttributeError."""
+    other = tmp_path / "other"
+    (other / "report").mkdir(parents=True)
+    (other / "report" / "notes.md").write_text("mine")
+    assert main(["suite", str(_suite(tmp_path)), "--out", str(other), "--quiet", "--resume"]) == 2
+    assert "holds no run of this suite" in capsys.readouterr().err
+    assert (other / "report" / "notes.md").read_text() == "mine" and [p.name for p in other.iterdir()] == ["report"]
+    for table in ("experiment", "benchmark"):
+        (tmp_path / "bad.toml").write_text(f'{table} = ["a.toml"]\n')
+        assert main(["suite", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+        assert f"{table} must be [[{table}]] tables" in capsys.readouterr().err
+
+
 ENGINES = Path(__file__).resolve().parents[1] / "benchmarks" / "engines.py"
 
 

@@ -794,16 +794,16 @@ def test_a_compare_table_measures_the_cosine_to_retrain_from_the_run_s_own_start
 
     seen = []
 
-    def recording(rows, unlearned, initial=None):
-        seen.append((rows, unlearned, initial))
-        compare_with_retrain(rows, unlearned, initial)
+    def recording(rows, unlearned, starts=None):
+        seen.append((rows, unlearned, starts))
+        compare_with_retrain(rows, unlearned, starts)
 
     monkeypatch.setattr(rounds, "compare_with_retrain", recording)
     overrides = ["unlearn.compare=true", "model.init_std=0.3", "run.train_seed=7", "unlearn.method=federaser"]
     server, _, _ = server_for(tmp_path, overrides, drop="3@4")
     server.run()
-    ((rows, unlearned, initial),) = seen
-    assert initial is server.initial
+    ((rows, unlearned, starts),) = seen
+    assert list(starts) == [initial_key(server.config)] and starts[initial_key(server.config)] is server.initial
     assert {row["initial"] for row in rows} == {initial_key(server.config)}
     for key, value in _initial(rows[0], server.initial).items():  # what a re-read of the rows takes
         np.testing.assert_array_equal(value, server.initial[key])

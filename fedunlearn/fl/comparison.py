@@ -17,12 +17,27 @@ from fedunlearn.seeding import Stream, rng_for
 
 
 def compare_with_retrain(
-    rows: list[dict[str, Any]], unlearned: list[Arrays | None], initial: Arrays | None = None
+    rows: list[dict[str, Any]], unlearned: list[Arrays | None], starts: dict[str, Arrays] | None = None
 ) -> None:
     """Speedup (client-epochs, optimizer steps and wall time) and parameter distance of every unlearning run to the
     Retrain run of the same model, seed and event, measured on the shared parameters right after
-    unlearning (where they were kept: None skips the distance); the cosine is between the changes
-    from the common initial parameters (`initial`, or as each row's `initial` says they were drawn)."""
+    unlearning (where they were kept: None skips the distance); the cosine is between each model's
+    change from the initial parameters it grew from, as its row's `initial` says they were drawn (a
+    Retrain under secure aggregation draws its own: unlearning/retrain.py). `starts`: parameters
+    already at hand, by that key."""
+    def shapes(arrays: Arrays) -> tuple[tuple[str, tuple[int, ...]], ...]:
+        return tuple((key, arrays[key].shape) for key in sorted(arrays))
+
+    known = {(drawn, shapes(arrays)): arrays for drawn, arrays in (starts or {}).items()}  # one draw, any model
+
+    def start(row: dict[str, Any], params: Arrays) -> Arrays:
+        drawn = _text(row.get("initial"))
+        if drawn is None:
+            return _initial(row, params)
+        key = (drawn, shapes(params))
+        if key not in known:
+            known[key] = _initial(row, params)
+        return known[key]
 
     def key(row: dict[str, Any]) -> tuple[Any, ...]:
         return row["model"], row["seed"], row.get("event"), _text(row.get("retrain_key"))
@@ -38,10 +53,12 @@ def compare_with_retrain(
         row["speedup_time"] = _ratio(ref_row["unlearn_seconds"], row["unlearn_seconds"], MEASURABLE_SECONDS)
         if params is None or ref_params is None:
             continue
-        begin = initial if initial is not None else _initial(row, params)
-        flat, ref_flat, start = (np.concatenate([a[k].ravel() for k in sorted(a)]) for a in (params, ref_params, begin))
+        begin, ref_begin = start(row, params), start(ref_row, ref_params)
+        flat, ref_flat, origin, ref_origin = (
+            np.concatenate([a[k].ravel() for k in sorted(a)]) for a in (params, ref_params, begin, ref_begin)
+        )
         row["L2_to_retrain"] = float(np.linalg.norm(flat - ref_flat))
-        moved, ref_moved = flat - start, ref_flat - start
+        moved, ref_moved = flat - origin, ref_flat - ref_origin
         row["cosine_to_retrain"] = float(moved @ ref_moved / (np.linalg.norm(moved) * np.linalg.norm(ref_moved)))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
@@ -52,6 +53,16 @@ class Federation:
     def client_ids(self) -> list[str]:
         """Built once: the in-process pool looks ids up per client, every round."""
         return [str(uid) for uid in self.dataset.user_ids]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of the clients and their partitions: a checkpoint resumes only on the data it was
+        written with (a CSV grown or cut in between moved every index)."""
+        split = self.split
+        digest = hashlib.sha256(json.dumps([self.client_ids, self.n_items]).encode())
+        for array in (split.train_indptr, split.train_items, split.valid_item, split.test_item, split.test_negatives):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()[:16]
 
     def kept(self, excluded: Collection[str]) -> list[int]:
         """The positions of the clients not in data.exclude_clients, in order; an unknown id or an

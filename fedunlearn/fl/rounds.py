@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedunlearn.config import Config, audits_privacy, derive
+from fedunlearn.config import Config, audits_privacy, derive, differing_keys
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.aggregation import apply_delta
 from fedunlearn.fl.checkpoint import Checkpoint, prefixed, unprefixed
@@ -234,6 +234,8 @@ class FederatedServer:
         self.evaluated = 0  # users scored by the last evaluation
         self.optimizer_steps = 0  # every client's minibatch steps, summed
         self.events: list[dict[str, Any]] = []
+        self.origin = initial_key(config)  # how the initial parameters the shared model grew from were drawn
+        self.drawn: str | None = None  # the draw of the method now running, where it took its own (training_draws)
         self.calibrations: list[tuple[int, ClientUpdate]] = []  # FedEraser's calibrated updates, for audits
         self.unlearned: Arrays = {}  # the shared parameters right after the last unlearning event
         self.limits = ReplyLimits.of(
@@ -245,6 +247,7 @@ class FederatedServer:
         self.losses: list[float] = []  # each round's mean training loss
         self.reported: Counter[str] = Counter()  # rejected uploads already shown in an earlier metrics row
         self.checkpoint = checkpoint
+        self.data_fingerprint = federation.fingerprint if checkpoint is not None else ""
         self.handled = 0  # the round of the last drop event handled (0: none yet)
         # training interactions per client (the active / inactive split), without building each client's data
         self.activity = dict(zip(client_ids, np.diff(federation.split.train_indptr).tolist(), strict=True))
@@ -393,6 +396,7 @@ class FederatedServer:
         config, initial = self.config, self.initial
         self.config = self.pool.config = derive(config, {"run.train_seed": seed})
         self.initial = self.model.init_shared(rng_for(seed, Stream.SHARED_INIT))
+        self.drawn = initial_key(self.config)  # what the model it trains grows from, after the draws too
         try:
             yield
         finally:
@@ -462,6 +466,7 @@ class FederatedServer:
         history_bytes = self.history.bytes_by_kind() if self.history is not None else None
         started, epochs_before, steps_before = time.perf_counter(), self.client_epochs, self.optimizer_steps
         took_part = self.history is None or bool(set(leaving) & self.history.client_ids())
+        self.drawn = None
         if took_part:  # clients that never trained left nothing to erase: every method is a no-op
             with self.progress.during(f"drop before round {round_number}: {method}"):
                 self.shared = self.plugins.methods[method](self, round_number, forgotten)
@@ -469,11 +474,13 @@ class FederatedServer:
         seconds, client_epochs = time.perf_counter() - started, self.client_epochs - epochs_before
         membership = self._membership(forgotten)  # before their state is deleted
         self.pool.forget(forgotten)
+        self.origin = self.drawn or self.origin
         self.events.append(
             {
                 "round": round_number,
                 "clients": leaving,
                 "method": method,
+                "initial": self.origin,  # the start the cosine to Retrain is taken from (comparison.py)
                 "seconds": seconds,
                 "client_epochs": client_epochs,
                 "optimizer_steps": self.optimizer_steps - steps_before,
@@ -523,13 +530,13 @@ class FederatedServer:
             rows.append(
                 {"event": round_number, "removed": removed_so_far + len(leaving), "method": method}
                 | {"model": self.config.model.name, "seed": self.config.run.seed}
-                | {"initial": initial_key(self.config)}  # the start the cosine to Retrain is taken from
+                | {"initial": event["initial"]}
                 | {k: v for k, v in event["after"].items() if k in COMPARED}
                 | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"]}
                 | {"client_epochs": event["client_epochs"], "optimizer_steps": event["optimizer_steps"]}
             )
             unlearned.append(twin.unlearned)
-        compare_with_retrain(rows, unlearned, self.initial)
+        compare_with_retrain(rows, unlearned, {initial_key(self.config): self.initial})
         return rows
 
     def _transaction(self) -> AbstractContextManager[Any]:
@@ -552,8 +559,21 @@ class FederatedServer:
             "rejected": {kind: dict(counts) for kind, counts in self.rejected.items()},
             "rows": result.rounds, "round_ends": result.round_ends, "comparison": result.comparison,
             "round_clients": result.round_clients,
+            "config": self.config.to_dict(), "data": self.data_fingerprint,  # what it may resume with
         }  # fmt: skip
         self.checkpoint.save(arrays, meta)  # type: ignore[union-attr]
+
+    def _check_same_run(self, meta: dict[str, Any]) -> None:
+        """A checkpoint continues only the run that wrote it: the same settings on the same data."""
+        again = "resume with the settings and data it started with, or start again with another --out"
+        if "config" not in meta:
+            raise FedUnlearnError(f"the checkpoint was written by an older fedunlearn and cannot be checked: {again}")
+        changed = [f"{s}.{k}: {meta['config'].get(s, {}).get(k)!r} -> {self.config.to_dict().get(s, {}).get(k)!r}"
+                   for s, k in differing_keys(meta["config"], self.config.to_dict())]  # fmt: skip
+        if changed:
+            raise FedUnlearnError(f"the checkpoint was written with other settings ({'; '.join(changed[:3])}): {again}")
+        if meta["data"] != self.data_fingerprint:
+            raise FedUnlearnError(f"the data changed since the checkpoint (its users, items or split differ): {again}")
 
     def _restore(self, result: FederationResult) -> tuple[int, float]:
         """Continue from the checkpoint, if a round completed: (the next round, seconds already run)."""
@@ -561,6 +581,7 @@ class FederatedServer:
         if saved is None:
             return 1, 0.0
         arrays, meta = saved
+        self._check_same_run(meta)
         self.shared, self.unlearned = unprefixed("shared", arrays), unprefixed("unlearned", arrays)
         self.pool.load_state(unprefixed("pool", arrays))  # type: ignore[attr-defined]
         if self.row_optimizer is not None:
@@ -570,6 +591,7 @@ class FederatedServer:
         self.optimizer_steps = meta["optimizer_steps"]
         self.ldp_uploads = Counter(meta.get("ldp_uploads", {}))  # absent from checkpoints written before it
         self.handled = max((event["round"] for event in self.events), default=0)
+        self.origin = next((e["initial"] for e in reversed(self.events) if "initial" in e), self.origin)
         self.losses, self.reported = meta["losses"], Counter(meta["reported"])
         self.rejected = fresh_counts() | {kind: Counter(counts) for kind, counts in meta["rejected"].items()}
         result.rounds, result.round_ends, result.comparison = meta["rows"], meta["round_ends"], meta["comparison"]

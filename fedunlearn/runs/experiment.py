@@ -31,7 +31,7 @@ from fedunlearn.fl.comparison import compare_with_retrain, initial_key, referenc
 from fedunlearn.fl.rounds import COMPARED
 from fedunlearn.models.base import Arrays
 from fedunlearn.runs.results import FINAL, LOCK, lock_folder, partial_of, staged, unlock, write_config, write_run
-from fedunlearn.runs.runner import RunOutcome, execute
+from fedunlearn.runs.runner import RunOutcome, execute, preflight
 from fedunlearn.runs.tables import readable
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -53,7 +53,8 @@ def load_settings(
         raise FedUnlearnError(f"{path} has no [[setting]] rows: add at least one")
     if not isinstance(settings, list) or not all(isinstance(row, dict) for row in settings):
         raise FedUnlearnError(f"{path}: setting must be [[setting]] tables, each with a name and a set table")
-    unknown_names = sorted(set(only or []) - {row.get("name") for row in settings})
+    names_given = {row.get("name") for row in settings if isinstance(row.get("name"), str)}  # others: refused below
+    unknown_names = sorted(set(only or []) - names_given)
     if unknown_names:
         known = ", ".join(str(row.get("name")) for row in settings)
         raise FedUnlearnError(f"{path} has no setting named {unknown_names}: choose among {known}")
@@ -70,12 +71,12 @@ def load_settings(
         stray = sorted(set(row) - {"name", "set"})
         if stray:
             raise FedUnlearnError(f"{path}: setting {name!r} has {stray}; a [[setting]] holds a name and a set only")
-        if not name or name in names:
-            raise FedUnlearnError(f"{path}: every [[setting]] needs a unique name; got {name!r}")
-        if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name:
+        if name and (not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name):
             raise FedUnlearnError(
                 f"{path}: setting name {name!r} is used as a folder name: use letters, digits, '-', '_' and '.' only"
             )
+        if not name or name in names:
+            raise FedUnlearnError(f"{path}: every [[setting]] needs a unique name; got {name!r}")
         names.add(name)
         for model in models or [None]:
             for seed in seeds or [None]:
@@ -124,7 +125,8 @@ def _rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[str, Any]
         | {"MIA_AUC": event["MIA_AUC"], "unlearn_seconds": event["seconds"], "client_epochs": event["client_epochs"]}
         | {"optimizer_steps": event["optimizer_steps"]}
         | {"history_bytes": event["history_bytes"]["file"], "seconds": info["seconds"]}
-        | {"retrain_key": reference_key(outcome.config), "initial": initial_key(config)}  # its engine resolved
+        | {"retrain_key": reference_key(outcome.config)}  # its engine resolved
+        | {"initial": event.get("initial", initial_key(config))}  # events before 2026-12-07 grew from the run's
         for event in result.events
     ]
 
@@ -139,7 +141,8 @@ def _privacy_rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[s
 
 
 ROWS_FILE = "experiment_rows.json"  # a finished run's table rows, for `--resume`
-ROWS_FORMAT = 2  # 2026-12-07: retrain_key names the engine, history_bytes the history file's bytes
+ROWS_FORMAT = 3  # 2026-12-07: retrain_key names the engine, history_bytes the history file's bytes; an
+# audited run with a drop keeps its events' rows
 REQUESTED_FILE = "experiment_config.json"  # the settings the experiment asked of a run, for `--resume`
 
 
@@ -232,12 +235,16 @@ def run_experiment(
     if not resume and folder.exists():
         hint = "continue it with --resume" if ours else "it is not this experiment's folder"
         raise FedUnlearnError(f"results folder {folder} exists ({hint}): choose another --out")
-    if resume and only:  # the other settings' finished runs stay in runs.csv and the tables
+    carried: list[dict[str, Any]] = []
+    if resume and only:  # the other settings' finished runs stay in runs.csv and the tables, their failures too
         chosen = {name for name, _ in settings}
-        settings = [(name, config) for name, config in load_settings(path, overrides, None, seeds)
-                    if name in chosen or (folder / name / FINAL).is_file()]  # fmt: skip
+        every = load_settings(path, overrides, None, seeds)
+        settings = [(name, config) for name, config in every if name in chosen or (folder / name / FINAL).is_file()]
+        kept = {name for name, _ in settings}
+        carried = _earlier_failures(folder, [(name, config) for name, config in every if name not in kept])
     if resume:
         _check_resumable(folder, settings)
+    check_before_running([(name, config) for name, config in settings if not (folder / name / FINAL).is_file()])
     folder.mkdir(parents=True, exist_ok=True)
     lock = lock_folder(folder)
     try:
@@ -247,7 +254,7 @@ def run_experiment(
         # the unlearned model is kept for a run's last event: the distances to Retrain are taken there
         last = [params if i == len(run_rows) - 1 else None for run_rows, params in ok for i in range(len(run_rows))]
         compare_with_retrain(rows, last)
-        failed = [run_rows[0] for run_rows, _ in results if run_rows[0]["status"] == "failed"]
+        failed = [run_rows[0] for run_rows, _ in results if run_rows[0]["status"] == "failed"] + carried
         runs = pd.DataFrame(rows + failed)
         runs.to_csv(folder / "runs.csv", index=False)
         table = summarize(pd.DataFrame(rows).drop(columns="status")) if rows else pd.DataFrame()
@@ -263,8 +270,34 @@ def run_experiment(
         unlock(folder, lock)
     if failed:
         first = f"{failed[0]['setting']} (seed {failed[0]['seed']}): {failed[0]['error']}"
-        raise FedUnlearnError(f"{len(failed)} of {len(results)} runs failed (see {folder}/runs.csv); first: {first}")
+        raise FedUnlearnError(f"{len(failed)} of {len(results) + len(carried)} runs failed (see {folder}/runs.csv); "
+                              f"first: {first}")  # fmt: skip
     return table
+
+
+def check_before_running(settings: list[tuple[str, Config]]) -> None:
+    """Every run's bad input said before the first run trains (runner.preflight): a drop event past
+    the end or a missing data file in the last setting stopped an experiment only after the others."""
+    for name, config in settings:
+        try:
+            preflight(config)
+        except FedUnlearnError as error:
+            raise FedUnlearnError(f"{name}: {error}") from None
+
+
+def _earlier_failures(folder: Path, runs: list[tuple[str, Config]]) -> list[dict[str, Any]]:
+    """The failed rows an earlier call wrote in runs.csv for these runs, which this call does not run
+    (`--resume --only` other settings): they stay failed, so the experiment still reads unfinished."""
+    path = folder / "runs.csv"
+    earlier = pd.read_csv(path, dtype={"setting": str}) if path.is_file() else pd.DataFrame()
+    if "status" not in earlier.columns:
+        return []
+    wanted = {(name.split("/")[0], config.run.seed, config.model.name) for name, config in runs}
+    return [
+        {key: row[key] for key in ("setting", "seed", "model", "status", "error")}
+        for row in earlier[earlier["status"] == "failed"].to_dict("records")
+        if (row["setting"], int(row["seed"]), row["model"]) in wanted
+    ]
 
 
 def _run_all(

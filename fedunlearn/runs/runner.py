@@ -18,7 +18,7 @@ import numpy as np
 from fedunlearn.config import Config, ModelConfig, audits_privacy, derive
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.checkpoint import Checkpoint
-from fedunlearn.fl.federation import Federation, build_federation
+from fedunlearn.fl.federation import Federation, build_federation, cached_federation
 from fedunlearn.fl.history import HistoryStore
 from fedunlearn.fl.rounds import FederatedServer, FederationResult, reasons_text
 from fedunlearn.fl.schedule import build_schedule
@@ -44,7 +44,7 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
     checkpoint when the folder holds one (central, popularity and Flower runs start afresh)."""
     started = time.perf_counter()
     federation = build_federation(config.data, config.run.seed)
-    check_model_fits(config, federation)
+    config = preflight(config, federation)
     info: dict[str, Any] = {
         "dataset": config.data.dataset,
         "clients": federation.n_clients,
@@ -66,15 +66,6 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
             progress.close()
         warn_if_unlearned(config, federation, result, info)
     else:
-        from fedunlearn.engines.choice import choose_engine
-
-        config = derive(config, {"run.engine": choose_engine(config)})  # recorded as the engine that ran
-        if config.run.engine != "flower" and audits_privacy(config):  # a single-machine engine audits any defence
-            config = derive(config, {"audit.enabled": True})  # so the recorded config says the audit ran
-        if config.audit.enabled or config.defence.method != "none" or config.defence.compare:
-            from fedunlearn.privacy.audit import audited_attributes
-
-            audited_attributes(config.audit, federation.dataset.attributes)  # said now, not after the training
         config, result = _federated(config, federation, folder, show_progress, info)
     # the whole run's wall time; a resumed run adds its interrupted legs' rounds (their start-up is not known)
     info["seconds"] = round(time.perf_counter() - started + result.earlier_seconds, 2)
@@ -175,11 +166,42 @@ def parameter_floats(model_config: ModelConfig, n_items: int, n_clients: int) ->
     return (rows * n_items + users * n_clients) * model_config.dim + dense
 
 
+def preflight(config: Config, federation: Federation | None = None) -> Config:
+    """Every check a run can make before it trains (the data loads, the model fits in memory, the
+    drop schedule, the audited attributes), so that an experiment or a suite says it before its
+    first run; -> the config as a federated run records it (the engine `auto` chose, the audit a
+    single-machine engine runs for any defence)."""
+    federation = federation or cached_federation(config.data, config.run.seed)
+    check_model_fits(config, federation)
+    if config.run.mode != "federated":
+        return config
+    from fedunlearn.engines.choice import choose_engine
+
+    config = derive(config, {"run.engine": choose_engine(config)})  # recorded as the engine that ran
+    if config.run.engine != "flower" and audits_privacy(config):  # a single-machine engine audits any defence
+        config = derive(config, {"audit.enabled": True})  # so the recorded config says the audit ran
+    if config.audit.enabled or config.defence.method != "none" or config.defence.compare:
+        from fedunlearn.privacy.audit import audited_attributes
+
+        audited_attributes(config.audit, federation.dataset.attributes)
+    checked_schedule(config, federation)
+    return config
+
+
 def schedule_and_history(
     config: Config, federation: Federation, folder: Path
 ) -> tuple[Config, dict[int, list[str]], HistoryStore | None]:
     """The config with the poisoning attackers and target filled in, the checked drop schedule, and
     the history database the server keeps when anyone leaves."""
+    config, schedule = checked_schedule(config, federation)
+    if not schedule:
+        return config, schedule, None
+    return config, schedule, HistoryStore(folder / "history.sqlite", history_policy(config.unlearn))
+
+
+def checked_schedule(config: Config, federation: Federation) -> tuple[Config, dict[int, list[str]]]:
+    """The drop schedule, checked against the federation and the other settings, and the config with
+    the poisoning attackers and target filled in."""
     unlearn = config.unlearn
     excluded = set(config.data.exclude_clients)
     candidates = [c for c in federation.client_ids if c not in excluded]  # random drops draw among these
@@ -215,9 +237,7 @@ def schedule_and_history(
             target = int(np.argmin(np.bincount(federation.split.train_items, minlength=federation.n_items)))
         attackers = sorted({c for clients in schedule.values() for c in clients})
         config = derive(config, {"unlearn.attackers": attackers, "unlearn.target_item": target})
-    if not schedule:
-        return config, schedule, None
-    return config, schedule, HistoryStore(folder / "history.sqlite", history_policy(config.unlearn))
+    return config, schedule
 
 
 def outcome_info(config: Config, result: FederationResult, history: HistoryStore | None) -> dict[str, Any]:

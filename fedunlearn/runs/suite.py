@@ -37,8 +37,9 @@ import pandas as pd
 
 from fedunlearn.config import read_toml
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.runs.experiment import PLAIN_NAME, load_settings, run_experiment
+from fedunlearn.runs.experiment import PLAIN_NAME, check_before_running, load_settings, run_experiment
 from fedunlearn.runs.report import BENCHMARK_DONE, failed_runs, is_benchmark, write_report
+from fedunlearn.runs.results import FINAL
 from fedunlearn.runs.tables import readable
 
 
@@ -65,7 +66,7 @@ def _folder_name(path: Path, kind: str, name: Any, names: set[str]) -> str:
 
 
 def load_benchmarks(path: Path, rows: Any, names: set[str]) -> list[SuiteBenchmark]:
-    if not isinstance(rows, list):
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
         raise FedUnlearnError(f"{path}: benchmark must be [[benchmark]] tables (name, script, args)")
     benchmarks = []
     for row in rows:
@@ -98,6 +99,8 @@ def load_suite(path: str | Path) -> tuple[list[int] | None, list[SuiteEntry], li
         raise FedUnlearnError(f"{path} lists no [[experiment]] nor [[benchmark]]: add at least one")
     entries: list[SuiteEntry] = []
     names: set[str] = set()
+    if not all(isinstance(row, dict) for row in rows):
+        raise FedUnlearnError(f"{path}: experiment must be [[experiment]] tables (name, file, only, set)")
     for row in rows:
         name, file = _folder_name(path, "experiment", row.get("name"), names), row.get("file")
         if not isinstance(file, str) or not (path.parent / file).is_file():
@@ -138,14 +141,19 @@ def run_suite(
     """Every experiment, then the report; returns the plots made."""
     seeds, entries, benchmarks = load_suite(path)
     out = Path(out)
+    times = out / "suite.csv"  # each step's seconds over every call, so a resumed suite keeps the earlier ones
     if out.exists() and not resume:
         raise FedUnlearnError(f"suite folder {out} exists: continue it with --resume or choose another --out")
     if jobs < 1:
         raise FedUnlearnError(f"--jobs is {jobs} but must be at least 1")
+    ours = times.is_file() or any((out / entry.name).is_dir() for entry in entries)
+    if resume and not (ours or (out.is_dir() and not any(out.iterdir()))):  # empty: stopped before its first step
+        raise FedUnlearnError(f"{out} holds no run of this suite to resume: run without --resume first")
     for entry in entries:  # every experiment's settings checked before anything is written
-        load_settings(entry.file, [*entry.overrides, *(overrides or [])], entry.only or None, seeds)
+        settings = load_settings(entry.file, [*entry.overrides, *(overrides or [])], entry.only or None, seeds)
+        check_before_running([(f"{entry.name}/{name}", config) for name, config in settings
+                              if not (out / entry.name / name / FINAL).is_file()])  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    times = out / "suite.csv"  # each step's seconds over every call, so a resumed suite keeps the earlier ones
     before = pd.read_csv(times).set_index("experiment")["seconds"].to_dict() if resume and times.is_file() else {}
     rows: list[dict[str, Any]] = []
     failures: list[str] = []
