@@ -18,6 +18,7 @@ class Progress:
         self.clients = 0
         self.done = 0
         self.work = "training"  # what the clients of the current call do
+        self.call_round: int | None = None  # the round a call inside a phase trains (a replay's, a calibration's)
         self.phase: str | None = None  # e.g. a drop event's method, while it runs
         self.phase_started = 0.0
         self.hr10: float | None = None
@@ -25,9 +26,11 @@ class Progress:
     def start_round(self, round_number: int) -> None:
         self.round = round_number  # the round's training call (start_call) shows it
 
-    def start_call(self, clients: int, work: str) -> None:
-        """A new call to `clients` clients: the count restarts, so it never runs past its total."""
-        self.clients, self.done, self.work = clients, 0, work
+    def start_call(self, clients: int, work: str, round_number: int | None = None) -> None:
+        """A new call to `clients` clients: the count restarts, so it never runs past its total. Inside
+        a phase (a drop event's method) the call names the round it trains: the run's own round
+        stands still while a Retrain replays its rounds one by one."""
+        self.clients, self.done, self.work, self.call_round = clients, 0, work, round_number
         self._show()
 
     def client_done(self, count: int = 1) -> None:
@@ -61,7 +64,8 @@ class Progress:
         postfix = {"round": self.round}
         if self.phase is not None:
             postfix["phase"] = f"{self.phase} ({time.perf_counter() - self.phase_started:.0f} s)"
-        postfix[self.work] = f"{self.done}/{self.clients}"
+        replaying = self.phase is not None and self.call_round is not None
+        postfix[f"{self.work} round {self.call_round}" if replaying else self.work] = f"{self.done}/{self.clients}"
         if self.hr10 is not None:
             postfix["HR@10"] = f"{self.hr10:.4f}"
         self.bar.set_postfix(postfix, refresh=True)

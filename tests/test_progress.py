@@ -26,6 +26,24 @@ def test_counts_stay_within_their_call_and_each_method_shows_as_a_phase(tmp_path
     assert {"training", "evaluating"} <= {work for work, *_ in shown}
 
 
+def test_a_replay_names_the_round_it_trains(tmp_path, monkeypatch):
+    """The bar sat at the run's round while Retrain replayed its rounds, its client count going
+    0..N again and again with nothing to say which round it was on (a new user's walk)."""
+    shown = []
+    original = Progress._show
+
+    def record(self):
+        original(self)
+        shown.append(dict(item.split("=", 1) for item in self.bar.postfix.split(", ")))  # as the bar prints it
+
+    monkeypatch.setattr(Progress, "_show", record)
+    settings = [*TINY, 'unlearn.drop="3@4"', "unlearn.method=retrain"]
+    assert main(["run", *(arg for s in settings for arg in ("--set", s)), "--out", str(tmp_path / "r")]) == 0
+    replayed = [key for row in shown if "phase" in row for key in row if key.startswith("training round")]
+    assert list(dict.fromkeys(replayed)) == ["training round 1", "training round 2", "training round 3"]
+    assert not any(key.startswith("training round") for row in shown if "phase" not in row for key in row)
+
+
 def test_the_privacy_stages_show_as_phases_of_the_runs_bar(tmp_path, monkeypatch):
     phases = []
     original = Progress._show

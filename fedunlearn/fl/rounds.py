@@ -266,7 +266,7 @@ class FederatedServer:
         runs in the same order whatever order they arrived in. Every training call goes through here:
         rounds, and the unlearning methods' calibration, replay and ascent."""
         train = self.config.train
-        self.progress.start_call(len(clients), "training" if not ascent else "ascending")
+        self.progress.start_call(len(clients), "training" if not ascent else "ascending", round_number)
         replies = self.pool.train(round_number, clients, shared, self.progress.client_done, epochs, ascent)
         self._count_ldp_uploads(replies, ascent)
         limits = replace(self.limits, epochs=train.local_epochs if epochs is None else epochs, ascent=ascent)
@@ -365,7 +365,7 @@ class FederatedServer:
         most = int(self.limits.max_examples.max())
         layout = SecureLayout.of(self.model, shapes, most, self.config.defence.secagg_bound, train.local_epochs,
                                  train.batch_size)  # fmt: skip
-        self.progress.start_call(len(clients), "training")
+        self.progress.start_call(len(clients), "training", round_number)
         contributors, failed, summed = self.pool.train_summed(
             round_number, clients, shared, self.progress.client_done, layout
         )

@@ -237,7 +237,8 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
                   ""]  # fmt: skip
     if info.get("events"):
         held = max(event["history_bytes"]["file"] for event in info["events"]) / 1e6
-        lines += [f"History the server held for the drop events: at most {held:.1f} MB (deleted after the last).", ""]
+        lines += [f"History the server held for the drop events: at most {held:.1f} MB (emptied after the last "
+                  "event: only the empty file stays).", ""]  # fmt: skip
     if "defending_clients" in info:
         lines += ["## Attribute privacy", ""]
         if config.defence.compare:
