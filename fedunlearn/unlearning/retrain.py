@@ -14,12 +14,14 @@ from fedunlearn.unlearning.context import UnlearningServer
 def retrain(server: UnlearningServer, round_number: int, forgotten: list[int]) -> Arrays:
     """Rounds 1 .. round_number-1 again from the initial parameters, every remaining client starting
     from a fresh user part; client draws are keyed by client id, so each round samples exactly the
-    clients the original round sampled, less the forgotten ones. The history is rewritten if a later
-    event will read it.
+    clients the original round sampled, less the forgotten ones (Retrain equals a run configured
+    without them). The history is rewritten if a later event will read it.
 
-    Under secure aggregation the replay takes training draws of its own (`retrain_seed`): with the
-    run's, every retained client's contribution to a replayed round repeats to the bit, and the
-    server reads a removed client's upload as the original round's secure sum less the replay's."""
+    Under secure aggregation the replay takes training draws of its own (`retrain_seed`: initial
+    parameters, user parts, negatives, minibatches and, with train.fraction < 1, the sampled
+    clients): with the run's, every retained client's contribution to a replayed round repeats to
+    the bit, and the server reads a removed client's upload as the original round's secure sum less
+    the replay's. Retrain is then a run of another training seed without them (docs/PRIVACY.md)."""
     secure = server.config.defence.upload == SECURE_UPLOAD
     with server.training_draws(retrain_seed(server.config, round_number)) if secure else nullcontext():
         server.pool.forget(server.active)
