@@ -4,11 +4,14 @@ the latest HR@10."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from tqdm import tqdm
+
+HEARTBEAT_SECONDS = 1.0  # a phase's elapsed time is redrawn this often, whatever its own work reports
 
 
 class Progress:
@@ -22,6 +25,8 @@ class Progress:
         self.phase: str | None = None  # e.g. a drop event's method, while it runs
         self.phase_started = 0.0
         self.hr10: float | None = None
+        self.stopped = threading.Event()
+        self.heartbeat: threading.Thread | None = None
 
     def start_round(self, round_number: int) -> None:
         self.round = round_number  # the round's training call (start_call) shows it
@@ -44,6 +49,7 @@ class Progress:
         outer, outer_started = self.phase, self.phase_started
         self.phase, self.phase_started = phase, time.perf_counter()
         self._show()
+        self._start_heartbeat()
         try:
             yield
         finally:
@@ -58,7 +64,25 @@ class Progress:
         self.bar.update(rounds)
 
     def close(self) -> None:
+        self.stopped.set()
+        if self.heartbeat is not None:
+            self.heartbeat.join()
         self.bar.close()
+
+    def _start_heartbeat(self) -> None:
+        """A phase may run minutes without a client call to show (a defence's secure sums on Flower,
+        one every few seconds): its elapsed seconds are redrawn anyway, so the bar never stands
+        still. One daemon thread per bar, from its first phase to `close`."""
+        if self.bar.disable or self.heartbeat is not None:
+            return
+
+        def beat() -> None:
+            while not self.stopped.wait(HEARTBEAT_SECONDS):
+                if self.phase is not None:
+                    self._show()
+
+        self.heartbeat = threading.Thread(target=beat, name="progress-heartbeat", daemon=True)
+        self.heartbeat.start()
 
     def _show(self) -> None:
         postfix = {"round": self.round}

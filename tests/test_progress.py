@@ -57,3 +57,23 @@ def test_the_privacy_stages_show_as_phases_of_the_runs_bar(tmp_path, monkeypatch
     assert main(["run", *(arg for s in settings for arg in ("--set", s)), "--quiet", "--out", str(tmp_path / "r")]) == 0
     shown = [phase for phase in dict.fromkeys(phases) if phase]
     assert shown == ["privacy: audit of the trained model", "privacy: attrcloak-df on 20 clients, then its audit"]
+
+
+def test_a_long_phase_keeps_redrawing_its_elapsed_time(monkeypatch):
+    """A Flower run's AttrCloak-DD sat at "phase=privacy: attrcloak-dd ... (0 s)" for eight minutes:
+    its secure sums report nothing to the bar, and the elapsed time was drawn only on a report."""
+    import time
+
+    import fedunlearn.progress as progress_module
+
+    monkeypatch.setattr(progress_module, "HEARTBEAT_SECONDS", 0.05)
+    progress = Progress(1, enabled=True)
+    with progress.during("privacy: a long defence"):
+        time.sleep(1.2)
+        assert progress.bar.postfix.startswith("round=0, phase=privacy: a long defence (1 s)")
+    progress.close()
+    assert progress.heartbeat is not None and not progress.heartbeat.is_alive()
+    quiet = Progress(1, enabled=False)
+    with quiet.during("x"):
+        pass
+    assert quiet.heartbeat is None  # no thread where nothing is drawn
