@@ -235,7 +235,6 @@ class FederatedServer:
         self.optimizer_steps = 0  # every client's minibatch steps, summed
         self.events: list[dict[str, Any]] = []
         self.origin = initial_key(config)  # how the initial parameters the shared model grew from were drawn
-        self.drawn: str | None = None  # the draw of the method now running, where it took its own (training_draws)
         self.calibrations: list[tuple[int, ClientUpdate]] = []  # FedEraser's calibrated updates, for audits
         self.unlearned: Arrays = {}  # the shared parameters right after the last unlearning event
         self.limits = ReplyLimits.of(
@@ -392,11 +391,12 @@ class FederatedServer:
     def training_draws(self, seed: int) -> Iterator[None]:
         """Train with another training seed for a while, the initial parameters and the clients'
         fresh user parts drawn from it too, the server and its clients alike; the run's own draws
-        come back after (Retrain under secure aggregation: unlearning/retrain.py)."""
+        come back after (Retrain under secure aggregation: unlearning/retrain.py). The model trained
+        here replaces the run's, so `origin` names this draw from now on."""
         config, initial = self.config, self.initial
         self.config = self.pool.config = derive(config, {"run.train_seed": seed})
         self.initial = self.model.init_shared(rng_for(seed, Stream.SHARED_INIT))
-        self.drawn = initial_key(self.config)  # what the model it trains grows from, after the draws too
+        self.origin = initial_key(self.config)
         try:
             yield
         finally:
@@ -466,7 +466,6 @@ class FederatedServer:
         history_bytes = self.history.bytes_by_kind() if self.history is not None else None
         started, epochs_before, steps_before = time.perf_counter(), self.client_epochs, self.optimizer_steps
         took_part = self.history is None or bool(set(leaving) & self.history.client_ids())
-        self.drawn = None
         if took_part:  # clients that never trained left nothing to erase: every method is a no-op
             with self.progress.during(f"drop before round {round_number}: {method}"):
                 self.shared = self.plugins.methods[method](self, round_number, forgotten)
@@ -474,7 +473,6 @@ class FederatedServer:
         seconds, client_epochs = time.perf_counter() - started, self.client_epochs - epochs_before
         membership = self._membership(forgotten)  # before their state is deleted
         self.pool.forget(forgotten)
-        self.origin = self.drawn or self.origin
         self.events.append(
             {
                 "round": round_number,
@@ -568,8 +566,9 @@ class FederatedServer:
         again = "resume with the settings and data it started with, or start again with another --out"
         if "config" not in meta:
             raise FedUnlearnError(f"the checkpoint was written by an older fedunlearn and cannot be checked: {again}")
-        changed = [f"{s}.{k}: {meta['config'].get(s, {}).get(k)!r} -> {self.config.to_dict().get(s, {}).get(k)!r}"
-                   for s, k in differing_keys(meta["config"], self.config.to_dict())]  # fmt: skip
+        before, now = meta["config"], self.config.to_dict()
+        changed = [f"{s}.{k}: {before.get(s, {}).get(k)!r} -> {now.get(s, {}).get(k)!r}"
+                   for s, k in differing_keys(before, now)]  # fmt: skip
         if changed:
             raise FedUnlearnError(f"the checkpoint was written with other settings ({'; '.join(changed[:3])}): {again}")
         if meta["data"] != self.data_fingerprint:

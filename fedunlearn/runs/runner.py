@@ -44,7 +44,7 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
     checkpoint when the folder holds one (central, popularity and Flower runs start afresh)."""
     started = time.perf_counter()
     federation = build_federation(config.data, config.run.seed)
-    config = preflight(config, federation)
+    config = recorded_config(config, federation)  # the drop schedule is checked where it is built
     info: dict[str, Any] = {
         "dataset": config.data.dataset,
         "clients": federation.n_clients,
@@ -166,12 +166,19 @@ def parameter_floats(model_config: ModelConfig, n_items: int, n_clients: int) ->
     return (rows * n_items + users * n_clients) * model_config.dim + dense
 
 
-def preflight(config: Config, federation: Federation | None = None) -> Config:
+def preflight(config: Config, federation: Federation | None = None) -> None:
     """Every check a run can make before it trains (the data loads, the model fits in memory, the
-    drop schedule, the audited attributes), so that an experiment or a suite says it before its
-    first run; -> the config as a federated run records it (the engine `auto` chose, the audit a
-    single-machine engine runs for any defence)."""
+    audited attributes, the drop schedule), so that an experiment, a suite or a deployment says it
+    before its first run starts."""
     federation = federation or cached_federation(config.data, config.run.seed)
+    config = recorded_config(config, federation)
+    if config.run.mode == "federated":
+        checked_schedule(config, federation)
+
+
+def recorded_config(config: Config, federation: Federation) -> Config:
+    """The config as the run records it (the engine `auto` chose, the audit a single-machine engine
+    runs for any defence), once the model is known to fit and the audited attributes to exist."""
     check_model_fits(config, federation)
     if config.run.mode != "federated":
         return config
@@ -184,7 +191,6 @@ def preflight(config: Config, federation: Federation | None = None) -> Config:
         from fedunlearn.privacy.audit import audited_attributes
 
         audited_attributes(config.audit, federation.dataset.attributes)
-    checked_schedule(config, federation)
     return config
 
 
