@@ -197,7 +197,7 @@ def _audit(args: argparse.Namespace) -> None:
 
     from fedunlearn.config import load_config
     from fedunlearn.privacy.audit import privacy_table
-    from fedunlearn.runs.results import EMBEDDINGS_FILE, read_central_view, saved_attributes
+    from fedunlearn.runs.results import EMBEDDINGS_FILE, read_central_view, saved_attributes, write_audit_csv
     from fedunlearn.runs.tables import readable
 
     run = Path(args.run_dir)
@@ -231,7 +231,7 @@ def _audit(args: argparse.Namespace) -> None:
                "balanced_accuracy_relabelled", "chance", "null_95", "at_risk"]  # fmt: skip
     print(readable(table[[c for c in columns if c in table.columns]]))
     if out is not None:
-        table.to_csv(out, index=False)
+        write_audit_csv(table, out)
 
 
 def _suite(args: argparse.Namespace) -> None:

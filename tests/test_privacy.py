@@ -604,6 +604,13 @@ def test_one_upload_gives_away_the_clients_positives_and_for_mf_its_embeddings_d
             assert low < defended.precision < high and defended.recall > 0.95  # mimic: about 1 / (1 + ratio)
 
 
+def _count_cells(path, column: str) -> bool:
+    """Whether a CSV column's non-empty cells are written as integers (not 470.0), and some are."""
+    header, *lines = path.read_text().splitlines()
+    cells = {line.split(",")[header.split(",").index(column)] for line in lines} - {""}
+    return bool(cells) and all(cell.isdigit() for cell in cells)
+
+
 def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figures(tmp_path, capsys):
     from fedunlearn.cli import main
 
@@ -624,6 +631,7 @@ def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figu
     after = table[table.defence == "attrcloak-dd"]
     assert after["seconds"].notna().all() and after["NDCG@10"].between(0, 1).all()
     assert after["retention_share"].notna().all() and table[table.defence == "none"]["retention_share"].isna().all()
+    assert _count_cells(out / "audit.csv", "tested") and _count_cells(out / "audit.csv", "steps")
     embeddings = np.load(out / "central_view_embeddings.npz")
     assert embeddings["before"].shape == embeddings["after"].shape == (120, 8)
     assert not np.allclose(embeddings["before"], embeddings["after"])  # the defence moved the users
@@ -634,6 +642,7 @@ def test_run_with_a_defence_writes_audits_where_local_sums_equal_the_global_figu
     header = capsys.readouterr().out.splitlines()[0].split()
     assert {"chance", "null_95", "balanced_accuracy_relabelled"} <= set(header)  # the null band beside chance
     again = pd.read_csv(rerun)
+    assert _count_cells(rerun, "tested")
     first = table[(table.view == "embedding") & (table.audit == "global")].reset_index(drop=True)
     second = again[again.audit == "global"].reset_index(drop=True)
     np.testing.assert_allclose(second["balanced_accuracy"], first["balanced_accuracy"], rtol=1e-12)

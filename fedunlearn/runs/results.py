@@ -262,12 +262,21 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
     return "\n".join(lines)
 
 
+AUDIT_COUNTS = ("tested", "steps")  # users an attack was tested on, a defence's optimizer steps
+
+
+def write_audit_csv(table: pd.DataFrame, path: Path) -> None:
+    """An audit table as CSV, its counts as integers (rows without one, e.g. the local audit's,
+    made them floats)."""
+    table.astype({column: "Int64" for column in AUDIT_COUNTS if column in table}).to_csv(path, index=False)
+
+
 def write_privacy(folder: Path, config: Config, report: Any) -> None:
     """audit.csv / audit.md, the embeddings the global audit saw with the users' attribute values
     (the central view: a simulation privilege, for `fedunlearn audit` and the plots) and the plots."""
     from fedunlearn.runs.plots import plot_embeddings, plot_tradeoff
 
-    report.table.to_csv(folder / "audit.csv", index=False)
+    write_audit_csv(report.table, folder / "audit.csv")
     (folder / "audit.md").write_text(readable(report.table) + "\n")
     arrays = {"before": report.users_before} | ({} if report.users_after is None else {"after": report.users_after})
     labels = {f"{ATTRIBUTE_PREFIX}{name}": report.attributes[name].to_numpy(dtype=str) for name in report.attributes}
