@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from tqdm import tqdm
@@ -37,6 +37,12 @@ class Progress:
         stands still while a Retrain replays its rounds one by one."""
         self.clients, self.done, self.work, self.call_round = clients, 0, work, round_number
         self._show()
+
+    def start_steps(self, most: int) -> Callable[[], None]:
+        """A loop of at most `most` steps (a defence; AttrCloak stopping at its null level ends
+        sooner) counts its steps on the bar: returns what each step calls."""
+        self.start_call(most, "defence step")
+        return self.client_done
 
     def client_done(self, count: int = 1) -> None:
         self.done += count

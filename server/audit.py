@@ -28,7 +28,7 @@ from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.rounds import FederatedServer, FederationResult
 from fedunlearn.models.base import Arrays
 from fedunlearn.privacy.attacks import Attacker
-from fedunlearn.privacy.common import DefenceOutcome, flatten_users
+from fedunlearn.privacy.common import DefenceOutcome, StepDone, flatten_users
 from fedunlearn.privacy.stage import PrivacyReport, privacy_stage
 from server.defence import defend_on_clients
 from server.pool import FlowerPool
@@ -48,9 +48,9 @@ def audit_on_flower(
         metrics = server.evaluate()
         return {key: metrics[key] for key in ("HR@10", "NDCG@10")}
 
-    def defend(trial: Config, defending: np.ndarray, attackers: list[Attacker]) -> DefenceOutcome:
+    def defend(trial: Config, defending: np.ndarray, attackers: list[Attacker], step_done: StepDone) -> DefenceOutcome:
         flags = [bool(flag) for flag in defending]
-        outcome = defend_on_clients(trial, pool, clients, result.shared, flags, attackers)
+        outcome = defend_on_clients(trial, pool, clients, result.shared, flags, attackers, step_done)
         outcome.embeddings = flatten_users(server.model, pool.audit_users(clients))
         return outcome
 
@@ -73,7 +73,9 @@ def defend_without_audit(
     evaluation: the model and user parts it measured are the ones defended) and after."""
     clients = list(server.active)
     before = result.rounds[-1]
-    outcome = defend_on_clients(config, pool, clients, result.shared)
+    with server.progress.during(f"defence: {config.defence.method} on the clients (no audit asked)"):
+        steps = server.progress.start_steps(config.defence.steps)
+        outcome = defend_on_clients(config, pool, clients, result.shared, step_done=steps)
     after = server.evaluate()
     listed = set(config.defence.client_ids)
     defending = sum(config.defence.clients == "all" or server.client_ids[i] in listed for i in clients)

@@ -53,7 +53,7 @@ from fedunlearn.models.base import Arrays
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import AttributeGradient, cloak, fourth_power_levels, join_levels
 from fedunlearn.privacy.baselines import FourierFeatures, SumsGradient, regularise
-from fedunlearn.privacy.common import DefenceOutcome
+from fedunlearn.privacy.common import DefenceOutcome, StepDone, no_progress
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.privacy.registry import DEFENCES
 from fedunlearn.privacy.stage import cloak_settings
@@ -186,7 +186,7 @@ def on_clients(
 def flower_attrcloak(
     on: OnClients, variant: str, steps: int, lr: float, fixed_weight: float | None = None,
     products_bound: float = PRODUCTS_BOUND, stop_at_null: bool = False, brake_covariance: bool = False,
-    unit_balance: bool = False,
+    unit_balance: bool = False, step_done: StepDone = no_progress,
 ) -> DefenceOutcome:  # fmt: skip
     """AttrCloak-DD/-DF (`variant`) on the clients through Flower messages (all contribute to the
     sums, the defending ones move), for `steps` steps or until every attribute is at its null level
@@ -197,18 +197,21 @@ def flower_attrcloak(
     remote = FlowerCloakClients(on, variant, lr, products_bound)
     on.begin()
     trace = cloak(
-        remote, len(on.start.attributes), variant, steps, fixed_weight, stop_at_null, brake_covariance, unit_balance
+        remote, len(on.start.attributes), variant, steps, fixed_weight, stop_at_null, brake_covariance, unit_balance,
+        step_done,
     )  # fmt: skip
     on.finish()
     return DefenceOutcome(None, trace.losses, trace.weights, time.perf_counter() - started, trace.retention_shares)
 
 
-def flower_regularised(on: OnClients, method: str, steps: int, lr: float, weight: float, seed: int) -> DefenceOutcome:
+def flower_regularised(
+    on: OnClients, method: str, steps: int, lr: float, weight: float, seed: int, step_done: StepDone = no_progress
+) -> DefenceOutcome:
     """D2D-R / U2U-R (`method`) on the clients through Flower messages, as `flower_attrcloak`."""
     started = time.perf_counter()
     remote = FlowerRegularisedClients(on, method, lr, weight)
     on.begin()
-    losses = regularise(remote, method, [len(classes) for classes in on.start.classes], steps, seed)
+    losses = regularise(remote, method, [len(classes) for classes in on.start.classes], steps, seed, step_done)
     on.finish()
     return DefenceOutcome(None, losses, [weight] * steps, time.perf_counter() - started)
 
@@ -220,6 +223,7 @@ def defend_on_clients(
     shared: Arrays,
     defending: Sequence[bool] | None = None,
     attackers: Sequence[Attacker] = (),
+    step_done: StepDone = no_progress,
 ) -> DefenceOutcome:
     """`run.engine = "flower"`: the configured post-training defence on `clients` (those still in
     the federation after training), through Flower. `defending[i]`: whether clients[i] moves; by
@@ -241,6 +245,8 @@ def defend_on_clients(
         return flower_attrcloak(
             on, settings.variant, defence.steps, defence.lr, settings.fixed_weight,
             stop_at_null=settings.stop_at_null, brake_covariance=settings.brake_covariance,
-            unit_balance=settings.unit_balance,
+            unit_balance=settings.unit_balance, step_done=step_done,
         )  # fmt: skip
-    return flower_regularised(on, defence.method, defence.steps, defence.lr, defence.weight, config.run.seed)
+    return flower_regularised(
+        on, defence.method, defence.steps, defence.lr, defence.weight, config.run.seed, step_done
+    )  # fmt: skip

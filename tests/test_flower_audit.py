@@ -17,6 +17,7 @@ import pytest
 from helpers import TINY, assert_privacy_tables_match, assert_vectors_absent, run_cli
 
 from clients.messages import AUDIT_USERS
+from fedunlearn.progress import Progress
 
 pytestmark = [pytest.mark.flower, pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")]
 
@@ -47,16 +48,39 @@ def runs(tmp_path_factory):
         pools.append(pool)
         return result, pool
 
+    shown = []
+    show = Progress._show
+
+    def recording(self):
+        shown.append((self.phase, self.work, self.done, self.clients))
+        show(self)
+
     folder = tmp_path_factory.mktemp("audit")
     unaudited = [setting for setting in SETTINGS if not setting.startswith("audit.enabled")]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(server.simulation, "run_flower", keeping_replies)
+        patch.setattr(Progress, "_show", recording)
         flower = run_cli(SETTINGS, "flower", folder / "flower")
         defended = run_cli(unaudited, "flower", folder / "defended")  # a defence, no audit
     return {
         "flower": flower, "inprocess": run_cli(SETTINGS, "inprocess", folder / "inprocess"), "pool": pools[0],
-        "defended": defended, "defended_pool": pools[1],
+        "defended": defended, "defended_pool": pools[1], "shown": shown,
     }  # fmt: skip
+
+
+def test_the_defence_on_the_clients_counts_its_steps_with_or_without_the_audit(runs):
+    """The defence without an audit ran with no phase on the bar at all (minutes of SecAgg+ sums)."""
+    counted = {}
+    for phase, work, done, most in runs["shown"]:
+        if work == "defence step" and phase:
+            assert most == 3 and done <= most
+            counted[phase] = done
+    audit = pd.read_csv(runs["flower"] / "audit.csv")
+    taken = int(audit[audit["defence"] == "attrcloak-df"]["steps"].iloc[0])  # stopped at its null level
+    assert counted == {
+        "privacy: attrcloak-df on 8 clients, then its audit": taken,
+        "defence: attrcloak-df on the clients (no audit asked)": taken,  # the same data, the same stop
+    }
 
 
 def test_the_flower_privacy_table_equals_the_inprocess_one(runs):

@@ -1,6 +1,8 @@
 """Progress never looks hung: each call's client count stays within its total, and every drop
 event's method (each trial of `unlearn.compare` too) shows as its own phase."""
 
+import pandas as pd
+
 from fedunlearn.cli import main
 from fedunlearn.progress import Progress
 from fedunlearn.unlearning.registry import METHODS
@@ -77,3 +79,26 @@ def test_a_long_phase_keeps_redrawing_its_elapsed_time(monkeypatch):
     with quiet.during("x"):
         pass
     assert quiet.heartbeat is None  # no thread where nothing is drawn
+
+
+def test_each_defence_counts_its_steps_on_the_bar(tmp_path, monkeypatch):
+    """A defence ran for minutes with nothing counting (only its phase's seconds): each now counts
+    its steps against its cap, and the count it reaches is the steps the audit table reports."""
+    shown = []
+    original = Progress._show
+
+    def record(self):
+        shown.append((self.phase, self.work, self.done, self.clients))
+        original(self)
+
+    monkeypatch.setattr(Progress, "_show", record)
+    out = tmp_path / "r"
+    settings = [*TINY, "defence.compare=true", "defence.steps=6", "audit.attackers=[mlp]"]
+    assert main(["run", *(arg for s in settings for arg in ("--set", s)), "--quiet", "--out", str(out)]) == 0
+    reached = {}
+    for phase, work, done, most in shown:
+        if work == "defence step" and phase:
+            assert most == 6 and done <= most
+            reached[phase.split()[1]] = done
+    steps = pd.read_csv(out / "audit.csv").dropna(subset=["steps"]).groupby("defence")["steps"].first()
+    assert reached == {defence: int(count) for defence, count in steps.items()} and len(reached) >= 4

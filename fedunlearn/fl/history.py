@@ -111,16 +111,19 @@ def _decoded_ids(arrays: Arrays, name: str, offsets: np.ndarray) -> np.ndarray:
     """The ids `_encoded_ids` stored, as int64."""
     if f"{name}.bitmap" not in arrays:
         return arrays[name].astype(np.int64)
-    clients, ids = np.nonzero(np.unpackbits(arrays[f"{name}.bitmap"], axis=1))
-    if not np.array_equal(np.bincount(clients, minlength=len(offsets) - 1), np.diff(offsets)):
+    bits = np.unpackbits(arrays[f"{name}.bitmap"], axis=1).view(bool)
+    lengths = np.diff(offsets)
+    if not np.array_equal(np.count_nonzero(bits, axis=1), lengths):
         raise HistoryError(f"the stored {name} bitmap does not match the stored row counts: the history is damaged")
-    return ids.astype(np.int64)
+    # positions in the flattened (clients, catalogue) bitmap, less each client's row start: a
+    # sixth of np.nonzero's time, whose second index array nothing reads
+    return np.flatnonzero(bits) - np.repeat(np.arange(len(lengths)) * bits.shape[1], lengths)
 
 
 def _decoded(arrays: Arrays) -> Arrays:
     """The stored tensors back in float32 (int8 ones times their scales)."""
     return {
-        name: value.astype(np.float32) * arrays[f"{name}.scale"] if f"{name}.scale" in arrays else value
+        name: np.multiply(value, arrays[f"{name}.scale"], dtype=np.float32) if f"{name}.scale" in arrays else value
         for name, value in arrays.items()
         if not name.endswith(".scale")
     }

@@ -33,7 +33,16 @@ import torch
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.training import recommendation_loss, sample_negatives
 from fedunlearn.models.base import Arrays, SplitModel
-from fedunlearn.privacy.common import AdamState, Aggregator, AttributeClasses, DefenceOutcome, PlainSum, adam_step
+from fedunlearn.privacy.common import (
+    AdamState,
+    Aggregator,
+    AttributeClasses,
+    DefenceOutcome,
+    PlainSum,
+    StepDone,
+    adam_step,
+    no_progress,
+)
 from fedunlearn.privacy.gaussian import ClassSums, ledoit_wolf_shrinkage, moments, shrink, shrink_gradient, weighted_kl
 from fedunlearn.seeding import Stream, client_key, client_uniforms, rng_for
 
@@ -480,6 +489,7 @@ def cloak(
     stop_at_null: bool = False,
     brake_covariance: bool = False,
     unit_balance: bool = False,
+    step_done: StepDone = no_progress,
 ) -> CloakTrace:
     """AttrCloak's server loop. With `stop_at_null` an attribute whose separation term is at or
     below its null level (measured once, before the first step) gives no gradient, and the loop
@@ -516,6 +526,7 @@ def cloak(
         losses.append(loss_au)
         weights.append(weight)
         shares.append(retention_share(rr, aa, weight))
+        step_done()
     return CloakTrace(losses, weights, shares)
 
 
@@ -608,6 +619,7 @@ def attrcloak(
     null: PseudoClasses | None = None,
     brake_covariance: bool = False,
     unit_balance: bool = False,
+    step_done: StepDone = no_progress,
 ) -> DefenceOutcome:
     """Run AttrCloak-DD (`variant="dd"`, needs `retention`) or -DF for `steps` steps, or with `null`
     until every attribute's loss is at its null level (`cloak`, at most `steps`; `brake_covariance`:
@@ -626,7 +638,7 @@ def attrcloak(
     clients = MatrixClients(embeddings, attributes, variant, lr, defending, retention, aggregator, null)
     trace = cloak(
         clients, len(attributes), variant, steps, fixed_weight, stop_at_null=null is not None,
-        brake_covariance=brake_covariance, unit_balance=unit_balance,
+        brake_covariance=brake_covariance, unit_balance=unit_balance, step_done=step_done,
     )  # fmt: skip
     return DefenceOutcome(clients.current.detach().numpy(), trace.losses, trace.weights, time.perf_counter() - started,
                           trace.retention_shares)  # fmt: skip

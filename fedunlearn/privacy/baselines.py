@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fedunlearn.privacy.attrcloak import client_attribute_gradient
-from fedunlearn.privacy.common import Aggregator, AttributeClasses, DefenceOutcome, PlainSum
+from fedunlearn.privacy.common import Aggregator, AttributeClasses, DefenceOutcome, PlainSum, StepDone, no_progress
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.privacy.registry import DEFENCES
 
@@ -173,7 +173,10 @@ class RegularisedClients(Protocol):
         ...
 
 
-def regularise(clients: RegularisedClients, method: str, classes: Sequence[int], steps: int, seed: int) -> list[float]:
+def regularise(
+    clients: RegularisedClients, method: str, classes: Sequence[int], steps: int, seed: int,
+    step_done: StepDone = no_progress,
+) -> list[float]:  # fmt: skip
     """D2D-R's or U2U-R's server loop (`classes`: the number of classes per attribute); returns
     the distance per step (mean over attributes)."""
     if method not in DEFENCES or DEFENCES[method].loop != "regularised":
@@ -197,6 +200,7 @@ def regularise(clients: RegularisedClients, method: str, classes: Sequence[int],
             loss += value / len(classes)
         clients.step(gradients, phi)
         losses.append(loss)
+        step_done()
     return losses
 
 
@@ -249,10 +253,11 @@ def regularised_defence(
     defending: np.ndarray,
     seed: int,
     aggregator: Aggregator | None = None,
+    step_done: StepDone = no_progress,
 ) -> DefenceOutcome:
     """D2D-R or U2U-R (`method`, a regularised entry of DEFENCES) for `steps` Adam steps of the defending clients."""
     started = time.perf_counter()
     clients = MatrixRegularised(embeddings, attributes, method, lr, weight, defending, aggregator or PlainSum())
     classes = [attribute.n_classes for attribute in attributes]
-    losses = regularise(clients, method, classes, steps, seed)
+    losses = regularise(clients, method, classes, steps, seed, step_done)
     return DefenceOutcome(clients.current.detach().numpy(), losses, [weight] * steps, time.perf_counter() - started)

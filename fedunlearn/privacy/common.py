@@ -4,6 +4,7 @@ client's own Adam step, and the outcome a defence returns."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -12,6 +13,12 @@ import torch
 
 from fedunlearn.models.base import Arrays, SplitModel
 from fedunlearn.privacy.gaussian import ClassSums
+
+StepDone = Callable[[], None]  # called after each step of a defence's loop (progress)
+
+
+def no_progress() -> None:
+    """The StepDone of a defence nobody watches."""
 
 
 class Aggregator(Protocol):

@@ -23,15 +23,23 @@ from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import DataRetention, PseudoClasses, attrcloak
 from fedunlearn.privacy.audit import attribute_labels, audited_attributes, own_class, privacy_table
 from fedunlearn.privacy.baselines import regularised_defence
-from fedunlearn.privacy.common import Aggregator, AttributeClasses, DefenceOutcome, flatten_users, unflatten_users
+from fedunlearn.privacy.common import (
+    Aggregator,
+    AttributeClasses,
+    DefenceOutcome,
+    StepDone,
+    flatten_users,
+    no_progress,
+    unflatten_users,
+)
 from fedunlearn.privacy.registry import DEFENCES
 from fedunlearn.privacy.upload_attack import RecoveryScore, recovery_score
 from fedunlearn.progress import Progress
 
 Evaluate = Callable[[list[Arrays]], dict[str, float]]  # users -> HR@10, NDCG@10, ... on the retained clients
-# (config naming the method, defending mask, the audit's embedding attackers) -> the outcome, with
-# the defended embeddings (n, D)
-Defend = Callable[[Config, np.ndarray, list[Attacker]], DefenceOutcome]
+# (config naming the method, defending mask, the audit's embedding attackers, called after each
+# step) -> the outcome, with the defended embeddings (n, D)
+Defend = Callable[[Config, np.ndarray, list[Attacker], StepDone], DefenceOutcome]
 
 
 @dataclass
@@ -119,6 +127,7 @@ def run_defence(
     attributes: list[AttributeClasses],
     defending: np.ndarray,
     aggregator: Aggregator | None,
+    step_done: StepDone = no_progress,
 ) -> DefenceOutcome:
     """The post-training defence of `config.defence.method` over these clients (rows of `embeddings`,
     `positives` and `client_ids` follow each other)."""
@@ -132,11 +141,11 @@ def run_defence(
         null = PseudoClasses(config.run.seed, client_ids) if settings.stop_at_null else None
         return attrcloak(
             embeddings, attributes, settings.variant, defence.steps, defence.lr, defending, retention, aggregator,
-            settings.fixed_weight, null, settings.brake_covariance, settings.unit_balance,
+            settings.fixed_weight, null, settings.brake_covariance, settings.unit_balance, step_done,
         )  # fmt: skip
     return regularised_defence(
         embeddings, attributes, defence.method, defence.steps, defence.lr, defence.weight, defending,
-        config.run.seed, aggregator,
+        config.run.seed, aggregator, step_done,
     )  # fmt: skip
 
 
@@ -221,8 +230,8 @@ def privacy_stage(
     classes = attribute_classes(attributes, names)
     positives = [federation.split.train_of(i) for i in clients]
 
-    def central(trial: Config, mask: np.ndarray, _attackers: list[Attacker]) -> DefenceOutcome:
-        return run_defence(trial, model, positives, client_ids, shared, before, classes, mask, aggregator)
+    def central(trial: Config, mask: np.ndarray, _attackers: list[Attacker], step_done: StepDone) -> DefenceOutcome:
+        return run_defence(trial, model, positives, client_ids, shared, before, classes, mask, aggregator, step_done)
 
     tables: dict[str, pd.DataFrame] = {}
     kept = users
@@ -231,7 +240,7 @@ def privacy_stage(
         trial = derive(config, {"defence.method": method})
         with progress.during(f"privacy: {method} on {int(defending.sum())} clients, then its audit"):
             with one_blas_thread():
-                outcome = (defend or central)(trial, defending, attackers)
+                outcome = (defend or central)(trial, defending, attackers, progress.start_steps(trial.defence.steps))
             assert outcome.embeddings is not None, "a Defend returns the defended embeddings"
             if not np.all(np.isfinite(outcome.embeddings)):
                 raise FedUnlearnError(f"{method} left non-finite user embeddings (NaN or inf): lower defence.lr")
