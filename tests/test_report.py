@@ -195,3 +195,26 @@ def test_a_damaged_side_file_is_a_one_line_error(folders, tmp_path, capsys, dama
     assert main(["report", str(copy), "--out", str(tmp_path / "r")]) == 2
     error = capsys.readouterr().err
     assert "audit.csv is damaged" in error and error.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
+def test_a_defence_without_an_audit_shows_its_after_figures_where_the_audit_table_would(tmp_path):
+    """On Flower a defence without the audit leaves no audit table: the summary pointed to it and
+    the report's note to a privacy table that did not exist (a review). Its clients' figures after
+    the defence (final.json's `defence`) are in the summary and beside the quality row."""
+    from fedunlearn.config import load_config
+    from fedunlearn.fl.rounds import FederationResult
+    from fedunlearn.runs.report import RunFolder, quality_table
+    from fedunlearn.runs.results import summary_markdown
+
+    config = load_config(None, ["run.engine=flower", "defence.method=attrcloak-dd"])
+    result = FederationResult()
+    result.final = {"HR@10": 0.5, "NDCG@10": 0.3}
+    defence = {"method": "attrcloak-dd", "HR@10": 0.4123, "NDCG@10": 0.2071, "NDCG@10_before": 0.3}
+    info = {"clients": 10, "items": 5, "seconds": 1.0, "defence": defence}
+    text = summary_markdown(tmp_path, config, result, info)
+    assert "audit table" not in text and "HR@10 0.4123, NDCG@10 0.2071" in text
+    final = {"metrics": result.final, "mode": "federated", "engine": "flower", "clients": 10, "seconds": 1.0}
+    runs = [RunFolder(group, 0, tmp_path, final | extra, config.to_dict(), pd.DataFrame(), None)
+            for group, extra in (("unaudited", {"defence": defence}), ("audited", {}))]  # fmt: skip
+    after = quality_table(runs).set_index("run")["NDCG@10_after_defence"]
+    assert after["unaudited"] == 0.2071 and np.isnan(after["audited"])

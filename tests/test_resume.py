@@ -243,3 +243,47 @@ def test_resume_refuses_a_checkpoint_of_other_settings_or_other_data(tmp_path, m
     error = capsys.readouterr().err
     assert "the data changed since the checkpoint" in error and "Traceback" not in error
     assert checkpointed_round(partial) == 4 and not out.exists()  # nothing lost, nothing published
+
+
+def _ratings(path, users):
+    rng = __import__("numpy").random.default_rng(0)
+    lines = [f"{u},{i},5,{u * 100 + t}" for u in users for t, i in enumerate(rng.choice(60, 12, replace=False))]
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def test_an_experiment_resumed_on_other_data_refuses_its_finished_runs(tmp_path, capsys):
+    """A finished run was read back on --resume whatever the data file said by then: the table put a
+    run on 30 clients beside one on 60, exit 0 (a review; a checkpoint was already refused)."""
+    data = tmp_path / "ratings.csv"
+    data.write_text("user,item,rating,timestamp\n")
+    _ratings(data, range(30))
+    spec = tmp_path / "exp.toml"
+    spec.write_text(f'[base]\n"data.dataset" = "csv"\n"data.path" = "{data}"\n"data.test_negatives" = 19\n'
+                    '"model.dim" = 8\n"train.rounds" = 2\n[[setting]]\nname = "A"\n[[setting]]\nname = "B"\n'
+                    'set = { "train.lr" = 0.02 }\n')  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--only", "A"]) == 0
+    _ratings(data, range(100, 130))  # the data file grows between the two calls
+    capsys.readouterr()
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert "ran on other data" in error and error.count("\n") == 1 and not (out / "B").exists()
+
+
+def test_resume_only_one_setting_accepts_the_folder_holding_anothers_interrupted_run(tmp_path, monkeypatch, capsys):
+    """`--only B` interrupted leaves only B.partial; `--resume --only A` said the folder held no run of
+    this experiment (a review)."""
+    import fedunlearn.runs.experiment as experiment_module
+
+    spec = tmp_path / "exp.toml"
+    base = "\n".join(f'"{key}" = {value}' for key, value in dict(s.split("=") for s in TINY).items())
+    spec.write_text(f'[base]\n{base}\n[[setting]]\nname = "A"\n[[setting]]\nname = "B"\n'
+                    'set = { "train.lr" = 0.02 }\n')
+    out = tmp_path / "out"
+    monkeypatch.setattr(experiment_module, "execute", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--only", "B"]) == 130
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["B.partial"]
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume", "--only", "A"]) == 0
+    assert (out / "A" / "final.json").is_file() and (out / "B.partial").is_dir()

@@ -181,3 +181,17 @@ def test_a_suite_stopped_in_a_step_keeps_the_seconds_of_the_steps_before(tmp_pat
     assert main(["suite", str(_suite(tmp_path)), "--out", str(out), "--quiet", "--resume"]) == 0
     again = pd.read_csv(out / "suite.csv").set_index("experiment")["seconds"]
     assert again["first"] >= first["first"]  # the first call's time kept under the read-back
+
+
+def test_a_suite_killed_in_its_first_benchmark_resumes(tmp_path, capsys):
+    """kill -9 in the first benchmark of a benchmark-only suite left out/<benchmark>/ and no
+    suite.csv: --resume said the folder held no run of this suite, and a call without --resume that
+    it existed (a review)."""
+    (tmp_path / "bench.py").write_text("import sys\n")
+    (tmp_path / "suite.toml").write_text('[[benchmark]]\nname = "slow"\nscript = "bench.py"\n')
+    out = tmp_path / "out"
+    (out / "slow").mkdir(parents=True)  # what the killed suite left (its script had begun writing)
+    (out / "slow" / "t.csv").write_text("a\n1\n")
+    main(["suite", str(tmp_path / "suite.toml"), "--out", str(out), "--quiet", "--resume"])
+    shown = capsys.readouterr()
+    assert "holds no run of this suite" not in shown.err and "suite [1/1] slow: bench.py" in shown.out  # ran again

@@ -694,6 +694,13 @@ def test_each_run_is_judged_against_its_own_retrain_and_initial_parameters():
     assert reference_key(derive(config, {"defence.method": "attrcloak-dd", "audit.enabled": True})) == (
         reference_key(config)
     )  # after training: the same Retrain
+    everyone = derive(config, {"defence.upload": "ldp"})  # who applies an upload defence changes training too
+    listed = derive(everyone, {"defence.clients": "listed", "defence.client_ids": ["1"]})
+    other = derive(listed, {"defence.client_ids": ["2"]})
+    assert len({reference_key(everyone), reference_key(listed), reference_key(other)}) == 3
+    assert reference_key(derive(config, {"defence.clients": "listed", "defence.client_ids": ["1"]})) == reference_key(
+        config
+    )  # no upload defence: whom it would list changes nothing
     base = {"model": "mf", "seed": 0, "event": 4, "optimizer_steps": 10, "unlearn_seconds": 1.0}
     rows = [
         base | {"method": "retrain", "client_epochs": 100.0, "retrain_key": reference_key(config)},

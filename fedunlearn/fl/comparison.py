@@ -64,7 +64,8 @@ def compare_with_retrain(
 
 def reference_key(config: Config) -> str:
     """What a Retrain run shares with the unlearning runs it is the reference of: the data, model,
-    training and evaluation settings, the faults and the upload defences (both change training),
+    training and evaluation settings, the faults and the upload defences with the clients that apply
+    them (both change training),
     both seeds, the drop schedule and the engine that ran (the batched and the in-process engine sum
     floats in another order, and long training takes the two down paths as far apart as two seeds:
     docs/ARCHITECTURE.md), not the method or its own settings (an experiment may hold several
@@ -73,6 +74,8 @@ def reference_key(config: Config) -> str:
     sections = ("data", "model", "train", "eval", "faults")
     parts: dict[str, Any] = {section: asdict(getattr(config, section)) for section in sections}
     parts["uploads"] = {k: v for k, v in asdict(config.defence).items() if k.startswith(UPLOAD_DEFENCE_FIELDS)}
+    if config.defence.upload != "none":  # and who applies it (fl.client.defends_upload)
+        parts["uploads"] |= {"clients": config.defence.clients, "client_ids": sorted(config.defence.client_ids)}
     parts |= {"seed": run.seed, "train_seed": run.training_seed(), "drop": unlearn.drop, "random": unlearn.drop_random}
     parts["engine"] = run.engine  # give the config a run recorded: `auto` resolved
     parts |= {"poison": unlearn.poison, "boost": unlearn.poison_boost, "target": unlearn.target_item}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
@@ -106,10 +107,17 @@ def build_federation(data: DataConfig, seed: int) -> Federation:
 
 
 @lru_cache(maxsize=4)
-def _cached(data_json: str, seed: int) -> Federation:
+def _cached(data_json: str, seed: int, _files: tuple[tuple[int, int], ...]) -> Federation:
     return build_federation(DataConfig(**json.loads(data_json)), seed)
 
 
 def cached_federation(data: DataConfig, seed: int) -> Federation:
-    """The federation for this data config, built once per process (Flower clients share it)."""
-    return _cached(json.dumps(asdict(data), sort_keys=True), seed)
+    """The federation for this data config, built once per process (Flower clients share it), and
+    again when a file it reads (data.path, data.users_path) changed since: an experiment resumed in
+    the same process checks its finished runs' data against the file as it is now."""
+    files = tuple((stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, filter(os.path.isfile, _paths(data))))
+    return _cached(json.dumps(asdict(data), sort_keys=True), seed, files)
+
+
+def _paths(data: DataConfig) -> list[str]:
+    return [path for path in (data.path, data.users_path) if path]

@@ -28,6 +28,7 @@ import pandas as pd
 from fedunlearn.config import Config, apply_mapping, differing_keys, load_overrides, read_toml, validate
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.comparison import compare_with_retrain, initial_key, reference_key
+from fedunlearn.fl.federation import cached_federation
 from fedunlearn.fl.rounds import COMPARED
 from fedunlearn.models.base import Arrays
 from fedunlearn.runs.results import FINAL, LOCK, lock_folder, partial_of, staged, unlock, write_config, write_run
@@ -141,13 +142,18 @@ def _privacy_rows(name: str, config: Config, outcome: RunOutcome) -> list[dict[s
 
 
 ROWS_FILE = "experiment_rows.json"  # a finished run's table rows, for `--resume`
-ROWS_FORMAT = 3  # 2026-12-07: retrain_key names the engine, history_bytes the history file's bytes; an
-# audited run with a drop keeps its events' rows
+ROWS_FORMAT = 4  # 2026-12-07: retrain_key names the engine, history_bytes the history file's bytes; an
+# audited run with a drop keeps its events' rows; (afternoon) retrain_key names who applies an upload defence
 REQUESTED_FILE = "experiment_config.json"  # the settings the experiment asked of a run, for `--resume`
+DATA_KEY = "data_fingerprint"  # beside them: the clients and partitions it trained on (Federation.fingerprint)
 
 
 def _requested(config: Config) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict(), sort_keys=True))
+
+
+def _data_fingerprint(config: Config) -> str:
+    return cached_federation(config.data, config.run.seed).fingerprint
 
 
 def _check_resumable(folder: Path, settings: list[tuple[str, Config]]) -> None:
@@ -160,11 +166,18 @@ def _check_resumable(folder: Path, settings: list[tuple[str, Config]]) -> None:
             if not saved.is_file():
                 continue
             before, now = json.loads(saved.read_text()), _requested(config)
+            data = before.pop(DATA_KEY, None)
             changed = [f"{s}.{k}: {before.get(s, {}).get(k)!r} -> {now.get(s, {}).get(k)!r}"
                        for s, k in differing_keys(before, now)]  # fmt: skip
             if changed:
                 raise FedUnlearnError(f"{run} ran with other settings ({'; '.join(changed[:3])}): resume with the "
                                       "same experiment file, --set and --only, or choose another --out")  # fmt: skip
+            if data is None:
+                raise FedUnlearnError(f"{run} was written before fedunlearn recorded a run's data (2026-12-07): "
+                                      "remove it to run it again, or choose another --out")  # fmt: skip
+            if data != _data_fingerprint(config):  # the same file name, other contents: a table of both would mislead
+                raise FedUnlearnError(f"{run} ran on other data (its clients or their partitions changed since): "
+                                      "restore the data it ran on, or choose another --out")  # fmt: skip
         if (folder / name / FINAL).is_file():
             _saved_rows(folder / name)  # a finished run's rows must be of this version's format
 
@@ -190,7 +203,8 @@ def _run_one(name: str, config: Config, folder: Path, show_progress: bool) -> tu
     try:
         with staged(run, resume=partial_of(run).is_dir()) as staging:
             write_config(staging.folder, config)
-            (staging.folder / REQUESTED_FILE).write_text(json.dumps(_requested(config), sort_keys=True) + "\n")
+            requested = _requested(config) | {DATA_KEY: _data_fingerprint(config)}
+            (staging.folder / REQUESTED_FILE).write_text(json.dumps(requested, sort_keys=True) + "\n")
             outcome = execute(config, staging.folder, show_progress)
             staging.final = write_run(staging.folder, outcome.config, outcome.result, outcome.info)
             audited, events = outcome.result.privacy is not None, bool(outcome.result.events)
@@ -224,7 +238,7 @@ def run_experiment(
         raise FedUnlearnError(f"--jobs is {jobs} but must be at least 1")
     settings = load_settings(path, overrides, only, seeds)
     folder = Path(out)
-    started = [folder / name for name, _ in settings]
+    started = [folder / name for name, _ in load_settings(path, overrides, None, seeds)]  # --only's others too
     ours = folder.is_dir() and (
         (folder / "runs.csv").is_file()
         or any(run.is_dir() or partial_of(run).is_dir() for run in started)

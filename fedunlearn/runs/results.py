@@ -216,8 +216,14 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
         "",
     ]
     if config.defence.method != "none":
-        lines += [f"These score the model as trained, before {config.defence.method} moved the user parts the "
-                  "clients keep; the audit table gives NDCG@10 after it.", ""]  # fmt: skip
+        method = config.defence.method
+        before = f"These score the model as trained, before {method} moved the user parts the clients keep"
+        defence = info.get("defence")
+        if isinstance(defence, dict):  # Flower without the audit: no audit table, the clients measured it
+            after = f"after it: HR@10 {defence['HR@10']:.4f}, NDCG@10 {defence['NDCG@10']:.4f} (final.json, `defence`)"
+        else:
+            after = "the audit table gives NDCG@10 after it"
+        lines += [f"{before}; {after}.", ""]
     if "popularity_HR@10" in info:
         lines += [f"Ranking by item popularity alone: HR@10 {info['popularity_HR@10']:.4f}.", ""]
     rejected = {kind: counts for kind, counts in info.items() if kind.startswith("rejected_") and counts}

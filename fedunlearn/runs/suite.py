@@ -146,7 +146,7 @@ def run_suite(
         raise FedUnlearnError(f"suite folder {out} exists: continue it with --resume or choose another --out")
     if jobs < 1:
         raise FedUnlearnError(f"--jobs is {jobs} but must be at least 1")
-    ours = times.is_file() or any((out / entry.name).is_dir() for entry in entries)
+    ours = times.is_file() or any((out / step.name).is_dir() for step in [*entries, *benchmarks])
     if resume and not (ours or (out.is_dir() and not any(out.iterdir()))):  # empty: stopped before its first step
         raise FedUnlearnError(f"{out} holds no run of this suite to resume: run without --resume first")
     for entry in entries:  # every experiment's settings checked before anything is written
