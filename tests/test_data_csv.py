@@ -63,6 +63,16 @@ def test_users_missing_from_users_file_are_unknown(interactions: Path, tmp_path:
     assert load_csv(interactions, users).attributes["gender"].tolist() == ["F", "unknown"]
 
 
+def test_a_value_other_tools_write_for_unknown_is_kept_but_named(interactions: Path, tmp_path: Path, capsys) -> None:
+    """'NA' made a class of its own without a word (an audit then read three classes, chance 1/3: a
+    review); it stays a value (the file says so), and the loader says where leaving it empty means unknown."""
+    users = write(tmp_path / "users.csv", "user,gender,occupation\n2,NA,none\n10,M,none\n")
+    read = load_csv(interactions, users).attributes.to_dict("list")
+    assert read == {"gender": ["NA", "M"], "occupation": ["none", "none"]}
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "gender is 'NA' for 1 users" in error and "occupation" not in error
+
+
 def test_non_canonical_integer_ids_stay_distinct(tmp_path: Path) -> None:
     ds = load_csv(write(tmp_path / "i.csv", "user,item\n7,1\n007,1\n"))
     assert ds.user_ids.tolist() == ["007", "7"] and ds.item_ids.tolist() == [1]

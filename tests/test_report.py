@@ -218,3 +218,25 @@ def test_a_defence_without_an_audit_shows_its_after_figures_where_the_audit_tabl
             for group, extra in (("unaudited", {"defence": defence}), ("audited", {}))]  # fmt: skip
     after = quality_table(runs).set_index("run")["NDCG@10_after_defence"]
     assert after["unaudited"] == 0.2071 and np.isnan(after["audited"])
+
+
+def test_the_summary_says_when_a_defence_took_no_step_and_when_none_ran(tmp_path):
+    """'400 clients defended with attrcloak-dd (0.1 s)' for a defence that took no step and left every
+    embedding as trained (a single-class attribute: a review); an audit alone said '0 clients
+    defended with none'."""
+    from fedunlearn.config import load_config
+    from fedunlearn.fl.rounds import FederationResult
+    from fedunlearn.runs.results import summary_markdown
+
+    result = FederationResult()
+    result.final = {"HR@10": 0.5, "NDCG@10": 0.3}
+    base = {"clients": 10, "items": 5, "seconds": 1.0, "defending_clients": 400, "defence_seconds": 0.1}
+
+    def privacy(settings, **info):
+        text = summary_markdown(tmp_path, load_config(None, settings), result, base | info)
+        return text.split("## Attribute privacy\n\n", 1)[1].split("\n", 1)[0]
+
+    dd = ["defence.method=attrcloak-dd"]
+    assert privacy(dd, defence_steps=0).startswith("attrcloak-dd on 400 clients took no step")
+    assert privacy(dd, defence_steps=7) == "400 clients defended with attrcloak-dd (7 steps, 0.1 s)."
+    assert privacy([], defending_clients=0) == "The audit alone, no defence."

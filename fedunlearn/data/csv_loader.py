@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _csv
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from fedunlearn.errors import FedUnlearnError
 
 REQUIRED = ("user", "item")
 OPTIONAL = ("rating", "timestamp")
+MISSING_MARKERS = {"na", "n/a", "nan", "null", "?"}  # what other tools write for unknown (not "none": a value)
 
 
 def load_csv(interactions_path: str | Path, users_path: str | Path | None = None, name: str = "csv") -> Dataset:
@@ -120,4 +122,10 @@ def _attributes(path: Path) -> pd.DataFrame:
             )
         seen[user] = line
     table = pd.DataFrame(rows, columns=header, dtype=object).set_index("user")
+    for column in table.columns:
+        markers = sorted({value for value in table[column] if value.strip().lower() in MISSING_MARKERS})
+        if markers:
+            count = int(table[column].isin(markers).sum())
+            print(f"fedunlearn: warning: {path}: {column} is {' / '.join(map(repr, markers))} for {count} users, "
+                  "read as a value of its own; leave the cell empty where it means unknown", file=sys.stderr)
     return table.replace("", UNKNOWN)

@@ -88,6 +88,11 @@ def global_audit(
                 print(f"audit: {attribute} not attacked in the {view} view: fewer than two of its values have 2 of "
                       f"the {len(rows)} clients it holds with a known value", file=sys.stderr)  # fmt: skip
                 continue
+            lone = values[counts < 2]
+            if len(lone) and view == next(iter(views)):  # said once per attribute
+                print(f"audit: {attribute}: {len(lone)} value(s) held by a single client left out of the attack "
+                      f"({', '.join(map(repr, lone[:3].tolist()))}): a class needs a shadow and a test client",
+                      file=sys.stderr)  # fmt: skip
             attackable = rows[np.isin(labels[rows], values[counts >= 2])]  # a class needs a shadow and a test user
             shadow, test = (attackable[part] for part in shadow_split(labels[attackable], audit.shadow_share, seed))
             for name in audit.attackers:

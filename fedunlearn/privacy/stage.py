@@ -50,6 +50,7 @@ class PrivacyReport:
     users_before: np.ndarray  # (n, D) flattened user parts, for the plots
     users_after: np.ndarray | None
     defence_seconds: float = 0.0
+    defence_steps: int = 0  # the configured defence's steps taken
     defending: int = 0  # clients that ran the defence
     retention_share: float = float("nan")  # the configured defence's (mean_retention_share)
     upload_recovery: RecoveryScore | None = None  # the upload-structure attack's reading of the interactions
@@ -258,6 +259,7 @@ def privacy_stage(
             kept = users_after
             report.users_after = outcome.embeddings
             report.defence_seconds, report.retention_share = outcome.seconds, share
+            report.defence_steps = len(outcome.losses)
     report.table = pd.concat([table, *(tables[method] for method in methods)], ignore_index=True)
     report.defending = int(defending.sum())
     return report, kept

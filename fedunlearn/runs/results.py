@@ -250,9 +250,16 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
         if config.defence.compare:
             lines.append(f"defence.compare: every defence tried on {info['defending_clients']} clients, each from "
                          "the trained embeddings (audit.md; seconds per defence in audit.csv).")  # fmt: skip
+        elif config.defence.method == "none":
+            lines.append("The audit alone, no defence.")
+        elif info.get("defence_steps", 1) == 0:  # 0 since 2026-12-07; older records have no count
+            lines.append(f"{config.defence.method} on {info['defending_clients']} clients took no step: every "
+                         "audited attribute was at its null level already, or none could be attacked (audit.md); "
+                         "the embeddings are as trained.")  # fmt: skip
         else:
+            steps = f"{info['defence_steps']} steps, " if "defence_steps" in info else ""
             lines.append(f"{info['defending_clients']} clients defended with {config.defence.method} "
-                         f"({info['defence_seconds']:.1f} s).")  # fmt: skip
+                         f"({steps}{info['defence_seconds']:.1f} s).")  # fmt: skip
         if "upload_attack" in info:
             attack = {key: "-" if value is None else f"{value:.3f}" for key, value in info["upload_attack"].items()}
             lines.append(
