@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     experiment.add_argument(
         "--only", action="append", default=[], metavar="NAME", help="run just this setting (repeatable)"
     )
+    experiment.add_argument(
+        "--seeds", metavar="K,K,...", help="run every setting with these seeds instead of the file's (e.g. 11,12)"
+    )
     experiment.add_argument("--quiet", action="store_true", help="no progress bars")
     experiment.add_argument(
         "--resume", action="store_true", help="continue the experiment in --out: finished runs are kept, others rerun"
@@ -151,7 +154,8 @@ def _run(args: argparse.Namespace) -> None:
         columns = ["event", "method", "HR@10", "NDCG@10", "MIA_AUC", "client_epochs", "optimizer_steps",
                    "unlearn_seconds", "speedup", "speedup_time", "L2_to_retrain"]  # fmt: skip
         table = pd.DataFrame(outcome.result.comparison)
-        print("unlearning at each drop event (retained users, model right after unlearning; speedup over Retrain "
+        print("unlearning at each drop event, every method tried on a copy of the server and timed on its own "
+              "(retained users, model right after unlearning; speedup over Retrain "
               "in client-epochs, speedup_time in wall time, '-' where a method trained nothing or took under "
               "0.1 s):")  # fmt: skip
         print(readable(table[[c for c in columns if c in table.columns]]))
@@ -173,6 +177,13 @@ def _run(args: argparse.Namespace) -> None:
     print(f"results: {out}")
 
 
+def _seed_list(text: str) -> list[int]:
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.lstrip("-").isdigit() for part in parts):
+        raise FedUnlearnError(f"--seeds {text!r} must be whole numbers separated by commas, e.g. --seeds 11,12")
+    return [int(part) for part in parts]
+
+
 def _toml_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -183,7 +194,7 @@ def _experiment(args: argparse.Namespace) -> None:
 
     table = run_experiment(
         args.file, args.out, args.overrides, show_progress=not args.quiet, jobs=args.jobs, only=args.only,
-        resume=args.resume,
+        resume=args.resume, seeds=None if args.seeds is None else _seed_list(args.seeds),
     )  # fmt: skip
     print(readable(table))
     print(f"results: {args.out}")
@@ -295,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         if out:
             hint = f"; continue with: fedunlearn run --resume {out}"
         elif args.command in ("experiment", "suite"):
-            hint = f"; continue with: fedunlearn {args.command} {args.file} --out {args.out} --resume (same --set)"
+            hint = f"; continue with: fedunlearn {args.command} {args.file} --out {args.out} --resume (same --set"
+            hint += ", --only and --seeds)" if args.command == "experiment" else ")"
         else:
             hint = "; no results folder was written"
         print(f"fedunlearn: interrupted{hint}", file=sys.stderr)

@@ -104,7 +104,7 @@ class EvalConfig(Section):
 class UnlearnConfig(Section):
     method: str = "none"  # a name in unlearning.registry.METHODS
     drop: str = ""  # e.g. "12,57@20;3@30": clients leave before that round and ask to be forgotten
-    drop_random: str = ""  # e.g. "5%@20" or "7@20": seeded choice among the clients still present
+    drop_random: str = ""  # e.g. "5%@20" (of the federation) or "7@20": seeded, among the clients still present
     dt: int = 2  # FedEraser: checkpoint every dt rounds
     r: float = 0.5  # FedEraser: calibration epochs = r * local epochs
     alpha: float = 0.5  # FRU: share of each update's touched rows kept

@@ -73,3 +73,23 @@ def test_the_ml1m_unlearning_experiment_runs_on_a_small_file_in_its_format(tmp_p
     ]  # fmt: skip
     federaser = table[table["setting"] == "federaser"]
     assert (federaser["speedup"] > 1).all() and (federaser["L2_to_retrain"] > 0).all()
+
+
+def test_seeds_are_given_with_seeds_and_a_set_the_file_replaces_is_refused(tmp_path, capsys):
+    """`--set run.seed=11` on a file listing seeds ran seeds 0-2 without a word (an independent
+    re-measurement ran them believing otherwise); `--seeds` gives other seeds."""
+    from fedunlearn.cli import main
+
+    spec = tmp_path / "e.toml"
+    spec.write_text('seeds = [0, 1]\nmodels = ["mf"]\n[base]\n"data.synthetic_users" = 12\n'
+                    '"data.synthetic_items" = 60\n"data.synthetic_interactions" = 8\n"data.test_negatives" = 19\n'
+                    '"model.dim" = 4\n"train.rounds" = 1\n[[setting]]\nname = "a"\n')  # fmt: skip
+    for bad, message in ((["--set", "run.seed=11"], "--set run.seed would be replaced by each run's own"),
+                         (["--set", "model.name=ncf"], "--set model.name would be replaced"),
+                         (["--seeds", "11,x"], "--seeds '11,x' must be whole numbers")):  # fmt: skip
+        assert main(["experiment", str(spec), "--out", str(tmp_path / "bad"), "--quiet", *bad]) == 2
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1 and not (tmp_path / "bad").exists(), error
+    assert main(["experiment", str(spec), "--out", str(tmp_path / "out"), "--quiet", "--seeds", "11,12"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "a" / "mf").iterdir()) == ["seed11", "seed12"]
+    assert set(pd.read_csv(tmp_path / "out" / "runs.csv")["seed"]) == {11, 12}

@@ -2,7 +2,8 @@
 
 "12,57@20"        clients 12 and 57 leave before round 20 trains
 "12@10;57,3@20"   several events
-random "5%@20"    a seeded 5% of the clients still present (or "7@20": seven clients)
+random "5%@20"    a seeded 5% of the federation's clients (at least one), drawn from those still
+                  present (or "7@20": seven clients)
 """
 
 from __future__ import annotations

@@ -62,6 +62,14 @@ def load_settings(
     settings = [row for row in settings if not only or row.get("name") in only]
     seeds = seeds or _list_of(spec, "seeds", int, path, "seeds = [0, 1, 2]")
     models = _list_of(spec, "models", str, path, 'models = ["mf", "ncf"]')
+    replaced = {"run.seed": (seeds, "seeds", "give them with --seeds 11,12"),
+                "model.name": (models, "models", "edit the file's models list")}  # fmt: skip
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        if key in replaced and replaced[key][0]:
+            values, label, fix = replaced[key]
+            raise FedUnlearnError(f"--set {key} would be replaced by each run's own ({path} runs {label} = "
+                                  f"{values}): {fix}")  # fmt: skip
     for label, values in (("seeds", seeds), ("models", models)):
         repeated = sorted({str(v) for v in values or [] if (values or []).count(v) > 1})
         if repeated:

@@ -237,6 +237,11 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
             for event in info["events"]
         ]
         lines += ["## Drop events", "", readable(pd.DataFrame(rows)), ""]
+        if config.unlearn.compare:
+            lines += [f"These are the run's own {config.unlearn.method} at each event. unlearning.md tries every "
+                      "method on a copy of the server first, each timed on its own: the same method's two "
+                      "executions give the same figures, their seconds differ by what else the machine ran.",
+                      ""]  # fmt: skip
     if "ldp_epsilon_run" in info:
         lines += [f"LDP: epsilon {config.defence.ldp_epsilon:g} per upload; a client sent up to "
                   f"{info['ldp_uploads_max']}, together epsilon {info['ldp_epsilon_run']:g} for the run.",
