@@ -71,6 +71,8 @@ def test_a_value_other_tools_write_for_unknown_is_kept_but_named(interactions: P
     assert read == {"gender": ["NA", "M"], "occupation": ["none", "none"]}
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "gender is 'NA' for 1 users" in error and "occupation" not in error
+    load_csv(interactions, users)  # a run loads its data several times: said once
+    assert capsys.readouterr().err == ""
 
 
 def test_non_canonical_integer_ids_stay_distinct(tmp_path: Path) -> None:

@@ -84,8 +84,10 @@ def test_seeds_are_given_with_seeds_and_a_set_the_file_replaces_is_refused(tmp_p
     spec.write_text('seeds = [0, 1]\nmodels = ["mf"]\n[base]\n"data.synthetic_users" = 12\n'
                     '"data.synthetic_items" = 60\n"data.synthetic_interactions" = 8\n"data.test_negatives" = 19\n'
                     '"model.dim" = 4\n"train.rounds" = 1\n[[setting]]\nname = "a"\n')  # fmt: skip
-    for bad, message in ((["--set", "run.seed=11"], "--set run.seed would be replaced by each run's own"),
-                         (["--set", "model.name=ncf"], "--set model.name would be replaced"),
+    taken = "but each run takes its own from"
+    for bad, message in ((["--set", "run.seed=11"], f"run.seed is set in an override (--set), {taken} {spec}'s seeds"),
+                         (["--set", "model.name=ncf"], f"model.name is set in an override (--set), {taken} {spec}'s"),
+                         (["--seeds", "3", "--set", "run.seed=1"], f"{taken} --seeds ([3])"),
                          (["--seeds", "11,x"], "--seeds '11,x' must be whole numbers")):  # fmt: skip
         assert main(["experiment", str(spec), "--out", str(tmp_path / "bad"), "--quiet", *bad]) == 2
         error = capsys.readouterr().err
@@ -93,3 +95,11 @@ def test_seeds_are_given_with_seeds_and_a_set_the_file_replaces_is_refused(tmp_p
     assert main(["experiment", str(spec), "--out", str(tmp_path / "out"), "--quiet", "--seeds", "11,12"]) == 0
     assert sorted(p.name for p in (tmp_path / "out" / "a" / "mf").iterdir()) == ["seed11", "seed12"]
     assert set(pd.read_csv(tmp_path / "out" / "runs.csv")["seed"]) == {11, 12}
+    spec.write_text(spec.read_text().replace('"model.dim" = 4', '"model.dim" = 4\n"run.seed" = 11'))
+    assert main(["experiment", str(spec), "--out", str(tmp_path / "in_file"), "--quiet"]) == 2  # in the file too
+    assert f"run.seed is set in {spec}'s [base], {taken} {spec}'s seeds ([0, 1])" in capsys.readouterr().err
+    suite = tmp_path / "suite.toml"
+    spec.write_text(spec.read_text().replace("seeds = [0, 1]\n", ""))
+    suite.write_text(f'seeds = [0]\n[[experiment]]\nname = "e"\nfile = "{spec}"\n')
+    assert main(["suite", str(suite), "--out", str(tmp_path / "suite"), "--quiet"]) == 2
+    assert f"{taken} {suite}'s seeds ([0])" in capsys.readouterr().err  # where the seeds were listed

@@ -239,4 +239,7 @@ def test_the_summary_says_when_a_defence_took_no_step_and_when_none_ran(tmp_path
     dd = ["defence.method=attrcloak-dd"]
     assert privacy(dd, defence_steps=0).startswith("attrcloak-dd on 400 clients took no step")
     assert privacy(dd, defence_steps=7) == "400 clients defended with attrcloak-dd (7 steps, 0.1 s)."
-    assert privacy([], defending_clients=0) == "The audit alone, no defence."
+    assert privacy([], defending_clients=0) == "The audit alone, no post-training defence."
+    assert privacy(["defence.upload=ldp"], defending_clients=0) == (
+        "The audit alone, no post-training defence; the uploads were defended with ldp (audit.csv's defence column)."
+    )

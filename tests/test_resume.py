@@ -287,3 +287,30 @@ def test_resume_only_one_setting_accepts_the_folder_holding_anothers_interrupted
     assert sorted(p.name for p in out.iterdir()) == ["B.partial"]
     assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume", "--only", "A"]) == 0
     assert (out / "A" / "final.json").is_file() and (out / "B.partial").is_dir()
+
+
+def test_resume_checks_a_finished_runs_data_only_where_it_can(tmp_path, monkeypatch, capsys):
+    """The data check refused an interrupted run written before runs recorded their data, though its
+    checkpoint checks its own data when it resumes, and a finished experiment whose data file had
+    moved, though nothing would train on it (a review of the check)."""
+    import fedunlearn.runs.experiment as experiment_module
+
+    data = tmp_path / "ratings.csv"
+    data.write_text("user,item,rating,timestamp\n")
+    _ratings(data, range(30))
+    spec = tmp_path / "exp.toml"
+    spec.write_text(f'[base]\n"data.dataset" = "csv"\n"data.path" = "{data}"\n"data.test_negatives" = 19\n'
+                    '"model.dim" = 8\n"train.rounds" = 2\n[[setting]]\nname = "A"\n[[setting]]\nname = "B"\n'
+                    'set = { "train.lr" = 0.02 }\n')  # fmt: skip
+    out = tmp_path / "out"
+    monkeypatch.setattr(experiment_module, "execute", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--only", "B"]) == 130
+    monkeypatch.undo()
+    requested = out / "B.partial" / experiment_module.REQUESTED_FILE
+    saved = json.loads(requested.read_text())
+    del saved[experiment_module.DATA_KEY]  # as written before runs recorded their data
+    requested.write_text(json.dumps(saved))
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume"]) == 0
+    data.rename(tmp_path / "moved.csv")  # every run finished: the tables are read back, nothing trains
+    capsys.readouterr()
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume"]) == 0

@@ -16,6 +16,7 @@ from fedunlearn.errors import FedUnlearnError
 REQUIRED = ("user", "item")
 OPTIONAL = ("rating", "timestamp")
 MISSING_MARKERS = {"na", "n/a", "nan", "null", "?"}  # what other tools write for unknown (not "none": a value)
+_WARNED: set[tuple[str, int]] = set()  # users files already read in this process (path, mtime)
 
 
 def load_csv(interactions_path: str | Path, users_path: str | Path | None = None, name: str = "csv") -> Dataset:
@@ -107,6 +108,15 @@ def _numbers(
         ) from None
 
 
+def _warn_of_missing_markers(path: Path, table: pd.DataFrame) -> None:
+    for column in table.columns:
+        markers = sorted({value for value in table[column] if value.strip().lower() in MISSING_MARKERS})
+        if markers:
+            count = int(table[column].isin(markers).sum())
+            print(f"fedunlearn: warning: {path}: {column} is {' / '.join(map(repr, markers))} for {count} users, "
+                  "read as a value of its own; leave the cell empty where it means unknown", file=sys.stderr)
+
+
 def _attributes(path: Path) -> pd.DataFrame:
     """Attribute columns as strings, indexed by user id; empty values become "unknown"."""
     header, rows, lines = _read(path, "users")
@@ -122,10 +132,8 @@ def _attributes(path: Path) -> pd.DataFrame:
             )
         seen[user] = line
     table = pd.DataFrame(rows, columns=header, dtype=object).set_index("user")
-    for column in table.columns:
-        markers = sorted({value for value in table[column] if value.strip().lower() in MISSING_MARKERS})
-        if markers:
-            count = int(table[column].isin(markers).sum())
-            print(f"fedunlearn: warning: {path}: {column} is {' / '.join(map(repr, markers))} for {count} users, "
-                  "read as a value of its own; leave the cell empty where it means unknown", file=sys.stderr)
+    stamp = (str(path.resolve()), path.stat().st_mtime_ns)
+    if stamp not in _WARNED:  # a run loads its data several times (preflight, each seed, each process)
+        _WARNED.add(stamp)
+        _warn_of_missing_markers(path, table)
     return table.replace("", UNKNOWN)

@@ -21,7 +21,13 @@ from fedunlearn.fl.federation import Federation
 from fedunlearn.models.base import Arrays, SplitModel
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import DataRetention, PseudoClasses, attrcloak
-from fedunlearn.privacy.audit import attribute_labels, audited_attributes, own_class, privacy_table
+from fedunlearn.privacy.audit import (
+    attribute_labels,
+    audited_attributes,
+    own_class,
+    privacy_table,
+    say_values_left_out,
+)
 from fedunlearn.privacy.baselines import regularised_defence
 from fedunlearn.privacy.common import (
     Aggregator,
@@ -215,6 +221,7 @@ def privacy_stage(
         covered = {"upload": uploads["uploaded"], "upload-direction": uploads["uploaded"]}
         positives = [federation.split.train_of(i) for i in clients]
         recovery = recovery_score(uploads, positives, before)
+    say_values_left_out(config.audit, attributes)
     with progress.during("privacy: audit of the trained model"):
         table, audited = privacy_table(views, attributes, config, aggregator, covered)
     table.insert(0, "defence", config.defence.upload if config.defence.upload != "none" else "none")

@@ -40,11 +40,12 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 def load_settings(
     path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None,
-    seeds: list[int] | None = None,
+    seeds: list[int] | None = None, seeds_from: str = "--seeds",
 ) -> list[tuple[str, Config]]:  # fmt: skip
     """One (name, config) per setting, model and seed: `models = [...]` at the top runs every
     setting once per model (folders `<name>/<model>`), `seeds = [...]` once per seed (`.../seed<k>`).
-    `only`: just the settings of these names; `seeds`: these instead of the file's."""
+    `only`: just the settings of these names; `seeds`: these instead of the file's (`seeds_from`
+    says where they were given)."""
     spec = read_toml(path)
     unknown = set(spec) - {"base", "setting", "title", "seeds", "models"}
     if unknown:
@@ -60,16 +61,11 @@ def load_settings(
         known = ", ".join(str(row.get("name")) for row in settings)
         raise FedUnlearnError(f"{path} has no setting named {unknown_names}: choose among {known}")
     settings = [row for row in settings if not only or row.get("name") in only]
-    seeds = seeds or _list_of(spec, "seeds", int, path, "seeds = [0, 1, 2]")
+    if not seeds:
+        seeds, seeds_from = _list_of(spec, "seeds", int, path, "seeds = [0, 1, 2]"), f"{path}'s seeds"
     models = _list_of(spec, "models", str, path, 'models = ["mf", "ncf"]')
-    replaced = {"run.seed": (seeds, "seeds", "give them with --seeds 11,12"),
-                "model.name": (models, "models", "edit the file's models list")}  # fmt: skip
-    for item in overrides or []:
-        key = item.split("=", 1)[0].strip()
-        if key in replaced and replaced[key][0]:
-            values, label, fix = replaced[key]
-            raise FedUnlearnError(f"--set {key} would be replaced by each run's own ({path} runs {label} = "
-                                  f"{values}): {fix}")  # fmt: skip
+    listed = {"run.seed": (seeds, seeds_from), "model.name": (models, f"{path}'s models")}
+    _refuse_replaced(path, spec, overrides, listed)
     for label, values in (("seeds", seeds), ("models", models)):
         repeated = sorted({str(v) for v in values or [] if (values or []).count(v) > 1})
         if repeated:
@@ -100,6 +96,31 @@ def load_settings(
                 folder = "/".join(part for part in (name, model, None if seed is None else f"seed{seed}") if part)
                 out.append((folder, validate(config)))
     return out
+
+
+def _refuse_replaced(
+    path: str | Path, spec: dict[str, Any], overrides: list[str] | None, listed: dict[str, tuple[Any, str]]
+) -> None:
+    """A key each run takes from a list (its seed, its model) set anywhere else was replaced
+    without a word (`--set run.seed=11` on a file listing seeds ran the listed seeds): refused."""
+    places = [("an override (--set)", {item.split("=", 1)[0].strip() for item in overrides or []})]
+    places.append((f"{path}'s [base]", _keys(spec.get("base", {}))))
+    places += [(f"{path}'s setting {row.get('name')!r}", _keys(row.get("set", {})))
+               for row in spec.get("setting", []) if isinstance(row, dict)]  # fmt: skip
+    for key, (values, source) in listed.items():
+        where = next((where for where, keys in places if key in keys), None)
+        if values and where:
+            raise FedUnlearnError(f"{key} is set in {where}, but each run takes its own from {source} ({values}), "
+                                  "which would replace it: list the values there instead")  # fmt: skip
+
+
+def _keys(mapping: Any) -> set[str]:
+    """The dotted keys a [base] or set table sets (nested or dotted, as apply_mapping reads it)."""
+    if not isinstance(mapping, dict):
+        return set()  # refused with its own message when applied
+    return {f"{name}.{key}" for name, value in mapping.items() if isinstance(value, dict) for key in value} | {
+        name for name, value in mapping.items() if not isinstance(value, dict)
+    }
 
 
 def _list_of(spec: dict[str, Any], key: str, kind: type, path: str | Path, example: str) -> list[Any] | None:
@@ -180,14 +201,26 @@ def _check_resumable(folder: Path, settings: list[tuple[str, Config]]) -> None:
             if changed:
                 raise FedUnlearnError(f"{run} ran with other settings ({'; '.join(changed[:3])}): resume with the "
                                       "same experiment file, --set and --only, or choose another --out")  # fmt: skip
-            if data is None:
-                raise FedUnlearnError(f"{run} was written before fedunlearn recorded a run's data (2026-12-07): "
-                                      "remove it to run it again, or choose another --out")  # fmt: skip
-            if data != _data_fingerprint(config):  # the same file name, other contents: a table of both would mislead
-                raise FedUnlearnError(f"{run} ran on other data (its clients or their partitions changed since): "
-                                      "restore the data it ran on, or choose another --out")  # fmt: skip
+            if run == folder / name:  # an interrupted run's checkpoint checks its own data when it resumes
+                _check_same_data(run, config, data)
         if (folder / name / FINAL).is_file():
             _saved_rows(folder / name)  # a finished run's rows must be of this version's format
+
+
+def _check_same_data(run: Path, config: Config, recorded: str | None) -> None:
+    """A finished run is read back beside runs trained now: on other data (the same file name, other
+    contents) the table would mislead. Data that cannot be read is not checked: no run can then
+    train on it, and the preflight refuses any that would."""
+    if recorded is None:
+        raise FedUnlearnError(f"{run} was finished before fedunlearn recorded a run's data (2026-12-07): "
+                              "remove it to run it again, or choose another --out")  # fmt: skip
+    try:
+        now = _data_fingerprint(config)
+    except FedUnlearnError:
+        return
+    if recorded != now:
+        raise FedUnlearnError(f"{run} ran on other data (its clients or their partitions changed since): "
+                              "restore the data it ran on, or choose another --out")  # fmt: skip
 
 
 def _saved_rows(run: Path) -> list[dict[str, Any]]:
@@ -235,6 +268,7 @@ def run_experiment(
     only: list[str] | None = None,
     resume: bool = False,
     seeds: list[int] | None = None,
+    seeds_from: str = "--seeds",
 ) -> pd.DataFrame:
     """Run every setting (and model and seed), `jobs` at a time in separate processes, then write
     runs.csv (one row per run, `status` ok or failed with the one-line error) and table.csv /
@@ -244,9 +278,9 @@ def run_experiment(
     Any failed run makes the whole call an error once the tables are written."""
     if jobs < 1:
         raise FedUnlearnError(f"--jobs is {jobs} but must be at least 1")
-    settings = load_settings(path, overrides, only, seeds)
+    settings = load_settings(path, overrides, only, seeds, seeds_from)
     folder = Path(out)
-    started = [folder / name for name, _ in load_settings(path, overrides, None, seeds)]  # --only's others too
+    started = [folder / name for name, _ in load_settings(path, overrides, None, seeds, seeds_from)]  # --only's others
     ours = folder.is_dir() and (
         (folder / "runs.csv").is_file()
         or any(run.is_dir() or partial_of(run).is_dir() for run in started)
@@ -260,7 +294,7 @@ def run_experiment(
     carried: list[dict[str, Any]] = []
     if resume and only:  # the other settings' finished runs stay in runs.csv and the tables, their failures too
         chosen = {name for name, _ in settings}
-        every = load_settings(path, overrides, None, seeds)
+        every = load_settings(path, overrides, None, seeds, seeds_from)
         settings = [(name, config) for name, config in every if name in chosen or (folder / name / FINAL).is_file()]
         kept = {name for name, _ in settings}
         carried = _earlier_failures(folder, [(name, config) for name, config in every if name not in kept])

@@ -256,7 +256,9 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
             lines.append(f"defence.compare: every defence tried on {info['defending_clients']} clients, each from "
                          "the trained embeddings (audit.md; seconds per defence in audit.csv).")  # fmt: skip
         elif config.defence.method == "none":
-            lines.append("The audit alone, no defence.")
+            upload = config.defence.upload
+            lines.append("The audit alone, no post-training defence" + (f"; the uploads were defended with {upload} "
+                         "(audit.csv's defence column)." if upload != "none" else "."))  # fmt: skip
         elif info.get("defence_steps", 1) == 0:  # 0 since 2026-12-07; older records have no count
             lines.append(f"{config.defence.method} on {info['defending_clients']} clients took no step: every "
                          "audited attribute was at its null level already, or none could be attacked (audit.md); "

@@ -150,7 +150,8 @@ def run_suite(
     if resume and not (ours or (out.is_dir() and not any(out.iterdir()))):  # empty: stopped before its first step
         raise FedUnlearnError(f"{out} holds no run of this suite to resume: run without --resume first")
     for entry in entries:  # every experiment's settings checked before anything is written
-        settings = load_settings(entry.file, [*entry.overrides, *(overrides or [])], entry.only or None, seeds)
+        settings = load_settings(entry.file, [*entry.overrides, *(overrides or [])], entry.only or None, seeds,
+                                 f"{path}'s seeds")  # fmt: skip
         check_before_running([(f"{entry.name}/{name}", config) for name, config in settings
                               if not (out / entry.name / name / FINAL).is_file()])  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +173,7 @@ def run_suite(
         try:
             again = resume and (out / entry.name).is_dir()
             run_experiment(entry.file, out / entry.name, [*entry.overrides, *(overrides or [])], show_progress,
-                           jobs, entry.only or None, resume=again, seeds=seeds)  # fmt: skip
+                           jobs, entry.only or None, again, seeds, f"{path}'s seeds")  # fmt: skip
             status = "ok"
         except FedUnlearnError as error:
             status = f"failed: {error}"
