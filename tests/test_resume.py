@@ -314,3 +314,19 @@ def test_resume_checks_a_finished_runs_data_only_where_it_can(tmp_path, monkeypa
     data.rename(tmp_path / "moved.csv")  # every run finished: the tables are read back, nothing trains
     capsys.readouterr()
     assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume"]) == 0
+
+
+def test_a_resume_that_would_leave_runs_of_its_folder_out_is_refused(tmp_path, capsys):
+    """Begun with --seeds 11,12 and resumed without: seeds 0 and 1 ran into the folder and the tables
+    held them alone, while seed11 and seed12 stayed beside them for `report` to find."""
+    spec = tmp_path / "e.toml"
+    base = "\n".join(f'"{key}" = {value}' for key, value in dict(s.split("=") for s in TINY).items())
+    spec.write_text(f'seeds = [0, 1]\n[base]\n{base}\n[[setting]]\nname = "a"\n')
+    out = tmp_path / "out"
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--seeds", "11"]) == 0
+    capsys.readouterr()
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert f"{out}/a/seed11 is a run of this folder that this call would not run or read" in error
+    assert error.count("\n") == 1 and sorted(p.name for p in (out / "a").iterdir()) == ["seed11"]
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume", "--seeds", "11"]) == 0

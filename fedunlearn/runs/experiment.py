@@ -207,6 +207,18 @@ def _check_resumable(folder: Path, settings: list[tuple[str, Config]]) -> None:
             _saved_rows(folder / name)  # a finished run's rows must be of this version's format
 
 
+def _refuse_runs_not_asked(folder: Path, asked: set[str]) -> None:
+    """A resumed experiment that would neither run nor read a run its folder holds (begun with
+    --seeds 11,12, resumed without: seeds 0-2 ran into it, the tables left 11 and 12 out while their
+    folders stayed for `report` to find): refused."""
+    for saved in sorted(folder.rglob(REQUESTED_FILE)):
+        run = saved.parent.relative_to(folder).as_posix().removesuffix(".partial")
+        if run not in asked:
+            raise FedUnlearnError(f"{folder / run} is a run of this folder that this call would not run or read "
+                                  "(other --seeds, or an edited seeds, models or setting list): resume with what it "
+                                  "began with, or choose another --out")  # fmt: skip
+
+
 def _check_same_data(run: Path, config: Config, recorded: str | None) -> None:
     """A finished run is read back beside runs trained now: on other data (the same file name, other
     contents) the table would mislead. Data that cannot be read is not checked: no run can then
@@ -288,6 +300,8 @@ def run_experiment(
     )
     if resume and not ours:
         raise FedUnlearnError(f"{folder} holds no run of this experiment to resume: run without --resume first")
+    if resume:
+        _refuse_runs_not_asked(folder, {run.relative_to(folder).as_posix() for run in started})
     if not resume and folder.exists():
         hint = "continue it with --resume" if ours else "it is not this experiment's folder"
         raise FedUnlearnError(f"results folder {folder} exists ({hint}): choose another --out")
