@@ -170,6 +170,8 @@ def _run(args: argparse.Namespace) -> None:
                 reach = f"{report.defending} clients defended"
             elif config.defence.compare:
                 reach = f"every defence tried on {report.defending} clients, none kept"
+            elif config.defence.upload != "none":
+                reach = f"no post-training defence, the uploads defended with {config.defence.upload}"
             else:
                 reach = "the audit alone, no defence"
             print(f"attribute privacy ({reach}; audit.csv has every view and attacker):")
@@ -179,8 +181,8 @@ def _run(args: argparse.Namespace) -> None:
 
 def _seed_list(text: str) -> list[int]:
     parts = [part.strip() for part in text.split(",")]
-    if not all(part.lstrip("-").isdigit() for part in parts):
-        raise FedUnlearnError(f"--seeds {text!r} must be whole numbers separated by commas, e.g. --seeds 11,12")
+    if not all(part.isdigit() for part in parts):
+        raise FedUnlearnError(f"--seeds {text!r} must be whole numbers >= 0 separated by commas, e.g. --seeds 11,12")
     return [int(part) for part in parts]
 
 
@@ -207,7 +209,7 @@ def _audit(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from fedunlearn.config import load_config
-    from fedunlearn.privacy.audit import privacy_table
+    from fedunlearn.privacy.audit import privacy_table, say_values_left_out
     from fedunlearn.runs.results import EMBEDDINGS_FILE, read_central_view, saved_attributes, write_audit_csv
     from fedunlearn.runs.tables import readable
 
@@ -234,6 +236,7 @@ def _audit(args: argparse.Namespace) -> None:
     if attributes.empty:
         raise FedUnlearnError(f"{saved} holds no attribute values (written before they were saved): rerun the run")
     tables = []
+    say_values_left_out(config.audit, attributes)
     for stage in [name for name in ("before", "after") if name in arrays]:
         table, _ = privacy_table({"embedding": arrays[stage]}, attributes, config)
         tables.append(table.assign(stage=stage))

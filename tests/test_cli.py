@@ -284,3 +284,13 @@ def test_a_defence_runs_when_no_attribute_is_left_to_attack(tmp_path, capsys):
         assert main(["run", *args, "--engine", "inprocess", "--out", str(tmp_path / method), "--quiet"]) == 0
         assert "not attacked" in capsys.readouterr().err
         assert json.loads((tmp_path / method / "final.json").read_text())["defending_clients"] == 2
+
+
+def test_the_console_names_an_upload_defence_beside_an_audit_alone(tmp_path, capsys):
+    """'the audit alone, no defence' above a table whose rows say ldp (a user's walk); summary.md
+    already named it."""
+    settings = [*TINY, "--set", "defence.upload=ldp", "--set", "audit.enabled=true", "--set", "audit.attackers=[mlp]"]
+    assert main(["run", *settings, "--quiet", "--out", str(tmp_path / "r")]) == 0
+    shown = capsys.readouterr().out
+    assert "no post-training defence, the uploads defended with ldp" in shown and "no defence;" not in shown
+    assert "the uploads were defended with ldp" in (tmp_path / "r" / "summary.md").read_text()

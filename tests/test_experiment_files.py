@@ -84,11 +84,13 @@ def test_seeds_are_given_with_seeds_and_a_set_the_file_replaces_is_refused(tmp_p
     spec.write_text('seeds = [0, 1]\nmodels = ["mf"]\n[base]\n"data.synthetic_users" = 12\n'
                     '"data.synthetic_items" = 60\n"data.synthetic_interactions" = 8\n"data.test_negatives" = 19\n'
                     '"model.dim" = 4\n"train.rounds" = 1\n[[setting]]\nname = "a"\n')  # fmt: skip
-    taken = "but each run takes its own from"
-    for bad, message in ((["--set", "run.seed=11"], f"run.seed is set in an override (--set), {taken} {spec}'s seeds"),
-                         (["--set", "model.name=ncf"], f"model.name is set in an override (--set), {taken} {spec}'s"),
+    taken, override = "but each run takes its own from", "an override (--set, or a suite's set),"
+    for bad, message in ((["--set", "run.seed=11"], f"run.seed is set in {override} {taken} {spec}'s seeds"),
+                         (["--set", "model.name=ncf"], f"model.name is set in {override} {taken} {spec}'s"),
                          (["--seeds", "3", "--set", "run.seed=1"], f"{taken} --seeds ([3])"),
-                         (["--seeds", "11,x"], "--seeds '11,x' must be whole numbers")):  # fmt: skip
+                         (["--seeds", "11,x"], "--seeds '11,x' must be whole numbers"),
+                         (["--seeds", "-1"], "--seeds '-1' must be whole numbers >= 0"),
+                         (["--seeds", "3,3"], "--seeds lists 3 more than once")):  # fmt: skip
         assert main(["experiment", str(spec), "--out", str(tmp_path / "bad"), "--quiet", *bad]) == 2
         error = capsys.readouterr().err
         assert message in error and error.count("\n") == 1 and not (tmp_path / "bad").exists(), error

@@ -273,7 +273,8 @@ def test_an_experiment_resumed_on_other_data_refuses_its_finished_runs(tmp_path,
 
 def test_resume_only_one_setting_accepts_the_folder_holding_anothers_interrupted_run(tmp_path, monkeypatch, capsys):
     """`--only B` interrupted leaves only B.partial; `--resume --only A` said the folder held no run of
-    this experiment (a review)."""
+    this experiment (a review). It runs A, and B's interrupted run is said in the table and the exit
+    code: the tables had left it out without a word (a user's walk)."""
     import fedunlearn.runs.experiment as experiment_module
 
     spec = tmp_path / "exp.toml"
@@ -285,8 +286,11 @@ def test_resume_only_one_setting_accepts_the_folder_holding_anothers_interrupted
     assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--only", "B"]) == 130
     monkeypatch.undo()
     assert sorted(p.name for p in out.iterdir()) == ["B.partial"]
-    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume", "--only", "A"]) == 0
+    capsys.readouterr()
+    assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume", "--only", "A"]) == 2
     assert (out / "A" / "final.json").is_file() and (out / "B.partial").is_dir()
+    assert "1 of 2 runs failed or are unfinished" in capsys.readouterr().err
+    assert "**Unfinished, not in this table**: B" in (out / "table.md").read_text()
 
 
 def test_resume_checks_a_finished_runs_data_only_where_it_can(tmp_path, monkeypatch, capsys):
@@ -330,3 +334,24 @@ def test_a_resume_that_would_leave_runs_of_its_folder_out_is_refused(tmp_path, c
     assert f"{out}/a/seed11 is a run of this folder that this call would not run or read" in error
     assert error.count("\n") == 1 and sorted(p.name for p in (out / "a").iterdir()) == ["seed11"]
     assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--resume", "--seeds", "11"]) == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_several_jobs_starts_no_queued_run(tmp_path):
+    """With --jobs 2 every run was handed to the pool at once: on Ctrl-C the runs in flight stopped,
+    and the one the pool had already passed on to a worker then trained to the end (a user's walk)."""
+    spec = tmp_path / "e.toml"
+    base = "\n".join(f'"{key}" = {value}' for key, value in dict(s.split("=") for s in TINY).items())
+    spec.write_text(f'seeds = [0, 1]\n[base]\n{base}\n"train.rounds" = 2000\n[[setting]]\nname = "a"\n'
+                    '[[setting]]\nname = "b"\nset = { "train.lr" = 0.02 }\n')  # fmt: skip
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fedunlearn.cli", "experiment", str(spec), "--out", str(out), "--quiet",
+               "--jobs", "2"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (checkpointed_round(out / "a" / "seed0.partial") and checkpointed_round(out / "a" / "seed1.partial")):
+        assert time.monotonic() < deadline and process.poll() is None, "the first two runs never checkpointed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
+    assert process.wait(timeout=120) == 130
+    assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*")) == ["a/seed0.partial", "a/seed1.partial"]

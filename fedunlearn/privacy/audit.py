@@ -64,9 +64,9 @@ def say_values_left_out(audit: AuditConfig, attributes: pd.DataFrame) -> None:
         values, counts = np.unique(labels[labels != UNKNOWN], return_counts=True)
         lone = values[counts < 2]
         if len(lone) and (counts >= 2).sum() >= 2:  # with fewer, the attribute is not attacked at all (said there)
+            named = ", ".join(map(repr, lone[:3].tolist())) + (", ..." if len(lone) > 3 else "")
             print(f"audit: {attribute}: {len(lone)} value(s) held by a single client left out of the attack "
-                  f"({', '.join(map(repr, lone[:3].tolist()))}): a class needs a shadow and a test client",
-                  file=sys.stderr)  # fmt: skip
+                  f"({named}): a class needs a shadow and a test client", file=sys.stderr)  # fmt: skip
 
 
 def own_class(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:

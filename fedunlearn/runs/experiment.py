@@ -15,9 +15,10 @@ and its own `set` table, e.g.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,10 @@ def load_settings(
     models = _list_of(spec, "models", str, path, 'models = ["mf", "ncf"]')
     listed = {"run.seed": (seeds, seeds_from), "model.name": (models, f"{path}'s models")}
     _refuse_replaced(path, spec, overrides, listed)
-    for label, values in (("seeds", seeds), ("models", models)):
+    for label, values in ((seeds_from, seeds), (f"{path}'s models", models)):
         repeated = sorted({str(v) for v in values or [] if (values or []).count(v) > 1})
         if repeated:
-            raise FedUnlearnError(f"{path}: {label} lists {', '.join(repeated)} more than once: list each once")
+            raise FedUnlearnError(f"{label} lists {', '.join(repeated)} more than once: list each once")
     out, names = [], set()
     for row in settings:
         name = row.get("name")
@@ -103,7 +104,7 @@ def _refuse_replaced(
 ) -> None:
     """A key each run takes from a list (its seed, its model) set anywhere else was replaced
     without a word (`--set run.seed=11` on a file listing seeds ran the listed seeds): refused."""
-    places = [("an override (--set)", {item.split("=", 1)[0].strip() for item in overrides or []})]
+    places = [("an override (--set, or a suite's set)", {item.split("=", 1)[0].strip() for item in overrides or []})]
     places.append((f"{path}'s [base]", _keys(spec.get("base", {}))))
     places += [(f"{path}'s setting {row.get('name')!r}", _keys(row.get("set", {})))
                for row in spec.get("setting", []) if isinstance(row, dict)]  # fmt: skip
@@ -312,6 +313,10 @@ def run_experiment(
         settings = [(name, config) for name, config in every if name in chosen or (folder / name / FINAL).is_file()]
         kept = {name for name, _ in settings}
         carried = _earlier_failures(folder, [(name, config) for name, config in every if name not in kept])
+        carried += [{"setting": name.split("/")[0], "seed": config.run.seed, "model": config.model.name,
+                     "status": "unfinished", "error": f"{name} was interrupted: finish it with --resume (without "
+                     "--only, or with its setting's)"}  # an interrupted run the tables would leave out unsaid
+                    for name, config in every if name not in kept and partial_of(folder / name).is_dir()]  # fmt: skip
     if resume:
         _check_resumable(folder, settings)
     check_before_running([(name, config) for name, config in settings if not (folder / name / FINAL).is_file()])
@@ -329,8 +334,8 @@ def run_experiment(
         runs.to_csv(folder / "runs.csv", index=False)
         table = summarize(pd.DataFrame(rows).drop(columns="status")) if rows else pd.DataFrame()
         table.to_csv(folder / "table.csv", index=False)
-        missing = "".join(f"\n**Failed, not in this table**: {row['setting']} (seed {row['seed']}): {row['error']}\n"
-                          for row in failed)  # fmt: skip
+        missing = "".join(f"\n**{row['status'].capitalize()}, not in this table**: {row['setting']} (seed "
+                          f"{row['seed']}): {row['error']}\n" for row in failed)  # fmt: skip
         (folder / "table.md").write_text(readable(table) + "\n" + missing)
         if "balanced_accuracy" in table.columns:
             from fedunlearn.runs.plots import plot_tradeoff
@@ -340,7 +345,8 @@ def run_experiment(
         unlock(folder, lock)
     if failed:
         first = f"{failed[0]['setting']} (seed {failed[0]['seed']}): {failed[0]['error']}"
-        raise FedUnlearnError(f"{len(failed)} of {len(results) + len(carried)} runs failed (see {folder}/runs.csv); "
+        how = "failed" if all(row["status"] == "failed" for row in failed) else "failed or are unfinished"
+        raise FedUnlearnError(f"{len(failed)} of {len(results) + len(carried)} runs {how} (see {folder}/runs.csv); "
                               f"first: {first}")  # fmt: skip
     return table
 
@@ -381,14 +387,25 @@ def _run_all(
     else:
         # spawn: a forked child would inherit torch's thread pools and any Ray state
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as executor:
-            futures = {
-                executor.submit(_run_one, name, config, folder, False): index
-                for index, (name, config) in enumerate(settings)
-            }
-            for done, future in enumerate(as_completed(futures), start=1):
-                index = futures[future]
-                results[index] = future.result()
-                print(f"[{done}/{len(settings)}] {settings[index][0]} done", flush=True)
+            # at most `jobs` runs handed out at a time: on Ctrl-C the runs in flight get the signal
+            # too, and nothing queued behind them starts (all submitted at once, the pool had passed
+            # one more to a worker, which then trained it to the end after the interrupt)
+            waiting, running = iter(enumerate(settings)), {}
+
+            def hand_out() -> None:
+                for index, (name, config) in itertools.islice(waiting, 1):
+                    running[executor.submit(_run_one, name, config, folder, False)] = index
+
+            for _ in range(jobs):
+                hand_out()
+            done = 0
+            while running:
+                for future in wait(running, return_when=FIRST_COMPLETED).done:
+                    index = running.pop(future)
+                    results[index] = future.result()
+                    done += 1
+                    print(f"[{done}/{len(settings)}] {settings[index][0]} done", flush=True)
+                    hand_out()
     return [result for result in results if result is not None]
 
 

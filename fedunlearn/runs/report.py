@@ -103,7 +103,7 @@ def collect(paths: list[Path]) -> list[RunFolder]:
             found = sorted(found.parent for found in path.rglob(FINAL))
             if not found:
                 raise FedUnlearnError(f"{path} has runs.csv but no finished run folder: rerun the experiment")
-            unfinished = sorted(run.name for run in path.rglob("*.partial") if run.is_dir())
+            unfinished = sorted(run.relative_to(path).as_posix() for run in path.rglob("*.partial") if run.is_dir())
             if unfinished or (path / LOCK).exists():  # killed or running: runs.csv predates some of its runs
                 which = f"unfinished runs ({', '.join(unfinished[:3])})" if unfinished else "a lock (running or killed)"
                 raise FedUnlearnError(f"{path} holds {which}: its runs.csv does not describe its folders; finish it "
@@ -140,9 +140,10 @@ SEED_DEPENDENT = {("run", "seed"), ("unlearn", "attackers"), ("unlearn", "target
 
 
 def failed_runs(experiment: Path) -> pd.DataFrame:
-    """The rows of an experiment folder's runs.csv whose run failed."""
+    """The rows of an experiment folder's runs.csv whose run failed (or, another setting's, was left
+    unfinished by a resume with --only)."""
     listed = pd.read_csv(experiment / "runs.csv")
-    return listed[listed["status"] == "failed"] if "status" in listed else listed[:0]
+    return listed[listed["status"] != "ok"] if "status" in listed else listed[:0]
 
 
 def is_benchmark(path: Path) -> bool:
