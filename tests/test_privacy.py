@@ -1064,3 +1064,21 @@ def test_a_defence_that_leaves_an_attribute_readable_by_every_client_is_warned_o
     assert "xgboost on gender 0.662 (null_95 0.556)" in error
     warn_if_defence_left_readable(load_config(None, ["defence.method=attrcloak-dd", "defence.clients=at-risk"]), report)
     assert capsys.readouterr().err == ""
+
+
+def test_fedunlearn_audit_names_the_values_it_leaves_out_too(tmp_path, capsys):
+    """The re-audit of a saved run left a single client's value out without the run's note (a user's walk)."""
+    from fedunlearn.cli import main
+
+    rng = np.random.default_rng(0)
+    ratings = [f"{u},{i},5,{t}" for u in range(40) for t, i in enumerate(rng.choice(50, 8, replace=False))]
+    (tmp_path / "r.csv").write_text("user,item,rating,timestamp\n" + "\n".join(ratings) + "\n")
+    groups = ["a", "b"] * 19 + ["a", "lonely"]
+    (tmp_path / "u.csv").write_text("user,grp\n" + "\n".join(f"{u},{g}" for u, g in enumerate(groups)) + "\n")
+    settings = ["data.dataset=csv", f"data.path={tmp_path / 'r.csv'}", f"data.users_path={tmp_path / 'u.csv'}",
+                "data.test_negatives=19", "model.dim=4", "train.rounds=2", "audit.enabled=true",
+                "audit.attackers=[mlp]"]  # fmt: skip
+    assert main(["run", *(a for s in settings for a in ("--set", s)), "--quiet", "--out", str(tmp_path / "run")]) == 0
+    assert "grp: 1 value(s) held by a single client left out of the attack ('lonely')" in capsys.readouterr().err
+    assert main(["audit", str(tmp_path / "run")]) == 0
+    assert "grp: 1 value(s) held by a single client left out of the attack ('lonely')" in capsys.readouterr().err
