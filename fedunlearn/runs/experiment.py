@@ -292,8 +292,9 @@ def run_experiment(
     if jobs < 1:
         raise FedUnlearnError(f"--jobs is {jobs} but must be at least 1")
     settings = load_settings(path, overrides, only, seeds, seeds_from)
+    every = load_settings(path, overrides, None, seeds, seeds_from) if only else settings  # --only's others too
     folder = Path(out)
-    started = [folder / name for name, _ in load_settings(path, overrides, None, seeds, seeds_from)]  # --only's others
+    started = [folder / name for name, _ in every]
     ours = folder.is_dir() and (
         (folder / "runs.csv").is_file()
         or any(run.is_dir() or partial_of(run).is_dir() for run in started)
@@ -309,7 +310,6 @@ def run_experiment(
     carried: list[dict[str, Any]] = []
     if resume and only:  # the other settings' finished runs stay in runs.csv and the tables, their failures too
         chosen = {name for name, _ in settings}
-        every = load_settings(path, overrides, None, seeds, seeds_from)
         settings = [(name, config) for name, config in every if name in chosen or (folder / name / FINAL).is_file()]
         kept = {name for name, _ in settings}
         carried = _earlier_failures(folder, [(name, config) for name, config in every if name not in kept])
