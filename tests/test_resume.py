@@ -25,6 +25,11 @@ def run(out, settings, *extra):
     return main(["run", *args, "--out", str(out), "--quiet", *extra])
 
 
+def _base(settings):
+    """`settings` ("key=value") as the lines of an experiment file's [base] table."""
+    return "\n".join(f'"{key}" = {value}' for key, value in dict(s.split("=") for s in settings).items())
+
+
 def metrics(folder):
     final = json.loads((folder / "final.json").read_text())
     final["metrics"].pop("seconds")
@@ -181,7 +186,7 @@ def test_a_bad_input_leaves_no_staging_folder_and_audit_refuses_unfinished_folde
 
 def test_an_experiment_keeps_its_finished_runs_and_resumes_the_rest(tmp_path, capsys):
     spec = tmp_path / "e.toml"
-    base = "\n".join(f'"{key}" = {value}' for key, value in dict(s.split("=") for s in SETTINGS).items())
+    base = _base(SETTINGS)
     spec.write_text(f"[base]\n{base}\n\n[[setting]]\nname = \"a\"\nset = {{}}\n\n"
                     "[[setting]]\nname = \"b\"\nset = { \"train.lr\" = 1e4, \"train.optimizer\" = \"sgd\" }\n\n"
                     "[[setting]]\nname = \"c\"\nset = { \"model.dim\" = 4 }\n")  # fmt: skip
@@ -252,9 +257,8 @@ def _ratings(path, users):
         f.write("\n".join(lines) + "\n")
 
 
-def test_an_experiment_resumed_on_other_data_refuses_its_finished_runs(tmp_path, capsys):
-    """A finished run was read back on --resume whatever the data file said by then: the table put a
-    run on 30 clients beside one on 60, exit 0 (a review; a checkpoint was already refused)."""
+def _csv_experiment(tmp_path):
+    """A ratings CSV of 30 users and an experiment of two settings, A and B, on it."""
     data = tmp_path / "ratings.csv"
     data.write_text("user,item,rating,timestamp\n")
     _ratings(data, range(30))
@@ -262,6 +266,13 @@ def test_an_experiment_resumed_on_other_data_refuses_its_finished_runs(tmp_path,
     spec.write_text(f'[base]\n"data.dataset" = "csv"\n"data.path" = "{data}"\n"data.test_negatives" = 19\n'
                     '"model.dim" = 8\n"train.rounds" = 2\n[[setting]]\nname = "A"\n[[setting]]\nname = "B"\n'
                     'set = { "train.lr" = 0.02 }\n')  # fmt: skip
+    return data, spec
+
+
+def test_an_experiment_resumed_on_other_data_refuses_its_finished_runs(tmp_path, capsys):
+    """A finished run was read back on --resume whatever the data file said by then: the table put a
+    run on 30 clients beside one on 60, exit 0 (a review; a checkpoint was already refused)."""
+    data, spec = _csv_experiment(tmp_path)
     out = tmp_path / "out"
     assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--only", "A"]) == 0
     _ratings(data, range(100, 130))  # the data file grows between the two calls
@@ -278,7 +289,7 @@ def test_resume_only_one_setting_accepts_the_folder_holding_anothers_interrupted
     import fedunlearn.runs.experiment as experiment_module
 
     spec = tmp_path / "exp.toml"
-    base = "\n".join(f'"{key}" = {value}' for key, value in dict(s.split("=") for s in TINY).items())
+    base = _base(TINY)
     spec.write_text(f'[base]\n{base}\n[[setting]]\nname = "A"\n[[setting]]\nname = "B"\n'
                     'set = { "train.lr" = 0.02 }\n')
     out = tmp_path / "out"
@@ -299,13 +310,7 @@ def test_resume_checks_a_finished_runs_data_only_where_it_can(tmp_path, monkeypa
     moved, though nothing would train on it (a review of the check)."""
     import fedunlearn.runs.experiment as experiment_module
 
-    data = tmp_path / "ratings.csv"
-    data.write_text("user,item,rating,timestamp\n")
-    _ratings(data, range(30))
-    spec = tmp_path / "exp.toml"
-    spec.write_text(f'[base]\n"data.dataset" = "csv"\n"data.path" = "{data}"\n"data.test_negatives" = 19\n'
-                    '"model.dim" = 8\n"train.rounds" = 2\n[[setting]]\nname = "A"\n[[setting]]\nname = "B"\n'
-                    'set = { "train.lr" = 0.02 }\n')  # fmt: skip
+    data, spec = _csv_experiment(tmp_path)
     out = tmp_path / "out"
     monkeypatch.setattr(experiment_module, "execute", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--only", "B"]) == 130
@@ -324,7 +329,7 @@ def test_a_resume_that_would_leave_runs_of_its_folder_out_is_refused(tmp_path, c
     """Begun with --seeds 11,12 and resumed without: seeds 0 and 1 ran into the folder and the tables
     held them alone, while seed11 and seed12 stayed beside them for `report` to find."""
     spec = tmp_path / "e.toml"
-    base = "\n".join(f'"{key}" = {value}' for key, value in dict(s.split("=") for s in TINY).items())
+    base = _base(TINY)
     spec.write_text(f'seeds = [0, 1]\n[base]\n{base}\n[[setting]]\nname = "a"\n')
     out = tmp_path / "out"
     assert main(["experiment", str(spec), "--out", str(out), "--quiet", "--seeds", "11"]) == 0
@@ -341,7 +346,7 @@ def test_ctrl_c_with_several_jobs_starts_no_queued_run(tmp_path):
     """With --jobs 2 every run was handed to the pool at once: on Ctrl-C the runs in flight stopped,
     and the one the pool had already passed on to a worker then trained to the end (a user's walk)."""
     spec = tmp_path / "e.toml"
-    base = "\n".join(f'"{key}" = {value}' for key, value in dict(s.split("=") for s in TINY).items())
+    base = _base(TINY)
     spec.write_text(f'seeds = [0, 1]\n[base]\n{base}\n"train.rounds" = 2000\n[[setting]]\nname = "a"\n'
                     '[[setting]]\nname = "b"\nset = { "train.lr" = 0.02 }\n')  # fmt: skip
     out = tmp_path / "out"
