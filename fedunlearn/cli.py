@@ -155,9 +155,9 @@ def _run(args: argparse.Namespace) -> None:
                    "unlearn_seconds", "speedup", "speedup_time", "L2_to_retrain"]  # fmt: skip
         table = pd.DataFrame(outcome.result.comparison)
         print("unlearning at each drop event, every method tried on a copy of the server and timed on its own "
-              "(retained users, model right after unlearning; speedup over Retrain "
-              "in client-epochs, speedup_time in wall time, '-' where a method trained nothing or took under "
-              "0.1 s):")  # fmt: skip
+              "(retained users, model right after unlearning; speedup over Retrain in client-epochs, '-' "
+              "where a method trained nothing; speedup_time in wall time, one measurement, '-' where the "
+              "event took under 0.1 s):")  # fmt: skip
         print(readable(table[[c for c in columns if c in table.columns]]))
     if outcome.result.privacy is not None:
         from fedunlearn.runs.tables import privacy_summary

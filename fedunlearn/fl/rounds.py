@@ -25,7 +25,7 @@ from fedunlearn.fl.client import defends_upload, max_examples
 from fedunlearn.fl.comparison import compare_with_retrain, initial_key
 from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.history import HistoryStore
-from fedunlearn.fl.replies import Reply, ReplyLimits, check_replies, median_norms
+from fedunlearn.fl.replies import LOSS_CAP, Reply, ReplyLimits, check_replies, median_norms
 from fedunlearn.fl.robust import server_delta
 from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout, require_secure_quorum, secure_quorum
 from fedunlearn.fl.server_optimizer import row_optimizer
@@ -93,6 +93,7 @@ class ClientPool(Protocol):
 @dataclass
 class FederationResult:
     rounds: list[dict[str, float]] = field(default_factory=list)  # one row per evaluated round
+    losses: list[float] = field(default_factory=list)  # every round's (central: epoch's) mean training loss
     final: dict[str, float] = field(default_factory=dict)
     shared: Arrays = field(default_factory=dict)
     round_ends: list[float] = field(default_factory=list)  # wall-clock time.time() at the end of each round
@@ -141,6 +142,18 @@ def fresh_counts() -> dict[str, Counter[str]]:
 
 def reasons_text(counts: Mapping[str, int]) -> str:
     return ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
+
+
+def check_loss_growth(losses: list[float], growth: float, at: str, first: str, fix: str) -> None:
+    """A finite model can still have diverged: stop when the last mean training loss (`at`: which
+    round or central epoch) has grown more than `growth` (train.max_loss_growth) times over the
+    first's (`first`: its name), or lies above LOSS_CAP, where a client's reply is rejected."""
+    if losses[-1] > LOSS_CAP:
+        raise FedUnlearnError(f"training diverged at {at}: mean training loss {losses[-1]:.3g} is over "
+                              f"{LOSS_CAP:g}; lower {fix}")  # fmt: skip
+    if growth > 0 and losses[-1] > growth * losses[0]:
+        raise FedUnlearnError(f"training diverged at {at}: mean training loss {losses[-1]:.3g} is over "
+                              f"{growth:g} x {first}'s ({losses[0]:.3g}); lower {fix}")  # fmt: skip
 
 
 def sample_clients(seed: int, round_number: int, client_ids: list[str], fraction: float, least: int = 1) -> list[int]:
@@ -304,15 +317,9 @@ class FederatedServer:
         raise FedUnlearnError(cause + hint)
 
     def _check_loss(self, round_number: int, loss: float) -> None:
-        """A finite model can still have diverged: stop when the mean training loss has grown more
-        than train.max_loss_growth times over round 1's (a healthy run's loss falls)."""
         self.losses.append(loss)
-        growth = self.config.train.max_loss_growth
-        if growth > 0 and loss > growth * self.losses[0]:
-            raise FedUnlearnError(
-                f"training diverged at round {round_number}: mean training loss {loss:.3g} is over {growth:g} x "
-                f"round 1's ({self.losses[0]:.3g}); lower train.lr or train.server_lr"
-            )
+        check_loss_growth(self.losses, self.config.train.max_loss_growth, f"round {round_number}", "round 1",
+                          "train.lr or train.server_lr")  # fmt: skip
 
     def aggregate_delta(self, shared: Arrays, updates: list[ClientUpdate]) -> Arrays:
         """The server's step under train.aggregation (robust.py) and train.server_optimizer."""
@@ -617,6 +624,7 @@ class FederatedServer:
         result.rejected = {kind: dict(sorted(counts.items())) for kind, counts in self.rejected.items()}
         result.ldp_uploads = max(self.ldp_uploads.values(), default=0)
         result.shared = self.shared
+        result.losses = list(self.losses)
         result.events = self.events
         result.unlearned = self.unlearned
         return result

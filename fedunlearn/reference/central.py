@@ -11,7 +11,7 @@ from fedunlearn.config import Config, derive
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.client import batch_loss, init_user, local_evaluate
 from fedunlearn.fl.federation import Federation
-from fedunlearn.fl.rounds import FederationResult, evaluation_metrics, select_final
+from fedunlearn.fl.rounds import FederationResult, check_loss_growth, evaluation_metrics, select_final
 from fedunlearn.fl.training import resolve_device
 from fedunlearn.models import build_model
 from fedunlearn.progress import Progress
@@ -70,6 +70,7 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
     result = FederationResult()
     started = time.perf_counter()
     epochs = config.central.epochs
+    epoch_losses: list[float] = []
     for epoch in range(1, epochs + 1):
         progress.start_round(epoch)
         progress.start_call(len(pair_users), "training")
@@ -98,11 +99,13 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
         if not finite:  # a diverged model must never be scored
             raise FedUnlearnError(f"central training diverged in epoch {epoch} (non-finite loss or parameters): "
                                   "lower central.lr")  # fmt: skip
+        epoch_losses.append(float(np.mean(losses)))
+        check_loss_growth(epoch_losses, config.train.max_loss_growth, f"central epoch {epoch}", "epoch 1", "central.lr")
         if epoch % config.eval.every == 0 or epoch == epochs:
             row = _evaluate(config, federation, model, user_tables, shared, clients)
             row = {
                 "round": epoch,
-                "train_loss": float(np.mean(losses)),
+                "train_loss": epoch_losses[-1],
                 **row,
                 "seconds": time.perf_counter() - started,
             }
@@ -110,6 +113,7 @@ def train_central(config: Config, federation: Federation, progress: Progress) ->
             progress.evaluated(row)
         progress.end_round()
     result.final = select_final(result.rounds, config.eval.select)
+    result.losses = epoch_losses
     result.shared = {key: value.detach().cpu().numpy() for key, value in shared.items()}
     return result
 

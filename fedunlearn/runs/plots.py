@@ -114,7 +114,8 @@ def plot_unlearning(table: pd.DataFrame, path: Path) -> None:
         axis.set_xlabel(f"speedup over Retrain ({name}, log scale)")
         axis.set_ylabel("retained HR@10 minus Retrain's")
         axis.set_title(f"Utility vs speedup ({name})")
-    title = "Unlearning: utility against cost (no speedup where a method trained nothing or took under 0.1 s)"
+    title = ("Unlearning: utility against cost (no client-epoch speedup where a method trained nothing, "
+             "no wall-time one under 0.1 s)")
     _finish(figure, path, title, grid)
 
 

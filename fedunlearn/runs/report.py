@@ -375,9 +375,9 @@ def write_report(paths: list[Path], out: Path) -> dict[str, str]:
         if not unlearning.empty:
             unlearned = summarize(unlearning)
             sections.append(_section("Unlearning, judged against Retrain", unlearned,
-                                     "Retained users right after the event; speedup_time is wall time, speedup "
-                                     "client-epochs; '-' where a method trained nothing or its event took under "
-                                     "0.1 s (no speedup)."))  # fmt: skip
+                                     "Retained users right after the event; speedup is in client-epochs, '-' "
+                                     "where a method trained nothing; speedup_time in wall time, '-' where its "
+                                     "event took under 0.1 s (no ratio over bookkeeping)."))  # fmt: skip
         if not audits.empty:
             sections.append(_section("Attribute privacy (global audit on the embeddings)", privacy_table(audits),
                                      "relabelled: a below-chance attacker flipped, the information left; "
