@@ -29,6 +29,7 @@ class Stream(IntEnum):
     HALVES = 12  # AttrCloak's covariance brake: public random halves of the clients, one per attribute and draw
     PSEUDO_ITEMS = 13  # trained pseudo-items: each client's fixed set of fake positives, one per run seed
     RETRAIN_DRAWS = 14  # Retrain under secure aggregation: the training seed of its replay, one per event
+    SECURE_ROUNDING = 15  # SecAgg+'s stochastic rounding of a client's vector, per client and secure task
 
 
 def rng_for(seed: int, stream: Stream, *keys: int) -> np.random.Generator:

@@ -8,6 +8,7 @@ on the clients, audit again) runs whenever it does on the other engines (server.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -54,13 +55,17 @@ def make_server_app(
     schedule: dict[int, list[str]] | None = None,
     show_progress: bool = True,
     on_error: Callable[[BaseException], None] | None = None,
+    stopping: threading.Event | None = None,
 ) -> ServerApp:
     """The ServerApp of `fedunlearn run --engine flower`. Flower's simulation logs an exception the
-    ServerApp raises and returns; `on_error` receives it, so the caller can raise it again."""
+    ServerApp raises and returns; `on_error` receives it, so the caller can raise it again. Once
+    `stopping` is set (the simulation was interrupted), the app's next look for replies raises."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if stopping is not None:
+            stop_when(grid, stopping)
         progress = Progress(config.train.rounds, show_progress)
         try:
             on_result(*serve(grid, config, progress, keep_replies, history, schedule))
@@ -72,6 +77,26 @@ def make_server_app(
             progress.close()
 
     return app
+
+
+class SimulationStopped(RuntimeError):
+    """The simulation around the ServerApp was stopped (Ctrl-C): its replies will never come."""
+
+
+def stop_when(grid: Grid, stopping: threading.Event) -> None:
+    """Make the grid's two waiting calls raise once `stopping` is set. Flower's ServerApp thread is
+    not a daemon: on Ctrl-C the simulation engine stops, and a ServerApp still waiting for replies
+    (up to server.pool.QUERY_SECONDS) kept the process alive after its 'interrupted' message.
+    Set on the instance, so the grid's own send_and_receive (SecAgg+) polls through it too."""
+    for name in ("pull_messages", "get_node_ids"):
+        call = getattr(grid, name)
+
+        def checked(*args: Any, _call: Callable[..., Any] = call, **kwargs: Any) -> Any:
+            if stopping.is_set():
+                raise SimulationStopped("the Flower simulation was stopped")
+            return _call(*args, **kwargs)
+
+        setattr(grid, name, checked)
 
 
 def split_overrides(text: str) -> list[str]:

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from types import ModuleType
 
@@ -152,6 +153,7 @@ def run_flower(
     resources = {"num_cpus": config.run.client_cpus, "num_gpus": config.run.client_gpus}
     start_ray(config.run.num_cpus, config.run.ray_address)
     quiet_flower_console()
+    stopping = threading.Event()
     try:
         run_simulation(
             server_app=make_server_app(
@@ -162,11 +164,15 @@ def run_flower(
                 schedule,
                 show_progress,
                 errors.append,
+                stopping,
             ),
             client_app=client_app,
             num_supernodes=federation.n_clients,
             backend_config={"client_resources": resources},
         )
+    except BaseException:  # Ctrl-C: the ServerApp's thread must not wait for replies that never come
+        stopping.set()
+        raise
     finally:
         ray.shutdown()
     if errors:  # the ServerApp's own error (a FedUnlearnError is one line for the user), raised here

@@ -218,3 +218,40 @@ def test_no_message_names_the_clients_who_defend_their_upload():
     everyone = load_config(None, TINY + ["defence.upload=ldp", 'defence.client_ids=["3"]'])
     assert own_part(everyone, "3") == (False, False)  # not listed: the same message for all
     assert json.loads(instruction(everyone, 2).config_records["task"]["config"])["defence"]["client_ids"] == []
+
+
+def test_secure_rounding_draws_are_seeded_by_the_run_the_client_and_the_task():
+    """flwr's SecAgg+ mod rounds the handler's vector stochastically with numpy's global generator
+    right after the handler returns: unseeded, two runs of one config summed different numbers."""
+    import json
+
+    from flwr.common import FitIns, Parameters
+    from flwr.common.secure_aggregation.quantization import quantize
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+
+    from clients.app import secure_contribution
+    from clients.messages import BOUND, CLASS_SUMS, secure_task
+
+    config = load_config(None, SMALL)
+
+    def rounded(partition: int, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        fields = secure_task(config, CLASS_SUMS, attribute="gender", classes=json.dumps(classes)) | {BOUND: 1e3}
+        content = fitins_to_recorddict(FitIns(Parameters([], ""), fields), keep_input=True)
+        context = _context(partition)
+        _send(WHOAMI, instruction(config), context)
+        reply = secure_contribution(Message(content, 99, MessageType.TRAIN), context)
+        vector = record_to_arrays(reply.content.array_records["fitres.parameters"])["0"]
+        return vector, quantize([vector], 1e3, 2**20)[0]
+
+    state = np.random.get_state()
+    try:
+        vector, first = rounded(3, ["F", "M"])
+        np.random.seed(12345)  # whatever ran in this process before
+        again, second = rounded(3, ["F", "M"])
+        _, other_client = rounded(4, ["F", "M"])
+        _, other_task = rounded(3, ["M", "F"])
+    finally:
+        np.random.set_state(state)
+    np.testing.assert_array_equal(vector, again)
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, other_client) and not np.array_equal(np.sort(first), np.sort(other_task))
