@@ -184,3 +184,23 @@ def test_load_dataset_errors() -> None:
     with pytest.raises(FedUnlearnError) as error:
         load_dataset("movielens")
     assert str(error.value) == "unknown dataset 'movielens': choose one of synthetic, ml-100k, ml-1m, csv"
+
+
+def test_a_users_file_the_audit_would_read_otherwise_than_it_means_is_said_once(tmp_path: Path, capsys) -> None:
+    """Each left users without attributes or split a class, and the audit's figures still looked
+    normal (a review): ids padded with zeros in one file only, values differing in case, a numeric
+    attribute of many values (each its own class), a literal 'Unknown'."""
+    interactions = write(tmp_path / "i.csv", "user,item\n" + "".join(f"{u},{u % 7}\n" for u in range(30)))
+    rows = "".join(f"{u:03d},{'Mm'[u % 2]},{20 + u},{'Unknown' if u == 3 else 'x'}\n" for u in range(1, 30))
+    users = write(tmp_path / "u.csv", "user,gender,age,job\n" + rows)
+    attributes = load_csv(interactions, users).attributes
+    assert set(attributes["gender"]) == {"unknown"}  # no padded id matches a user
+    error = capsys.readouterr().err.splitlines()
+    assert len(error) == 4 and all(line.startswith("fedunlearn: warning: ") for line in error)
+    assert f"{users}: 30 of the 30 users have no row here, their attributes unknown and 29 of its 29 rows name " \
+           f"no user of {interactions} ('001', '002', '003', ...)" in error[-1]  # fmt: skip
+    assert "gender has values that differ only in case ('M' / 'm')" in error[0]
+    assert "age holds 29 distinct numbers, each read as a class of its own" in error[1]
+    assert "job is 'Unknown' for 1 users, read as a value of its own" in error[2]
+    load_csv(interactions, users)
+    assert capsys.readouterr().err == ""  # once per file

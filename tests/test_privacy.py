@@ -1062,8 +1062,17 @@ def test_a_defence_that_leaves_an_attribute_readable_by_every_client_is_warned_o
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "after attrcloak-dd" in error and "mlp" not in error
     assert "xgboost on gender 0.662 (null_95 0.556)" in error
+    assert "the defence did not take these to chance" in error and "made these readable" not in error
     warn_if_defence_left_readable(load_config(None, ["defence.method=attrcloak-dd", "defence.clients=at-risk"]), report)
     assert capsys.readouterr().err == ""
+    # an attribute within its band before the defence, read after it: D2D-R on a pure-noise attribute
+    # (a review: MLP 0.517 before, relabelled 0.577 over null_95 0.556 after), said as made, not left
+    noise = pd.DataFrame([row("none", "embedding", "mlp", 0.517), row("d2d-r", "embedding", "mlp", 0.577)])
+    report = PrivacyReport(noise, [], pd.DataFrame(), np.zeros((1, 1)), None)
+    warn_if_defence_left_readable(load_config(None, ["defence.method=d2d-r"]), report)
+    error = capsys.readouterr().err
+    assert "mlp on gender 0.577 (null_95 0.556): within the band before it, so the defence made these" in error
+    assert "did not take" not in error
 
 
 def test_fedunlearn_audit_names_the_values_it_leaves_out_too(tmp_path, capsys):

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedunlearn.data.dataset import UNKNOWN, BadNumber, Dataset, from_frame, parse_numbers
+from fedunlearn.data.dataset import UNKNOWN, BadNumber, Dataset, from_frame, normalize_ids, parse_numbers
 from fedunlearn.errors import FedUnlearnError
 
 REQUIRED = ("user", "item")
 OPTIONAL = ("rating", "timestamp")
 MISSING_MARKERS = {"na", "n/a", "nan", "null", "?"}  # what other tools write for unknown (not "none": a value)
+MANY_NUMBERS = 25  # more distinct numbers than this in a column: likely an ordered quantity, not classes
 _WARNED: set[tuple[str, int]] = set()  # users files already read in this process (path, mtime)
 
 
@@ -40,7 +41,11 @@ def load_csv(interactions_path: str | Path, users_path: str | Path | None = None
             "timestamp": _numbers(path, columns, lines, "timestamp", np.int64, np.arange(len(rows))),
         }
     )
-    attributes = _attributes(Path(users_path)) if users_path else pd.DataFrame(index=pd.Index([], dtype=object))
+    if users_path:
+        clients = {str(user) for user in normalize_ids(frame["user"].to_numpy())}  # as from_frame matches them
+        attributes = _attributes(Path(users_path), clients, path)
+    else:
+        attributes = pd.DataFrame(index=pd.Index([], dtype=object))
     return from_frame(name, frame, attributes)
 
 
@@ -108,17 +113,59 @@ def _numbers(
         ) from None
 
 
-def _warn_of_missing_markers(path: Path, table: pd.DataFrame) -> None:
+def _warn_of_odd_values(path: Path, table: pd.DataFrame) -> None:
+    """Values an audit would read other than the file means: each is a class of its own."""
     for column in table.columns:
-        markers = sorted({value for value in table[column] if value.strip().lower() in MISSING_MARKERS})
+        values = table[column][table[column] != ""]
+        markers = sorted({value for value in values if value.lower() in MISSING_MARKERS | {UNKNOWN}} - {UNKNOWN})
         if markers:
-            count = int(table[column].isin(markers).sum())
-            print(f"fedunlearn: warning: {path}: {column} is {' / '.join(map(repr, markers))} for {count} users, "
-                  "read as a value of its own; leave the cell empty where it means unknown", file=sys.stderr)
+            count = int(values.isin(markers).sum())
+            _warn(f"{path}: {column} is {' / '.join(map(repr, markers))} for {count} users, read as a value of "
+                  "its own; leave the cell empty where it means unknown")  # fmt: skip
+        if (values == UNKNOWN).any():
+            _warn(f"{path}: {column} is {UNKNOWN!r} for {int((values == UNKNOWN).sum())} users, read as unknown "
+                  "(left out of the attack), as an empty cell")  # fmt: skip
+        spellings = values.groupby(values.str.lower()).unique()
+        alike = [" / ".join(map(repr, sorted(found))) for found in spellings if len(found) > 1]
+        if alike:
+            more = ", ..." if len(alike) > 3 else ""
+            _warn(f"{path}: {column} has values that differ only in case ({', '.join(alike[:3])}{more}), each "
+                  "read as a class of its own; write each class one way")  # fmt: skip
+        distinct = values.unique()
+        if len(distinct) > MANY_NUMBERS and all(_is_number(value) for value in distinct):
+            _warn(f"{path}: {column} holds {len(distinct)} distinct numbers, each read as a class of its own "
+                  "(an ordered attribute then reads as almost nothing to the attacks); bin it into groups in the "
+                  "file")  # fmt: skip
 
 
-def _attributes(path: Path) -> pd.DataFrame:
-    """Attribute columns as strings, indexed by user id; empty values become "unknown"."""
+def _warn_of_unmatched_users(path: Path, table: pd.DataFrame, clients: set[str], interactions: Path) -> None:
+    """Ids written otherwise in the two files ('007' against '7') left users without attributes
+    silently: the audit then tested fewer users and looked normal (a review)."""
+    rows = set(table.index)
+    lacking, strangers = len(clients - rows), sorted(rows - clients)
+    if lacking:
+        examples = ", ".join(map(repr, strangers[:3]))
+        named = f" and {len(strangers)} of its {len(rows)} rows name no user of {interactions} ({examples}, ...)"
+        _warn(f"{path}: {lacking} of the {len(clients)} users have no row here, their attributes unknown"
+              f"{named if strangers else ''}; "
+              "write user ids alike in both files ('007' and '7' are different ids)")  # fmt: skip
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _warn(message: str) -> None:
+    print(f"fedunlearn: warning: {message}", file=sys.stderr)
+
+
+def _attributes(path: Path, clients: set[str], interactions: Path) -> pd.DataFrame:
+    """Attribute columns as strings, indexed by user id; empty values become "unknown". What an audit
+    would read other than the file means is said once per file (`clients`: the users, as ids)."""
     header, rows, lines = _read(path, "users")
     _require(path, header, ("user",))
     seen: dict[str, int] = {}
@@ -135,5 +182,6 @@ def _attributes(path: Path) -> pd.DataFrame:
     stamp = (str(path.resolve()), path.stat().st_mtime_ns)
     if stamp not in _WARNED:  # a run loads its data several times (preflight, each seed, each process)
         _WARNED.add(stamp)
-        _warn_of_missing_markers(path, table)
+        _warn_of_odd_values(path, table)
+        _warn_of_unmatched_users(path, table, clients, interactions)
     return table.replace("", UNKNOWN)

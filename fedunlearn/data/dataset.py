@@ -34,7 +34,7 @@ class Dataset:
         return len(self.users)
 
 
-def _normalize_ids(values: np.ndarray) -> np.ndarray:
+def normalize_ids(values: np.ndarray) -> np.ndarray:
     """int64 ids when every id is an integer written canonically ("7", not "007"), else strings.
 
     The canonical check keeps distinct source ids distinct after conversion.
@@ -89,8 +89,8 @@ def from_frame(name: str, frame: pd.DataFrame, attributes: pd.DataFrame) -> Data
     Users absent from `attributes` get "unknown"; attribute rows of users without
     interactions are ignored.
     """
-    users = _normalize_ids(frame["user"].to_numpy())
-    items = _normalize_ids(frame["item"].to_numpy())
+    users = normalize_ids(frame["user"].to_numpy())
+    items = normalize_ids(frame["item"].to_numpy())
     timestamps = frame["timestamp"].to_numpy(dtype=np.int64)
     ratings = frame["rating"].to_numpy(dtype=np.float32)
 

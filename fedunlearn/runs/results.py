@@ -22,7 +22,7 @@ import tomli_w
 from fedunlearn.config import Config
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.rounds import FederationResult
-from fedunlearn.runs.tables import readable
+from fedunlearn.runs.tables import privacy_summary, readable
 
 LOCK = ".lock"  # held (flock) by the process writing the folder
 FINAL = "final.json"  # written last, into the renamed folder: its presence means finished
@@ -276,6 +276,14 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
                 "read nothing)."
             )
         lines.append("")
+        table = result.privacy.table if result.privacy is not None else pd.DataFrame()
+        if table.empty:  # the console said so; the summary said nothing (a review)
+            lines += ["No attribute could be attacked: too few clients per class, or no attribute values "
+                      "(the console's notes name them).", ""]  # fmt: skip
+        else:
+            lines += ["The attack on the embeddings (as the console shows it; every view and attacker in audit.md): "
+                      "a relabelled balanced accuracy above null_95 is an attribute still read.", "",
+                      readable(privacy_summary(table), digits=3), ""]  # fmt: skip
     present = [name for name in LINKED if (folder / name).exists() or name == FINAL]  # final.json comes last
     lines += ["## Files", "", *(f"- [{name}]({name}): {LINKED[name]}" for name in present), ""]
     lines += ["Plots and tables of this and other runs: `fedunlearn report THIS_FOLDER ... --out REPORT`.", ""]

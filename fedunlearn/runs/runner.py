@@ -176,13 +176,23 @@ def warn_if_defence_left_readable(config: Config, report: Any) -> None:
     from fedunlearn.privacy.stage import POST_TRAINING
 
     table = report.table
-    defended = table["defence"].isin([method for method in POST_TRAINING if method != "none"])
-    rows = table[defended & (table["view"] == "embedding") & (table["audit"] == "global")]
-    for defence, found in rows[rows["balanced_accuracy_relabelled"] > rows["null_95"]].groupby("defence", sort=False):
-        read = "; ".join(f"{row.attacker} on {row.attribute} {row.balanced_accuracy_relabelled:.3f} (null_95 "
-                         f"{row.null_95:.3f})" for row in found.itertuples())  # fmt: skip
-        print(f"fedunlearn: warning: after {defence}, attackers still read the defended embeddings above the null "
-              f"band: {read}; the defence did not take these attributes to chance (audit.csv)", file=sys.stderr)
+    global_embedding = table[(table["view"] == "embedding") & (table["audit"] == "global")]
+    readable = global_embedding["balanced_accuracy_relabelled"] > global_embedding["null_95"]
+    before = {(row.attribute, row.attacker): bool(read) for row, read in
+              zip(global_embedding.itertuples(), readable) if row.defence == "none"}  # fmt: skip
+    defended = global_embedding["defence"].isin([method for method in POST_TRAINING if method != "none"])
+    for defence, found in global_embedding[defended & readable].groupby("defence", sort=False):
+        still = [row for row in found.itertuples() if before.get((row.attribute, row.attacker), True)]
+        made = [row for row in found.itertuples() if not before.get((row.attribute, row.attacker), True)]
+        parts = [f"{', '.join(map(_reading, still))}: the defence did not take these to chance"] if still else []
+        parts += [f"{', '.join(map(_reading, made))}: within the band before it, so the defence made these "
+                  "readable (pushing the classes past each other)"] if made else []  # fmt: skip
+        print(f"fedunlearn: warning: after {defence}, attackers read the defended embeddings above the null band: "
+              f"{'; '.join(parts)} (audit.csv)", file=sys.stderr)  # fmt: skip
+
+
+def _reading(row: Any) -> str:
+    return f"{row.attacker} on {row.attribute} {row.balanced_accuracy_relabelled:.3f} (null_95 {row.null_95:.3f})"
 
 
 def check_model_fits(config: Config, federation: Federation) -> None:
