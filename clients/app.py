@@ -20,7 +20,7 @@ import json
 import os
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
@@ -129,6 +129,9 @@ def kept_rows_of(fields: dict, n_items: int, config: Config) -> np.ndarray | Non
     return kept
 
 
+SECURE_CALLS = "secure-calls"  # the client's state: secure sums answered so far (seed_secure_rounding)
+
+
 def secure_contribution(msg: Message, context: Context) -> Message:
     """This client's vector for the secure task the server asked for, computed from what only it
     holds (its user part, its attribute value). The mod quantises and masks it before it leaves."""
@@ -195,19 +198,24 @@ def secure_contribution(msg: Message, context: Context) -> Message:
         raise ValueError(f"a {task} contribution is not finite (NaN or inf): this client's state diverged")
     if not np.all(np.abs(vector) <= bound):  # SecAgg+ would clip silently; the value itself is not told
         raise ValueError(f"a {task} contribution lies outside the secure sum's bound +-{bound}: ask for a larger one")
-    seed_secure_rounding(fields, config.run.seed, data.client_id)
+    seed_secure_rounding(fields, config.run.seed, data.client_id, context)
     reply = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vector]), num_examples=1, metrics={})
     return Message(fitres_to_recorddict(reply, keep_input=False), reply_to=msg)
 
 
-def seed_secure_rounding(fields: dict, seed: int, client_id: str) -> None:
+def seed_secure_rounding(fields: dict, seed: int, client_id: str, context: Context) -> None:
     """SecAgg+ rounds each value of the vector up or down at random (flwr's `quantize`, run by the mod
     right after this handler returns), drawing from numpy's global generator: unseeded, two runs of
     one config summed different numbers (a defended embedding 3e-5 apart, an audit AUC 1.3e-3, a
-    review). Seeded here from the run seed, the client and the task, so a run repeats; the rounding
-    only has to be unbiased, not secret (the masks hide each value)."""
+    review). Seeded here from the run seed, the client, the task and how many secure sums this
+    client has answered (an AttrCloak step's task repeats step after step: its rounding must not),
+    so a run repeats; the rounding only has to be unbiased and independent, not secret (the masks
+    hide each value)."""
+    record = context.state.config_records.setdefault(SECURE_CALLS, ConfigRecord({"count": 0}))
+    record["count"] = calls = int(record["count"]) + 1
     task = hashlib.sha256(repr(sorted(fields.items())).encode()).digest()
-    np.random.seed([seed, int(Stream.SECURE_ROUNDING), client_key(client_id), int.from_bytes(task[:4], "little")])
+    words = [seed, int(Stream.SECURE_ROUNDING), client_key(client_id), int.from_bytes(task[:8], "little"), calls]
+    np.random.seed(np.random.SeedSequence(words).generate_state(4))  # any run.seed, however large
 
 
 def evaluate(msg: Message, context: Context) -> Message:

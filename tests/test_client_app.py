@@ -232,13 +232,14 @@ def test_secure_rounding_draws_are_seeded_by_the_run_the_client_and_the_task():
     from clients.app import secure_contribution
     from clients.messages import BOUND, CLASS_SUMS, secure_task
 
-    config = load_config(None, SMALL)
-
-    def rounded(partition: int, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def rounded(partition: int, classes: list[str], context: Context | None = None,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        config = load_config(None, SMALL + [f"run.seed={seed}"])
         fields = secure_task(config, CLASS_SUMS, attribute="gender", classes=json.dumps(classes)) | {BOUND: 1e3}
         content = fitins_to_recorddict(FitIns(Parameters([], ""), fields), keep_input=True)
-        context = _context(partition)
-        _send(WHOAMI, instruction(config), context)
+        if context is None:
+            context = _context(partition)
+            _send(WHOAMI, instruction(config), context)
         reply = secure_contribution(Message(content, 99, MessageType.TRAIN), context)
         vector = record_to_arrays(reply.content.array_records["fitres.parameters"])["0"]
         return vector, quantize([vector], 1e3, 2**20)[0]
@@ -247,11 +248,16 @@ def test_secure_rounding_draws_are_seeded_by_the_run_the_client_and_the_task():
     try:
         vector, first = rounded(3, ["F", "M"])
         np.random.seed(12345)  # whatever ran in this process before
-        again, second = rounded(3, ["F", "M"])
+        context = _context(3)
+        _send(WHOAMI, instruction(load_config(None, SMALL)), context)
+        again, second = rounded(3, ["F", "M"], context)
+        _, next_step = rounded(3, ["F", "M"], context)  # an AttrCloak step's task repeats: its rounding must not
         _, other_client = rounded(4, ["F", "M"])
         _, other_task = rounded(3, ["M", "F"])
+        rounded(3, ["F", "M"], seed=2**40)  # any run.seed numpy's generator cannot take as it is
     finally:
         np.random.set_state(state)
     np.testing.assert_array_equal(vector, again)
     np.testing.assert_array_equal(first, second)
-    assert not np.array_equal(first, other_client) and not np.array_equal(np.sort(first), np.sort(other_task))
+    assert not np.array_equal(first, next_step) and not np.array_equal(first, other_client)
+    assert not np.array_equal(np.sort(first), np.sort(other_task))

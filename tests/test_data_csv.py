@@ -204,3 +204,15 @@ def test_a_users_file_the_audit_would_read_otherwise_than_it_means_is_said_once(
     assert "job is 'Unknown' for 1 users, read as a value of its own" in error[2]
     load_csv(interactions, users)
     assert capsys.readouterr().err == ""  # once per file
+
+
+def test_a_users_file_with_rows_missing_or_extra_is_said_without_the_ids_advice(tmp_path: Path, capsys) -> None:
+    interactions = write(tmp_path / "i.csv", "user,item\n" + "".join(f"{u},{u % 7}\n" for u in range(30)))
+    missing = write(tmp_path / "m.csv", "user,gender\n" + "".join(f"{u},F\n" for u in range(3, 30)))
+    load_csv(interactions, missing)
+    assert capsys.readouterr().err == f"fedunlearn: warning: {missing}: 3 of the 30 users have no row here, " \
+                                      "their attributes unknown\n"  # fmt: skip
+    extra = write(tmp_path / "x.csv", "user,gender\n" + "".join(f"{u},F\n" for u in range(32)))
+    load_csv(interactions, extra)
+    assert capsys.readouterr().err == f"fedunlearn: warning: {extra}: 2 of its 32 rows name no user of " \
+                                      f"{interactions} ('30', '31')\n"  # fmt: skip

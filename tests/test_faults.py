@@ -101,6 +101,15 @@ def test_a_run_that_learned_nothing_because_it_diverged_is_told_so_not_to_train_
     assert ("97 uploads were rejected for a training loss outside [0, 100]" in err) == (rejected == 97)
 
 
+def test_a_run_that_barely_moved_is_told_to_train_longer_not_to_lower_its_rate(tmp_path, capsys):
+    """Its loss drifts up by noise (0.694 -> 0.695): no rise, and lowering the rate would not help (a review)."""
+    settings = ["data.synthetic_users=40", "train.rounds=3", "train.lr=1e-6"]
+    args = [part for setting in settings for part in ("--set", setting)]
+    assert main(["run", *args, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "the model has not learned yet; train longer (train.rounds)" in err and "rose" not in err
+
+
 def expected_rejections(config, federation):
     """What every fault drawn for this config must be counted as (huge_norm: over the median norm)."""
     reason = {"huge_norm": "norm"}

@@ -1073,6 +1073,10 @@ def test_a_defence_that_leaves_an_attribute_readable_by_every_client_is_warned_o
     error = capsys.readouterr().err
     assert "mlp on gender 0.577 (null_95 0.556): within the band before it, so the defence made these" in error
     assert "did not take" not in error
+    noise["defence"] = ["ldp", "d2d-r"]  # under an upload defence the rows before the post-training one bear its name
+    report = PrivacyReport(noise, [], pd.DataFrame(), np.zeros((1, 1)), None)
+    warn_if_defence_left_readable(load_config(None, ["defence.method=d2d-r", "defence.upload=ldp"]), report)
+    assert "so the defence made these readable" in capsys.readouterr().err
 
 
 def test_fedunlearn_audit_names_the_values_it_leaves_out_too(tmp_path, capsys):

@@ -17,7 +17,7 @@ REQUIRED = ("user", "item")
 OPTIONAL = ("rating", "timestamp")
 MISSING_MARKERS = {"na", "n/a", "nan", "null", "?"}  # what other tools write for unknown (not "none": a value)
 MANY_NUMBERS = 25  # more distinct numbers than this in a column: likely an ordered quantity, not classes
-_WARNED: set[tuple[str, int]] = set()  # users files already read in this process (path, mtime)
+_WARNED: set[tuple[str, int, str]] = set()  # users files already read in this process (path, mtime, interactions)
 
 
 def load_csv(interactions_path: str | Path, users_path: str | Path | None = None, name: str = "csv") -> Dataset:
@@ -125,13 +125,14 @@ def _warn_of_odd_values(path: Path, table: pd.DataFrame) -> None:
         if (values == UNKNOWN).any():
             _warn(f"{path}: {column} is {UNKNOWN!r} for {int((values == UNKNOWN).sum())} users, read as unknown "
                   "(left out of the attack), as an empty cell")  # fmt: skip
-        spellings = values.groupby(values.str.lower()).unique()
+        plain = values[~values.str.lower().isin(MISSING_MARKERS | {UNKNOWN})]  # said above
+        spellings = plain.groupby(plain.str.lower()).unique()
         alike = [" / ".join(map(repr, sorted(found))) for found in spellings if len(found) > 1]
         if alike:
             more = ", ..." if len(alike) > 3 else ""
             _warn(f"{path}: {column} has values that differ only in case ({', '.join(alike[:3])}{more}), each "
                   "read as a class of its own; write each class one way")  # fmt: skip
-        distinct = values.unique()
+        distinct = plain.unique()
         if len(distinct) > MANY_NUMBERS and all(_is_number(value) for value in distinct):
             _warn(f"{path}: {column} holds {len(distinct)} distinct numbers, each read as a class of its own "
                   "(an ordered attribute then reads as almost nothing to the attacks); bin it into groups in the "
@@ -143,12 +144,14 @@ def _warn_of_unmatched_users(path: Path, table: pd.DataFrame, clients: set[str],
     silently: the audit then tested fewer users and looked normal (a review)."""
     rows = set(table.index)
     lacking, strangers = len(clients - rows), sorted(rows - clients)
-    if lacking:
-        examples = ", ".join(map(repr, strangers[:3]))
-        named = f" and {len(strangers)} of its {len(rows)} rows name no user of {interactions} ({examples}, ...)"
-        _warn(f"{path}: {lacking} of the {len(clients)} users have no row here, their attributes unknown"
-              f"{named if strangers else ''}; "
-              "write user ids alike in both files ('007' and '7' are different ids)")  # fmt: skip
+    parts = [f"{lacking} of the {len(clients)} users have no row here, their attributes unknown"] if lacking else []
+    if strangers:
+        examples = ", ".join(map(repr, strangers[:3])) + (", ..." if len(strangers) > 3 else "")
+        parts.append(f"{len(strangers)} of its {len(rows)} rows name no user of {interactions} ({examples})")
+    if lacking and strangers:
+        parts[-1] += "; write user ids alike in both files ('007' and '7' are different ids)"
+    if parts:
+        _warn(f"{path}: {' and '.join(parts)}")
 
 
 def _is_number(value: str) -> bool:
@@ -179,7 +182,7 @@ def _attributes(path: Path, clients: set[str], interactions: Path) -> pd.DataFra
             )
         seen[user] = line
     table = pd.DataFrame(rows, columns=header, dtype=object).set_index("user")
-    stamp = (str(path.resolve()), path.stat().st_mtime_ns)
+    stamp = (str(path.resolve()), path.stat().st_mtime_ns, str(interactions.resolve()))
     if stamp not in _WARNED:  # a run loads its data several times (preflight, each seed, each process)
         _WARNED.add(stamp)
         _warn_of_odd_values(path, table)

@@ -30,6 +30,7 @@ from fedunlearn.runs.assembly import federated_server, reproducible_torch
 from fedunlearn.unlearning.methods import history_policy
 
 Trainer = Callable[[Config, HistoryStore | None, dict[int, list[str]]], FederationResult]
+LOSS_ROSE = 1.5  # a final loss over this x the first is a rise, not the drift of a run that barely moved
 
 
 @dataclass
@@ -95,8 +96,10 @@ def warn_if_unlearned(config: Config, federation: Federation, result: Federation
         losses = result.losses
         if diverged_uploads(info):
             advice = f"some clients' training diverged (above): lower {fix}"
-        elif len(losses) > 1 and losses[-1] > losses[0]:  # a run that learns lowers its loss
+        elif len(losses) > 1 and losses[-1] > LOSS_ROSE * losses[0]:  # a run that learns lowers its loss
             unit = "round" if federated else "epoch"
+            if federated and "ldp" in config.defence.upload:  # the noise, not the step, may carry it up
+                fix += ", or the LDP noise (raise defence.ldp_epsilon)"
             advice = (f"its training loss rose from {losses[0]:.3g} ({unit} 1) to {losses[-1]:.3g} ({unit} "
                       f"{len(losses)}): the training is unstable; lower {fix}")  # fmt: skip
         else:
@@ -178,9 +181,10 @@ def warn_if_defence_left_readable(config: Config, report: Any) -> None:
     table = report.table
     global_embedding = table[(table["view"] == "embedding") & (table["audit"] == "global")]
     readable = global_embedding["balanced_accuracy_relabelled"] > global_embedding["null_95"]
-    before = {(row.attribute, row.attacker): bool(read) for row, read in
-              zip(global_embedding.itertuples(), readable) if row.defence == "none"}  # fmt: skip
     defended = global_embedding["defence"].isin([method for method in POST_TRAINING if method != "none"])
+    # the rows before any post-training defence: "none", or the upload defence's name (stage.py)
+    before = {(row.attribute, row.attacker): bool(read) for row, read, post in
+              zip(global_embedding.itertuples(), readable, defended) if not post}  # fmt: skip
     for defence, found in global_embedding[defended & readable].groupby("defence", sort=False):
         still = [row for row in found.itertuples() if before.get((row.attribute, row.attacker), True)]
         made = [row for row in found.itertuples() if not before.get((row.attribute, row.attacker), True)]
