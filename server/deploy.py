@@ -47,6 +47,7 @@ from fedunlearn.runs.runner import preflight
 CONNECTION = "fedunlearn-deploy"  # the SuperLink connection's name in this deployment's FLWR_HOME
 PROJECT = Path(__file__).resolve().parents[1]
 START_SECONDS = 120.0
+WARNING, ERROR = "fedunlearn: warning:", "FedUnlearnError:"  # how the ServerApp's messages read in flwr's log
 
 
 def _private(key: ec.EllipticCurvePrivateKey, form: serialization.PrivateFormat) -> bytes:
@@ -139,6 +140,8 @@ class Deployment:
         """Certificates, the SuperLink (TLS, SuperNode authentication), the nodes' keys registered,
         the SuperNodes started; returns once the SuperLink listens."""
         self.ca, cert, key = make_certificates(self.folder)
+        for stale in self.folder.glob("superlink.db*"):  # an earlier deployment's nodes would still be
+            stale.unlink()  # "online" there for a minute, and the ServerApp would send them its messages
         self.port = free_port()
         self._spawn("superlink", ["flower-superlink", "--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(cert),
                                   "--ssl-keyfile", str(key), "--host", "127.0.0.1", "--port", str(self.port),
@@ -147,8 +150,13 @@ class Deployment:
         deadline = time.monotonic() + START_SECONDS
         while not _listening(self.port):
             if self.processes[0].poll() is not None or time.monotonic() > deadline:
-                raise FedUnlearnError(f"the SuperLink did not start: see {self.folder / 'superlink.log'}")
+                break
             time.sleep(0.2)
+        time.sleep(1.0)  # a SuperLink that lost the port to another process answers nothing itself: it exits
+        if self.processes[0].poll() is not None or not _listening(self.port):
+            taken = "address already in use" in (self.folder / "superlink.log").read_text(errors="replace")
+            cause = f"port {self.port} was taken by another process meanwhile: run again" if taken else "see"
+            raise FedUnlearnError(f"the SuperLink did not start ({cause} {self.folder / 'superlink.log'})")
         connection = (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                       f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.ca}"\n')  # fmt: skip
         (self.home / "config.toml").write_text(connection)
@@ -186,6 +194,7 @@ class Deployment:
         """Stop every process started here and every descendant (the SuperLink starts its SuperExec
         in a session of its own) by pid; returns those still alive afterwards (none, normally)."""
         pids = descendants({process.pid for process in self.processes})
+        pids = descendants(pids | children_by_flag(pids))  # a crashed SuperLink's ServerApp outlives it
         for signum in (signal.SIGTERM, signal.SIGKILL):
             for pid in pids:
                 try:
@@ -221,6 +230,28 @@ def descendants(roots: set[int]) -> set[int]:
     return found
 
 
+def children_by_flag(parents: set[int]) -> set[int]:
+    """Flower's own subprocesses (SuperExec, ServerApp, ClientApp) name their parent in `--parent-pid`
+    and stay after it dies, re-parented to init: those of `parents`, and theirs in turn."""
+    found: set[int] = set()
+    while True:
+        known = parents | found
+        more = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            flag = args.index(b"--parent-pid") if b"--parent-pid" in args else -1
+            if 0 <= flag < len(args) - 1 and args[flag + 1].isdigit() and int(args[flag + 1]) in known:
+                more.add(int(entry.name))
+        if more <= found:
+            return found
+        found |= more
+
+
 def alive(pid: int) -> bool:
     """Running (a zombie, exited but not yet reaped by its parent, is not)."""
     fields = _stat(pid)
@@ -252,12 +283,27 @@ def deploy(overrides: list[str], nodes: int, out: Path, folder: Path, timeout: f
         done = deployment.run(overrides, out, timeout)
     finally:
         left = deployment.stop()
-    (folder / "flwr-run.log").write_text(done.stdout + done.stderr)
+    log = done.stdout + done.stderr
+    (folder / "flwr-run.log").write_text(log)
     if left:
         raise FedUnlearnError(f"processes {left} did not stop: kill them by pid")
+    for line in log.splitlines():  # the ServerApp's warnings went to flwr's stream, not to this console
+        if WARNING in line:
+            print(line[line.index(WARNING) :], file=sys.stderr)
     if done.returncode != 0 or not (out / "final.json").is_file():
-        raise FedUnlearnError(f"flwr run failed ({done.returncode}): {(done.stdout + done.stderr).strip()[-500:]}")
+        shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # nothing to resume here
+        raise FedUnlearnError(f"flwr run ended without results (exit {done.returncode}): {_cause(log)}; the whole "
+                              f"log: {folder / 'flwr-run.log'}")  # fmt: skip
     return json.loads((out / "final.json").read_text())
+
+
+def _cause(log: str) -> str:
+    """The ServerApp's own one-line error where there is one, else the log's last line."""
+    for line in reversed(log.splitlines()):
+        if ERROR in line:
+            return line[line.index(ERROR) + len(ERROR) :].strip()
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -265,7 +311,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--nodes", type=int, required=True, help="SuperNodes, one per client of the data")
     parser.add_argument("--out", required=True, help="results folder to create")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

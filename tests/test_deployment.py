@@ -77,3 +77,17 @@ def test_nothing_is_left_running(deployment):
     assert deployment["left"] == []
     assert deployment["roots"] < deployment["tree"]  # the SuperLink's and SuperNodes' own children counted
     assert not [pid for pid in deployment["tree"] if alive(pid)]
+
+
+def test_a_deployment_again_in_the_same_folder_right_after_one_finished(tmp_path):
+    """The SuperLink's database in the work folder outlived the run: its nodes stayed "online" there
+    for a minute, the next run's ServerApp sent them its messages, and it failed with "Node
+    Unavailable" on every rerun within that minute (a user's walk)."""
+    from server.deploy import deploy
+
+    settings = [*SETTINGS[:5], "train.rounds=1", "eval.every=1"]
+    folder = tmp_path / "work"
+    first = deploy(settings, 3, tmp_path / "first", folder)
+    second = deploy(settings, 3, tmp_path / "second", folder)
+    assert second["metrics"]["HR@10"] == first["metrics"]["HR@10"]
+    assert not (tmp_path / "second.partial").exists()
