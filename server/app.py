@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -119,8 +120,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from fedunlearn.runs.results import staged, write_run
-    from fedunlearn.runs.runner import federated_job
+    from fedunlearn.runs.runner import federated_job, run_facts
 
+    started = time.perf_counter()
     config, out = _config_from_run_config(context)
     federation = cached_federation(config.data, config.run.seed)
     progress = Progress(config.train.rounds)
@@ -129,9 +131,10 @@ def main(grid: Grid, context: Context) -> None:
         return serve(grid, config, progress, False, history, schedule)[0]
 
     with staged(out, resumable=False) as staging:  # nothing to resume from: the clients' state was theirs
-        info: dict[str, Any] = {}
+        info: dict[str, Any] = run_facts(config, federation)  # final.json said "? clients, 0.0 s" (a user's walk)
         try:
             config, result = federated_job(config, federation, staging.folder, train, info)  # as `fedunlearn run`
         finally:
             progress.close()
+        info["seconds"] = round(time.perf_counter() - started, 2)
         staging.final = write_run(staging.folder, config, result, info)

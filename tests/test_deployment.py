@@ -60,6 +60,8 @@ def test_a_tls_deployment_with_authenticated_nodes_gives_the_in_process_metrics(
     assert theirs_final["events"][0]["MIA_AUC"] == ours_final["events"][0]["MIA_AUC"]
     assert theirs_final["events"][0]["method"] == "federaser" and theirs_final["events"][0]["clients"] == ["2"]
     assert theirs_final["defence"]["defending_clients"] == 2  # the defence ran on the clients left
+    facts = ("dataset", "clients", "items")  # final.json said "? clients, ? items, 0.0 s" (a user's walk)
+    assert [theirs_final[key] for key in facts] == [ours_final[key] for key in facts] and theirs_final["seconds"] > 0
 
 
 def test_a_node_the_superlink_does_not_know_is_refused(deployment):

@@ -47,11 +47,7 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
     started = time.perf_counter()
     federation = build_federation(config.data, config.run.seed)
     config = recorded_config(config, federation)  # the drop schedule is checked where it is built
-    info: dict[str, Any] = {
-        "dataset": config.data.dataset,
-        "clients": federation.n_clients,
-        "items": federation.n_items,
-    }
+    info = run_facts(config, federation)
     mode = config.run.mode
     if mode == "popularity":
         from fedunlearn.reference.popularity import rank_by_popularity
@@ -74,6 +70,11 @@ def execute(config: Config, folder: Path, show_progress: bool = True) -> RunOutc
     if result.earlier_seconds:
         info["earlier_legs_seconds"] = round(result.earlier_seconds, 2)
     return RunOutcome(config, result, info)
+
+
+def run_facts(config: Config, federation: Federation) -> dict[str, Any]:
+    """What final.json and summary.md say of the data a run trained on (every engine, `flwr run` too)."""
+    return {"dataset": config.data.dataset, "clients": federation.n_clients, "items": federation.n_items}
 
 
 def warn_if_unlearned(config: Config, federation: Federation, result: FederationResult, info: dict[str, Any]) -> None:
