@@ -194,7 +194,6 @@ class Deployment:
         """Stop every process started here and every descendant (the SuperLink starts its SuperExec
         in a session of its own) by pid; returns those still alive afterwards (none, normally)."""
         pids = descendants({process.pid for process in self.processes})
-        pids = descendants(pids | children_by_flag(pids))  # a crashed SuperLink's ServerApp outlives it
         for signum in (signal.SIGTERM, signal.SIGKILL):
             for pid in pids:
                 try:
@@ -218,38 +217,27 @@ def _stat(pid: int) -> list[str] | None:
 
 
 def descendants(roots: set[int]) -> set[int]:
-    """These processes and all their descendants (Linux /proc)."""
-    parents = {}
+    """These processes and all their descendants (Linux /proc): children by parent pid, and Flower's
+    own subprocesses (SuperExec, ServerApp, ClientApp), which name their parent in `--parent-pid`
+    and stay after it dies, re-parented to init (a crashed SuperLink's ServerApp outlived it)."""
+    parents: dict[int, set[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
-            parents[int(entry.name)] = int(fields[1])
+            parents[int(entry.name)] = {int(fields[1]), *_flagged_parent(entry)}
     found, frontier = set(roots), set(roots)
     while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        frontier = {pid for pid, linked in parents.items() if linked & frontier} - found
         found |= frontier
     return found
 
 
-def children_by_flag(parents: set[int]) -> set[int]:
-    """Flower's own subprocesses (SuperExec, ServerApp, ClientApp) name their parent in `--parent-pid`
-    and stay after it dies, re-parented to init: those of `parents`, and theirs in turn."""
-    found: set[int] = set()
-    while True:
-        known = parents | found
-        more = set()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                args = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            flag = args.index(b"--parent-pid") if b"--parent-pid" in args else -1
-            if 0 <= flag < len(args) - 1 and args[flag + 1].isdigit() and int(args[flag + 1]) in known:
-                more.add(int(entry.name))
-        if more <= found:
-            return found
-        found |= more
+def _flagged_parent(entry: Path) -> set[int]:
+    try:
+        args = (entry / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return set()
+    flag = args.index(b"--parent-pid") if b"--parent-pid" in args else -1
+    return {int(args[flag + 1])} if 0 <= flag < len(args) - 1 and args[flag + 1].isdigit() else set()
 
 
 def alive(pid: int) -> bool:
