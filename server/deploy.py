@@ -2,6 +2,7 @@
 SuperNode authentication, a config run through `flwr run` against them, every process stopped by pid.
 
     python -m server.deploy --nodes 3 --out results/deploy [--set KEY=VALUE ...] [--workdir DIR]
+        [--timeout SECONDS]
 
 What it does, in order (docs/DEPLOYMENT.md has the multi-machine recipe):
 1. a CA and a server certificate for 127.0.0.1 (subjectAltName IP:127.0.0.1, DNS:localhost), and
@@ -13,6 +14,8 @@ What it does, in order (docs/DEPLOYMENT.md has the multi-machine recipe):
 5. `flwr run . <connection>` of the config (a copy of the project, as `flwr run` uploads it),
    which writes the usual results folder to `--out`;
 6. every process started here (and its children) stopped by pid.
+Each step says so on stderr, and the ServerApp's progress bar and warnings, which `flwr run --stream`
+relays, are shown as they arrive (the whole stream is kept in the workdir's flwr-run.log).
 The deployed clients are not fedunlearn's simulation: they refuse the audit oracle
 (`query.audit_users`), so a config with `audit.enabled = true` is refused before anything starts.
 """
@@ -24,14 +27,18 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -48,6 +55,47 @@ CONNECTION = "fedunlearn-deploy"  # the SuperLink connection's name in this depl
 PROJECT = Path(__file__).resolve().parents[1]
 START_SECONDS = 120.0
 WARNING, ERROR = "fedunlearn: warning:", "FedUnlearnError:"  # how the ServerApp's messages read in flwr's log
+BAR = "rounds:"  # the ServerApp's progress bar (fedunlearn.progress), one line per redraw in flwr's stream
+ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # Flower's log colours
+
+
+def say(text: str) -> None:
+    print(f"server.deploy: {text}", file=sys.stderr, flush=True)
+
+
+class Relay:
+    """Shows what `flwr run --stream` relays of the ServerApp while the run goes on: its progress
+    bar redrawn in place on a terminal (each redraw a line elsewhere) and its warnings on lines of
+    their own."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.terminal, self.bar_shown = self.stream.isatty(), False
+
+    def __call__(self, raw: str) -> None:
+        line = ESCAPES.sub("", raw.rstrip("\n"))
+        bar, warning = line.find(BAR), line.find(WARNING)
+        if bar >= 0:
+            self._bar(line[bar : warning if warning > bar else None].rstrip())
+        if WARNING in line:
+            self._end_bar()
+            print(line[line.index(WARNING) :], file=self.stream, flush=True)
+
+    def _bar(self, text: str) -> None:
+        if self.terminal:
+            self.stream.write(f"\r{text}\x1b[K")
+            self.bar_shown = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def _end_bar(self) -> None:
+        if self.bar_shown:
+            self.stream.write("\n")
+            self.bar_shown = False
+
+    def close(self) -> None:
+        self._end_bar()
 
 
 def _private(key: ec.EllipticCurvePrivateKey, form: serialization.PrivateFormat) -> bytes:
@@ -131,10 +179,14 @@ class Deployment:
         self.processes.append(process)
         return process
 
-    def _flwr(self, *args: str, timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         command = [str(Path(sys.executable).parent / "flwr"), *args]
-        return subprocess.run(command, env=self.env, cwd=cwd or self.folder, capture_output=True, text=True,
-                              timeout=timeout, check=False)  # fmt: skip
+        try:
+            return subprocess.run(command, env=self.env, cwd=self.folder, capture_output=True, text=True,
+                                  timeout=timeout, check=False)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise FedUnlearnError(f"flwr {args[0]} {args[1]} got no answer in {timeout:g} s: see "
+                                  f"{self.folder / 'superlink.log'}") from None  # fmt: skip
 
     def start(self) -> None:
         """Certificates, the SuperLink (TLS, SuperNode authentication), the nodes' keys registered,
@@ -143,6 +195,7 @@ class Deployment:
         for stale in self.folder.glob("superlink.db*"):  # an earlier deployment's nodes would still be
             stale.unlink()  # "online" there for a minute, and the ServerApp would send them its messages
         self.port = free_port()
+        say(f"certificates made; starting the SuperLink on 127.0.0.1:{self.port} (TLS, SuperNode authentication)")
         self._spawn("superlink", ["flower-superlink", "--ssl-ca-certfile", str(self.ca), "--ssl-certfile", str(cert),
                                   "--ssl-keyfile", str(key), "--host", "127.0.0.1", "--port", str(self.port),
                                   "--database", str(self.folder / "superlink.db"), "--enable-supernode-auth",
@@ -164,6 +217,7 @@ class Deployment:
             private, public = make_node_key(self.folder, f"node{index}")
             self.register(public)
             self.start_node(index, private)
+        say(f"{self.nodes} SuperNodes registered and started; logs in {self.folder}")
 
     def register(self, public: Path) -> None:
         done = self._flwr("supernode", "register", str(public), CONNECTION, "--format", "json")
@@ -180,15 +234,41 @@ class Deployment:
             command += ["--auth-supernode-private-key", str(private)]
         return self._spawn(name or f"supernode{index}", command)
 
-    def run(self, overrides: list[str], out: Path, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, overrides: list[str], out: Path, timeout: float | None,
+            relay: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
         """`flwr run` of the config (`section.key=value` overrides) against this federation, from a
-        copy of the project; the ServerApp writes the results folder to `out`."""
+        copy of the project; the ServerApp writes the results folder to `out`. Each line of the
+        stream goes to `relay` as it arrives; past `timeout` seconds the run is refused in one line
+        (the caller's stop() ends the ServerApp with the rest)."""
         app = self.folder / "app"
         shutil.rmtree(app, ignore_errors=True)  # a copy left by an earlier run would run that run's code
         shutil.copytree(PROJECT, app, ignore=shutil.ignore_patterns(".*", "results", "__pycache__", "*.egg-info"))
         settings = ";".join(overrides)
-        return self._flwr("run", ".", CONNECTION, "--run-config", f"overrides='{settings}' out='{out.resolve()}'",
-                          "--stream", timeout=timeout, cwd=app)  # fmt: skip
+        command = [str(Path(sys.executable).parent / "flwr"), "run", ".", CONNECTION, "--run-config",
+                   f"overrides='{settings}' out='{out.resolve()}'", "--stream"]  # fmt: skip
+        process = subprocess.Popen(command, env=self.env, cwd=app, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, errors="replace")  # fmt: skip
+        lines: list[str] = []
+
+        def read() -> None:
+            assert process.stdout is not None
+            for line in process.stdout:
+                lines.append(line)
+                if relay is not None:
+                    relay(line)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise FedUnlearnError(f"flwr run went past --timeout {timeout:g} s and was stopped; give a longer "
+                                  "--timeout, or none") from None  # fmt: skip
+        finally:
+            reader.join(5.0)
+        return subprocess.CompletedProcess(command, process.returncode, "".join(lines), "")
 
     def stop(self) -> list[int]:
         """Stop every process started here and every descendant (the SuperLink starts its SuperExec
@@ -246,8 +326,10 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
-def deploy(overrides: list[str], nodes: int, out: Path, folder: Path, timeout: float = 3600.0) -> dict:
-    """Run the config on a loopback deployment of `nodes` SuperNodes; the final record."""
+def deploy(overrides: list[str], nodes: int, out: Path, folder: Path, timeout: float | None = None,
+           relay: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """Run the config on a loopback deployment of `nodes` SuperNodes; the final record. `relay` gets
+    each line `flwr run` streams, as it arrives."""
     if any("'" in item for item in overrides):
         raise FedUnlearnError("--set values travel inside single quotes in flwr run's run-config: write strings "
                               "with double quotes, e.g. --set 'unlearn.drop=\"3@8\"'")  # fmt: skip
@@ -268,16 +350,15 @@ def deploy(overrides: list[str], nodes: int, out: Path, folder: Path, timeout: f
     deployment = Deployment(folder, nodes)
     try:
         deployment.start()
-        done = deployment.run(overrides, out, timeout)
+        say("flwr run: the ServerApp starts on the SuperLink; each message starts a ClientApp process on its node")
+        done = deployment.run(overrides, out, timeout, relay)
     finally:
         left = deployment.stop()
+        say("every process it started is stopped" if not left else f"processes {left} did not stop")
     log = done.stdout + done.stderr
     (folder / "flwr-run.log").write_text(log)
     if left:
         raise FedUnlearnError(f"processes {left} did not stop: kill them by pid")
-    for line in log.splitlines():  # the ServerApp's warnings went to flwr's stream, not to this console
-        if WARNING in line:
-            print(line[line.index(WARNING) :], file=sys.stderr)
     if done.returncode != 0 or not (out / "final.json").is_file():
         shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # nothing to resume here
         raise FedUnlearnError(f"flwr run ended without results (exit {done.returncode}): {_cause(log)}; the whole "
@@ -304,20 +385,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="results folder to create")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--workdir", help="certificates, keys, logs (default: a new folder beside --out)")
+    parser.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the run past this (default: none)")
     args = parser.parse_args(argv)
+    if args.timeout is not None and args.timeout <= 0:
+        parser.error(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     out = Path(args.out)
     folder = Path(args.workdir) if args.workdir else out.with_name(out.name + ".deployment")
     for signum in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: unwind, so deploy() stops what it started
         signal.signal(signum, _interrupt)
+    relay = Relay()
     try:
         started = time.perf_counter()
-        final = deploy(args.overrides, args.nodes, out, folder)
+        final = deploy(args.overrides, args.nodes, out, folder, args.timeout, relay)
     except FedUnlearnError as error:
+        relay.close()
         print(f"server.deploy: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        relay.close()
         print(f"server.deploy: interrupted; every process it started is stopped, logs in {folder}", file=sys.stderr)
         return 130
+    relay.close()
     print(f"HR@10 {final['metrics']['HR@10']:.4f} on {args.nodes} SuperNodes over TLS "
           f"({time.perf_counter() - started:.0f} s); results: {out}; logs and keys: {folder}")  # fmt: skip
     return 0

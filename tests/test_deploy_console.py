@@ -1,0 +1,81 @@
+"""What `python -m server.deploy` shows while a deployed run goes on (server/deploy.py): the
+ServerApp's progress bar and warnings relayed from `flwr run --stream` as they arrive, without
+Flower's colour codes, and a run past `--timeout` stopped with a one-line error."""
+
+import io
+import sys
+import time
+
+import pytest
+
+from fedunlearn.errors import FedUnlearnError
+from server.deploy import Deployment, Relay, main
+
+# lines as `flwr run --stream` relays them (taken from a 3-SuperNode run's flwr-run.log)
+STREAM = [
+    "\x1b[92mINFO \x1b[0m:      Start `flwr-serverapp` process\n",
+    "rounds:   0%|          | 0/3 [00:14<?, ?round/s, round=1, training=0/3]\n",
+    "rounds:  67%|██████▋   | 2/3 [01:45<00:28, 28.37s/round, round=3, evaluating=2/2, HR@10=0.5000]"
+    "fedunlearn: warning: HR@10 0.5000 is no better than ranking by popularity (0.5000)\n",
+    "rounds: 100%|██████████| 3/3 [01:46<00:00, 35.34s/round, round=3, evaluating=2/2, HR@10=0.5000]\n",
+]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_log_file_gets_each_bar_redraw_and_each_warning_on_a_line_of_its_own():
+    out = io.StringIO()
+    relay = Relay(out)
+    for line in STREAM:
+        relay(line)
+    relay.close()
+    assert out.getvalue().splitlines() == [
+        "rounds:   0%|          | 0/3 [00:14<?, ?round/s, round=1, training=0/3]",
+        "rounds:  67%|██████▋   | 2/3 [01:45<00:28, 28.37s/round, round=3, evaluating=2/2, HR@10=0.5000]",
+        "fedunlearn: warning: HR@10 0.5000 is no better than ranking by popularity (0.5000)",
+        "rounds: 100%|██████████| 3/3 [01:46<00:00, 35.34s/round, round=3, evaluating=2/2, HR@10=0.5000]",
+    ]
+
+
+def test_a_terminal_gets_the_bar_redrawn_in_place_and_warnings_below_it():
+    out = Terminal()
+    relay = Relay(out)
+    for line in STREAM:
+        relay(line)
+    relay.close()
+    text = out.getvalue()
+    assert "\x1b[92m" not in text and "INFO" not in text
+    assert text.startswith("\rrounds:   0%")
+    assert "HR@10=0.5000]\x1b[K\nfedunlearn: warning: HR@10 0.5000 is no better" in text
+    assert text.endswith("3/3 [01:46<00:00, 35.34s/round, round=3, evaluating=2/2, HR@10=0.5000]\x1b[K\n")
+
+
+def test_a_run_past_its_timeout_is_stopped_with_one_line_and_its_lines_were_shown(tmp_path, monkeypatch):
+    """A stand-in `flwr` that prints one bar line and then hangs: the line reaches the console at
+    once, and the timeout stops the process with a FedUnlearnError (a TimeoutExpired traceback
+    before)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    flwr = bin_dir / "flwr"
+    flwr.write_text("#!/bin/sh\necho 'rounds:   0%|          | 0/3 [00:01<?, ?round/s, round=1]'\nexec sleep 60\n")
+    flwr.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setattr("server.deploy.PROJECT", tmp_path / "bin")  # the app copy: any small folder
+    shown: list[tuple[float, str]] = []
+    started = time.monotonic()
+    deployment = Deployment(tmp_path / "work", nodes=1)
+    with pytest.raises(FedUnlearnError, match=r"went past --timeout 2 s and was stopped"):
+        deployment.run([], tmp_path / "out", timeout=2, relay=lambda line: shown.append((time.monotonic(), line)))
+    assert [line for _, line in shown] == ["rounds:   0%|          | 0/3 [00:01<?, ?round/s, round=1]\n"]
+    assert shown[0][0] - started < 2  # relayed while the run went on, not after it
+    assert time.monotonic() - started < 10
+
+
+def test_a_timeout_that_is_not_a_positive_number_is_refused(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--nodes", "3", "--out", "x", "--timeout", "0"])
+    assert stopped.value.code == 2
+    assert "--timeout must be a positive number of seconds, not 0" in capsys.readouterr().err
