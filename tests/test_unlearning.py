@@ -847,3 +847,31 @@ def test_an_unlearned_model_that_ranks_no_better_than_popularity_is_warned_about
     warn_if_unlearning_collapsed(result, popular={10: 0.04, 15: 0.35})
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and all("round 15" in line and "against 0.3500" in line for line in lines)
+
+
+def test_removed_clients_leave_no_id_in_the_ldp_counts_or_calibrations_and_trials_spend_nothing(tmp_path):
+    """Found by an independent check: the run's LDP count per client kept the removed clients' ids
+    (and with them their participation) in the server's state and its resume checkpoint; FedEraser's
+    calibrated updates of an earlier event kept clients that left at a later one; and each
+    `unlearn.compare` trial's noised uploads were charged to the run (its epsilon rose 33 -> 50)."""
+    settings = ["train.fraction=0.5", "defence.upload=ldp", "unlearn.method=federaser", "train.rounds=8"]
+    drop = "3,7@4;5,11@7"
+    results = {}
+    for compare in ("false", "true"):
+        server, _, _ = server_for(tmp_path, [*settings, f"unlearn.compare={compare}"], drop=drop)
+        counted: dict[str, int] = {}
+        original_remove = server.remove
+
+        def count_then_remove(round_number, leaving, server=server, counted=counted):
+            counted.update(server.ldp_uploads)  # every count so far, removed clients' too
+            original_remove(round_number, leaving)
+
+        server.remove = count_then_remove
+        result = server.run()
+        results[compare] = (result.ldp_uploads, dict(server.ldp_uploads))
+        gone = {"3", "7", "5", "11"}
+        assert gone.isdisjoint(server.ldp_uploads)
+        assert result.ldp_uploads == max((counted | dict(server.ldp_uploads)).values())
+        assert max(counted[c] for c in gone if c in counted) > 0  # the removed clients did upload
+        assert server.calibrations and gone.isdisjoint(update.client_id for _, update in server.calibrations)
+    assert results["true"] == results["false"]

@@ -244,11 +244,12 @@ class FederatedServer:
         self.active = federation.kept(config.data.exclude_clients)  # positions of the clients still in it
         self.client_epochs = 0.0
         self.ldp_uploads: Counter[str] = Counter()  # noised uploads sent, per client: their epsilons compose
+        self.ldp_uploads_forgotten = 0  # the most any removed client sent (its id is deleted with it)
         self.evaluated = 0  # users scored by the last evaluation
         self.optimizer_steps = 0  # every client's minibatch steps, summed
         self.events: list[dict[str, Any]] = []
         self.origin = initial_key(config)  # how the initial parameters the shared model grew from were drawn
-        self.calibrations: list[tuple[int, ClientUpdate]] = []  # FedEraser's calibrated updates, for audits
+        self.calibrations: list[tuple[int, ClientUpdate]] = []  # FedEraser's calibrated updates at the last event
         self.unlearned: Arrays = {}  # the shared parameters right after the last unlearning event
         self.limits = ReplyLimits.of(
             self.model, self.initial, client_ids, max_examples(federation, config),
@@ -454,6 +455,9 @@ class FederatedServer:
         """Clients leave before `round_number`: unlearn them, then delete every trace of them, in the
         history too: their rows, or the whole history once no later event will read it."""
         self.unlearn(round_number, leaving)
+        gone = set(leaving)
+        self.ldp_uploads_forgotten = max([self.ldp_uploads_forgotten, *(self.ldp_uploads.pop(c, 0) for c in gone)])
+        self.calibrations = [(r, update) for r, update in self.calibrations if update.client_id not in gone]
         if self.history is not None:
             if self.records_history():
                 self.history.forget(leaving)
@@ -524,7 +528,8 @@ class FederatedServer:
             if copied:
                 twin.history = self.history.copy_in_memory()
             twin.active, twin.events, twin.calibrations = list(self.active), [], []
-            twin.rejected = fresh_counts()  # a trial's rejections are not the run's
+            twin.rejected = fresh_counts()  # a trial's rejections and noised uploads are not the run's
+            twin.ldp_uploads = Counter(self.ldp_uploads)
             twin.checkpoint = None
             twin.progress = self.progress  # each trial shows as its own phase
             twin.unlearn(round_number, leaving, method)
@@ -560,6 +565,7 @@ class FederatedServer:
         meta = {
             "round": round_number, "elapsed": elapsed, "active": self.active, "client_epochs": self.client_epochs,
             "optimizer_steps": self.optimizer_steps, "ldp_uploads": dict(self.ldp_uploads),
+            "ldp_uploads_forgotten": self.ldp_uploads_forgotten,
             "events": self.events, "losses": self.losses, "reported": self.reported,
             "rejected": {kind: dict(counts) for kind, counts in self.rejected.items()},
             "rows": result.rounds, "round_ends": result.round_ends, "comparison": result.comparison,
@@ -596,6 +602,7 @@ class FederatedServer:
         self.active, self.client_epochs, self.events = meta["active"], meta["client_epochs"], meta["events"]
         self.optimizer_steps = meta["optimizer_steps"]
         self.ldp_uploads = Counter(meta.get("ldp_uploads", {}))  # absent from checkpoints written before it
+        self.ldp_uploads_forgotten = meta.get("ldp_uploads_forgotten", 0)
         self.handled = max((event["round"] for event in self.events), default=0)
         self.origin = next((e["initial"] for e in reversed(self.events) if "initial" in e), self.origin)
         self.losses, self.reported = meta["losses"], Counter(meta["reported"])
@@ -622,7 +629,7 @@ class FederatedServer:
         last_event = max((event["round"] for event in self.events), default=0)
         result.final = select_final(result.rounds, self.config.eval.select, last_event)
         result.rejected = {kind: dict(sorted(counts.items())) for kind, counts in self.rejected.items()}
-        result.ldp_uploads = max(self.ldp_uploads.values(), default=0)
+        result.ldp_uploads = max([self.ldp_uploads_forgotten, *self.ldp_uploads.values()])
         result.shared = self.shared
         result.losses = list(self.losses)
         result.events = self.events

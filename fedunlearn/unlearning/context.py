@@ -25,7 +25,7 @@ class UnlearningServer(Protocol):
     history: HistoryStore | None
     initial: Arrays  # the shared parameters before round 1
     shared: Arrays  # the shared parameters now
-    calibrations: list[tuple[int, ClientUpdate]]  # FedEraser's calibrated updates, for audits
+    calibrations: list[tuple[int, ClientUpdate]]  # FedEraser's calibrated updates at the last event (tests read them)
 
     def sample(self, round_number: int) -> list[int]: ...
 

@@ -26,6 +26,7 @@ def federaser(server: UnlearningServer, round_number: int, forgotten: list[int])
     epochs = server.config.unlearn.r * server.config.train.local_epochs
     shared = history.checkpoint(checkpoints[0])
     server.roll_back_users()
+    server.calibrations = []  # this event's only: an earlier event's hold clients that may have left since
     for j, checkpoint in enumerate(checkpoints):
         participants = [c for c in history.participants(checkpoint) if c in retained]
         rewrite = server.records_history()  # only a later event reads the calibrated history
