@@ -19,7 +19,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from fedunlearn.config import Config
 from fedunlearn.fl.federation import cached_federation
-from fedunlearn.privacy.attacks import attack_auc, relabelled_answers, shadow_split
+from fedunlearn.privacy.attacks import attack_auc, relabelled_balanced_accuracy, relabelled_scores, shadow_split
 
 
 def main() -> None:
@@ -45,10 +45,10 @@ def main() -> None:
             proba = rng.dirichlet(np.ones(k), size=len(truth))
             predicted = proba.argmax(1)
             as_given = balanced_accuracy_score(truth, predicted)
-            read, read_proba = relabelled_answers(truth, predicted, proba, draw)
             given.append(as_given)
-            relabelled.append(max(as_given, balanced_accuracy_score(truth, read)))
+            relabelled.append(relabelled_balanced_accuracy(truth, predicted, k, draw))
             aucs.append(attack_auc(truth, proba))
+            read_proba = relabelled_scores(truth, proba, draw)
             aucs_relabelled.append(max(aucs[-1], attack_auc(truth, read_proba)))  # as audit.csv's auc_relabelled
         low, high = np.percentile(given, [5, 95])
         auc_low, auc_high = np.percentile(aucs, [5, 95])

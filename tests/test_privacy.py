@@ -422,13 +422,35 @@ def test_a_below_chance_attacker_reads_as_information_left_and_a_blind_one_stays
     assert flipped["auc"] == 0.0 and flipped["auc_relabelled"] == 1.0
 
 
+def test_an_attacker_that_always_answers_the_majority_but_ranks_backwards_reads_as_information_left():
+    """Found by an independent check: with 80/20 classes the attacker's answer was always the
+    majority class, so its answers gave no reason to flip, and its backwards ranking (AUC 0.08)
+    was reported as auc_relabelled 0.08, which a mean over seeds could cancel against a 0.92."""
+    from fedunlearn.privacy.attacks import attack_metrics
+
+    rng = np.random.default_rng(7)
+    labels = rng.random(600) < 0.2
+    score = np.where(labels, 0.05, 0.15) + rng.normal(0, 0.04, 600)  # the minority scores lower
+    proba = np.column_stack([1 - score, score])
+    metrics = attack_metrics(labels, proba, np.array([False, True]), seed=0)
+    assert (proba.argmax(1) == 0).all() and metrics["balanced_accuracy_relabelled"] == 0.5
+    assert metrics["auc"] < 0.1
+    assert metrics["auc_relabelled"] == pytest.approx(1 - metrics["auc"], abs=0.01)
+    blind = [
+        attack_metrics(labels, np.column_stack([1 - p, p]), np.array([False, True]), seed=s)["auc_relabelled"]
+        for s, p in enumerate(rng.uniform(0, 0.4, (40, 600)))
+    ]
+    assert abs(np.mean(blind) - 0.5) < 0.02  # cross-fitted: a blind ranking is not flipped into a leak
+
+
 def test_the_null_band_is_a_permutation_test_of_the_relabelled_reading():
-    """null_95 shuffles the test labels against the attacker's fixed answers: recomputed here through
-    relabelled_answers and scikit-learn, it is the same number; blind attackers read above it about
+    """null_95 shuffles the test labels against the attacker's fixed answers: recomputed here with a
+    relabelling written out and scikit-learn, it is the same number; blind attackers read above it about
     5% of the time, an informative one far above it."""
+    from scipy.optimize import linear_sum_assignment
     from sklearn.metrics import balanced_accuracy_score
 
-    from fedunlearn.privacy.attacks import NULL_DRAWS, attack_metrics, relabelled_answers
+    from fedunlearn.privacy.attacks import NULL_DRAWS, attack_metrics
 
     rng = np.random.default_rng(5)
     classes = np.array(["a", "b", "c", "d"])
@@ -437,8 +459,20 @@ def test_the_null_band_is_a_permutation_test_of_the_relabelled_reading():
     proba = rng.dirichlet(np.ones(4), 300)
     predicted = proba.argmax(1)
 
+    def relabelled_answers(truth):  # each half read by the other half's best permutation, written out
+        first, second = np.array_split(np.random.default_rng(3).permutation(len(truth)), 2)
+        read = predicted.copy()
+        for fit, apply in ((first, second), (second, first)):
+            confusion = np.zeros((4, 4))
+            np.add.at(confusion, (truth[fit], predicted[fit]), 1)
+            true_class, answer = linear_sum_assignment(confusion / confusion.sum(1, keepdims=True), maximize=True)
+            mapping = np.empty(4, dtype=np.int64)
+            mapping[answer] = true_class
+            read[apply] = mapping[predicted[apply]]
+        return read
+
     def relabelled(truth):
-        read, _ = relabelled_answers(truth, predicted, proba, 3)
+        read = relabelled_answers(truth)
         return max(balanced_accuracy_score(truth, predicted), balanced_accuracy_score(truth, read))
 
     shuffles = np.random.default_rng([3, NULL_DRAWS])
