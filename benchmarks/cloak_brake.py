@@ -95,7 +95,9 @@ def readings(embeddings: np.ndarray, labels: np.ndarray, splits: int) -> dict[st
         for split in range(splits):
             shadow, test = shadow_split(labels, 0.2, split)
             fitted = train_attacker(attacker, "a", embeddings[shadow], labels[shadow], split)
-            metrics.append(attack_metrics(labels[test], fitted.proba(embeddings[test]), fitted.classes, split))
+            metrics.append(
+                attack_metrics(labels[test], fitted.proba(embeddings[test]), fitted.classes, split, fitted.prior)
+            )
         frame = pd.DataFrame(metrics).mean()
         out[attacker] = (f"{frame['balanced_accuracy']:.3f} / {frame['balanced_accuracy_relabelled']:.3f} "
                          f"(AUC {frame['auc']:.3f})")  # fmt: skip
@@ -115,7 +117,7 @@ def main() -> None:
             raise SystemExit(f"{run}: no {EMBEDDINGS_FILE}: give the folder of an audited run")
         saved = np.load(run / EMBEDDINGS_FILE)
         config = load_config(run / "config.toml")
-        names = [key[len(ATTRIBUTE_PREFIX):] for key in saved.files if key.startswith(ATTRIBUTE_PREFIX)]
+        names = [key[len(ATTRIBUTE_PREFIX) :] for key in saved.files if key.startswith(ATTRIBUTE_PREFIX)]
         frame = pd.DataFrame({name: saved[ATTRIBUTE_PREFIX + name] for name in names})
         attributes = attribute_classes(frame, names)
         trained = saved["before"]

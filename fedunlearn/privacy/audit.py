@@ -18,7 +18,7 @@ import pandas as pd
 from fedunlearn.config import RISK_TENTHS, AuditConfig, Config
 from fedunlearn.data.dataset import UNKNOWN
 from fedunlearn.errors import FedUnlearnError
-from fedunlearn.privacy.attacks import Attacker, attack_metrics, shadow_split, train_attacker
+from fedunlearn.privacy.attacks import Attacker, attack_metrics, decide, shadow_split, train_attacker
 from fedunlearn.privacy.common import Aggregator, PlainSum
 
 CONFIDENCE_BINS = RISK_TENTHS  # defence.risk_threshold is a multiple of 1 / CONFIDENCE_BINS (config)
@@ -106,7 +106,8 @@ def global_audit(
             shadow, test = (attackable[part] for part in shadow_split(labels[attackable], audit.shadow_share, seed))
             for name in audit.attackers:
                 attacker = train_attacker(name, attribute, features[shadow], labels[shadow], seed)
-                metrics = attack_metrics(labels[test], attacker.proba(features[test]), attacker.classes, seed)
+                proba = attacker.proba(features[test])
+                metrics = attack_metrics(labels[test], proba, attacker.classes, seed, attacker.prior)
                 out.append(AuditedAttack(view, attacker, test, metrics | {"tested": len(test)}))
     return out
 
@@ -118,15 +119,17 @@ def local_outcome(attacker: Attacker, own_features: np.ndarray, own_value: str) 
     if own < 0:
         raise FedUnlearnError(f"local audit: this client's {attacker.attribute} {own_value!r} is not one of the "
                               f"classes the attacker was trained on ({', '.join(attacker.classes)})")  # fmt: skip
-    return outcome_from_proba(attacker.proba(own_features)[0], int(own))
+    return outcome_from_proba(attacker.proba(own_features)[0], int(own), attacker.prior)
 
 
-def outcome_from_proba(proba: np.ndarray, own: int) -> np.ndarray:
+def outcome_from_proba(proba: np.ndarray, own: int, prior: np.ndarray | None) -> np.ndarray:
+    """Right (the attacker's answer, `decide`, as the global audit's) per class, own class, and the
+    confidence histogram."""
     k = len(proba)
     one_hot = np.eye(k)[own]
     histogram = np.zeros((k, CONFIDENCE_BINS))
     histogram[own, min(int(proba[own] * CONFIDENCE_BINS), CONFIDENCE_BINS - 1)] = 1
-    return np.concatenate([one_hot * (proba.argmax() == own), one_hot, histogram.ravel()])
+    return np.concatenate([one_hot * (decide(proba, prior) == own), one_hot, histogram.ravel()])
 
 
 def local_audit(
@@ -139,7 +142,9 @@ def local_audit(
         # each client's own prediction; computed for all at once here because it is the same arithmetic
         proba = attacker.proba(features[audited.test])
         own = own_class(attacker.classes, labels[audited.test])  # the test users' classes are all known
-        outcomes = np.stack([outcome_from_proba(row, int(c)) for row, c in zip(proba, own, strict=True)])
+        outcomes = np.stack(
+            [outcome_from_proba(row, int(c), audited.attacker.prior) for row, c in zip(proba, own, strict=True)]
+        )
     else:
         outcomes = np.zeros((1, 2 * k + k * CONFIDENCE_BINS))
     total = aggregator.total(outcomes)

@@ -27,6 +27,8 @@ def attacker_to_bytes(attacker: Attacker) -> bytes:
     kind of classifier cannot travel (ValueError naming it)."""
     meta: dict[str, Any] = {"name": attacker.name, "attribute": attacker.attribute}
     arrays: dict[str, np.ndarray] = {"classes": np.asarray(attacker.classes).astype(str)}
+    if attacker.prior is not None:
+        arrays["prior"] = np.asarray(attacker.prior, dtype=np.float64)
     classifier = attacker.classifier
     if _is_xgboost(classifier):
         meta["kind"] = "xgboost"
@@ -72,7 +74,12 @@ def attacker_from_bytes(blob: bytes) -> Attacker:
         classifier.n_features_in_ = classifier.coef_.shape[1]
     else:
         raise ValueError(f"an attacker of unknown kind {meta.get('kind')!r}")
-    return Attacker(str(meta["name"]), str(meta["attribute"]), arrays["classes"], classifier)
+    prior = arrays.get("prior")
+    if prior is not None and (prior.shape != arrays["classes"].shape or not np.all(prior > 0)):
+        raise ValueError(
+            f"an attacker whose class shares {prior.tolist()} do not fit its {len(arrays['classes'])} classes"
+        )
+    return Attacker(str(meta["name"]), str(meta["attribute"]), arrays["classes"], classifier, prior)
 
 
 def _rebuilt_mlp(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
