@@ -20,7 +20,7 @@ import pandas as pd
 
 from fedunlearn.runs.report import run_name
 
-VIEWS = ("embedding", "upload", "upload-direction")
+VIEWS = ("embedding", "upload", "upload-direction", "upload-items")
 
 
 def run_row(folder: Path, setting: str, seed: str) -> list[dict]:

@@ -87,7 +87,7 @@ def test_the_flower_privacy_table_equals_the_inprocess_one(runs):
     flower = assert_privacy_tables_match(runs["flower"], runs["inprocess"], TOLERANCE)
     assert list(flower["defence"].unique()) == ["none", "attrcloak-df"]
     assert set(flower["audit"]) == {"global", "local"}
-    assert set(flower["view"]) == {"embedding", "upload", "upload-direction"}
+    assert set(flower["view"]) == {"embedding", "upload", "upload-direction", "upload-items"}
 
     seen = {engine: np.load(runs[engine] / "central_view_embeddings.npz") for engine in ("flower", "inprocess")}
     np.testing.assert_array_equal(seen["flower"]["before"], seen["inprocess"]["before"])

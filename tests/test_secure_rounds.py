@@ -229,7 +229,7 @@ def test_under_secure_aggregation_the_upload_attacks_read_every_client_alike(tmp
     folder = run_cli(SECURE, "batched", tmp_path / "secure")
     audit = pd.read_csv(folder / "audit.csv")
     uploads = audit[(audit.audit == "global") & audit.view.str.startswith("upload")]
-    assert set(uploads.view) == {"upload", "upload-direction"}
+    assert set(uploads.view) == {"upload", "upload-direction", "upload-items"}
     assert np.allclose(uploads.balanced_accuracy, uploads.chance)  # one view shared by all: a constant guess
 
 

@@ -218,7 +218,8 @@ def privacy_stage(
                   "low: a bound of this attacker, not of what the upload gives away)", file=sys.stderr)  # fmt: skip
         views["upload"] = upload_profiles(model, shared, uploads["norms"])
         views["upload-direction"] = uploads["directions"]
-        covered = {"upload": uploads["uploaded"], "upload-direction": uploads["uploaded"]}
+        views["upload-items"] = uploads["recovered"].astype(np.float32)  # the sign split's items, one-hot
+        covered = dict.fromkeys(("upload", "upload-direction", "upload-items"), uploads["uploaded"])
         positives = [federation.split.train_of(i) for i in clients]
         recovery = recovery_score(uploads, positives, before)
     say_values_left_out(config.audit, attributes)
