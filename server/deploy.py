@@ -75,7 +75,7 @@ class Relay:
     def __call__(self, raw: str) -> None:
         line = ESCAPES.sub("", raw.rstrip("\n"))
         bar, warning = line.find(BAR), line.find(WARNING)
-        if bar >= 0:
+        if bar >= 0 and not 0 <= warning < bar:  # "rounds:" inside a warning's text is no bar
             self._bar(line[bar : warning if warning > bar else None].rstrip())
         if WARNING in line:
             self._end_bar()
@@ -249,24 +249,33 @@ class Deployment:
         process = subprocess.Popen(command, env=self.env, cwd=app, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, errors="replace")  # fmt: skip
         lines: list[str] = []
+        log = self.folder / "flwr-run.log"
 
-        def read() -> None:
+        def read() -> None:  # the log is written as the lines come: a stopped run keeps what it said
+            shown = relay
             assert process.stdout is not None
-            for line in process.stdout:
-                lines.append(line)
-                if relay is not None:
-                    relay(line)
+            with open(log, "w") as kept:
+                for line in process.stdout:
+                    lines.append(line)
+                    kept.write(line)
+                    kept.flush()
+                    if shown is not None:
+                        try:
+                            shown(line)
+                        except Exception:  # a console that fails must not stop the pipe being drained
+                            shown = None
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise FedUnlearnError(f"flwr run went past --timeout {timeout:g} s and was stopped; give a longer "
-                                  "--timeout, or none") from None  # fmt: skip
-        finally:
+            raise FedUnlearnError(f"flwr run went past --timeout {timeout:g} s and was stopped (its output so far: "
+                                  f"{log}); give a longer --timeout, or none") from None  # fmt: skip
+        finally:  # on a timeout, Ctrl-C or SIGTERM too: flwr run is no descendant of what stop() ends
+            if process.poll() is None:
+                process.kill()
+                process.wait()
             reader.join(5.0)
         return subprocess.CompletedProcess(command, process.returncode, "".join(lines), "")
 
@@ -327,9 +336,9 @@ def alive(pid: int) -> bool:
 
 
 def deploy(overrides: list[str], nodes: int, out: Path, folder: Path, timeout: float | None = None,
-           relay: Callable[[str], None] | None = None) -> dict:  # fmt: skip
-    """Run the config on a loopback deployment of `nodes` SuperNodes; the final record. `relay` gets
-    each line `flwr run` streams, as it arrives."""
+           relay: Relay | None = None) -> dict:  # fmt: skip
+    """Run the config on a loopback deployment of `nodes` SuperNodes; the final record. `relay`
+    (default: one on stderr) shows each line `flwr run` streams, as it arrives."""
     if any("'" in item for item in overrides):
         raise FedUnlearnError("--set values travel inside single quotes in flwr run's run-config: write strings "
                               "with double quotes, e.g. --set 'unlearn.drop=\"3@8\"'")  # fmt: skip
@@ -348,15 +357,16 @@ def deploy(overrides: list[str], nodes: int, out: Path, folder: Path, timeout: f
             raise FedUnlearnError(f"{taken} exists: choose another --out (a deployed run cannot be resumed: its "
                                   "clients' state lived on the SuperNodes)")  # fmt: skip
     deployment = Deployment(folder, nodes)
+    relay = relay or Relay()
     try:
         deployment.start()
         say("flwr run: the ServerApp starts on the SuperLink; each message starts a ClientApp process on its node")
         done = deployment.run(overrides, out, timeout, relay)
     finally:
+        relay.close()  # the bar's line ends before the next status line
         left = deployment.stop()
         say("every process it started is stopped" if not left else f"processes {left} did not stop")
     log = done.stdout + done.stderr
-    (folder / "flwr-run.log").write_text(log)
     if left:
         raise FedUnlearnError(f"processes {left} did not stop: kill them by pid")
     if done.returncode != 0 or not (out / "final.json").is_file():

@@ -3,13 +3,15 @@ ServerApp's progress bar and warnings relayed from `flwr run --stream` as they a
 Flower's colour codes, and a run past `--timeout` stopped with a one-line error."""
 
 import io
+import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from fedunlearn.errors import FedUnlearnError
-from server.deploy import Deployment, Relay, main
+from server.deploy import Deployment, Relay, alive, main
 
 # lines as `flwr run --stream` relays them (taken from a 3-SuperNode run's flwr-run.log)
 STREAM = [
@@ -18,6 +20,7 @@ STREAM = [
     "rounds:  67%|██████▋   | 2/3 [01:45<00:28, 28.37s/round, round=3, evaluating=2/2, HR@10=0.5000]"
     "fedunlearn: warning: HR@10 0.5000 is no better than ranking by popularity (0.5000)\n",
     "rounds: 100%|██████████| 3/3 [01:46<00:00, 35.34s/round, round=3, evaluating=2/2, HR@10=0.5000]\n",
+    "fedunlearn: warning: a warning that mentions rounds: in its text\n",
 ]
 
 
@@ -37,6 +40,7 @@ def test_a_log_file_gets_each_bar_redraw_and_each_warning_on_a_line_of_its_own()
         "rounds:  67%|██████▋   | 2/3 [01:45<00:28, 28.37s/round, round=3, evaluating=2/2, HR@10=0.5000]",
         "fedunlearn: warning: HR@10 0.5000 is no better than ranking by popularity (0.5000)",
         "rounds: 100%|██████████| 3/3 [01:46<00:00, 35.34s/round, round=3, evaluating=2/2, HR@10=0.5000]",
+        "fedunlearn: warning: a warning that mentions rounds: in its text",  # no bar drawn from it
     ]
 
 
@@ -50,28 +54,60 @@ def test_a_terminal_gets_the_bar_redrawn_in_place_and_warnings_below_it():
     assert "\x1b[92m" not in text and "INFO" not in text
     assert text.startswith("\rrounds:   0%")
     assert "HR@10=0.5000]\x1b[K\nfedunlearn: warning: HR@10 0.5000 is no better" in text
-    assert text.endswith("3/3 [01:46<00:00, 35.34s/round, round=3, evaluating=2/2, HR@10=0.5000]\x1b[K\n")
+    assert text.endswith("HR@10=0.5000]\x1b[K\nfedunlearn: warning: a warning that mentions rounds: in its text\n")
 
 
-def test_a_run_past_its_timeout_is_stopped_with_one_line_and_its_lines_were_shown(tmp_path, monkeypatch):
-    """A stand-in `flwr` that prints one bar line and then hangs: the line reaches the console at
-    once, and the timeout stops the process with a FedUnlearnError (a TimeoutExpired traceback
-    before)."""
+BAR_LINE = "rounds:   0%|          | 0/3 [00:01<?, ?round/s, round=1]\n"
+
+
+def hanging_flwr(tmp_path, monkeypatch) -> Path:
+    """A stand-in `flwr` that prints one bar line, notes its pid and hangs; where the pid is noted."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     flwr = bin_dir / "flwr"
-    flwr.write_text("#!/bin/sh\necho 'rounds:   0%|          | 0/3 [00:01<?, ?round/s, round=1]'\nexec sleep 60\n")
+    noted = tmp_path / "flwr.pid"
+    flwr.write_text(f"#!/bin/sh\necho $$ > {noted}\necho '{BAR_LINE.strip()}'\nexec sleep 60\n")
     flwr.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
     monkeypatch.setattr("server.deploy.PROJECT", tmp_path / "bin")  # the app copy: any small folder
+    return noted
+
+
+def test_a_run_past_its_timeout_is_stopped_with_one_line_and_its_lines_were_shown(tmp_path, monkeypatch):
+    """The line reaches the console at once and the log as it comes, and the timeout stops the
+    process with a FedUnlearnError (a TimeoutExpired traceback before; the log was written only
+    after a run that ended)."""
+    noted = hanging_flwr(tmp_path, monkeypatch)
     shown: list[tuple[float, str]] = []
     started = time.monotonic()
     deployment = Deployment(tmp_path / "work", nodes=1)
-    with pytest.raises(FedUnlearnError, match=r"went past --timeout 2 s and was stopped"):
+    with pytest.raises(FedUnlearnError, match=r"went past --timeout 2 s and was stopped \(its output so far: .*flwr"):
         deployment.run([], tmp_path / "out", timeout=2, relay=lambda line: shown.append((time.monotonic(), line)))
-    assert [line for _, line in shown] == ["rounds:   0%|          | 0/3 [00:01<?, ?round/s, round=1]\n"]
+    assert [line for _, line in shown] == [BAR_LINE]
     assert shown[0][0] - started < 2  # relayed while the run went on, not after it
     assert time.monotonic() - started < 10
+    assert (tmp_path / "work" / "flwr-run.log").read_text() == BAR_LINE
+    assert not alive(int(noted.read_text()))
+
+
+def test_an_interrupted_run_stops_flwr_run_too(tmp_path, monkeypatch):
+    """Ctrl-C, SIGTERM or SIGHUP (which main turns into KeyboardInterrupt) during the run left `flwr
+    run --stream` running: it is no descendant of the processes stop() ends (a review, 2026-12-07)."""
+    noted = hanging_flwr(tmp_path, monkeypatch)
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Deployment(tmp_path / "work", nodes=1).run([], tmp_path / "out", timeout=None)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not alive(int(noted.read_text()))
+    assert (tmp_path / "work" / "flwr-run.log").read_text() == BAR_LINE
 
 
 def test_a_timeout_that_is_not_a_positive_number_is_refused(capsys):

@@ -1071,6 +1071,10 @@ def test_an_attacker_travels_as_data_and_answers_as_the_servers_and_a_pickle_is_
         assert rebuilt.prior is None
     else:  # its answers weigh each class by its share of the shadow users: the same shares travel
         np.testing.assert_array_equal(rebuilt.prior, attacker.prior)
+        for bad in ([np.inf] + [0.5] * (n_classes - 1), [0.2] * n_classes, [0.0] * n_classes):
+            forged = type(attacker)(attacker.name, "attr", attacker.classes, attacker.classifier, np.array(bad))
+            with pytest.raises(ValueError, match="class shares"):  # shares that are no shares are refused
+                attacker_from_bytes(attacker_to_bytes(forged))
 
     marker = tmp_path / "ran"
 

@@ -456,7 +456,7 @@ class FederatedServer:
         history too: their rows, or the whole history once no later event will read it."""
         self.unlearn(round_number, leaving)
         gone = set(leaving)
-        self.ldp_uploads_forgotten = max([self.ldp_uploads_forgotten, *(self.ldp_uploads.pop(c, 0) for c in gone)])
+        self._forget_ldp_counts(gone)
         self.calibrations = [(r, update) for r, update in self.calibrations if update.client_id not in gone]
         if self.history is not None:
             if self.records_history():
@@ -464,6 +464,10 @@ class FederatedServer:
             else:
                 self.history.clear()
                 self.history.vacuum()
+
+    def _forget_ldp_counts(self, clients: set[str]) -> None:
+        """Their LDP counts leave with them; the largest stays, with no id, for the run's epsilon."""
+        self.ldp_uploads_forgotten = max([self.ldp_uploads_forgotten, *(self.ldp_uploads.pop(c, 0) for c in clients)])
 
     def unlearn(self, round_number: int, leaving: list[str], method: str | None = None) -> None:
         """Unlearn the leaving clients with `method` (default: the configured one) and record the
@@ -603,6 +607,7 @@ class FederatedServer:
         self.optimizer_steps = meta["optimizer_steps"]
         self.ldp_uploads = Counter(meta.get("ldp_uploads", {}))  # absent from checkpoints written before it
         self.ldp_uploads_forgotten = meta.get("ldp_uploads_forgotten", 0)
+        self._forget_ldp_counts({c for event in self.events for c in event["clients"]})  # a checkpoint before it
         self.handled = max((event["round"] for event in self.events), default=0)
         self.origin = next((e["initial"] for e in reversed(self.events) if "initial" in e), self.origin)
         self.losses, self.reported = meta["losses"], Counter(meta["reported"])

@@ -75,7 +75,9 @@ def attacker_from_bytes(blob: bytes) -> Attacker:
     else:
         raise ValueError(f"an attacker of unknown kind {meta.get('kind')!r}")
     prior = arrays.get("prior")
-    if prior is not None and (prior.shape != arrays["classes"].shape or not np.all(prior > 0)):
+    shares = prior is None or (prior.shape == arrays["classes"].shape and np.all(np.isfinite(prior))
+                               and np.all(prior > 0) and abs(prior.sum() - 1) < 1e-6)  # fmt: skip
+    if not shares:
         raise ValueError(
             f"an attacker whose class shares {prior.tolist()} do not fit its {len(arrays['classes'])} classes"
         )
