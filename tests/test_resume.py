@@ -360,3 +360,37 @@ def test_ctrl_c_with_several_jobs_starts_no_queued_run(tmp_path):
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
     assert process.wait(timeout=120) == 130
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("*/*")) == ["a/seed0.partial", "a/seed1.partial"]
+
+
+def test_a_checkpoint_from_before_the_ldp_rule_loses_the_removed_clients_ids_on_resume(tmp_path, monkeypatch):
+    """A review: a checkpoint written before removed clients' LDP counts left with them still held
+    them under their ids, and a resume kept and saved them again. On resume they fold into the one
+    unnamed figure, which still counts for the run's epsilon."""
+    from fedunlearn.fl.rounds import FederatedServer
+
+    settings = [*SETTINGS, *DROP, "defence.upload=ldp"]
+    save = FederatedServer._save
+    seen: list[dict] = []
+
+    def save_then_stop(server, result, round_number, elapsed):
+        save(server, result, round_number, elapsed)
+        seen.append(dict(server.ldp_uploads))
+        if round_number == 6 and len(seen) == 6:  # round 6 rolls back: the checkpoint is round 5's,
+            raise KeyboardInterrupt  # after the event before it
+
+    monkeypatch.setattr(FederatedServer, "_save", save_then_stop)
+    out = tmp_path / "run"
+    assert run(out, settings) == 130
+    partial = out.with_name("run.partial")
+    db = sqlite3.connect(partial / "resume.sqlite")
+    (meta,) = db.execute("SELECT meta FROM rounds WHERE round = 5").fetchone()
+    meta = json.loads(meta)
+    leaver = meta["events"][0]["clients"][0]
+    meta["ldp_uploads"][leaver] = 99  # as the older rule kept it
+    del meta["ldp_uploads_forgotten"]
+    db.execute("UPDATE rounds SET meta = ? WHERE round = 5", (json.dumps(meta).encode(),))
+    db.commit()
+    db.close()
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert len(seen) == 9 and all(leaver not in counts for counts in seen[6:])  # rounds 6-8, resumed
+    assert json.loads((out / "final.json").read_text())["ldp_uploads_max"] == 99
