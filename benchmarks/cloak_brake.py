@@ -117,7 +117,7 @@ def main() -> None:
             raise SystemExit(f"{run}: no {EMBEDDINGS_FILE}: give the folder of an audited run")
         saved = np.load(run / EMBEDDINGS_FILE)
         config = load_config(run / "config.toml")
-        names = [key[len(ATTRIBUTE_PREFIX) :] for key in saved.files if key.startswith(ATTRIBUTE_PREFIX)]
+        names = [key[len(ATTRIBUTE_PREFIX):] for key in saved.files if key.startswith(ATTRIBUTE_PREFIX)]
         frame = pd.DataFrame({name: saved[ATTRIBUTE_PREFIX + name] for name in names})
         attributes = attribute_classes(frame, names)
         trained = saved["before"]

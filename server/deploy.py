@@ -366,7 +366,7 @@ def deploy(overrides: list[str], nodes: int, out: Path, folder: Path, timeout: f
         relay.close()  # the bar's line ends before the next status line
         left = deployment.stop()
         say("every process it started is stopped" if not left else f"processes {left} did not stop")
-    log = done.stdout + done.stderr
+    log = done.stdout  # flwr run's stderr went into the same pipe
     if left:
         raise FedUnlearnError(f"processes {left} did not stop: kill them by pid")
     if done.returncode != 0 or not (out / "final.json").is_file():
@@ -403,19 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     folder = Path(args.workdir) if args.workdir else out.with_name(out.name + ".deployment")
     for signum in (signal.SIGTERM, signal.SIGHUP):  # as Ctrl-C: unwind, so deploy() stops what it started
         signal.signal(signum, _interrupt)
-    relay = Relay()
     try:
         started = time.perf_counter()
-        final = deploy(args.overrides, args.nodes, out, folder, args.timeout, relay)
+        final = deploy(args.overrides, args.nodes, out, folder, args.timeout)
     except FedUnlearnError as error:
-        relay.close()
         print(f"server.deploy: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        relay.close()
         print(f"server.deploy: interrupted; every process it started is stopped, logs in {folder}", file=sys.stderr)
         return 130
-    relay.close()
     print(f"HR@10 {final['metrics']['HR@10']:.4f} on {args.nodes} SuperNodes over TLS "
           f"({time.perf_counter() - started:.0f} s); results: {out}; logs and keys: {folder}")  # fmt: skip
     return 0

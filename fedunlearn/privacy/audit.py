@@ -142,9 +142,8 @@ def local_audit(
         # each client's own prediction; computed for all at once here because it is the same arithmetic
         proba = attacker.proba(features[audited.test])
         own = own_class(attacker.classes, labels[audited.test])  # the test users' classes are all known
-        outcomes = np.stack(
-            [outcome_from_proba(row, int(c), audited.attacker.prior) for row, c in zip(proba, own, strict=True)]
-        )
+        prior = attacker.prior
+        outcomes = np.stack([outcome_from_proba(row, int(c), prior) for row, c in zip(proba, own, strict=True)])
     else:
         outcomes = np.zeros((1, 2 * k + k * CONFIDENCE_BINS))
     total = aggregator.total(outcomes)
