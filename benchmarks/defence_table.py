@@ -2,8 +2,10 @@
 --only trained), one row per setting / model and defence: each attack's balanced accuracy from the
 embeddings (global audit) as given / relabelled and its relabelled AUC (a below-chance seed read the
 right way round: as-given AUCs of 0.40 and 0.60 would average to a chance-looking 0.50), mean over
-seeds; the NDCG@10 change against the undefended model of the same seed (mean and per seed); the
-defence's steps (mean).
+seeds, and on how many seeds the relabelled figure passed its own `null_95` (the level answers
+carrying nothing reach in 95% of label permutations: where a mean a few hundredths above chance
+is still read, not noise); the NDCG@10 change against the undefended model of the same seed (mean
+and per seed); the defence's steps (mean).
 
     python benchmarks/defence_table.py results/attribute_ml100k
 """
@@ -29,6 +31,14 @@ def run_rows(folder: Path, run: str, seed: str) -> pd.DataFrame:
     return audit
 
 
+def past_null(cell: pd.DataFrame) -> int:
+    """Seeds whose relabelled balanced accuracy is above the audit's null_95 (audits before
+    2026-12-07 have no null_95: an error, not a count of zero)."""
+    if "null_95" not in cell or cell["null_95"].isna().any():
+        raise SystemExit("an audit.csv has no null_95 (written before 2026-12-07): run the audit again")
+    return int((cell["balanced_accuracy_relabelled"] > cell["null_95"]).sum())
+
+
 def table(experiment: Path) -> pd.DataFrame:
     folders = sorted(path.parent for path in experiment.glob("**/audit.csv"))
     if not folders:
@@ -41,7 +51,9 @@ def table(experiment: Path) -> pd.DataFrame:
             complete = cell["seed"].nunique() == row["seeds"]  # a seed that did not attack it: no mean over the rest
             row[f"{attribute} {attacker} (chance {cell['chance'].iloc[0]:.3f})"] = (
                 f"{cell['balanced_accuracy'].mean():.3f} / {cell['balanced_accuracy_relabelled'].mean():.3f}"
-                f" (AUC {cell['auc_relabelled'].mean():.2f})" if complete else "-"
+                f" (AUC {cell['auc_relabelled'].mean():.2f}; {past_null(cell)}/{row['seeds']} > null)"
+                if complete
+                else "-"
             )
         per_seed = block.groupby("seed")["ndcg_change"].first()
         signed = lambda value: f"{round(value, 1) + 0.0:+.1f}"  # noqa: E731  (+ 0.0: never print -0.0)

@@ -2,6 +2,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from defence_table import table  # noqa: E402
@@ -17,6 +18,7 @@ def write_run(folder: Path, ndcg: dict[str, float], accuracy: dict[str, float], 
             row = {"defence": defence, "view": view, "attacker": "mlp", "attribute": "gender", "audit": audit}
             row |= {"balanced_accuracy": read, "balanced_accuracy_relabelled": read + 0.02, "auc": read + 0.1}
             row |= {"auc_relabelled": read + 0.12}  # the table reads this one: as-given AUCs of two seeds cancel
+            row |= {"null_95": 0.53}
             rows.append(row | {"chance": 0.5, "NDCG@10": ndcg[defence], "steps": steps if defence != "none" else None})
     pd.DataFrame(rows).to_csv(folder / "audit.csv", index=False)
 
@@ -28,7 +30,8 @@ def test_each_defence_is_averaged_over_seeds_with_its_ndcg_change_against_the_sa
     out = table(tmp_path).set_index(["run", "defence"])
     dd = out.loc[("trained/mf", "attrcloak-dd")]
     assert dd["seeds"] == 2
-    assert dd["gender mlp (chance 0.500)"] == "0.520 / 0.540 (AUC 0.64)"  # only the embedding view's global rows
+    # only the embedding view's global rows; relabelled 0.52 (seed 0) is not past null_95 0.53, 0.56 (seed 1) is
+    assert dd["gender mlp (chance 0.500)"] == "0.520 / 0.540 (AUC 0.64; 1/2 > null)"
     assert dd["NDCG@10 change"] == "+0.0% (-5.0 / +5.0)"  # each seed against its own trained model
     assert dd["steps"] == "60"
     assert out.loc[("trained/mf", "none"), "steps"] == "-"
@@ -52,3 +55,11 @@ def test_settings_without_seed_folders_are_not_averaged_together(tmp_path):
     out = table(tmp_path).set_index(["run", "defence"])
     assert out.loc[("dd", "attrcloak-dd"), "steps"] == "50" and out.loc[("df", "attrcloak-dd"), "steps"] == "70"
     assert out.loc[("df", "attrcloak-dd"), "NDCG@10 change"] == "-25.0% (-25.0)"
+
+
+def test_an_audit_without_null_95_is_refused_not_counted_as_never_past_it(tmp_path):
+    write_run(tmp_path / "dd", {"none": 0.40, "attrcloak-dd": 0.38}, {"none": 0.60, "attrcloak-dd": 0.50}, 50)
+    audit = pd.read_csv(tmp_path / "dd" / "audit.csv")
+    audit.drop(columns="null_95").to_csv(tmp_path / "dd" / "audit.csv", index=False)
+    with pytest.raises(SystemExit, match="no null_95"):
+        table(tmp_path)
