@@ -49,6 +49,7 @@ from clients.messages import (
     pending_update,
     read_array_field,
     read_secure_task,
+    told_release,
 )
 from fedunlearn.config import Config
 from fedunlearn.fl.client import local_evaluate, local_membership, local_train
@@ -88,7 +89,8 @@ def train(msg: Message, context: Context) -> Message:
     config, round_number, shared, epochs, ascent, data, model = setup(msg, context)
     user = user_part(context, model, data, config.run.training_seed())
     device = resolve_device(config.run.device)
-    update, user = local_train(model, data, user, shared, config, round_number, device, epochs, ascent)
+    release = told_release(msg.content)
+    update, user = local_train(model, data, user, shared, config, round_number, device, epochs, ascent, None, release)
     context.state[USER_STATE] = arrays_to_record(user)
     federation = node_data(config, context)[0]
     timeout = config.train.reply_timeout

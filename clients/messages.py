@@ -127,6 +127,20 @@ def read_instruction(content: RecordDict) -> tuple[Config, int, Arrays | None, f
     return decoded_config(str(task["config"])), int(task["round"]), shared, epochs, bool(task["ascent"])
 
 
+def with_release(content: RecordDict, release: int) -> RecordDict:
+    """The same task for a client that sent `release` LDP-noised uploads before (its noise's key,
+    fl.client.finish_update); the shared parameters' record is the same object, not a copy."""
+    out = RecordDict({"task": ConfigRecord({**content.config_records["task"], "release": release})})
+    for key, record in content.array_records.items():
+        out[key] = record
+    return out
+
+
+def told_release(content: RecordDict) -> int:
+    """How many LDP-noised uploads the server counted from this client before this task."""
+    return int(content.config_records["task"].get("release", 0))
+
+
 def told_attacker(content: RecordDict) -> bool:
     """Whether the message tells its client that it is one of the run's poisoning attackers."""
     return bool(content.config_records["task"].get("attacker", False))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from clients.messages import (
     instruction,
     own_part,
     secure_task,
+    with_release,
 )
 from fedunlearn.config import Config
 from fedunlearn.errors import FedUnlearnError
@@ -137,6 +138,7 @@ class FlowerPool(PrivacyQueries):
         epochs: float | None = None,
         ascent: bool = False,
         tolerate: bool = False,
+        releases: Sequence[int] | None = None,
     ) -> tuple[list[Message], list[Reply[Any]]]:
         ids = cached_federation(self.config.data, self.config.run.seed).client_ids
         roles = {index: own_part(self.config, ids[index]) for index in clients}
@@ -144,7 +146,10 @@ class FlowerPool(PrivacyQueries):
                 for role in set(roles.values())}  # fmt: skip
         if self.branch:
             self.reached.update(clients)
-        messages = [Message(told[roles[index]], self.node_of[index], kind) for index in clients]
+        contents = [told[roles[index]] for index in clients]
+        if releases is not None:
+            contents = [with_release(content, release) for content, release in zip(contents, releases, strict=True)]
+        messages = [Message(content, self.node_of[index], kind) for index, content in zip(clients, contents)]
         return self._exchange(messages, done, tolerate)
 
     def fork(self) -> FlowerPool:
@@ -171,8 +176,9 @@ class FlowerPool(PrivacyQueries):
         done: ProgressHook,
         epochs: float | None = None,
         ascent: bool = False,
+        releases: Sequence[int] | None = None,
     ) -> list[Reply[ClientUpdate]]:
-        replies, failed = self._send(TRAIN, round_number, clients, shared, done, epochs, ascent, tolerate=True)
+        replies, failed = self._send(TRAIN, round_number, clients, shared, done, epochs, ascent, True, releases)
         return [self._decoded(reply, decode_update) for reply in replies] + failed
 
     def train_summed(

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from fedunlearn.config import load_config
+from fedunlearn.engines.batched import BatchedPool
 from fedunlearn.engines.inprocess import InProcessPool
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.comparison import compare_with_retrain
 from fedunlearn.fl.federation import build_federation
 from fedunlearn.fl.history import HistoryError, HistoryPolicy, HistoryStore, _decoded_ids, _encoded_ids
 from fedunlearn.fl.schedule import build_schedule
+from fedunlearn.fl.uploads import gaussian_sigma
 from fedunlearn.progress import Progress
 from fedunlearn.runs.assembly import federated_server
 from fedunlearn.unlearning.methods import history_policy
@@ -875,3 +877,29 @@ def test_removed_clients_leave_no_id_in_the_ldp_counts_or_calibrations_and_trial
         assert max(counted[c] for c in gone if c in counted) > 0  # the removed clients did upload
         assert server.calibrations and gone.isdisjoint(update.client_id for _, update in server.calibrations)
     assert results["true"] == results["false"]
+
+
+@pytest.mark.parametrize("engine", ["inprocess", "batched"])
+def test_a_second_ldp_upload_of_the_same_round_gets_fresh_noise(tmp_path, engine):
+    """Found by an independent check: LDP noise was keyed by (seed, round, client) alone, so a
+    calibration, replay or Retrain upload of round r reused round r's noise and the difference of
+    the two uploads cancelled it (std 0.05 against 1.7 for fresh noise), while the run's epsilon
+    composed them as independent releases. Each noised upload is now keyed by the count of noised
+    uploads the client sent before it (its release index, which the server tells it)."""
+    server, _, pool = server_for(tmp_path, ["defence.upload=ldp"])
+    if engine == "batched":
+        server.pool = BatchedPool(server.config, pool.federation)
+    clients = [0, 1, 2]
+    shared = {key: value.copy() for key, value in server.initial.items()}
+    users = {index: server.pool.user(index) for index in clients}
+    first = server.train_clients(1, clients, shared)
+    for index, user in users.items():  # the same round from the same state: the same clean update
+        server.pool.set_user(index, user)
+    second = server.train_clients(1, clients, shared)
+    assert [server.ldp_uploads[server.client_ids[i]] for i in clients] == [2, 2, 2]
+    sigma = gaussian_sigma(2 * server.config.defence.ldp_clip, server.config.defence.ldp_epsilon,
+                           server.config.defence.ldp_delta)  # fmt: skip
+    for a, b in zip(first, second, strict=True):
+        assert a.client_id == b.client_id and np.array_equal(a.item_ids, b.item_ids)
+        difference = np.concatenate([(a.rows[k] - b.rows[k]).ravel() for k in a.rows])
+        assert abs(difference.std() / (np.sqrt(2) * sigma) - 1) < 0.15  # two independent draws, not one

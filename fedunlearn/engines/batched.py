@@ -15,7 +15,7 @@ between rounds is one array per user table (no per-client objects).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -95,8 +95,10 @@ class BatchedPool(LocalPool):
         done: ProgressHook,
         epochs: float | None = None,
         ascent: bool = False,
+        releases: Sequence[int] | None = None,
     ) -> list[Reply[ClientUpdate]]:
         started = time.perf_counter()
+        release = dict(zip(clients, releases or [0] * len(clients), strict=True))
         self._prepare(clients)
         data = {index: self.federation.client(index) for index in clients}
         plans = {
@@ -125,7 +127,7 @@ class BatchedPool(LocalPool):
             replies = []
             for c, index in enumerate(chunk):
                 update = finish_update(data[index], plans[index], row_changes[c], dense_changes[c], float(losses[c]),
-                                       self.config, round_number, ascent)  # fmt: skip
+                                       self.config, round_number, ascent, release[index])  # fmt: skip
                 replies.append(local_reply(self.config, round_number, index, update, ids, n_items))
             kept = [c for c, reply in enumerate(replies) if reply.failure != FAILED]  # a crashed client keeps nothing
             for key, table in new_users.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ class LocalPool:
         done: ProgressHook,
         epochs: float | None = None,
         ascent: bool = False,
+        releases: Sequence[int] | None = None,
     ) -> list[Reply[ClientUpdate]]:
         raise NotImplementedError
 
@@ -107,15 +109,16 @@ class InProcessPool(LocalPool):
         done: ProgressHook,
         epochs: float | None = None,
         ascent: bool = False,
+        releases: Sequence[int] | None = None,
     ) -> list[Reply[ClientUpdate]]:
         replies = []
         ids, n_items = self.federation.client_ids, self.federation.n_items
-        for index in clients:
+        for position, index in enumerate(clients):
             data = self.federation.client(index)
             moments = copy.deepcopy(self._moments(index)) if self.keeps_moments and not ascent else None
             update, user = local_train(
                 self.model, data, self.user(index), shared, self.config, round_number, self.device, epochs, ascent,
-                moments,
+                moments, 0 if releases is None else releases[position],
             )  # fmt: skip
             reply = local_reply(self.config, round_number, index, update, ids, n_items)
             if reply.failure != FAILED:  # a client that crashed keeps nothing of the round, as on Flower
@@ -166,7 +169,7 @@ class InProcessPool(LocalPool):
 
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[Reply[ClientEvaluation]]:
         results = []
-        for index in clients:
+        for position, index in enumerate(clients):
             data = self.federation.client(index)
             results.append(Reply(index, local_evaluate(self.model, data, self.user(index), shared, self.config,
                                                        self.device)))  # fmt: skip

@@ -206,9 +206,11 @@ def local_train(
     epochs: float | None = None,
     ascent: bool = False,
     moments: UserMoments | None = None,
+    release: int = 0,
 ) -> tuple[ClientUpdate, Arrays]:
     """Local minibatch training (see plan_local_training); returns the upload and the client's new
-    user part. With `moments` Adam resumes the user part from them, and they are updated in place."""
+    user part. With `moments` Adam resumes the user part from them, and they are updated in place.
+    `release`: how many LDP-noised uploads the client sent before this one (finish_update)."""
     plan = plan_local_training(model, data, user, shared, config, round_number, epochs)
     local_pos = torch.as_tensor(plan.local_pos, device=device)
     local_neg = torch.as_tensor(plan.local_neg, device=device)
@@ -247,7 +249,7 @@ def local_train(
     update = finish_update(
         data, plan, {key: new_rows[key] - shared[key][plan.touched] for key in model.row_keys},
         {key: new_dense[key] - shared[key] for key in new_dense}, total_loss / len(plan.batches), config,
-        round_number, ascent,
+        round_number, ascent, release,
     )  # fmt: skip
     return update, _numpy(user_t)
 
@@ -261,10 +263,15 @@ def finish_update(
     config: Config,
     round_number: int,
     ascent: bool,
+    release: int = 0,
 ) -> ClientUpdate:
     """The upload from the changes training made to the client's local copy of the touched rows
     and the dense layers (an attacker boosts its target's change; the configured upload defence
-    applies last)."""
+    applies last). LDP noise is keyed by `release`, the count of noised uploads the client sent
+    before this one, as well as by the round: a calibration or replay of round r is a new release and
+    must not reuse round r's noise (the difference of two uploads would cancel it; an independent
+    check found FedEraser's calibrated uploads differing from the originals by noise of std 0.05
+    where fresh noise gives 1.7)."""
     rows = dict(row_changes)
     if plan.attacker and not ascent:
         boost_target(rows, plan.touched, config.unlearn.target_item, config.unlearn.poison_boost)
@@ -279,7 +286,7 @@ def finish_update(
         steps=len(plan.batches),
     )
     if not ascent and defends_upload(config, data.client_id):
-        noise = rng_for(config.run.seed, Stream.DEFENCE, round_number, client_key(data.client_id))
+        noise = rng_for(config.run.seed, Stream.DEFENCE, round_number, client_key(data.client_id), release)
         update = protect_upload(update, config.defence, data.n_items, noise)
     return update
 

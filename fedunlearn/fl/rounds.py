@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -65,7 +65,10 @@ class ClientPool(Protocol):
         done: ProgressHook,
         epochs: float | None = None,
         ascent: bool = False,
-    ) -> list[Reply[ClientUpdate]]: ...
+        releases: Sequence[int] | None = None,
+    ) -> list[Reply[ClientUpdate]]:
+        """`releases`: per client, the LDP-noised uploads it sent before (fl.client.finish_update)."""
+        ...
 
     def train_summed(
         self, round_number: int, clients: list[int], shared: Arrays, done: ProgressHook, layout: SecureLayout
@@ -280,7 +283,8 @@ class FederatedServer:
         rounds, and the unlearning methods' calibration, replay and ascent."""
         train = self.config.train
         self.progress.start_call(len(clients), "training" if not ascent else "ascending", round_number)
-        replies = self.pool.train(round_number, clients, shared, self.progress.client_done, epochs, ascent)
+        releases = [self.ldp_uploads[self.client_ids[index]] for index in clients]
+        replies = self.pool.train(round_number, clients, shared, self.progress.client_done, epochs, ascent, releases)
         self._count_ldp_uploads(replies, ascent)
         limits = replace(self.limits, epochs=train.local_epochs if epochs is None else epochs, ascent=ascent)
         updates, rejected, details = check_replies(replies, clients, limits, train.reject_norm_ratio)
