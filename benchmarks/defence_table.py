@@ -21,11 +21,12 @@ from fedunlearn.runs.report import run_name
 
 
 def run_rows(folder: Path, run: str, seed: str) -> pd.DataFrame:
-    """The embedding view's global audit rows of one run, with its NDCG@10 change per defence."""
+    """The embedding view's global audit rows of one run, with its NDCG@10 change per defence (none
+    where the run has no undefended model to compare with, e.g. one trained under an upload defence)."""
     audit = pd.read_csv(folder / "audit.csv")
     audit = audit[(audit["audit"] == "global") & (audit["view"] == "embedding")].copy()
-    trained = audit.loc[audit["defence"] == "none", "NDCG@10"].iloc[0]
-    audit["ndcg_change"] = 100 * (audit["NDCG@10"] / trained - 1)
+    trained = audit.loc[audit["defence"] == "none", "NDCG@10"]
+    audit["ndcg_change"] = 100 * (audit["NDCG@10"] / trained.iloc[0] - 1) if len(trained) else float("nan")
     audit["run"] = run
     audit["seed"] = seed
     return audit
@@ -39,6 +40,13 @@ def past_null(cell: pd.DataFrame) -> int:
     return int((cell["balanced_accuracy_relabelled"] > cell["null_95"]).sum())
 
 
+def chance_text(rows: pd.DataFrame, attribute: str) -> str:
+    """The attribute's chance level, or its range where runs saw different numbers of classes."""
+    chances = rows.loc[rows["attribute"] == attribute, "chance"]
+    low, high = chances.min(), chances.max()
+    return f"{low:.3f}" if high - low < 5e-4 else f"{low:.3f}-{high:.3f}"
+
+
 def table(experiment: Path) -> pd.DataFrame:
     folders = sorted(path.parent for path in experiment.glob("**/audit.csv"))
     if not folders:
@@ -49,7 +57,7 @@ def table(experiment: Path) -> pd.DataFrame:
         row = {"run": run, "defence": defence, "seeds": block["seed"].nunique()}
         for (attribute, attacker), cell in block.groupby(["attribute", "attacker"], sort=False):
             complete = cell["seed"].nunique() == row["seeds"]  # a seed that did not attack it: no mean over the rest
-            row[f"{attribute} {attacker} (chance {cell['chance'].iloc[0]:.3f})"] = (
+            row[f"{attribute} {attacker} (chance {chance_text(rows, attribute)})"] = (
                 f"{cell['balanced_accuracy'].mean():.3f} / {cell['balanced_accuracy_relabelled'].mean():.3f}"
                 f" (AUC {cell['auc_relabelled'].mean():.2f}; {past_null(cell)}/{row['seeds']} > null)"
                 if complete
@@ -57,7 +65,9 @@ def table(experiment: Path) -> pd.DataFrame:
             )
         per_seed = block.groupby("seed")["ndcg_change"].first()
         signed = lambda value: f"{round(value, 1) + 0.0:+.1f}"  # noqa: E731  (+ 0.0: never print -0.0)
-        row["NDCG@10 change"] = f"{signed(per_seed.mean())}% ({' / '.join(signed(v) for v in per_seed)})"
+        row["NDCG@10 change"] = (
+            f"{signed(per_seed.mean())}% ({' / '.join(signed(v) for v in per_seed)})" if per_seed.notna().all() else "-"
+        )
         steps = block.groupby("seed")["steps"].first() if "steps" in block else pd.Series(dtype=float)
         row["steps"] = f"{steps.mean():.0f}" if steps.notna().any() else "-"
         out.append(row)

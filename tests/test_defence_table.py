@@ -63,3 +63,17 @@ def test_an_audit_without_null_95_is_refused_not_counted_as_never_past_it(tmp_pa
     audit.drop(columns="null_95").to_csv(tmp_path / "dd" / "audit.csv", index=False)
     with pytest.raises(SystemExit, match="no null_95"):
         table(tmp_path)
+
+
+def test_a_run_without_an_undefended_model_and_seeds_with_other_class_counts_are_shown_not_crashed_on(tmp_path):
+    """Found by an independent check: an upload-defence setting (no `none` row) raised IndexError, and
+    the header gave seed 0's chance where another seed saw one class fewer (1/19 against 1/18)."""
+    for seed in ("seed0", "seed1"):
+        ndcg, read = {"none": 0.4, "attrcloak-dd": 0.3}, {"none": 0.6, "attrcloak-dd": 0.5}
+        write_run(tmp_path / "trained" / seed, ndcg, read, 5)
+    audit = pd.read_csv(tmp_path / "trained" / "seed1" / "audit.csv")
+    audit.assign(chance=1 / 3).to_csv(tmp_path / "trained" / "seed1" / "audit.csv", index=False)
+    write_run(tmp_path / "ldp" / "seed0", {"ldp": 0.30}, {"ldp": 0.52}, 0)
+    out = table(tmp_path).set_index(["run", "defence"])
+    assert out.loc[("ldp", "ldp"), "NDCG@10 change"] == "-"
+    assert "gender mlp (chance 0.333-0.500)" in out.columns
