@@ -28,7 +28,16 @@ from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddic
 
 from clients import defence
 from clients.branches import branch_mod, drop_branch
-from clients.common import SIMULATION_ORACLE_ENV, USER_STATE, class_index, classes_of, node_data, setup, user_part
+from clients.common import (
+    SIMULATION_ORACLE_ENV,
+    USER_STATE,
+    class_index,
+    classes_of,
+    node_data,
+    setup,
+    user_part,
+    with_own_secret,
+)
 from clients.messages import (
     AUDIT_USERS,
     CLASS_SUMS,
@@ -139,6 +148,7 @@ def secure_contribution(msg: Message, context: Context) -> Message:
     holds (its user part, its attribute value). The mod quantises and masks it before it leaves."""
     fields = recorddict_to_fitins(msg.content, keep_input=True).config
     config, task, bound = read_secure_task(fields)
+    config = with_own_secret(config, context)
     federation, data, model = node_data(config, context)
     if task in (SECURE_ROWS, SECURE_UPDATE):
         update = pending_update(context.state, int(fields["round"]), take=task == SECURE_UPDATE)
@@ -168,12 +178,12 @@ def secure_contribution(msg: Message, context: Context) -> Message:
                 shares = read_array_field(fields["null-shares"])
                 if len(shares) != len(classes):
                     raise ValueError(f"{len(shares)} null-level class shares for {len(classes)} classes")
-                label = int(null_labels(config.run.seed, int(fields["null-key"]), [data.client_id], shares)[0])
+                label = int(null_labels(config.defence_seed(), int(fields["null-key"]), [data.client_id], shares)[0])
             if "split-keys" in fields:  # AttrCloak's covariance brake: its own class in its public half, per split
                 keys = json.loads(str(fields["split-keys"]))
                 if not isinstance(keys, list) or not all(isinstance(key, int) and key >= 0 for key in keys):
                     raise ValueError(f"split-keys must be a list of non-negative integers; got {keys!r}")
-                halves = [half_labels(config.run.seed, key, [data.client_id])[0] for key in keys]
+                halves = [half_labels(config.defence_seed(), key, [data.client_id])[0] for key in keys]
                 vector = np.concatenate([class_contribution(own_features, 2 * label + int(half), 2 * len(classes))
                                          for half in halves])  # fmt: skip
             else:

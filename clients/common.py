@@ -11,7 +11,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 
 from clients.messages import read_instruction, record_to_arrays, told_attacker
-from fedunlearn.config import Config, derive
+from fedunlearn.config import Config, derive, with_private_seed
 from fedunlearn.fl.client import init_user
 from fedunlearn.fl.federation import ClientData, Federation, cached_federation
 from fedunlearn.models import build_model
@@ -41,6 +41,16 @@ def node_data(config: Config, context: Context) -> tuple[Federation, ClientData,
 
 
 PINNED = "pinned"  # what a client holds the server to for the whole run (the promoted item)
+NOISE_SECRET = "noise-secret"  # a SuperNode's --node-config key: the seed of its client's own defence draws
+
+
+def with_own_secret(config: Config, context: Context) -> Config:
+    """The config with this client's own secret for its defence draws, where its SuperNode was given
+    one (`--node-config noise-secret=N`; config.defence.private_seed): then no one else can draw its
+    LDP noise, pseudo-items or AttrCloak pseudo-classes again. Without one, run.seed (simulation)."""
+    if NOISE_SECRET not in context.node_config:
+        return config
+    return with_private_seed(config, int(context.node_config[NOISE_SECRET]))
 
 
 def setup(msg: Message, context: Context) -> Task:
@@ -52,6 +62,7 @@ def setup(msg: Message, context: Context) -> Task:
     _, data, model = node_data(config, context)
     if told_attacker(msg.content):  # its own part, which the config it carries leaves out (messages.told)
         config = derive(config, {"unlearn.attackers": [data.client_id]})
+    config = with_own_secret(config, context)
     if shared is not None:
         problem = shared_problem(shared, model)
         if problem:

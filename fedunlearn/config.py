@@ -153,6 +153,11 @@ class DefenceConfig(Section):
     # fake rows: trained (a fixed set of fake positives trained like own ones, the user part and dense layers held
     # still) | gaussian (fitted to the real rows) | mimic (jittered real rows); docs/PRIVACY.md
     pseudo_rows: str = "trained"
+    # Each client's own draws (LDP noise, pseudo-items, AttrCloak's pseudo-classes and halves) are seeded by
+    # this secret, which only the client holds: a SuperNode's --node-config noise-secret=N sets it on its
+    # client. -1 (every simulation) seeds them from run.seed, which the server knows: reproducible, and the
+    # server could draw the same noise and take it off. Never set in a config (refused).
+    private_seed: int = -1
 
     def trains_fake_items(self) -> bool:
         """Fake positives made by training (client.plan_local_training), not padded on after it."""
@@ -220,7 +225,14 @@ class Config(Section):
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Every setting, less a client's own secret (`defence.private_seed`), which is never written."""
+        values = dataclasses.asdict(self)
+        del values["defence"]["private_seed"]
+        return values
+
+    def defence_seed(self) -> int:
+        """The seed of a client's own defence draws: its secret where it holds one, else run.seed."""
+        return self.run.seed if self.defence.private_seed < 0 else self.defence.private_seed
 
 
 def differing_keys(one: dict[str, dict[str, Any]], other: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
@@ -391,6 +403,9 @@ def validate(config: Config) -> Config:
             raise FedUnlearnError(f"{dotted} must be in (0, 1]; got {_get(config, dotted)}")
     if not 0 < config.audit.shadow_share < 1:  # the attacker is tested on the users it was not trained on
         raise FedUnlearnError(f"audit.shadow_share must be in (0, 1), e.g. 0.2; got {config.audit.shadow_share}")
+    if config.defence.private_seed != -1:
+        raise FedUnlearnError("defence.private_seed is each client's own secret, never in a config: a SuperNode "
+                              "takes it from --node-config noise-secret=N (docs/DEPLOYMENT.md); remove it")
     if config.run.train_seed < -1:
         raise FedUnlearnError(f"run.train_seed must be >= 0, or -1 for run.seed; got {config.run.train_seed}")
     if config.central.weight_decay < 0 and config.central.weight_decay != -1:
@@ -539,6 +554,17 @@ def _validate_secure_aggregation(config: Config) -> None:
             "faults.share > 0 tests the server's checks of single uploads, which secure aggregation "
             "(defence.upload = 'secagg') hides: set faults.share = 0 or another defence.upload"
         )
+
+
+def with_private_seed(config: Config, secret: int) -> Config:
+    """The config on a client holding its own secret seed (`defence.private_seed`); nothing else changes."""
+    if not 0 <= secret < 2**63:
+        raise FedUnlearnError(f"noise-secret must be an integer in [0, 2**63); got {secret}")
+    changed = copy.deepcopy(config)
+    changed._freeze(False)
+    changed.defence.private_seed = secret
+    changed._freeze(True)
+    return changed
 
 
 def derive(config: Config, changes: dict[str, Any]) -> Config:

@@ -10,7 +10,9 @@ What it does, in order (docs/DEPLOYMENT.md has the multi-machine recipe):
 2. `flower-superlink` with TLS and `--enable-supernode-auth` on a free port of 127.0.0.1 (one HTTPS
    port serves the Fleet, Control and Runtime APIs in Flower 1.42);
 3. each node's public key registered (`flwr supernode register`): an unregistered node is refused;
-4. N `flower-supernode`s, node i given partition i through `--node-config`;
+4. N `flower-supernode`s, node i given partition i and a secret of its own (`noise-secret`, the seed
+   of its client's LDP noise, pseudo-items and pseudo-classes, which the server never learns) through
+   `--node-config`;
 5. `flwr run . <connection>` of the config (a copy of the project, as `flwr run` uploads it),
    which writes the usual results folder to `--out`;
 6. every process started here (and its children) stopped by pid.
@@ -28,6 +30,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -45,7 +48,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from clients.common import SIMULATION_ORACLE_ENV
+from clients.common import NOISE_SECRET, SIMULATION_ORACLE_ENV
 from fedunlearn.config import load_config
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.federation import build_federation
@@ -154,6 +157,13 @@ def _listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def node_config(index: int, nodes: int) -> str:
+    """SuperNode `index`'s --node-config: its partition, and a fresh secret for its client's own
+    defence draws (clients.common.NOISE_SECRET): drawn from the run seed, as in a simulation, the
+    server could draw a client's LDP noise again and take it off its upload."""
+    return f"partition-id={index} num-partitions={nodes} {NOISE_SECRET}={secrets.randbelow(2**63)}"
+
+
 @dataclass
 class Deployment:
     """A SuperLink and its SuperNodes on 127.0.0.1, in `folder` (certificates, keys, logs, FLWR_HOME)."""
@@ -228,7 +238,7 @@ class Deployment:
         """SuperNode `index` (partition `index`), authenticated with `private` (None: no key)."""
         command = ["flower-supernode", "--root-certificates", str(self.ca), "--superlink", f"127.0.0.1:{self.port}",
                    "--host", "127.0.0.1", "--port", str(free_port()),
-                   "--node-config", f"partition-id={index} num-partitions={self.nodes}",
+                   "--node-config", node_config(index, self.nodes),
                    "--max-retries", "3"]  # fmt: skip
         if private is not None:
             command += ["--auth-supernode-private-key", str(private)]

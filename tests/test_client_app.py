@@ -18,8 +18,9 @@ from clients.messages import (
     instruction,
     record_to_arrays,
 )
-from fedunlearn.config import derive, load_config
+from fedunlearn.config import derive, load_config, with_private_seed
 from fedunlearn.engines.inprocess import InProcessPool
+from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.federation import build_federation
 
 
@@ -261,3 +262,21 @@ def test_secure_rounding_draws_are_seeded_by_the_run_the_client_and_the_task():
     np.testing.assert_array_equal(first, second)
     assert not np.array_equal(first, next_step) and not np.array_equal(first, other_client)
     assert not np.array_equal(np.sort(first), np.sort(other_task))
+
+
+def test_a_client_with_its_own_noise_secret_draws_ldp_noise_the_server_cannot_draw_again():
+    """Found by an independent check: LDP noise was seeded by run.seed and the client id, both known to
+    the server (it sends the config), which rebuilt the noise and took it off to 3e-7. A SuperNode's
+    `noise-secret` now seeds its client's own draws; a config cannot carry one."""
+    config = load_config(None, [*SMALL, "defence.upload=ldp"])
+    federation = build_federation(config.data, config.run.seed)
+    shared = InProcessPool(config, federation).model.init_shared(np.random.default_rng(5))
+    context = Context(run_id=1, node_id=99, node_config={"partition-id": 3, "noise-secret": 12345},
+                      state=RecordDict(), run_config={})  # fmt: skip
+    sent = decode_update(_send(TRAIN, instruction(config, 1, shared), context).content)
+    private = InProcessPool(with_private_seed(config, 12345), federation).train(1, [3], shared, lambda _: None)
+    public = InProcessPool(config, federation).train(1, [3], shared, lambda _: None)
+    np.testing.assert_array_equal(sent.rows["item_emb"], private[0].value.rows["item_emb"])  # the secret seeds it
+    assert not np.allclose(sent.rows["item_emb"], public[0].value.rows["item_emb"], atol=0.1)  # run.seed does not
+    with pytest.raises(FedUnlearnError, match="never in a config"):
+        load_config(None, ["defence.private_seed=12345"])

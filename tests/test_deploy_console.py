@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedunlearn.errors import FedUnlearnError
-from server.deploy import Deployment, Relay, alive, main
+from server.deploy import Deployment, Relay, alive, main, node_config
 
 # lines as `flwr run --stream` relays them (taken from a 3-SuperNode run's flwr-run.log)
 STREAM = [
@@ -115,3 +115,11 @@ def test_a_timeout_that_is_not_a_positive_number_is_refused(capsys):
         main(["--nodes", "3", "--out", "x", "--timeout", "0"])
     assert stopped.value.code == 2
     assert "--timeout must be a positive number of seconds, not 0" in capsys.readouterr().err
+
+
+def test_each_supernode_gets_its_partition_and_a_secret_of_its_own():
+    """The seed of a deployed client's LDP noise and pseudo-items is its node's, never the server's."""
+    first, second = node_config(2, 3), node_config(2, 3)
+    assert first.startswith("partition-id=2 num-partitions=3 noise-secret=")
+    secret = int(first.rsplit("=", 1)[1])
+    assert 0 <= secret < 2**63 and first != second  # fresh for every node started

@@ -903,3 +903,17 @@ def test_a_second_ldp_upload_of_the_same_round_gets_fresh_noise(tmp_path, engine
         assert a.client_id == b.client_id and np.array_equal(a.item_ids, b.item_ids)
         difference = np.concatenate([(a.rows[k] - b.rows[k]).ravel() for k in a.rows])
         assert abs(difference.std() / (np.sqrt(2) * sigma) - 1) < 0.15  # two independent draws, not one
+
+
+def test_an_ascent_upload_under_ldp_is_noised_and_counted_like_any_other(tmp_path):
+    """Found by an independent check: a leaving client under LDP sent its gradient-ascent upload
+    unclipped and un-noised (norms 1.78 and 1.12 against a clip of 1) and the run's epsilon left it out."""
+    norms = {}
+    for upload in ("none", "ldp"):
+        server, _, _ = server_for(tmp_path, [f"defence.upload={upload}"])
+        shared = {key: value.copy() for key, value in server.initial.items()}
+        update = server.train_clients(1, [4], shared, ascent=True)[0]
+        norms[upload] = float(np.sqrt(sum((v.astype(np.float64) ** 2).sum() for v in update.rows.values())))
+        assert server.ldp_uploads[server.client_ids[4]] == (upload == "ldp")
+    sigma = gaussian_sigma(2.0, 8.0, 1e-5)  # the defaults: clip 1, epsilon 8, delta 1e-5
+    assert norms["none"] > 0 and norms["ldp"] > 5 * sigma  # noise on every value of the touched rows

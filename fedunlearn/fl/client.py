@@ -285,8 +285,8 @@ def finish_update(
         epochs=plan.epochs,
         steps=len(plan.batches),
     )
-    if not ascent and defends_upload(config, data.client_id):
-        noise = rng_for(config.run.seed, Stream.DEFENCE, round_number, client_key(data.client_id), release)
+    if defends_upload(config, data.client_id):  # an ascent upload too: it is an upload like any other
+        noise = rng_for(config.defence_seed(), Stream.DEFENCE, round_number, client_key(data.client_id), release)
         update = protect_upload(update, config.defence, data.n_items, noise)
     return update
 

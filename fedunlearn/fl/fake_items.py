@@ -26,7 +26,7 @@ def fake_positives(data: ClientData, config: Config) -> np.ndarray:
     rounds: only its own items come back every time), about `pseudo_items` per own positive, the
     share drawn at random (PSEUDO_SPREAD) so that the rows sent do not give the own count; never a
     held-out item or the promoted target."""
-    rng = rng_for(config.run.seed, Stream.PSEUDO_ITEMS, client_key(data.client_id))
+    rng = rng_for(config.defence_seed(), Stream.PSEUDO_ITEMS, client_key(data.client_id))
     excluded = np.zeros(data.n_items, dtype=bool)
     excluded[data.train_items] = True
     excluded[[data.valid_item, data.test_item]] = True

@@ -285,7 +285,7 @@ class FederatedServer:
         self.progress.start_call(len(clients), "training" if not ascent else "ascending", round_number)
         releases = [self.ldp_uploads[self.client_ids[index]] for index in clients]
         replies = self.pool.train(round_number, clients, shared, self.progress.client_done, epochs, ascent, releases)
-        self._count_ldp_uploads(replies, ascent)
+        self._count_ldp_uploads(replies)
         limits = replace(self.limits, epochs=train.local_epochs if epochs is None else epochs, ascent=ascent)
         updates, rejected, details = check_replies(replies, clients, limits, train.reject_norm_ratio)
         self._count("updates", rejected, len(updates), len(clients), f"round {round_number}", details)
@@ -297,10 +297,10 @@ class FederatedServer:
         self.optimizer_steps += sum(u.steps for u in updates)
         return updates
 
-    def _count_ldp_uploads(self, replies: list[Reply[ClientUpdate]], ascent: bool) -> None:
-        """Every upload a client sent under LDP spends privacy, a rejected one too (a failed client
-        sent nothing; an ascent is not noised: fl.client.finish_update)."""
-        if "ldp" not in self.config.defence.upload or ascent:
+    def _count_ldp_uploads(self, replies: list[Reply[ClientUpdate]]) -> None:
+        """Every upload a client sent under LDP spends privacy, a rejected one and an ascent too (a
+        failed client sent nothing)."""
+        if "ldp" not in self.config.defence.upload:
             return
         for reply in replies:
             client = self.client_ids[reply.sender]

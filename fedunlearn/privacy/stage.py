@@ -145,7 +145,7 @@ def run_defence(
         if settings.variant == "dd":
             retention = DataRetention(model, shared, positives, client_ids, config.model.loss,
                                       config.model.negatives, config.run.seed, defence.batch)  # fmt: skip
-        null = PseudoClasses(config.run.seed, client_ids) if settings.stop_at_null else None
+        null = PseudoClasses(config.defence_seed(), client_ids) if settings.stop_at_null else None
         return attrcloak(
             embeddings, attributes, settings.variant, defence.steps, defence.lr, defending, retention, aggregator,
             settings.fixed_weight, null, settings.brake_covariance, settings.unit_balance, step_done,
