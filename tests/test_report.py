@@ -59,7 +59,7 @@ def test_a_run_report_has_every_plot_and_its_tables_equal_the_runs_files(folders
     _check_plots(out, PLOTS)
     markdown = (out / "report.md").read_text()
     final = json.loads((folders / "run" / "final.json").read_text())
-    quality = _table(markdown, "Recommendation quality (final round)")
+    quality = _table(markdown, "Recommendation quality")
     assert quality.loc[0, "HR@10"] == f"{final['metrics']['HR@10']:.4f}"
     assert quality.loc[0, "NDCG@10"] == f"{final['metrics']['NDCG@10']:.4f}"
     assert quality.loc[0, "defence"] == "before attrcloak-dd" and quality.loc[0, "dataset"] == "synthetic"
@@ -85,7 +85,7 @@ def test_an_experiment_report_shows_mean_and_std_over_seeds_beside_a_run(folders
     out = tmp_path / "report"
     assert main(["report", str(folders / "exp"), str(folders / "run"), "--out", str(out)]) == 0
     _check_plots(out, PLOTS)
-    quality = _table((out / "report.md").read_text(), "Recommendation quality (final round)").set_index("run")
+    quality = _table((out / "report.md").read_text(), "Recommendation quality").set_index("run")
     for method in ("retrain", "federaser"):
         values = [json.loads((folders / "exp" / method / f"seed{s}" / "final.json").read_text())["metrics"]["HR@10"]
                   for s in (0, 1)]  # fmt: skip
@@ -244,3 +244,41 @@ def test_the_summary_says_when_a_defence_took_no_step_and_when_none_ran(tmp_path
     assert privacy(["defence.upload=ldp"], defending_clients=0) == (
         "The audit alone, no post-training defence; the uploads were defended with ldp (audit.csv's defence column)."
     )
+
+
+def test_the_metrics_heading_names_the_round_a_best_valid_run_scored_not_final():
+    """Found by an independent check: with eval.select = best_valid, round 6 of 10 was shown under
+    "Final metrics" (summary.md) and "final round" (report.md), with no round anywhere but final.json."""
+    from fedunlearn.config import load_config
+    from fedunlearn.runs.results import final_heading
+
+    best = load_config(None, ['eval.select="best_valid"'])
+    assert final_heading(best, {"round": 6}) == (
+        "## Metrics of round 6 (eval.select = best_valid: the best validation HR@10, not the last round)"
+    )
+    assert final_heading(load_config(None, []), {"round": 10}) == "## Final metrics (round 10)"
+
+
+def test_a_method_has_the_same_colour_in_both_unlearning_plots(tmp_path, monkeypatch):
+    """Found by an independent check: FedEraser was orange in unlearning_tradeoff.png and blue in
+    unlearning_forgetting.png (the second left Retrain out before giving colours)."""
+    import matplotlib.axes
+
+    from fedunlearn.runs.plots import plot_forgetting, plot_unlearning
+
+    table = pd.DataFrame({"run": "r", "model": "mf", "event": 5, "seed": 0, "method": ["retrain", "federaser", "fru"],
+                          "HR@10": [0.5, 0.49, 0.48], "MIA_AUC": [0.5, 0.52, 0.51], "speedup": [1.0, 4.0, 8.0],
+                          "speedup_time": [1.0, 3.0, 2.0]})  # fmt: skip
+    seen: list[tuple[str, str]] = []
+    original = matplotlib.axes.Axes.scatter
+
+    def record(self, x, y, *args, **kwargs):
+        seen.append((kwargs.get("label", ""), kwargs["color"]))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", record)
+    plot_unlearning(table, tmp_path / "tradeoff.png")
+    tradeoff = {label: colour for label, colour in seen if label}
+    seen.clear()
+    plot_forgetting(table, tmp_path / "forgetting.png")
+    assert [colour for _, colour in seen] == [tradeoff["federaser"], tradeoff["fru"]]  # drawn in method order

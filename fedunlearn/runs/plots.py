@@ -128,7 +128,7 @@ def plot_forgetting(table: pd.DataFrame, path: Path) -> None:
     after a single one)."""
     columns = [c for c in ("MIA_AUC", "ER@10") if c in table.columns and table[c].notna().any()]
     methods = [m for m in dict.fromkeys(table["method"]) if m != "retrain"]
-    colours = styles(methods)
+    colours = styles(table["method"])  # as plot_unlearning's, Retrain's included: a method keeps its colour
     group_keys = [c for c in ("run", "model", "event") if c in table.columns]
     groups = table[group_keys].fillna("").astype(str).agg(" ".join, axis=1).str.strip()
     markers = styles(groups)

@@ -176,6 +176,7 @@ def quality_table(runs: list[RunFolder]) -> pd.DataFrame:
              "defence": f"before {method}" if method != "none" else "-",
              "model": run.config["model"]["name"] if mode != "popularity" else "-",
              "mode": mode, "engine": run.final.get("engine", "-") if mode == "federated" else "-",
+             "round": metrics.get("round"),
              "clients": run.final.get("clients"), "HR@10": metrics.get("HR@10"), "NDCG@10": metrics.get("NDCG@10"),
              "popularity_HR@10": run.final.get("popularity_HR@10"), "seconds": run.final.get("seconds")}  # fmt: skip
             | _after_unaudited_defence(run)
@@ -367,8 +368,10 @@ def write_report(paths: list[Path], out: Path) -> dict[str, str]:
     partial.mkdir(parents=True)
     try:
         unlearning, audits, times = unlearning_rows(runs), audit_rows(runs), time_table(runs)
-        sections = [_section("Recommendation quality (final round)", quality_table(runs),
-                             "Mean ± std (sample std, ddof 1) over seeds where a run has several. A run with a "
+        sections = [_section("Recommendation quality", quality_table(runs),
+                             "Mean ± std (sample std, ddof 1) over seeds where a run has several; `round`: the "
+                             "round scored (the last, or with eval.select = best_valid the best validation "
+                             "HR@10's; centralized: the epoch). A run with a "
                              "post-training defence is scored before it (defence column): its NDCG@10 after "
                              "the defence is in the privacy table (a Flower run without the audit: "
                              "NDCG@10_after_defence).")] if runs else []  # fmt: skip

@@ -199,6 +199,16 @@ LINKED = {
 }
 
 
+def final_heading(config: Config, final: dict[str, Any]) -> str:
+    """The metrics' heading, naming the round they come from: with eval.select = best_valid it is the
+    round of the best validation HR@10, not the last (an independent check found it shown as final)."""
+    unit = "round" if config.run.mode == "federated" else "epoch"
+    where = f"{unit} {final['round']:g}" if isinstance(final.get("round"), int | float) else ""
+    if config.eval.select == "best_valid" and where:
+        return f"## Metrics of {where} (eval.select = best_valid: the best validation HR@10, not the last {unit})"
+    return f"## Final metrics ({where})" if where else "## Final metrics"
+
+
 def summary_markdown(folder: Path, config: Config, result: FederationResult, info: dict[str, Any]) -> str:
     """A readable digest of the run: what ran, the final metrics, each drop event, the privacy
     stage and the history, with links to the files that hold the rest."""
@@ -210,7 +220,7 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
         f"{info.get('clients', '?')} clients, {info.get('items', '?')} items, {what}, seed {config.run.seed}, "
         f"{info.get('seconds', 0.0):.1f} s.",
         "",
-        "## Final metrics",
+        final_heading(config, result.final),
         "",
         readable(pd.DataFrame([metrics])),
         "",
