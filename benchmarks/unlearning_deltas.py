@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pandas as pd
 
 from fedunlearn.fl.comparison import TARGETS_AGAINST_RETRAIN
@@ -46,6 +47,11 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
         names, group = values[: len(by)], values[len(by) :]
         block = block.sort_values("seed")
         lookup = [(*group, row["seed"], *([row["retrain_key"]] if keyed else [])) for _, row in block.iterrows()]
+        judged_seeds = np.array([key in reference.index for key in lookup], dtype=bool)  # a failed Retrain: none
+        unjudged = block.loc[~judged_seeds, "seed"].tolist()
+        block, lookup = block[judged_seeds], [key for key, ok in zip(lookup, judged_seeds, strict=True) if ok]
+        if block.empty:
+            continue
         base = reference.loc[lookup]
         row = dict(zip([*by, *keys], [*names, *group], strict=True))
         row["retrain HR@10"] = f"{base['HR@10'].mean():.4f}"
@@ -61,7 +67,7 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
         speedups = [block[column].to_numpy().mean() for column in columns if column in block]  # a NaN stays NaN
         measured = len(speedups) == 3 and all(pd.notna(value) for value in speedups)  # none trains nothing
         row["wall x / epochs x / steps x"] = " / ".join(f"{value:.2f}" for value in speedups) if measured else "-"
-        row["seeds"] = len(block)
+        row["seeds"] = f"{len(block)} (no Retrain for seed {', '.join(map(str, unjudged))})" if unjudged else len(block)
         row["targets met"] = "yes" if met else "no"
         if len(twins):
             row |= _against_twins(block, base, twins, dict(zip(keys, group, strict=True)))

@@ -119,3 +119,18 @@ def test_an_experiment_without_a_promoted_item_is_judged_on_the_metrics_it_has()
     assert table.loc["none", "targets met"] == "no"  # its HR@10 is 0.10 below Retrain's
     notes = module.undiscriminating(table.reset_index())
     assert len(notes) == 1 and "MIA_AUC" in notes[0]
+
+
+def test_a_seed_whose_retrain_failed_is_named_not_a_keyerror():
+    """Found by an independent check: with Retrain failed on some seeds the script stopped on a
+    pandas KeyError; the seeds that have one are judged, the others named."""
+    def row(method, seed, hr, status="ok"):
+        return {"method": method, "model": "mf", "event": 4, "seed": seed, "status": status, "HR@10": hr,
+                "MIA_AUC": 0.5}
+
+    runs = pd.DataFrame([row("retrain", 0, 0.5, "failed"), row("retrain", 1, 0.5), row("retrain", 2, 0.5, "failed"),
+                         row("federaser", 0, 0.3), row("federaser", 1, 0.49), row("federaser", 2, 0.3)])  # fmt: skip
+    table = _module().deltas(runs).set_index("method")
+    assert table.loc["federaser", "ΔHR@10 per seed"] == "-0.010"  # seed 1 alone
+    assert table.loc["federaser", "seeds"] == "1 (no Retrain for seed 0, 2)"
+    assert table.loc["federaser", "targets met"] == "yes"
