@@ -50,7 +50,9 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
         judged_seeds = np.array([key in reference.index for key in lookup], dtype=bool)  # a failed Retrain: none
         unjudged = block.loc[~judged_seeds, "seed"].tolist()
         block, lookup = block[judged_seeds], [key for key, ok in zip(lookup, judged_seeds, strict=True) if ok]
-        if block.empty:
+        if block.empty:  # no seed of this group has a Retrain: said, not dropped
+            row = dict(zip([*by, *keys], [*names, *group], strict=True))
+            rows.append(row | {"seeds": f"0 (no Retrain for seed {', '.join(map(str, unjudged))})"})
             continue
         base = reference.loc[lookup]
         row = dict(zip([*by, *keys], [*names, *group], strict=True))
@@ -100,7 +102,7 @@ def undiscriminating(table: pd.DataFrame) -> list[str]:
     for _, row in table[table["method"] == "none"].iterrows():
         where = ", ".join(f"{key} {row[key]}" for key in ("model", "event") if key in row)
         for metric, bound in TARGETS_AGAINST_RETRAIN.items():
-            if row[f"Δ{metric} per seed"] == "-":
+            if row.get(f"Δ{metric} per seed", "-") == "-":
                 continue
             deltas_per_seed = [float(value) for value in str(row[f"Δ{metric} per seed"]).split(" / ")]
             if all(abs(delta) <= bound + 1e-9 for delta in deltas_per_seed):
@@ -114,8 +116,12 @@ def main() -> None:
     parser.add_argument("runs", help="an unlearning experiment's runs.csv")
     args = parser.parse_args()
     table = deltas(pd.read_csv(args.runs))
-    print(table[table["method"] != "retrain"].to_markdown(index=False))
-    unjudged = [metric for metric in TARGETS_AGAINST_RETRAIN if (table[f"Δ{metric} per seed"] == "-").all()]
+    if table.empty:
+        raise SystemExit(f"{args.runs}: no unlearning row to judge (no finished run with a drop event)")
+    print(table[table["method"] != "retrain"].fillna("-").to_markdown(index=False))
+    table = table.fillna("-")  # a group no seed of which had a Retrain has no figures
+    unjudged = [metric for metric in TARGETS_AGAINST_RETRAIN
+                if (table.get(f"Δ{metric} per seed", pd.Series("-", index=table.index)) == "-").all()]  # fmt: skip
     if unjudged:
         print(f"\nnote: not judged ('-'), some run lacks it: {', '.join(unjudged)} (ER@10 needs unlearn.poison)")
     for note in undiscriminating(table):

@@ -54,5 +54,6 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def client_uniforms(seed: int, stream: Stream, round_number: int, client_ids: list[str]) -> np.ndarray:
     """One uniform number in [0, 1) per client, a pure function of (seed, stream, round, client id)."""
     keys = np.array([client_key(c) for c in client_ids], dtype=np.uint64)
-    salt = _splitmix64(np.array([seed * 1_000_003 + int(stream) * 7919 + round_number], dtype=np.uint64))
+    mixed = (seed * 1_000_003 + int(stream) * 7919 + round_number) % 2**64  # a node's secret may reach 2**63
+    salt = _splitmix64(np.array([mixed], dtype=np.uint64))
     return (_splitmix64(keys ^ salt) >> np.uint64(11)).astype(np.float64) / 2.0**53

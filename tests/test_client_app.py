@@ -280,3 +280,14 @@ def test_a_client_with_its_own_noise_secret_draws_ldp_noise_the_server_cannot_dr
     assert not np.allclose(sent.rows["item_emb"], public[0].value.rows["item_emb"], atol=0.1)  # run.seed does not
     with pytest.raises(FedUnlearnError, match="never in a config"):
         load_config(None, ["defence.private_seed=12345"])
+
+
+def test_a_node_secret_as_large_as_server_deploy_draws_seeds_the_pseudo_classes_and_halves():
+    """Found by a review: a secret above ~1.8e13 overflowed client_uniforms' uint64 arithmetic, so
+    AttrCloak's null level and covariance brake raised on every deployed client (the test used 12345)."""
+    from fedunlearn.privacy.attrcloak import half_labels, null_labels
+
+    secret = 2**63 - 1
+    labels = [null_labels(secret, key, ["7", "8", "9"], np.array([0.5, 0.5])) for key in range(16)]
+    halves = [half_labels(secret, key, ["7", "8", "9"]) for key in range(16)]
+    assert {int(v) for draw in labels for v in draw} == {0, 1} and {int(v) for h in halves for v in h} == {0, 1}

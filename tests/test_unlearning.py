@@ -917,3 +917,15 @@ def test_an_ascent_upload_under_ldp_is_noised_and_counted_like_any_other(tmp_pat
         assert server.ldp_uploads[server.client_ids[4]] == (upload == "ldp")
     sigma = gaussian_sigma(2.0, 8.0, 1e-5)  # the defaults: clip 1, epsilon 8, delta 1e-5
     assert norms["none"] > 0 and norms["ldp"] > 5 * sigma  # noise on every value of the touched rows
+
+
+def test_an_ldp_upload_that_came_late_or_unreadable_is_counted_and_a_crash_is_not(tmp_path):
+    """Found by a review: on Flower a late or undecodable reply (no value) was not counted although
+    the client had sent its noised upload, so the run's epsilon left it out and the client's next
+    upload took the same release index (the same noise). Only a client that raised sent nothing."""
+    from fedunlearn.fl.replies import FAILED, TIMEOUT, Reply
+
+    server, _, _ = server_for(tmp_path, ["defence.upload=ldp"])
+    replies = [Reply(0, failure=TIMEOUT), Reply(1, failure="shape"), Reply(2, failure=FAILED), Reply(3, value=object())]
+    server._count_ldp_uploads(replies)
+    assert [server.ldp_uploads[server.client_ids[i]] for i in range(4)] == [1, 1, 0, 1]

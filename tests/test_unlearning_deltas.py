@@ -132,5 +132,21 @@ def test_a_seed_whose_retrain_failed_is_named_not_a_keyerror():
                          row("federaser", 0, 0.3), row("federaser", 1, 0.49), row("federaser", 2, 0.3)])  # fmt: skip
     table = _module().deltas(runs).set_index("method")
     assert table.loc["federaser", "ΔHR@10 per seed"] == "-0.010"  # seed 1 alone
+    unjudged = _module().deltas(runs[runs["seed"] != 1])  # no seed left with a Retrain: said, not dropped
+    assert unjudged.set_index("method").loc["federaser", "seeds"] == "0 (no Retrain for seed 0, 2)"
     assert table.loc["federaser", "seeds"] == "1 (no Retrain for seed 0, 2)"
     assert table.loc["federaser", "targets met"] == "yes"
+
+
+def test_the_script_says_when_no_seed_has_a_retrain_instead_of_a_keyerror(tmp_path, monkeypatch, capsys):
+    """Found by a review: with every Retrain failed the table had no figure columns and main() raised
+    KeyError: 'method'; a group without any Retrain vanished from the table without a word."""
+    rows = [{"method": "retrain", "model": "mf", "event": 4, "seed": 0, "status": "failed", "HR@10": 0.5,
+             "MIA_AUC": 0.5},
+            {"method": "federaser", "model": "mf", "event": 4, "seed": 0, "status": "ok", "HR@10": 0.1,
+             "MIA_AUC": 0.5}]  # fmt: skip
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    monkeypatch.setattr("sys.argv", ["unlearning_deltas.py", str(tmp_path / "runs.csv")])
+    _module().main()
+    out = capsys.readouterr().out
+    assert "federaser" in out and "0 (no Retrain for seed 0)" in out

@@ -25,7 +25,7 @@ from fedunlearn.fl.client import defends_upload, max_examples
 from fedunlearn.fl.comparison import compare_with_retrain, initial_key
 from fedunlearn.fl.federation import Federation
 from fedunlearn.fl.history import HistoryStore
-from fedunlearn.fl.replies import LOSS_CAP, Reply, ReplyLimits, check_replies, median_norms
+from fedunlearn.fl.replies import FAILED, LOSS_CAP, Reply, ReplyLimits, check_replies, median_norms
 from fedunlearn.fl.robust import server_delta
 from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout, require_secure_quorum, secure_quorum
 from fedunlearn.fl.server_optimizer import row_optimizer
@@ -298,13 +298,14 @@ class FederatedServer:
         return updates
 
     def _count_ldp_uploads(self, replies: list[Reply[ClientUpdate]]) -> None:
-        """Every upload a client sent under LDP spends privacy, a rejected one and an ascent too (a
-        failed client sent nothing)."""
+        """Every upload a client sent under LDP spends privacy: a rejected one, a late one and one the
+        server could not read too, and an ascent (a client that raised sent nothing). The count is
+        also the client's next release index, so an upload it sent must never go uncounted."""
         if "ldp" not in self.config.defence.upload:
             return
         for reply in replies:
             client = self.client_ids[reply.sender]
-            if reply.value is not None and defends_upload(self.config, client):
+            if reply.failure != FAILED and defends_upload(self.config, client):
                 self.ldp_uploads[client] += 1
 
     def _count(self, kind: str, rejected: Counter[str], valid: int, asked: int, where: str, details: list[str]) -> None:
