@@ -16,7 +16,11 @@ from helpers import TINY, assert_privacy_tables_match, run_cli
 
 from fedunlearn.privacy.stage import POST_TRAINING
 
-pytestmark = [pytest.mark.flower, pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")]
+pytestmark = [
+    pytest.mark.slow,  # 80 s of Flower runs: the default suite stays under 10 minutes on a 2-core machine
+    pytest.mark.flower,
+    pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning"),
+]
 
 CLIENTS = 8
 SETTINGS = TINY + [
