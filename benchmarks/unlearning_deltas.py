@@ -49,13 +49,13 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
         lookup = [(*group, row["seed"], *([row["retrain_key"]] if keyed else [])) for _, row in block.iterrows()]
         judged_seeds = np.array([key in reference.index for key in lookup], dtype=bool)  # a failed Retrain: none
         unjudged = block.loc[~judged_seeds, "seed"].tolist()
+        missing = f" (no Retrain for seed {', '.join(map(str, unjudged))})" if unjudged else ""
         block, lookup = block[judged_seeds], [key for key, ok in zip(lookup, judged_seeds, strict=True) if ok]
+        row = dict(zip([*by, *keys], [*names, *group], strict=True))
         if block.empty:  # no seed of this group has a Retrain: said, not dropped
-            row = dict(zip([*by, *keys], [*names, *group], strict=True))
-            rows.append(row | {"seeds": f"0 (no Retrain for seed {', '.join(map(str, unjudged))})"})
+            rows.append(row | {"seeds": f"0{missing}"})
             continue
         base = reference.loc[lookup]
-        row = dict(zip([*by, *keys], [*names, *group], strict=True))
         row["retrain HR@10"] = f"{base['HR@10'].mean():.4f}"
         met = True
         for metric, bound in TARGETS_AGAINST_RETRAIN.items():
@@ -69,7 +69,7 @@ def deltas(runs: pd.DataFrame) -> pd.DataFrame:
         speedups = [block[column].to_numpy().mean() for column in columns if column in block]  # a NaN stays NaN
         measured = len(speedups) == 3 and all(pd.notna(value) for value in speedups)  # none trains nothing
         row["wall x / epochs x / steps x"] = " / ".join(f"{value:.2f}" for value in speedups) if measured else "-"
-        row["seeds"] = f"{len(block)} (no Retrain for seed {', '.join(map(str, unjudged))})" if unjudged else len(block)
+        row["seeds"] = f"{len(block)}{missing}" if missing else len(block)
         row["targets met"] = "yes" if met else "no"
         if len(twins):
             row |= _against_twins(block, base, twins, dict(zip(keys, group, strict=True)))
@@ -118,8 +118,8 @@ def main() -> None:
     table = deltas(pd.read_csv(args.runs))
     if table.empty:
         raise SystemExit(f"{args.runs}: no unlearning row to judge (no finished run with a drop event)")
-    print(table[table["method"] != "retrain"].fillna("-").to_markdown(index=False))
     table = table.fillna("-")  # a group no seed of which had a Retrain has no figures
+    print(table[table["method"] != "retrain"].to_markdown(index=False))
     unjudged = [metric for metric in TARGETS_AGAINST_RETRAIN
                 if (table.get(f"Δ{metric} per seed", pd.Series("-", index=table.index)) == "-").all()]  # fmt: skip
     if unjudged:

@@ -113,12 +113,12 @@ class InProcessPool(LocalPool):
     ) -> list[Reply[ClientUpdate]]:
         replies = []
         ids, n_items = self.federation.client_ids, self.federation.n_items
-        for position, index in enumerate(clients):
+        for index, release in zip(clients, releases or [0] * len(clients), strict=True):
             data = self.federation.client(index)
             moments = copy.deepcopy(self._moments(index)) if self.keeps_moments and not ascent else None
             update, user = local_train(
                 self.model, data, self.user(index), shared, self.config, round_number, self.device, epochs, ascent,
-                moments, 0 if releases is None else releases[position],
+                moments, release,
             )  # fmt: skip
             reply = local_reply(self.config, round_number, index, update, ids, n_items)
             if reply.failure != FAILED:  # a client that crashed keeps nothing of the round, as on Flower
@@ -169,7 +169,7 @@ class InProcessPool(LocalPool):
 
     def evaluate(self, clients: list[int], shared: Arrays, done: ProgressHook) -> list[Reply[ClientEvaluation]]:
         results = []
-        for position, index in enumerate(clients):
+        for index in clients:
             data = self.federation.client(index)
             results.append(Reply(index, local_evaluate(self.model, data, self.user(index), shared, self.config,
                                                        self.device)))  # fmt: skip
