@@ -16,7 +16,6 @@ deployment."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 import numpy as np
@@ -31,9 +30,8 @@ from clients.branches import branch_mod, drop_branch
 from clients.common import (
     SIMULATION_ORACLE_ENV,
     USER_STATE,
-    class_index,
-    classes_of,
     node_data,
+    own_class,
     setup,
     user_part,
     with_own_secret,
@@ -65,9 +63,9 @@ from fedunlearn.fl.client import local_evaluate, local_membership, local_train
 from fedunlearn.fl.faults import inject
 from fedunlearn.fl.secure_round import SECURE_UPLOAD, SecureLayout
 from fedunlearn.fl.training import resolve_device
-from fedunlearn.privacy.attrcloak import fourth_power_contribution, half_labels, null_labels, split_into_levels
+from fedunlearn.privacy.attrcloak import fourth_power_contribution, split_into_levels
 from fedunlearn.privacy.audit import local_outcome
-from fedunlearn.privacy.common import class_contribution, flatten_users
+from fedunlearn.privacy.common import flatten_users
 from fedunlearn.privacy.portable import attacker_from_bytes
 from fedunlearn.seeding import Stream, client_key
 
@@ -168,38 +166,21 @@ def secure_contribution(msg: Message, context: Context) -> Message:
             own_features = flatten_users(model, [user_part(context, model, data, config.run.training_seed())])[0]
             vector = local_outcome(attacker_from_bytes(bytes(fields["attacker"])), own_features, own_value)
         elif task == CLASS_SUMS:
-            classes = classes_of(fields)
             if bool(fields.get("defence", False)):  # during AttrCloak: the embedding as defended so far
                 own_features = defence.load_cloak(context).current
             else:
                 own_features = flatten_users(model, [user_part(context, model, data, config.run.training_seed())])[0]
-            label = class_index(classes, own_value, attribute)
-            if "null-key" in fields:  # AttrCloak's null level: the public pseudo-class, not its own
-                shares = read_array_field(fields["null-shares"])
-                if len(shares) != len(classes):
-                    raise ValueError(f"{len(shares)} null-level class shares for {len(classes)} classes")
-                label = int(null_labels(config.defence_seed(), int(fields["null-key"]), [data.client_id], shares)[0])
-            if "split-keys" in fields:  # AttrCloak's covariance brake: its own class in its public half, per split
-                keys = json.loads(str(fields["split-keys"]))
-                if not isinstance(keys, list) or not all(isinstance(key, int) and key >= 0 for key in keys):
-                    raise ValueError(f"split-keys must be a list of non-negative integers; got {keys!r}")
-                halves = [half_labels(config.defence_seed(), key, [data.client_id])[0] for key in keys]
-                vector = np.concatenate([class_contribution(own_features, 2 * label + int(half), 2 * len(classes))
-                                         for half in halves])  # fmt: skip
-            else:
-                vector = class_contribution(own_features, label, len(classes))
+            vector = defence.class_sums(fields, config.defence_seed(), data.client_id, own_features, own_value)
         elif task == FEATURE_SUMS:
-            vector = defence.feature_sums(fields, context, class_index(classes_of(fields), own_value, attribute))
+            vector = defence.feature_sums(fields, context, *own_class(fields, own_value, attribute))
         elif task == FOURTH_POWERS:
-            classes = classes_of(fields)
             means, global_mean = read_array_field(fields["means"]), read_array_field(fields["global-mean"])
-            label = class_index(classes, own_value, attribute)
+            label, n_classes = own_class(fields, own_value, attribute)
             levels = read_array_field(fields["levels"])
             if levels.ndim != 1 or not len(levels) or not np.all(np.isfinite(levels)) or np.any(np.diff(levels) <= 0):
                 raise ValueError("the fourth powers' levels must be a finite increasing list of tops")
-            values = fourth_power_contribution(
-                defence.load_cloak(context).original, label, means, global_mean, len(classes)
-            )
+            original = defence.load_cloak(context).original
+            values = fourth_power_contribution(original, label, means, global_mean, n_classes)
             if values.max() > levels[-1]:  # the split would clip it silently, below the bound check; the value
                 # itself is not told: from its maximum under chosen means a server would rebuild the embedding
                 raise ValueError(f"a fourth power beyond the top level {levels[-1]:.3g}: raise the levels")

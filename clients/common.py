@@ -16,6 +16,7 @@ from fedunlearn.fl.client import init_user
 from fedunlearn.fl.federation import ClientData, Federation, cached_federation
 from fedunlearn.models import build_model
 from fedunlearn.models.base import Arrays, SplitModel
+from fedunlearn.privacy.common import LEFT_OUT
 
 USER_STATE = "user"
 # Set only by fedunlearn's own simulation runner (server.simulation), in its process and its Ray workers'
@@ -108,11 +109,18 @@ def user_part(context: Context, model: SplitModel, data: ClientData, seed: int) 
     return record_to_arrays(context.state.array_records[USER_STATE])
 
 
-def class_index(classes: list[str], own_value: str, attribute: str) -> int:
+def class_index(classes: list[str], left_out: list[str], own_value: str, attribute: str) -> int:
+    """This client's class among those the server sums, or LEFT_OUT when its value is among those
+    held by too few clients to sum (fedunlearn.privacy.cells): it then sends zeros."""
+    if own_value in left_out:
+        return LEFT_OUT
     if own_value not in classes:
         raise ValueError(f"this client's {attribute} is not among the {len(classes)} classes the server sent")
     return classes.index(own_value)
 
 
-def classes_of(fields: Any) -> list[str]:
-    return [str(value) for value in json.loads(str(fields["classes"]))]
+def own_class(fields: Any, own_value: str, attribute: str) -> tuple[int, int]:
+    """(`class_index` from a task's "classes" and "left-out", the number of classes summed)."""
+    classes = [str(value) for value in json.loads(str(fields["classes"]))]
+    left_out = [str(value) for value in json.loads(str(fields["left-out"]))]
+    return class_index(classes, left_out, own_value, attribute), len(classes)

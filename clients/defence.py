@@ -7,13 +7,14 @@ client's user part; with defence.compare the trained one is kept until "query.de
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message
 
-from clients.common import USER_STATE, class_index, classes_of, node_data, setup, user_part
+from clients.common import USER_STATE, class_index, node_data, own_class, setup, user_part
 from clients.messages import (
     arrays_to_record,
     encode_identity,
@@ -26,7 +27,7 @@ from clients.messages import (
 from fedunlearn.config import Config
 from fedunlearn.fl.federation import ClientData
 from fedunlearn.models.base import SplitModel
-from fedunlearn.privacy.attrcloak import ClientCloak, DataRetention
+from fedunlearn.privacy.attrcloak import ClientCloak, DataRetention, half_labels, null_labels
 from fedunlearn.privacy.baselines import (
     FourierFeatures,
     broadcast_problem,
@@ -34,7 +35,7 @@ from fedunlearn.privacy.baselines import (
     feature_contribution,
     uses_kernel,
 )
-from fedunlearn.privacy.common import AdamState, adam_step, flatten_users, unflatten_users
+from fedunlearn.privacy.common import LEFT_OUT, AdamState, adam_step, class_contribution, flatten_users, unflatten_users
 from fedunlearn.privacy.stage import at_risk
 
 CLOAK_STATE = "cloak"  # the ClientCloak's arrays, while a defence runs
@@ -43,13 +44,50 @@ CLOAK_SHARED = "cloak-shared"  # AttrCloak-DD: the frozen shared part, for the c
 TRAINED_STATE = "trained-user"  # defence.compare: the user part as trained, every defence's start
 
 
-def feature_sums(fields: Any, context: Context, label: int) -> np.ndarray:
+def feature_sums(fields: Any, context: Context, label: int, n_classes: int) -> np.ndarray:
     """D2D-R: this client's one-hot class and the Fourier features of its embedding as defended so
-    far, in its class's block."""
+    far, in its class's block (zeros if its class is left out)."""
     current = load_cloak(context).current
     phi = FourierFeatures(len(current), float(fields["scale"]), int(fields["seed"]))
     features = phi(torch.as_tensor(current)[None]).numpy()
-    return feature_contribution(features, np.array([label]), len(classes_of(fields)))[0]
+    return feature_contribution(features, np.array([label]), n_classes)[0]
+
+
+def class_sums(fields: Any, seed: int, client_id: str, own_features: np.ndarray, own_value: str) -> np.ndarray:
+    """This client's part of a secure sum of class sums (or with "counts-only", of counts alone):
+    under its own class, or per key of the task's random draws (AttrCloak's null-level
+    pseudo-classes, "null-keys"; the covariance brake's (class, half) cells, "split-keys"), drawn
+    from `seed` (defence.private_seed). Zeros where its class, or a cell the task does not keep
+    ("kept-cells"), is left out (fedunlearn.privacy.cells)."""
+    attribute = str(fields["attribute"])
+    label, n_classes = own_class(fields, own_value, attribute)
+    cells, n_cells = [label], n_classes
+    if "null-keys" in fields:  # AttrCloak's null level: the pseudo-class, not its own
+        shares = read_array_field(fields["null-shares"])
+        if len(shares) != n_classes:
+            raise ValueError(f"{len(shares)} null-level class shares for {n_classes} classes")
+        keys = _draw_keys(fields["null-keys"])
+        cells = [LEFT_OUT if label == LEFT_OUT else int(null_labels(seed, key, [client_id], shares)[0]) for key in keys]
+    elif "split-keys" in fields:  # AttrCloak's covariance brake: its own class in its half, per split
+        keys, n_cells = _draw_keys(fields["split-keys"]), 2 * n_classes
+        cells = [LEFT_OUT if label == LEFT_OUT else 2 * label + int(half_labels(seed, key, [client_id])[0])
+                 for key in keys]  # fmt: skip
+    if "kept-cells" in fields:
+        kept = json.loads(str(fields["kept-cells"]))
+        if not (isinstance(kept, list) and len(kept) == len(cells) and all(
+                isinstance(row, list) and len(row) == n_cells for row in kept)):  # fmt: skip
+            raise ValueError(f"kept-cells must be {len(cells)} lists of {n_cells} flags; got {kept!r}")
+        cells = [cell if cell != LEFT_OUT and kept[i][cell] else LEFT_OUT for i, cell in enumerate(cells)]
+    if bool(fields.get("counts-only", False)):
+        return np.concatenate([np.eye(n_cells)[cell] if cell != LEFT_OUT else np.zeros(n_cells) for cell in cells])
+    return np.concatenate([class_contribution(own_features, cell, n_cells) for cell in cells])
+
+
+def _draw_keys(field: Any) -> list[int]:
+    keys = json.loads(str(field))
+    if not isinstance(keys, list) or not all(isinstance(key, int) and key >= 0 for key in keys):
+        raise ValueError(f"a draw's keys must be a list of non-negative integers; got {keys!r}")
+    return keys
 
 
 def cloak_products(fields: Any, context: Context, config: Config, data: ClientData, model: SplitModel) -> np.ndarray:
@@ -116,8 +154,8 @@ def defence_start(msg: Message, context: Context) -> Message:
     own = flatten_users(model, [user_part(context, model, data, config.run.training_seed())])[0]
     values = federation.dataset.attributes.iloc[data.index]
     labels = [
-        class_index([str(c) for c in cls], str(values[name]), name)
-        for name, cls in zip(start.attributes, start.classes, strict=True)
+        class_index([str(c) for c in cls], [str(c) for c in out], str(values[name]), name)
+        for name, cls, out in zip(start.attributes, start.classes, start.left_out, strict=True)
     ]
     defending = start.defending
     if defending is None:

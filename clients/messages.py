@@ -335,7 +335,8 @@ class DefenceStart:
     `keep_trained` (defence.compare) that every defence starts from the trained user part."""
 
     attributes: list[str]
-    classes: list[list[str]]
+    classes: list[list[str]]  # per attribute, the classes its sums keep (fedunlearn.privacy.cells)
+    left_out: list[list[str]]  # per attribute, the held values whose clients send zeros to its sums
     defending: bool | None
     shared: Arrays | None = None
     attackers: list[Attacker] = field(default_factory=list)
@@ -345,7 +346,8 @@ class DefenceStart:
 
 def encode_defence_start(config: Config, start: DefenceStart) -> RecordDict:
     content = instruction(config, shared=start.shared)
-    fields: dict[str, Any] = {"attributes": json.dumps(start.attributes), "classes": json.dumps(start.classes)}
+    fields: dict[str, Any] = {"attributes": json.dumps(start.attributes), "classes": json.dumps(start.classes),
+                              "left-out": json.dumps(start.left_out)}  # fmt: skip
     fields |= {"risk-threshold": float(start.risk_threshold), "keep-trained": start.keep_trained}
     if start.defending is not None:
         fields["defending"] = start.defending
@@ -360,7 +362,8 @@ def read_defence_start(content: RecordDict) -> tuple[Config, DefenceStart]:
     attackers = content.config_records["attackers"]
     defending = bool(fields["defending"]) if "defending" in fields else None
     start = DefenceStart(
-        json.loads(str(fields["attributes"])), json.loads(str(fields["classes"])), defending, shared,
+        json.loads(str(fields["attributes"])), json.loads(str(fields["classes"])),
+        json.loads(str(fields["left-out"])), defending, shared,
         [attacker_from_bytes(bytes(attackers[str(i)])) for i in range(len(attackers))],
         float(fields["risk-threshold"]), bool(fields["keep-trained"]),
     )  # fmt: skip

@@ -2,8 +2,11 @@
 the server runs the same loop as in-process (`fedunlearn.privacy.attrcloak.cloak`,
 `fedunlearn.privacy.baselines.regularise`) and learns only sums.
 
-Every defence (over `clients`, federation indices) begins with query.defence_start to each client:
-the attributes' class lists, for AttrCloak-DD the frozen shared part, and whether it defends, or
+Every defence (over `clients`, federation indices) begins with a SecAgg+ sum of counts per
+attribute (one-hot rows alone): a class held by fewer than three clients is left out, its members
+send zeros to that attribute's sums (fedunlearn.privacy.cells), as a sum over one or two
+clients would give them away. Then query.defence_start to each client: the attributes' class lists
+(kept and left out), for AttrCloak-DD the frozen shared part, and whether it defends, or
 (`defence.clients = "at-risk"`) the audit's embedding attackers and the risk threshold, from which
 the client decides alone (`fedunlearn.privacy.stage.at_risk` on its own embedding and attributes);
 then the step messages go to every client, and one that does not defend ignores them, so the server
@@ -14,7 +17,9 @@ query.defence_finish: the defended embedding becomes the client's user part.
 
 AttrCloak:
 - once per attribute, two SecAgg+ sums: class sums (count, sum e, sum e e^T), then, with the means
-  broadcast, the fourth powers for the Ledoit-Wolf intensities.
+  broadcast, the fourth powers for the Ledoit-Wolf intensities; for the null level (and, the
+  first time, the covariance brake) the counts of the random cells of all draws, then their sums
+  in one SecAgg+ sum, a cell under three clients left out.
 Per step:
 - per attribute, SecAgg+ class sums of the current embeddings; the server fits the Gaussians and
   differentiates L_AU with respect to the sums;
@@ -42,7 +47,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -53,12 +58,13 @@ from fedunlearn.models.base import Arrays
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import AttributeGradient, cloak, fourth_power_levels, join_levels
 from fedunlearn.privacy.baselines import FourierFeatures, SumsGradient, regularise
+from fedunlearn.privacy.cells import kept_cells, summable_classes
 from fedunlearn.privacy.common import DefenceOutcome, StepDone, no_progress
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.privacy.registry import DEFENCES
 from fedunlearn.privacy.stage import cloak_settings
 from server.pool import FlowerPool
-from server.privacy_queries import CLASS_SUMS_BOUND, FEATURE_SUMS_BOUND, PRODUCTS_BOUND
+from server.privacy_queries import CLASS_SUMS_BOUND, FEATURE_SUMS_BOUND, PRODUCTS_BOUND, Draws
 
 FOURTH_POWER_MARGIN = 1.02  # over the largest possible ||e - mean||^4 (or ||e||^2), for the rounding in the sums
 
@@ -72,17 +78,28 @@ class OnClients:
     clients: list[int]
     start: DefenceStart
     defending: list[bool] | None
+    draw_counts: dict[tuple[int, Draws], np.ndarray] = field(default_factory=dict)
 
     def begin(self) -> None:
         self.pool.defence_start(self.clients, self.start, self.defending)
 
-    def class_sums(self, attribute: int, bound: float, null: tuple[int, np.ndarray] | None = None) -> ClassSums:
-        name, classes = self.start.attributes[attribute], self.start.classes[attribute]
-        return self.pool.class_sums(name, self.clients, bound, classes, defence=True, null=null)
+    def classes(self, attribute: int) -> tuple[str, list[str], list[str]]:
+        """The attribute's name, the classes its sums keep, the values left out."""
+        return self.start.attributes[attribute], self.start.classes[attribute], self.start.left_out[attribute]
 
-    def split_class_sums(self, attribute: int, bound: float, keys: Sequence[int]) -> list[ClassSums]:
-        name, classes = self.start.attributes[attribute], self.start.classes[attribute]
-        return self.pool.split_class_sums(name, self.clients, keys, bound, classes)
+    def class_sums(self, attribute: int, bound: float) -> ClassSums:
+        name, classes, left_out = self.classes(attribute)
+        return self.pool.class_sums(name, self.clients, bound, classes, left_out, defence=True)
+
+    def cell_sums(self, attribute: int, draws: Draws, bound: float) -> list[ClassSums]:
+        """The sums of each draw's random cells; their counts first (once per draws: a cell's
+        members do not change during a defence), and every cell under three clients left out."""
+        name, classes, left_out = self.classes(attribute)
+        if (attribute, draws) not in self.draw_counts:
+            counts = self.pool.class_counts(name, self.clients, classes, left_out, draws)
+            self.draw_counts[(attribute, draws)] = counts
+        kept = kept_cells(self.draw_counts[(attribute, draws)])
+        return self.pool.cell_sums(name, self.clients, classes, left_out, draws, kept, bound)
 
     @property
     def stepping(self) -> list[int]:
@@ -116,11 +133,12 @@ class FlowerCloakClients:
         self.sums[attribute] = self.on.class_sums(attribute, self.class_sums_bound)
         return self.sums[attribute]
 
-    def null_class_sums(self, attribute: int, key: int, shares: np.ndarray) -> ClassSums:
-        return self.on.class_sums(attribute, self.class_sums_bound, null=(key, shares))
+    def null_class_sums(self, attribute: int, keys: Sequence[int], shares: np.ndarray) -> list[ClassSums]:
+        return self.on.cell_sums(attribute, Draws(tuple(keys), tuple(np.asarray(shares).tolist())),
+                                 self.class_sums_bound)  # fmt: skip
 
     def split_class_sums(self, attribute: int, keys: Sequence[int]) -> list[ClassSums]:
-        return self.on.split_class_sums(attribute, self.class_sums_bound, keys)
+        return self.on.cell_sums(attribute, Draws(tuple(keys)), self.class_sums_bound)
 
     def fourth_powers(self, attribute: int, means: np.ndarray, global_mean: np.ndarray) -> np.ndarray:
         """In levels (`attrcloak.fourth_power_levels`): from the typical value (scatter / n)^2 to
@@ -128,8 +146,8 @@ class FlowerCloakClients:
         sums = self.sums[attribute]  # the class sums these means came from
         scatter = max(float(np.trace(sums.outers.sum(0)) - sums.counts.sum() * global_mean @ global_mean), 1e-12)
         tops = fourth_power_levels((scatter / sums.counts.sum()) ** 2, (FOURTH_POWER_MARGIN * scatter) ** 2)
-        name, classes = self.on.start.attributes[attribute], self.on.start.classes[attribute]
-        shares = self.on.pool.fourth_powers(name, classes, means, global_mean, self.on.clients, tops)
+        name, classes, left_out = self.on.classes(attribute)
+        shares = self.on.pool.fourth_powers(name, classes, left_out, means, global_mean, self.on.clients, tops)
         return join_levels(shares.reshape(len(classes) + 1, len(tops)), tops)
 
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
@@ -156,8 +174,9 @@ class FlowerRegularisedClients:
         return self.on.class_sums(0, min(CLASS_SUMS_BOUND, FOURTH_POWER_MARGIN * max(1.0, np.sqrt(total), total)))
 
     def feature_sums(self, attribute: int, phi: FourierFeatures) -> np.ndarray:
-        name, classes = self.on.start.attributes[attribute], self.on.start.classes[attribute]
-        return self.on.pool.feature_sums(name, classes, phi.scale, phi.seed, self.on.clients, FEATURE_SUMS_BOUND)
+        name, classes, left_out = self.on.classes(attribute)
+        return self.on.pool.feature_sums(name, classes, left_out, phi.scale, phi.seed, self.on.clients,
+                                         FEATURE_SUMS_BOUND)  # fmt: skip
 
     def step(self, gradients: list[SumsGradient], phi: FourierFeatures | None) -> None:
         arrays = [tuple(part.numpy() for part in gradient) for gradient in gradients]
@@ -177,9 +196,17 @@ def on_clients(
     risk_threshold: float = 0.5,
     keep_trained: bool = False,
 ) -> OnClients:
-    """The setting of one defence; classes per attribute default to the dataset's sorted values."""
+    """The setting of one defence; classes per attribute default to the dataset's sorted values.
+    First a secure sum of counts per attribute: the classes under three clients are left out
+    (fedunlearn.privacy.cells), and an attribute with fewer than two classes left is not defended."""
     classes = classes if classes is not None else [pool.attribute_classes(name) for name in attributes]
-    start = DefenceStart(attributes, classes, None, shared, list(attackers), risk_threshold, keep_trained)
+    kept: dict[str, tuple[list[str], list[str]]] = {}
+    for name, values in zip(attributes, classes, strict=True):
+        summable = summable_classes(name, values, pool.class_counts(name, clients, values)[0])
+        if summable is not None:
+            kept[name] = summable
+    start = DefenceStart(list(kept), [summed for summed, _ in kept.values()], [out for _, out in kept.values()],
+                         None, shared, list(attackers), risk_threshold, keep_trained)  # fmt: skip
     return OnClients(pool, clients, start, None if defending is None else [bool(flag) for flag in defending])
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,25 @@ PRODUCTS_BOUND = 64.0  # AttrCloak: |g_R.g_R|, |g_AU.g_R|, |g_AU.g_AU| of every 
 FEATURE_SUMS_BOUND = 1.0  # D2D-R: a one-hot class and Fourier features, each within sqrt(2 / F) < 1
 
 
+@dataclass(frozen=True)
+class Draws:
+    """Random cells of an attribute's class sums, one set per key: AttrCloak's null-level
+    pseudo-classes (`shares`: the class shares they are drawn with, `attrcloak.null_labels`) or,
+    with no shares, the covariance brake's (class, half) cells (`attrcloak.half_labels`)."""
+
+    keys: tuple[int, ...]
+    shares: tuple[float, ...] | None = None  # hashable: the counts of a draw are kept per Draws
+
+    def fields(self) -> dict[str, Any]:
+        keys = json.dumps([int(key) for key in self.keys])
+        if self.shares is None:
+            return {"split-keys": keys}
+        return {"null-keys": keys, "null-shares": array_field(np.array(self.shares))}
+
+    def cells(self, n_classes: int) -> int:
+        return n_classes if self.shares is not None else 2 * n_classes
+
+
 class PrivacyQueries(ABC):
     config: Config
 
@@ -86,36 +105,45 @@ class PrivacyQueries(ABC):
         federation = cached_federation(self.config.data, self.config.run.seed)
         return sorted({str(value) for value in federation.dataset.attributes[attribute]})
 
+    def class_counts(
+        self, attribute: str, clients: list[int], classes: list[str], left_out: Sequence[str] = (),
+        draws: Draws | None = None,
+    ) -> np.ndarray:  # fmt: skip
+        """How many of these clients are in each class (of each draw's cells: (keys, cells)),
+        through SecAgg+ of one-hot rows alone: what the server learns before it asks for any sum
+        of embeddings, to leave out the cells too small to sum (fedunlearn.privacy.cells)."""
+        fields = _class_fields(attribute, classes, left_out, draws) | {"counts-only": True}
+        total = self._secure_sum(clients, secure_task(self.config, CLASS_SUMS, **fields), 1.0)
+        return np.rint(total).reshape(len(draws.keys) if draws is not None else 1, -1)
+
     def class_sums(
         self,
         attribute: str,
         clients: list[int],
         bound: float = CLASS_SUMS_BOUND,
         classes: list[str] | None = None,
+        left_out: Sequence[str] = (),
         defence: bool = False,
-        null: tuple[int, np.ndarray] | None = None,
     ) -> ClassSums:
         """AttrCloak's per-class sums (count, sum of e, sum of e e^T) over these clients' embeddings
         (`defence`: as defended so far), through SecAgg+; classes are `classes` or the attribute's
-        sorted values, shipped to every client. With `null` = (key, class shares) each client
-        counts under its public pseudo-class (`attrcloak.null_labels`) instead of its own."""
+        sorted values, shipped to every client; a client whose value is in `left_out` sends zeros."""
         classes = classes if classes is not None else self.attribute_classes(attribute)
-        fields: dict[str, Any] = {"attribute": attribute, "classes": json.dumps(classes), "defence": defence}
-        if null is not None:
-            fields |= {"null-key": null[0], "null-shares": array_field(null[1])}
+        fields = _class_fields(attribute, classes, left_out, None) | {"defence": defence}
         task = secure_task(self.config, CLASS_SUMS, **fields)
         return _class_sums(self._secure_sum(clients, task, bound), [len(classes)])[0]
 
-    def split_class_sums(
-        self, attribute: str, clients: list[int], keys: Sequence[int], bound: float, classes: list[str]
-    ) -> list[ClassSums]:
-        """AttrCloak's covariance brake: for each split key, the class sums under class 2c + h (each
-        client's own class c and its public half h, `attrcloak.half_labels`), all keys in one
-        SecAgg+ sum of the defended embeddings."""
-        fields = {"attribute": attribute, "classes": json.dumps(classes), "defence": True,
-                  "split-keys": json.dumps([int(key) for key in keys])}  # fmt: skip
+    def cell_sums(
+        self, attribute: str, clients: list[int], classes: list[str], left_out: Sequence[str], draws: Draws,
+        kept: np.ndarray, bound: float,
+    ) -> list[ClassSums]:  # fmt: skip
+        """AttrCloak's null level and covariance brake: for each of `draws`' keys the class sums of
+        the defended embeddings under that draw's cells, all keys in one SecAgg+ sum; the members
+        of a cell not `kept` (keys, cells) send zeros for that key."""
+        fields = _class_fields(attribute, classes, left_out, draws) | {"defence": True}
+        fields["kept-cells"] = json.dumps(np.asarray(kept, dtype=int).tolist())
         total = self._secure_sum(clients, secure_task(self.config, CLASS_SUMS, **fields), bound)
-        return _class_sums(total, [2 * len(classes)] * len(keys))
+        return _class_sums(total, [draws.cells(len(classes))] * len(draws.keys))
 
     def defence_start(self, clients: list[int], start: DefenceStart, defending: list[bool] | None) -> None:
         """Each client notes its embedding and classes; `defending[i]`: whether clients[i] defends
@@ -126,12 +154,12 @@ class PrivacyQueries(ABC):
         self._query(DEFENCE_START, contents)
 
     def fourth_powers(
-        self, attribute: str, classes: list[str], means: np.ndarray, global_mean: np.ndarray, clients: list[int],
-        levels: np.ndarray,
+        self, attribute: str, classes: list[str], left_out: Sequence[str], means: np.ndarray, global_mean: np.ndarray,
+        clients: list[int], levels: np.ndarray,
     ) -> np.ndarray:  # fmt: skip
         """The sum of each client's `fourth_power_contribution` (original embedding) split over
         `levels` (`attrcloak.split_into_levels`, flattened: (K + 1) x L shares), through SecAgg+."""
-        fields = {"attribute": attribute, "classes": json.dumps(classes), "levels": array_field(levels)}
+        fields = _class_fields(attribute, classes, left_out, None) | {"levels": array_field(levels)}
         fields |= {"means": array_field(means), "global-mean": array_field(global_mean)}
         return self._secure_sum(clients, secure_task(self.config, FOURTH_POWERS, **fields), 1.0)
 
@@ -154,11 +182,12 @@ class PrivacyQueries(ABC):
         self._query(DEFENCE_FINISH, dict.fromkeys(clients, instruction(self.config)))
 
     def feature_sums(
-        self, attribute: str, classes: list[str], scale: float, seed: int, clients: list[int], bound: float
-    ) -> np.ndarray:
+        self, attribute: str, classes: list[str], left_out: Sequence[str], scale: float, seed: int,
+        clients: list[int], bound: float,
+    ) -> np.ndarray:  # fmt: skip
         """The sum of each client's D2D-R `feature_contribution` (embedding as defended so far),
         through SecAgg+; the clients build the Fourier features from (scale, seed)."""
-        fields = {"attribute": attribute, "classes": json.dumps(classes), "scale": float(scale), "seed": seed}
+        fields = _class_fields(attribute, classes, left_out, None) | {"scale": float(scale), "seed": seed}
         return self._secure_sum(clients, secure_task(self.config, FEATURE_SUMS, **fields), bound)
 
     def regularised_step(self, clients: list[int], method: str, gradients: list[tuple[np.ndarray, ...]],
@@ -171,6 +200,13 @@ class PrivacyQueries(ABC):
         content = instruction(self.config)
         content["defence"] = ConfigRecord({"restore": restore})
         self._query(DEFENCE_END, dict.fromkeys(clients, content))
+
+
+def _class_fields(attribute: str, classes: list[str], left_out: Sequence[str], draws: Draws | None) -> dict[str, Any]:
+    """What every task over an attribute's classes ships: the attribute, the classes summed, the
+    held values whose clients send zeros (fedunlearn.privacy.cells), and any random draws."""
+    fields = {"attribute": attribute, "classes": json.dumps(classes), "left-out": json.dumps(list(left_out))}
+    return fields | (draws.fields() if draws is not None else {})
 
 
 def _class_sums(total: np.ndarray, class_counts: list[int]) -> list[ClassSums]:

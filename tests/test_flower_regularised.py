@@ -1,16 +1,17 @@
 """D2D-R and U2U-R through Flower messages: each client defends its own embedding, the server sees
 sums; and clients that decide alone whether they defend (`defence.clients = "at-risk"`).
 
-One simulation for the module: 8 clients train 2 rounds through Flower, then 7 of them run D2D-R
-(5 of the 7 defending, chosen by the server) and after it U2U-R (each client decides from the
+One simulation for the module: 12 clients train 2 rounds through Flower, then 11 of them run D2D-R
+(8 of the 11 defending, chosen by the server) and after it U2U-R (each client decides from the
 attackers shipped to it), 3 steps each, through server.defence.flower_regularised. The auditor's
 query (query.audit_users, the simulation's oracle) reads the user parts back after each defence;
 the in-process `regularised_defence` on the same embeddings is the reference. Then, as
 `defence.compare` does, U2U-R and D2D-R once more (1 step each) with the user parts kept: each must
-start from them, and `query.defence_end` must restore them.
+start from them, and `query.defence_end` must restore them. Five of the 11 hold an age that fewer than
+three of them share: they are left out of age's sums (fedunlearn.privacy.cells), on both paths.
 
 Tolerance: as in tests/test_flower_defence.py, the server's inputs differ from the plain sums only
-by SecAgg+'s rounding (n = 7: 6.7e-6 for the class sums, bound 128; 5.2e-8 for D2D-R's features,
+by SecAgg+'s rounding (n = 11: 1.0e-5 for the class sums, bound 128; 8e-8 for D2D-R's features,
 bound 1; D2D-R's scale from class sums with a bound of about max(1, sum ||e||^2)); three steps of
 the losses' gradients and Adam carry that on: the same losses to 1e-4 (relative) and the same
 embeddings to 1e-4 (absolute), against moves of order 0.1."""
@@ -27,13 +28,13 @@ from fedunlearn.fl.federation import build_federation
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.baselines import regularised_defence
 from fedunlearn.privacy.common import flatten_users
-from fedunlearn.privacy.stage import at_risk, attribute_classes
+from fedunlearn.privacy.stage import at_risk, defence_classes
 
-pytestmark = [pytest.mark.flower]
+pytestmark = [pytest.mark.flower, pytest.mark.slow]  # 11 clients (a class of three or more to sum): ~60 s
 
-SMALL = TINY + ["data.synthetic_users=8", "train.rounds=2", "eval.every=2", "train.fraction=1", "run.engine=flower"]
-CLIENTS = [0, 1, 2, 3, 5, 6, 7]
-DEFENDING = [True, True, False, True, True, True, False]  # D2D-R; U2U-R: at risk
+SMALL = TINY + ["data.synthetic_users=12", "train.rounds=2", "eval.every=2", "train.fraction=1", "run.engine=flower"]
+CLIENTS = [0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+DEFENDING = [True, True, False, True, True, True, False, True, True, False, True]  # D2D-R; U2U-R: at risk
 ATTRIBUTES = ["gender", "age"]
 STEPS, LR, WEIGHT = 3, 0.05, 0.5
 
@@ -104,7 +105,8 @@ def _expected(run, method):
         defending = np.array(DEFENDING)
     else:
         defending = at_risk(flower["attackers"], before, attributes, flower["threshold"])
-    classes = attribute_classes(attributes, ATTRIBUTES)
+    classes = defence_classes(attributes, ATTRIBUTES)
+    assert (classes[1].labels < 0).sum() == 5  # age: the holders of values fewer than three share
     outcome = regularised_defence(before, classes, method, STEPS, LR, WEIGHT, defending, run["config"].run.seed)
     return outcome, defending
 
@@ -141,7 +143,7 @@ def test_no_reply_during_the_regularised_defences_carries_an_embedding_or_an_att
 
 def test_with_keep_trained_each_defence_starts_from_the_kept_user_parts_and_the_end_restores_them(run):
     compared = run["compared"]
-    base, classes = compared["base"], attribute_classes(run["attributes"], ATTRIBUTES)
+    base, classes = compared["base"], defence_classes(run["attributes"], ATTRIBUTES)
     for method, after in compared["after"].items():
         expected = regularised_defence(
             base, classes, method, 1, LR, WEIGHT, np.array(DEFENDING), run["config"].run.seed

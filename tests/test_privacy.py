@@ -1189,3 +1189,69 @@ def test_the_upload_items_view_reads_an_attribute_that_the_clients_items_carry(t
     read = views.loc["upload-items"]
     assert read["tested"] == 96 and read["balanced_accuracy"] > 0.9 > read["null_95"]
     assert read["balanced_accuracy"] > views.loc["upload", "balanced_accuracy"] + 0.2  # 1.000 against 0.583 here
+
+
+class _RecordingSum(PlainSum):
+    """PlainSum that keeps every class sum the server side received, and every D2D-R feature sum's counts."""
+
+    def __init__(self, n_classes):
+        self.received, self.n_classes = [], n_classes
+
+    def class_sums(self, embeddings, attribute):
+        sums = super().class_sums(embeddings, attribute)
+        self.received.append(sums)
+        return sums
+
+    def total(self, contributions):
+        total = super().total(contributions)
+        if contributions.shape[1] > 3 * self.n_classes:  # a feature sum: the one-hot counts first
+            self.received.append(ClassSums(total[: self.n_classes], np.zeros((0, 0)), np.zeros((0, 0, 0))))
+        return total
+
+
+def _small_classes_federation():
+    """14 clients, one attribute: classes of 6, 5, 2 and 1 clients, the embeddings of the last
+    three far apart so that a sum over any of them shows."""
+    rng = np.random.default_rng(3)
+    values = np.array(["a"] * 6 + ["b"] * 5 + ["c"] * 2 + ["d"])
+    embeddings = rng.normal(size=(14, 4)) + np.where(values == "a", 1.0, 0.0)[:, None]
+    return embeddings, pd.DataFrame({"job": values})
+
+
+@pytest.mark.parametrize("method", ["attrcloak-df", "d2d-r", "u2u-r"])
+def test_no_defence_sums_a_class_of_one_or_two_clients_and_those_clients_do_not_move(method, capsys):
+    """A class held by one client sums to its embedding, one held by two gives both away: found by
+    a check (2026-12-07), whose sums recovered them to 3.5e-16. Their members send zeros now."""
+    from fedunlearn.privacy.baselines import regularised_defence
+    from fedunlearn.privacy.stage import defence_classes
+
+    embeddings, attributes = _small_classes_federation()
+    classes = defence_classes(attributes, ["job"])
+    assert "2 value(s) held by fewer than 3 clients ('c', 'd': 3 client(s))" in capsys.readouterr().err
+    recording = _RecordingSum(classes[0].n_classes)
+    defending = np.ones(14, dtype=bool)
+    if method == "attrcloak-df":
+        null = PseudoClasses(5, [str(i) for i in range(14)])
+        outcome = attrcloak(embeddings, classes, "df", 4, 0.05, defending, aggregator=recording, fixed_weight=1.0,
+                            null=null, brake_covariance=True)  # fmt: skip
+    else:
+        outcome = regularised_defence(embeddings, classes, method, 4, 0.05, 0.5, defending, 0, recording)
+    counts = np.concatenate([sums.counts for sums in recording.received])
+    assert len(recording.received) >= 4 and counts.max() >= 3
+    assert not np.any((counts > 0) & (counts < 3)), sorted(set(counts.tolist()))
+    for sums in recording.received:  # no summed row is a single client's embedding (or twice one)
+        for row in sums.sums:
+            assert not any(np.allclose(row, k * e) for e in embeddings for k in (1, 2))
+    moved = np.linalg.norm(outcome.embeddings - embeddings, axis=1)
+    assert np.all(moved[11:] == 0) and np.all(moved[:11] > 0)  # c and d: in no sum, not defended
+
+
+def test_an_attribute_with_fewer_than_two_summable_classes_is_not_defended(capsys):
+    from fedunlearn.privacy.stage import defence_classes
+
+    attributes = pd.DataFrame({"job": ["a"] * 5 + ["b"] * 2, "sex": list("MFMFMFM")})
+    classes = defence_classes(attributes, ["job", "sex"])
+    assert [attribute.name for attribute in classes] == ["sex"]
+    err = capsys.readouterr().err
+    assert "job: 1 value(s) held by fewer than 3 clients ('b': 2 client(s))" in err
+    assert "job: 1 class(es) of 3 or more clients, so nothing to defend" in err

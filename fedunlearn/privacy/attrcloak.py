@@ -33,7 +33,9 @@ import torch
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.training import recommendation_loss, sample_negatives
 from fedunlearn.models.base import Arrays, SplitModel
+from fedunlearn.privacy.cells import leave_out_small_cells
 from fedunlearn.privacy.common import (
+    LEFT_OUT,
     AdamState,
     Aggregator,
     AttributeClasses,
@@ -90,8 +92,11 @@ def class_means(sums: ClassSums) -> tuple[np.ndarray, np.ndarray]:
 def fourth_power_contribution(
     embedding: np.ndarray, label: int, means: np.ndarray, global_mean: np.ndarray, n_classes: int
 ) -> np.ndarray:
-    """What one client adds to the shrinkage sum: ||e - mean_c||^4 in its class's slot, ||e - mean||^4 last."""
+    """What one client adds to the shrinkage sum: ||e - mean_c||^4 in its class's slot, ||e - mean||^4 last
+    (zeros if it is LEFT_OUT: the means are of the others)."""
     out = np.zeros(n_classes + 1)
+    if label == LEFT_OUT:
+        return out
     out[label] = np.linalg.norm(embedding - means[label]) ** 4
     out[-1] = np.linalg.norm(embedding - global_mean) ** 4
     return out
@@ -153,10 +158,12 @@ def fourth_powers(
     embeddings: np.ndarray, attribute: AttributeClasses, means: np.ndarray, global_mean: np.ndarray
 ) -> np.ndarray:
     """`fourth_power_contribution` of every row, vectorised: (n, K + 1)."""
-    fourth_own = np.linalg.norm(embeddings - means[attribute.labels], axis=1) ** 4
+    inside = attribute.labels != LEFT_OUT
+    own = np.where(inside, attribute.labels, 0)
+    fourth_own = np.linalg.norm(embeddings - means[own], axis=1) ** 4
     fourth_all = np.linalg.norm(embeddings - global_mean, axis=1) ** 4
-    return np.concatenate([np.eye(attribute.n_classes)[attribute.labels] * fourth_own[:, None],
-                           fourth_all[:, None]], axis=1)  # fmt: skip
+    rows = np.concatenate([np.eye(attribute.n_classes)[own] * fourth_own[:, None], fourth_all[:, None]], axis=1)
+    return rows * inside[:, None]
 
 
 # Ledoit-Wolf is degenerate below 3 users (at 2 its intensity is exactly 0 and the covariance
@@ -213,10 +220,11 @@ def attribute_loss(sums: ClassSums, shrinkage: np.ndarray, covariance: bool = Tr
 def client_attribute_gradient(
     embeddings: torch.Tensor, labels: np.ndarray, grad_sums: torch.Tensor, grad_outers: torch.Tensor
 ) -> torch.Tensor:
-    """Each client's own dL/de = dL/dsum_c + (G_c + G_c^T) e: needs only its class and the aggregate."""
+    """Each client's own dL/de = dL/dsum_c + (G_c + G_c^T) e: needs only its class and the aggregate
+    (zero for a LEFT_OUT client: its embedding is in no sum)."""
     index = torch.as_tensor(labels)
-    out = grad_sums[index].clone()
-    for k in torch.unique(index).tolist():  # one product per class, not an (n, d, d) gather
+    out = grad_sums[index.clamp(min=0)] * (index != LEFT_OUT)[:, None]
+    for k in torch.unique(index[index != LEFT_OUT]).tolist():  # one product per class, not an (n, d, d) gather
         members = index == k
         out[members] += embeddings[members] @ grad_outers[k].T
     return out
@@ -376,15 +384,18 @@ class CloakClients(Protocol):
         """The sum of `fourth_power_contribution` over the clients' original embeddings: (K + 1,)."""
         ...
 
-    def null_class_sums(self, attribute: int, key: int, shares: np.ndarray) -> ClassSums:
-        """Class sums of the clients' current embeddings under the public pseudo-classes
-        `null_labels(seed, key, ids, shares)` instead of their own classes of `attribute`."""
+    def null_class_sums(self, attribute: int, keys: Sequence[int], shares: np.ndarray) -> list[ClassSums]:
+        """For each null key, class sums of the current embeddings of the clients in `attribute`'s
+        sums under their pseudo-classes `null_labels(seed, key, ids, shares)` instead of their own
+        classes, each pseudo-class under MIN_CELL_CLIENTS left out (cells.py; on Flower all keys in
+        one secure sum, after one of their counts)."""
         ...
 
     def split_class_sums(self, attribute: int, keys: Sequence[int]) -> list[ClassSums]:
         """For each split key, class sums of the clients' current embeddings under 2K classes: each
-        client's own class c of `attribute` and its public half h = `half_labels(seed, key, ids)`, as
-        class 2c + h (on Flower all keys in one secure sum)."""
+        client's own class c of `attribute` and its half h = `half_labels(seed, key, ids)`, as
+        class 2c + h, each cell under MIN_CELL_CLIENTS left out (on Flower all keys in one secure
+        sum, after one of their counts)."""
         ...
 
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
@@ -418,7 +429,7 @@ def null_separation(clients: CloakClients, attribute: int, counts: np.ndarray, s
     """The separation term of L_j under random pseudo-classes with the class shares of `counts`,
     averaged over NULL_DRAWS draws."""
     shares = counts / counts.sum()
-    draws = (clients.null_class_sums(attribute, attribute * NULL_DRAWS + d, shares) for d in range(NULL_DRAWS))
+    draws = clients.null_class_sums(attribute, [attribute * NULL_DRAWS + d for d in range(NULL_DRAWS)], shares)
     return float(np.mean([attribute_gradients(sums, shrinkage).separation for sums in draws]))
 
 
@@ -567,24 +578,27 @@ class MatrixClients:
     def fourth_powers(self, attribute: int, means: np.ndarray, global_mean: np.ndarray) -> np.ndarray:
         return self.aggregator.total(fourth_powers(self.embeddings, self.attributes[attribute], means, global_mean))
 
-    def null_class_sums(self, attribute: int, key: int, shares: np.ndarray) -> ClassSums:
+    def null_class_sums(self, attribute: int, keys: Sequence[int], shares: np.ndarray) -> list[ClassSums]:
         if self.pseudo is None:
             raise ValueError("the null level needs the clients' ids and the seed of their pseudo-classes")
-        labels = null_labels(self.pseudo.seed, key, self.pseudo.client_ids, shares)
-        pseudo = AttributeClasses(f"null-{key}", labels, len(shares))
-        return self.aggregator.class_sums(self.current.detach().numpy(), pseudo)
+        inside = self.attributes[attribute].labels != LEFT_OUT
+        cells = [np.where(inside, null_labels(self.pseudo.seed, key, self.pseudo.client_ids, shares), LEFT_OUT)
+                 for key in keys]  # fmt: skip
+        return self._cell_sums("null", keys, cells, len(shares))
 
     def split_class_sums(self, attribute: int, keys: Sequence[int]) -> list[ClassSums]:
         if self.pseudo is None:
             raise ValueError("the covariance brake needs the clients' ids and the seed of their halves")
-        own, current = self.attributes[attribute], self.current.detach().numpy()
-        return [
-            self.aggregator.class_sums(current, AttributeClasses(
-                f"split-{key}", 2 * own.labels + half_labels(self.pseudo.seed, key, self.pseudo.client_ids),
-                2 * own.n_classes,
-            ))
-            for key in keys
-        ]  # fmt: skip
+        own = self.attributes[attribute]
+        cells = [np.where(own.labels != LEFT_OUT, 2 * own.labels + half_labels(self.pseudo.seed, key,
+                          self.pseudo.client_ids), LEFT_OUT) for key in keys]  # fmt: skip
+        return self._cell_sums("split", keys, cells, 2 * own.n_classes)
+
+    def _cell_sums(self, kind: str, keys: Sequence[int], cells: list[np.ndarray], n_cells: int) -> list[ClassSums]:
+        current = self.current.detach().numpy()
+        return [self.aggregator.class_sums(current, AttributeClasses(f"{kind}-{key}",
+                                                                     leave_out_small_cells(labels, n_cells), n_cells))
+                for key, labels in zip(keys, cells, strict=True)]  # fmt: skip
 
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
         values = self.current.detach()

@@ -29,7 +29,15 @@ import numpy as np
 import torch
 
 from fedunlearn.privacy.attrcloak import client_attribute_gradient
-from fedunlearn.privacy.common import Aggregator, AttributeClasses, DefenceOutcome, PlainSum, StepDone, no_progress
+from fedunlearn.privacy.common import (
+    LEFT_OUT,
+    Aggregator,
+    AttributeClasses,
+    DefenceOutcome,
+    PlainSum,
+    StepDone,
+    no_progress,
+)
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.privacy.registry import DEFENCES
 
@@ -60,7 +68,7 @@ def broadcast_problem(method: str, gradients: Sequence[SumsGradient], labels: Se
         features = len(BANDWIDTHS) * FEATURES_PER_KERNEL
         expected = [(k, features)] if uses_kernel(method) else [(k, dim), (k, dim, dim)]
         shapes = [tuple(part.shape) for part in parts]
-        if shapes != expected or not 0 <= label < k:
+        if shapes != expected or not (0 <= label < k or label == LEFT_OUT):
             return f"{method} gradients of shapes {shapes} do not fit a {dim}-dim embedding of class {label}"
         if not all(torch.isfinite(torch.as_tensor(part)).all() for part in parts):
             return f"the broadcast {method} gradients are not finite"
@@ -90,8 +98,9 @@ def mean_square_norm(sums: ClassSums) -> float:
 
 def feature_contribution(features: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
     """What each client adds to D2D-R's secure sum: (n, K + K F), its one-hot class, then its
-    Fourier features in its class's block (zero elsewhere)."""
-    one_hot = np.eye(n_classes)[labels]
+    Fourier features in its class's block (zero elsewhere; all zero for a LEFT_OUT client)."""
+    labels = np.asarray(labels)
+    one_hot = np.eye(n_classes)[np.maximum(labels, 0)] * (labels != LEFT_OUT)[:, None]
     per_class = (one_hot[:, :, None] * features[:, None]).reshape(len(features), -1)
     return np.concatenate([one_hot, per_class], axis=1)
 
@@ -139,14 +148,16 @@ def client_gradient(
 ) -> torch.Tensor:
     """The clients' own gradients (rows of `current`, one client or all of them): the distance's,
     from the broadcast `gradients` and each one's class `labels[j]` per attribute (mean over
-    attributes), plus the retention term weight * 2 (e - e_original) / n."""
+    attributes; none from an attribute where it is LEFT_OUT), plus the retention term
+    weight * 2 (e - e_original) / n."""
     grad = torch.zeros_like(current)
     for label, gradient in zip(labels, gradients, strict=True):
         index = torch.as_tensor(label)
         if uses_kernel(method):
             assert phi is not None, "D2D-R needs the Fourier features"
             own = current.clone().requires_grad_(True)
-            (part,) = torch.autograd.grad((phi(own) * gradient[0][index]).sum(), own)
+            own_gradient = gradient[0][index.clamp(min=0)] * (index != LEFT_OUT)[:, None]
+            (part,) = torch.autograd.grad((phi(own) * own_gradient).sum(), own)
         else:
             part = client_attribute_gradient(current, label, gradient[0], gradient[1])
         grad += part / len(gradients)
@@ -182,6 +193,8 @@ def regularise(
     if method not in DEFENCES or DEFENCES[method].loop != "regularised":
         regularised = [name for name, entry in DEFENCES.items() if entry.loop == "regularised"]
         raise ValueError(f"unknown regularised defence {method!r}: choose one of {', '.join(regularised)}")
+    if not classes:  # every attribute left out (fedunlearn.privacy.cells): nothing to defend
+        return []
     phi = None
     if uses_kernel(method):
         sums = clients.scale_sums()

@@ -40,17 +40,21 @@ class PlainSum:
         return contributions.sum(axis=0)
 
 
+LEFT_OUT = -1  # the class label of a client that sends zeros to a defence's sums (fedunlearn.privacy.cells)
+
+
 @dataclass
 class AttributeClasses:
     name: str
-    labels: np.ndarray  # (n,) class index per client
+    labels: np.ndarray  # (n,) class index per client, or LEFT_OUT
     n_classes: int
 
 
 def class_contribution(embedding: np.ndarray, label: int, n_classes: int) -> np.ndarray:
-    """What one client sends to the secure sum: (K + K d + K d d,), zero outside its own class."""
+    """What one client sends to the secure sum: (K + K d + K d d,), zero outside its own class
+    (everywhere if it is LEFT_OUT)."""
     e = embedding.astype(np.float64)
-    one_hot = np.eye(n_classes)[label]
+    one_hot = np.eye(n_classes)[label] if label != LEFT_OUT else np.zeros(n_classes)
     return np.concatenate([one_hot, np.outer(one_hot, e).ravel(), np.kron(one_hot, np.outer(e, e).ravel())])
 
 

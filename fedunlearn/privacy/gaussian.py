@@ -25,9 +25,10 @@ class ClassSums:
 
     @classmethod
     def of(cls, embeddings: np.ndarray, classes: np.ndarray, n_classes: int) -> ClassSums:
-        """Each user's own contribution, summed: the plain sum that secure aggregation replaces."""
-        e = embeddings.astype(np.float64)
-        counts = np.bincount(classes, minlength=n_classes).astype(np.float64)
+        """Each user's own contribution, summed: the plain sum that secure aggregation replaces. A
+        negative class (privacy.common.LEFT_OUT) is in no class: its user sends zeros."""
+        e, classes = embeddings.astype(np.float64), np.asarray(classes)
+        counts = np.bincount(classes[classes >= 0], minlength=n_classes).astype(np.float64)
         sums, outers = np.zeros((n_classes, e.shape[1])), np.zeros((n_classes, e.shape[1], e.shape[1]))
         for k in np.flatnonzero(counts):  # one product per class: the three-way einsum was half of DF's time
             members = e[classes == k]

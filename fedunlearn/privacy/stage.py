@@ -29,6 +29,7 @@ from fedunlearn.privacy.audit import (
     say_values_left_out,
 )
 from fedunlearn.privacy.baselines import regularised_defence
+from fedunlearn.privacy.cells import keep_summable_classes, summable_classes
 from fedunlearn.privacy.common import (
     Aggregator,
     AttributeClasses,
@@ -67,6 +68,18 @@ def attribute_classes(attributes: pd.DataFrame, names: list[str]) -> list[Attrib
     for name in names:
         classes, labels = np.unique(attribute_labels(attributes, name), return_inverse=True)
         out.append(AttributeClasses(name, labels, len(classes)))
+    return out
+
+
+def defence_classes(attributes: pd.DataFrame, names: list[str]) -> list[AttributeClasses]:
+    """The attributes as a defence's secure sums hold them (fedunlearn.privacy.cells): the members
+    of a class under MIN_CELL_CLIENTS left out; an attribute with fewer than two classes left is
+    not defended."""
+    out = []
+    for attribute in attribute_classes(attributes, names):
+        values = np.unique(attribute_labels(attributes, attribute.name))
+        if summable_classes(attribute.name, values, np.bincount(attribute.labels)) is not None:
+            out.append(keep_summable_classes(attribute))
     return out
 
 
@@ -236,7 +249,7 @@ def privacy_stage(
         return report, users
     attackers = [item.attacker for item in audited if item.view == "embedding"]
     defending = defending_clients(config, client_ids, before, attributes, attackers)
-    classes = attribute_classes(attributes, names)
+    classes = defence_classes(attributes, names)
     positives = [federation.split.train_of(i) for i in clients]
 
     def central(trial: Config, mask: np.ndarray, _attackers: list[Attacker], step_done: StepDone) -> DefenceOutcome:
