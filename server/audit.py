@@ -50,7 +50,7 @@ def audit_on_flower(
 
     def defend(trial: Config, defending: np.ndarray, attackers: list[Attacker], step_done: StepDone) -> DefenceOutcome:
         flags = [bool(flag) for flag in defending]
-        outcome = defend_on_clients(trial, pool, clients, result.shared, flags, attackers, step_done)
+        outcome = defend_on_clients(trial, pool, clients, result.shared, flags, attackers, step_done, False)
         outcome.embeddings = flatten_users(server.model, pool.audit_users(clients))
         return outcome
 

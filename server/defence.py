@@ -195,6 +195,7 @@ def on_clients(
     attackers: Sequence[Attacker] = (),
     risk_threshold: float = 0.5,
     keep_trained: bool = False,
+    say_left_out: bool = True,
 ) -> OnClients:
     """The setting of one defence; classes per attribute default to the dataset's sorted values.
     First a secure sum of counts per attribute: the classes under three clients are left out
@@ -202,7 +203,7 @@ def on_clients(
     classes = classes if classes is not None else [pool.attribute_classes(name) for name in attributes]
     kept: dict[str, tuple[list[str], list[str]]] = {}
     for name, values in zip(attributes, classes, strict=True):
-        summable = summable_classes(name, values, pool.class_counts(name, clients, values)[0])
+        summable = summable_classes(name, values, pool.class_counts(name, clients, values)[0], say_left_out)
         if summable is not None:
             kept[name] = summable
     start = DefenceStart(list(kept), [summed for summed, _ in kept.values()], [out for _, out in kept.values()],
@@ -251,9 +252,11 @@ def defend_on_clients(
     defending: Sequence[bool] | None = None,
     attackers: Sequence[Attacker] = (),
     step_done: StepDone = no_progress,
+    say_left_out: bool = True,
 ) -> DefenceOutcome:
     """`run.engine = "flower"`: the configured post-training defence on `clients` (those still in
-    the federation after training), through Flower. `defending[i]`: whether clients[i] moves; by
+    the federation after training), through Flower (`say_left_out` False: the privacy stage has
+    named the values it leaves out already). `defending[i]`: whether clients[i] moves; by
     default from `defence.clients` (all or listed); with at-risk each client decides alone from
     `attackers` (the audit's, on the embedding view) and `defending` is not used."""
     defence = config.defence
@@ -266,7 +269,7 @@ def defend_on_clients(
     attributes = config.audit.attributes or list(federation.dataset.attributes.columns)
     kept = shared if DEFENCES[defence.method].variant == "dd" else None  # DD keeps the recommendation data
     on = on_clients(pool, clients, attributes, defending, None, kept, attackers, defence.risk_threshold,
-                    defence.compare)  # fmt: skip
+                    defence.compare, say_left_out)  # fmt: skip
     if DEFENCES[defence.method].loop == "attrcloak":
         settings = cloak_settings(defence)
         return flower_attrcloak(

@@ -1255,3 +1255,26 @@ def test_an_attribute_with_fewer_than_two_summable_classes_is_not_defended(capsy
     err = capsys.readouterr().err
     assert "job: 1 value(s) held by fewer than 3 clients ('b': 2 client(s))" in err
     assert "job: 1 class(es) of 3 or more clients, so nothing to defend" in err
+
+
+def test_a_run_says_which_clients_its_defence_left_out_of_an_attributes_sums(tmp_path, capsys):
+    import json
+
+    from fedunlearn.cli import main
+    from fedunlearn.config import load_config
+    from fedunlearn.fl.federation import build_federation
+
+    out = tmp_path / "run"
+    overrides = ["data.synthetic_users=40", "data.synthetic_items=120", "data.synthetic_interactions=12",
+                 "data.test_negatives=20", "model.dim=8", "train.rounds=2", "defence.method=attrcloak-df",
+                 "defence.steps=3", "audit.attributes=[gender,occupation]", "audit.attackers=[mlp]"]  # fmt: skip
+    assert main(["run", "--quiet", "--out", str(out), *[a for o in overrides for a in ("--set", o)]]) == 0
+    config = load_config(None, overrides)
+    values = build_federation(config.data, config.run.seed).dataset.attributes["occupation"].astype(str)
+    counts = values.value_counts()
+    small = counts[counts < 3]
+    assert len(small) and (counts >= 3).sum() >= 2  # the federation has both kinds
+    info = json.loads((out / "final.json").read_text())
+    assert info["left_out_of_defence"] == {"occupation": int(small.sum())}  # gender's two classes are summed
+    assert f"occupation {int(small.sum())} clients" in (out / "summary.md").read_text()
+    assert f"occupation: {len(small)} value(s) held by fewer than 3 clients" in capsys.readouterr().err

@@ -35,19 +35,22 @@ def leave_out_small_cells(labels: np.ndarray, n_cells: int) -> np.ndarray:
     return np.where((labels >= 0) & kept_cells(counts)[np.maximum(labels, 0)], labels, LEFT_OUT)
 
 
-def summable_classes(attribute: str, values: Sequence[str], counts: np.ndarray) -> tuple[list[str], list[str]] | None:
+def summable_classes(
+    attribute: str, values: Sequence[str], counts: np.ndarray, say: bool = True
+) -> tuple[list[str], list[str]] | None:
     """An attribute's values (in order) and their counts -> (the classes its sums keep, in order;
     the held values whose clients send zeros), or None when fewer than two classes remain (nothing
-    to defend: the defence leaves the attribute out). Says on stderr which values are left out."""
+    to defend: the defence leaves the attribute out). Says on stderr which values are left out
+    (unless `say` is False: the caller said it already)."""
     kept = [str(value) for value, count in zip(values, counts, strict=True) if count >= MIN_CELL_CLIENTS]
     small = [(str(value), int(count)) for value, count in zip(values, counts, strict=True)
              if 0 < count < MIN_CELL_CLIENTS]  # fmt: skip
-    if small:
+    if small and say:
         named = ", ".join(repr(value) for value, _ in small[:3]) + (", ..." if len(small) > 3 else "")
         print(f"defence: {attribute}: {len(small)} value(s) held by fewer than {MIN_CELL_CLIENTS} clients ({named}: "
               f"{sum(count for _, count in small)} client(s)) left out of its secure sums, which would give their "
               "embeddings away; they are not defended on it", file=sys.stderr)  # fmt: skip
-    if len(kept) < 2:
+    if len(kept) < 2 and say:
         print(f"defence: {attribute}: {len(kept)} class(es) of {MIN_CELL_CLIENTS} or more clients, so nothing to "
               "defend: the defence leaves this attribute out", file=sys.stderr)  # fmt: skip
     return (kept, [value for value, _ in small]) if len(kept) >= 2 else None

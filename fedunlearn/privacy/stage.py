@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,7 @@ from fedunlearn.privacy.audit import (
 from fedunlearn.privacy.baselines import regularised_defence
 from fedunlearn.privacy.cells import keep_summable_classes, summable_classes
 from fedunlearn.privacy.common import (
+    LEFT_OUT,
     Aggregator,
     AttributeClasses,
     DefenceOutcome,
@@ -61,6 +62,8 @@ class PrivacyReport:
     defending: int = 0  # clients that ran the defence
     retention_share: float = float("nan")  # the configured defence's (mean_retention_share)
     upload_recovery: RecoveryScore | None = None  # the upload-structure attack's reading of the interactions
+    # per attribute, the clients a defence's sums leave out (a class under three: privacy/cells.py)
+    left_out: dict[str, int] = field(default_factory=dict)
 
 
 def attribute_classes(attributes: pd.DataFrame, names: list[str]) -> list[AttributeClasses]:
@@ -250,6 +253,8 @@ def privacy_stage(
     attackers = [item.attacker for item in audited if item.view == "embedding"]
     defending = defending_clients(config, client_ids, before, attributes, attackers)
     classes = defence_classes(attributes, names)
+    outside = {attribute.name: int((attribute.labels == LEFT_OUT).sum()) for attribute in classes}
+    report.left_out = {name: outside.get(name, len(clients)) for name in names if outside.get(name, len(clients))}
     positives = [federation.split.train_of(i) for i in clients]
 
     def central(trial: Config, mask: np.ndarray, _attackers: list[Attacker], step_done: StepDone) -> DefenceOutcome:

@@ -277,6 +277,11 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
             steps = f"{info['defence_steps']} steps, " if "defence_steps" in info else ""
             lines.append(f"{info['defending_clients']} clients defended with {config.defence.method} "
                          f"({steps}{info['defence_seconds']:.1f} s).")  # fmt: skip
+        if info.get("left_out_of_defence"):
+            named = ", ".join(f"{name} {count}" for name, count in info["left_out_of_defence"].items())
+            lines.append(f"Left out of an attribute's defence (they hold a value fewer than three clients share, whose "
+                         f"class sums would give them away; or the attribute kept fewer than two classes): {named} "
+                         "clients.")  # fmt: skip
         if "upload_attack" in info:
             attack = {key: "-" if value is None else f"{value:.3f}" for key, value in info["upload_attack"].items()}
             lines.append(
