@@ -27,7 +27,6 @@ import pandas as pd
 from fedunlearn.config import derive, load_config
 from fedunlearn.privacy.attacks import attack_metrics, shadow_split, train_attacker
 from fedunlearn.privacy.attrcloak import (
-    NULL_DRAWS,
     SPLIT_DRAWS,
     MatrixClients,
     PseudoClasses,
@@ -35,11 +34,12 @@ from fedunlearn.privacy.attrcloak import (
     class_means,
     cloak,
     covariance_agreement,
+    null_separation,
     shrinkage_from,
 )
 from fedunlearn.privacy.common import AttributeClasses, PlainSum
 from fedunlearn.privacy.gaussian import ClassSums
-from fedunlearn.privacy.stage import attribute_classes, cloak_settings
+from fedunlearn.privacy.stage import cloak_settings, defence_classes
 from fedunlearn.runs.results import ATTRIBUTE_PREFIX, EMBEDDINGS_FILE
 
 
@@ -71,10 +71,8 @@ class Probe:
         for attribute in range(len(attributes)):
             sums = start.class_sums(attribute)
             shrinkage = shrinkage_from(sums, start.fourth_powers(attribute, *class_means(sums)))
-            shares = sums.counts / sums.counts.sum()
-            draws = (start.null_class_sums(attribute, attribute * NULL_DRAWS + d, shares) for d in range(NULL_DRAWS))
             self.shrinkages.append(shrinkage)
-            self.nulls.append(float(np.mean([attribute_gradients(draw, shrinkage).separation for draw in draws])))
+            self.nulls.append(null_separation(start, attribute, sums.counts, shrinkage))
 
     def read(self, embeddings: np.ndarray) -> list[tuple[float, float, float]]:
         """(separation, its null level, covariance agreement) per attribute."""
@@ -119,7 +117,7 @@ def main() -> None:
         config = load_config(run / "config.toml")
         names = [key[len(ATTRIBUTE_PREFIX):] for key in saved.files if key.startswith(ATTRIBUTE_PREFIX)]
         frame = pd.DataFrame({name: saved[ATTRIBUTE_PREFIX + name] for name in names})
-        attributes = attribute_classes(frame, names)
+        attributes = defence_classes(frame, names)
         trained = saved["before"]
         pseudo = PseudoClasses(config.run.seed, [str(c) for c in saved["clients"]])
         probe = Probe(trained, attributes, pseudo)

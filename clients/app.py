@@ -161,7 +161,8 @@ def secure_contribution(msg: Message, context: Context) -> Message:
         vector = defence.cloak_products(fields, context, config, data, model)
     else:
         attribute = str(fields["attribute"])
-        own_value = str(federation.dataset.attributes.iloc[data.index][attribute])
+        own = federation.dataset.attributes.iloc[data.index]
+        own_value = str(own[attribute])
         if task == LOCAL_AUDIT:
             own_features = flatten_users(model, [user_part(context, model, data, config.run.training_seed())])[0]
             vector = local_outcome(attacker_from_bytes(bytes(fields["attacker"])), own_features, own_value)
@@ -170,12 +171,12 @@ def secure_contribution(msg: Message, context: Context) -> Message:
                 own_features = defence.load_cloak(context).current
             else:
                 own_features = flatten_users(model, [user_part(context, model, data, config.run.training_seed())])[0]
-            vector = defence.class_sums(fields, config.defence_seed(), data.client_id, own_features, own_value)
+            vector = defence.class_sums(fields, config.defence_seed(), data.client_id, own_features, own)
         elif task == FEATURE_SUMS:
-            vector = defence.feature_sums(fields, context, *own_class(fields, own_value, attribute))
+            vector = defence.feature_sums(fields, context, *own_class(fields, own, attribute))
         elif task == FOURTH_POWERS:
             means, global_mean = read_array_field(fields["means"]), read_array_field(fields["global-mean"])
-            label, n_classes = own_class(fields, own_value, attribute)
+            label, n_classes = own_class(fields, own, attribute)
             levels = read_array_field(fields["levels"])
             if levels.ndim != 1 or not len(levels) or not np.all(np.isfinite(levels)) or np.any(np.diff(levels) <= 0):
                 raise ValueError("the fourth powers' levels must be a finite increasing list of tops")

@@ -109,18 +109,22 @@ def user_part(context: Context, model: SplitModel, data: ClientData, seed: int) 
     return record_to_arrays(context.state.array_records[USER_STATE])
 
 
-def class_index(classes: list[str], left_out: list[str], own_value: str, attribute: str) -> int:
-    """This client's class among those the server sums, or LEFT_OUT when its value is among those
-    held by too few clients to sum (fedunlearn.privacy.cells): it then sends zeros."""
-    if own_value in left_out:
+def class_index(classes: list[str], left_out: dict[str, list[str]], own: Any, attribute: str) -> int:
+    """This client's class of `attribute` among those the server sums (`own`: its attribute
+    values by name), or LEFT_OUT when it holds a value, of any defended attribute, too few clients
+    share to sum (fedunlearn.privacy.cells): it then sends zeros."""
+    if any(str(own[name]) in [str(value) for value in values] for name, values in left_out.items()):
         return LEFT_OUT
+    own_value = str(own[attribute])
     if own_value not in classes:
         raise ValueError(f"this client's {attribute} is not among the {len(classes)} classes the server sent")
     return classes.index(own_value)
 
 
-def own_class(fields: Any, own_value: str, attribute: str) -> tuple[int, int]:
+def own_class(fields: Any, own: Any, attribute: str) -> tuple[int, int]:
     """(`class_index` from a task's "classes" and "left-out", the number of classes summed)."""
     classes = [str(value) for value in json.loads(str(fields["classes"]))]
-    left_out = [str(value) for value in json.loads(str(fields["left-out"]))]
-    return class_index(classes, left_out, own_value, attribute), len(classes)
+    left_out = json.loads(str(fields["left-out"]))
+    if not isinstance(left_out, dict) or not all(isinstance(values, list) for values in left_out.values()):
+        raise ValueError(f"left-out must map attributes to lists of values; got {left_out!r}")
+    return class_index(classes, left_out, own, attribute), len(classes)

@@ -53,14 +53,13 @@ def feature_sums(fields: Any, context: Context, label: int, n_classes: int) -> n
     return feature_contribution(features, np.array([label]), n_classes)[0]
 
 
-def class_sums(fields: Any, seed: int, client_id: str, own_features: np.ndarray, own_value: str) -> np.ndarray:
+def class_sums(fields: Any, seed: int, client_id: str, own_features: np.ndarray, own: Any) -> np.ndarray:
     """This client's part of a secure sum of class sums (or with "counts-only", of counts alone):
     under its own class, or per key of the task's random draws (AttrCloak's null-level
     pseudo-classes, "null-keys"; the covariance brake's (class, half) cells, "split-keys"), drawn
     from `seed` (defence.private_seed). Zeros where its class, or a cell the task does not keep
     ("kept-cells"), is left out (fedunlearn.privacy.cells)."""
-    attribute = str(fields["attribute"])
-    label, n_classes = own_class(fields, own_value, attribute)
+    label, n_classes = own_class(fields, own, str(fields["attribute"]))
     cells, n_cells = [label], n_classes
     if "null-keys" in fields:  # AttrCloak's null level: the pseudo-class, not its own
         shares = read_array_field(fields["null-shares"])
@@ -154,13 +153,14 @@ def defence_start(msg: Message, context: Context) -> Message:
     own = flatten_users(model, [user_part(context, model, data, config.run.training_seed())])[0]
     values = federation.dataset.attributes.iloc[data.index]
     labels = [
-        class_index([str(c) for c in cls], [str(c) for c in out], str(values[name]), name)
-        for name, cls, out in zip(start.attributes, start.classes, start.left_out, strict=True)
+        class_index([str(c) for c in cls], start.left_out, values, name)
+        for name, cls in zip(start.attributes, start.classes, strict=True)
     ]
     defending = start.defending
     if defending is None:
         own_attributes = federation.dataset.attributes.iloc[[data.index]]
         defending = bool(at_risk(start.attackers, own[None], own_attributes, start.risk_threshold)[0])
+    defending = defending and any(label != LEFT_OUT for label in labels)  # left out of every sum: not defended
     _drop_cloak(context)
     _save_cloak(context, ClientCloak.start(own, labels, defending))
     if start.shared is not None:

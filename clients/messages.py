@@ -336,7 +336,7 @@ class DefenceStart:
 
     attributes: list[str]
     classes: list[list[str]]  # per attribute, the classes its sums keep (fedunlearn.privacy.cells)
-    left_out: list[list[str]]  # per attribute, the held values whose clients send zeros to its sums
+    left_out: dict[str, list[str]]  # per attribute, the values whose holders send zeros to every sum
     defending: bool | None
     shared: Arrays | None = None
     attackers: list[Attacker] = field(default_factory=list)

@@ -2,11 +2,12 @@
 the server runs the same loop as in-process (`fedunlearn.privacy.attrcloak.cloak`,
 `fedunlearn.privacy.baselines.regularise`) and learns only sums.
 
-Every defence (over `clients`, federation indices) begins with a SecAgg+ sum of counts per
-attribute (one-hot rows alone): a class held by fewer than three clients is left out, its members
-send zeros to that attribute's sums (fedunlearn.privacy.cells), as a sum over one or two
-clients would give them away. Then query.defence_start to each client: the attributes' class lists
-(kept and left out), for AttrCloak-DD the frozen shared part, and whether it defends, or
+Every defence (over `clients`, federation indices) begins with SecAgg+ sums of counts per
+attribute (one-hot rows alone), taken again without the holders of a value fewer than three
+clients share until no class is small (`cells.summable_population`): those clients send zeros to
+every sum, as a sum over one or two clients, or the difference of two attributes' totals, would
+give them away. Then query.defence_start to each client: the attributes' class lists (and the
+values left out), for AttrCloak-DD the frozen shared part, and whether it defends, or
 (`defence.clients = "at-risk"`) the audit's embedding attackers and the risk threshold, from which
 the client decides alone (`fedunlearn.privacy.stage.at_risk` on its own embedding and attributes);
 then the step messages go to every client, and one that does not defend ignores them, so the server
@@ -17,9 +18,10 @@ query.defence_finish: the defended embedding becomes the client's user part.
 
 AttrCloak:
 - once per attribute, two SecAgg+ sums: class sums (count, sum e, sum e e^T), then, with the means
-  broadcast, the fourth powers for the Ledoit-Wolf intensities; for the null level (and, the
-  first time, the covariance brake) the counts of the random cells of all draws, then their sums
-  in one SecAgg+ sum, a cell under three clients left out.
+  broadcast, the fourth powers for the Ledoit-Wolf intensities; for the null level the counts of
+  all candidate draws' pseudo-classes, then the sums of the first eight with none of one or two
+  clients, in one SecAgg+ sum each; for the covariance brake (its counts the first time) the
+  sums per class and half, a class with a half of one or two clients left out of that split.
 Per step:
 - per attribute, SecAgg+ class sums of the current embeddings; the server fits the Gaussians and
   differentiates L_AU with respect to the sums;
@@ -58,13 +60,13 @@ from fedunlearn.models.base import Arrays
 from fedunlearn.privacy.attacks import Attacker
 from fedunlearn.privacy.attrcloak import AttributeGradient, cloak, fourth_power_levels, join_levels
 from fedunlearn.privacy.baselines import FourierFeatures, SumsGradient, regularise
-from fedunlearn.privacy.cells import kept_cells, summable_classes
+from fedunlearn.privacy.cells import clean_draw, kept_halves, summable_population
 from fedunlearn.privacy.common import DefenceOutcome, StepDone, no_progress
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.privacy.registry import DEFENCES
 from fedunlearn.privacy.stage import cloak_settings
 from server.pool import FlowerPool
-from server.privacy_queries import CLASS_SUMS_BOUND, FEATURE_SUMS_BOUND, PRODUCTS_BOUND, Draws
+from server.privacy_queries import CLASS_SUMS_BOUND, FEATURE_SUMS_BOUND, PRODUCTS_BOUND, Draws, LeftOut
 
 FOURTH_POWER_MARGIN = 1.02  # over the largest possible ||e - mean||^4 (or ||e||^2), for the rounding in the sums
 
@@ -83,22 +85,24 @@ class OnClients:
     def begin(self) -> None:
         self.pool.defence_start(self.clients, self.start, self.defending)
 
-    def classes(self, attribute: int) -> tuple[str, list[str], list[str]]:
-        """The attribute's name, the classes its sums keep, the values left out."""
-        return self.start.attributes[attribute], self.start.classes[attribute], self.start.left_out[attribute]
+    def classes(self, attribute: int) -> tuple[str, list[str], LeftOut]:
+        """The attribute's name, the classes its sums keep, the values whose holders are left out."""
+        return self.start.attributes[attribute], self.start.classes[attribute], self.start.left_out
 
     def class_sums(self, attribute: int, bound: float) -> ClassSums:
         name, classes, left_out = self.classes(attribute)
         return self.pool.class_sums(name, self.clients, bound, classes, left_out, defence=True)
 
-    def cell_sums(self, attribute: int, draws: Draws, bound: float) -> list[ClassSums]:
-        """The sums of each draw's random cells; their counts first (once per draws: a cell's
-        members do not change during a defence), and every cell under three clients left out."""
-        name, classes, left_out = self.classes(attribute)
+    def draw_counts_of(self, attribute: int, draws: Draws) -> np.ndarray:
+        """The counts of each draw's random cells (keys, cells), through SecAgg+ the first time
+        (a cell's members do not change during a defence)."""
         if (attribute, draws) not in self.draw_counts:
-            counts = self.pool.class_counts(name, self.clients, classes, left_out, draws)
-            self.draw_counts[(attribute, draws)] = counts
-        kept = kept_cells(self.draw_counts[(attribute, draws)])
+            name, classes, left_out = self.classes(attribute)
+            self.draw_counts[(attribute, draws)] = self.pool.class_counts(name, self.clients, classes, left_out, draws)
+        return self.draw_counts[(attribute, draws)]
+
+    def cell_sums(self, attribute: int, draws: Draws, kept: np.ndarray, bound: float) -> list[ClassSums]:
+        name, classes, left_out = self.classes(attribute)
         return self.pool.cell_sums(name, self.clients, classes, left_out, draws, kept, bound)
 
     @property
@@ -133,12 +137,20 @@ class FlowerCloakClients:
         self.sums[attribute] = self.on.class_sums(attribute, self.class_sums_bound)
         return self.sums[attribute]
 
-    def null_class_sums(self, attribute: int, keys: Sequence[int], shares: np.ndarray) -> list[ClassSums]:
-        return self.on.cell_sums(attribute, Draws(tuple(keys), tuple(np.asarray(shares).tolist())),
-                                 self.class_sums_bound)  # fmt: skip
+    def null_class_sums(self, attribute: int, keys: Sequence[int], shares: np.ndarray, wanted: int
+                        ) -> list[ClassSums]:  # fmt: skip
+        values = tuple(np.asarray(shares).tolist())
+        counts = self.on.draw_counts_of(attribute, Draws(tuple(keys), values))
+        clean = tuple(key for key, row in zip(keys, counts, strict=True) if clean_draw(row))[:wanted]
+        if not clean:
+            return []
+        kept = np.ones((len(clean), len(values)), dtype=bool)
+        return self.on.cell_sums(attribute, Draws(clean, values), kept, self.class_sums_bound)
 
     def split_class_sums(self, attribute: int, keys: Sequence[int]) -> list[ClassSums]:
-        return self.on.cell_sums(attribute, Draws(tuple(keys)), self.class_sums_bound)
+        draws = Draws(tuple(keys))
+        kept = kept_halves(self.on.draw_counts_of(attribute, draws))
+        return self.on.cell_sums(attribute, draws, kept, self.class_sums_bound)
 
     def fourth_powers(self, attribute: int, means: np.ndarray, global_mean: np.ndarray) -> np.ndarray:
         """In levels (`attrcloak.fourth_power_levels`): from the typical value (scatter / n)^2 to
@@ -198,15 +210,17 @@ def on_clients(
     say_left_out: bool = True,
 ) -> OnClients:
     """The setting of one defence; classes per attribute default to the dataset's sorted values.
-    First a secure sum of counts per attribute: the classes under three clients are left out
-    (fedunlearn.privacy.cells), and an attribute with fewer than two classes left is not defended."""
+    First secure sums of counts (`cells.summable_population`): the holders of a value under three
+    clients are left out of every sum, and an attribute with fewer than two classes left is not
+    defended."""
     classes = classes if classes is not None else [pool.attribute_classes(name) for name in attributes]
-    kept: dict[str, tuple[list[str], list[str]]] = {}
-    for name, values in zip(attributes, classes, strict=True):
-        summable = summable_classes(name, values, pool.class_counts(name, clients, values)[0], say_left_out)
-        if summable is not None:
-            kept[name] = summable
-    start = DefenceStart(list(kept), [summed for summed, _ in kept.values()], [out for _, out in kept.values()],
+    values = dict(zip(attributes, classes, strict=True))
+
+    def count(defended: list[str], left_out: dict[str, list[str]]) -> dict[str, np.ndarray]:
+        return {name: pool.class_counts(name, clients, values[name], left_out)[0] for name in defended}
+
+    population = summable_population(values, count, len(clients), say_left_out)
+    start = DefenceStart(list(population.classes), list(population.classes.values()), population.left_out,
                          None, shared, list(attackers), risk_threshold, keep_trained)  # fmt: skip
     return OnClients(pool, clients, start, None if defending is None else [bool(flag) for flag in defending])
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,6 +44,7 @@ from fedunlearn.privacy.common import unpack_class_sums
 from fedunlearn.privacy.gaussian import ClassSums
 from fedunlearn.privacy.portable import attacker_to_bytes
 
+LeftOut = Mapping[str, Sequence[str]]  # per defended attribute, the values whose holders send zeros
 CLASS_SUMS_BOUND = 128.0  # |e_i|, |e_i e_j| of every user embedding must stay below this
 PRODUCTS_BOUND = 64.0  # AttrCloak: |g_R.g_R|, |g_AU.g_R|, |g_AU.g_AU| of every client must stay below this
 FEATURE_SUMS_BOUND = 1.0  # D2D-R: a one-hot class and Fourier features, each within sqrt(2 / F) < 1
@@ -106,7 +107,7 @@ class PrivacyQueries(ABC):
         return sorted({str(value) for value in federation.dataset.attributes[attribute]})
 
     def class_counts(
-        self, attribute: str, clients: list[int], classes: list[str], left_out: Sequence[str] = (),
+        self, attribute: str, clients: list[int], classes: list[str], left_out: LeftOut | None = None,
         draws: Draws | None = None,
     ) -> np.ndarray:  # fmt: skip
         """How many of these clients are in each class (of each draw's cells: (keys, cells)),
@@ -122,19 +123,20 @@ class PrivacyQueries(ABC):
         clients: list[int],
         bound: float = CLASS_SUMS_BOUND,
         classes: list[str] | None = None,
-        left_out: Sequence[str] = (),
+        left_out: LeftOut | None = None,
         defence: bool = False,
     ) -> ClassSums:
         """AttrCloak's per-class sums (count, sum of e, sum of e e^T) over these clients' embeddings
         (`defence`: as defended so far), through SecAgg+; classes are `classes` or the attribute's
-        sorted values, shipped to every client; a client whose value is in `left_out` sends zeros."""
+        sorted values, shipped to every client; a client holding a value `left_out` lists (of any
+        attribute) sends zeros."""
         classes = classes if classes is not None else self.attribute_classes(attribute)
         fields = _class_fields(attribute, classes, left_out, None) | {"defence": defence}
         task = secure_task(self.config, CLASS_SUMS, **fields)
         return _class_sums(self._secure_sum(clients, task, bound), [len(classes)])[0]
 
     def cell_sums(
-        self, attribute: str, clients: list[int], classes: list[str], left_out: Sequence[str], draws: Draws,
+        self, attribute: str, clients: list[int], classes: list[str], left_out: LeftOut, draws: Draws,
         kept: np.ndarray, bound: float,
     ) -> list[ClassSums]:  # fmt: skip
         """AttrCloak's null level and covariance brake: for each of `draws`' keys the class sums of
@@ -154,7 +156,7 @@ class PrivacyQueries(ABC):
         self._query(DEFENCE_START, contents)
 
     def fourth_powers(
-        self, attribute: str, classes: list[str], left_out: Sequence[str], means: np.ndarray, global_mean: np.ndarray,
+        self, attribute: str, classes: list[str], left_out: LeftOut, means: np.ndarray, global_mean: np.ndarray,
         clients: list[int], levels: np.ndarray,
     ) -> np.ndarray:  # fmt: skip
         """The sum of each client's `fourth_power_contribution` (original embedding) split over
@@ -182,7 +184,7 @@ class PrivacyQueries(ABC):
         self._query(DEFENCE_FINISH, dict.fromkeys(clients, instruction(self.config)))
 
     def feature_sums(
-        self, attribute: str, classes: list[str], left_out: Sequence[str], scale: float, seed: int,
+        self, attribute: str, classes: list[str], left_out: LeftOut, scale: float, seed: int,
         clients: list[int], bound: float,
     ) -> np.ndarray:  # fmt: skip
         """The sum of each client's D2D-R `feature_contribution` (embedding as defended so far),
@@ -202,10 +204,13 @@ class PrivacyQueries(ABC):
         self._query(DEFENCE_END, dict.fromkeys(clients, content))
 
 
-def _class_fields(attribute: str, classes: list[str], left_out: Sequence[str], draws: Draws | None) -> dict[str, Any]:
-    """What every task over an attribute's classes ships: the attribute, the classes summed, the
-    held values whose clients send zeros (fedunlearn.privacy.cells), and any random draws."""
-    fields = {"attribute": attribute, "classes": json.dumps(classes), "left-out": json.dumps(list(left_out))}
+def _class_fields(attribute: str, classes: list[str], left_out: LeftOut | None, draws: Draws | None
+                  ) -> dict[str, Any]:  # fmt: skip
+    """What every task over an attribute's classes ships: the attribute, the classes summed, per
+    defended attribute the values whose holders send zeros (fedunlearn.privacy.cells), and any
+    random draws."""
+    left = {name: list(values) for name, values in (left_out or {}).items()}
+    fields = {"attribute": attribute, "classes": json.dumps(classes), "left-out": json.dumps(left)}
     return fields | (draws.fields() if draws is not None else {})
 
 

@@ -275,15 +275,18 @@ def test_summary_is_a_readable_digest_and_the_recorded_config_says_the_audit_ran
 def test_a_defence_runs_when_no_attribute_is_left_to_attack(tmp_path, capsys):
     """Three clients, one leaves: no attribute has two values with two audited clients, so the audit
     table is empty, and the defence still runs and the run ends well (it once read its own row of
-    that empty table)."""
+    that empty table). With two clients no class holds three, so no attribute is defended (no sum
+    over fewer than three clients: fedunlearn.privacy.cells), and the run says so."""
     settings = ["data.synthetic_users=3", "data.synthetic_items=1000", "data.synthetic_interactions=40",
                 "data.test_negatives=19", "model.dim=8", "train.rounds=3", "eval.every=3", "unlearn.drop=2@3",
                 "unlearn.method=federaser"]  # fmt: skip
     for method in ("d2d-r", "u2u-r"):  # AttrCloak refuses so few clients (singular covariances), in one line
         args = [a for s in [*settings, f"defence.method={method}", "defence.steps=1"] for a in ("--set", s)]
         assert main(["run", *args, "--engine", "inprocess", "--out", str(tmp_path / method), "--quiet"]) == 0
-        assert "not attacked" in capsys.readouterr().err
-        assert json.loads((tmp_path / method / "final.json").read_text())["defending_clients"] == 2
+        err = capsys.readouterr().err
+        assert "not attacked" in err and "so nothing to defend" in err
+        info = json.loads((tmp_path / method / "final.json").read_text())
+        assert info["defending_clients"] == 0 and info["attributes_not_defended"] == ["gender", "age", "occupation"]
 
 
 def test_the_console_names_an_upload_defence_beside_an_audit_alone(tmp_path, capsys):

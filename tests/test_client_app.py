@@ -237,7 +237,7 @@ def test_secure_rounding_draws_are_seeded_by_the_run_the_client_and_the_task():
                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         config = load_config(None, SMALL + [f"run.seed={seed}"])
         fields = secure_task(config, CLASS_SUMS, attribute="gender", classes=json.dumps(classes))
-        fields |= {"left-out": "[]", BOUND: 1e3}
+        fields |= {"left-out": "{}", BOUND: 1e3}
         content = fitins_to_recorddict(FitIns(Parameters([], ""), fields), keep_input=True)
         if context is None:
             context = _context(partition)

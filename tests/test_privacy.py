@@ -1192,43 +1192,50 @@ def test_the_upload_items_view_reads_an_attribute_that_the_clients_items_carry(t
 
 
 class _RecordingSum(PlainSum):
-    """PlainSum that keeps every class sum the server side received, and every D2D-R feature sum's counts."""
+    """PlainSum that keeps every class sum the server side received (by the classes' name), and
+    every D2D-R feature sum's counts."""
 
     def __init__(self, n_classes):
         self.received, self.n_classes = [], n_classes
 
     def class_sums(self, embeddings, attribute):
         sums = super().class_sums(embeddings, attribute)
-        self.received.append(sums)
+        self.received.append((attribute.name, sums))
         return sums
 
     def total(self, contributions):
         total = super().total(contributions)
-        if contributions.shape[1] > 3 * self.n_classes:  # a feature sum: the one-hot counts first
-            self.received.append(ClassSums(total[: self.n_classes], np.zeros((0, 0)), np.zeros((0, 0, 0))))
+        for k in self.n_classes:  # a D2D-R feature sum of an attribute of k classes: k counts, then k blocks
+            if contributions.shape[1] > 3 * k and (contributions.shape[1] - k) % k == 0 and k == self.n_classes[0]:
+                self.received.append(("features", ClassSums(total[:k], np.zeros((0, 0)), np.zeros((0, 0, 0)))))
         return total
 
 
 def _small_classes_federation():
-    """14 clients, one attribute: classes of 6, 5, 2 and 1 clients, the embeddings of the last
-    three far apart so that a sum over any of them shows."""
+    """14 clients, two attributes over the same clients: job with classes of 6, 5, 2 and 1, sex
+    with 7 and 7 (so the difference of the two attributes' totals would be the job classes of
+    one and two, had they been left out of job's sums alone)."""
     rng = np.random.default_rng(3)
     values = np.array(["a"] * 6 + ["b"] * 5 + ["c"] * 2 + ["d"])
     embeddings = rng.normal(size=(14, 4)) + np.where(values == "a", 1.0, 0.0)[:, None]
-    return embeddings, pd.DataFrame({"job": values})
+    return embeddings, pd.DataFrame({"job": values, "sex": list("MF" * 7)})
 
 
 @pytest.mark.parametrize("method", ["attrcloak-df", "d2d-r", "u2u-r"])
-def test_no_defence_sums_a_class_of_one_or_two_clients_and_those_clients_do_not_move(method, capsys):
+def test_no_defence_sums_fewer_than_three_clients_not_even_as_a_difference(method, capsys):
     """A class held by one client sums to its embedding, one held by two gives both away: found by
-    a check (2026-12-07), whose sums recovered them to 3.5e-16. Their members send zeros now."""
+    a check (2026-12-07), whose sums recovered them to 3.5e-16. Left out of their own attribute's
+    sums alone, they were the difference of two attributes' totals, a class less its kept half, or
+    all clients less a draw's kept pseudo-classes (a review, 2026-12-08). Now every sum the server
+    receives is over the same 11 clients, split into cells of 0 or at least three."""
     from fedunlearn.privacy.baselines import regularised_defence
     from fedunlearn.privacy.stage import defence_classes
 
     embeddings, attributes = _small_classes_federation()
-    classes = defence_classes(attributes, ["job"])
-    assert "2 value(s) held by fewer than 3 clients ('c', 'd': 3 client(s))" in capsys.readouterr().err
-    recording = _RecordingSum(classes[0].n_classes)
+    classes = defence_classes(attributes, ["job", "sex"])
+    err = capsys.readouterr().err
+    assert "job: 2 value(s) held by fewer than 3 clients ('c', 'd')" in err and "3 client(s) hold such a value" in err
+    recording = _RecordingSum([attribute.n_classes for attribute in classes])
     defending = np.ones(14, dtype=bool)
     if method == "attrcloak-df":
         null = PseudoClasses(5, [str(i) for i in range(14)])
@@ -1236,14 +1243,35 @@ def test_no_defence_sums_a_class_of_one_or_two_clients_and_those_clients_do_not_
                             null=null, brake_covariance=True)  # fmt: skip
     else:
         outcome = regularised_defence(embeddings, classes, method, 4, 0.05, 0.5, defending, 0, recording)
-    counts = np.concatenate([sums.counts for sums in recording.received])
-    assert len(recording.received) >= 4 and counts.max() >= 3
-    assert not np.any((counts > 0) & (counts < 3)), sorted(set(counts.tolist()))
-    for sums in recording.received:  # no summed row is a single client's embedding (or twice one)
-        for row in sums.sums:
+    kinds = {name for name, _ in recording.received}
+    assert kinds >= ({"job", "sex", "null", "split"} if method == "attrcloak-df" else {"features"} if method == "d2d-r"
+                     else {"job", "sex"})  # fmt: skip
+    for name, sums in recording.received:
+        counts = sums.counts
+        assert not np.any((counts > 0) & (counts < 3)), (name, counts)
+        if name == "split":  # a class per half: both halves or neither
+            assert np.all((counts[0::2] > 0) == (counts[1::2] > 0)), counts
+        else:
+            assert counts.sum() == 11, (name, counts)  # the same clients in every sum: no difference isolates any
+        for row in sums.sums:  # no summed row is a single client's embedding (or twice one)
             assert not any(np.allclose(row, k * e) for e in embeddings for k in (1, 2))
     moved = np.linalg.norm(outcome.embeddings - embeddings, axis=1)
     assert np.all(moved[11:] == 0) and np.all(moved[:11] > 0)  # c and d: in no sum, not defended
+
+
+def test_the_population_is_counted_again_until_no_class_is_small(capsys):
+    """Leaving out the holders of a small value can make another class small: counted again until none is."""
+    from fedunlearn.privacy.stage import defence_classes
+
+    attributes = pd.DataFrame({"job": list("aaaabbbdddcaa"), "city": list("xxxxxyzyyyyyz")})
+    classes = defence_classes(attributes, ["job", "city"])
+    # first c (client 10) and z (6, 12) are small; without them b holds only 4 and 5: out too
+    assert [attribute.name for attribute in classes] == ["job", "city"]
+    for attribute in classes:
+        assert list(np.flatnonzero(attribute.labels < 0)) == [4, 5, 6, 10, 12]
+        assert attribute.n_classes == 2 and np.bincount(attribute.labels[attribute.labels >= 0]).min() >= 3
+    err = capsys.readouterr().err
+    assert "job: 2 value(s) held by fewer than 3 clients ('c', 'b')" in err and "5 client(s) hold such a value" in err
 
 
 def test_an_attribute_with_fewer_than_two_summable_classes_is_not_defended(capsys):
@@ -1252,9 +1280,10 @@ def test_an_attribute_with_fewer_than_two_summable_classes_is_not_defended(capsy
     attributes = pd.DataFrame({"job": ["a"] * 5 + ["b"] * 2, "sex": list("MFMFMFM")})
     classes = defence_classes(attributes, ["job", "sex"])
     assert [attribute.name for attribute in classes] == ["sex"]
+    assert not np.any(classes[0].labels < 0)  # job's sums are never taken: its rare value leaves no one out
     err = capsys.readouterr().err
-    assert "job: 1 value(s) held by fewer than 3 clients ('b': 2 client(s))" in err
-    assert "job: 1 class(es) of 3 or more clients, so nothing to defend" in err
+    assert "job: fewer than two classes of 3 or more clients, so nothing to defend" in err
+    assert "hold such a value" not in err
 
 
 def test_a_run_says_which_clients_its_defence_left_out_of_an_attributes_sums(tmp_path, capsys):
@@ -1275,6 +1304,6 @@ def test_a_run_says_which_clients_its_defence_left_out_of_an_attributes_sums(tmp
     small = counts[counts < 3]
     assert len(small) and (counts >= 3).sum() >= 2  # the federation has both kinds
     info = json.loads((out / "final.json").read_text())
-    assert info["left_out_of_defence"] == {"occupation": int(small.sum())}  # gender's two classes are summed
-    assert f"occupation {int(small.sum())} clients" in (out / "summary.md").read_text()
+    assert info["left_out_of_defence"] == int(small.sum()) and "attributes_not_defended" not in info
+    assert f"{int(small.sum())} clients were left out of the defence's sums" in (out / "summary.md").read_text()
     assert f"occupation: {len(small)} value(s) held by fewer than 3 clients" in capsys.readouterr().err

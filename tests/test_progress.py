@@ -56,6 +56,7 @@ def test_the_privacy_stages_show_as_phases_of_the_runs_bar(tmp_path, monkeypatch
 
     monkeypatch.setattr(Progress, "_show", record)
     settings = [*TINY, "defence.method=attrcloak-df", "defence.steps=3", "audit.attackers=[mlp]"]
+    settings += ["audit.attributes=[gender]"]  # every client holds a gender three or more share: all defend
     assert main(["run", *(arg for s in settings for arg in ("--set", s)), "--quiet", "--out", str(tmp_path / "r")]) == 0
     shown = [phase for phase in dict.fromkeys(phases) if phase]
     assert shown == ["privacy: audit of the trained model", "privacy: attrcloak-df on 20 clients, then its audit"]

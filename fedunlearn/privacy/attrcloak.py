@@ -22,6 +22,7 @@ own device, from the broadcast gradients, and only sums come back.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -33,7 +34,7 @@ import torch
 from fedunlearn.errors import FedUnlearnError
 from fedunlearn.fl.training import recommendation_loss, sample_negatives
 from fedunlearn.models.base import Arrays, SplitModel
-from fedunlearn.privacy.cells import leave_out_small_cells
+from fedunlearn.privacy.cells import cell_counts, clean_draw, kept_halves
 from fedunlearn.privacy.common import (
     LEFT_OUT,
     AdamState,
@@ -43,6 +44,7 @@ from fedunlearn.privacy.common import (
     PlainSum,
     StepDone,
     adam_step,
+    in_some_class,
     no_progress,
 )
 from fedunlearn.privacy.gaussian import ClassSums, ledoit_wolf_shrinkage, moments, shrink, shrink_gradient, weighted_kl
@@ -384,18 +386,19 @@ class CloakClients(Protocol):
         """The sum of `fourth_power_contribution` over the clients' original embeddings: (K + 1,)."""
         ...
 
-    def null_class_sums(self, attribute: int, keys: Sequence[int], shares: np.ndarray) -> list[ClassSums]:
-        """For each null key, class sums of the current embeddings of the clients in `attribute`'s
-        sums under their pseudo-classes `null_labels(seed, key, ids, shares)` instead of their own
-        classes, each pseudo-class under MIN_CELL_CLIENTS left out (cells.py; on Flower all keys in
-        one secure sum, after one of their counts)."""
+    def null_class_sums(self, attribute: int, keys: Sequence[int], shares: np.ndarray, wanted: int
+                        ) -> list[ClassSums]:  # fmt: skip
+        """Class sums of the current embeddings of the clients in `attribute`'s sums under their
+        pseudo-classes `null_labels(seed, key, ids, shares)` instead of their own classes, for the
+        first `wanted` keys whose every pseudo-class is empty or holds MIN_CELL_CLIENTS (cells.py;
+        on Flower: one secure sum of all keys' counts, then one of the chosen keys' sums)."""
         ...
 
     def split_class_sums(self, attribute: int, keys: Sequence[int]) -> list[ClassSums]:
         """For each split key, class sums of the clients' current embeddings under 2K classes: each
         client's own class c of `attribute` and its half h = `half_labels(seed, key, ids)`, as
-        class 2c + h, each cell under MIN_CELL_CLIENTS left out (on Flower all keys in one secure
-        sum, after one of their counts)."""
+        class 2c + h; a class with a half under MIN_CELL_CLIENTS is left out of that split (on
+        Flower all keys in one secure sum, after one of their counts)."""
         ...
 
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
@@ -411,8 +414,18 @@ class CloakClients(Protocol):
 # means are) when the classes carry no information, i.e. under public random pseudo-classes with
 # the attribute's class shares (mean of NULL_DRAWS draws). Pushing it below that makes the classes
 # *more* alike than random subsets are, and an attacker fitted on some users then reads the others
-# backwards (docs/PRIVACY.md has the argument and the numbers).
+# backwards (docs/PRIVACY.md has the argument and the numbers). A draw with a pseudo-class of one
+# or two clients is not summed (cells.py): the next of up to NULL_CANDIDATES keys is taken instead.
 NULL_DRAWS = 8
+NULL_CANDIDATES = 32
+EXTRA_NULL_KEYS = 1_000_000  # where an attribute's keys beyond its first NULL_DRAWS start
+
+
+def null_keys(attribute: int) -> list[int]:
+    """The null level's candidate keys for an attribute: its NULL_DRAWS keys, then the extra ones."""
+    first = [attribute * NULL_DRAWS + d for d in range(NULL_DRAWS)]
+    start = EXTRA_NULL_KEYS + attribute * NULL_CANDIDATES
+    return first + [start + d for d in range(NULL_CANDIDATES - NULL_DRAWS)]
 
 
 def null_labels(seed: int, key: int, client_ids: Sequence[str], shares: np.ndarray) -> np.ndarray:
@@ -427,9 +440,14 @@ def null_labels(seed: int, key: int, client_ids: Sequence[str], shares: np.ndarr
 
 def null_separation(clients: CloakClients, attribute: int, counts: np.ndarray, shrinkage: np.ndarray) -> float:
     """The separation term of L_j under random pseudo-classes with the class shares of `counts`,
-    averaged over NULL_DRAWS draws."""
+    averaged over NULL_DRAWS draws (those of `null_keys` with no pseudo-class of one or two
+    clients); -inf, said on stderr, when no candidate has none: the attribute never settles."""
     shares = counts / counts.sum()
-    draws = clients.null_class_sums(attribute, [attribute * NULL_DRAWS + d for d in range(NULL_DRAWS)], shares)
+    draws = clients.null_class_sums(attribute, null_keys(attribute), shares, NULL_DRAWS)
+    if not draws:
+        print(f"AttrCloak: none of {NULL_CANDIDATES} draws of attribute {attribute}'s null-level pseudo-classes had "
+              "three or more clients in each: it does not stop at its null level", file=sys.stderr)  # fmt: skip
+        return float("-inf")
     return float(np.mean([attribute_gradients(sums, shrinkage).separation for sums in draws]))
 
 
@@ -569,7 +587,8 @@ class MatrixClients:
         self.original = torch.tensor(embeddings, dtype=torch.float64)
         self.current = self.original.clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.current], lr=lr)
-        self.mask = torch.as_tensor(defending, dtype=torch.float64)[:, None]
+        moving = np.asarray(defending, dtype=bool) & (in_some_class(attributes) if attributes else False)
+        self.mask = torch.as_tensor(moving, dtype=torch.float64)[:, None]
         self.grad_au = self.grad_r = torch.zeros_like(self.original)
 
     def class_sums(self, attribute: int) -> ClassSums:
@@ -578,27 +597,29 @@ class MatrixClients:
     def fourth_powers(self, attribute: int, means: np.ndarray, global_mean: np.ndarray) -> np.ndarray:
         return self.aggregator.total(fourth_powers(self.embeddings, self.attributes[attribute], means, global_mean))
 
-    def null_class_sums(self, attribute: int, keys: Sequence[int], shares: np.ndarray) -> list[ClassSums]:
+    def null_class_sums(self, attribute: int, keys: Sequence[int], shares: np.ndarray, wanted: int
+                        ) -> list[ClassSums]:  # fmt: skip
         if self.pseudo is None:
             raise ValueError("the null level needs the clients' ids and the seed of their pseudo-classes")
         inside = self.attributes[attribute].labels != LEFT_OUT
         cells = [np.where(inside, null_labels(self.pseudo.seed, key, self.pseudo.client_ids, shares), LEFT_OUT)
                  for key in keys]  # fmt: skip
-        return self._cell_sums("null", keys, cells, len(shares))
+        clean = [labels for labels in cells if clean_draw(cell_counts(labels, len(shares)))][:wanted]
+        return self._cell_sums("null", clean, len(shares))
 
     def split_class_sums(self, attribute: int, keys: Sequence[int]) -> list[ClassSums]:
         if self.pseudo is None:
             raise ValueError("the covariance brake needs the clients' ids and the seed of their halves")
-        own = self.attributes[attribute]
+        own, n_cells = self.attributes[attribute], 2 * self.attributes[attribute].n_classes
         cells = [np.where(own.labels != LEFT_OUT, 2 * own.labels + half_labels(self.pseudo.seed, key,
                           self.pseudo.client_ids), LEFT_OUT) for key in keys]  # fmt: skip
-        return self._cell_sums("split", keys, cells, 2 * own.n_classes)
+        kept = [np.where(kept_halves(cell_counts(labels, n_cells))[np.maximum(labels, 0)], labels, LEFT_OUT)
+                for labels in cells]  # fmt: skip
+        return self._cell_sums("split", kept, n_cells)
 
-    def _cell_sums(self, kind: str, keys: Sequence[int], cells: list[np.ndarray], n_cells: int) -> list[ClassSums]:
+    def _cell_sums(self, kind: str, cells: list[np.ndarray], n_cells: int) -> list[ClassSums]:
         current = self.current.detach().numpy()
-        return [self.aggregator.class_sums(current, AttributeClasses(f"{kind}-{key}",
-                                                                     leave_out_small_cells(labels, n_cells), n_cells))
-                for key, labels in zip(keys, cells, strict=True)]  # fmt: skip
+        return [self.aggregator.class_sums(current, AttributeClasses(kind, labels, n_cells)) for labels in cells]
 
     def products(self, step: int, gradients: list[AttributeGradient]) -> np.ndarray:
         values = self.current.detach()

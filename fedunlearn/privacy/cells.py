@@ -1,66 +1,117 @@
-"""Who a defence's secure sums may add up: every class (or random cell) of at least MIN_CELL_CLIENTS.
+"""Who a defence's secure sums may add up: never fewer than MIN_CELL_CLIENTS clients, not even as
+the difference of two sums.
 
 AttrCloak, D2D-R and U2U-R ask for secure sums per class: a count, the sum of e and of e e^T. A
 class held by one client sums to its embedding, and one held by two gives both away (the outer
 products less half the squared sum leave a rank-one matrix), however securely each is added. So
-the server first learns only the counts (a secure sum of one-hot rows), and the members of a class
-with fewer than MIN_CELL_CLIENTS clients then send zeros for that attribute: they are left out of
-its sums, its loss and its gradient (LEFT_OUT), and are not defended on it. The null level's
-pseudo-classes and the covariance brake's (class, half) cells are random cells of the same sums and
-follow the same rule, from their own counts.
+the server first learns only the counts (secure sums of one-hot rows), and:
+- the holders of a value fewer than MIN_CELL_CLIENTS clients share are left out of every sum of
+  every attribute (LEFT_OUT): left out of one attribute's sums alone, they would be the difference
+  of two attributes' totals, which are taken over the same embeddings (a review, 2026-12-08). The
+  counts are taken again without them until no class is small (`summable_population`); an
+  attribute with fewer than two classes left is not defended at all;
+- AttrCloak's covariance brake sums a class per random half only when both halves hold at least
+  MIN_CELL_CLIENTS (else the class sum less the kept half gives the other away), and its null level
+  uses only draws whose every pseudo-class does (else the total less the kept pseudo-classes does).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from fedunlearn.privacy.common import LEFT_OUT, AttributeClasses
-
 MIN_CELL_CLIENTS = 3
 
+# (the defended attributes, per attribute the values whose holders are left out) -> per defended
+# attribute the count of each of its values among the clients not left out
+Count = Callable[[list[str], dict[str, list[str]]], dict[str, np.ndarray]]
 
-def kept_cells(counts: np.ndarray) -> np.ndarray:
-    """Which cells (classes) a secure sum may hold, from their counts: those of MIN_CELL_CLIENTS or more."""
-    return np.asarray(counts) >= MIN_CELL_CLIENTS
+
+@dataclass
+class Population:
+    """Who a defence's sums hold: per defended attribute the classes its sums keep (in order), per
+    defended attribute the values whose holders are left out of every sum, and how many clients
+    that leaves out."""
+
+    classes: dict[str, list[str]]
+    left_out: dict[str, list[str]]
+    outside: int
 
 
-def leave_out_small_cells(labels: np.ndarray, n_cells: int) -> np.ndarray:
-    """`labels` with the members of every cell of fewer than MIN_CELL_CLIENTS turned LEFT_OUT (the
-    in-process path counts directly what the Flower path learns from a secure sum of counts)."""
+def summable_population(values: Mapping[str, Sequence[str]], count: Count, n_clients: int, say: bool = True
+                        ) -> Population:  # fmt: skip
+    """Count, leave out the holders of small classes, count again, until no class is small; an
+    attribute with fewer than two classes of MIN_CELL_CLIENTS is dropped (its sums are never taken,
+    so its small values leave no one out). Says on stderr what it left out (unless `say` is False:
+    the caller said it already)."""
+    defended, left, dropped = list(values), {name: [] for name in values}, []
+    while True:
+        counts = count(defended, left)
+        changed = False
+        for name in list(defended):
+            held = dict(zip(values[name], counts[name], strict=True))
+            if sum(n >= MIN_CELL_CLIENTS for n in held.values()) < 2:
+                defended.remove(name)
+                del left[name]
+                dropped.append(name)
+                changed = True
+            else:
+                small = [str(value) for value, n in held.items() if 0 < n < MIN_CELL_CLIENTS]
+                left[name] += small
+                changed |= bool(small)
+        if not changed:
+            break
+    classes = {name: [str(v) for v, n in zip(values[name], counts[name], strict=True) if n >= MIN_CELL_CLIENTS]
+               for name in defended}  # fmt: skip
+    population = int(sum(counts[defended[0]])) if defended else n_clients
+    outcome = Population(classes, {name: left[name] for name in defended}, n_clients - population)
+    if say:
+        _say(outcome, dropped)
+    return outcome
+
+
+def _say(population: Population, dropped: list[str]) -> None:
+    for name, left in population.left_out.items():
+        if left:
+            named = ", ".join(map(repr, left[:3])) + (", ..." if len(left) > 3 else "")
+            print(f"defence: {name}: {len(left)} value(s) held by fewer than {MIN_CELL_CLIENTS} clients ({named})",
+                  file=sys.stderr)  # fmt: skip
+    if population.outside:
+        print(f"defence: {population.outside} client(s) hold such a value: they are left out of every attribute's "
+              f"secure sums (a sum over fewer than {MIN_CELL_CLIENTS}, or the difference of two attributes' totals, "
+              "would give their embeddings away) and are not defended", file=sys.stderr)  # fmt: skip
+    for name in dropped:
+        print(f"defence: {name}: fewer than two classes of {MIN_CELL_CLIENTS} or more clients, so nothing to defend: "
+              "the defence leaves this attribute out", file=sys.stderr)  # fmt: skip
+
+
+def outside(rows: Mapping[str, np.ndarray], left_out: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """Which clients (rows of each attribute's values) hold a left-out value of some attribute."""
+    n = len(next(iter(rows.values()))) if rows else 0
+    out = np.zeros(n, dtype=bool)
+    for name, left in left_out.items():
+        out |= np.isin(rows[name], list(left))
+    return out
+
+
+def cell_counts(labels: np.ndarray, n_cells: int) -> np.ndarray:
     labels = np.asarray(labels)
-    counts = np.bincount(labels[labels >= 0], minlength=n_cells)
-    return np.where((labels >= 0) & kept_cells(counts)[np.maximum(labels, 0)], labels, LEFT_OUT)
+    return np.bincount(labels[labels >= 0], minlength=n_cells)
 
 
-def summable_classes(
-    attribute: str, values: Sequence[str], counts: np.ndarray, say: bool = True
-) -> tuple[list[str], list[str]] | None:
-    """An attribute's values (in order) and their counts -> (the classes its sums keep, in order;
-    the held values whose clients send zeros), or None when fewer than two classes remain (nothing
-    to defend: the defence leaves the attribute out). Says on stderr which values are left out
-    (unless `say` is False: the caller said it already)."""
-    kept = [str(value) for value, count in zip(values, counts, strict=True) if count >= MIN_CELL_CLIENTS]
-    small = [(str(value), int(count)) for value, count in zip(values, counts, strict=True)
-             if 0 < count < MIN_CELL_CLIENTS]  # fmt: skip
-    if small and say:
-        named = ", ".join(repr(value) for value, _ in small[:3]) + (", ..." if len(small) > 3 else "")
-        print(f"defence: {attribute}: {len(small)} value(s) held by fewer than {MIN_CELL_CLIENTS} clients ({named}: "
-              f"{sum(count for _, count in small)} client(s)) left out of its secure sums, which would give their "
-              "embeddings away; they are not defended on it", file=sys.stderr)  # fmt: skip
-    if len(kept) < 2 and say:
-        print(f"defence: {attribute}: {len(kept)} class(es) of {MIN_CELL_CLIENTS} or more clients, so nothing to "
-              "defend: the defence leaves this attribute out", file=sys.stderr)  # fmt: skip
-    return (kept, [value for value, _ in small]) if len(kept) >= 2 else None
+def clean_draw(counts: np.ndarray) -> bool:
+    """Whether every non-empty cell of a random draw (the null level's pseudo-classes) holds at
+    least MIN_CELL_CLIENTS: only then are its sums taken."""
+    counts = np.asarray(counts)
+    return bool(np.all((counts == 0) | (counts >= MIN_CELL_CLIENTS)))
 
 
-def keep_summable_classes(attribute: AttributeClasses) -> AttributeClasses:
-    """The attribute with its small classes' members LEFT_OUT and the kept classes renumbered in
-    order (as the Flower path numbers its kept class list)."""
-    labels = leave_out_small_cells(attribute.labels, attribute.n_classes)
-    kept = np.flatnonzero(np.bincount(labels[labels >= 0], minlength=attribute.n_classes))
-    renumber = np.full(attribute.n_classes, LEFT_OUT)
-    renumber[kept] = np.arange(len(kept))
-    return AttributeClasses(attribute.name, np.where(labels >= 0, renumber[np.maximum(labels, 0)], LEFT_OUT), len(kept))
+def kept_halves(counts: np.ndarray) -> np.ndarray:
+    """The covariance brake's cells (class 2c + h, last axis) summed: both halves of a class, when
+    each holds at least MIN_CELL_CLIENTS, else neither."""
+    counts = np.asarray(counts)
+    both = np.minimum(counts[..., 0::2], counts[..., 1::2]) >= MIN_CELL_CLIENTS
+    return np.repeat(both, 2, axis=-1)

@@ -50,6 +50,14 @@ class AttributeClasses:
     n_classes: int
 
 
+def in_some_class(attributes: list[AttributeClasses]) -> np.ndarray:
+    """Which clients are in some attribute's sums: a client LEFT_OUT of all of them takes no step
+    (no attribute gradient reaches it; it is not defended)."""
+    if not attributes:
+        return np.zeros(0, dtype=bool)
+    return np.any([attribute.labels != LEFT_OUT for attribute in attributes], axis=0)
+
+
 def class_contribution(embedding: np.ndarray, label: int, n_classes: int) -> np.ndarray:
     """What one client sends to the secure sum: (K + K d + K d d,), zero outside its own class
     (everywhere if it is LEFT_OUT)."""

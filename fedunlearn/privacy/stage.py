@@ -29,7 +29,7 @@ from fedunlearn.privacy.audit import (
     say_values_left_out,
 )
 from fedunlearn.privacy.baselines import regularised_defence
-from fedunlearn.privacy.cells import keep_summable_classes, summable_classes
+from fedunlearn.privacy.cells import outside, summable_population
 from fedunlearn.privacy.common import (
     LEFT_OUT,
     Aggregator,
@@ -37,6 +37,7 @@ from fedunlearn.privacy.common import (
     DefenceOutcome,
     StepDone,
     flatten_users,
+    in_some_class,
     no_progress,
     unflatten_users,
 )
@@ -62,8 +63,8 @@ class PrivacyReport:
     defending: int = 0  # clients that ran the defence
     retention_share: float = float("nan")  # the configured defence's (mean_retention_share)
     upload_recovery: RecoveryScore | None = None  # the upload-structure attack's reading of the interactions
-    # per attribute, the clients a defence's sums leave out (a class under three: privacy/cells.py)
-    left_out: dict[str, int] = field(default_factory=dict)
+    left_out: int = 0  # clients a defence's sums leave out (they hold a value under three share: privacy/cells.py)
+    undefended: list[str] = field(default_factory=list)  # attributes with fewer than two such classes
 
 
 def attribute_classes(attributes: pd.DataFrame, names: list[str]) -> list[AttributeClasses]:
@@ -75,15 +76,24 @@ def attribute_classes(attributes: pd.DataFrame, names: list[str]) -> list[Attrib
 
 
 def defence_classes(attributes: pd.DataFrame, names: list[str]) -> list[AttributeClasses]:
-    """The attributes as a defence's secure sums hold them (fedunlearn.privacy.cells): the members
-    of a class under MIN_CELL_CLIENTS left out; an attribute with fewer than two classes left is
-    not defended."""
-    out = []
-    for attribute in attribute_classes(attributes, names):
-        values = np.unique(attribute_labels(attributes, attribute.name))
-        if summable_classes(attribute.name, values, np.bincount(attribute.labels)) is not None:
-            out.append(keep_summable_classes(attribute))
-    return out
+    """The attributes as a defence's secure sums hold them (`cells.summable_population`, counted
+    here as the Flower path learns the counts from secure sums): the holders of a value under
+    MIN_CELL_CLIENTS are LEFT_OUT of every attribute; an attribute with fewer than two classes left
+    is not defended."""
+    rows = {name: attribute_labels(attributes, name) for name in names}
+    values = {name: sorted(set(rows[name])) for name in names}
+
+    def count(defended: list[str], left_out: dict[str, list[str]]) -> dict[str, np.ndarray]:
+        inside = ~outside(rows, left_out)
+        return {name: np.array([np.sum(inside & (rows[name] == value)) for value in values[name]]) for name in defended}
+
+    population = summable_population(values, count, len(attributes))
+    out = outside(rows, population.left_out)
+    return [
+        AttributeClasses(name, np.array([LEFT_OUT if gone else kept.index(value)
+                                         for value, gone in zip(rows[name], out, strict=True)]), len(kept))
+        for name, kept in population.classes.items()
+    ]  # fmt: skip
 
 
 def at_risk(attackers: list[Attacker], features: np.ndarray, attributes: pd.DataFrame, threshold: float) -> np.ndarray:
@@ -253,8 +263,9 @@ def privacy_stage(
     attackers = [item.attacker for item in audited if item.view == "embedding"]
     defending = defending_clients(config, client_ids, before, attributes, attackers)
     classes = defence_classes(attributes, names)
-    outside = {attribute.name: int((attribute.labels == LEFT_OUT).sum()) for attribute in classes}
-    report.left_out = {name: outside.get(name, len(clients)) for name in names if outside.get(name, len(clients))}
+    report.left_out = int((classes[0].labels == LEFT_OUT).sum()) if classes else 0
+    defending = defending & (in_some_class(classes) if classes else False)
+    report.undefended = [name for name in names if name not in {attribute.name for attribute in classes}]
     positives = [federation.split.train_of(i) for i in clients]
 
     def central(trial: Config, mask: np.ndarray, _attackers: list[Attacker], step_done: StepDone) -> DefenceOutcome:

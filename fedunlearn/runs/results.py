@@ -278,10 +278,12 @@ def summary_markdown(folder: Path, config: Config, result: FederationResult, inf
             lines.append(f"{info['defending_clients']} clients defended with {config.defence.method} "
                          f"({steps}{info['defence_seconds']:.1f} s).")  # fmt: skip
         if info.get("left_out_of_defence"):
-            named = ", ".join(f"{name} {count}" for name, count in info["left_out_of_defence"].items())
-            lines.append(f"Left out of an attribute's defence (they hold a value fewer than three clients share, whose "
-                         f"class sums would give them away; or the attribute kept fewer than two classes): {named} "
-                         "clients.")  # fmt: skip
+            lines.append(f"{info['left_out_of_defence']} clients were left out of the defence's sums and not "
+                         "defended: each holds a value fewer than three clients share, whose class sums (or their "
+                         "difference from another attribute's) would give them away.")  # fmt: skip
+        if info.get("attributes_not_defended"):
+            lines.append(f"Not defended (fewer than two classes of three or more clients): "
+                         f"{', '.join(info['attributes_not_defended'])}.")  # fmt: skip
         if "upload_attack" in info:
             attack = {key: "-" if value is None else f"{value:.3f}" for key, value in info["upload_attack"].items()}
             lines.append(

@@ -321,8 +321,10 @@ def outcome_info(config: Config, result: FederationResult, history: HistoryStore
             info["defence_seconds"] = round(result.privacy.defence_seconds, 2)  # defence's is in audit.csv)
             info["defence_steps"] = result.privacy.defence_steps
         info["defending_clients"] = result.privacy.defending
-        if result.privacy.left_out:  # per attribute, the clients of a class too small to sum
+        if result.privacy.left_out:  # the clients holding a value too rare to sum
             info["left_out_of_defence"] = result.privacy.left_out
+        if result.privacy.undefended:
+            info["attributes_not_defended"] = result.privacy.undefended
         if result.privacy.upload_recovery is not None:
             recovery = dataclasses.asdict(result.privacy.upload_recovery)  # a figure of no client read is null
             info["upload_attack"] = {key: None if isinstance(value, float) and math.isnan(value) else value
