@@ -1205,9 +1205,9 @@ class _RecordingSum(PlainSum):
 
     def total(self, contributions):
         total = super().total(contributions)
-        for k in self.n_classes:  # a D2D-R feature sum of an attribute of k classes: k counts, then k blocks
-            if contributions.shape[1] > 3 * k and (contributions.shape[1] - k) % k == 0 and k == self.n_classes[0]:
-                self.received.append(("features", ClassSums(total[:k], np.zeros((0, 0)), np.zeros((0, 0, 0)))))
+        k = self.n_classes[0]  # every attribute here has as many classes
+        if contributions.shape[1] > 3 * k:  # a D2D-R feature sum: k counts, then k blocks of features
+            self.received.append(("features", ClassSums(total[:k], np.zeros((0, 0)), np.zeros((0, 0, 0)))))
         return total
 
 
@@ -1236,6 +1236,7 @@ def test_no_defence_sums_fewer_than_three_clients_not_even_as_a_difference(metho
     err = capsys.readouterr().err
     assert "job: 2 value(s) held by fewer than 3 clients ('c', 'd')" in err and "3 client(s) hold such a value" in err
     recording = _RecordingSum([attribute.n_classes for attribute in classes])
+    assert [attribute.n_classes for attribute in classes] == [2, 2]
     defending = np.ones(14, dtype=bool)
     if method == "attrcloak-df":
         null = PseudoClasses(5, [str(i) for i in range(14)])
