@@ -44,7 +44,7 @@ from fedunlearn.privacy.common import (
     PlainSum,
     StepDone,
     adam_step,
-    in_some_class,
+    moving,
     no_progress,
 )
 from fedunlearn.privacy.gaussian import ClassSums, ledoit_wolf_shrinkage, moments, shrink, shrink_gradient, weighted_kl
@@ -587,8 +587,7 @@ class MatrixClients:
         self.original = torch.tensor(embeddings, dtype=torch.float64)
         self.current = self.original.clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.current], lr=lr)
-        moving = np.asarray(defending, dtype=bool) & (in_some_class(attributes) if attributes else False)
-        self.mask = torch.as_tensor(moving, dtype=torch.float64)[:, None]
+        self.mask = torch.as_tensor(moving(defending, attributes), dtype=torch.float64)[:, None]
         self.grad_au = self.grad_r = torch.zeros_like(self.original)
 
     def class_sums(self, attribute: int) -> ClassSums:

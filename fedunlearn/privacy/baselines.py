@@ -36,7 +36,7 @@ from fedunlearn.privacy.common import (
     DefenceOutcome,
     PlainSum,
     StepDone,
-    in_some_class,
+    moving,
     no_progress,
 )
 from fedunlearn.privacy.gaussian import ClassSums
@@ -235,8 +235,7 @@ class MatrixRegularised:
         self.original = torch.tensor(embeddings, dtype=torch.float64)
         self.current = self.original.clone().requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.current], lr=lr)
-        moving = np.asarray(defending, dtype=bool) & (in_some_class(attributes) if attributes else False)
-        self.mask = torch.as_tensor(moving, dtype=torch.float64)[:, None]
+        self.mask = torch.as_tensor(moving(defending, attributes), dtype=torch.float64)[:, None]
 
     def class_sums(self, attribute: int) -> ClassSums:
         return self.aggregator.class_sums(self.current.detach().numpy(), self.attributes[attribute])

@@ -50,12 +50,11 @@ class AttributeClasses:
     n_classes: int
 
 
-def in_some_class(attributes: list[AttributeClasses]) -> np.ndarray:
-    """Which clients are in some attribute's sums: a client LEFT_OUT of all of them takes no step
-    (no attribute gradient reaches it; it is not defended)."""
-    if not attributes:
-        return np.zeros(0, dtype=bool)
-    return np.any([attribute.labels != LEFT_OUT for attribute in attributes], axis=0)
+def moving(defending: np.ndarray, attributes: list[AttributeClasses]) -> np.ndarray:
+    """The defending clients that are in some attribute's sums: a client LEFT_OUT of all of them
+    (or of a defence with no attribute) takes no step, as no attribute gradient reaches it."""
+    inside = [attribute.labels != LEFT_OUT for attribute in attributes]
+    return np.asarray(defending, dtype=bool) & np.any(inside, axis=0) if inside else np.zeros(len(defending), bool)
 
 
 def class_contribution(embedding: np.ndarray, label: int, n_classes: int) -> np.ndarray:

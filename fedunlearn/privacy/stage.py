@@ -37,7 +37,7 @@ from fedunlearn.privacy.common import (
     DefenceOutcome,
     StepDone,
     flatten_users,
-    in_some_class,
+    moving,
     no_progress,
     unflatten_users,
 )
@@ -264,7 +264,7 @@ def privacy_stage(
     defending = defending_clients(config, client_ids, before, attributes, attackers)
     classes = defence_classes(attributes, names)
     report.left_out = int((classes[0].labels == LEFT_OUT).sum()) if classes else 0
-    defending = defending & (in_some_class(classes) if classes else False)
+    defending = moving(defending, classes)
     report.undefended = [name for name in names if name not in {attribute.name for attribute in classes}]
     positives = [federation.split.train_of(i) for i in clients]
 
